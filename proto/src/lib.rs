@@ -1,0 +1,34 @@
+//! twopc's wire protocol and the domain types checked at its boundary.
+//!
+//! Generated code stays in [`pb`]; everything else in twopc works with the
+//! domain types below, converted (and validated) first thing in every handler.
+//!
+//! # Layout
+//! - [`pb`]: generated messages and tonic clients/servers for package `twopc.v1`.
+//! - [`txn_id`]: [`TxnId`], a time-ordered UUIDv7 whose creation time can be read back.
+//! - [`participant_id`]: [`ParticipantId`], a validated participant name.
+//! - [`vote`]: [`Vote`] and [`Decision`], the two answers of the protocol.
+//! - [`status`]: building and reading gRPC statuses: invalid arguments, leader hints.
+#![deny(missing_docs)]
+
+pub mod participant_id;
+pub mod status;
+pub mod txn_id;
+pub mod vote;
+
+pub use participant_id::ParticipantId;
+pub use txn_id::TxnId;
+pub use vote::{Decision, Vote};
+
+/// Generated protobuf messages and tonic services, package `twopc.v1`.
+///
+/// Handlers convert these into domain types before doing anything else.
+#[allow(missing_docs, clippy::all, clippy::pedantic, clippy::unwrap_used)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/twopc.v1.rs"));
+}
+
+/// The largest gRPC message any twopc server decodes or encodes, in bytes.
+///
+/// Servers and clients set this explicitly so a limit is never implicit.
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
