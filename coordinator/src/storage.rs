@@ -1,0 +1,1 @@
+//! raft-rs storage on raft-engine. (being written)
