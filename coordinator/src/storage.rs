@@ -8,7 +8,7 @@
 //! - `dir/snap/`: exactly one snapshot file, `{index:020}-{term:020}.snap`:
 //!   a checksummed header, the metadata and the state machine's bytes.
 //!
-//! # Durability rules (docs/PROTOCOL.md, section "I3 persist before speaking")
+//! # Durability rules (docs/PROTOCOL.md: "I3 Persist before speaking", §4.2, §4.5)
 //! - [`RaftStorage::append`] writes a Ready's entries and hard state in one
 //!   raft-engine batch; with `sync` it returns only after fdatasync, so the
 //!   Ready loop may then send the persisted messages (votes, append acks).
