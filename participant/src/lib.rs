@@ -1,1 +1,85 @@
-//! Placeholder until its issue lands.
+//! The participant library: what a service links in to take part in twopc
+//! transactions (docs/PROTOCOL.md section 5).
+//!
+//! The service implements [`Resource`] (stage a branch durably, apply it,
+//! release it, list what it holds prepared) and calls [`run`]. The library
+//! owns the gRPC server, the outcome memory that makes every call idempotent
+//! (I5) and keeps tombstones (I4), the in-doubt resolver (I7), the bounds
+//! (I6) and the [`Metrics`].
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use twopc_participant::{MemoryResource, Participant, ParticipantConfig};
+//!
+//! # async fn serve() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = ParticipantConfig::new("bank-a".parse()?, vec!["10.0.0.1:7000".into()]);
+//! let participant = Participant::new(Arc::new(MemoryResource::new()), config)?;
+//! let metrics = participant.metrics(); // read metrics.snapshot() from anywhere
+//! let listener = tokio::net::TcpListener::bind("0.0.0.0:7100").await?;
+//! let shutdown = async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! };
+//! participant.serve(listener, shutdown).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Layout
+//! - [`resource`]: the [`Resource`] trait a service implements, and its contract.
+//! - [`server`]: [`run`] and [`Participant`]: the gRPC Participant service plus the resolver.
+//! - [`config`]: [`ParticipantConfig`], every limit and timeout with its default.
+//! - [`error`]: the crate's [`Error`] and [`Result`], and the one mapping to gRPC statuses.
+//! - [`metrics`]: [`Metrics`], counters readable through a handle.
+//! - [`memory`]: [`MemoryResource`], an in-memory resource that honours the contract.
+//! - `engine`: the per-txn-locked path shared by the server and the resolver.
+//! - `outcomes`: the bounded outcome memory (votes, decisions, tombstones).
+//! - `resolver`: asks the coordinator cluster about branches left in doubt.
+//! - `conformance` (feature `testing`): the suite every [`Resource`] implementation runs.
+//! - `fake_coordinator` (feature `testing`): a scriptable Resolve-only coordinator.
+//!
+//! # Status codes
+//!
+//! | Call | Condition | Code |
+//! |---|---|---|
+//! | both | `txn_id` empty, not a UUID, or not a UUIDv7 | `INVALID_ARGUMENT` |
+//! | both | `participant` non-empty and not this participant's id | `FAILED_PRECONDITION` |
+//! | Prepare | payload longer than `payload_max_bytes` (the message says the limit) | `INVALID_ARGUMENT` |
+//! | Prepare | `deadline_unix_ms` is 0 | `INVALID_ARGUMENT` |
+//! | Prepare | the deadline has passed | OK, vote NO "deadline passed" (remembered) |
+//! | Prepare | an Abort for the txn came first (tombstone, I4) | OK, vote NO |
+//! | Prepare | repeated | OK, the recorded vote; the resource is not called again (I5) |
+//! | Prepare | `prepare_inflight_max` Prepares already running | `RESOURCE_EXHAUSTED` |
+//! | Prepare | outcome memory full of entries it may not evict (`outcome_memory_max`) | `RESOURCE_EXHAUSTED` |
+//! | Decide | `decision` unspecified or unknown | `INVALID_ARGUMENT` |
+//! | Decide | Commit for a txn never prepared here | `FAILED_PRECONDITION` |
+//! | Decide | contradicts the recorded decision or a NO vote (logged as a protocol violation) | `FAILED_PRECONDITION` |
+//! | Decide | repeated | OK, nothing changes (I5) |
+//! | Decide | Abort for a txn never prepared here | OK, a tombstone is kept (I4) |
+//! | both | the resource reports a transient failure (retry the same call) | `UNAVAILABLE` |
+//! | both | the resource fails otherwise | `INTERNAL` |
+//!
+//! The mapping lives in one place, `impl From<Error> for tonic::Status`.
+#![deny(missing_docs)]
+
+pub mod config;
+mod engine;
+pub mod error;
+pub mod memory;
+pub mod metrics;
+mod outcomes;
+mod resolver;
+pub mod resource;
+pub mod server;
+
+#[cfg(feature = "testing")]
+pub mod conformance;
+#[cfg(feature = "testing")]
+pub mod fake_coordinator;
+
+pub use config::ParticipantConfig;
+pub use error::{Error, Result};
+pub use memory::MemoryResource;
+pub use metrics::{Metrics, MetricsSnapshot};
+pub use resource::{Resource, ResourceError};
+pub use server::{Participant, run};
+pub use twopc_proto::{Decision, ParticipantId, TxnId, Vote};

@@ -1,0 +1,367 @@
+//! The conformance suite for [`Resource`] implementations (feature `testing`):
+//! every point of the trait's contract that can be observed from outside,
+//! each case named by what it proves.
+//!
+//! An implementation runs it from its own tests through a small [`Harness`]:
+//!
+//! ```ignore
+//! #[tokio::test]
+//! async fn my_store_conforms() {
+//!     twopc_participant::conformance::run_all(&MyStoreHarness::new()).await;
+//! }
+//! ```
+//!
+//! Cases panic with the case name and what went wrong; each starts from a
+//! fresh resource made by [`Harness::create`].
+
+use std::future::Future;
+
+use bytes::Bytes;
+use twopc_proto::{Decision, TxnId, Vote};
+
+use crate::resource::{Resource, ResourceError};
+
+/// How the suite creates, restarts and inspects the resource under test.
+pub trait Harness: Send + Sync {
+    /// The implementation under test.
+    type Resource: Resource;
+
+    /// A fresh resource with no records (for example on a new temporary
+    /// directory, or a fresh database schema).
+    fn create(&self) -> impl Future<Output = Self::Resource> + Send;
+
+    /// Simulates a crash and restart: drop `resource` (losing everything it
+    /// held only in memory) and reopen it from its durable storage.
+    fn restart(&self, resource: Self::Resource) -> impl Future<Output = Self::Resource> + Send;
+
+    /// A payload for `txn` that the resource votes YES on.
+    fn yes_payload(&self, txn: TxnId) -> Bytes;
+
+    /// A payload for `txn` that the resource votes NO on.
+    fn no_payload(&self, txn: TxnId) -> Bytes;
+
+    /// How many times the effect of the YES payload of `txn` has been applied
+    /// (0 before commit, 1 after, never more).
+    fn applied_count(
+        &self,
+        resource: &Self::Resource,
+        txn: TxnId,
+    ) -> impl Future<Output = u64> + Send;
+}
+
+/// Runs every case, each on a fresh resource.
+///
+/// # Panics
+/// Naming the first case that fails and why.
+pub async fn run_all<H: Harness>(h: &H) {
+    yes_vote_survives_restart(h).await;
+    prepare_is_idempotent(h).await;
+    no_vote_is_final(h).await;
+    commit_is_idempotent(h).await;
+    abort_is_idempotent(h).await;
+    abort_before_prepare_leaves_tombstone(h).await;
+    tombstone_survives_restart(h).await;
+    decisions_apply_after_restart(h).await;
+    commit_of_unprepared_txn_is_not_prepared(h).await;
+    conflicting_decision_is_refused(h).await;
+}
+
+async fn prepare<H: Harness>(r: &H::Resource, txn: TxnId, payload: Bytes, case: &str) -> Vote {
+    r.prepare(txn, payload)
+        .await
+        .unwrap_or_else(|e| panic!("{case}: prepare failed: {e}"))
+}
+
+async fn decide<H: Harness>(r: &H::Resource, txn: TxnId, d: Decision, case: &str) {
+    let result = match d {
+        Decision::Commit => r.commit(txn).await,
+        Decision::Abort => r.abort(txn).await,
+    };
+    result.unwrap_or_else(|e| panic!("{case}: {d} failed: {e}"));
+}
+
+async fn listed<H: Harness>(r: &H::Resource, txn: TxnId, case: &str) -> bool {
+    r.prepared()
+        .await
+        .unwrap_or_else(|e| panic!("{case}: prepared() failed: {e}"))
+        .contains(&txn)
+}
+
+async fn expect_applied<H: Harness>(h: &H, r: &H::Resource, txn: TxnId, n: u64, case: &str) {
+    let applied = h.applied_count(r, txn).await;
+    assert_eq!(
+        applied, n,
+        "{case}: the effect of txn {txn} was applied {applied} times, expected {n}"
+    );
+}
+
+/// I3: a YES vote is durable. After a restart the branch is listed by
+/// `prepared()`, nothing is applied yet, and `commit` applies it once.
+pub async fn yes_vote_survives_restart<H: Harness>(h: &H) {
+    const CASE: &str = "yes_vote_survives_restart";
+    let r = h.create().await;
+    let txn = TxnId::new();
+    assert_eq!(
+        prepare::<H>(&r, txn, h.yes_payload(txn), CASE).await,
+        Vote::Yes,
+        "{CASE}"
+    );
+    let r = h.restart(r).await;
+    assert!(
+        listed::<H>(&r, txn, CASE).await,
+        "{CASE}: prepared() lost the branch"
+    );
+    expect_applied(h, &r, txn, 0, CASE).await;
+    decide::<H>(&r, txn, Decision::Commit, CASE).await;
+    expect_applied(h, &r, txn, 1, CASE).await;
+    assert!(
+        !listed::<H>(&r, txn, CASE).await,
+        "{CASE}: still listed after commit"
+    );
+    let r = h.restart(r).await;
+    assert!(
+        !listed::<H>(&r, txn, CASE).await,
+        "{CASE}: listed again after restart"
+    );
+    expect_applied(h, &r, txn, 1, CASE).await;
+}
+
+/// I5: a repeated prepare returns the recorded vote and stages nothing again,
+/// also after a restart and also with a different payload.
+pub async fn prepare_is_idempotent<H: Harness>(h: &H) {
+    const CASE: &str = "prepare_is_idempotent";
+    let r = h.create().await;
+    let txn = TxnId::new();
+    for _ in 0..2 {
+        assert_eq!(
+            prepare::<H>(&r, txn, h.yes_payload(txn), CASE).await,
+            Vote::Yes,
+            "{CASE}"
+        );
+    }
+    let r = h.restart(r).await;
+    let again = prepare::<H>(&r, txn, h.no_payload(txn), CASE).await;
+    assert_eq!(
+        again,
+        Vote::Yes,
+        "{CASE}: a repeated prepare changed the YES vote"
+    );
+    let listed_times = r
+        .prepared()
+        .await
+        .unwrap_or_else(|e| panic!("{CASE}: prepared() failed: {e}"))
+        .iter()
+        .filter(|t| **t == txn)
+        .count();
+    assert_eq!(
+        listed_times, 1,
+        "{CASE}: prepared() lists the txn {listed_times} times"
+    );
+    decide::<H>(&r, txn, Decision::Commit, CASE).await;
+    expect_applied(h, &r, txn, 1, CASE).await;
+}
+
+/// A NO vote is an abort the resource chose: repeated, it stays NO; nothing is
+/// held; `commit` is refused and `abort` succeeds.
+pub async fn no_vote_is_final<H: Harness>(h: &H) {
+    const CASE: &str = "no_vote_is_final";
+    let r = h.create().await;
+    let txn = TxnId::new();
+    for _ in 0..2 {
+        let vote = prepare::<H>(&r, txn, h.no_payload(txn), CASE).await;
+        assert!(!vote.is_yes(), "{CASE}: the NO payload voted YES");
+    }
+    let vote = prepare::<H>(&r, txn, h.yes_payload(txn), CASE).await;
+    assert!(
+        !vote.is_yes(),
+        "{CASE}: a repeated prepare turned NO into YES"
+    );
+    assert!(
+        !listed::<H>(&r, txn, CASE).await,
+        "{CASE}: a NO branch is listed as prepared"
+    );
+    let commit = r.commit(txn).await;
+    assert!(
+        matches!(
+            commit,
+            Err(ResourceError::Conflict {
+                recorded: Decision::Abort
+            } | ResourceError::NotPrepared)
+        ),
+        "{CASE}: commit after a NO vote gave {commit:?}"
+    );
+    decide::<H>(&r, txn, Decision::Abort, CASE).await;
+    expect_applied(h, &r, txn, 0, CASE).await;
+}
+
+/// I5: `commit` repeated, including after a restart, applies the effect once.
+pub async fn commit_is_idempotent<H: Harness>(h: &H) {
+    const CASE: &str = "commit_is_idempotent";
+    let r = h.create().await;
+    let txn = TxnId::new();
+    assert_eq!(
+        prepare::<H>(&r, txn, h.yes_payload(txn), CASE).await,
+        Vote::Yes,
+        "{CASE}"
+    );
+    decide::<H>(&r, txn, Decision::Commit, CASE).await;
+    decide::<H>(&r, txn, Decision::Commit, CASE).await;
+    expect_applied(h, &r, txn, 1, CASE).await;
+    let r = h.restart(r).await;
+    decide::<H>(&r, txn, Decision::Commit, CASE).await;
+    expect_applied(h, &r, txn, 1, CASE).await;
+}
+
+/// I5: `abort` repeated, including after a restart, succeeds and applies nothing.
+pub async fn abort_is_idempotent<H: Harness>(h: &H) {
+    const CASE: &str = "abort_is_idempotent";
+    let r = h.create().await;
+    let txn = TxnId::new();
+    assert_eq!(
+        prepare::<H>(&r, txn, h.yes_payload(txn), CASE).await,
+        Vote::Yes,
+        "{CASE}"
+    );
+    decide::<H>(&r, txn, Decision::Abort, CASE).await;
+    decide::<H>(&r, txn, Decision::Abort, CASE).await;
+    assert!(
+        !listed::<H>(&r, txn, CASE).await,
+        "{CASE}: still listed after abort"
+    );
+    let r = h.restart(r).await;
+    decide::<H>(&r, txn, Decision::Abort, CASE).await;
+    assert!(
+        !listed::<H>(&r, txn, CASE).await,
+        "{CASE}: listed again after restart"
+    );
+    expect_applied(h, &r, txn, 0, CASE).await;
+}
+
+/// I4: `abort` of a txn never seen leaves a tombstone; a late prepare votes NO
+/// and holds nothing, and a later commit is refused.
+pub async fn abort_before_prepare_leaves_tombstone<H: Harness>(h: &H) {
+    const CASE: &str = "abort_before_prepare_leaves_tombstone";
+    let r = h.create().await;
+    let txn = TxnId::new();
+    decide::<H>(&r, txn, Decision::Abort, CASE).await;
+    let vote = prepare::<H>(&r, txn, h.yes_payload(txn), CASE).await;
+    assert!(!vote.is_yes(), "{CASE}: prepare after abort voted YES");
+    assert!(
+        !listed::<H>(&r, txn, CASE).await,
+        "{CASE}: the late prepare holds a branch"
+    );
+    let commit = r.commit(txn).await;
+    assert_eq!(
+        commit,
+        Err(ResourceError::Conflict {
+            recorded: Decision::Abort
+        }),
+        "{CASE}: commit after a tombstone"
+    );
+    expect_applied(h, &r, txn, 0, CASE).await;
+}
+
+/// I4: the tombstone is durable: after a restart a late prepare still votes NO.
+pub async fn tombstone_survives_restart<H: Harness>(h: &H) {
+    const CASE: &str = "tombstone_survives_restart";
+    let r = h.create().await;
+    let txn = TxnId::new();
+    decide::<H>(&r, txn, Decision::Abort, CASE).await;
+    let r = h.restart(r).await;
+    let vote = prepare::<H>(&r, txn, h.yes_payload(txn), CASE).await;
+    assert!(
+        !vote.is_yes(),
+        "{CASE}: prepare after abort and restart voted YES"
+    );
+    assert!(
+        !listed::<H>(&r, txn, CASE).await,
+        "{CASE}: the late prepare holds a branch"
+    );
+}
+
+/// I1, I3: branches prepared before a restart take either decision after it,
+/// and the outcome survives a further restart.
+pub async fn decisions_apply_after_restart<H: Harness>(h: &H) {
+    const CASE: &str = "decisions_apply_after_restart";
+    let r = h.create().await;
+    let (to_commit, to_abort) = (TxnId::new(), TxnId::new());
+    for txn in [to_commit, to_abort] {
+        assert_eq!(
+            prepare::<H>(&r, txn, h.yes_payload(txn), CASE).await,
+            Vote::Yes,
+            "{CASE}"
+        );
+    }
+    let r = h.restart(r).await;
+    decide::<H>(&r, to_commit, Decision::Commit, CASE).await;
+    decide::<H>(&r, to_abort, Decision::Abort, CASE).await;
+    let r = h.restart(r).await;
+    for txn in [to_commit, to_abort] {
+        assert!(
+            !listed::<H>(&r, txn, CASE).await,
+            "{CASE}: decided branch listed"
+        );
+    }
+    expect_applied(h, &r, to_commit, 1, CASE).await;
+    expect_applied(h, &r, to_abort, 0, CASE).await;
+    let vote = prepare::<H>(&r, to_abort, h.yes_payload(to_abort), CASE).await;
+    assert!(!vote.is_yes(), "{CASE}: prepare after abort voted YES");
+}
+
+/// `commit` of a txn this resource never saw is refused with `NotPrepared`
+/// and applies nothing.
+pub async fn commit_of_unprepared_txn_is_not_prepared<H: Harness>(h: &H) {
+    const CASE: &str = "commit_of_unprepared_txn_is_not_prepared";
+    let r = h.create().await;
+    let txn = TxnId::new();
+    let commit = r.commit(txn).await;
+    assert_eq!(commit, Err(ResourceError::NotPrepared), "{CASE}");
+    expect_applied(h, &r, txn, 0, CASE).await;
+}
+
+/// I1, I2: a decision contradicting the recorded one is refused with
+/// `Conflict` and changes nothing, in both directions and after a restart.
+pub async fn conflicting_decision_is_refused<H: Harness>(h: &H) {
+    const CASE: &str = "conflicting_decision_is_refused";
+    let r = h.create().await;
+    let (committed, aborted) = (TxnId::new(), TxnId::new());
+    for txn in [committed, aborted] {
+        assert_eq!(
+            prepare::<H>(&r, txn, h.yes_payload(txn), CASE).await,
+            Vote::Yes,
+            "{CASE}"
+        );
+    }
+    decide::<H>(&r, committed, Decision::Commit, CASE).await;
+    decide::<H>(&r, aborted, Decision::Abort, CASE).await;
+    let refuse = |result: Result<(), ResourceError>, recorded: Decision, what: &str| {
+        assert_eq!(
+            result,
+            Err(ResourceError::Conflict { recorded }),
+            "{CASE}: {what}"
+        );
+    };
+    refuse(
+        r.abort(committed).await,
+        Decision::Commit,
+        "abort after commit",
+    );
+    refuse(
+        r.commit(aborted).await,
+        Decision::Abort,
+        "commit after abort",
+    );
+    let r = h.restart(r).await;
+    refuse(
+        r.abort(committed).await,
+        Decision::Commit,
+        "abort after commit and restart",
+    );
+    refuse(
+        r.commit(aborted).await,
+        Decision::Abort,
+        "commit after abort and restart",
+    );
+    expect_applied(h, &r, committed, 1, CASE).await;
+    expect_applied(h, &r, aborted, 0, CASE).await;
+}

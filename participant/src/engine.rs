@@ -1,0 +1,362 @@
+//! The one path by which Prepares and decisions reach the resource, shared by
+//! the gRPC server and the resolver.
+//!
+//! Every operation on a txn runs under that txn's lock (one of a fixed array
+//! of striped locks, so the lock table needs no cleanup) and consults the
+//! outcome memory first. So a decision that arrives twice, from the
+//! coordinator and from the resolver at once, is applied once (I5), and a
+//! repeated Prepare is answered from memory without calling the resource.
+//!
+//! Each operation runs in its own task: a caller that goes away (a client
+//! hanging up) never cancels a resource call half-way.
+
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tracing::{debug, error, info, instrument, warn};
+use twopc_proto::{Decision, TxnId, Vote, txn_id::unix_now_ms};
+
+use crate::config::ParticipantConfig;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::outcomes::{Outcome, Outcomes};
+use crate::resource::{Resource, ResourceError};
+
+/// The number of per-txn locks. Two txns that share a stripe merely wait for
+/// each other; the table never grows.
+const TXN_LOCK_STRIPES: usize = 1024;
+
+/// The NO reason given when a Prepare arrives after its deadline (section 2.6).
+pub(crate) const DEADLINE_PASSED: &str = "deadline passed";
+/// The NO reason given when an Abort arrived before the Prepare (I4).
+pub(crate) const ABORTED_BEFORE_PREPARE: &str = "aborted before prepare (tombstone)";
+/// The NO reason given for a Prepare repeated after the txn was aborted.
+pub(crate) const ALREADY_ABORTED: &str = "txn already aborted";
+
+/// Who delivered a decision, for the logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// A Decide call from the coordinator.
+    Coordinator,
+    /// The resolver, from a Resolve answer.
+    Resolver,
+}
+
+/// What a decision did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Applied {
+    /// The resource carried it out now.
+    Now,
+    /// It had been carried out before; nothing changed.
+    Already,
+}
+
+/// The shared core: resource, outcome memory, locks, bounds and counters.
+pub(crate) struct Engine<R> {
+    resource: Arc<R>,
+    config: ParticipantConfig,
+    outcomes: Mutex<Outcomes>,
+    stripes: Box<[tokio::sync::Mutex<()>]>,
+    stripe_hasher: std::hash::RandomState,
+    prepare_permits: Arc<Semaphore>,
+    metrics: Metrics,
+}
+
+impl<R: Resource> Engine<R> {
+    pub(crate) fn new(resource: Arc<R>, config: ParticipantConfig, metrics: Metrics) -> Self {
+        let outcomes = Outcomes::new(
+            config.outcome_memory_max,
+            Duration::from_millis(config.tombstone_retention_ms),
+        );
+        Self {
+            resource,
+            prepare_permits: Arc::new(Semaphore::new(config.prepare_inflight_max)),
+            config,
+            outcomes: Mutex::new(outcomes),
+            stripes: (0..TXN_LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+            stripe_hasher: std::hash::RandomState::new(),
+            metrics,
+        }
+    }
+
+    pub(crate) fn config(&self) -> &ParticipantConfig {
+        &self.config
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub(crate) fn is_prepared(&self, txn: TxnId) -> bool {
+        self.outcomes.lock().is_prepared(txn)
+    }
+
+    /// Up to `limit` branches in doubt at `now`, oldest first, not in `skip`.
+    pub(crate) fn in_doubt(
+        &self,
+        now: Instant,
+        limit: usize,
+        skip: impl Fn(TxnId) -> bool,
+    ) -> Vec<TxnId> {
+        self.outcomes.lock().in_doubt(now, limit, skip)
+    }
+
+    /// Loads the branches the resource holds prepared (after a restart) into
+    /// the outcome memory, due for resolution at once.
+    ///
+    /// # Errors
+    /// The resource could not list them.
+    pub(crate) async fn recover(&self) -> Result<usize> {
+        let txns = self
+            .resource
+            .prepared()
+            .await
+            .map_err(|e| Error::Fatal(format!("listing prepared branches at start-up: {e}")))?;
+        let now = Instant::now();
+        let mut outcomes = self.outcomes.lock();
+        for txn in &txns {
+            outcomes.set_unbounded(*txn, Outcome::Prepared { due: now }, now);
+        }
+        if outcomes.len() > self.config.outcome_memory_max {
+            warn!(
+                prepared = txns.len(),
+                outcome_memory_max = self.config.outcome_memory_max,
+                "more branches are prepared than the outcome memory holds; new prepares are \
+                 refused until they are resolved"
+            );
+        }
+        self.metrics.set_in_doubt(outcomes.prepared_len());
+        Ok(txns.len())
+    }
+
+    /// Handles a Prepare: answers a repeat from memory, refuses one past its
+    /// deadline or after an Abort, otherwise asks the resource to vote.
+    ///
+    /// # Errors
+    /// [`Error::PrepareInflightFull`], [`Error::OutcomeMemoryFull`], or the
+    /// resource's failure.
+    pub(crate) async fn prepare(
+        self: &Arc<Self>,
+        txn: TxnId,
+        payload: Bytes,
+        deadline_unix_ms: u64,
+    ) -> Result<Vote> {
+        let permit = Arc::clone(&self.prepare_permits)
+            .try_acquire_owned()
+            .map_err(|_| Error::PrepareInflightFull {
+                max: self.config.prepare_inflight_max,
+            })?;
+        self.metrics.prepare();
+        let engine = Arc::clone(self);
+        let task = tokio::spawn(async move {
+            let _permit = permit;
+            let _txn_lock = engine.stripe(txn).lock().await;
+            engine.prepare_locked(txn, payload, deadline_unix_ms).await
+        });
+        task.await
+            .map_err(|e| Error::Internal(format!("prepare task for txn {txn}: {e}")))?
+    }
+
+    /// Carries out `decision` for `txn` exactly once, however often and from
+    /// wherever it arrives.
+    ///
+    /// # Errors
+    /// [`Error::NotPrepared`], [`Error::Conflict`], or the resource's failure.
+    pub(crate) async fn decide(
+        self: &Arc<Self>,
+        txn: TxnId,
+        decision: Decision,
+        origin: Origin,
+    ) -> Result<Applied> {
+        let engine = Arc::clone(self);
+        let task = tokio::spawn(async move {
+            let _txn_lock = engine.stripe(txn).lock().await;
+            engine.decide_locked(txn, decision, origin).await
+        });
+        task.await
+            .map_err(|e| Error::Internal(format!("decision task for txn {txn}: {e}")))?
+    }
+
+    fn stripe(&self, txn: TxnId) -> &tokio::sync::Mutex<()> {
+        let hash = self.stripe_hasher.hash_one(txn);
+        let index = usize::try_from(hash % TXN_LOCK_STRIPES as u64).unwrap_or(0);
+        &self.stripes[index]
+    }
+
+    #[instrument(skip_all, fields(txn_id = %txn))]
+    async fn prepare_locked(
+        &self,
+        txn: TxnId,
+        payload: Bytes,
+        deadline_unix_ms: u64,
+    ) -> Result<Vote> {
+        let known = self.outcomes.lock().get(txn).cloned();
+        if let Some(vote) = known.and_then(|outcome| recorded_vote(&outcome)) {
+            debug!(yes = vote.is_yes(), "repeated prepare answered from memory");
+            return Ok(vote);
+        }
+
+        // Section 2.6: a Prepare after its deadline is refused, so a tombstone
+        // need only outlive the deadline.
+        if unix_now_ms() > deadline_unix_ms {
+            let reason = DEADLINE_PASSED.to_owned();
+            let refused = Outcome::Refused {
+                reason: reason.clone(),
+            };
+            if self
+                .outcomes
+                .lock()
+                .set(txn, refused, Instant::now())
+                .is_err()
+            {
+                debug!("outcome memory full; deadline refusal not remembered");
+            }
+            self.metrics.vote(false);
+            info!(
+                deadline_unix_ms,
+                "prepare arrived after its deadline; voting no"
+            );
+            return Ok(Vote::No { reason });
+        }
+
+        self.outcomes
+            .lock()
+            .set(txn, Outcome::Preparing, Instant::now())
+            .map_err(|_| Error::OutcomeMemoryFull {
+                max: self.config.outcome_memory_max,
+            })?;
+
+        let vote = match self.resource.prepare(txn, payload).await {
+            Ok(vote) => vote,
+            Err(e) => {
+                self.outcomes.lock().forget(txn);
+                warn!(error = %e, "resource failed to prepare");
+                return Err(prepare_error(e));
+            }
+        };
+
+        // I3: the resource returns YES only once the branch is durable, so the
+        // vote may be recorded and sent now.
+        let now = Instant::now();
+        let outcome = match &vote {
+            Vote::Yes => Outcome::Prepared {
+                due: now + Duration::from_millis(self.config.in_doubt_timeout_ms),
+            },
+            Vote::No { reason } => Outcome::Refused {
+                reason: reason.clone(),
+            },
+        };
+        {
+            let mut outcomes = self.outcomes.lock();
+            // The Preparing entry reserved the room, so this cannot be refused.
+            outcomes.set_unbounded(txn, outcome, now);
+            self.metrics.set_in_doubt(outcomes.prepared_len());
+        }
+        self.metrics.vote(vote.is_yes());
+        debug!(yes = vote.is_yes(), "voted");
+        Ok(vote)
+    }
+
+    #[instrument(skip_all, fields(txn_id = %txn, %decision, ?origin))]
+    async fn decide_locked(
+        &self,
+        txn: TxnId,
+        decision: Decision,
+        origin: Origin,
+    ) -> Result<Applied> {
+        let known = self.outcomes.lock().get(txn).cloned();
+        match (&known, decision) {
+            (Some(Outcome::Committed), Decision::Commit)
+            | (Some(Outcome::Aborted | Outcome::Tombstone), Decision::Abort) => {
+                debug!("repeated decision; nothing to do");
+                return Ok(Applied::Already);
+            }
+            (Some(Outcome::Committed), Decision::Abort) => {
+                return Err(self.conflict(txn, Decision::Commit, decision));
+            }
+            (
+                Some(Outcome::Aborted | Outcome::Tombstone | Outcome::Refused { .. }),
+                Decision::Commit,
+            ) => {
+                return Err(self.conflict(txn, Decision::Abort, decision));
+            }
+            _ => {}
+        }
+
+        let applied = match decision {
+            Decision::Commit => self.resource.commit(txn).await,
+            Decision::Abort => self.resource.abort(txn).await,
+        };
+        if let Err(e) = applied {
+            let e = Error::from_resource(txn, decision, e);
+            match &e {
+                Error::Conflict { recorded, .. } => {
+                    return Err(self.conflict(txn, *recorded, decision));
+                }
+                Error::NotPrepared { .. } => debug!("commit for a txn never prepared here"),
+                _ => warn!(error = %e, "resource failed to apply the decision; the sender retries"),
+            }
+            return Err(e);
+        }
+
+        let outcome = match (decision, &known) {
+            (Decision::Commit, _) => Outcome::Committed,
+            (Decision::Abort, None | Some(Outcome::Preparing)) => Outcome::Tombstone,
+            (Decision::Abort, _) => Outcome::Aborted,
+        };
+        {
+            let mut outcomes = self.outcomes.lock();
+            if outcomes.set(txn, outcome, Instant::now()).is_err() {
+                // The resource holds the durable record (its contract), so a
+                // repeat is still answered correctly, by the resource.
+                debug!("outcome memory full; decision not remembered");
+            }
+            self.metrics.set_in_doubt(outcomes.prepared_len());
+        }
+        self.metrics.decision_applied(decision);
+        info!("decision applied");
+        Ok(Applied::Now)
+    }
+
+    fn conflict(&self, txn: TxnId, recorded: Decision, requested: Decision) -> Error {
+        error!(
+            %recorded,
+            %requested,
+            "protocol violation: a decision contradicts the one already recorded; refused"
+        );
+        Error::Conflict {
+            txn,
+            recorded,
+            requested,
+        }
+    }
+}
+
+/// The answer to a repeated Prepare, if memory settles it.
+fn recorded_vote(outcome: &Outcome) -> Option<Vote> {
+    match outcome {
+        Outcome::Preparing => None,
+        Outcome::Prepared { .. } | Outcome::Committed => Some(Vote::Yes),
+        Outcome::Refused { reason } => Some(Vote::no(reason.clone())),
+        Outcome::Aborted => Some(Vote::no(ALREADY_ABORTED)),
+        Outcome::Tombstone => Some(Vote::no(ABORTED_BEFORE_PREPARE)),
+    }
+}
+
+/// `prepare` has no business returning decision errors; they mean the
+/// resource broke its contract.
+fn prepare_error(e: ResourceError) -> Error {
+    match e {
+        ResourceError::Unavailable(why) => Error::Unavailable(why),
+        other => Error::Fatal(format!(
+            "prepare returned {other}, which its contract rules out"
+        )),
+    }
+}

@@ -1,0 +1,211 @@
+//! The gRPC `twopc.v1.Participant` service and [`Participant`], which runs it
+//! together with the resolver: [`run`] is the one call a service makes.
+//!
+//! Handlers convert the wire request into domain types first thing; bad input
+//! becomes `INVALID_ARGUMENT` with a message a person can act on. The status
+//! codes are listed in the crate docs.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+use tracing::{Span, field, info, instrument};
+use twopc_proto::pb::participant_server::{self, ParticipantServer};
+use twopc_proto::pb::{DecisionRequest, DecisionResponse, PrepareRequest, PrepareResponse};
+use twopc_proto::{Decision, MAX_MESSAGE_BYTES, TxnId};
+
+use crate::config::ParticipantConfig;
+use crate::engine::{Engine, Origin};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::resolver;
+use crate::resource::Resource;
+
+/// Serves the Participant gRPC API for `resource` on `listener` and resolves
+/// in-doubt branches, until `shutdown` completes.
+///
+/// Shorthand for [`Participant::new`] followed by [`Participant::serve`]; use
+/// those to keep a [`Metrics`] handle.
+///
+/// # Errors
+/// [`Error::Config`] if `config` is invalid; [`Error::Fatal`] if the resource
+/// cannot list its prepared branches at start-up; [`Error::Transport`] if the
+/// server fails.
+pub async fn run<R: Resource>(
+    listener: TcpListener,
+    resource: Arc<R>,
+    config: ParticipantConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    Participant::new(resource, config)?
+        .serve(listener, shutdown)
+        .await
+}
+
+/// A participant ready to serve: the resource, its config and its counters.
+pub struct Participant<R> {
+    engine: Arc<Engine<R>>,
+}
+
+impl<R: Resource> Participant<R> {
+    /// Checks `config` and prepares to serve `resource`. Nothing runs yet.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the invalid field.
+    pub fn new(resource: Arc<R>, config: ParticipantConfig) -> Result<Self> {
+        config.validate()?;
+        let engine = Engine::new(resource, config, Metrics::default());
+        Ok(Self {
+            engine: Arc::new(engine),
+        })
+    }
+
+    /// A handle on the counters; stays valid after [`Participant::serve`] ends.
+    pub fn metrics(&self) -> Metrics {
+        self.engine.metrics().clone()
+    }
+
+    /// Loads the resource's prepared branches (they are resolved first), then
+    /// serves on `listener` and runs the resolver until `shutdown` completes.
+    ///
+    /// # Errors
+    /// [`Error::Fatal`] if the resource cannot list its prepared branches;
+    /// [`Error::Transport`] if the server fails.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<()> {
+        let recovered = self.engine.recover().await?;
+        let local_addr = listener.local_addr().ok();
+        info!(
+            participant = %self.engine.config().id,
+            ?local_addr,
+            recovered,
+            "participant serving"
+        );
+        let resolver = AbortOnDrop(tokio::spawn(resolver::run(Arc::clone(&self.engine))));
+        let service = ParticipantServer::new(Service {
+            engine: self.engine,
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let served = tonic::transport::Server::builder()
+            .serve_with_incoming_shutdown(service, TcpListenerStream::new(listener), shutdown)
+            .await;
+        drop(resolver);
+        info!("participant stopped");
+        Ok(served?)
+    }
+}
+
+/// Stops the resolver when serving ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+struct Service<R> {
+    engine: Arc<Engine<R>>,
+}
+
+/// A Prepare after conversion and checks.
+struct Prepare {
+    txn: TxnId,
+    payload: bytes::Bytes,
+    deadline_unix_ms: u64,
+}
+
+impl<R: Resource> Service<R> {
+    fn txn_id(text: &str) -> Result<TxnId> {
+        text.parse()
+            .map_err(|e: twopc_proto::txn_id::TxnIdError| Error::Invalid {
+                field: "txn_id",
+                why: e.to_string(),
+            })
+    }
+
+    /// An empty name skips the check (see participant.proto).
+    fn check_participant(&self, name: &str) -> Result<()> {
+        let ours = &self.engine.config().id;
+        if name.is_empty() || name == ours.as_str() {
+            return Ok(());
+        }
+        Err(Error::WrongParticipant {
+            ours: ours.clone(),
+            theirs: name.chars().take(80).collect(),
+        })
+    }
+
+    fn prepare_from_wire(&self, req: PrepareRequest) -> Result<Prepare> {
+        let txn = Self::txn_id(&req.txn_id)?;
+        self.check_participant(&req.participant)?;
+        let limit = self.engine.config().payload_max_bytes;
+        if req.payload.len() > limit {
+            return Err(Error::Invalid {
+                field: "payload",
+                why: format!(
+                    "{} bytes is over this participant's limit of {limit} bytes \
+                     (payload_max_bytes); split the work into smaller branches",
+                    req.payload.len()
+                ),
+            });
+        }
+        if req.deadline_unix_ms == 0 {
+            return Err(Error::Invalid {
+                field: "deadline_unix_ms",
+                why: "is 0; set it to the txn's deadline in Unix milliseconds".into(),
+            });
+        }
+        Ok(Prepare {
+            txn,
+            payload: req.payload,
+            deadline_unix_ms: req.deadline_unix_ms,
+        })
+    }
+
+    fn decision_from_wire(&self, req: &DecisionRequest) -> Result<(TxnId, Decision)> {
+        let txn = Self::txn_id(&req.txn_id)?;
+        self.check_participant(&req.participant)?;
+        let decision = Decision::try_from(req.decision).map_err(|e| Error::Invalid {
+            field: "decision",
+            why: format!("{e}; use DECISION_COMMIT (1) or DECISION_ABORT (2)"),
+        })?;
+        Ok((txn, decision))
+    }
+}
+
+#[tonic::async_trait]
+impl<R: Resource> participant_server::Participant for Service<R> {
+    #[instrument(skip_all, fields(txn_id = field::Empty))]
+    async fn prepare(
+        &self,
+        request: Request<PrepareRequest>,
+    ) -> Result<Response<PrepareResponse>, Status> {
+        let prepare = self.prepare_from_wire(request.into_inner())?;
+        Span::current().record("txn_id", field::display(prepare.txn));
+        let vote = self
+            .engine
+            .prepare(prepare.txn, prepare.payload, prepare.deadline_unix_ms)
+            .await?;
+        Ok(Response::new(vote.to_pb()))
+    }
+
+    #[instrument(skip_all, fields(txn_id = field::Empty))]
+    async fn decide(
+        &self,
+        request: Request<DecisionRequest>,
+    ) -> Result<Response<DecisionResponse>, Status> {
+        let (txn, decision) = self.decision_from_wire(request.get_ref())?;
+        Span::current().record("txn_id", field::display(txn));
+        self.engine
+            .decide(txn, decision, Origin::Coordinator)
+            .await?;
+        Ok(Response::new(DecisionResponse {}))
+    }
+}

@@ -1,0 +1,103 @@
+//! I6 (bounded) and section 2.6 (deadlines) at the gRPC server: past a limit
+//! the caller gets RESOURCE_EXHAUSTED, never a crash or a queue; a Prepare
+//! after its deadline votes NO.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{GatedResource, config, dead_addr, prepare_request, start, vote, wait_until, within};
+use twopc_participant::{Decision, MemoryResource, TxnId, Vote};
+
+// I6: with prepare_inflight_max Prepares running, another gets RESOURCE_EXHAUSTED at once;
+// the running ones finish normally and the slot is reusable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepares_beyond_the_inflight_limit_are_resource_exhausted() -> anyhow::Result<()> {
+    let resource = Arc::new(GatedResource::new(MemoryResource::new()));
+    let mut config = config(vec![dead_addr().await?]);
+    config.prepare_inflight_max = 1;
+    let p = Arc::new(start(Arc::clone(&resource), config).await?);
+
+    resource.hold_prepares();
+    let (held, refused) = (TxnId::new(), TxnId::new());
+    let first = {
+        let p = Arc::clone(&p);
+        tokio::spawn(async move { p.prepare(held, b"ok").await })
+    };
+    wait_until("the first prepare is held", || {
+        resource.prepares_held() == 1
+    })
+    .await?;
+
+    let status = p.prepare(refused, b"ok").await;
+    let status = status.err().map(|s| s.code());
+    assert_eq!(status, Some(tonic::Code::ResourceExhausted));
+    assert_eq!(resource.inner.prepare_calls(refused), 0);
+
+    resource.release_prepares();
+    let first = within("the held prepare", first).await???;
+    assert_eq!(vote(&first)?, Vote::Yes);
+    assert_eq!(vote(&p.prepare(refused, b"ok").await?)?, Vote::Yes);
+    Ok(())
+}
+
+// I6 and I4: the outcome memory holds at most outcome_memory_max txns; prepared branches are
+// never evicted, so a full memory refuses new Prepares with RESOURCE_EXHAUSTED; finished
+// entries make room again once tombstone_retention_ms has passed.
+#[tokio::test]
+async fn full_outcome_memory_refuses_new_prepares_until_entries_expire() -> anyhow::Result<()> {
+    let resource = Arc::new(MemoryResource::new());
+    let mut config = config(vec![dead_addr().await?]);
+    config.outcome_memory_max = 1;
+    config.tombstone_retention_ms = 30;
+    let p = start(Arc::clone(&resource), config).await?;
+    let (held, waiting) = (TxnId::new(), TxnId::new());
+    assert_eq!(vote(&p.prepare(held, b"ok").await?)?, Vote::Yes);
+
+    let status = p.prepare(waiting, b"ok").await.err().map(|s| s.code());
+    assert_eq!(status, Some(tonic::Code::ResourceExhausted));
+    assert_eq!(resource.prepare_calls(waiting), 0);
+
+    p.decide(held, Decision::Commit).await?;
+    let decided_at = tokio::time::Instant::now();
+    let mut answer = None;
+    let deadline = decided_at + common::WAIT_MAX;
+    while answer.is_none() && tokio::time::Instant::now() < deadline {
+        match p.prepare(waiting, b"ok").await {
+            Ok(response) => answer = Some(vote(&response)?),
+            Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            Err(s) => anyhow::bail!("unexpected {s:?}"),
+        }
+    }
+    assert_eq!(answer, Some(Vote::Yes), "room was never made");
+    assert!(
+        decided_at.elapsed().as_millis() >= 30,
+        "evicted before its retention"
+    );
+    p.stop().await
+}
+
+// Section 2.6: a Prepare after its deadline votes NO "deadline passed" without reaching the
+// resource, and the refusal is remembered (a repeat gets the same answer).
+#[tokio::test]
+async fn prepare_after_its_deadline_votes_no_and_is_remembered() -> anyhow::Result<()> {
+    let resource = Arc::new(MemoryResource::new());
+    let p = start(Arc::clone(&resource), config(vec![dead_addr().await?])).await?;
+    let txn = TxnId::new();
+    for _ in 0..2 {
+        let mut request = prepare_request(txn, b"ok");
+        request.deadline_unix_ms = 1;
+        let response = p.client.clone().prepare(request).await?.into_inner();
+        assert_eq!(vote(&response)?, Vote::no("deadline passed"));
+    }
+    // Remembered: even with a fresh deadline the recorded NO stands.
+    assert_eq!(
+        vote(&p.prepare(txn, b"ok").await?)?,
+        Vote::no("deadline passed")
+    );
+    assert_eq!(resource.prepare_calls(txn), 0);
+    assert_eq!(p.metrics.snapshot().votes_no, 1);
+    p.stop().await
+}

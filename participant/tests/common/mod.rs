@@ -1,0 +1,250 @@
+//! Shared test fixtures: a participant served on 127.0.0.1:0, a gRPC client
+//! for it, a resource whose calls can be held at a gate, and bounded polling.
+#![allow(dead_code, unreachable_pub)]
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tonic::transport::Channel;
+use twopc_participant::{
+    Decision, MemoryResource, Metrics, Participant, ParticipantConfig, Resource, ResourceError,
+    TxnId, Vote,
+};
+use twopc_proto::pb::participant_client::ParticipantClient;
+use twopc_proto::pb::{DecisionRequest, PrepareRequest, PrepareResponse};
+use twopc_proto::txn_id::unix_now_ms;
+
+/// The name every test participant goes by.
+pub const ID: &str = "bank-a";
+
+/// How long any awaited condition may take before the test fails.
+pub const WAIT_MAX: Duration = Duration::from_secs(10);
+
+/// A config with small backoffs, pointing at `coordinators`.
+pub fn config(coordinators: Vec<String>) -> ParticipantConfig {
+    let mut config = ParticipantConfig::new(ID.parse().expect("valid id"), coordinators);
+    config.resolve_backoff_min_ms = 5;
+    config.resolve_backoff_max_ms = 20;
+    config.connect_timeout_ms = 500;
+    config.resolve_timeout_ms = 2_000;
+    config
+}
+
+/// An address where nothing listens (connections are refused).
+pub async fn dead_addr() -> anyhow::Result<String> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    Ok(listener.local_addr()?.to_string())
+}
+
+/// A participant serving in the background.
+pub struct Running {
+    pub client: ParticipantClient<Channel>,
+    pub metrics: Metrics,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<twopc_participant::Result<()>>,
+}
+
+/// Serves `resource` on 127.0.0.1:0 with `config` and connects a client.
+pub async fn start<R: Resource>(
+    resource: Arc<R>,
+    config: ParticipantConfig,
+) -> anyhow::Result<Running> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let participant = Participant::new(resource, config)?;
+    let metrics = participant.metrics();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(participant.serve(listener, async {
+        let _ = stopped.await;
+    }));
+    // The listener is bound already, so the connection is accepted once the
+    // server starts; no waiting for a port.
+    let client = ParticipantClient::connect(format!("http://{addr}"))
+        .await
+        .context("connecting to the participant")?;
+    Ok(Running {
+        client,
+        metrics,
+        stop: Some(stop),
+        task,
+    })
+}
+
+impl Running {
+    /// Shuts the participant down and checks it stopped cleanly.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let served = tokio::time::timeout(WAIT_MAX, &mut self.task)
+            .await
+            .context("participant did not stop")??;
+        served.context("participant failed")?;
+        Ok(())
+    }
+
+    pub async fn prepare(
+        &self,
+        txn: TxnId,
+        payload: &'static [u8],
+    ) -> Result<PrepareResponse, tonic::Status> {
+        let request = prepare_request(txn, payload);
+        self.client
+            .clone()
+            .prepare(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn decide(&self, txn: TxnId, decision: Decision) -> Result<(), tonic::Status> {
+        let request = DecisionRequest {
+            txn_id: txn.to_string(),
+            participant: ID.into(),
+            decision: decision.into(),
+        };
+        self.client.clone().decide(request).await.map(|_| ())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A well-formed Prepare with a deadline a minute away.
+pub fn prepare_request(txn: TxnId, payload: &'static [u8]) -> PrepareRequest {
+    PrepareRequest {
+        txn_id: txn.to_string(),
+        participant: ID.into(),
+        payload: Bytes::from_static(payload),
+        deadline_unix_ms: unix_now_ms() + 60_000,
+    }
+}
+
+/// The vote in a Prepare answer.
+pub fn vote(response: &PrepareResponse) -> anyhow::Result<Vote> {
+    Ok(Vote::from_pb(response.vote, &response.reason)?)
+}
+
+/// Polls `condition` every 5 ms until it holds, failing after [`WAIT_MAX`].
+pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT_MAX;
+    while !condition() {
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {WAIT_MAX:?} waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+/// Awaits `future`, failing after [`WAIT_MAX`].
+pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> anyhow::Result<T> {
+    tokio::time::timeout(WAIT_MAX, future)
+        .await
+        .with_context(|| format!("timed out after {WAIT_MAX:?} waiting for {what}"))
+}
+
+/// A [`MemoryResource`] whose `prepare` and `commit` calls can be held at a
+/// gate: while a gate is closed, calls wait there before reaching the inner
+/// resource; tests see them arrive through `prepares_held`/`commits_held`.
+pub struct GatedResource {
+    pub inner: MemoryResource,
+    prepare_gate: Gate,
+    commit_gate: Gate,
+}
+
+/// Closed gates hold callers until opened.
+struct Gate {
+    open: watch::Sender<bool>,
+    held: AtomicU32,
+}
+
+impl Gate {
+    fn open_gate() -> Self {
+        Self {
+            open: watch::Sender::new(true),
+            held: AtomicU32::new(0),
+        }
+    }
+
+    async fn pass(&self) {
+        let mut open = self.open.subscribe();
+        if *open.borrow_and_update() {
+            return;
+        }
+        self.held.fetch_add(1, Ordering::SeqCst);
+        let _ = open.wait_for(|open| *open).await;
+    }
+
+    fn set_open(&self, open: bool) {
+        self.open.send_replace(open);
+    }
+
+    fn held(&self) -> u32 {
+        self.held.load(Ordering::SeqCst)
+    }
+}
+
+impl GatedResource {
+    pub fn new(inner: MemoryResource) -> Self {
+        Self {
+            inner,
+            prepare_gate: Gate::open_gate(),
+            commit_gate: Gate::open_gate(),
+        }
+    }
+
+    pub fn hold_prepares(&self) {
+        self.prepare_gate.set_open(false);
+    }
+
+    pub fn release_prepares(&self) {
+        self.prepare_gate.set_open(true);
+    }
+
+    /// Prepare calls held at the gate so far (ever).
+    pub fn prepares_held(&self) -> u32 {
+        self.prepare_gate.held()
+    }
+
+    pub fn hold_commits(&self) {
+        self.commit_gate.set_open(false);
+    }
+
+    pub fn release_commits(&self) {
+        self.commit_gate.set_open(true);
+    }
+
+    /// Commit calls held at the gate so far (ever).
+    pub fn commits_held(&self) -> u32 {
+        self.commit_gate.held()
+    }
+}
+
+impl Resource for GatedResource {
+    async fn prepare(&self, txn: TxnId, payload: Bytes) -> Result<Vote, ResourceError> {
+        self.prepare_gate.pass().await;
+        self.inner.prepare(txn, payload).await
+    }
+
+    async fn commit(&self, txn: TxnId) -> Result<(), ResourceError> {
+        self.commit_gate.pass().await;
+        self.inner.commit(txn).await
+    }
+
+    async fn abort(&self, txn: TxnId) -> Result<(), ResourceError> {
+        self.inner.abort(txn).await
+    }
+
+    async fn prepared(&self) -> Result<Vec<TxnId>, ResourceError> {
+        self.inner.prepared().await
+    }
+}

@@ -1,0 +1,222 @@
+//! Malformed and misaddressed requests to the real server over gRPC get the
+//! documented status codes (crate docs, "Status codes") and never reach the
+//! resource.
+
+mod common;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::{ID, Running, config, dead_addr, prepare_request, start};
+use tonic::Code;
+use twopc_participant::{Decision, MemoryResource, TxnId};
+use twopc_proto::pb::{DecisionRequest, PrepareRequest};
+
+async fn participant(resource: &Arc<MemoryResource>) -> anyhow::Result<Running> {
+    let mut config = config(vec![dead_addr().await?]);
+    config.payload_max_bytes = 16;
+    start(Arc::clone(resource), config).await
+}
+
+async fn prepare_code(p: &Running, request: PrepareRequest) -> anyhow::Result<tonic::Status> {
+    match p.client.clone().prepare(request).await {
+        Ok(response) => anyhow::bail!("expected an error, got {:?}", response.into_inner()),
+        Err(status) => Ok(status),
+    }
+}
+
+async fn decide_code(p: &Running, request: DecisionRequest) -> anyhow::Result<tonic::Status> {
+    match p.client.clone().decide(request).await {
+        Ok(_) => anyhow::bail!("expected an error, got OK"),
+        Err(status) => Ok(status),
+    }
+}
+
+fn decision_request(txn_id: &str, decision: i32) -> DecisionRequest {
+    DecisionRequest {
+        txn_id: txn_id.into(),
+        participant: ID.into(),
+        decision,
+    }
+}
+
+// I6 (bad input is refused clearly): an empty, malformed or non-v7 txn id is INVALID_ARGUMENT,
+// for Prepare and for Decide, naming the field.
+#[tokio::test]
+async fn bad_txn_ids_are_invalid_argument() -> anyhow::Result<()> {
+    let resource = Arc::new(MemoryResource::new());
+    let p = participant(&resource).await?;
+    let v4 = "67e55044-10b1-426f-9247-bb680e5fe0c8";
+    for bad in ["", "not-a-txn-id", v4] {
+        let mut request = prepare_request(TxnId::new(), b"ok");
+        request.txn_id = bad.into();
+        let status = prepare_code(&p, request).await?;
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "prepare {bad:?}: {status:?}"
+        );
+        assert!(status.message().starts_with("txn_id:"), "{status:?}");
+
+        let status = decide_code(&p, decision_request(bad, Decision::Abort.into())).await?;
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "decide {bad:?}: {status:?}"
+        );
+    }
+    assert_eq!(p.metrics.snapshot().prepares, 0);
+    p.stop().await
+}
+
+// I6 (bounded payload): a payload over payload_max_bytes is INVALID_ARGUMENT saying the limit;
+// one at the limit is accepted.
+#[tokio::test]
+async fn oversize_payload_is_invalid_argument_naming_the_limit() -> anyhow::Result<()> {
+    let resource = Arc::new(MemoryResource::new());
+    let p = participant(&resource).await?;
+    let txn = TxnId::new();
+    let mut request = prepare_request(txn, b"");
+    request.payload = Bytes::from(vec![b'x'; 17]);
+    let status = prepare_code(&p, request).await?;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("limit of 16 bytes"), "{status:?}");
+    assert_eq!(resource.prepare_calls(txn), 0);
+
+    let mut request = prepare_request(txn, b"");
+    request.payload = Bytes::from(vec![b'x'; 16]);
+    let response = p.client.clone().prepare(request).await?;
+    assert!(common::vote(response.get_ref())?.is_yes());
+    p.stop().await
+}
+
+// Section 2.6: a Prepare must carry its deadline; 0 is INVALID_ARGUMENT.
+#[tokio::test]
+async fn missing_deadline_is_invalid_argument() -> anyhow::Result<()> {
+    let resource = Arc::new(MemoryResource::new());
+    let p = participant(&resource).await?;
+    let txn = TxnId::new();
+    let mut request = prepare_request(txn, b"ok");
+    request.deadline_unix_ms = 0;
+    let status = prepare_code(&p, request).await?;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("deadline_unix_ms"), "{status:?}");
+    assert_eq!(resource.prepare_calls(txn), 0);
+    p.stop().await
+}
+
+// I2 (one decision): an unspecified or unknown decision value is INVALID_ARGUMENT, never guessed.
+#[tokio::test]
+async fn unknown_decision_value_is_invalid_argument() -> anyhow::Result<()> {
+    let resource = Arc::new(MemoryResource::new());
+    let p = participant(&resource).await?;
+    let txn = TxnId::new();
+    p.prepare(txn, b"ok").await?;
+    for bad in [0, 3, 99, -1] {
+        let status = decide_code(&p, decision_request(&txn.to_string(), bad)).await?;
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "decision {bad}: {status:?}"
+        );
+        assert!(status.message().starts_with("decision:"), "{status:?}");
+    }
+    assert_eq!(resource.commit_calls(txn) + resource.abort_calls(txn), 0);
+    assert!(resource.is_prepared(txn));
+    p.stop().await
+}
+
+// I1 (atomicity): Commit for a txn never prepared here is FAILED_PRECONDITION and applies nothing.
+#[tokio::test]
+async fn commit_of_never_prepared_txn_is_failed_precondition() -> anyhow::Result<()> {
+    let resource = Arc::new(MemoryResource::new());
+    let p = participant(&resource).await?;
+    let txn = TxnId::new();
+    let status = decide_code(
+        &p,
+        decision_request(&txn.to_string(), Decision::Commit.into()),
+    )
+    .await?;
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("never prepared"), "{status:?}");
+    assert_eq!(resource.commit_count(txn), 0);
+    p.stop().await
+}
+
+// I1: a request addressed to another participant is FAILED_PRECONDITION and changes nothing;
+// an empty name skips the check.
+#[tokio::test]
+async fn wrong_participant_name_is_failed_precondition() -> anyhow::Result<()> {
+    let resource = Arc::new(MemoryResource::new());
+    let p = participant(&resource).await?;
+    let txn = TxnId::new();
+    let mut request = prepare_request(txn, b"ok");
+    request.participant = "bank-b".into();
+    let status = prepare_code(&p, request).await?;
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("bank-b"), "{status:?}");
+    assert_eq!(resource.prepare_calls(txn), 0);
+
+    let mut request = decision_request(&txn.to_string(), Decision::Abort.into());
+    request.participant = "bank-b".into();
+    let status = decide_code(&p, request).await?;
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(resource.abort_calls(txn), 0);
+
+    let mut request = prepare_request(txn, b"ok");
+    request.participant = String::new();
+    let response = p.client.clone().prepare(request).await?;
+    assert!(common::vote(response.get_ref())?.is_yes());
+    p.stop().await
+}
+
+// I2 (one decision): a decision contradicting the recorded one is FAILED_PRECONDITION, in both
+// directions, and after a NO vote; the recorded outcome stands.
+#[tokio::test]
+async fn conflicting_decision_is_failed_precondition() -> anyhow::Result<()> {
+    let resource = Arc::new(MemoryResource::new());
+    let p = participant(&resource).await?;
+    let (committed, aborted, refused) = (TxnId::new(), TxnId::new(), TxnId::new());
+    p.prepare(committed, b"ok").await?;
+    p.prepare(aborted, b"ok").await?;
+    p.prepare(refused, b"no:broke").await?;
+    p.decide(committed, Decision::Commit).await?;
+    p.decide(aborted, Decision::Abort).await?;
+
+    for (txn, decision) in [
+        (committed, Decision::Abort),
+        (aborted, Decision::Commit),
+        (refused, Decision::Commit),
+    ] {
+        let status = decide_code(&p, decision_request(&txn.to_string(), decision.into())).await?;
+        assert_eq!(
+            status.code(),
+            Code::FailedPrecondition,
+            "{decision} {status:?}"
+        );
+    }
+    assert_eq!(resource.commit_count(committed), 1);
+    assert_eq!(resource.commit_count(aborted), 0);
+    assert_eq!(resource.commit_count(refused), 0);
+    assert_eq!(
+        resource.abort_calls(committed),
+        0,
+        "memory should refuse before the resource"
+    );
+    p.stop().await
+}
+
+// I6: an invalid config is refused at start-up with a message naming the field.
+#[tokio::test]
+async fn invalid_config_is_refused_at_start() -> anyhow::Result<()> {
+    let mut config = config(vec![dead_addr().await?]);
+    config.prepare_inflight_max = 0;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let resource = Arc::new(MemoryResource::new());
+    let result = twopc_participant::run(listener, resource, config, std::future::pending()).await;
+    match result {
+        Err(twopc_participant::Error::Config(why)) => assert!(why.contains("prepare_inflight_max")),
+        other => anyhow::bail!("expected a config error, got {other:?}"),
+    }
+    Ok(())
+}
