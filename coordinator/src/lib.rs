@@ -2,9 +2,31 @@
 //! leader, the two-phase commit driver.
 //!
 //! # Layout
+//! - [`config`]: [`config::NodeConfig`], every knob with its default.
+//! - [`error`]: the crate's [`Error`], and its one mapping to `tonic::Status`.
+//! - [`command`]: what the log holds ([`command::Command`]) and its binary encoding.
+//! - [`state_machine`]: the applied state: txn table, participant registry, members. Pure.
+//! - [`engine`]: the 2PC driver: Submit, Resolve, operator decisions, phase-2 delivery, retention GC.
+//! - [`participant_client`]: the seam to participants and its gRPC implementation.
+//! - [`node`]: the task owning raft-rs's `RawNode` (the Ready loop) and its [`node::NodeHandle`].
+//! - [`raft_log`]: raft-rs's slog output routed into tracing.
+//! - [`service`]: gRPC handlers for the client and admin APIs.
+//! - [`server`]: one tonic server per node carrying peer, client and admin services.
 //! - [`storage`]: raft-rs `Storage` on raft-engine (entries, hard state) plus state-machine snapshots.
 //! - [`transport`]: the peer gRPC service and per-peer outbound streams; a fault filter for tests.
 #![deny(missing_docs)]
 
+pub mod command;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod node;
+pub mod participant_client;
+pub mod raft_log;
+pub mod server;
+pub mod service;
+pub mod state_machine;
 pub mod storage;
 pub mod transport;
+
+pub use error::{Error, Result};

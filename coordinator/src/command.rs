@@ -1,0 +1,338 @@
+//! What the Raft log holds: [`Command`]s, and their stable binary encoding.
+//!
+//! Entries are encoded with prost messages defined here (not in the public
+//! .proto files): the log is internal, but it outlives binaries, so every
+//! field keeps its tag forever and decoding never panics on bad bytes.
+
+use prost::Message;
+use twopc_proto::{Decision, ParticipantId, TxnId, Vote};
+
+use crate::error::{Error, Result};
+
+/// One state-machine command, as proposed to and applied from the log.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// Record the 2PC decision of a txn. The first one applied for a txn id
+    /// wins; later ones change nothing and report the winner (I2).
+    Decide(DecideCmd),
+    /// Participants acknowledged having carried out decisions (logged lazily, in batches).
+    Acknowledge(Vec<(TxnId, ParticipantId)>),
+    /// Forget finished txns created before `horizon_unix_ms` (retention GC).
+    Forget {
+        /// Txns whose id was created before this time, and that are finished, leave the table.
+        horizon_unix_ms: u64,
+    },
+    /// Name a participant's address (add or move).
+    RegisterParticipant {
+        /// The participant's name.
+        name: ParticipantId,
+        /// Its `host:port`.
+        addr: String,
+    },
+    /// Remove a participant from the registry.
+    RemoveParticipant {
+        /// The participant's name.
+        name: ParticipantId,
+    },
+}
+
+/// The content of a [`Command::Decide`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecideCmd {
+    /// The transaction.
+    pub txn_id: TxnId,
+    /// Commit or Abort.
+    pub decision: Decision,
+    /// Why (a NO vote, a timeout, presumed abort, an operator's words); empty for commit.
+    pub reason: String,
+    /// Each branch and the vote it gave, if it answered.
+    pub branches: Vec<(ParticipantId, Option<Vote>)>,
+}
+
+/// A command with the proposer's wall-clock time, which the state machine uses
+/// instead of its own clock so every node applies it identically.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Proposal {
+    /// The command.
+    pub command: Command,
+    /// The proposing leader's clock, Unix milliseconds.
+    pub proposed_unix_ms: u64,
+}
+
+impl Proposal {
+    /// Encodes for the log.
+    pub fn encode(&self) -> Vec<u8> {
+        wire::Entry::from(self).encode_to_vec()
+    }
+
+    /// Decodes a log entry's data.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] if the bytes are not a valid entry.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let entry =
+            wire::Entry::decode(bytes).map_err(|e| Error::Corrupt(format!("log entry: {e}")))?;
+        entry.try_into()
+    }
+}
+
+/// Decodes a txn id stored as 16 bytes.
+pub(crate) fn txn_id_from_wire(bytes: &[u8]) -> Result<TxnId> {
+    let array: [u8; 16] = bytes
+        .try_into()
+        .map_err(|_| Error::Corrupt(format!("txn id has {} bytes, not 16", bytes.len())))?;
+    TxnId::from_bytes(array).map_err(|e| Error::Corrupt(e.to_string()))
+}
+
+/// Decodes a participant name stored in the log.
+pub(crate) fn participant_from_wire(name: &str) -> Result<ParticipantId> {
+    name.parse().map_err(|e| Error::Corrupt(format!("{e}")))
+}
+
+/// Decodes a decision stored in the log.
+pub(crate) fn decision_from_wire(value: i32) -> Result<Decision> {
+    Decision::try_from(value).map_err(|e| Error::Corrupt(e.to_string()))
+}
+
+/// A vote stored in the log: 0 no answer, 1 YES, 2 NO.
+pub(crate) fn vote_from_wire(kind: i32, reason: &str) -> Result<Option<Vote>> {
+    match kind {
+        0 => Ok(None),
+        1 => Ok(Some(Vote::Yes)),
+        2 => Ok(Some(Vote::no(reason))),
+        other => Err(Error::Corrupt(format!("vote kind {other}"))),
+    }
+}
+
+/// The log encoding of a vote (see [`vote_from_wire`]).
+pub(crate) fn vote_to_wire(vote: Option<&Vote>) -> (i32, String) {
+    match vote {
+        None => (0, String::new()),
+        Some(Vote::Yes) => (1, String::new()),
+        Some(Vote::No { reason }) => (2, reason.clone()),
+    }
+}
+
+/// prost messages of the log encoding. Tags are forever.
+pub(crate) mod wire {
+    use prost::{Message, Oneof};
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct Entry {
+        #[prost(uint64, tag = "1")]
+        pub proposed_unix_ms: u64,
+        #[prost(oneof = "Kind", tags = "2, 3, 4, 5, 6")]
+        pub kind: Option<Kind>,
+    }
+
+    #[derive(Clone, PartialEq, Oneof)]
+    pub enum Kind {
+        #[prost(message, tag = "2")]
+        Decide(Decide),
+        #[prost(message, tag = "3")]
+        Acknowledge(Acknowledge),
+        #[prost(uint64, tag = "4")]
+        ForgetHorizonUnixMs(u64),
+        #[prost(message, tag = "5")]
+        RegisterParticipant(Participant),
+        #[prost(string, tag = "6")]
+        RemoveParticipant(String),
+    }
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct Decide {
+        #[prost(bytes = "vec", tag = "1")]
+        pub txn_id: Vec<u8>,
+        #[prost(int32, tag = "2")]
+        pub decision: i32,
+        #[prost(string, tag = "3")]
+        pub reason: String,
+        #[prost(message, repeated, tag = "4")]
+        pub branches: Vec<Branch>,
+    }
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct Branch {
+        #[prost(string, tag = "1")]
+        pub participant: String,
+        #[prost(int32, tag = "2")]
+        pub vote: i32,
+        #[prost(string, tag = "3")]
+        pub reason: String,
+    }
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct Acknowledge {
+        #[prost(message, repeated, tag = "1")]
+        pub acks: Vec<Ack>,
+    }
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct Ack {
+        #[prost(bytes = "vec", tag = "1")]
+        pub txn_id: Vec<u8>,
+        #[prost(string, tag = "2")]
+        pub participant: String,
+    }
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct Participant {
+        #[prost(string, tag = "1")]
+        pub name: String,
+        #[prost(string, tag = "2")]
+        pub addr: String,
+    }
+}
+
+impl From<&Proposal> for wire::Entry {
+    fn from(p: &Proposal) -> Self {
+        let kind = match &p.command {
+            Command::Decide(d) => wire::Kind::Decide(wire::Decide {
+                txn_id: d.txn_id.to_bytes().to_vec(),
+                decision: d.decision.into(),
+                reason: d.reason.clone(),
+                branches: d
+                    .branches
+                    .iter()
+                    .map(|(participant, vote)| {
+                        let (vote, reason) = vote_to_wire(vote.as_ref());
+                        wire::Branch {
+                            participant: participant.to_string(),
+                            vote,
+                            reason,
+                        }
+                    })
+                    .collect(),
+            }),
+            Command::Acknowledge(acks) => wire::Kind::Acknowledge(wire::Acknowledge {
+                acks: acks
+                    .iter()
+                    .map(|(txn, p)| wire::Ack {
+                        txn_id: txn.to_bytes().to_vec(),
+                        participant: p.to_string(),
+                    })
+                    .collect(),
+            }),
+            Command::Forget { horizon_unix_ms } => {
+                wire::Kind::ForgetHorizonUnixMs(*horizon_unix_ms)
+            }
+            Command::RegisterParticipant { name, addr } => {
+                wire::Kind::RegisterParticipant(wire::Participant {
+                    name: name.to_string(),
+                    addr: addr.clone(),
+                })
+            }
+            Command::RemoveParticipant { name } => wire::Kind::RemoveParticipant(name.to_string()),
+        };
+        Self {
+            proposed_unix_ms: p.proposed_unix_ms,
+            kind: Some(kind),
+        }
+    }
+}
+
+impl TryFrom<wire::Entry> for Proposal {
+    type Error = Error;
+
+    fn try_from(entry: wire::Entry) -> Result<Self> {
+        let command = match entry
+            .kind
+            .ok_or_else(|| Error::Corrupt("log entry without a command".into()))?
+        {
+            wire::Kind::Decide(d) => Command::Decide(DecideCmd {
+                txn_id: txn_id_from_wire(&d.txn_id)?,
+                decision: decision_from_wire(d.decision)?,
+                reason: d.reason,
+                branches: d
+                    .branches
+                    .into_iter()
+                    .map(|b| {
+                        Ok((
+                            participant_from_wire(&b.participant)?,
+                            vote_from_wire(b.vote, &b.reason)?,
+                        ))
+                    })
+                    .collect::<Result<_>>()?,
+            }),
+            wire::Kind::Acknowledge(a) => Command::Acknowledge(
+                a.acks
+                    .into_iter()
+                    .map(|ack| {
+                        Ok((
+                            txn_id_from_wire(&ack.txn_id)?,
+                            participant_from_wire(&ack.participant)?,
+                        ))
+                    })
+                    .collect::<Result<_>>()?,
+            ),
+            wire::Kind::ForgetHorizonUnixMs(horizon_unix_ms) => Command::Forget { horizon_unix_ms },
+            wire::Kind::RegisterParticipant(p) => Command::RegisterParticipant {
+                name: participant_from_wire(&p.name)?,
+                addr: p.addr,
+            },
+            wire::Kind::RemoveParticipant(name) => Command::RemoveParticipant {
+                name: participant_from_wire(&name)?,
+            },
+        };
+        Ok(Self {
+            command,
+            proposed_unix_ms: entry.proposed_unix_ms,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pid(s: &str) -> ParticipantId {
+        s.parse().expect("valid name")
+    }
+
+    #[test]
+    fn every_command_round_trips_through_the_log_encoding() {
+        let txn = TxnId::new();
+        let commands = [
+            Command::Decide(DecideCmd {
+                txn_id: txn,
+                decision: Decision::Abort,
+                reason: "bank-b voted NO: insufficient funds".into(),
+                branches: vec![
+                    (pid("bank-a"), Some(Vote::Yes)),
+                    (pid("bank-b"), Some(Vote::no("x"))),
+                    (pid("c"), None),
+                ],
+            }),
+            Command::Acknowledge(vec![(txn, pid("bank-a"))]),
+            Command::Forget {
+                horizon_unix_ms: 42,
+            },
+            Command::RegisterParticipant {
+                name: pid("bank-a"),
+                addr: "127.0.0.1:1".into(),
+            },
+            Command::RemoveParticipant {
+                name: pid("bank-a"),
+            },
+        ];
+        for command in commands {
+            let proposal = Proposal {
+                command,
+                proposed_unix_ms: 7,
+            };
+            assert_eq!(
+                Proposal::decode(&proposal.encode()).expect("decodes"),
+                proposal
+            );
+        }
+    }
+
+    #[test]
+    fn garbage_is_reported_as_corruption_not_a_panic() {
+        assert!(matches!(
+            Proposal::decode(&[0xff, 0xff, 0xff]),
+            Err(Error::Corrupt(_))
+        ));
+        assert!(matches!(Proposal::decode(&[]), Err(Error::Corrupt(_))));
+    }
+}

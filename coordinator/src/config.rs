@@ -1,0 +1,229 @@
+//! A coordinator node's configuration: every field documented with its
+//! default and checked by [`NodeConfig::validate`] at start-up.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::error::{Error, Result};
+use crate::storage::StorageConfig;
+use crate::transport::TransportConfig;
+
+/// Configuration of one coordinator node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's raft id; non-zero and unique in the cluster.
+    pub id: u64,
+    /// The initial voters (this node included) and the `host:port` each one's
+    /// gRPC server listens on. Used to bootstrap a fresh data dir; afterwards the
+    /// membership lives in the log.
+    pub peers: BTreeMap<u64, String>,
+    /// Start without bootstrapping: the node was added with AddNode and learns
+    /// the membership from the leader's snapshot. Default: false.
+    pub join: bool,
+    /// Where the raft log and snapshots live.
+    pub data_dir: PathBuf,
+    /// Raft tick period. Default: 100 ms.
+    pub tick_interval_ms: u64,
+    /// Ticks without a heartbeat before a follower campaigns (randomised up to
+    /// twice this). Default: 10 (1 s with the default tick).
+    pub election_ticks: usize,
+    /// Ticks between leader heartbeats. Default: 2.
+    pub heartbeat_ticks: usize,
+    /// Append messages in flight to one follower. Default: 256.
+    pub max_inflight_msgs: usize,
+    /// Largest append message raft builds, in bytes. Default: 1 MiB.
+    pub max_size_per_msg_bytes: u64,
+    /// Requests (proposals, reads, admin) queued for the raft task. Default: 8192.
+    pub request_queue_max: usize,
+    /// Raft messages from peers queued for the raft task; more are dropped
+    /// (raft retransmits). Default: 16384.
+    pub inbound_queue_max: usize,
+    /// Proposals appended but not yet applied; more get ResourceExhausted.
+    /// Default: 65536.
+    pub pending_proposals_max: usize,
+    /// Applied entries between state-machine snapshots (after which the log is
+    /// compacted). Default: 20000.
+    pub snapshot_interval_entries: u64,
+    /// How long a linearizable read or a proposal may wait. Default: 5000 ms.
+    pub request_timeout_ms: u64,
+    /// The log store.
+    pub storage: StorageConfig,
+    /// The peer transport.
+    pub transport: TransportConfig,
+    /// The 2PC driver's limits and timings.
+    pub engine: EngineConfig,
+}
+
+impl NodeConfig {
+    /// A config with every default, for node `id` of the cluster `peers`.
+    pub fn new(id: u64, peers: BTreeMap<u64, String>, data_dir: PathBuf) -> Self {
+        Self {
+            id,
+            peers,
+            join: false,
+            data_dir,
+            tick_interval_ms: 100,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            max_inflight_msgs: 256,
+            max_size_per_msg_bytes: 1024 * 1024,
+            request_queue_max: 8192,
+            inbound_queue_max: 16384,
+            pending_proposals_max: 65536,
+            snapshot_interval_entries: 20_000,
+            request_timeout_ms: 5000,
+            storage: StorageConfig::default(),
+            transport: TransportConfig::default(),
+            engine: EngineConfig::default(),
+        }
+    }
+
+    /// Checks the config before anything starts.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming the field and the fix.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::InvalidArgument(msg));
+        if self.id == 0 {
+            return bad("node id must be non-zero".into());
+        }
+        if !self.join && !self.peers.contains_key(&self.id) {
+            return bad(format!(
+                "--peers must include this node's own id {} with its address",
+                self.id
+            ));
+        }
+        if self.peers.keys().any(|id| *id == 0) {
+            return bad("peer ids must be non-zero".into());
+        }
+        if self.heartbeat_ticks == 0 || self.election_ticks <= self.heartbeat_ticks {
+            return bad(
+                "election_ticks must be greater than heartbeat_ticks, which must be at least 1"
+                    .into(),
+            );
+        }
+        let positive = [
+            ("tick_interval_ms", self.tick_interval_ms),
+            ("max_inflight_msgs", self.max_inflight_msgs as u64),
+            ("max_size_per_msg_bytes", self.max_size_per_msg_bytes),
+            ("request_queue_max", self.request_queue_max as u64),
+            ("inbound_queue_max", self.inbound_queue_max as u64),
+            ("pending_proposals_max", self.pending_proposals_max as u64),
+            ("snapshot_interval_entries", self.snapshot_interval_entries),
+            ("request_timeout_ms", self.request_timeout_ms),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return bad(format!("{name} must be greater than zero"));
+        }
+        self.engine.validate()
+    }
+}
+
+/// Limits and timings of the 2PC driver.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Txns being prepared at once on the leader; more get ResourceExhausted.
+    /// Default: 10000.
+    pub txn_inflight_max: usize,
+    /// Branches in one txn. Default: 16.
+    pub branches_per_txn_max: usize,
+    /// Payload bytes of one branch. Default: 65536.
+    pub payload_max_bytes: usize,
+    /// Furthest a Submit's deadline may lie in the future. Default: 30000 ms.
+    pub deadline_max_ms: u64,
+    /// Longest wait for one Prepare answer (the deadline may cut it shorter).
+    /// Default: 5000 ms.
+    pub prepare_timeout_ms: u64,
+    /// Longest wait for one Decide acknowledgement. Default: 5000 ms.
+    pub decide_timeout_ms: u64,
+    /// Phase-2 retry backoff, first step. Default: 20 ms.
+    pub delivery_backoff_min_ms: u64,
+    /// Phase-2 retry backoff cap. Default: 2000 ms.
+    pub delivery_backoff_max_ms: u64,
+    /// Decide calls in flight to one participant. Default: 64.
+    pub delivery_concurrency_per_participant: usize,
+    /// Acknowledgements in one Acknowledge entry (more wait for the next one,
+    /// which is proposed as soon as the previous is applied). Default: 1024.
+    pub ack_batch_max: usize,
+    /// How long a txn id stays usable and a finished txn stays in the state
+    /// machine, from the id's creation time. Must exceed `deadline_max_ms`.
+    /// Default: 60000 ms.
+    pub retention_ms: u64,
+    /// How often the leader proposes forgetting expired txns. Default: 1000 ms.
+    pub gc_interval_ms: u64,
+    /// Decided txns not yet acknowledged by every branch; past it new Submits
+    /// get ResourceExhausted until participants catch up. Default: 100000.
+    pub unacknowledged_max: usize,
+    /// Connect timeout for participant channels. Default: 1000 ms.
+    pub participant_connect_timeout_ms: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            txn_inflight_max: 10_000,
+            branches_per_txn_max: 16,
+            payload_max_bytes: 64 * 1024,
+            deadline_max_ms: 30_000,
+            prepare_timeout_ms: 5_000,
+            decide_timeout_ms: 5_000,
+            delivery_backoff_min_ms: 20,
+            delivery_backoff_max_ms: 2_000,
+            delivery_concurrency_per_participant: 64,
+            ack_batch_max: 1024,
+            retention_ms: 60_000,
+            gc_interval_ms: 1_000,
+            unacknowledged_max: 100_000,
+            participant_connect_timeout_ms: 1_000,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Checks the config before anything starts.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming the field and the fix.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::InvalidArgument(msg));
+        let positive = [
+            ("txn_inflight_max", self.txn_inflight_max as u64),
+            ("branches_per_txn_max", self.branches_per_txn_max as u64),
+            ("payload_max_bytes", self.payload_max_bytes as u64),
+            ("deadline_max_ms", self.deadline_max_ms),
+            ("prepare_timeout_ms", self.prepare_timeout_ms),
+            ("decide_timeout_ms", self.decide_timeout_ms),
+            ("delivery_backoff_min_ms", self.delivery_backoff_min_ms),
+            (
+                "delivery_concurrency_per_participant",
+                self.delivery_concurrency_per_participant as u64,
+            ),
+            ("ack_batch_max", self.ack_batch_max as u64),
+            ("gc_interval_ms", self.gc_interval_ms),
+            ("unacknowledged_max", self.unacknowledged_max as u64),
+            (
+                "participant_connect_timeout_ms",
+                self.participant_connect_timeout_ms,
+            ),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return bad(format!("{name} must be greater than zero"));
+        }
+        if self.delivery_backoff_max_ms < self.delivery_backoff_min_ms {
+            return bad("delivery_backoff_max_ms must be at least delivery_backoff_min_ms".into());
+        }
+        if self.retention_ms <= self.deadline_max_ms {
+            return bad(format!(
+                "retention_ms ({}) must exceed deadline_max_ms ({}): a txn must be remembered past its deadline",
+                self.retention_ms, self.deadline_max_ms
+            ));
+        }
+        if self.payload_max_bytes * self.branches_per_txn_max >= twopc_proto::MAX_MESSAGE_BYTES {
+            return bad(format!(
+                "payload_max_bytes x branches_per_txn_max must stay under the {} byte message limit",
+                twopc_proto::MAX_MESSAGE_BYTES
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,156 @@
+//! Client requests checked at the boundary: wire messages become domain
+//! requests here, or an `InvalidArgument` that says what to fix.
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+use twopc_proto::txn_id::unix_now_ms;
+use twopc_proto::{ParticipantId, TxnId, pb};
+
+use crate::config::EngineConfig;
+use crate::error::{Error, Result};
+
+/// A validated Submit.
+#[derive(Debug, Clone)]
+pub struct SubmitRequest {
+    /// The txn.
+    pub txn_id: TxnId,
+    /// Each branch: its participant (distinct) and opaque payload.
+    pub branches: Vec<(ParticipantId, Bytes)>,
+    /// Unix milliseconds after which no Prepare is sent or accepted.
+    pub deadline_unix_ms: u64,
+}
+
+fn invalid(msg: String) -> Error {
+    Error::InvalidArgument(msg)
+}
+
+/// Parses a wire txn id.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming the problem.
+pub fn parse_txn_id(text: &str) -> Result<TxnId> {
+    text.parse().map_err(|e| invalid(format!("txn_id: {e}")))
+}
+
+impl SubmitRequest {
+    /// Checks a wire Submit against the engine's limits.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for no branches, too many, a bad or repeated
+    /// participant name, an oversize payload, a malformed txn id, or a
+    /// deadline that is missing, past, or too far ahead.
+    pub fn from_pb(request: pb::SubmitRequest, limits: &EngineConfig) -> Result<Self> {
+        let txn_id = parse_txn_id(&request.txn_id)?;
+        if request.branches.is_empty() {
+            return Err(invalid("branches: a txn needs at least one branch".into()));
+        }
+        if request.branches.len() > limits.branches_per_txn_max {
+            return Err(invalid(format!(
+                "branches: {} branches, more than the limit of {} (branches_per_txn_max)",
+                request.branches.len(),
+                limits.branches_per_txn_max
+            )));
+        }
+        let mut seen = HashSet::new();
+        let mut branches = Vec::with_capacity(request.branches.len());
+        for (i, branch) in request.branches.into_iter().enumerate() {
+            let participant: ParticipantId = branch
+                .participant
+                .parse()
+                .map_err(|e| invalid(format!("branches[{i}].participant: {e}")))?;
+            if !seen.insert(participant.clone()) {
+                return Err(invalid(format!(
+                    "branches[{i}].participant: {participant} appears twice; merge its work into one branch"
+                )));
+            }
+            if branch.payload.len() > limits.payload_max_bytes {
+                return Err(invalid(format!(
+                    "branches[{i}].payload: {} bytes, more than the limit of {} (payload_max_bytes)",
+                    branch.payload.len(),
+                    limits.payload_max_bytes
+                )));
+            }
+            branches.push((participant, branch.payload));
+        }
+        let now = unix_now_ms();
+        let deadline = request.deadline_unix_ms;
+        if deadline == 0 {
+            return Err(invalid(
+                "deadline_unix_ms: required (Unix time in milliseconds)".into(),
+            ));
+        }
+        if deadline <= now {
+            return Err(invalid(format!(
+                "deadline_unix_ms: {deadline} is {} ms in the past",
+                now - deadline
+            )));
+        }
+        if deadline - now > limits.deadline_max_ms {
+            return Err(invalid(format!(
+                "deadline_unix_ms: {} ms ahead, more than the limit of {} ms (deadline_max_ms)",
+                deadline - now,
+                limits.deadline_max_ms
+            )));
+        }
+        Ok(Self {
+            txn_id,
+            branches,
+            deadline_unix_ms: deadline,
+        })
+    }
+}
+
+/// A validated ListTransactions.
+#[derive(Debug, Clone)]
+pub struct ListRequest {
+    /// Only txns this leader is preparing (not yet logged).
+    pub undecided: bool,
+    /// Only decided txns not acknowledged by every branch.
+    pub unacknowledged: bool,
+    /// Only txns created at least this long ago.
+    pub older_than_ms: u64,
+    /// Page after this id.
+    pub after: Option<TxnId>,
+    /// Page size.
+    pub limit: usize,
+}
+
+/// Page size when the request names none, and the largest accepted.
+pub const LIST_LIMIT_DEFAULT: usize = 100;
+/// The largest page a ListTransactions returns.
+pub const LIST_LIMIT_MAX: usize = 1000;
+
+impl ListRequest {
+    /// Checks a wire ListTransactions.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an unknown filter, a malformed cursor or an oversize page.
+    pub fn from_pb(request: &pb::ListTransactionsRequest) -> Result<Self> {
+        let filter = pb::TxnFilter::try_from(request.filter)
+            .map_err(|_| invalid(format!("filter: unknown value {}", request.filter)))?;
+        let after = match request.after_txn_id.as_str() {
+            "" => None,
+            text => Some(
+                text.parse()
+                    .map_err(|e| invalid(format!("after_txn_id: {e}")))?,
+            ),
+        };
+        let limit = match request.limit as usize {
+            0 => LIST_LIMIT_DEFAULT,
+            n if n > LIST_LIMIT_MAX => {
+                return Err(invalid(format!(
+                    "limit: {n} is more than the maximum page of {LIST_LIMIT_MAX}"
+                )));
+            }
+            n => n,
+        };
+        Ok(Self {
+            undecided: filter == pb::TxnFilter::Undecided,
+            unacknowledged: filter == pb::TxnFilter::Unacknowledged,
+            older_than_ms: request.older_than_ms,
+            after,
+            limit,
+        })
+    }
+}

@@ -1,0 +1,189 @@
+//! The coordinator's seam to participants: [`ParticipantClient`], and the
+//! gRPC implementation over reused HTTP/2 channels.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tonic::transport::{Channel, Endpoint};
+use twopc_proto::pb::participant_client::ParticipantClient as PbClient;
+use twopc_proto::{Decision, MAX_MESSAGE_BYTES, ParticipantId, TxnId, Vote, pb};
+
+/// Why a call to a participant failed. Every failure is treated as "no
+/// answer": at prepare time it means Abort; at delivery time, retry later.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{participant} at {addr}: {message}")]
+pub struct CallError {
+    /// Who was called.
+    pub participant: ParticipantId,
+    /// Where.
+    pub addr: String,
+    /// What went wrong, for the txn's reason and the logs.
+    pub message: String,
+}
+
+/// Calls participants on the coordinator's behalf.
+///
+/// Implementations must not connect eagerly and must bound each call by the
+/// given timeout.
+///
+/// # Errors
+/// A [`CallError`] for anything but a clean answer: unreachable, timed out, or
+/// a status from the participant.
+///
+/// To ensure correctness: a YES is only returned when the participant answered
+/// YES (it has persisted the branch, I3); `decide` returns Ok only when the
+/// participant acknowledged carrying out the decision.
+pub trait ParticipantClient: Send + Sync + 'static {
+    /// Sends Prepare and returns the participant's vote.
+    fn prepare(
+        &self,
+        target: &Target,
+        txn_id: TxnId,
+        payload: bytes::Bytes,
+        deadline_unix_ms: u64,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Vote, CallError>> + Send;
+
+    /// Sends the logged decision; Ok means acknowledged.
+    fn decide(
+        &self,
+        target: &Target,
+        txn_id: TxnId,
+        decision: Decision,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(), CallError>> + Send;
+}
+
+/// A participant and where it currently is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Its registered name.
+    pub participant: ParticipantId,
+    /// Its registered `host:port`.
+    pub addr: String,
+}
+
+/// [`ParticipantClient`] over gRPC, one lazily connected HTTP/2 channel per address.
+#[derive(Clone, Default)]
+pub struct GrpcParticipants {
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    connect_timeout: Duration,
+}
+
+/// Distinct participant addresses whose channels are kept; beyond it the
+/// cache is cleared (channels are cheap to rebuild, and addresses rarely churn).
+const CHANNEL_CACHE_MAX: usize = 1024;
+
+impl GrpcParticipants {
+    /// A client whose connection attempts give up after `connect_timeout`.
+    pub fn new(connect_timeout: Duration) -> Self {
+        Self {
+            channels: Arc::default(),
+            connect_timeout,
+        }
+    }
+
+    fn client(&self, target: &Target) -> Result<PbClient<Channel>, CallError> {
+        let mut channels = self.channels.lock();
+        if let Some(channel) = channels.get(&target.addr) {
+            return Ok(Self::wrap(channel.clone()));
+        }
+        let endpoint =
+            Endpoint::from_shared(format!("http://{}", target.addr)).map_err(|e| CallError {
+                participant: target.participant.clone(),
+                addr: target.addr.clone(),
+                message: format!("bad address: {e}"),
+            })?;
+        let channel = endpoint
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        if channels.len() >= CHANNEL_CACHE_MAX {
+            channels.clear();
+        }
+        channels.insert(target.addr.clone(), channel.clone());
+        Ok(Self::wrap(channel))
+    }
+
+    fn wrap(channel: Channel) -> PbClient<Channel> {
+        PbClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+fn call_error(target: &Target, status: &tonic::Status) -> CallError {
+    CallError {
+        participant: target.participant.clone(),
+        addr: target.addr.clone(),
+        message: format!("{:?}: {}", status.code(), status.message()),
+    }
+}
+
+/// Bounds a call by `timeout` on the client side too: grpc-timeout is only
+/// honoured by a server that is reachable and responsive.
+async fn bounded<T>(
+    target: &Target,
+    timeout: Duration,
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<tonic::Response<T>, CallError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result.map_err(|s| call_error(target, &s)),
+        Err(_) => Err(CallError {
+            participant: target.participant.clone(),
+            addr: target.addr.clone(),
+            message: format!("no answer within {} ms", timeout.as_millis()),
+        }),
+    }
+}
+
+impl ParticipantClient for GrpcParticipants {
+    async fn prepare(
+        &self,
+        target: &Target,
+        txn_id: TxnId,
+        payload: bytes::Bytes,
+        deadline_unix_ms: u64,
+        timeout: Duration,
+    ) -> Result<Vote, CallError> {
+        let mut client = self.client(target)?;
+        let mut request = tonic::Request::new(pb::PrepareRequest {
+            txn_id: txn_id.to_string(),
+            participant: target.participant.to_string(),
+            payload,
+            deadline_unix_ms,
+        });
+        request.set_timeout(timeout);
+        let response = bounded(target, timeout, client.prepare(request))
+            .await?
+            .into_inner();
+        Vote::from_pb(response.vote, &response.reason).map_err(|e| CallError {
+            participant: target.participant.clone(),
+            addr: target.addr.clone(),
+            message: e.to_string(),
+        })
+    }
+
+    async fn decide(
+        &self,
+        target: &Target,
+        txn_id: TxnId,
+        decision: Decision,
+        timeout: Duration,
+    ) -> Result<(), CallError> {
+        let mut client = self.client(target)?;
+        let mut request = tonic::Request::new(pb::DecisionRequest {
+            txn_id: txn_id.to_string(),
+            participant: target.participant.to_string(),
+            decision: decision.into(),
+        });
+        request.set_timeout(timeout);
+        bounded(target, timeout, client.decide(request)).await?;
+        Ok(())
+    }
+}

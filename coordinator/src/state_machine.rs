@@ -1,0 +1,568 @@
+//! The applied state: the txn table, the participant registry and the
+//! coordinator members' addresses. Pure: it takes log entries and returns
+//! results, with no I/O and no clock of its own (times come from the entry), so
+//! every node that applies the same log holds the same state (I2).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
+
+use prost::Message;
+use twopc_proto::{Decision, ParticipantId, TxnId, Vote};
+
+use crate::command::{
+    Command, DecideCmd, Proposal, decision_from_wire, participant_from_wire, txn_id_from_wire,
+    vote_from_wire, vote_to_wire,
+};
+use crate::error::{Error, Result};
+
+/// What the log says about one transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TxnRecord {
+    /// The transaction.
+    pub txn_id: TxnId,
+    /// The logged 2PC decision.
+    pub decision: Decision,
+    /// Why it aborted (empty on commit).
+    pub reason: String,
+    /// Each branch, its vote, and whether it acknowledged the decision.
+    pub branches: Vec<BranchRecord>,
+    /// The proposing leader's clock when the decision was proposed.
+    pub decided_unix_ms: u64,
+    /// The log index of the decision entry.
+    pub decision_log_index: u64,
+    /// When the last branch acknowledged (proposer's clock), if all have.
+    pub finished_unix_ms: Option<u64>,
+}
+
+impl TxnRecord {
+    /// Whether every branch has acknowledged the decision.
+    pub fn is_finished(&self) -> bool {
+        self.finished_unix_ms.is_some()
+    }
+}
+
+/// One branch of a logged txn.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BranchRecord {
+    /// Who holds the branch.
+    pub participant: ParticipantId,
+    /// Its vote; None if it never answered.
+    pub vote: Option<Vote>,
+    /// Whether it acknowledged carrying out the decision.
+    pub acknowledged: bool,
+}
+
+/// The result of applying one entry, handed back to its proposer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Applied {
+    /// The txn's record after the Decide entry: `first` tells whether this
+    /// entry made the decision or an earlier one had (I2: the first wins).
+    Decided {
+        /// The record as the log now holds it.
+        record: TxnRecord,
+        /// Whether this entry was the deciding one.
+        first: bool,
+    },
+    /// Acknowledgements recorded; `finished` txns became fully acknowledged.
+    Acknowledged {
+        /// How many txns became finished.
+        finished: usize,
+    },
+    /// Finished txns removed by retention.
+    Forgotten {
+        /// How many records were removed.
+        removed: usize,
+    },
+    /// The participant registry changed (or a removal named an unknown one).
+    Registry {
+        /// Whether the name existed before this entry.
+        existed: bool,
+    },
+}
+
+/// Which txns a listing returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListFilter {
+    /// Every recorded txn.
+    All,
+    /// Decided but not acknowledged by every branch.
+    Unacknowledged,
+}
+
+/// The replicated state machine.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct StateMachine {
+    applied_index: u64,
+    txns: BTreeMap<TxnId, TxnRecord>,
+    unacknowledged: BTreeSet<TxnId>,
+    participants: BTreeMap<ParticipantId, String>,
+    members: BTreeMap<u64, String>,
+}
+
+impl StateMachine {
+    /// An empty state machine whose coordinator members are `members`.
+    pub fn new(members: BTreeMap<u64, String>) -> Self {
+        Self {
+            members,
+            ..Self::default()
+        }
+    }
+
+    /// The state a static cluster starts from: `members`, as if applied up to
+    /// `index` (the storage's bootstrap snapshot index).
+    pub fn bootstrap(members: BTreeMap<u64, String>, index: u64) -> Self {
+        Self {
+            members,
+            applied_index: index,
+            ..Self::default()
+        }
+    }
+
+    /// The index of the last entry applied.
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    /// Records that an entry with no command (a leader's empty entry, a conf
+    /// change) was applied at `index`.
+    pub fn skip(&mut self, index: u64) {
+        self.advance(index);
+    }
+
+    fn advance(&mut self, index: u64) {
+        // Entries are applied in log order exactly once; anything else is a bug
+        // in the Ready loop, not bad input.
+        assert!(
+            index > self.applied_index,
+            "entry {index} applied after {}",
+            self.applied_index
+        );
+        self.applied_index = index;
+    }
+
+    /// Applies one decoded entry at `index`.
+    pub fn apply(&mut self, index: u64, proposal: &Proposal) -> Applied {
+        self.advance(index);
+        let now = proposal.proposed_unix_ms;
+        match &proposal.command {
+            Command::Decide(cmd) => self.decide(index, now, cmd),
+            Command::Acknowledge(acks) => self.acknowledge(now, acks),
+            Command::Forget { horizon_unix_ms } => self.forget(*horizon_unix_ms),
+            Command::RegisterParticipant { name, addr } => {
+                let existed = self
+                    .participants
+                    .insert(name.clone(), addr.clone())
+                    .is_some();
+                Applied::Registry { existed }
+            }
+            Command::RemoveParticipant { name } => Applied::Registry {
+                existed: self.participants.remove(name).is_some(),
+            },
+        }
+    }
+
+    fn decide(&mut self, index: u64, now: u64, cmd: &DecideCmd) -> Applied {
+        // I2: the first decision entry for a txn id wins; later ones are ignored.
+        if let Some(record) = self.txns.get(&cmd.txn_id) {
+            return Applied::Decided {
+                record: record.clone(),
+                first: false,
+            };
+        }
+        let branches: Vec<BranchRecord> = cmd
+            .branches
+            .iter()
+            .map(|(participant, vote)| BranchRecord {
+                participant: participant.clone(),
+                vote: vote.clone(),
+                // A branch that voted NO holds nothing and already knows the
+                // outcome: there is nothing to deliver to it.
+                acknowledged: matches!(vote, Some(Vote::No { .. })),
+            })
+            .collect();
+        let finished_unix_ms = branches.iter().all(|b| b.acknowledged).then_some(now);
+        let record = TxnRecord {
+            txn_id: cmd.txn_id,
+            decision: cmd.decision,
+            reason: cmd.reason.clone(),
+            branches,
+            decided_unix_ms: now,
+            decision_log_index: index,
+            finished_unix_ms,
+        };
+        if !record.is_finished() {
+            self.unacknowledged.insert(cmd.txn_id);
+        }
+        self.txns.insert(cmd.txn_id, record.clone());
+        Applied::Decided {
+            record,
+            first: true,
+        }
+    }
+
+    fn acknowledge(&mut self, now: u64, acks: &[(TxnId, ParticipantId)]) -> Applied {
+        let mut finished = 0;
+        for (txn_id, participant) in acks {
+            let Some(record) = self.txns.get_mut(txn_id) else {
+                continue;
+            };
+            for branch in record
+                .branches
+                .iter_mut()
+                .filter(|b| &b.participant == participant)
+            {
+                branch.acknowledged = true;
+            }
+            if record.finished_unix_ms.is_none() && record.branches.iter().all(|b| b.acknowledged) {
+                record.finished_unix_ms = Some(now);
+                self.unacknowledged.remove(txn_id);
+                finished += 1;
+            }
+        }
+        Applied::Acknowledged { finished }
+    }
+
+    fn forget(&mut self, horizon_unix_ms: u64) -> Applied {
+        let doomed: Vec<TxnId> = self
+            .txns
+            .values()
+            .take_while(|r| r.txn_id.created_unix_ms() < horizon_unix_ms)
+            .filter(|r| r.is_finished())
+            .map(|r| r.txn_id)
+            .collect();
+        for txn_id in &doomed {
+            self.txns.remove(txn_id);
+        }
+        Applied::Forgotten {
+            removed: doomed.len(),
+        }
+    }
+
+    /// Whether a [`Command::Forget`] with this horizon would remove anything.
+    pub fn has_forgettable(&self, horizon_unix_ms: u64) -> bool {
+        self.txns
+            .values()
+            .take_while(|r| r.txn_id.created_unix_ms() < horizon_unix_ms)
+            .any(TxnRecord::is_finished)
+    }
+
+    /// How many decided txns wait for acknowledgements.
+    pub fn unacknowledged_count(&self) -> usize {
+        self.unacknowledged.len()
+    }
+
+    /// Records a coordinator member's address (applied with its conf change).
+    pub fn set_member(&mut self, id: u64, addr: String) {
+        self.members.insert(id, addr);
+    }
+
+    /// Forgets a removed coordinator member.
+    pub fn remove_member(&mut self, id: u64) {
+        self.members.remove(&id);
+    }
+
+    /// Coordinator members and their addresses.
+    pub fn members(&self) -> &BTreeMap<u64, String> {
+        &self.members
+    }
+
+    /// What the log says about a txn.
+    pub fn txn(&self, txn_id: &TxnId) -> Option<&TxnRecord> {
+        self.txns.get(txn_id)
+    }
+
+    /// How many txn records are held.
+    pub fn txn_count(&self) -> usize {
+        self.txns.len()
+    }
+
+    /// Decided txns not yet acknowledged by every branch, oldest first.
+    pub fn unacknowledged(&self) -> impl Iterator<Item = &TxnRecord> {
+        self.unacknowledged
+            .iter()
+            .filter_map(|id| self.txns.get(id))
+    }
+
+    /// A page of txns in id (creation) order after `after`, created before
+    /// `created_before_unix_ms`.
+    pub fn list(
+        &self,
+        filter: ListFilter,
+        created_before_unix_ms: u64,
+        after: Option<TxnId>,
+        limit: usize,
+    ) -> Vec<&TxnRecord> {
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let ids: Box<dyn Iterator<Item = &TxnId>> = match filter {
+            ListFilter::All => {
+                Box::new(self.txns.range((start, Bound::Unbounded)).map(|(id, _)| id))
+            }
+            ListFilter::Unacknowledged => {
+                Box::new(self.unacknowledged.range((start, Bound::Unbounded)))
+            }
+        };
+        ids.take_while(|id| id.created_unix_ms() < created_before_unix_ms)
+            .filter_map(|id| self.txns.get(id))
+            .take(limit)
+            .collect()
+    }
+
+    /// A participant's registered address.
+    pub fn participant_addr(&self, name: &ParticipantId) -> Option<&str> {
+        self.participants.get(name).map(String::as_str)
+    }
+
+    /// The participant registry.
+    pub fn participants(&self) -> &BTreeMap<ParticipantId, String> {
+        &self.participants
+    }
+
+    /// Serializes the whole state for a raft snapshot.
+    pub fn to_snapshot(&self) -> Vec<u8> {
+        let snap = wire::Snapshot {
+            applied_index: self.applied_index,
+            txns: self.txns.values().map(wire::Txn::from).collect(),
+            participants: self
+                .participants
+                .iter()
+                .map(|(name, addr)| crate::command::wire::Participant {
+                    name: name.to_string(),
+                    addr: addr.clone(),
+                })
+                .collect(),
+            members: self
+                .members
+                .iter()
+                .map(|(id, addr)| wire::Member {
+                    id: *id,
+                    addr: addr.clone(),
+                })
+                .collect(),
+        };
+        snap.encode_to_vec()
+    }
+
+    /// Rebuilds the state from [`StateMachine::to_snapshot`]'s bytes.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] if the bytes are not a valid snapshot.
+    pub fn from_snapshot(bytes: &[u8]) -> Result<Self> {
+        let snap =
+            wire::Snapshot::decode(bytes).map_err(|e| Error::Corrupt(format!("snapshot: {e}")))?;
+        let mut sm = Self {
+            applied_index: snap.applied_index,
+            ..Self::default()
+        };
+        for txn in snap.txns {
+            let record = TxnRecord::try_from(txn)?;
+            if !record.is_finished() {
+                sm.unacknowledged.insert(record.txn_id);
+            }
+            sm.txns.insert(record.txn_id, record);
+        }
+        for p in snap.participants {
+            sm.participants
+                .insert(participant_from_wire(&p.name)?, p.addr);
+        }
+        sm.members = snap.members.into_iter().map(|m| (m.id, m.addr)).collect();
+        Ok(sm)
+    }
+}
+
+mod wire {
+    use prost::Message;
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct Snapshot {
+        #[prost(uint64, tag = "1")]
+        pub applied_index: u64,
+        #[prost(message, repeated, tag = "2")]
+        pub txns: Vec<Txn>,
+        #[prost(message, repeated, tag = "3")]
+        pub participants: Vec<crate::command::wire::Participant>,
+        #[prost(message, repeated, tag = "4")]
+        pub members: Vec<Member>,
+    }
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct Txn {
+        #[prost(bytes = "vec", tag = "1")]
+        pub txn_id: Vec<u8>,
+        #[prost(int32, tag = "2")]
+        pub decision: i32,
+        #[prost(string, tag = "3")]
+        pub reason: String,
+        #[prost(message, repeated, tag = "4")]
+        pub branches: Vec<Branch>,
+        #[prost(uint64, tag = "5")]
+        pub decided_unix_ms: u64,
+        #[prost(uint64, tag = "6")]
+        pub decision_log_index: u64,
+        #[prost(uint64, optional, tag = "7")]
+        pub finished_unix_ms: Option<u64>,
+    }
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct Branch {
+        #[prost(string, tag = "1")]
+        pub participant: String,
+        #[prost(int32, tag = "2")]
+        pub vote: i32,
+        #[prost(string, tag = "3")]
+        pub reason: String,
+        #[prost(bool, tag = "4")]
+        pub acknowledged: bool,
+    }
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct Member {
+        #[prost(uint64, tag = "1")]
+        pub id: u64,
+        #[prost(string, tag = "2")]
+        pub addr: String,
+    }
+}
+
+impl From<&TxnRecord> for wire::Txn {
+    fn from(r: &TxnRecord) -> Self {
+        Self {
+            txn_id: r.txn_id.to_bytes().to_vec(),
+            decision: r.decision.into(),
+            reason: r.reason.clone(),
+            branches: r
+                .branches
+                .iter()
+                .map(|b| {
+                    let (vote, reason) = vote_to_wire(b.vote.as_ref());
+                    wire::Branch {
+                        participant: b.participant.to_string(),
+                        vote,
+                        reason,
+                        acknowledged: b.acknowledged,
+                    }
+                })
+                .collect(),
+            decided_unix_ms: r.decided_unix_ms,
+            decision_log_index: r.decision_log_index,
+            finished_unix_ms: r.finished_unix_ms,
+        }
+    }
+}
+
+impl TryFrom<wire::Txn> for TxnRecord {
+    type Error = Error;
+
+    fn try_from(t: wire::Txn) -> Result<Self> {
+        Ok(Self {
+            txn_id: txn_id_from_wire(&t.txn_id)?,
+            decision: decision_from_wire(t.decision)?,
+            reason: t.reason,
+            branches: t
+                .branches
+                .into_iter()
+                .map(|b| {
+                    Ok(BranchRecord {
+                        participant: participant_from_wire(&b.participant)?,
+                        vote: vote_from_wire(b.vote, &b.reason)?,
+                        acknowledged: b.acknowledged,
+                    })
+                })
+                .collect::<Result<_>>()?,
+            decided_unix_ms: t.decided_unix_ms,
+            decision_log_index: t.decision_log_index,
+            finished_unix_ms: t.finished_unix_ms,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pid(s: &str) -> ParticipantId {
+        s.parse().expect("valid name")
+    }
+
+    fn decide(txn_id: TxnId, decision: Decision, branches: &[&str]) -> Proposal {
+        Proposal {
+            command: Command::Decide(DecideCmd {
+                txn_id,
+                decision,
+                reason: String::new(),
+                branches: branches.iter().map(|b| (pid(b), Some(Vote::Yes))).collect(),
+            }),
+            proposed_unix_ms: 1,
+        }
+    }
+
+    #[test]
+    fn i2_first_decision_wins_and_later_ones_change_nothing() {
+        let mut sm = StateMachine::default();
+        let txn = TxnId::new();
+        let first = sm.apply(1, &decide(txn, Decision::Commit, &["a", "b"]));
+        assert!(
+            matches!(first, Applied::Decided { first: true, ref record } if record.decision == Decision::Commit)
+        );
+        let second = sm.apply(2, &decide(txn, Decision::Abort, &[]));
+        assert!(
+            matches!(second, Applied::Decided { first: false, ref record } if record.decision == Decision::Commit)
+        );
+        assert_eq!(sm.txn(&txn).map(|r| r.decision_log_index), Some(1));
+    }
+
+    #[test]
+    fn acknowledgements_finish_a_txn_and_forget_removes_only_finished_old_ones() {
+        let mut sm = StateMachine::default();
+        let done = TxnId::new();
+        let pending = TxnId::new();
+        sm.apply(1, &decide(done, Decision::Commit, &["a", "b"]));
+        sm.apply(2, &decide(pending, Decision::Commit, &["a"]));
+        let acks = Command::Acknowledge(vec![(done, pid("a")), (done, pid("b"))]);
+        let applied = sm.apply(
+            3,
+            &Proposal {
+                command: acks,
+                proposed_unix_ms: 5,
+            },
+        );
+        assert_eq!(applied, Applied::Acknowledged { finished: 1 });
+        assert_eq!(
+            sm.unacknowledged().map(|r| r.txn_id).collect::<Vec<_>>(),
+            vec![pending]
+        );
+        let horizon = pending.created_unix_ms() + 1;
+        let forgot = sm.apply(
+            4,
+            &Proposal {
+                command: Command::Forget {
+                    horizon_unix_ms: horizon,
+                },
+                proposed_unix_ms: 6,
+            },
+        );
+        assert_eq!(forgot, Applied::Forgotten { removed: 1 });
+        assert!(sm.txn(&done).is_none());
+        assert!(
+            sm.txn(&pending).is_some(),
+            "an unacknowledged txn is never forgotten"
+        );
+    }
+
+    #[test]
+    fn snapshot_round_trips_the_whole_state() {
+        let mut sm = StateMachine::new(BTreeMap::from([(1, "127.0.0.1:1".to_owned())]));
+        sm.apply(1, &decide(TxnId::new(), Decision::Commit, &["a"]));
+        sm.apply(
+            2,
+            &Proposal {
+                command: Command::RegisterParticipant {
+                    name: pid("a"),
+                    addr: "127.0.0.1:9".into(),
+                },
+                proposed_unix_ms: 1,
+            },
+        );
+        let restored = StateMachine::from_snapshot(&sm.to_snapshot()).expect("decodes");
+        assert_eq!(restored, sm);
+    }
+}
