@@ -1,1 +1,18 @@
-//! Placeholder until its issue lands.
+//! Harnesses for twopc's whole-system tests.
+//!
+//! # Layout
+//! - [`cluster`]: an in-process coordinator cluster on 127.0.0.1 ephemeral
+//!   ports, with kill, restart and a shared fault filter.
+//! - [`wait`]: polling a condition with a bounded deadline (never a fixed sleep).
+#![deny(missing_docs)]
+
+pub mod cluster;
+pub mod wait;
+
+/// Sends test logs to the test's output when `RUST_LOG` is set.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}

@@ -1,0 +1,210 @@
+//! An in-process coordinator cluster: every node a real tonic server on its
+//! own 127.0.0.1 ephemeral port, with its own data dir, sharing one fault
+//! filter so tests can cut links.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use twopc_coordinator::config::NodeConfig;
+use twopc_coordinator::node::{NodeHandle, Role};
+use twopc_coordinator::server::{self, RunningNode};
+use twopc_coordinator::state_machine::StateMachine;
+use twopc_coordinator::transport::FaultFilter;
+
+use crate::wait;
+
+/// How long tests wait for an election or for replication to settle.
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Changes a node's config before it starts.
+pub type Tweak = Box<dyn Fn(&mut NodeConfig) + Send + Sync>;
+
+/// A cluster of coordinator nodes in this process.
+pub struct Cluster {
+    /// Shared by every node's transport: cut, delay or heal links here.
+    pub faults: FaultFilter,
+    root: TempDir,
+    addrs: BTreeMap<u64, SocketAddr>,
+    running: BTreeMap<u64, RunningNode>,
+    tweak: Tweak,
+}
+
+impl Cluster {
+    /// Starts `size` nodes with test timings.
+    ///
+    /// # Errors
+    /// A port or a node that cannot start.
+    pub async fn start(size: u64) -> anyhow::Result<Self> {
+        Self::start_with(size, Box::new(|_| {})).await
+    }
+
+    /// Starts `size` nodes, each config passed through `tweak` first.
+    ///
+    /// # Errors
+    /// A port or a node that cannot start.
+    pub async fn start_with(size: u64, tweak: Tweak) -> anyhow::Result<Self> {
+        let mut listeners = BTreeMap::new();
+        let mut addrs = BTreeMap::new();
+        for id in 1..=size {
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            addrs.insert(id, listener.local_addr()?);
+            listeners.insert(id, listener);
+        }
+        let mut cluster = Self {
+            faults: FaultFilter::default(),
+            root: tempfile::tempdir()?,
+            addrs,
+            running: BTreeMap::new(),
+            tweak,
+        };
+        for (id, listener) in listeners {
+            cluster.spawn(id, listener)?;
+        }
+        Ok(cluster)
+    }
+
+    /// The config node `id` runs with.
+    pub fn config(&self, id: u64) -> NodeConfig {
+        let peers = self
+            .addrs
+            .iter()
+            .map(|(id, addr)| (*id, addr.to_string()))
+            .collect();
+        let mut config = NodeConfig::new(id, peers, self.root.path().join(format!("node-{id}")));
+        config.tick_interval_ms = 30;
+        config.election_ticks = 10;
+        config.heartbeat_ticks = 2;
+        config.request_timeout_ms = 3_000;
+        (self.tweak)(&mut config);
+        config
+    }
+
+    fn spawn(&mut self, id: u64, listener: TcpListener) -> anyhow::Result<()> {
+        let node = server::spawn(listener, &self.config(id), self.faults.clone())
+            .with_context(|| format!("starting node {id}"))?;
+        self.running.insert(id, node);
+        Ok(())
+    }
+
+    /// The handle of running node `id`.
+    ///
+    /// # Panics
+    /// If the node is not running: a bug in the test.
+    pub fn node(&self, id: u64) -> &NodeHandle {
+        &self
+            .running
+            .get(&id)
+            .unwrap_or_else(|| panic!("node {id} is not running"))
+            .handle
+    }
+
+    /// Ids of the running nodes.
+    pub fn running(&self) -> Vec<u64> {
+        self.running.keys().copied().collect()
+    }
+
+    /// Node `id`'s gRPC address.
+    pub fn addr(&self, id: u64) -> String {
+        self.addrs[&id].to_string()
+    }
+
+    /// Every node's address, for clients.
+    pub fn addrs(&self) -> Vec<String> {
+        self.addrs.values().map(ToString::to_string).collect()
+    }
+
+    /// Node `id`'s data dir.
+    pub fn data_dir(&self, id: u64) -> std::path::PathBuf {
+        self.config(id).data_dir
+    }
+
+    /// Stops node `id` abruptly: its server and raft task end, in-memory
+    /// state is lost, and only what it persisted survives.
+    ///
+    /// # Errors
+    /// The node's raft task had failed.
+    pub async fn kill(&mut self, id: u64) -> anyhow::Result<()> {
+        let node = self
+            .running
+            .remove(&id)
+            .with_context(|| format!("node {id} is not running"))?;
+        node.stop()
+            .await
+            .with_context(|| format!("stopping node {id}"))
+    }
+
+    /// Restarts node `id` from its data dir on its old address.
+    ///
+    /// # Errors
+    /// The port cannot be bound again or the node cannot start.
+    pub async fn restart(&mut self, id: u64) -> anyhow::Result<()> {
+        let listener = TcpListener::bind(self.addrs[&id])
+            .await
+            .with_context(|| format!("rebinding node {id}"))?;
+        self.spawn(id, listener)
+    }
+
+    /// Waits until the running nodes agree on one ready leader (an entry of
+    /// its term applied) and returns its id.
+    ///
+    /// # Errors
+    /// No agreement within [`SETTLE_TIMEOUT`].
+    pub async fn wait_for_leader(&self) -> anyhow::Result<u64> {
+        wait::until(
+            "a ready leader all running nodes agree on",
+            SETTLE_TIMEOUT,
+            || async {
+                let statuses: Vec<_> = self.running.values().map(|n| n.handle.status()).collect();
+                let leader = statuses
+                    .iter()
+                    .find(|s| s.role == Role::Leader && s.leader_ready)?;
+                statuses
+                    .iter()
+                    .all(|s| s.leader_id == leader.id && s.term == leader.term)
+                    .then_some(leader.id)
+            },
+        )
+        .await
+    }
+
+    /// Waits until every running node has applied at least `index`.
+    ///
+    /// # Errors
+    /// Not reached within [`SETTLE_TIMEOUT`].
+    pub async fn wait_applied(&self, index: u64) -> anyhow::Result<()> {
+        wait::until(
+            &format!("every running node to apply index {index}"),
+            SETTLE_TIMEOUT,
+            || async {
+                self.running
+                    .values()
+                    .all(|n| n.handle.status().applied_index >= index)
+                    .then_some(())
+            },
+        )
+        .await
+    }
+
+    /// A copy of every running node's applied state.
+    pub fn states(&self) -> BTreeMap<u64, StateMachine> {
+        self.running
+            .iter()
+            .map(|(id, n)| (*id, n.handle.local_read(Clone::clone)))
+            .collect()
+    }
+
+    /// Stops every node.
+    ///
+    /// # Errors
+    /// A node's raft task had failed.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        for id in self.running() {
+            self.kill(id).await?;
+        }
+        Ok(())
+    }
+}
