@@ -25,7 +25,7 @@ pub struct ParticipantConfig {
     /// How long a branch that voted YES waits for its decision before the
     /// resolver asks the coordinator. Branches found prepared at start-up are
     /// asked about at once. The resolver looks for such branches every
-    /// `in_doubt_timeout_ms / 2` (at least every 5 ms, at most every second).
+    /// `in_doubt_timeout_ms / 2`, clamped to between 5 ms and 1 s.
     ///
     /// Default: 5000.
     pub in_doubt_timeout_ms: u64,

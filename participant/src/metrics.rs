@@ -31,7 +31,9 @@ pub struct MetricsSnapshot {
     pub prepares: u64,
     /// YES votes cast (a repeated Prepare answered from memory is not counted again).
     pub votes_yes: u64,
-    /// NO votes cast, including refusals for a passed deadline or a tombstone.
+    /// NO votes cast by the resource, plus Prepares refused for a passed
+    /// deadline. Answers from the outcome memory (repeats, tombstones) are
+    /// not counted.
     pub votes_no: u64,
     /// `Decision::Commit`s applied to the resource.
     pub commits: u64,

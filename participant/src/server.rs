@@ -24,7 +24,8 @@ use crate::resolver;
 use crate::resource::Resource;
 
 /// Serves the Participant gRPC API for `resource` on `listener` and resolves
-/// in-doubt branches, until `shutdown` completes.
+/// in-doubt branches, until `shutdown` completes; calls in flight then finish
+/// before it returns.
 ///
 /// Shorthand for [`Participant::new`] followed by [`Participant::serve`]; use
 /// those to keep a [`Metrics`] handle.
