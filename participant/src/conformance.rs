@@ -4,11 +4,36 @@
 //!
 //! An implementation runs it from its own tests through a small [`Harness`]:
 //!
-//! ```ignore
-//! #[tokio::test]
-//! async fn my_store_conforms() {
-//!     twopc_participant::conformance::run_all(&MyStoreHarness::new()).await;
+//! ```no_run
+//! use bytes::Bytes;
+//! use twopc_participant::conformance::{Harness, run_all};
+//! use twopc_participant::{MemoryResource, TxnId};
+//!
+//! struct MemoryHarness;
+//!
+//! impl Harness for MemoryHarness {
+//!     type Resource = MemoryResource;
+//!     async fn create(&self) -> MemoryResource {
+//!         MemoryResource::new()
+//!     }
+//!     async fn restart(&self, resource: MemoryResource) -> MemoryResource {
+//!         resource.restarted() // a store on disk would close and reopen it
+//!     }
+//!     fn yes_payload(&self, _txn: TxnId) -> Bytes {
+//!         Bytes::from_static(b"credit 10")
+//!     }
+//!     fn no_payload(&self, _txn: TxnId) -> Bytes {
+//!         Bytes::from_static(b"no:insufficient funds")
+//!     }
+//!     async fn applied_count(&self, resource: &MemoryResource, txn: TxnId) -> u64 {
+//!         u64::from(resource.commit_count(txn))
+//!     }
 //! }
+//!
+//! # async fn conformance_test() {
+//! // In the implementation's tests, under #[tokio::test]:
+//! run_all(&MemoryHarness).await;
+//! # }
 //! ```
 //!
 //! Cases panic with the case name and what went wrong; each starts from a
