@@ -7,6 +7,7 @@
 //! - [`command`]: what the log holds ([`command::Command`]) and its binary encoding.
 //! - [`state_machine`]: the applied state: txn table, participant registry, members. Pure.
 //! - [`engine`]: the 2PC driver: Submit, Resolve, operator decisions, phase-2 delivery, retention GC.
+//! - [`client`]: [`client::ClusterClient`], a leader-following client of the cluster's APIs.
 //! - [`participant_client`]: the seam to participants and its gRPC implementation.
 //! - [`node`]: the task owning raft-rs's `RawNode` (the Ready loop) and its [`node::NodeHandle`].
 //! - [`raft_log`]: raft-rs's slog output routed into tracing.
@@ -16,6 +17,7 @@
 //! - [`transport`]: the peer gRPC service and per-peer outbound streams; a fault filter for tests.
 #![deny(missing_docs)]
 
+pub mod client;
 pub mod command;
 pub mod config;
 pub mod engine;

@@ -18,7 +18,7 @@ use crate::config::NodeConfig;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::node::{self, NodeHandle};
-use crate::participant_client::GrpcParticipants;
+use crate::participant_client::{GrpcParticipants, ParticipantClient};
 use crate::service::{AdminService, CoordinatorService};
 use crate::transport::{FaultFilter, peer_service};
 
@@ -85,13 +85,30 @@ pub fn spawn(
     config: &NodeConfig,
     faults: FaultFilter,
 ) -> Result<RunningNode> {
+    let connect_timeout = Duration::from_millis(config.engine.participant_connect_timeout_ms);
+    spawn_with_client(
+        listener,
+        config,
+        faults,
+        GrpcParticipants::new(connect_timeout),
+    )
+}
+
+/// [`spawn`] with another way of calling participants (tests wrap the gRPC
+/// client to hold or fail calls at chosen points).
+///
+/// # Errors
+/// Bad config, or storage that cannot be opened.
+pub fn spawn_with_client<P: ParticipantClient>(
+    listener: TcpListener,
+    config: &NodeConfig,
+    faults: FaultFilter,
+    client: P,
+) -> Result<RunningNode> {
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let started = node::start(config, faults.clone(), stop_signal(stop_rx.clone()))?;
     let handle = started.handle.clone();
-    let client = GrpcParticipants::new(Duration::from_millis(
-        config.engine.participant_connect_timeout_ms,
-    ));
     let engine = Engine::new(handle.clone(), config.engine.clone(), client)?;
     tokio::spawn(engine.clone().run_leader_duties());
     let peer = peer_service(config.id, started.inbound, faults);

@@ -9,12 +9,14 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tempfile::TempDir;
 use tokio::net::TcpListener;
+use twopc_coordinator::client::{ClientConfig, ClusterClient};
 use twopc_coordinator::config::NodeConfig;
 use twopc_coordinator::node::{NodeHandle, Role};
 use twopc_coordinator::server::{self, RunningNode};
 use twopc_coordinator::state_machine::StateMachine;
 use twopc_coordinator::transport::FaultFilter;
 
+use crate::gate::Gate;
 use crate::wait;
 
 /// How long tests wait for an election or for replication to settle.
@@ -27,6 +29,8 @@ pub type Tweak = Box<dyn Fn(&mut NodeConfig) + Send + Sync>;
 pub struct Cluster {
     /// Shared by every node's transport: cut, delay or heal links here.
     pub faults: FaultFilter,
+    /// Shared by every node's participant client: hold or fail 2PC calls here.
+    pub gate: Gate,
     root: TempDir,
     addrs: BTreeMap<u64, SocketAddr>,
     running: BTreeMap<u64, RunningNode>,
@@ -56,6 +60,7 @@ impl Cluster {
         }
         let mut cluster = Self {
             faults: FaultFilter::default(),
+            gate: Gate::default(),
             root: tempfile::tempdir()?,
             addrs,
             running: BTreeMap::new(),
@@ -84,7 +89,11 @@ impl Cluster {
     }
 
     fn spawn(&mut self, id: u64, listener: TcpListener) -> anyhow::Result<()> {
-        let node = server::spawn(listener, &self.config(id), self.faults.clone())
+        let config = self.config(id);
+        let client = self.gate.client(Duration::from_millis(
+            config.engine.participant_connect_timeout_ms,
+        ));
+        let node = server::spawn_with_client(listener, &config, self.faults.clone(), client)
             .with_context(|| format!("starting node {id}"))?;
         self.running.insert(id, node);
         Ok(())
@@ -195,6 +204,33 @@ impl Cluster {
             .iter()
             .map(|(id, n)| (*id, n.handle.local_read(Clone::clone)))
             .collect()
+    }
+
+    /// A leader-following client of this cluster.
+    ///
+    /// # Errors
+    /// Never in practice (the addresses are valid).
+    pub fn client(&self) -> anyhow::Result<ClusterClient> {
+        Ok(ClusterClient::new(self.addrs(), ClientConfig::default())?)
+    }
+
+    /// Registers a participant's address with the cluster.
+    ///
+    /// # Errors
+    /// The cluster refused or could not be reached.
+    pub async fn register(&self, name: &str, addr: SocketAddr) -> anyhow::Result<()> {
+        let client = self.client()?;
+        let request = twopc_proto::pb::RegisterParticipantRequest {
+            name: name.to_owned(),
+            addr: addr.to_string(),
+        };
+        client
+            .admin(|mut c| {
+                let request = request.clone();
+                async move { c.register_participant(request).await }
+            })
+            .await?;
+        Ok(())
     }
 
     /// Stops every node.

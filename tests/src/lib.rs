@@ -3,10 +3,14 @@
 //! # Layout
 //! - [`cluster`]: an in-process coordinator cluster on 127.0.0.1 ephemeral
 //!   ports, with kill, restart and a shared fault filter.
+//! - [`gate`]: a participant client whose calls tests can hold or fail.
+//! - [`participants`]: participant servers over the in-memory resource, and a black hole.
 //! - [`wait`]: polling a condition with a bounded deadline (never a fixed sleep).
 #![deny(missing_docs)]
 
 pub mod cluster;
+pub mod gate;
+pub mod participants;
 pub mod wait;
 
 /// Sends test logs to the test's output when `RUST_LOG` is set.
