@@ -62,12 +62,7 @@ impl ClusterClient {
                 "no coordinator address: pass --coordinators HOST:PORT[,HOST:PORT...] or set TWOPC_COORDINATORS",
             ));
         }
-        let client = Self {
-            addrs,
-            config,
-            channels: Mutex::default(),
-            preferred: Mutex::default(),
-        };
+        let client = Self { addrs, config, channels: Mutex::default(), preferred: Mutex::default() };
         for addr in &client.addrs {
             client.channel(addr)?;
         }
@@ -79,11 +74,8 @@ impl ClusterClient {
         if let Some(channel) = channels.get(addr) {
             return Ok(channel.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}")).map_err(|e| {
-            Status::invalid_argument(format!(
-                "coordinator address {addr:?} is not host:port: {e}"
-            ))
-        })?;
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Status::invalid_argument(format!("coordinator address {addr:?} is not host:port: {e}")))?;
         let channel = endpoint
             .connect_timeout(Duration::from_millis(self.config.connect_timeout_ms))
             .tcp_nodelay(true)
@@ -135,24 +127,16 @@ impl ClusterClient {
         F: Fn(Channel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        let deadline =
-            tokio::time::Instant::now() + Duration::from_millis(self.config.retry_budget_ms);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.retry_budget_ms);
         let attempt_timeout = Duration::from_millis(self.config.attempt_timeout_ms);
         let mut next = 0usize;
         let mut attempts: u32 = 0;
         loop {
-            let addr = self
-                .preferred
-                .lock()
-                .clone()
-                .unwrap_or_else(|| self.addrs[next % self.addrs.len()].clone());
-            let result =
-                match tokio::time::timeout(attempt_timeout, call(self.channel(&addr)?)).await {
-                    Ok(result) => result,
-                    Err(_) => Err(Status::deadline_exceeded(format!(
-                        "no answer from {addr} within {attempt_timeout:?}"
-                    ))),
-                };
+            let addr = self.preferred.lock().clone().unwrap_or_else(|| self.addrs[next % self.addrs.len()].clone());
+            let result = match tokio::time::timeout(attempt_timeout, call(self.channel(&addr)?)).await {
+                Ok(result) => result,
+                Err(_) => Err(Status::deadline_exceeded(format!("no answer from {addr} within {attempt_timeout:?}"))),
+            };
             let err = match result {
                 Ok(response) => {
                     *self.preferred.lock() = Some(addr);
@@ -181,11 +165,7 @@ impl ClusterClient {
     }
 
     fn backoff(&self, rounds: u32) -> Duration {
-        let ceiling = self
-            .config
-            .backoff_min_ms
-            .saturating_mul(1 << rounds.min(16))
-            .min(self.config.backoff_max_ms);
+        let ceiling = self.config.backoff_min_ms.saturating_mul(1 << rounds.min(16)).min(self.config.backoff_max_ms);
         Duration::from_millis(rand::rng().random_range(ceiling / 2..=ceiling))
     }
 }

@@ -70,17 +70,15 @@ impl Proposal {
     /// # Errors
     /// [`Error::Corrupt`] if the bytes are not a valid entry.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let entry =
-            wire::Entry::decode(bytes).map_err(|e| Error::Corrupt(format!("log entry: {e}")))?;
+        let entry = wire::Entry::decode(bytes).map_err(|e| Error::Corrupt(format!("log entry: {e}")))?;
         entry.try_into()
     }
 }
 
 /// Decodes a txn id stored as 16 bytes.
 pub(crate) fn txn_id_from_wire(bytes: &[u8]) -> Result<TxnId> {
-    let array: [u8; 16] = bytes
-        .try_into()
-        .map_err(|_| Error::Corrupt(format!("txn id has {} bytes, not 16", bytes.len())))?;
+    let array: [u8; 16] =
+        bytes.try_into().map_err(|_| Error::Corrupt(format!("txn id has {} bytes, not 16", bytes.len())))?;
     TxnId::from_bytes(array).map_err(|e| Error::Corrupt(e.to_string()))
 }
 
@@ -196,38 +194,23 @@ impl From<&Proposal> for wire::Entry {
                     .iter()
                     .map(|(participant, vote)| {
                         let (vote, reason) = vote_to_wire(vote.as_ref());
-                        wire::Branch {
-                            participant: participant.to_string(),
-                            vote,
-                            reason,
-                        }
+                        wire::Branch { participant: participant.to_string(), vote, reason }
                     })
                     .collect(),
             }),
             Command::Acknowledge(acks) => wire::Kind::Acknowledge(wire::Acknowledge {
                 acks: acks
                     .iter()
-                    .map(|(txn, p)| wire::Ack {
-                        txn_id: txn.to_bytes().to_vec(),
-                        participant: p.to_string(),
-                    })
+                    .map(|(txn, p)| wire::Ack { txn_id: txn.to_bytes().to_vec(), participant: p.to_string() })
                     .collect(),
             }),
-            Command::Forget { horizon_unix_ms } => {
-                wire::Kind::ForgetHorizonUnixMs(*horizon_unix_ms)
-            }
+            Command::Forget { horizon_unix_ms } => wire::Kind::ForgetHorizonUnixMs(*horizon_unix_ms),
             Command::RegisterParticipant { name, addr } => {
-                wire::Kind::RegisterParticipant(wire::Participant {
-                    name: name.to_string(),
-                    addr: addr.clone(),
-                })
+                wire::Kind::RegisterParticipant(wire::Participant { name: name.to_string(), addr: addr.clone() })
             }
             Command::RemoveParticipant { name } => wire::Kind::RemoveParticipant(name.to_string()),
         };
-        Self {
-            proposed_unix_ms: p.proposed_unix_ms,
-            kind: Some(kind),
-        }
+        Self { proposed_unix_ms: p.proposed_unix_ms, kind: Some(kind) }
     }
 }
 
@@ -235,10 +218,7 @@ impl TryFrom<wire::Entry> for Proposal {
     type Error = Error;
 
     fn try_from(entry: wire::Entry) -> Result<Self> {
-        let command = match entry
-            .kind
-            .ok_or_else(|| Error::Corrupt("log entry without a command".into()))?
-        {
+        let command = match entry.kind.ok_or_else(|| Error::Corrupt("log entry without a command".into()))? {
             wire::Kind::Decide(d) => Command::Decide(DecideCmd {
                 txn_id: txn_id_from_wire(&d.txn_id)?,
                 decision: decision_from_wire(d.decision)?,
@@ -246,38 +226,22 @@ impl TryFrom<wire::Entry> for Proposal {
                 branches: d
                     .branches
                     .into_iter()
-                    .map(|b| {
-                        Ok((
-                            participant_from_wire(&b.participant)?,
-                            vote_from_wire(b.vote, &b.reason)?,
-                        ))
-                    })
+                    .map(|b| Ok((participant_from_wire(&b.participant)?, vote_from_wire(b.vote, &b.reason)?)))
                     .collect::<Result<_>>()?,
             }),
             wire::Kind::Acknowledge(a) => Command::Acknowledge(
                 a.acks
                     .into_iter()
-                    .map(|ack| {
-                        Ok((
-                            txn_id_from_wire(&ack.txn_id)?,
-                            participant_from_wire(&ack.participant)?,
-                        ))
-                    })
+                    .map(|ack| Ok((txn_id_from_wire(&ack.txn_id)?, participant_from_wire(&ack.participant)?)))
                     .collect::<Result<_>>()?,
             ),
             wire::Kind::ForgetHorizonUnixMs(horizon_unix_ms) => Command::Forget { horizon_unix_ms },
-            wire::Kind::RegisterParticipant(p) => Command::RegisterParticipant {
-                name: participant_from_wire(&p.name)?,
-                addr: p.addr,
-            },
-            wire::Kind::RemoveParticipant(name) => Command::RemoveParticipant {
-                name: participant_from_wire(&name)?,
-            },
+            wire::Kind::RegisterParticipant(p) => {
+                Command::RegisterParticipant { name: participant_from_wire(&p.name)?, addr: p.addr }
+            }
+            wire::Kind::RemoveParticipant(name) => Command::RemoveParticipant { name: participant_from_wire(&name)? },
         };
-        Ok(Self {
-            command,
-            proposed_unix_ms: entry.proposed_unix_ms,
-        })
+        Ok(Self { command, proposed_unix_ms: entry.proposed_unix_ms })
     }
 }
 
@@ -304,35 +268,19 @@ mod tests {
                 ],
             }),
             Command::Acknowledge(vec![(txn, pid("bank-a"))]),
-            Command::Forget {
-                horizon_unix_ms: 42,
-            },
-            Command::RegisterParticipant {
-                name: pid("bank-a"),
-                addr: "127.0.0.1:1".into(),
-            },
-            Command::RemoveParticipant {
-                name: pid("bank-a"),
-            },
+            Command::Forget { horizon_unix_ms: 42 },
+            Command::RegisterParticipant { name: pid("bank-a"), addr: "127.0.0.1:1".into() },
+            Command::RemoveParticipant { name: pid("bank-a") },
         ];
         for command in commands {
-            let proposal = Proposal {
-                command,
-                proposed_unix_ms: 7,
-            };
-            assert_eq!(
-                Proposal::decode(&proposal.encode()).expect("decodes"),
-                proposal
-            );
+            let proposal = Proposal { command, proposed_unix_ms: 7 };
+            assert_eq!(Proposal::decode(&proposal.encode()).expect("decodes"), proposal);
         }
     }
 
     #[test]
     fn garbage_is_reported_as_corruption_not_a_panic() {
-        assert!(matches!(
-            Proposal::decode(&[0xff, 0xff, 0xff]),
-            Err(Error::Corrupt(_))
-        ));
+        assert!(matches!(Proposal::decode(&[0xff, 0xff, 0xff]), Err(Error::Corrupt(_))));
         assert!(matches!(Proposal::decode(&[]), Err(Error::Corrupt(_))));
     }
 }

@@ -88,19 +88,13 @@ impl NodeConfig {
             return bad("node id must be non-zero".into());
         }
         if !self.join && !self.peers.contains_key(&self.id) {
-            return bad(format!(
-                "--peers must include this node's own id {} with its address",
-                self.id
-            ));
+            return bad(format!("--peers must include this node's own id {} with its address", self.id));
         }
         if self.peers.keys().any(|id| *id == 0) {
             return bad("peer ids must be non-zero".into());
         }
         if self.heartbeat_ticks == 0 || self.election_ticks <= self.heartbeat_ticks {
-            return bad(
-                "election_ticks must be greater than heartbeat_ticks, which must be at least 1"
-                    .into(),
-            );
+            return bad("election_ticks must be greater than heartbeat_ticks, which must be at least 1".into());
         }
         let positive = [
             ("tick_interval_ms", self.tick_interval_ms),
@@ -194,17 +188,11 @@ impl EngineConfig {
             ("prepare_timeout_ms", self.prepare_timeout_ms),
             ("decide_timeout_ms", self.decide_timeout_ms),
             ("delivery_backoff_min_ms", self.delivery_backoff_min_ms),
-            (
-                "delivery_concurrency_per_participant",
-                self.delivery_concurrency_per_participant as u64,
-            ),
+            ("delivery_concurrency_per_participant", self.delivery_concurrency_per_participant as u64),
             ("ack_batch_max", self.ack_batch_max as u64),
             ("gc_interval_ms", self.gc_interval_ms),
             ("unacknowledged_max", self.unacknowledged_max as u64),
-            (
-                "participant_connect_timeout_ms",
-                self.participant_connect_timeout_ms,
-            ),
+            ("participant_connect_timeout_ms", self.participant_connect_timeout_ms),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return bad(format!("{name} must be greater than zero"));

@@ -59,30 +59,21 @@ pub enum Error {
 impl Error {
     /// Whether the same request may be sent again (here or at the leader).
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            Self::NotLeader { .. } | Self::Retryable(_) | Self::Timeout(_) | Self::Overloaded(_)
-        )
+        matches!(self, Self::NotLeader { .. } | Self::Retryable(_) | Self::Timeout(_) | Self::Overloaded(_))
     }
 }
 
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         match err {
-            Error::NotLeader { leader_addr } => {
-                twopc_proto::status::not_leader(leader_addr.as_deref())
-            }
-            Error::Retryable(msg) => {
-                Status::unavailable(format!("{msg}; retry with the same txn id"))
-            }
+            Error::NotLeader { leader_addr } => twopc_proto::status::not_leader(leader_addr.as_deref()),
+            Error::Retryable(msg) => Status::unavailable(format!("{msg}; retry with the same txn id")),
             Error::Timeout(msg) => Status::deadline_exceeded(msg),
             Error::Overloaded(msg) => Status::resource_exhausted(msg),
             Error::InvalidArgument(msg) => Status::invalid_argument(msg),
             Error::FailedPrecondition(msg) => Status::failed_precondition(msg),
             Error::NotFound(msg) => Status::not_found(msg),
-            Error::Stopped => {
-                Status::unavailable("this coordinator node is shutting down; try another")
-            }
+            Error::Stopped => Status::unavailable("this coordinator node is shutting down; try another"),
             other @ (Error::Raft(_) | Error::Storage(_) | Error::Corrupt(_) | Error::Io(_)) => {
                 Status::internal(other.to_string())
             }

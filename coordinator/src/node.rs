@@ -19,9 +19,7 @@ use std::time::Duration;
 
 use parking_lot::RwLock;
 use protobuf::Message as _;
-use raft::prelude::{
-    ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot,
-};
+use raft::prelude::{ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot};
 use raft::{RawNode, ReadOnlyOption, SnapshotStatus, StateRole, Storage as _};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -130,21 +128,10 @@ pub enum Membership {
 }
 
 enum Request {
-    Propose {
-        data: Vec<u8>,
-        reply: oneshot::Sender<Result<Applied>>,
-    },
-    ChangeMembership {
-        change: Membership,
-        reply: oneshot::Sender<Result<()>>,
-    },
-    ReadIndex {
-        reply: oneshot::Sender<Result<u64>>,
-    },
-    TransferLeader {
-        to: u64,
-        reply: oneshot::Sender<Result<()>>,
-    },
+    Propose { data: Vec<u8>, reply: oneshot::Sender<Result<Applied>> },
+    ChangeMembership { change: Membership, reply: oneshot::Sender<Result<()>> },
+    ReadIndex { reply: oneshot::Sender<Result<u64>> },
+    TransferLeader { to: u64, reply: oneshot::Sender<Result<()>> },
 }
 
 /// The outcome channel of an appended proposal, matched by (index, term).
@@ -183,14 +170,7 @@ impl NodeHandle {
     /// the same request); [`Error::Timeout`]; [`Error::Overloaded`].
     pub async fn propose(&self, proposal: &Proposal) -> Result<Applied> {
         let (reply, rx) = oneshot::channel();
-        self.call(
-            Request::Propose {
-                data: proposal.encode(),
-                reply,
-            },
-            rx,
-        )
-        .await
+        self.call(Request::Propose { data: proposal.encode(), reply }, rx).await
     }
 
     /// Changes the membership through a raft conf change and waits until it is applied.
@@ -199,8 +179,7 @@ impl NodeHandle {
     /// As [`NodeHandle::propose`].
     pub async fn change_membership(&self, change: Membership) -> Result<()> {
         let (reply, rx) = oneshot::channel();
-        self.call(Request::ChangeMembership { change, reply }, rx)
-            .await
+        self.call(Request::ChangeMembership { change, reply }, rx).await
     }
 
     /// Asks the leader to hand leadership to `to`; returns once the request is
@@ -243,10 +222,7 @@ impl NodeHandle {
         match tokio::time::timeout(self.request_timeout, wait).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => Err(Error::Stopped),
-            Err(_) => Err(Error::Timeout(format!(
-                "index {index} not applied within {:?}",
-                self.request_timeout
-            ))),
+            Err(_) => Err(Error::Timeout(format!("index {index} not applied within {:?}", self.request_timeout))),
         }
     }
 
@@ -262,9 +238,7 @@ impl NodeHandle {
 
     async fn call<T>(&self, request: Request, rx: oneshot::Receiver<Result<T>>) -> Result<T> {
         self.requests.try_send(request).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => {
-                Error::Overloaded("the raft request queue is full".into())
-            }
+            mpsc::error::TrySendError::Full(_) => Error::Overloaded("the raft request queue is full".into()),
             mpsc::error::TrySendError::Closed(_) => Error::Stopped,
         })?;
         match tokio::time::timeout(self.request_timeout, rx).await {
@@ -340,10 +314,7 @@ pub fn start(
     let (requests_tx, requests_rx) = mpsc::channel(config.request_queue_max);
     let (inbound_tx, inbound_rx) = mpsc::channel(config.inbound_queue_max);
     let (applied_tx, applied_rx) = watch::channel(applied);
-    let (status_tx, status_rx) = watch::channel(NodeStatus {
-        id: config.id,
-        ..NodeStatus::default()
-    });
+    let (status_tx, status_rx) = watch::channel(NodeStatus { id: config.id, ..NodeStatus::default() });
     let state = Arc::new(RwLock::new(state_machine));
     let handle = NodeHandle {
         id: config.id,
@@ -373,9 +344,7 @@ pub fn start(
     };
     let tick = Duration::from_millis(config.tick_interval_ms);
     let task = tokio::spawn(async move {
-        let result = task
-            .run(tick, requests_rx, inbound_rx, feedback_rx, shutdown)
-            .await;
+        let result = task.run(tick, requests_rx, inbound_rx, feedback_rx, shutdown).await;
         task.transport.shutdown();
         task.fail_all(|| Error::Stopped);
         if let Err(err) = &result {
@@ -383,11 +352,7 @@ pub fn start(
         }
         result
     });
-    Ok(StartedNode {
-        handle,
-        inbound: inbound_tx,
-        task,
-    })
+    Ok(StartedNode { handle, inbound: inbound_tx, task })
 }
 
 struct RaftTask {
@@ -479,15 +444,11 @@ impl RaftTask {
 
     fn leader_addr(&self) -> Option<String> {
         let leader = self.raw.raft.leader_id;
-        (leader != 0)
-            .then(|| self.state.read().members().get(&leader).cloned())
-            .flatten()
+        (leader != 0).then(|| self.state.read().members().get(&leader).cloned()).flatten()
     }
 
     fn not_leader(&self) -> Error {
-        Error::NotLeader {
-            leader_addr: self.leader_addr(),
-        }
+        Error::NotLeader { leader_addr: self.leader_addr() }
     }
 
     fn handle(&mut self, request: Request) {
@@ -516,16 +477,13 @@ impl RaftTask {
                 }
                 self.next_read_id += 1;
                 self.pending_reads.insert(self.next_read_id, reply);
-                self.raw
-                    .read_index(self.next_read_id.to_le_bytes().to_vec());
+                self.raw.read_index(self.next_read_id.to_le_bytes().to_vec());
             }
             Request::TransferLeader { to, reply } => {
                 let result = if self.raw.raft.state != StateRole::Leader {
                     Err(self.not_leader())
                 } else if !self.raw.raft.prs().conf().voters().contains(to) {
-                    Err(Error::InvalidArgument(format!(
-                        "node {to} is not a voting member"
-                    )))
+                    Err(Error::InvalidArgument(format!("node {to} is not a voting member")))
                 } else {
                     self.raw.transfer_leader(to);
                     Ok(())
@@ -551,9 +509,7 @@ impl RaftTask {
     /// Records where raft appended a proposal so its result can be routed back.
     fn track(&mut self, proposed: raft::Result<()>, waiter: Waiter) {
         if let Err(err) = proposed {
-            waiter.fail(Error::Retryable(format!(
-                "raft dropped the proposal: {err}"
-            )));
+            waiter.fail(Error::Retryable(format!("raft dropped the proposal: {err}")));
             return;
         }
         let index = self.raw.raft.raft_log.last_index();
@@ -587,8 +543,7 @@ impl RaftTask {
         }
         // 3. Read states: the reader waits until its index is applied.
         for read in ready.take_read_states() {
-            let Ok(id) = <[u8; 8]>::try_from(read.request_ctx.as_slice()).map(u64::from_le_bytes)
-            else {
+            let Ok(id) = <[u8; 8]>::try_from(read.request_ctx.as_slice()).map(u64::from_le_bytes) else {
                 continue;
             };
             if let Some(reply) = self.pending_reads.remove(&id) {
@@ -628,14 +583,8 @@ impl RaftTask {
         let is_leader = self.raw.raft.state == StateRole::Leader;
         if self.was_leader && !is_leader {
             let hint = self.leader_addr();
-            tracing::info!(
-                node_id = self.id,
-                term = self.raw.raft.term,
-                "stepped down; failing waiting proposals"
-            );
-            self.fail_all(|| Error::NotLeader {
-                leader_addr: hint.clone(),
-            });
+            tracing::info!(node_id = self.id, term = self.raw.raft.term, "stepped down; failing waiting proposals");
+            self.fail_all(|| Error::NotLeader { leader_addr: hint.clone() });
         }
         if !is_leader {
             self.leader_ready = false;
@@ -658,11 +607,7 @@ impl RaftTask {
         *self.state.write() = sm;
         self.last_snapshot_index = index;
         self.applied_tx.send_replace(index);
-        tracing::info!(
-            node_id = self.id,
-            index,
-            "installed a snapshot from the leader"
-        );
+        tracing::info!(node_id = self.id, index, "installed a snapshot from the leader");
         Ok(())
     }
 
@@ -698,9 +643,7 @@ impl RaftTask {
             EntryType::EntryNormal if entry.data.is_empty() => {
                 self.state.write().skip(index);
                 if let Some(waiter) = waiter {
-                    waiter.fail(Error::Retryable(format!(
-                        "entry {index} was replaced by a leader's empty entry"
-                    )));
+                    waiter.fail(Error::Retryable(format!("entry {index} was replaced by a leader's empty entry")));
                 }
             }
             EntryType::EntryNormal => {
@@ -708,9 +651,7 @@ impl RaftTask {
                 let applied = self.state.write().apply(index, &proposal);
                 match waiter {
                     Some(Waiter::Command(tx)) => drop(tx.send(Ok(applied))),
-                    Some(other) => other.fail(Error::Retryable(format!(
-                        "entry {index} is not a membership change"
-                    ))),
+                    Some(other) => other.fail(Error::Retryable(format!("entry {index} is not a membership change"))),
                     None => {}
                 }
             }
@@ -724,9 +665,7 @@ impl RaftTask {
                 let result = self.apply_conf_change(index, &cc, &entry.context);
                 match (waiter, result) {
                     (Some(Waiter::Membership(tx)), result) => drop(tx.send(result)),
-                    (Some(other), _) => other.fail(Error::Retryable(format!(
-                        "entry {index} is a membership change"
-                    ))),
+                    (Some(other), _) => other.fail(Error::Retryable(format!("entry {index} is a membership change"))),
                     (None, result) => result?,
                 }
             }
@@ -761,9 +700,7 @@ impl RaftTask {
                 // A rejected change is applied as a no-op on every node alike.
                 tracing::warn!(node_id = self.id, index, error = %err, "conf change rejected");
                 self.state.write().skip(index);
-                return Err(Error::FailedPrecondition(format!(
-                    "membership change rejected: {err}"
-                )));
+                return Err(Error::FailedPrecondition(format!("membership change rejected: {err}")));
             }
         }
         let mut sm = self.state.write();
@@ -798,14 +735,9 @@ impl RaftTask {
             return Ok(());
         }
         let data = self.state.read().to_snapshot();
-        self.storage
-            .compact(applied, &self.conf_state, data.into())?;
+        self.storage.compact(applied, &self.conf_state, data.into())?;
         self.last_snapshot_index = applied;
-        tracing::debug!(
-            node_id = self.id,
-            applied,
-            "snapshotted state and compacted the log"
-        );
+        tracing::debug!(node_id = self.id, applied, "snapshotted state and compacted the log");
         Ok(())
     }
 
@@ -821,11 +753,7 @@ impl RaftTask {
                 id: *id,
                 addr: addr.clone(),
                 voter: conf.voters().contains(*id),
-                match_index: if is_leader {
-                    raft.prs().get(*id).map_or(0, |p| p.matched)
-                } else {
-                    0
-                },
+                match_index: if is_leader { raft.prs().get(*id).map_or(0, |p| p.matched) } else { 0 },
             })
             .collect();
         let status = NodeStatus {

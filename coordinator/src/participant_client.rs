@@ -80,10 +80,7 @@ const CHANNEL_CACHE_MAX: usize = 1024;
 impl GrpcParticipants {
     /// A client whose connection attempts give up after `connect_timeout`.
     pub fn new(connect_timeout: Duration) -> Self {
-        Self {
-            channels: Arc::default(),
-            connect_timeout,
-        }
+        Self { channels: Arc::default(), connect_timeout }
     }
 
     fn client(&self, target: &Target) -> Result<PbClient<Channel>, CallError> {
@@ -91,12 +88,11 @@ impl GrpcParticipants {
         if let Some(channel) = channels.get(&target.addr) {
             return Ok(Self::wrap(channel.clone()));
         }
-        let endpoint =
-            Endpoint::from_shared(format!("http://{}", target.addr)).map_err(|e| CallError {
-                participant: target.participant.clone(),
-                addr: target.addr.clone(),
-                message: format!("bad address: {e}"),
-            })?;
+        let endpoint = Endpoint::from_shared(format!("http://{}", target.addr)).map_err(|e| CallError {
+            participant: target.participant.clone(),
+            addr: target.addr.clone(),
+            message: format!("bad address: {e}"),
+        })?;
         let channel = endpoint
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
@@ -111,9 +107,7 @@ impl GrpcParticipants {
     }
 
     fn wrap(channel: Channel) -> PbClient<Channel> {
-        PbClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        PbClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 }
 
@@ -159,9 +153,7 @@ impl ParticipantClient for GrpcParticipants {
             deadline_unix_ms,
         });
         request.set_timeout(timeout);
-        let response = bounded(target, timeout, client.prepare(request))
-            .await?
-            .into_inner();
+        let response = bounded(target, timeout, client.prepare(request)).await?.into_inner();
         Vote::from_pb(response.vote, &response.reason).map_err(|e| CallError {
             participant: target.participant.clone(),
             addr: target.addr.clone(),

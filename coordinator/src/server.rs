@@ -80,18 +80,9 @@ async fn stop_signal(mut stop: watch::Receiver<bool>) {
 ///
 /// # Errors
 /// Bad config, or storage that cannot be opened.
-pub fn spawn(
-    listener: TcpListener,
-    config: &NodeConfig,
-    faults: FaultFilter,
-) -> Result<RunningNode> {
+pub fn spawn(listener: TcpListener, config: &NodeConfig, faults: FaultFilter) -> Result<RunningNode> {
     let connect_timeout = Duration::from_millis(config.engine.participant_connect_timeout_ms);
-    spawn_with_client(
-        listener,
-        config,
-        faults,
-        GrpcParticipants::new(connect_timeout),
-    )
+    spawn_with_client(listener, config, faults, GrpcParticipants::new(connect_timeout))
 }
 
 /// [`spawn`] with another way of calling participants (tests wrap the gRPC
@@ -127,13 +118,7 @@ pub fn spawn_with_client<P: ParticipantClient>(
             .await
             .map_err(|e| Error::Io(std::io::Error::other(e)))
     });
-    Ok(RunningNode {
-        handle,
-        addr,
-        stop: Some(stop_tx),
-        server,
-        raft: started.task,
-    })
+    Ok(RunningNode { handle, addr, stop: Some(stop_tx), server, raft: started.task })
 }
 
 /// Runs a node until `shutdown` resolves or the raft task fails (the
@@ -141,11 +126,7 @@ pub fn spawn_with_client<P: ParticipantClient>(
 ///
 /// # Errors
 /// Bad config, storage errors, or a fatal raft error.
-pub async fn run(
-    listener: TcpListener,
-    config: NodeConfig,
-    shutdown: impl Future<Output = ()>,
-) -> Result<()> {
+pub async fn run(listener: TcpListener, config: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     let mut node = spawn(listener, &config, FaultFilter::default())?;
     tracing::info!(node_id = config.id, addr = %node.addr, "coordinator node serving");
     let raft_ended = tokio::select! {

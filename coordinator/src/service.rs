@@ -44,42 +44,26 @@ fn status_to_pb(s: &NodeStatus) -> pb::ClusterStatusResponse {
         peers: s
             .peers
             .iter()
-            .map(|p| pb::PeerStatus {
-                id: p.id,
-                addr: p.addr.clone(),
-                match_index: p.match_index,
-                voter: p.voter,
-            })
+            .map(|p| pb::PeerStatus { id: p.id, addr: p.addr.clone(), match_index: p.match_index, voter: p.voter })
             .collect(),
     }
 }
 
 fn txn_to_pb(view: &TxnView) -> pb::TransactionInfo {
     match view {
-        TxnView::Preparing {
-            txn_id,
-            participants,
-        } => pb::TransactionInfo {
+        TxnView::Preparing { txn_id, participants } => pb::TransactionInfo {
             txn_id: txn_id.to_string(),
             state: pb::TxnState::Preparing.into(),
             branches: participants
                 .iter()
-                .map(|p| pb::BranchInfo {
-                    participant: p.to_string(),
-                    ..pb::BranchInfo::default()
-                })
+                .map(|p| pb::BranchInfo { participant: p.to_string(), ..pb::BranchInfo::default() })
                 .collect(),
             created_unix_ms: txn_id.created_unix_ms(),
             ..pb::TransactionInfo::default()
         },
         TxnView::Logged(r) => pb::TransactionInfo {
             txn_id: r.txn_id.to_string(),
-            state: if r.is_finished() {
-                pb::TxnState::Finished
-            } else {
-                pb::TxnState::Decided
-            }
-            .into(),
+            state: if r.is_finished() { pb::TxnState::Finished } else { pb::TxnState::Decided }.into(),
             decision: r.decision.into(),
             reason: r.reason.clone(),
             branches: r
@@ -111,11 +95,7 @@ fn submit_to_pb(r: &TxnRecord) -> pb::SubmitResponse {
             .iter()
             .map(|b| {
                 let vote = b.vote.as_ref().map(Vote::to_pb).unwrap_or_default();
-                pb::BranchVote {
-                    participant: b.participant.to_string(),
-                    vote: vote.vote,
-                    reason: vote.reason,
-                }
+                pb::BranchVote { participant: b.participant.to_string(), vote: vote.vote, reason: vote.reason }
             })
             .collect(),
         reason: r.reason.clone(),
@@ -126,35 +106,25 @@ fn optional_participant(name: &str) -> Result<Option<ParticipantId>, Status> {
     if name.is_empty() {
         return Ok(None);
     }
-    name.parse()
-        .map(Some)
-        .map_err(|e| twopc_proto::status::invalid("participant", e))
+    name.parse().map(Some).map_err(|e| twopc_proto::status::invalid("participant", e))
 }
 
 #[tonic::async_trait]
 impl<P: ParticipantClient> pb::coordinator_server::Coordinator for CoordinatorService<P> {
     #[tracing::instrument(skip_all, fields(txn_id = %request.get_ref().txn_id))]
-    async fn submit(
-        &self,
-        request: Request<pb::SubmitRequest>,
-    ) -> Result<Response<pb::SubmitResponse>, Status> {
+    async fn submit(&self, request: Request<pb::SubmitRequest>) -> Result<Response<pb::SubmitResponse>, Status> {
         let submit = SubmitRequest::from_pb(request.into_inner(), self.engine.config())?;
         let record = self.engine.submit(submit).await?;
         Ok(Response::new(submit_to_pb(&record)))
     }
 
     #[tracing::instrument(skip_all, fields(txn_id = %request.get_ref().txn_id))]
-    async fn resolve(
-        &self,
-        request: Request<pb::ResolveRequest>,
-    ) -> Result<Response<pb::ResolveResponse>, Status> {
+    async fn resolve(&self, request: Request<pb::ResolveRequest>) -> Result<Response<pb::ResolveResponse>, Status> {
         let request = request.into_inner();
         let txn_id = parse_txn_id(&request.txn_id)?;
         let asker = optional_participant(&request.participant)?;
         let decision = self.engine.resolve(txn_id, asker.as_ref()).await?;
-        Ok(Response::new(pb::ResolveResponse {
-            decision: decision.into(),
-        }))
+        Ok(Response::new(pb::ResolveResponse { decision: decision.into() }))
     }
 
     async fn get_transaction(
@@ -205,31 +175,20 @@ impl<P: ParticipantClient> AdminService<P> {
         self.engine.node()
     }
 
-    async fn membership(
-        &self,
-        change: Membership,
-    ) -> Result<Response<pb::MembershipResponse>, Status> {
+    async fn membership(&self, change: Membership) -> Result<Response<pb::MembershipResponse>, Status> {
         self.node().change_membership(change).await?;
-        Ok(Response::new(pb::MembershipResponse {
-            status: Some(status_to_pb(&self.node().status())),
-        }))
+        Ok(Response::new(pb::MembershipResponse { status: Some(status_to_pb(&self.node().status())) }))
     }
 }
 
 fn participant_name(name: &str) -> Result<ParticipantId, Status> {
-    name.parse()
-        .map_err(|e| twopc_proto::status::invalid("name", e))
+    name.parse().map_err(|e| twopc_proto::status::invalid("name", e))
 }
 
 fn host_port(addr: &str) -> Result<String, Status> {
-    let valid = addr
-        .rsplit_once(':')
-        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    let valid = addr.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
     if !valid {
-        return Err(twopc_proto::status::invalid(
-            "addr",
-            format!("{addr:?} is not host:port"),
-        ));
+        return Err(twopc_proto::status::invalid("addr", format!("{addr:?} is not host:port")));
     }
     Ok(addr.to_owned())
 }
@@ -244,27 +203,15 @@ fn node_id(id: u64) -> Result<u64, Status> {
 #[tonic::async_trait]
 impl<P: ParticipantClient> pb::admin_server::Admin for AdminService<P> {
     #[tracing::instrument(skip_all, fields(txn_id = %request.get_ref().txn_id))]
-    async fn decide(
-        &self,
-        request: Request<pb::DecideRequest>,
-    ) -> Result<Response<pb::DecideResponse>, Status> {
+    async fn decide(&self, request: Request<pb::DecideRequest>) -> Result<Response<pb::DecideResponse>, Status> {
         let request = request.into_inner();
         let txn_id = parse_txn_id(&request.txn_id)?;
-        let decision = Decision::try_from(request.decision)
-            .map_err(|e| twopc_proto::status::invalid("decision", e))?;
+        let decision = Decision::try_from(request.decision).map_err(|e| twopc_proto::status::invalid("decision", e))?;
         if request.reason.trim().is_empty() {
-            return Err(twopc_proto::status::invalid(
-                "reason",
-                "say why the operator decides; it is kept in the log",
-            ));
+            return Err(twopc_proto::status::invalid("reason", "say why the operator decides; it is kept in the log"));
         }
-        let record = self
-            .engine
-            .operator_decide(txn_id, decision, request.reason)
-            .await?;
-        Ok(Response::new(pb::DecideResponse {
-            decision: record.decision.into(),
-        }))
+        let record = self.engine.operator_decide(txn_id, decision, request.reason).await?;
+        Ok(Response::new(pb::DecideResponse { decision: record.decision.into() }))
     }
 
     async fn register_participant(
@@ -295,18 +242,12 @@ impl<P: ParticipantClient> pb::admin_server::Admin for AdminService<P> {
         Ok(Response::new(pb::ListParticipantsResponse {
             participants: participants
                 .into_iter()
-                .map(|(name, addr)| pb::ParticipantInfo {
-                    name: name.to_string(),
-                    addr,
-                })
+                .map(|(name, addr)| pb::ParticipantInfo { name: name.to_string(), addr })
                 .collect(),
         }))
     }
 
-    async fn add_node(
-        &self,
-        request: Request<pb::AddNodeRequest>,
-    ) -> Result<Response<pb::MembershipResponse>, Status> {
+    async fn add_node(&self, request: Request<pb::AddNodeRequest>) -> Result<Response<pb::MembershipResponse>, Status> {
         let req = request.into_inner();
         let id = node_id(req.node_id)?;
         let addr = host_port(&req.addr)?;
@@ -327,8 +268,6 @@ impl<P: ParticipantClient> pb::admin_server::Admin for AdminService<P> {
     ) -> Result<Response<pb::MembershipResponse>, Status> {
         let id = node_id(request.into_inner().node_id)?;
         self.node().transfer_leader(id).await?;
-        Ok(Response::new(pb::MembershipResponse {
-            status: Some(status_to_pb(&self.node().status())),
-        }))
+        Ok(Response::new(pb::MembershipResponse { status: Some(status_to_pb(&self.node().status())) }))
     }
 }

@@ -10,8 +10,8 @@ use prost::Message;
 use twopc_proto::{Decision, ParticipantId, TxnId, Vote};
 
 use crate::command::{
-    Command, DecideCmd, Proposal, decision_from_wire, participant_from_wire, txn_id_from_wire,
-    vote_from_wire, vote_to_wire,
+    Command, DecideCmd, Proposal, decision_from_wire, participant_from_wire, txn_id_from_wire, vote_from_wire,
+    vote_to_wire,
 };
 use crate::error::{Error, Result};
 
@@ -102,20 +102,13 @@ pub struct StateMachine {
 impl StateMachine {
     /// An empty state machine whose coordinator members are `members`.
     pub fn new(members: BTreeMap<u64, String>) -> Self {
-        Self {
-            members,
-            ..Self::default()
-        }
+        Self { members, ..Self::default() }
     }
 
     /// The state a static cluster starts from: `members`, as if applied up to
     /// `index` (the storage's bootstrap snapshot index).
     pub fn bootstrap(members: BTreeMap<u64, String>, index: u64) -> Self {
-        Self {
-            members,
-            applied_index: index,
-            ..Self::default()
-        }
+        Self { members, applied_index: index, ..Self::default() }
     }
 
     /// The index of the last entry applied.
@@ -132,11 +125,7 @@ impl StateMachine {
     fn advance(&mut self, index: u64) {
         // Entries are applied in log order exactly once; anything else is a bug
         // in the Ready loop, not bad input.
-        assert!(
-            index > self.applied_index,
-            "entry {index} applied after {}",
-            self.applied_index
-        );
+        assert!(index > self.applied_index, "entry {index} applied after {}", self.applied_index);
         self.applied_index = index;
     }
 
@@ -149,25 +138,19 @@ impl StateMachine {
             Command::Acknowledge(acks) => self.acknowledge(now, acks),
             Command::Forget { horizon_unix_ms } => self.forget(*horizon_unix_ms),
             Command::RegisterParticipant { name, addr } => {
-                let existed = self
-                    .participants
-                    .insert(name.clone(), addr.clone())
-                    .is_some();
+                let existed = self.participants.insert(name.clone(), addr.clone()).is_some();
                 Applied::Registry { existed }
             }
-            Command::RemoveParticipant { name } => Applied::Registry {
-                existed: self.participants.remove(name).is_some(),
-            },
+            Command::RemoveParticipant { name } => {
+                Applied::Registry { existed: self.participants.remove(name).is_some() }
+            }
         }
     }
 
     fn decide(&mut self, index: u64, now: u64, cmd: &DecideCmd) -> Applied {
         // I2: the first decision entry for a txn id wins; later ones are ignored.
         if let Some(record) = self.txns.get(&cmd.txn_id) {
-            return Applied::Decided {
-                record: record.clone(),
-                first: false,
-            };
+            return Applied::Decided { record: record.clone(), first: false };
         }
         let branches: Vec<BranchRecord> = cmd
             .branches
@@ -194,10 +177,7 @@ impl StateMachine {
             self.unacknowledged.insert(cmd.txn_id);
         }
         self.txns.insert(cmd.txn_id, record.clone());
-        Applied::Decided {
-            record,
-            first: true,
-        }
+        Applied::Decided { record, first: true }
     }
 
     fn acknowledge(&mut self, now: u64, acks: &[(TxnId, ParticipantId)]) -> Applied {
@@ -206,11 +186,7 @@ impl StateMachine {
             let Some(record) = self.txns.get_mut(txn_id) else {
                 continue;
             };
-            for branch in record
-                .branches
-                .iter_mut()
-                .filter(|b| &b.participant == participant)
-            {
+            for branch in record.branches.iter_mut().filter(|b| &b.participant == participant) {
                 branch.acknowledged = true;
             }
             if record.finished_unix_ms.is_none() && record.branches.iter().all(|b| b.acknowledged) {
@@ -233,17 +209,12 @@ impl StateMachine {
         for txn_id in &doomed {
             self.txns.remove(txn_id);
         }
-        Applied::Forgotten {
-            removed: doomed.len(),
-        }
+        Applied::Forgotten { removed: doomed.len() }
     }
 
     /// Whether a [`Command::Forget`] with this horizon would remove anything.
     pub fn has_forgettable(&self, horizon_unix_ms: u64) -> bool {
-        self.txns
-            .values()
-            .take_while(|r| r.txn_id.created_unix_ms() < horizon_unix_ms)
-            .any(TxnRecord::is_finished)
+        self.txns.values().take_while(|r| r.txn_id.created_unix_ms() < horizon_unix_ms).any(TxnRecord::is_finished)
     }
 
     /// How many decided txns wait for acknowledgements.
@@ -278,9 +249,7 @@ impl StateMachine {
 
     /// Decided txns not yet acknowledged by every branch, oldest first.
     pub fn unacknowledged(&self) -> impl Iterator<Item = &TxnRecord> {
-        self.unacknowledged
-            .iter()
-            .filter_map(|id| self.txns.get(id))
+        self.unacknowledged.iter().filter_map(|id| self.txns.get(id))
     }
 
     /// A page of txns in id (creation) order after `after`, created before
@@ -294,12 +263,8 @@ impl StateMachine {
     ) -> Vec<&TxnRecord> {
         let start = after.map_or(Bound::Unbounded, Bound::Excluded);
         let ids: Box<dyn Iterator<Item = &TxnId>> = match filter {
-            ListFilter::All => {
-                Box::new(self.txns.range((start, Bound::Unbounded)).map(|(id, _)| id))
-            }
-            ListFilter::Unacknowledged => {
-                Box::new(self.unacknowledged.range((start, Bound::Unbounded)))
-            }
+            ListFilter::All => Box::new(self.txns.range((start, Bound::Unbounded)).map(|(id, _)| id)),
+            ListFilter::Unacknowledged => Box::new(self.unacknowledged.range((start, Bound::Unbounded))),
         };
         ids.take_while(|id| id.created_unix_ms() < created_before_unix_ms)
             .filter_map(|id| self.txns.get(id))
@@ -325,19 +290,9 @@ impl StateMachine {
             participants: self
                 .participants
                 .iter()
-                .map(|(name, addr)| crate::command::wire::Participant {
-                    name: name.to_string(),
-                    addr: addr.clone(),
-                })
+                .map(|(name, addr)| crate::command::wire::Participant { name: name.to_string(), addr: addr.clone() })
                 .collect(),
-            members: self
-                .members
-                .iter()
-                .map(|(id, addr)| wire::Member {
-                    id: *id,
-                    addr: addr.clone(),
-                })
-                .collect(),
+            members: self.members.iter().map(|(id, addr)| wire::Member { id: *id, addr: addr.clone() }).collect(),
         };
         snap.encode_to_vec()
     }
@@ -347,12 +302,8 @@ impl StateMachine {
     /// # Errors
     /// [`Error::Corrupt`] if the bytes are not a valid snapshot.
     pub fn from_snapshot(bytes: &[u8]) -> Result<Self> {
-        let snap =
-            wire::Snapshot::decode(bytes).map_err(|e| Error::Corrupt(format!("snapshot: {e}")))?;
-        let mut sm = Self {
-            applied_index: snap.applied_index,
-            ..Self::default()
-        };
+        let snap = wire::Snapshot::decode(bytes).map_err(|e| Error::Corrupt(format!("snapshot: {e}")))?;
+        let mut sm = Self { applied_index: snap.applied_index, ..Self::default() };
         for txn in snap.txns {
             let record = TxnRecord::try_from(txn)?;
             if !record.is_finished() {
@@ -361,8 +312,7 @@ impl StateMachine {
             sm.txns.insert(record.txn_id, record);
         }
         for p in snap.participants {
-            sm.participants
-                .insert(participant_from_wire(&p.name)?, p.addr);
+            sm.participants.insert(participant_from_wire(&p.name)?, p.addr);
         }
         sm.members = snap.members.into_iter().map(|m| (m.id, m.addr)).collect();
         Ok(sm)
@@ -434,12 +384,7 @@ impl From<&TxnRecord> for wire::Txn {
                 .iter()
                 .map(|b| {
                     let (vote, reason) = vote_to_wire(b.vote.as_ref());
-                    wire::Branch {
-                        participant: b.participant.to_string(),
-                        vote,
-                        reason,
-                        acknowledged: b.acknowledged,
-                    }
+                    wire::Branch { participant: b.participant.to_string(), vote, reason, acknowledged: b.acknowledged }
                 })
                 .collect(),
             decided_unix_ms: r.decided_unix_ms,
@@ -500,13 +445,9 @@ mod tests {
         let mut sm = StateMachine::default();
         let txn = TxnId::new();
         let first = sm.apply(1, &decide(txn, Decision::Commit, &["a", "b"]));
-        assert!(
-            matches!(first, Applied::Decided { first: true, ref record } if record.decision == Decision::Commit)
-        );
+        assert!(matches!(first, Applied::Decided { first: true, ref record } if record.decision == Decision::Commit));
         let second = sm.apply(2, &decide(txn, Decision::Abort, &[]));
-        assert!(
-            matches!(second, Applied::Decided { first: false, ref record } if record.decision == Decision::Commit)
-        );
+        assert!(matches!(second, Applied::Decided { first: false, ref record } if record.decision == Decision::Commit));
         assert_eq!(sm.txn(&txn).map(|r| r.decision_log_index), Some(1));
     }
 
@@ -518,34 +459,15 @@ mod tests {
         sm.apply(1, &decide(done, Decision::Commit, &["a", "b"]));
         sm.apply(2, &decide(pending, Decision::Commit, &["a"]));
         let acks = Command::Acknowledge(vec![(done, pid("a")), (done, pid("b"))]);
-        let applied = sm.apply(
-            3,
-            &Proposal {
-                command: acks,
-                proposed_unix_ms: 5,
-            },
-        );
+        let applied = sm.apply(3, &Proposal { command: acks, proposed_unix_ms: 5 });
         assert_eq!(applied, Applied::Acknowledged { finished: 1 });
-        assert_eq!(
-            sm.unacknowledged().map(|r| r.txn_id).collect::<Vec<_>>(),
-            vec![pending]
-        );
+        assert_eq!(sm.unacknowledged().map(|r| r.txn_id).collect::<Vec<_>>(), vec![pending]);
         let horizon = pending.created_unix_ms() + 1;
-        let forgot = sm.apply(
-            4,
-            &Proposal {
-                command: Command::Forget {
-                    horizon_unix_ms: horizon,
-                },
-                proposed_unix_ms: 6,
-            },
-        );
+        let forgot =
+            sm.apply(4, &Proposal { command: Command::Forget { horizon_unix_ms: horizon }, proposed_unix_ms: 6 });
         assert_eq!(forgot, Applied::Forgotten { removed: 1 });
         assert!(sm.txn(&done).is_none());
-        assert!(
-            sm.txn(&pending).is_some(),
-            "an unacknowledged txn is never forgotten"
-        );
+        assert!(sm.txn(&pending).is_some(), "an unacknowledged txn is never forgotten");
     }
 
     #[test]
@@ -555,10 +477,7 @@ mod tests {
         sm.apply(
             2,
             &Proposal {
-                command: Command::RegisterParticipant {
-                    name: pid("a"),
-                    addr: "127.0.0.1:9".into(),
-                },
+                command: Command::RegisterParticipant { name: pid("a"), addr: "127.0.0.1:9".into() },
                 proposed_unix_ms: 1,
             },
         );

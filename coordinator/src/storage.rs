@@ -117,10 +117,7 @@ impl StorageConfig {
     pub fn validate(&self) -> Result<(), StorageError> {
         let bad = |msg: String| Err(StorageError::InvalidConfig(msg));
         if self.target_file_size_bytes < 4096 {
-            return bad(format!(
-                "target_file_size_bytes is {}, must be at least 4096",
-                self.target_file_size_bytes
-            ));
+            return bad(format!("target_file_size_bytes is {}, must be at least 4096", self.target_file_size_bytes));
         }
         if self.purge_threshold_bytes < self.target_file_size_bytes {
             return bad(format!(
@@ -136,10 +133,7 @@ impl StorageConfig {
 
     fn engine_config(&self, log_dir: &Path) -> Result<raft_engine::Config, StorageError> {
         let Some(dir) = log_dir.to_str() else {
-            return Err(StorageError::InvalidConfig(format!(
-                "data dir {} is not valid UTF-8",
-                log_dir.display()
-            )));
+            return Err(StorageError::InvalidConfig(format!("data dir {} is not valid UTF-8", log_dir.display())));
         };
         Ok(raft_engine::Config {
             dir: dir.to_owned(),
@@ -338,8 +332,8 @@ impl RaftStorage {
         for d in [dir, &log_dir, &snap_dir] {
             fs::create_dir_all(d).map_err(io_err("create directory", d))?;
         }
-        let engine = Engine::open(config.engine_config(&log_dir)?)
-            .map_err(engine_err(format!("open {}", log_dir.display())))?;
+        let engine =
+            Engine::open(config.engine_config(&log_dir)?).map_err(engine_err(format!("open {}", log_dir.display())))?;
         let hard_state = engine
             .get_message::<HardState>(RAFT_GROUP_ID, HARD_STATE_KEY)
             .map_err(engine_err("read the hard state"))?
@@ -390,11 +384,7 @@ impl RaftStorage {
             )));
         }
         if engine_first < first_index {
-            tracing::warn!(
-                engine_first,
-                first_index,
-                "log entries below the snapshot found at start-up; compacting"
-            );
+            tracing::warn!(engine_first, first_index, "log entries below the snapshot found at start-up; compacting");
             let mut batch = LogBatch::default();
             batch.add_command(RAFT_GROUP_ID, Command::Compact { index: first_index });
             self.inner
@@ -426,25 +416,17 @@ impl RaftStorage {
     pub fn bootstrap(&self, voters: &[u64], initial_state: Bytes) -> Result<(), StorageError> {
         let _install = self.inner.snapshot_install.lock();
         if !self.is_fresh() {
-            return Err(StorageError::Bootstrap(
-                "the storage already holds raft state".into(),
-            ));
+            return Err(StorageError::Bootstrap("the storage already holds raft state".into()));
         }
         if voters.is_empty() || voters.contains(&0) {
-            return Err(StorageError::Bootstrap(format!(
-                "voters must be non-empty non-zero ids, got {voters:?}"
-            )));
+            return Err(StorageError::Bootstrap(format!("voters must be non-empty non-zero ids, got {voters:?}")));
         }
         let mut voters = voters.to_vec();
         voters.sort_unstable();
         voters.dedup();
-        let conf_state = ConfState {
-            voters,
-            ..ConfState::default()
-        };
+        let conf_state = ConfState { voters, ..ConfState::default() };
         let meta = snapshot_meta(BOOTSTRAP_INDEX, BOOTSTRAP_TERM, conf_state);
-        self.inner
-            .install_snapshot(&meta, &initial_state, Install::ReplaceLog)
+        self.inner.install_snapshot(&meta, &initial_state, Install::ReplaceLog)
     }
 
     /// Persists one Ready: `entries` (replacing the log's suffix from
@@ -455,12 +437,7 @@ impl RaftStorage {
     /// # Errors
     /// [`StorageError::BadAppend`] if the entries leave a hole, overwrite
     /// compacted entries or are not consecutive; raft-engine errors.
-    pub fn append(
-        &self,
-        entries: &[Entry],
-        hard_state: Option<&HardState>,
-        sync: bool,
-    ) -> Result<(), StorageError> {
+    pub fn append(&self, entries: &[Entry], hard_state: Option<&HardState>, sync: bool) -> Result<(), StorageError> {
         let mut st = self.inner.state.write();
         let mut batch = LogBatch::with_capacity(2);
         if !entries.is_empty() {
@@ -479,10 +456,7 @@ impl RaftStorage {
         if batch.is_empty() {
             return Ok(());
         }
-        self.inner
-            .engine
-            .write(&mut batch, sync)
-            .map_err(engine_err(append_context(entries)))?;
+        self.inner.engine.write(&mut batch, sync).map_err(engine_err(append_context(entries)))?;
         if let Some(hs) = hard_state {
             st.hard_state = hs.clone();
         }
@@ -526,19 +500,10 @@ impl RaftStorage {
         let _install = self.inner.snapshot_install.lock();
         let first_index = self.inner.state.read().first_index();
         if meta.index < first_index {
-            return Err(StorageError::SnapshotOutOfDate {
-                index: meta.index,
-                first_index,
-            });
+            return Err(StorageError::SnapshotOutOfDate { index: meta.index, first_index });
         }
-        self.inner
-            .install_snapshot(meta, &snapshot.data, Install::ReplaceLog)?;
-        tracing::info!(
-            index = meta.index,
-            term = meta.term,
-            bytes = snapshot.data.len(),
-            "stored a received snapshot"
-        );
+        self.inner.install_snapshot(meta, &snapshot.data, Install::ReplaceLog)?;
+        tracing::info!(index = meta.index, term = meta.term, bytes = snapshot.data.len(), "stored a received snapshot");
         self.purge()
     }
 
@@ -556,12 +521,7 @@ impl RaftStorage {
     /// # Errors
     /// [`StorageError::CompactBeyondLog`]; [`StorageError::SnapshotTooLarge`];
     /// I/O errors.
-    pub fn compact(
-        &self,
-        index: u64,
-        conf_state: &ConfState,
-        data: Bytes,
-    ) -> Result<(), StorageError> {
+    pub fn compact(&self, index: u64, conf_state: &ConfState, data: Bytes) -> Result<(), StorageError> {
         let _install = self.inner.snapshot_install.lock();
         let term = {
             let st = self.inner.state.read();
@@ -575,14 +535,8 @@ impl RaftStorage {
             self.inner.term(&st, index)?
         };
         let meta = snapshot_meta(index, term, conf_state.clone());
-        self.inner
-            .install_snapshot(&meta, &data, Install::KeepLogAfter)?;
-        tracing::debug!(
-            index,
-            term,
-            bytes = data.len(),
-            "snapshotted the state machine and compacted the log"
-        );
+        self.inner.install_snapshot(&meta, &data, Install::KeepLogAfter)?;
+        tracing::debug!(index, term, bytes = data.len(), "snapshotted the state machine and compacted the log");
         self.purge()
     }
 
@@ -630,17 +584,10 @@ impl RaftStorage {
     /// # Errors
     /// raft-engine errors.
     pub fn purge(&self) -> Result<(), StorageError> {
-        let wants_compaction = self
-            .inner
-            .engine
-            .purge_expired_files()
-            .map_err(engine_err("purge expired files"))?;
+        let wants_compaction = self.inner.engine.purge_expired_files().map_err(engine_err("purge expired files"))?;
         if wants_compaction.contains(&RAFT_GROUP_ID) {
             let first_index = self.inner.state.read().first_index();
-            tracing::info!(
-                first_index,
-                "raft-engine holds live entries in old files; snapshot more often"
-            );
+            tracing::info!(first_index, "raft-engine holds live entries in old files; snapshot more often");
         }
         Ok(())
     }
@@ -689,9 +636,7 @@ impl Inner {
 
     fn last_index(&self, st: &State) -> u64 {
         let truncated = st.truncated().0;
-        self.engine
-            .last_index(RAFT_GROUP_ID)
-            .map_or(truncated, |last| last.max(truncated))
+        self.engine.last_index(RAFT_GROUP_ID).map_or(truncated, |last| last.max(truncated))
     }
 
     fn term(&self, st: &State, index: u64) -> Result<u64, StorageError> {
@@ -700,10 +645,7 @@ impl Inner {
             return Ok(truncated_term);
         }
         if index < truncated {
-            return Err(StorageError::Compacted {
-                index,
-                first_index: truncated + 1,
-            });
+            return Err(StorageError::Compacted { index, first_index: truncated + 1 });
         }
         let last_index = self.last_index(st);
         if index > last_index {
@@ -722,26 +664,14 @@ impl Inner {
         }
     }
 
-    fn entries(
-        &self,
-        st: &State,
-        low: u64,
-        high: u64,
-        max_size: Option<u64>,
-    ) -> Result<Vec<Entry>, StorageError> {
+    fn entries(&self, st: &State, low: u64, high: u64, max_size: Option<u64>) -> Result<Vec<Entry>, StorageError> {
         let first_index = st.first_index();
         if low < first_index {
-            return Err(StorageError::Compacted {
-                index: low,
-                first_index,
-            });
+            return Err(StorageError::Compacted { index: low, first_index });
         }
         let last_index = self.last_index(st);
         if high > last_index + 1 || low > high {
-            return Err(StorageError::Unavailable {
-                index: high.saturating_sub(1),
-                last_index,
-            });
+            return Err(StorageError::Unavailable { index: high.saturating_sub(1), last_index });
         }
         if low == high {
             return Ok(Vec::new());
@@ -751,23 +681,12 @@ impl Inner {
         }
         let max_size = max_size.map(|m| usize::try_from(m).unwrap_or(usize::MAX));
         let mut entries = Vec::new();
-        match self.engine.fetch_entries_to::<EntryExt>(
-            RAFT_GROUP_ID,
-            low,
-            high,
-            max_size,
-            &mut entries,
-        ) {
+        match self.engine.fetch_entries_to::<EntryExt>(RAFT_GROUP_ID, low, high, max_size, &mut entries) {
             Ok(_) if !entries.is_empty() => Ok(entries),
-            Ok(_) | Err(raft_engine::Error::EntryNotFound) => {
-                Err(StorageError::Inconsistent(format!(
-                    "entries {low}..{high} are missing from the log {first_index}..={last_index}"
-                )))
-            }
-            Err(raft_engine::Error::EntryCompacted) => Err(StorageError::Compacted {
-                index: low,
-                first_index,
-            }),
+            Ok(_) | Err(raft_engine::Error::EntryNotFound) => Err(StorageError::Inconsistent(format!(
+                "entries {low}..{high} are missing from the log {first_index}..={last_index}"
+            ))),
+            Err(raft_engine::Error::EntryCompacted) => Err(StorageError::Compacted { index: low, first_index }),
             Err(e) => Err(engine_err(format!("read entries {low}..{high}"))(e)),
         }
     }
@@ -780,12 +699,7 @@ impl Inner {
         let last_index = self.last_index(st);
         let consecutive = entries.iter().zip(first.index..).all(|(e, i)| e.index == i);
         if first.index < first_index || first.index > last_index + 1 || !consecutive {
-            return Err(StorageError::BadAppend {
-                first: first.index,
-                last: last.index,
-                first_index,
-                last_index,
-            });
+            return Err(StorageError::BadAppend { first: first.index, last: last.index, first_index, last_index });
         }
         Ok(())
     }
@@ -793,21 +707,13 @@ impl Inner {
     /// Makes `meta` the current snapshot: its file first (durable), then one
     /// synced raft-engine batch recording it and compacting the log. The
     /// caller holds `snapshot_install` and has checked `meta` is newer.
-    fn install_snapshot(
-        &self,
-        meta: &SnapshotMetadata,
-        data: &Bytes,
-        how: Install,
-    ) -> Result<(), StorageError> {
+    fn install_snapshot(&self, meta: &SnapshotMetadata, data: &Bytes, how: Install) -> Result<(), StorageError> {
         let path = write_snapshot(&self.snap_dir, meta, data, self.config.snapshot_max_bytes)?;
         let mut st = self.state.write();
         let mut batch = LogBatch::with_capacity(3);
         batch
             .put_message(RAFT_GROUP_ID, SNAPSHOT_META_KEY.to_vec(), meta)
-            .map_err(engine_err(format!(
-                "encode snapshot metadata at {}",
-                meta.index
-            )))?;
+            .map_err(engine_err(format!("encode snapshot metadata at {}", meta.index)))?;
         let mut hard_state = st.hard_state.clone();
         let compact_to = match how {
             Install::KeepLogAfter => {
@@ -834,10 +740,7 @@ impl Inner {
         // goes together, so a crash never leaves a log with a hole.
         self.engine
             .write(&mut batch, true)
-            .map_err(engine_err(format!(
-                "record snapshot {} and compact the log to {compact_to}",
-                meta.index
-            )))?;
+            .map_err(engine_err(format!("record snapshot {} and compact the log to {compact_to}", meta.index)))?;
         st.hard_state = hard_state;
         st.snapshot = Some(meta.clone());
         match how {
@@ -854,10 +757,7 @@ impl Inner {
 fn put_hard_state(batch: &mut LogBatch, hs: &HardState) -> Result<(), StorageError> {
     batch
         .put_message(RAFT_GROUP_ID, HARD_STATE_KEY.to_vec(), hs)
-        .map_err(engine_err(format!(
-            "encode hard state (term {}, commit {})",
-            hs.term, hs.commit
-        )))
+        .map_err(engine_err(format!("encode hard state (term {}, commit {})", hs.term, hs.commit)))
 }
 
 fn append_context(entries: &[Entry]) -> String {
@@ -868,11 +768,7 @@ fn append_context(entries: &[Entry]) -> String {
 }
 
 fn snapshot_meta(index: u64, term: u64, conf_state: ConfState) -> SnapshotMetadata {
-    let mut meta = SnapshotMetadata {
-        index,
-        term,
-        ..SnapshotMetadata::default()
-    };
+    let mut meta = SnapshotMetadata { index, term, ..SnapshotMetadata::default() };
     meta.set_conf_state(conf_state);
     meta
 }
@@ -891,23 +787,15 @@ fn write_snapshot(
 ) -> Result<PathBuf, StorageError> {
     let data_len = data.len() as u64;
     if data_len > max_bytes {
-        return Err(StorageError::SnapshotTooLarge {
-            bytes: data_len,
-            max_bytes,
-        });
+        return Err(StorageError::SnapshotTooLarge { bytes: data_len, max_bytes });
     }
     let path = snapshot_path(snap_dir, meta);
-    let meta_bytes = meta
-        .write_to_bytes()
-        .map_err(|e| StorageError::CorruptSnapshot {
-            path: path.clone(),
-            reason: format!("cannot encode its metadata: {e}"),
-        })?;
+    let meta_bytes = meta.write_to_bytes().map_err(|e| StorageError::CorruptSnapshot {
+        path: path.clone(),
+        reason: format!("cannot encode its metadata: {e}"),
+    })?;
     let Ok(meta_len) = u32::try_from(meta_bytes.len()) else {
-        return Err(StorageError::Inconsistent(format!(
-            "snapshot metadata of {} bytes",
-            meta_bytes.len()
-        )));
+        return Err(StorageError::Inconsistent(format!("snapshot metadata of {} bytes", meta_bytes.len())));
     };
     if meta_len > SNAP_META_MAX_BYTES {
         return Err(StorageError::Inconsistent(format!(
@@ -930,33 +818,21 @@ fn write_snapshot(
         .truncate(true)
         .open(&tmp)
         .map_err(io_err("create snapshot", &tmp))?;
-    file.write_all(&header)
-        .map_err(io_err("write snapshot", &tmp))?;
-    file.write_all(&meta_bytes)
-        .map_err(io_err("write snapshot", &tmp))?;
-    file.write_all(data)
-        .map_err(io_err("write snapshot", &tmp))?;
+    file.write_all(&header).map_err(io_err("write snapshot", &tmp))?;
+    file.write_all(&meta_bytes).map_err(io_err("write snapshot", &tmp))?;
+    file.write_all(data).map_err(io_err("write snapshot", &tmp))?;
     file.sync_all().map_err(io_err("fsync snapshot", &tmp))?;
     drop(file);
     fs::rename(&tmp, &path).map_err(io_err("rename snapshot into place", &path))?;
-    File::open(snap_dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync snapshot directory", snap_dir))?;
+    File::open(snap_dir).and_then(|d| d.sync_all()).map_err(io_err("fsync snapshot directory", snap_dir))?;
     Ok(path)
 }
 
 fn read_snapshot(mut file: File, path: &Path, max_bytes: u64) -> Result<Snapshot, StorageError> {
-    let corrupt = |reason: String| StorageError::CorruptSnapshot {
-        path: path.to_owned(),
-        reason,
-    };
-    let file_len = file
-        .metadata()
-        .map_err(io_err("stat snapshot", path))?
-        .len();
+    let corrupt = |reason: String| StorageError::CorruptSnapshot { path: path.to_owned(), reason };
+    let file_len = file.metadata().map_err(io_err("stat snapshot", path))?.len();
     let mut header = [0u8; SNAP_HEADER_LEN];
-    file.read_exact(&mut header)
-        .map_err(io_err("read snapshot header", path))?;
+    file.read_exact(&mut header).map_err(io_err("read snapshot header", path))?;
     if header[..8] != SNAP_MAGIC {
         return Err(corrupt("bad magic or unknown format version".into()));
     }
@@ -967,39 +843,27 @@ fn read_snapshot(mut file: File, path: &Path, max_bytes: u64) -> Result<Snapshot
     };
     let (meta_len, data_len, crc) = (field(8..12), field(12..20), field(20..24));
     if meta_len > u64::from(SNAP_META_MAX_BYTES) {
-        return Err(corrupt(format!(
-            "metadata length {meta_len} is implausible"
-        )));
+        return Err(corrupt(format!("metadata length {meta_len} is implausible")));
     }
     if data_len > max_bytes {
-        return Err(StorageError::SnapshotTooLarge {
-            bytes: data_len,
-            max_bytes,
-        });
+        return Err(StorageError::SnapshotTooLarge { bytes: data_len, max_bytes });
     }
     let expected_len = SNAP_HEADER_LEN as u64 + meta_len + data_len;
     if file_len != expected_len {
-        return Err(corrupt(format!(
-            "file is {file_len} bytes, its header says {expected_len}"
-        )));
+        return Err(corrupt(format!("file is {file_len} bytes, its header says {expected_len}")));
     }
-    let to_usize = |n: u64| {
-        usize::try_from(n).map_err(|_| corrupt(format!("length {n} does not fit in memory")))
-    };
+    let to_usize = |n: u64| usize::try_from(n).map_err(|_| corrupt(format!("length {n} does not fit in memory")));
     let mut meta_bytes = vec![0u8; to_usize(meta_len)?];
     let mut data = vec![0u8; to_usize(data_len)?];
-    file.read_exact(&mut meta_bytes)
-        .map_err(io_err("read snapshot", path))?;
-    file.read_exact(&mut data)
-        .map_err(io_err("read snapshot", path))?;
+    file.read_exact(&mut meta_bytes).map_err(io_err("read snapshot", path))?;
+    file.read_exact(&mut data).map_err(io_err("read snapshot", path))?;
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&meta_bytes);
     hasher.update(&data);
     if u64::from(hasher.finalize()) != crc {
         return Err(corrupt("checksum mismatch".into()));
     }
-    let meta = SnapshotMetadata::parse_from_bytes(&meta_bytes)
-        .map_err(|e| corrupt(format!("bad metadata: {e}")))?;
+    let meta = SnapshotMetadata::parse_from_bytes(&meta_bytes).map_err(|e| corrupt(format!("bad metadata: {e}")))?;
     let mut snapshot = Snapshot::default();
     snapshot.set_metadata(meta);
     snapshot.data = Bytes::from(data);
@@ -1018,9 +882,7 @@ fn remove_stale_snapshots(snap_dir: &Path, keep: Option<&Path>) {
     };
     for entry in entries.flatten() {
         let path = entry.path();
-        let ours = path
-            .extension()
-            .is_some_and(|ext| ext == SNAP_EXT || ext == SNAP_TMP_EXT);
+        let ours = path.extension().is_some_and(|ext| ext == SNAP_EXT || ext == SNAP_TMP_EXT);
         if !ours || Some(path.as_path()) == keep {
             continue;
         }
@@ -1036,11 +898,7 @@ fn remove_stale_snapshots(snap_dir: &Path, keep: Option<&Path>) {
 impl raft::Storage for RaftStorage {
     fn initial_state(&self) -> raft::Result<RaftState> {
         let st = self.inner.state.read();
-        let conf_state = st
-            .snapshot
-            .as_ref()
-            .map(|m| m.get_conf_state().clone())
-            .unwrap_or_default();
+        let conf_state = st.snapshot.as_ref().map(|m| m.get_conf_state().clone()).unwrap_or_default();
         Ok(RaftState::new(st.hard_state.clone(), conf_state))
     }
 
@@ -1095,11 +953,7 @@ struct EntryCache {
 
 impl EntryCache {
     fn new(max_bytes: u64) -> Self {
-        Self {
-            entries: VecDeque::new(),
-            bytes: 0,
-            max_bytes,
-        }
+        Self { entries: VecDeque::new(), bytes: 0, max_bytes }
     }
 
     fn size(entry: &Entry) -> u64 {
@@ -1120,11 +974,7 @@ impl EntryCache {
             self.bytes -= Self::size(back);
             self.entries.pop_back();
         }
-        if self
-            .entries
-            .back()
-            .is_some_and(|back| back.index + 1 != first.index)
-        {
+        if self.entries.back().is_some_and(|back| back.index + 1 != first.index) {
             self.clear();
         }
         for entry in new {
@@ -1201,12 +1051,7 @@ mod tests {
             })
             .collect::<Vec<u8>>()
             .into();
-        Entry {
-            index,
-            term,
-            data,
-            ..Entry::default()
-        }
+        Entry { index, term, data, ..Entry::default() }
     }
 
     fn entries(range: std::ops::RangeInclusive<u64>, term: u64) -> Vec<Entry> {
@@ -1214,19 +1059,11 @@ mod tests {
     }
 
     fn hard_state(term: u64, vote: u64, commit: u64) -> HardState {
-        HardState {
-            term,
-            vote,
-            commit,
-            ..HardState::default()
-        }
+        HardState { term, vote, commit, ..HardState::default() }
     }
 
     fn voters(ids: &[u64]) -> ConfState {
-        ConfState {
-            voters: ids.to_vec(),
-            ..ConfState::default()
-        }
+        ConfState { voters: ids.to_vec(), ..ConfState::default() }
     }
 
     fn ctx() -> GetEntriesContext {
@@ -1247,13 +1084,7 @@ mod tests {
             purge_threshold_bytes: 256 * 1024,
             ..StorageConfig::default()
         };
-        [
-            small.clone(),
-            StorageConfig {
-                entry_cache_max_bytes: 0,
-                ..small
-            },
-        ]
+        [small.clone(), StorageConfig { entry_cache_max_bytes: 0, ..small }]
     }
 
     fn bootstrapped(dir: &Path, config: &StorageConfig) -> Result<RaftStorage> {
@@ -1278,10 +1109,7 @@ mod tests {
         let config = StorageConfig::default();
         let s = bootstrapped(dir.path(), &config)?;
         ensure!(!s.is_fresh());
-        ensure!(
-            s.bootstrap(&[1], Bytes::new()).is_err(),
-            "a second bootstrap must fail"
-        );
+        ensure!(s.bootstrap(&[1], Bytes::new()).is_err(), "a second bootstrap must fail");
         drop(s);
         let s = RaftStorage::open(dir.path(), &config)?;
         ensure!(!s.is_fresh());
@@ -1325,15 +1153,10 @@ mod tests {
                     ensure!(s.term(e.index)? == e.term);
                 }
                 let one = u64::from(written[0].compute_size());
-                ensure!(
-                    s.entries(2, 301, 0, ctx())?.len() == 1,
-                    "at least one entry"
-                );
+                ensure!(s.entries(2, 301, 0, ctx())?.len() == 1, "at least one entry");
                 ensure!(s.entries(2, 301, one * 5 + 1, ctx())?.len() == 5);
                 ensure!(raft_err(s.entries(1, 5, None, ctx()))? == raft::StorageError::Compacted);
-                ensure!(
-                    raft_err(s.entries(290, 302, None, ctx()))? == raft::StorageError::Unavailable
-                );
+                ensure!(raft_err(s.entries(290, 302, None, ctx()))? == raft::StorageError::Unavailable);
                 ensure!(raft_err(s.term(301))? == raft::StorageError::Unavailable);
                 ensure!(s.initial_state()?.hard_state == hard_state(4, 1, 250));
                 ensure!(s.initial_state()?.conf_state.voters == [1, 2, 3]);
@@ -1356,27 +1179,15 @@ mod tests {
             let s = bootstrapped(dir.path(), &config)?;
             s.append(&entries(2..=20, 2), None, true)?;
             s.append(&entries(11..=13, 3), Some(&hard_state(3, 0, 5)), true)?;
-            let expect: Vec<Entry> = entries(2..=10, 2)
-                .into_iter()
-                .chain(entries(11..=13, 3))
-                .collect();
+            let expect: Vec<Entry> = entries(2..=10, 2).into_iter().chain(entries(11..=13, 3)).collect();
             let check = |s: &RaftStorage| -> Result<()> {
                 ensure!(s.last_index()? == 13);
                 ensure!(s.entries(2, 14, None, ctx())? == expect);
                 ensure!(s.term(10)? == 2 && s.term(11)? == 3);
-                ensure!(matches!(
-                    s.append(&entries(15..=16, 3), None, true),
-                    Err(StorageError::BadAppend { .. })
-                ));
-                ensure!(matches!(
-                    s.append(&entries(1..=2, 3), None, true),
-                    Err(StorageError::BadAppend { .. })
-                ));
+                ensure!(matches!(s.append(&entries(15..=16, 3), None, true), Err(StorageError::BadAppend { .. })));
+                ensure!(matches!(s.append(&entries(1..=2, 3), None, true), Err(StorageError::BadAppend { .. })));
                 let gap = [entry(14, 3, 1), entry(16, 3, 1)];
-                ensure!(matches!(
-                    s.append(&gap, None, true),
-                    Err(StorageError::BadAppend { .. })
-                ));
+                ensure!(matches!(s.append(&gap, None, true), Err(StorageError::BadAppend { .. })));
                 ensure!(s.last_index()? == 13);
                 Ok(())
             };
@@ -1398,47 +1209,28 @@ mod tests {
             let s = bootstrapped(dir.path(), &config)?;
             s.append(&entries(2..=600, 2), None, true)?;
             s.append(&entries(601..=1000, 3), Some(&hard_state(3, 2, 1000)), true)?;
-            s.compact(
-                700,
-                &voters(&[1, 2, 3, 4]),
-                Bytes::from_static(b"state@700"),
-            )?;
+            s.compact(700, &voters(&[1, 2, 3, 4]), Bytes::from_static(b"state@700"))?;
             s.compact(650, &voters(&[9]), Bytes::from_static(b"older"))?;
-            ensure!(matches!(
-                s.compact(1001, &voters(&[1]), Bytes::new()),
-                Err(StorageError::CompactBeyondLog { .. })
-            ));
+            ensure!(matches!(s.compact(1001, &voters(&[1]), Bytes::new()), Err(StorageError::CompactBeyondLog { .. })));
             let check = |s: &RaftStorage| -> Result<()> {
                 ensure!(s.first_index()? == 701 && s.last_index()? == 1000);
                 ensure!(s.term(700)? == 3);
                 ensure!(raft_err(s.term(699))? == raft::StorageError::Compacted);
-                ensure!(
-                    raft_err(s.entries(600, 800, None, ctx()))? == raft::StorageError::Compacted
-                );
+                ensure!(raft_err(s.entries(600, 800, None, ctx()))? == raft::StorageError::Compacted);
                 ensure!(s.entries(701, 1001, None, ctx())? == entries(701..=1000, 3));
                 let snap = s.snapshot(0, 2)?;
                 ensure!(snap.get_data() == b"state@700");
                 ensure!(snap.get_metadata().index == 700 && snap.get_metadata().term == 3);
                 ensure!(snap.get_metadata().get_conf_state().voters == [1, 2, 3, 4]);
-                ensure!(
-                    raft_err(s.snapshot(701, 2))?
-                        == raft::StorageError::SnapshotTemporarilyUnavailable
-                );
+                ensure!(raft_err(s.snapshot(701, 2))? == raft::StorageError::SnapshotTemporarilyUnavailable);
                 ensure!(s.initial_state()?.conf_state.voters == [1, 2, 3, 4]);
                 ensure!(s.initial_state()?.hard_state == hard_state(3, 2, 1000));
-                ensure!(
-                    fs::read_dir(dir.path().join(SNAP_DIR))?.count() == 1,
-                    "one snapshot file"
-                );
+                ensure!(fs::read_dir(dir.path().join(SNAP_DIR))?.count() == 1, "one snapshot file");
                 Ok(())
             };
             check(&s)?;
             // Compacting to the last entry leaves an empty log that still appends.
-            s.compact(
-                1000,
-                &voters(&[1, 2, 3, 4]),
-                Bytes::from_static(b"state@1000"),
-            )?;
+            s.compact(1000, &voters(&[1, 2, 3, 4]), Bytes::from_static(b"state@1000"))?;
             ensure!(s.first_index()? == 1001 && s.last_index()? == 1000 && s.term(1000)? == 3);
             s.append(&entries(1001..=1002, 4), None, true)?;
             drop(s);
@@ -1468,10 +1260,7 @@ mod tests {
         let mut next = BOOTSTRAP_INDEX + 1;
         while next < 200_000 {
             let batch: Vec<Entry> = (next..next + 100).map(|i| entry(i, 2, 100)).collect();
-            written += batch
-                .iter()
-                .map(|e| u64::from(e.compute_size()))
-                .sum::<u64>();
+            written += batch.iter().map(|e| u64::from(e.compute_size())).sum::<u64>();
             next += 100;
             s.append(&batch, Some(&hard_state(2, 1, next - 1)), false)?;
             if next % 10_000 < 100 {
@@ -1482,15 +1271,8 @@ mod tests {
             }
         }
         ensure!(written > 20_000_000, "wrote {written} bytes");
-        ensure!(
-            s.first_index()? > 190_000,
-            "first index {}",
-            s.first_index()?
-        );
-        ensure!(
-            max_bytes < 4 * 1024 * 1024,
-            "disk grew to {max_bytes} bytes"
-        );
+        ensure!(s.first_index()? > 190_000, "first index {}", s.first_index()?);
+        ensure!(max_bytes < 4 * 1024 * 1024, "disk grew to {max_bytes} bytes");
         ensure!(max_files < 32, "disk grew to {max_files} files");
         Ok(())
     }
@@ -1520,10 +1302,7 @@ mod tests {
                 Ok(())
             };
             check(&s, 100)?;
-            ensure!(matches!(
-                s.apply_snapshot(&snap),
-                Err(StorageError::SnapshotOutOfDate { .. })
-            ));
+            ensure!(matches!(s.apply_snapshot(&snap), Err(StorageError::SnapshotOutOfDate { .. })));
             s.append(&entries(101..=110, 5), Some(&hard_state(5, 0, 105)), true)?;
             check(&s, 110)?;
             drop(s);
@@ -1542,11 +1321,7 @@ mod tests {
         let s = RaftStorage::open(dir.path(), &StorageConfig::default())?;
         s.append(&[], Some(&hard_state(7, 0, 0)), true)?;
         let mut snap = Snapshot::default();
-        snap.set_metadata(snapshot_meta(
-            BOOTSTRAP_INDEX,
-            BOOTSTRAP_TERM,
-            voters(&[1, 2, 3, 4]),
-        ));
+        snap.set_metadata(snapshot_meta(BOOTSTRAP_INDEX, BOOTSTRAP_TERM, voters(&[1, 2, 3, 4])));
         s.apply_snapshot(&snap)?;
         ensure!(!s.is_fresh());
         ensure!(s.first_index()? == 2 && s.last_index()? == 1);
@@ -1565,36 +1340,22 @@ mod tests {
         let snap_dir = dir.path().join(SNAP_DIR);
         drop(s);
         let orphan = snapshot_path(&snap_dir, &snapshot_meta(50, 3, voters(&[1])));
-        write_snapshot(
-            &snap_dir,
-            &snapshot_meta(50, 3, voters(&[1])),
-            b"never recorded",
-            1024,
-        )?;
+        write_snapshot(&snap_dir, &snapshot_meta(50, 3, voters(&[1])), b"never recorded", 1024)?;
         fs::write(snap_dir.join("x.tmp"), b"half written")?;
         let s = RaftStorage::open(dir.path(), &config)?;
         ensure!(!orphan.exists());
         ensure!(fs::read_dir(&snap_dir)?.count() == 1);
 
-        let current = snapshot_path(
-            &snap_dir,
-            &snapshot_meta(BOOTSTRAP_INDEX, BOOTSTRAP_TERM, ConfState::default()),
-        );
+        let current = snapshot_path(&snap_dir, &snapshot_meta(BOOTSTRAP_INDEX, BOOTSTRAP_TERM, ConfState::default()));
         let mut bytes = fs::read(&current)?;
         let last = bytes.len() - 1;
         bytes[last] ^= 0xff;
         fs::write(&current, &bytes)?;
-        ensure!(matches!(
-            s.latest_snapshot(),
-            Err(StorageError::CorruptSnapshot { .. })
-        ));
+        ensure!(matches!(s.latest_snapshot(), Err(StorageError::CorruptSnapshot { .. })));
         ensure!(raft_err(s.snapshot(0, 2))? == raft::StorageError::SnapshotTemporarilyUnavailable);
         drop(s);
         fs::remove_file(&current)?;
-        ensure!(matches!(
-            RaftStorage::open(dir.path(), &config),
-            Err(StorageError::Inconsistent(_))
-        ));
+        ensure!(matches!(RaftStorage::open(dir.path(), &config), Err(StorageError::Inconsistent(_))));
         Ok(())
     }
 
@@ -1640,43 +1401,28 @@ mod tests {
 
         let storage = RaftStorage::open(dir.path(), &storage_config)?;
         storage.bootstrap(&[1], Bytes::new())?;
-        let config = Config {
-            id: 1,
-            applied: BOOTSTRAP_INDEX,
-            ..Config::default()
-        };
+        let config = Config { id: 1, applied: BOOTSTRAP_INDEX, ..Config::default() };
         let mut node = RawNode::new(&config, storage, &logger)?;
         node.campaign()?;
         run(&mut node, &mut applied)?;
         node.propose(vec![], b"one".to_vec())?;
         node.propose(vec![], b"two".to_vec())?;
         run(&mut node, &mut applied)?;
-        ensure!(
-            applied == [b"one".to_vec(), b"two".to_vec()],
-            "applied {applied:?}"
-        );
+        ensure!(applied == [b"one".to_vec(), b"two".to_vec()], "applied {applied:?}");
         let last = node.raft.raft_log.last_index();
-        node.store()
-            .compact(last, &voters(&[1]), Bytes::from_static(b"sm"))?;
+        node.store().compact(last, &voters(&[1]), Bytes::from_static(b"sm"))?;
         drop(node);
 
         let storage = RaftStorage::open(dir.path(), &storage_config)?;
         let snap = storage.latest_snapshot()?.context("snapshot")?;
-        let config = Config {
-            id: 1,
-            applied: snap.get_metadata().index,
-            ..Config::default()
-        };
+        let config = Config { id: 1, applied: snap.get_metadata().index, ..Config::default() };
         let mut node = RawNode::new(&config, storage, &logger)?;
         ensure!(node.raft.raft_log.last_index() == last && node.raft.raft_log.committed == last);
         node.campaign()?;
         run(&mut node, &mut applied)?;
         node.propose(vec![], b"three".to_vec())?;
         run(&mut node, &mut applied)?;
-        ensure!(
-            applied.last().map(Vec::as_slice) == Some(b"three".as_slice()),
-            "applied {applied:?}"
-        );
+        ensure!(applied.last().map(Vec::as_slice) == Some(b"three".as_slice()), "applied {applied:?}");
         Ok(())
     }
 }

@@ -136,52 +136,24 @@ impl TransportConfig {
     /// [`TransportConfigError`] naming the first field out of range.
     pub fn validate(&self) -> Result<(), TransportConfigError> {
         let check = |ok: bool, why: &str| {
-            if ok {
-                Ok(())
-            } else {
-                Err(TransportConfigError(why.to_owned()))
-            }
+            if ok { Ok(()) } else { Err(TransportConfigError(why.to_owned())) }
         };
-        check(
-            self.queue_capacity_messages > 0,
-            "queue_capacity_messages must be at least 1",
-        )?;
-        check(
-            self.batch_max_messages > 0,
-            "batch_max_messages must be at least 1",
-        )?;
-        check(
-            self.message_max_bytes > 2 * BATCH_ENVELOPE_BYTES,
-            "message_max_bytes is too small to carry a message",
-        )?;
-        check(
-            self.batch_max_bytes > 0,
-            "batch_max_bytes must be at least 1",
-        )?;
+        check(self.queue_capacity_messages > 0, "queue_capacity_messages must be at least 1")?;
+        check(self.batch_max_messages > 0, "batch_max_messages must be at least 1")?;
+        check(self.message_max_bytes > 2 * BATCH_ENVELOPE_BYTES, "message_max_bytes is too small to carry a message")?;
+        check(self.batch_max_bytes > 0, "batch_max_bytes must be at least 1")?;
         check(
             self.batch_max_bytes <= self.message_max_bytes - BATCH_ENVELOPE_BYTES,
             "batch_max_bytes must be at most message_max_bytes - 64",
         )?;
-        check(
-            self.connect_timeout_ms > 0,
-            "connect_timeout_ms must be at least 1",
-        )?;
-        check(
-            self.reconnect_backoff_min_ms > 0,
-            "reconnect_backoff_min_ms must be at least 1",
-        )?;
+        check(self.connect_timeout_ms > 0, "connect_timeout_ms must be at least 1")?;
+        check(self.reconnect_backoff_min_ms > 0, "reconnect_backoff_min_ms must be at least 1")?;
         check(
             self.reconnect_backoff_min_ms <= self.reconnect_backoff_max_ms,
             "reconnect_backoff_min_ms must not exceed reconnect_backoff_max_ms",
         )?;
-        check(
-            self.keepalive_interval_ms > 0,
-            "keepalive_interval_ms must be at least 1",
-        )?;
-        check(
-            self.keepalive_timeout_ms > 0,
-            "keepalive_timeout_ms must be at least 1",
-        )
+        check(self.keepalive_interval_ms > 0, "keepalive_interval_ms must be at least 1")?;
+        check(self.keepalive_timeout_ms > 0, "keepalive_timeout_ms must be at least 1")
     }
 
     /// The largest single encoded raft message that fits in one `RaftBatch`.
@@ -286,10 +258,7 @@ impl fmt::Debug for Transport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Transport")
             .field("self_id", &self.shared.self_id)
-            .field(
-                "peers",
-                &self.shared.peers.read().keys().collect::<Vec<_>>(),
-            )
+            .field("peers", &self.shared.peers.read().keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
@@ -312,9 +281,7 @@ impl Transport {
             peers: RwLock::new(HashMap::new()),
             shut_down: AtomicBool::new(false),
         };
-        Self {
-            shared: Arc::new(shared),
-        }
+        Self { shared: Arc::new(shared) }
     }
 
     /// Adds peer `id` at `addr` (`host:port`, or a URI with a scheme), or
@@ -329,16 +296,10 @@ impl Transport {
         if shared.shut_down.load(Ordering::Acquire) {
             return;
         }
-        if peers
-            .get(&id)
-            .is_some_and(|peer| peer.addr == addr && !peer.task.is_finished())
-        {
+        if peers.get(&id).is_some_and(|peer| peer.addr == addr && !peer.task.is_finished()) {
             return;
         }
-        let counters = peers
-            .get(&id)
-            .map(|peer| Arc::clone(&peer.counters))
-            .unwrap_or_default();
+        let counters = peers.get(&id).map(|peer| Arc::clone(&peer.counters)).unwrap_or_default();
         let (queue, rx) = mpsc::channel(shared.config.queue_capacity_messages);
         let span = tracing::info_span!("raft_peer", from = shared.self_id, to = id, addr = %addr);
         let task = sender::PeerSender::new(
@@ -352,15 +313,7 @@ impl Transport {
         );
         let task = tokio::spawn(task.run().instrument(span)).abort_handle();
         // Replacing the old entry drops it, which aborts its task.
-        peers.insert(
-            id,
-            Peer {
-                addr,
-                queue,
-                counters,
-                task,
-            },
-        );
+        peers.insert(id, Peer { addr, queue, counters, task });
     }
 
     /// Forgets peer `id`: its sender task stops and its queue is dropped.
@@ -371,20 +324,12 @@ impl Transport {
 
     /// The address peer `id` was last set to, if it is known.
     pub fn peer_addr(&self, id: u64) -> Option<String> {
-        self.shared
-            .peers
-            .read()
-            .get(&id)
-            .map(|peer| peer.addr.clone())
+        self.shared.peers.read().get(&id).map(|peer| peer.addr.clone())
     }
 
     /// The counters of peer `id`'s link, if it is known.
     pub fn peer_stats(&self, id: u64) -> Option<PeerStats> {
-        self.shared
-            .peers
-            .read()
-            .get(&id)
-            .map(|peer| peer.counters.snapshot())
+        self.shared.peers.read().get(&id).map(|peer| peer.counters.snapshot())
     }
 
     /// Hands messages to their destinations' queues, in order per destination.
@@ -450,10 +395,7 @@ impl Transport {
         };
         if copies == 2 {
             // The copy may be dropped on its own; raft tolerates both.
-            let copy = Outbound {
-                msg: msg.clone(),
-                not_before,
-            };
+            let copy = Outbound { msg: msg.clone(), not_before };
             if peer.queue.try_send(copy).is_err() {
                 peer.counters.add_dropped(1);
             }
@@ -494,29 +436,15 @@ mod tests {
 
     #[test]
     fn validate_names_the_bad_field() {
-        let config = TransportConfig {
-            batch_max_bytes: 64 * 1024 * 1024,
-            ..TransportConfig::default()
-        };
-        let err = config
-            .validate()
-            .expect_err("batch larger than a gRPC message");
+        let config = TransportConfig { batch_max_bytes: 64 * 1024 * 1024, ..TransportConfig::default() };
+        let err = config.validate().expect_err("batch larger than a gRPC message");
         assert!(err.to_string().contains("batch_max_bytes"), "{err}");
 
-        let config = TransportConfig {
-            reconnect_backoff_min_ms: 5000,
-            ..TransportConfig::default()
-        };
+        let config = TransportConfig { reconnect_backoff_min_ms: 5000, ..TransportConfig::default() };
         let err = config.validate().expect_err("min above max");
-        assert!(
-            err.to_string().contains("reconnect_backoff_min_ms"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("reconnect_backoff_min_ms"), "{err}");
 
-        let config = TransportConfig {
-            queue_capacity_messages: 0,
-            ..TransportConfig::default()
-        };
+        let config = TransportConfig { queue_capacity_messages: 0, ..TransportConfig::default() };
         assert!(config.validate().is_err());
     }
 
@@ -524,19 +452,8 @@ mod tests {
     #[test]
     fn unknown_peer_is_reported_unreachable_once_per_call() {
         let (feedback, mut rx) = mpsc::channel(16);
-        let transport = Transport::new(
-            1,
-            TransportConfig::default(),
-            FaultFilter::default(),
-            feedback,
-        );
-        let msgs = (0..3)
-            .map(|_| Message {
-                to: 9,
-                from: 1,
-                ..Message::default()
-            })
-            .collect();
+        let transport = Transport::new(1, TransportConfig::default(), FaultFilter::default(), feedback);
+        let msgs = (0..3).map(|_| Message { to: 9, from: 1, ..Message::default() }).collect();
         transport.send(msgs);
         assert_eq!(rx.try_recv().ok(), Some(PeerFeedback::Unreachable(9)));
         assert!(rx.try_recv().is_err(), "one report per send call");

@@ -17,9 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 use tokio_stream::wrappers::TcpListenerStream;
-use twopc_coordinator::transport::{
-    FaultFilter, LinkFault, PeerFeedback, Transport, TransportConfig, peer_service,
-};
+use twopc_coordinator::transport::{FaultFilter, LinkFault, PeerFeedback, Transport, TransportConfig, peer_service};
 use twopc_proto::pb::RaftBatch;
 use twopc_proto::pb::raft_peer_client::RaftPeerClient;
 
@@ -46,21 +44,14 @@ impl Node {
         let (stop, stopped) = oneshot::channel::<()>();
         let service = peer_service(id, inbound_tx, faults.clone());
         // The single-service form: it needs no tonic "router" feature.
-        let server = tokio::spawn(
-            tonic::transport::Server::builder().serve_with_incoming_shutdown(
-                service,
-                TcpListenerStream::new(listener),
-                async {
-                    let _ = stopped.await;
-                },
-            ),
-        );
-        Ok(Self {
-            addr,
-            inbound,
-            stop,
-            server,
-        })
+        let server = tokio::spawn(tonic::transport::Server::builder().serve_with_incoming_shutdown(
+            service,
+            TcpListenerStream::new(listener),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Ok(Self { addr, inbound, stop, server })
     }
 
     /// Stops like a node does: the raft task goes away (ending the peer
@@ -68,9 +59,7 @@ impl Node {
     async fn stop(self) -> Result<()> {
         drop(self.inbound);
         let _ = self.stop.send(());
-        timeout(WAIT, self.server)
-            .await
-            .context("server did not stop")???;
+        timeout(WAIT, self.server).await.context("server did not stop")???;
         Ok(())
     }
 
@@ -83,43 +72,21 @@ impl Node {
 }
 
 fn append(from: u64, to: u64, index: u64) -> Message {
-    Message {
-        msg_type: MessageType::MsgAppend,
-        from,
-        to,
-        index,
-        ..Message::default()
-    }
+    Message { msg_type: MessageType::MsgAppend, from, to, index, ..Message::default() }
 }
 
 fn snapshot(from: u64, to: u64) -> Message {
-    Message {
-        msg_type: MessageType::MsgSnapshot,
-        from,
-        to,
-        ..Message::default()
-    }
+    Message { msg_type: MessageType::MsgSnapshot, from, to, ..Message::default() }
 }
 
-fn transport(
-    id: u64,
-    config: TransportConfig,
-    faults: &FaultFilter,
-) -> (Transport, mpsc::Receiver<PeerFeedback>) {
+fn transport(id: u64, config: TransportConfig, faults: &FaultFilter) -> (Transport, mpsc::Receiver<PeerFeedback>) {
     let (feedback_tx, feedback) = mpsc::channel(1024);
-    (
-        Transport::new(id, config, faults.clone(), feedback_tx),
-        feedback,
-    )
+    (Transport::new(id, config, faults.clone(), feedback_tx), feedback)
 }
 
 /// Quick reconnects so recovery tests finish fast.
 fn fast_config() -> TransportConfig {
-    TransportConfig {
-        reconnect_backoff_min_ms: 5,
-        reconnect_backoff_max_ms: 100,
-        ..TransportConfig::default()
-    }
+    TransportConfig { reconnect_backoff_min_ms: 5, reconnect_backoff_max_ms: 100, ..TransportConfig::default() }
 }
 
 /// An address on which nothing listens (yet): bound, then released.
@@ -160,19 +127,12 @@ fn send_nonblocking(transport: &Transport, msgs: Vec<Message>) -> Result<()> {
     let started = std::time::Instant::now();
     transport.send(msgs);
     let took = started.elapsed();
-    ensure!(
-        took < Duration::from_millis(200),
-        "send blocked for {took:?}"
-    );
+    ensure!(took < Duration::from_millis(200), "send blocked for {took:?}");
     Ok(())
 }
 
 /// Sends a message every 10 ms (raft's tick does the same) until `node` gets one.
-async fn heartbeat_until_received(
-    transport: &Transport,
-    node: &mut Node,
-    to: u64,
-) -> Result<Message> {
+async fn heartbeat_until_received(transport: &Transport, node: &mut Node, to: u64) -> Result<Message> {
     let deadline = Instant::now() + WAIT;
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     loop {
@@ -207,39 +167,24 @@ mod transport {
         const COUNT: u64 = 10_000;
         let faults = FaultFilter::default();
         let mut node2 = Node::start(2, &faults).await?;
-        let config = TransportConfig {
-            queue_capacity_messages: 16_384,
-            ..TransportConfig::default()
-        };
+        let config = TransportConfig { queue_capacity_messages: 16_384, ..TransportConfig::default() };
         let (transport, _feedback) = transport(1, config, &faults);
         transport.set_peer(2, node2.addr.to_string());
 
         send_nonblocking(&transport, (1..=COUNT).map(|i| append(1, 2, i)).collect())?;
         for expected in 1..=COUNT {
             let msg = node2.recv().await?;
-            ensure!(
-                msg.index == expected,
-                "got index {} where {expected} was due",
-                msg.index
-            );
+            ensure!(msg.index == expected, "got index {} where {expected} was due", msg.index);
             ensure!(msg.from == 1 && msg.to == 2);
         }
         eventually("the sender to count every message", || {
-            transport
-                .peer_stats(2)
-                .is_some_and(|s| s.messages_sent == COUNT)
+            transport.peer_stats(2).is_some_and(|s| s.messages_sent == COUNT)
         })
         .await?;
         let stats = transport.peer_stats(2).context("peer 2 is known")?;
         ensure!(stats.dropped == 0, "{stats:?}");
-        ensure!(
-            stats.batches_sent < COUNT / 10,
-            "batching barely happened: {stats:?}"
-        );
-        ensure!(
-            stats.connects == 1,
-            "one long-lived stream expected: {stats:?}"
-        );
+        ensure!(stats.batches_sent < COUNT / 10, "batching barely happened: {stats:?}");
+        ensure!(stats.connects == 1, "one long-lived stream expected: {stats:?}");
 
         transport.shutdown();
         node2.stop().await
@@ -257,9 +202,7 @@ mod transport {
         transport.set_peer(2, addr.to_string());
 
         send_nonblocking(&transport, vec![append(1, 2, 1)])?;
-        next_feedback(&mut feedback, |f| *f == PeerFeedback::Unreachable(2))
-            .await
-            .context("first")?;
+        next_feedback(&mut feedback, |f| *f == PeerFeedback::Unreachable(2)).await.context("first")?;
 
         let mut node2 = Node::serve(2, TcpListener::bind(addr).await?, &faults)?;
         // Like raft's heartbeats: keep sending until one gets through.
@@ -272,9 +215,7 @@ mod transport {
         node2.stop().await?;
         while feedback.try_recv().is_ok() {}
         send_nonblocking(&transport, vec![append(1, 2, 1)])?;
-        next_feedback(&mut feedback, |f| *f == PeerFeedback::Unreachable(2))
-            .await
-            .context("second")?;
+        next_feedback(&mut feedback, |f| *f == PeerFeedback::Unreachable(2)).await.context("second")?;
 
         let mut node2 = Node::serve(2, TcpListener::bind(addr).await?, &faults)?;
         heartbeat_until_received(&transport, &mut node2, 2).await?;
@@ -290,10 +231,7 @@ mod transport {
     async fn full_queue_drops_rather_than_blocks() -> Result<()> {
         const COUNT: u64 = 100_000;
         let faults = FaultFilter::default();
-        let config = TransportConfig {
-            queue_capacity_messages: 16,
-            ..TransportConfig::default()
-        };
+        let config = TransportConfig { queue_capacity_messages: 16, ..TransportConfig::default() };
         let (transport, mut feedback) = transport(1, config, &faults);
         transport.set_peer(2, vacant_addr().await?.to_string());
 
@@ -301,10 +239,7 @@ mod transport {
         let started = std::time::Instant::now();
         transport.send(msgs);
         let took = started.elapsed();
-        ensure!(
-            took < Duration::from_secs(2),
-            "send of {COUNT} messages took {took:?}"
-        );
+        ensure!(took < Duration::from_secs(2), "send of {COUNT} messages took {took:?}");
 
         let stats = transport.peer_stats(2).context("peer 2 is known")?;
         // On this single-threaded runtime the sender task cannot drain during `send`.
@@ -331,10 +266,7 @@ mod transport {
         next_feedback(&mut feedback, |f| *f == PeerFeedback::Unreachable(2)).await?;
         faults.heal();
         send_nonblocking(&transport, vec![append(1, 2, 2), append(1, 3, 2)])?;
-        ensure!(
-            node2.recv().await?.index == 2,
-            "a message sent across the partition arrived"
-        );
+        ensure!(node2.recv().await?.index == 2, "a message sent across the partition arrived");
         ensure!(node3.recv().await?.index == 1);
         ensure!(node3.recv().await?.index == 2);
 
@@ -343,14 +275,8 @@ mod transport {
         send_nonblocking(&transport, vec![append(1, 2, 3), append(1, 3, 3)])?;
         faults.heal();
         send_nonblocking(&transport, vec![append(1, 2, 4), append(1, 3, 4)])?;
-        ensure!(
-            node2.recv().await?.index == 4,
-            "a message from the isolated node arrived"
-        );
-        ensure!(
-            node3.recv().await?.index == 4,
-            "a message from the isolated node arrived"
-        );
+        ensure!(node2.recv().await?.index == 4, "a message from the isolated node arrived");
+        ensure!(node3.recv().await?.index == 4, "a message from the isolated node arrived");
         ensure!(transport.peer_stats(2).is_some_and(|s| s.dropped == 2));
 
         transport.shutdown();
@@ -376,17 +302,11 @@ mod transport {
         ensure!(node3.recv().await?.index == 1);
         let undelayed = started.elapsed();
         if undelayed < DELAY {
-            ensure!(
-                node2.inbound.try_recv().is_err(),
-                "the delayed message arrived early"
-            );
+            ensure!(node2.inbound.try_recv().is_err(), "the delayed message arrived early");
         }
         ensure!(node2.recv().await?.index == 1);
         let delayed = started.elapsed();
-        ensure!(
-            delayed >= DELAY,
-            "delivered after {delayed:?}, before the {DELAY:?} delay"
-        );
+        ensure!(delayed >= DELAY, "delivered after {delayed:?}, before the {DELAY:?} delay");
 
         transport.shutdown();
         node2.stop().await?;
@@ -401,14 +321,7 @@ mod transport {
         let (transport, _feedback) = transport(1, TransportConfig::default(), &faults);
         transport.set_peer(2, node2.addr.to_string());
 
-        faults.set_link(
-            1,
-            2,
-            LinkFault {
-                duplicate_probability: 1.0,
-                ..LinkFault::default()
-            },
-        );
+        faults.set_link(1, 2, LinkFault { duplicate_probability: 1.0, ..LinkFault::default() });
         send_nonblocking(&transport, vec![append(1, 2, 1), append(1, 2, 2)])?;
         let mut indexes = Vec::new();
         for _ in 0..4 {
@@ -431,45 +344,18 @@ mod transport {
 
         send_nonblocking(&transport, vec![snapshot(1, 2)])?;
         ensure!(node2.recv().await?.get_msg_type() == MessageType::MsgSnapshot);
-        let sent = next_feedback(&mut feedback, |f| {
-            matches!(f, PeerFeedback::SnapshotSent { .. })
-        })
-        .await?;
-        ensure!(
-            sent == PeerFeedback::SnapshotSent {
-                to: 2,
-                delivered: true
-            },
-            "{sent:?}"
-        );
+        let sent = next_feedback(&mut feedback, |f| matches!(f, PeerFeedback::SnapshotSent { .. })).await?;
+        ensure!(sent == PeerFeedback::SnapshotSent { to: 2, delivered: true }, "{sent:?}");
 
         faults.isolate(2);
         send_nonblocking(&transport, vec![snapshot(1, 2)])?;
-        let sent = next_feedback(&mut feedback, |f| {
-            matches!(f, PeerFeedback::SnapshotSent { .. })
-        })
-        .await?;
-        ensure!(
-            sent == PeerFeedback::SnapshotSent {
-                to: 2,
-                delivered: false
-            },
-            "{sent:?}"
-        );
+        let sent = next_feedback(&mut feedback, |f| matches!(f, PeerFeedback::SnapshotSent { .. })).await?;
+        ensure!(sent == PeerFeedback::SnapshotSent { to: 2, delivered: false }, "{sent:?}");
         faults.heal();
 
         send_nonblocking(&transport, vec![snapshot(1, 7)])?;
-        let sent = next_feedback(&mut feedback, |f| {
-            matches!(f, PeerFeedback::SnapshotSent { .. })
-        })
-        .await?;
-        ensure!(
-            sent == PeerFeedback::SnapshotSent {
-                to: 7,
-                delivered: false
-            },
-            "{sent:?}"
-        );
+        let sent = next_feedback(&mut feedback, |f| matches!(f, PeerFeedback::SnapshotSent { .. })).await?;
+        ensure!(sent == PeerFeedback::SnapshotSent { to: 7, delivered: false }, "{sent:?}");
 
         transport.shutdown();
         node2.stop().await
@@ -511,35 +397,20 @@ mod transport {
         let faults = FaultFilter::default();
         let mut node2 = Node::start(2, &faults).await?;
 
-        let garbage = RaftBatch {
-            from: 1,
-            messages: vec![Bytes::from_static(&[0xff, 0xff, 0xff])],
-        };
+        let garbage = RaftBatch { from: 1, messages: vec![Bytes::from_static(&[0xff, 0xff, 0xff])] };
         let status = raw_batch(node2.addr, garbage).await?;
         ensure!(status.code() == tonic::Code::InvalidArgument, "{status:?}");
 
         let encode = |msg: Message| -> Result<Bytes> { Ok(Bytes::from(msg.write_to_bytes()?)) };
-        let mislabelled = RaftBatch {
-            from: 3,
-            messages: vec![encode(append(1, 2, 1))?],
-        };
+        let mislabelled = RaftBatch { from: 3, messages: vec![encode(append(1, 2, 1))?] };
         let status = raw_batch(node2.addr, mislabelled).await?;
         ensure!(status.code() == tonic::Code::InvalidArgument, "{status:?}");
 
-        let misaddressed = RaftBatch {
-            from: 1,
-            messages: vec![encode(append(1, 3, 1))?],
-        };
+        let misaddressed = RaftBatch { from: 1, messages: vec![encode(append(1, 3, 1))?] };
         let status = raw_batch(node2.addr, misaddressed).await?;
-        ensure!(
-            status.code() == tonic::Code::FailedPrecondition,
-            "{status:?}"
-        );
+        ensure!(status.code() == tonic::Code::FailedPrecondition, "{status:?}");
 
-        ensure!(
-            node2.inbound.try_recv().is_err(),
-            "a rejected message reached the raft task"
-        );
+        ensure!(node2.inbound.try_recv().is_err(), "a rejected message reached the raft task");
         node2.stop().await
     }
 }

@@ -166,16 +166,10 @@ pub(crate) fn endpoint_uri(addr: &str) -> std::result::Result<String, String> {
     if addr.is_empty() {
         return Err("an address is empty; use host:port such as 127.0.0.1:7000".into());
     }
-    let uri = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
+    let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
     match uri.parse::<tonic::transport::Uri>() {
         Ok(parsed) if parsed.host().is_some() => Ok(uri),
-        _ => Err(format!(
-            "{addr:?} is not a valid address; use host:port such as 127.0.0.1:7000"
-        )),
+        _ => Err(format!("{addr:?} is not a valid address; use host:port such as 127.0.0.1:7000")),
     }
 }
 

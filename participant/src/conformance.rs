@@ -67,11 +67,7 @@ pub trait Harness: Send + Sync {
 
     /// How many times the effect of the YES payload of `txn` has been applied
     /// (0 before commit, 1 after, never more).
-    fn applied_count(
-        &self,
-        resource: &Self::Resource,
-        txn: TxnId,
-    ) -> impl Future<Output = u64> + Send;
+    fn applied_count(&self, resource: &Self::Resource, txn: TxnId) -> impl Future<Output = u64> + Send;
 }
 
 /// Runs every case, each on a fresh resource.
@@ -92,9 +88,7 @@ pub async fn run_all<H: Harness>(h: &H) {
 }
 
 async fn prepare<H: Harness>(r: &H::Resource, txn: TxnId, payload: Bytes, case: &str) -> Vote {
-    r.prepare(txn, payload)
-        .await
-        .unwrap_or_else(|e| panic!("{case}: prepare failed: {e}"))
+    r.prepare(txn, payload).await.unwrap_or_else(|e| panic!("{case}: prepare failed: {e}"))
 }
 
 async fn decide<H: Harness>(r: &H::Resource, txn: TxnId, d: Decision, case: &str) {
@@ -106,18 +100,12 @@ async fn decide<H: Harness>(r: &H::Resource, txn: TxnId, d: Decision, case: &str
 }
 
 async fn listed<H: Harness>(r: &H::Resource, txn: TxnId, case: &str) -> bool {
-    r.prepared()
-        .await
-        .unwrap_or_else(|e| panic!("{case}: prepared() failed: {e}"))
-        .contains(&txn)
+    r.prepared().await.unwrap_or_else(|e| panic!("{case}: prepared() failed: {e}")).contains(&txn)
 }
 
 async fn expect_applied<H: Harness>(h: &H, r: &H::Resource, txn: TxnId, n: u64, case: &str) {
     let applied = h.applied_count(r, txn).await;
-    assert_eq!(
-        applied, n,
-        "{case}: the effect of txn {txn} was applied {applied} times, expected {n}"
-    );
+    assert_eq!(applied, n, "{case}: the effect of txn {txn} was applied {applied} times, expected {n}");
 }
 
 /// I3: a YES vote is durable. After a restart the branch is listed by
@@ -126,28 +114,15 @@ pub async fn yes_vote_survives_restart<H: Harness>(h: &H) {
     const CASE: &str = "yes_vote_survives_restart";
     let r = h.create().await;
     let txn = TxnId::new();
-    assert_eq!(
-        prepare::<H>(&r, txn, h.yes_payload(txn), CASE).await,
-        Vote::Yes,
-        "{CASE}"
-    );
+    assert_eq!(prepare::<H>(&r, txn, h.yes_payload(txn), CASE).await, Vote::Yes, "{CASE}");
     let r = h.restart(r).await;
-    assert!(
-        listed::<H>(&r, txn, CASE).await,
-        "{CASE}: prepared() lost the branch"
-    );
+    assert!(listed::<H>(&r, txn, CASE).await, "{CASE}: prepared() lost the branch");
     expect_applied(h, &r, txn, 0, CASE).await;
     decide::<H>(&r, txn, Decision::Commit, CASE).await;
     expect_applied(h, &r, txn, 1, CASE).await;
-    assert!(
-        !listed::<H>(&r, txn, CASE).await,
-        "{CASE}: still listed after commit"
-    );
+    assert!(!listed::<H>(&r, txn, CASE).await, "{CASE}: still listed after commit");
     let r = h.restart(r).await;
-    assert!(
-        !listed::<H>(&r, txn, CASE).await,
-        "{CASE}: listed again after restart"
-    );
+    assert!(!listed::<H>(&r, txn, CASE).await, "{CASE}: listed again after restart");
     expect_applied(h, &r, txn, 1, CASE).await;
 }
 
@@ -158,19 +133,11 @@ pub async fn prepare_is_idempotent<H: Harness>(h: &H) {
     let r = h.create().await;
     let txn = TxnId::new();
     for _ in 0..2 {
-        assert_eq!(
-            prepare::<H>(&r, txn, h.yes_payload(txn), CASE).await,
-            Vote::Yes,
-            "{CASE}"
-        );
+        assert_eq!(prepare::<H>(&r, txn, h.yes_payload(txn), CASE).await, Vote::Yes, "{CASE}");
     }
     let r = h.restart(r).await;
     let again = prepare::<H>(&r, txn, h.no_payload(txn), CASE).await;
-    assert_eq!(
-        again,
-        Vote::Yes,
-        "{CASE}: a repeated prepare changed the YES vote"
-    );
+    assert_eq!(again, Vote::Yes, "{CASE}: a repeated prepare changed the YES vote");
     let listed_times = r
         .prepared()
         .await
@@ -178,10 +145,7 @@ pub async fn prepare_is_idempotent<H: Harness>(h: &H) {
         .iter()
         .filter(|t| **t == txn)
         .count();
-    assert_eq!(
-        listed_times, 1,
-        "{CASE}: prepared() lists the txn {listed_times} times"
-    );
+    assert_eq!(listed_times, 1, "{CASE}: prepared() lists the txn {listed_times} times");
     decide::<H>(&r, txn, Decision::Commit, CASE).await;
     expect_applied(h, &r, txn, 1, CASE).await;
 }
@@ -197,22 +161,11 @@ pub async fn no_vote_is_final<H: Harness>(h: &H) {
         assert!(!vote.is_yes(), "{CASE}: the NO payload voted YES");
     }
     let vote = prepare::<H>(&r, txn, h.yes_payload(txn), CASE).await;
-    assert!(
-        !vote.is_yes(),
-        "{CASE}: a repeated prepare turned NO into YES"
-    );
-    assert!(
-        !listed::<H>(&r, txn, CASE).await,
-        "{CASE}: a NO branch is listed as prepared"
-    );
+    assert!(!vote.is_yes(), "{CASE}: a repeated prepare turned NO into YES");
+    assert!(!listed::<H>(&r, txn, CASE).await, "{CASE}: a NO branch is listed as prepared");
     let commit = r.commit(txn).await;
     assert!(
-        matches!(
-            commit,
-            Err(ResourceError::Conflict {
-                recorded: Decision::Abort
-            } | ResourceError::NotPrepared)
-        ),
+        matches!(commit, Err(ResourceError::Conflict { recorded: Decision::Abort } | ResourceError::NotPrepared)),
         "{CASE}: commit after a NO vote gave {commit:?}"
     );
     decide::<H>(&r, txn, Decision::Abort, CASE).await;
@@ -224,11 +177,7 @@ pub async fn commit_is_idempotent<H: Harness>(h: &H) {
     const CASE: &str = "commit_is_idempotent";
     let r = h.create().await;
     let txn = TxnId::new();
-    assert_eq!(
-        prepare::<H>(&r, txn, h.yes_payload(txn), CASE).await,
-        Vote::Yes,
-        "{CASE}"
-    );
+    assert_eq!(prepare::<H>(&r, txn, h.yes_payload(txn), CASE).await, Vote::Yes, "{CASE}");
     decide::<H>(&r, txn, Decision::Commit, CASE).await;
     decide::<H>(&r, txn, Decision::Commit, CASE).await;
     expect_applied(h, &r, txn, 1, CASE).await;
@@ -242,23 +191,13 @@ pub async fn abort_is_idempotent<H: Harness>(h: &H) {
     const CASE: &str = "abort_is_idempotent";
     let r = h.create().await;
     let txn = TxnId::new();
-    assert_eq!(
-        prepare::<H>(&r, txn, h.yes_payload(txn), CASE).await,
-        Vote::Yes,
-        "{CASE}"
-    );
+    assert_eq!(prepare::<H>(&r, txn, h.yes_payload(txn), CASE).await, Vote::Yes, "{CASE}");
     decide::<H>(&r, txn, Decision::Abort, CASE).await;
     decide::<H>(&r, txn, Decision::Abort, CASE).await;
-    assert!(
-        !listed::<H>(&r, txn, CASE).await,
-        "{CASE}: still listed after abort"
-    );
+    assert!(!listed::<H>(&r, txn, CASE).await, "{CASE}: still listed after abort");
     let r = h.restart(r).await;
     decide::<H>(&r, txn, Decision::Abort, CASE).await;
-    assert!(
-        !listed::<H>(&r, txn, CASE).await,
-        "{CASE}: listed again after restart"
-    );
+    assert!(!listed::<H>(&r, txn, CASE).await, "{CASE}: listed again after restart");
     expect_applied(h, &r, txn, 0, CASE).await;
 }
 
@@ -271,18 +210,9 @@ pub async fn abort_before_prepare_leaves_tombstone<H: Harness>(h: &H) {
     decide::<H>(&r, txn, Decision::Abort, CASE).await;
     let vote = prepare::<H>(&r, txn, h.yes_payload(txn), CASE).await;
     assert!(!vote.is_yes(), "{CASE}: prepare after abort voted YES");
-    assert!(
-        !listed::<H>(&r, txn, CASE).await,
-        "{CASE}: the late prepare holds a branch"
-    );
+    assert!(!listed::<H>(&r, txn, CASE).await, "{CASE}: the late prepare holds a branch");
     let commit = r.commit(txn).await;
-    assert_eq!(
-        commit,
-        Err(ResourceError::Conflict {
-            recorded: Decision::Abort
-        }),
-        "{CASE}: commit after a tombstone"
-    );
+    assert_eq!(commit, Err(ResourceError::Conflict { recorded: Decision::Abort }), "{CASE}: commit after a tombstone");
     expect_applied(h, &r, txn, 0, CASE).await;
 }
 
@@ -294,14 +224,8 @@ pub async fn tombstone_survives_restart<H: Harness>(h: &H) {
     decide::<H>(&r, txn, Decision::Abort, CASE).await;
     let r = h.restart(r).await;
     let vote = prepare::<H>(&r, txn, h.yes_payload(txn), CASE).await;
-    assert!(
-        !vote.is_yes(),
-        "{CASE}: prepare after abort and restart voted YES"
-    );
-    assert!(
-        !listed::<H>(&r, txn, CASE).await,
-        "{CASE}: the late prepare holds a branch"
-    );
+    assert!(!vote.is_yes(), "{CASE}: prepare after abort and restart voted YES");
+    assert!(!listed::<H>(&r, txn, CASE).await, "{CASE}: the late prepare holds a branch");
 }
 
 /// I1, I3: branches prepared before a restart take either decision after it,
@@ -311,21 +235,14 @@ pub async fn decisions_apply_after_restart<H: Harness>(h: &H) {
     let r = h.create().await;
     let (to_commit, to_abort) = (TxnId::new(), TxnId::new());
     for txn in [to_commit, to_abort] {
-        assert_eq!(
-            prepare::<H>(&r, txn, h.yes_payload(txn), CASE).await,
-            Vote::Yes,
-            "{CASE}"
-        );
+        assert_eq!(prepare::<H>(&r, txn, h.yes_payload(txn), CASE).await, Vote::Yes, "{CASE}");
     }
     let r = h.restart(r).await;
     decide::<H>(&r, to_commit, Decision::Commit, CASE).await;
     decide::<H>(&r, to_abort, Decision::Abort, CASE).await;
     let r = h.restart(r).await;
     for txn in [to_commit, to_abort] {
-        assert!(
-            !listed::<H>(&r, txn, CASE).await,
-            "{CASE}: decided branch listed"
-        );
+        assert!(!listed::<H>(&r, txn, CASE).await, "{CASE}: decided branch listed");
     }
     expect_applied(h, &r, to_commit, 1, CASE).await;
     expect_applied(h, &r, to_abort, 0, CASE).await;
@@ -351,42 +268,18 @@ pub async fn conflicting_decision_is_refused<H: Harness>(h: &H) {
     let r = h.create().await;
     let (committed, aborted) = (TxnId::new(), TxnId::new());
     for txn in [committed, aborted] {
-        assert_eq!(
-            prepare::<H>(&r, txn, h.yes_payload(txn), CASE).await,
-            Vote::Yes,
-            "{CASE}"
-        );
+        assert_eq!(prepare::<H>(&r, txn, h.yes_payload(txn), CASE).await, Vote::Yes, "{CASE}");
     }
     decide::<H>(&r, committed, Decision::Commit, CASE).await;
     decide::<H>(&r, aborted, Decision::Abort, CASE).await;
     let refuse = |result: Result<(), ResourceError>, recorded: Decision, what: &str| {
-        assert_eq!(
-            result,
-            Err(ResourceError::Conflict { recorded }),
-            "{CASE}: {what}"
-        );
+        assert_eq!(result, Err(ResourceError::Conflict { recorded }), "{CASE}: {what}");
     };
-    refuse(
-        r.abort(committed).await,
-        Decision::Commit,
-        "abort after commit",
-    );
-    refuse(
-        r.commit(aborted).await,
-        Decision::Abort,
-        "commit after abort",
-    );
+    refuse(r.abort(committed).await, Decision::Commit, "abort after commit");
+    refuse(r.commit(aborted).await, Decision::Abort, "commit after abort");
     let r = h.restart(r).await;
-    refuse(
-        r.abort(committed).await,
-        Decision::Commit,
-        "abort after commit and restart",
-    );
-    refuse(
-        r.commit(aborted).await,
-        Decision::Abort,
-        "commit after abort and restart",
-    );
+    refuse(r.abort(committed).await, Decision::Commit, "abort after commit and restart");
+    refuse(r.commit(aborted).await, Decision::Abort, "commit after abort and restart");
     expect_applied(h, &r, committed, 1, CASE).await;
     expect_applied(h, &r, aborted, 0, CASE).await;
 }

@@ -69,18 +69,13 @@ pub(crate) struct Engine<R> {
 
 impl<R: Resource> Engine<R> {
     pub(crate) fn new(resource: Arc<R>, config: ParticipantConfig, metrics: Metrics) -> Self {
-        let outcomes = Outcomes::new(
-            config.outcome_memory_max,
-            Duration::from_millis(config.tombstone_retention_ms),
-        );
+        let outcomes = Outcomes::new(config.outcome_memory_max, Duration::from_millis(config.tombstone_retention_ms));
         Self {
             resource,
             prepare_permits: Arc::new(Semaphore::new(config.prepare_inflight_max)),
             config,
             outcomes: Mutex::new(outcomes),
-            stripes: (0..TXN_LOCK_STRIPES)
-                .map(|_| tokio::sync::Mutex::new(()))
-                .collect(),
+            stripes: (0..TXN_LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             stripe_hasher: std::hash::RandomState::new(),
             metrics,
         }
@@ -99,12 +94,7 @@ impl<R: Resource> Engine<R> {
     }
 
     /// Up to `limit` branches in doubt at `now`, oldest first, not in `skip`.
-    pub(crate) fn in_doubt(
-        &self,
-        now: Instant,
-        limit: usize,
-        skip: impl Fn(TxnId) -> bool,
-    ) -> Vec<TxnId> {
+    pub(crate) fn in_doubt(&self, now: Instant, limit: usize, skip: impl Fn(TxnId) -> bool) -> Vec<TxnId> {
         self.outcomes.lock().in_doubt(now, limit, skip)
     }
 
@@ -142,17 +132,10 @@ impl<R: Resource> Engine<R> {
     /// # Errors
     /// [`Error::PrepareInflightFull`], [`Error::OutcomeMemoryFull`], or the
     /// resource's failure.
-    pub(crate) async fn prepare(
-        self: &Arc<Self>,
-        txn: TxnId,
-        payload: Bytes,
-        deadline_unix_ms: u64,
-    ) -> Result<Vote> {
+    pub(crate) async fn prepare(self: &Arc<Self>, txn: TxnId, payload: Bytes, deadline_unix_ms: u64) -> Result<Vote> {
         let permit = Arc::clone(&self.prepare_permits)
             .try_acquire_owned()
-            .map_err(|_| Error::PrepareInflightFull {
-                max: self.config.prepare_inflight_max,
-            })?;
+            .map_err(|_| Error::PrepareInflightFull { max: self.config.prepare_inflight_max })?;
         self.metrics.prepare();
         let engine = Arc::clone(self);
         let task = tokio::spawn(async move {
@@ -160,8 +143,7 @@ impl<R: Resource> Engine<R> {
             let _txn_lock = engine.stripe(txn).lock().await;
             engine.prepare_locked(txn, payload, deadline_unix_ms).await
         });
-        task.await
-            .map_err(|e| Error::Internal(format!("prepare task for txn {txn}: {e}")))?
+        task.await.map_err(|e| Error::Internal(format!("prepare task for txn {txn}: {e}")))?
     }
 
     /// Carries out `decision` for `txn` exactly once, however often and from
@@ -169,19 +151,13 @@ impl<R: Resource> Engine<R> {
     ///
     /// # Errors
     /// [`Error::NotPrepared`], [`Error::Conflict`], or the resource's failure.
-    pub(crate) async fn decide(
-        self: &Arc<Self>,
-        txn: TxnId,
-        decision: Decision,
-        origin: Origin,
-    ) -> Result<Applied> {
+    pub(crate) async fn decide(self: &Arc<Self>, txn: TxnId, decision: Decision, origin: Origin) -> Result<Applied> {
         let engine = Arc::clone(self);
         let task = tokio::spawn(async move {
             let _txn_lock = engine.stripe(txn).lock().await;
             engine.decide_locked(txn, decision, origin).await
         });
-        task.await
-            .map_err(|e| Error::Internal(format!("decision task for txn {txn}: {e}")))?
+        task.await.map_err(|e| Error::Internal(format!("decision task for txn {txn}: {e}")))?
     }
 
     fn stripe(&self, txn: TxnId) -> &tokio::sync::Mutex<()> {
@@ -191,12 +167,7 @@ impl<R: Resource> Engine<R> {
     }
 
     #[instrument(skip_all, fields(txn_id = %txn))]
-    async fn prepare_locked(
-        &self,
-        txn: TxnId,
-        payload: Bytes,
-        deadline_unix_ms: u64,
-    ) -> Result<Vote> {
+    async fn prepare_locked(&self, txn: TxnId, payload: Bytes, deadline_unix_ms: u64) -> Result<Vote> {
         let known = self.outcomes.lock().get(txn).cloned();
         if let Some(vote) = known.and_then(|outcome| recorded_vote(&outcome)) {
             debug!(yes = vote.is_yes(), "repeated prepare answered from memory");
@@ -207,31 +178,19 @@ impl<R: Resource> Engine<R> {
         // need only outlive the deadline.
         if unix_now_ms() > deadline_unix_ms {
             let reason = DEADLINE_PASSED.to_owned();
-            let refused = Outcome::Refused {
-                reason: reason.clone(),
-            };
-            if self
-                .outcomes
-                .lock()
-                .set(txn, refused, Instant::now())
-                .is_err()
-            {
+            let refused = Outcome::Refused { reason: reason.clone() };
+            if self.outcomes.lock().set(txn, refused, Instant::now()).is_err() {
                 debug!("outcome memory full; deadline refusal not remembered");
             }
             self.metrics.vote(false);
-            info!(
-                deadline_unix_ms,
-                "prepare arrived after its deadline; voting no"
-            );
+            info!(deadline_unix_ms, "prepare arrived after its deadline; voting no");
             return Ok(Vote::No { reason });
         }
 
         self.outcomes
             .lock()
             .set(txn, Outcome::Preparing, Instant::now())
-            .map_err(|_| Error::OutcomeMemoryFull {
-                max: self.config.outcome_memory_max,
-            })?;
+            .map_err(|_| Error::OutcomeMemoryFull { max: self.config.outcome_memory_max })?;
 
         let vote = match self.resource.prepare(txn, payload).await {
             Ok(vote) => vote,
@@ -246,12 +205,8 @@ impl<R: Resource> Engine<R> {
         // vote may be recorded and sent now.
         let now = Instant::now();
         let outcome = match &vote {
-            Vote::Yes => Outcome::Prepared {
-                due: now + Duration::from_millis(self.config.in_doubt_timeout_ms),
-            },
-            Vote::No { reason } => Outcome::Refused {
-                reason: reason.clone(),
-            },
+            Vote::Yes => Outcome::Prepared { due: now + Duration::from_millis(self.config.in_doubt_timeout_ms) },
+            Vote::No { reason } => Outcome::Refused { reason: reason.clone() },
         };
         {
             let mut outcomes = self.outcomes.lock();
@@ -265,12 +220,7 @@ impl<R: Resource> Engine<R> {
     }
 
     #[instrument(skip_all, fields(txn_id = %txn, %decision, ?origin))]
-    async fn decide_locked(
-        &self,
-        txn: TxnId,
-        decision: Decision,
-        origin: Origin,
-    ) -> Result<Applied> {
+    async fn decide_locked(&self, txn: TxnId, decision: Decision, origin: Origin) -> Result<Applied> {
         let known = self.outcomes.lock().get(txn).cloned();
         match (&known, decision) {
             (Some(Outcome::Committed), Decision::Commit)
@@ -281,10 +231,7 @@ impl<R: Resource> Engine<R> {
             (Some(Outcome::Committed), Decision::Abort) => {
                 return Err(self.conflict(txn, Decision::Commit, decision));
             }
-            (
-                Some(Outcome::Aborted | Outcome::Tombstone | Outcome::Refused { .. }),
-                Decision::Commit,
-            ) => {
+            (Some(Outcome::Aborted | Outcome::Tombstone | Outcome::Refused { .. }), Decision::Commit) => {
                 return Err(self.conflict(txn, Decision::Abort, decision));
             }
             _ => {}
@@ -331,11 +278,7 @@ impl<R: Resource> Engine<R> {
             %requested,
             "protocol violation: a decision contradicts the one already recorded; refused"
         );
-        Error::Conflict {
-            txn,
-            recorded,
-            requested,
-        }
+        Error::Conflict { txn, recorded, requested }
     }
 }
 
@@ -355,8 +298,6 @@ fn recorded_vote(outcome: &Outcome) -> Option<Vote> {
 fn prepare_error(e: ResourceError) -> Error {
     match e {
         ResourceError::Unavailable(why) => Error::Unavailable(why),
-        other => Error::Fatal(format!(
-            "prepare returned {other}, which its contract rules out"
-        )),
+        other => Error::Fatal(format!("prepare returned {other}, which its contract rules out")),
     }
 }

@@ -89,11 +89,7 @@ impl Error {
     pub(crate) fn from_resource(txn: TxnId, requested: Decision, e: ResourceError) -> Self {
         match e {
             ResourceError::NotPrepared => Self::NotPrepared { txn },
-            ResourceError::Conflict { recorded } => Self::Conflict {
-                txn,
-                recorded,
-                requested,
-            },
+            ResourceError::Conflict { recorded } => Self::Conflict { txn, recorded, requested },
             ResourceError::Unavailable(why) => Self::Unavailable(why),
             ResourceError::Fatal(why) => Self::Fatal(why),
         }
@@ -101,12 +97,7 @@ impl Error {
 
     /// Whether the same call may succeed later unchanged.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            Self::PrepareInflightFull { .. }
-                | Self::OutcomeMemoryFull { .. }
-                | Self::Unavailable(_)
-        )
+        matches!(self, Self::PrepareInflightFull { .. } | Self::OutcomeMemoryFull { .. } | Self::Unavailable(_))
     }
 }
 
@@ -119,13 +110,9 @@ impl From<Error> for Status {
             Error::WrongParticipant { .. } | Error::NotPrepared { .. } | Error::Conflict { .. } => {
                 Status::failed_precondition(message)
             }
-            Error::PrepareInflightFull { .. } | Error::OutcomeMemoryFull { .. } => {
-                Status::resource_exhausted(message)
-            }
+            Error::PrepareInflightFull { .. } | Error::OutcomeMemoryFull { .. } => Status::resource_exhausted(message),
             Error::Unavailable(_) => Status::unavailable(message),
-            Error::Fatal(_) | Error::Config(_) | Error::Transport(_) | Error::Internal(_) => {
-                Status::internal(message)
-            }
+            Error::Fatal(_) | Error::Config(_) | Error::Transport(_) | Error::Internal(_) => Status::internal(message),
         }
     }
 }
@@ -140,26 +127,10 @@ mod tests {
     fn each_error_maps_to_its_documented_code() {
         let txn = TxnId::new();
         let cases = [
-            (
-                Error::Invalid {
-                    field: "txn_id",
-                    why: "empty".into(),
-                },
-                Code::InvalidArgument,
-            ),
+            (Error::Invalid { field: "txn_id", why: "empty".into() }, Code::InvalidArgument),
             (Error::NotPrepared { txn }, Code::FailedPrecondition),
-            (
-                Error::Conflict {
-                    txn,
-                    recorded: Decision::Abort,
-                    requested: Decision::Commit,
-                },
-                Code::FailedPrecondition,
-            ),
-            (
-                Error::PrepareInflightFull { max: 1 },
-                Code::ResourceExhausted,
-            ),
+            (Error::Conflict { txn, recorded: Decision::Abort, requested: Decision::Commit }, Code::FailedPrecondition),
+            (Error::PrepareInflightFull { max: 1 }, Code::ResourceExhausted),
             (Error::OutcomeMemoryFull { max: 1 }, Code::ResourceExhausted),
             (Error::Unavailable("disk busy".into()), Code::Unavailable),
             (Error::Fatal("corrupt".into()), Code::Internal),

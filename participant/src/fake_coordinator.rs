@@ -20,8 +20,7 @@ use tonic::{Request, Response, Status};
 use twopc_proto::pb::coordinator_server::{Coordinator, CoordinatorServer};
 use twopc_proto::pb::{
     ClusterStatusRequest, ClusterStatusResponse, GetTransactionRequest, ListTransactionsRequest,
-    ListTransactionsResponse, ResolveRequest, ResolveResponse, SubmitRequest, SubmitResponse,
-    TransactionInfo,
+    ListTransactionsResponse, ResolveRequest, ResolveResponse, SubmitRequest, SubmitResponse, TransactionInfo,
 };
 use twopc_proto::status::not_leader;
 use twopc_proto::{Decision, MAX_MESSAGE_BYTES, TxnId};
@@ -120,18 +119,11 @@ impl FakeCoordinator {
                 tracing::warn!(error = %e, "fake coordinator stopped");
             }
         });
-        Ok(RunningFake {
-            addr,
-            stop: Some(stop),
-            task,
-        })
+        Ok(RunningFake { addr, stop: Some(stop), task })
     }
 
     fn answer(&self, request: &ResolveRequest) -> Result<Decision, Status> {
-        let txn: TxnId = request
-            .txn_id
-            .parse()
-            .map_err(|e| twopc_proto::status::invalid("txn_id", e))?;
+        let txn: TxnId = request.txn_id.parse().map_err(|e| twopc_proto::status::invalid("txn_id", e))?;
         let mut script = self.script.lock();
         script.total_calls += 1;
         *script.calls.entry(txn).or_default() += 1;
@@ -172,28 +164,18 @@ impl Drop for RunningFake {
 }
 
 fn unimplemented(call: &str) -> Status {
-    Status::unimplemented(format!(
-        "the fake coordinator implements only Resolve, not {call}"
-    ))
+    Status::unimplemented(format!("the fake coordinator implements only Resolve, not {call}"))
 }
 
 #[tonic::async_trait]
 impl Coordinator for FakeCoordinator {
-    async fn submit(
-        &self,
-        _request: Request<SubmitRequest>,
-    ) -> Result<Response<SubmitResponse>, Status> {
+    async fn submit(&self, _request: Request<SubmitRequest>) -> Result<Response<SubmitResponse>, Status> {
         Err(unimplemented("Submit"))
     }
 
-    async fn resolve(
-        &self,
-        request: Request<ResolveRequest>,
-    ) -> Result<Response<ResolveResponse>, Status> {
+    async fn resolve(&self, request: Request<ResolveRequest>) -> Result<Response<ResolveResponse>, Status> {
         let decision = self.answer(request.get_ref())?;
-        Ok(Response::new(ResolveResponse {
-            decision: decision.into(),
-        }))
+        Ok(Response::new(ResolveResponse { decision: decision.into() }))
     }
 
     async fn get_transaction(

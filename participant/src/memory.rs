@@ -101,30 +101,20 @@ impl MemoryResource {
             finished_max: finished_max.max(1),
             next_seq: 0,
         };
-        Self {
-            durable: Arc::new(Mutex::new(durable)),
-            volatile: Mutex::new(Volatile::default()),
-        }
+        Self { durable: Arc::new(Mutex::new(durable)), volatile: Mutex::new(Volatile::default()) }
     }
 
     /// The same resource after a crash and restart: durable state is shared,
     /// volatile state (call counters, a simulated outage) starts afresh.
     /// Drop the old copy to complete the picture.
     pub fn restarted(&self) -> Self {
-        Self {
-            durable: Arc::clone(&self.durable),
-            volatile: Mutex::new(Volatile::default()),
-        }
+        Self { durable: Arc::clone(&self.durable), volatile: Mutex::new(Volatile::default()) }
     }
 
     /// How many times the effect of committing `txn` has been applied: 1 once
     /// committed, and it must never exceed 1. Durable.
     pub fn commit_count(&self, txn: TxnId) -> u32 {
-        self.durable
-            .lock()
-            .records
-            .get(&txn)
-            .map_or(0, |r| r.commits)
+        self.durable.lock().records.get(&txn).map_or(0, |r| r.commits)
     }
 
     /// Whether `txn` is prepared (voted YES, no decision yet). Durable.
@@ -159,20 +149,11 @@ impl MemoryResource {
     }
 
     fn state(&self, txn: TxnId) -> Option<State> {
-        self.durable
-            .lock()
-            .records
-            .get(&txn)
-            .map(|r| r.state.clone())
+        self.durable.lock().records.get(&txn).map(|r| r.state.clone())
     }
 
     fn calls(&self, txn: TxnId) -> Calls {
-        self.volatile
-            .lock()
-            .calls
-            .get(&txn)
-            .copied()
-            .unwrap_or_default()
+        self.volatile.lock().calls.get(&txn).copied().unwrap_or_default()
     }
 
     /// Counts the call, then fails if an outage is being simulated.
@@ -183,9 +164,7 @@ impl MemoryResource {
         }
         count(volatile.calls.entry(txn).or_default());
         if volatile.unavailable {
-            return Err(ResourceError::Unavailable(
-                "memory resource: simulated outage".into(),
-            ));
+            return Err(ResourceError::Unavailable("memory resource: simulated outage".into()));
         }
         Ok(())
     }
@@ -196,11 +175,7 @@ impl Durable {
         let seq = self.next_seq;
         self.next_seq += 1;
         let finished = state != State::Prepared;
-        let record = self.records.entry(txn).or_insert(Record {
-            state: State::Prepared,
-            commits: 0,
-            seq,
-        });
+        let record = self.records.entry(txn).or_insert(Record { state: State::Prepared, commits: 0, seq });
         record.state = state;
         record.seq = seq;
         if finished {
@@ -263,9 +238,9 @@ impl Resource for MemoryResource {
                 durable.set(txn, State::Committed);
                 Ok(())
             }
-            State::Refused(_) | State::Aborted | State::Tombstone => Err(ResourceError::Conflict {
-                recorded: Decision::Abort,
-            }),
+            State::Refused(_) | State::Aborted | State::Tombstone => {
+                Err(ResourceError::Conflict { recorded: Decision::Abort })
+            }
         }
     }
 
@@ -275,9 +250,7 @@ impl Resource for MemoryResource {
         let state = durable.records.get(&txn).map(|r| r.state.clone());
         match state {
             Some(State::Aborted | State::Tombstone) => Ok(()),
-            Some(State::Committed) => Err(ResourceError::Conflict {
-                recorded: Decision::Commit,
-            }),
+            Some(State::Committed) => Err(ResourceError::Conflict { recorded: Decision::Commit }),
             Some(State::Prepared | State::Refused(_)) => {
                 durable.set(txn, State::Aborted);
                 Ok(())
@@ -292,12 +265,8 @@ impl Resource for MemoryResource {
 
     async fn prepared(&self) -> Result<Vec<TxnId>, ResourceError> {
         let durable = self.durable.lock();
-        let mut txns: Vec<TxnId> = durable
-            .records
-            .iter()
-            .filter(|(_, r)| r.state == State::Prepared)
-            .map(|(txn, _)| *txn)
-            .collect();
+        let mut txns: Vec<TxnId> =
+            durable.records.iter().filter(|(_, r)| r.state == State::Prepared).map(|(txn, _)| *txn).collect();
         txns.sort_unstable();
         Ok(txns)
     }
@@ -317,10 +286,7 @@ mod tests {
         for txn in &aborted {
             assert_eq!(resource.abort(*txn).await, Ok(()));
         }
-        assert!(
-            !resource.is_aborted(aborted[0]),
-            "oldest tombstone kept past the bound"
-        );
+        assert!(!resource.is_aborted(aborted[0]), "oldest tombstone kept past the bound");
         assert!(resource.is_aborted(aborted[1]) && resource.is_aborted(aborted[2]));
         assert!(resource.is_prepared(held));
     }
@@ -328,9 +294,7 @@ mod tests {
     #[tokio::test]
     async fn no_prefix_votes_no_with_the_reason() {
         let resource = MemoryResource::new();
-        let vote = resource
-            .prepare(TxnId::new(), Bytes::from_static(b"no:insufficient funds"))
-            .await;
+        let vote = resource.prepare(TxnId::new(), Bytes::from_static(b"no:insufficient funds")).await;
         assert_eq!(vote, Ok(Vote::no("insufficient funds")));
     }
 
@@ -341,10 +305,7 @@ mod tests {
         let txn = TxnId::new();
         assert_eq!(resource.prepare(txn, Bytes::new()).await, Ok(Vote::Yes));
         resource.set_unavailable(true);
-        assert!(matches!(
-            resource.commit(txn).await,
-            Err(ResourceError::Unavailable(_))
-        ));
+        assert!(matches!(resource.commit(txn).await, Err(ResourceError::Unavailable(_))));
         assert_eq!(resource.commit_count(txn), 0);
         resource.set_unavailable(false);
         assert_eq!(resource.commit(txn).await, Ok(()));

@@ -66,11 +66,7 @@ impl Metrics {
     }
 
     pub(crate) fn vote(&self, yes: bool) {
-        let counter = if yes {
-            &self.inner.votes_yes
-        } else {
-            &self.inner.votes_no
-        };
+        let counter = if yes { &self.inner.votes_yes } else { &self.inner.votes_no };
         counter.fetch_add(1, Ordering::Relaxed);
     }
 

@@ -8,9 +8,11 @@
 //!
 //! Bounded (I6): at most `outcome_memory_max` entries. Prepared branches are
 //! never evicted (their holds must wait for the decision, I4); everything else
-//! is evicted `tombstone_retention_ms` after it finished. When no room can be
-//! made, a new Prepare is refused. Forgetting a finished txn is safe because
-//! the resource keeps its own durable record (see the `Resource` contract).
+//! is evicted `tombstone_retention_ms` after it finished, or earlier, oldest
+//! first, when the memory is full. Only a memory full of prepared (or
+//! preparing) branches refuses a new Prepare. Forgetting a finished txn is
+//! safe because the resource keeps its own durable record (see the `Resource`
+//! contract): a repeat then costs one resource call, not a wrong answer.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
@@ -125,12 +127,7 @@ impl Outcomes {
 
     /// Up to `limit` prepared txns whose `due` time has come, oldest first,
     /// skipping those `skip` says are already being handled.
-    pub(crate) fn in_doubt(
-        &self,
-        now: Instant,
-        limit: usize,
-        skip: impl Fn(TxnId) -> bool,
-    ) -> Vec<TxnId> {
+    pub(crate) fn in_doubt(&self, now: Instant, limit: usize, skip: impl Fn(TxnId) -> bool) -> Vec<TxnId> {
         self.in_doubt
             .iter()
             .take_while(|(due, _)| *due <= now)
@@ -166,11 +163,24 @@ impl Outcomes {
 
     fn make_room(&mut self, now: Instant) -> Result<(), Full> {
         self.evict_expired(now);
-        if self.entries.len() < self.max {
-            Ok(())
-        } else {
-            Err(Full)
+        let mut in_progress = Vec::new();
+        while self.entries.len() >= self.max {
+            let Some((since, seq, txn)) = self.expiry.pop_front() else { break };
+            match self.entries.get(&txn) {
+                Some(entry) if entry.seq == seq && entry.outcome == Outcome::Preparing => {
+                    in_progress.push((since, seq, txn));
+                }
+                Some(entry) if entry.seq == seq => {
+                    self.entries.remove(&txn);
+                }
+                _ => {}
+            }
         }
+        // Running Prepares keep their place at the front of the queue.
+        for item in in_progress.into_iter().rev() {
+            self.expiry.push_front(item);
+        }
+        if self.entries.len() < self.max { Ok(()) } else { Err(Full) }
     }
 
     fn evict_expired(&mut self, now: Instant) {
@@ -193,8 +203,7 @@ impl Outcomes {
             return;
         }
         let entries = &self.entries;
-        self.expiry
-            .retain(|(_, seq, txn)| entries.get(txn).is_some_and(|e| e.seq == *seq));
+        self.expiry.retain(|(_, seq, txn)| entries.get(txn).is_some_and(|e| e.seq == *seq));
     }
 }
 
@@ -208,19 +217,27 @@ mod tests {
         Outcome::Prepared { due: now }
     }
 
-    // I6 (bounded): the memory never holds more than its limit of entries.
+    // I6 (bounded): the memory never holds more than its limit of entries;
+    // when full, the oldest finished entry makes room, and only a memory full
+    // of prepared or preparing branches refuses.
     #[test]
-    fn refuses_new_entries_when_full_of_unexpired_ones() {
+    fn when_full_evicts_the_oldest_finished_entry_and_refuses_only_when_all_are_held() {
         let now = Instant::now();
         let mut memory = Outcomes::new(2, RETENTION);
-        let (a, b, c) = (TxnId::new(), TxnId::new(), TxnId::new());
+        let (a, b, c, d) = (TxnId::new(), TxnId::new(), TxnId::new(), TxnId::new());
         assert_eq!(memory.set(a, Outcome::Tombstone, now), Ok(()));
         assert_eq!(memory.set(b, prepared(now), now), Ok(()));
-        assert_eq!(memory.set(c, Outcome::Committed, now), Err(Full));
-        assert_eq!(memory.get(c), None);
+        assert_eq!(memory.set(c, Outcome::Preparing, now), Ok(()));
+        assert_eq!(memory.get(a), None, "the finished entry made room");
+        assert_eq!(memory.set(d, Outcome::Committed, now), Err(Full));
+        assert_eq!(memory.get(d), None);
         // Updating an existing entry needs no room.
         assert_eq!(memory.set(b, Outcome::Committed, now), Ok(()));
         assert_eq!(memory.len(), 2);
+        // The running Prepare was not evicted; the finished one goes first.
+        assert_eq!(memory.set(d, Outcome::Committed, now), Ok(()));
+        assert_eq!(memory.get(c), Some(&Outcome::Preparing));
+        assert_eq!(memory.get(b), None);
     }
 
     // I4 (no hanging): prepared branches are never evicted; finished ones are, after retention.
@@ -233,19 +250,18 @@ mod tests {
         assert_eq!(memory.set(done, Outcome::Tombstone, start), Ok(()));
 
         let almost = start + RETENTION - Duration::from_millis(1);
-        assert_eq!(memory.set(fresh, Outcome::Tombstone, almost), Err(Full));
-        assert_eq!(memory.get(done), Some(&Outcome::Tombstone));
+        memory.evict_expired(almost);
+        assert_eq!(memory.get(done), Some(&Outcome::Tombstone), "kept within retention");
 
         let later = start + RETENTION;
+        memory.evict_expired(later);
+        assert_eq!(memory.get(done), None, "evicted after retention");
         assert_eq!(memory.set(fresh, Outcome::Tombstone, later), Ok(()));
         assert_eq!(memory.get(done), None);
         assert!(memory.is_prepared(held));
 
         let much_later = later + RETENTION * 100;
-        assert_eq!(
-            memory.set(TxnId::new(), Outcome::Committed, much_later),
-            Ok(())
-        );
+        assert_eq!(memory.set(TxnId::new(), Outcome::Committed, much_later), Ok(()));
         assert!(memory.is_prepared(held), "a prepared branch was evicted");
     }
 
@@ -270,9 +286,7 @@ mod tests {
         let start = Instant::now();
         let mut memory = Outcomes::new(10, RETENTION);
         let (first, second, later, done) = (TxnId::new(), TxnId::new(), TxnId::new(), TxnId::new());
-        let due = |ms| Outcome::Prepared {
-            due: start + Duration::from_millis(ms),
-        };
+        let due = |ms| Outcome::Prepared { due: start + Duration::from_millis(ms) };
         assert_eq!(memory.set(second, due(20), start), Ok(()));
         assert_eq!(memory.set(first, due(10), start), Ok(()));
         assert_eq!(memory.set(later, due(1_000), start), Ok(()));
@@ -293,11 +307,7 @@ mod tests {
         let mut memory = Outcomes::new(4, RETENTION);
         let txn = TxnId::new();
         for i in 0..1_000 {
-            let outcome = if i % 2 == 0 {
-                Outcome::Preparing
-            } else {
-                Outcome::Refused { reason: "x".into() }
-            };
+            let outcome = if i % 2 == 0 { Outcome::Preparing } else { Outcome::Refused { reason: "x".into() } };
             assert_eq!(memory.set(txn, outcome, now), Ok(()));
         }
         assert!(memory.expiry.len() <= 2 * 4 + 17);

@@ -109,11 +109,7 @@ struct Backoff {
 impl Backoff {
     fn new(min_ms: u64, max_ms: u64) -> Self {
         assert!(min_ms <= max_ms, "validated by ParticipantConfig::validate");
-        Self {
-            min_ms,
-            max_ms,
-            step_ms: min_ms,
-        }
+        Self { min_ms, max_ms, step_ms: min_ms }
     }
 
     fn next(&mut self) -> Duration {
@@ -176,10 +172,7 @@ impl Cluster {
                 }
             }
         }
-        warn!(
-            nodes = tried.len(),
-            "no coordinator answered this round; backing off"
-        );
+        warn!(nodes = tried.len(), "no coordinator answered this round; backing off");
         None
     }
 
@@ -188,10 +181,8 @@ impl Cluster {
         let mut client = CoordinatorClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let mut request = tonic::Request::new(ResolveRequest {
-            txn_id: txn.to_string(),
-            participant: self.participant.clone(),
-        });
+        let mut request =
+            tonic::Request::new(ResolveRequest { txn_id: txn.to_string(), participant: self.participant.clone() });
         request.set_timeout(self.request_timeout);
         let response = client.resolve(request).await?.into_inner();
         // Never decide on our own: an answer without a decision is no answer.
@@ -234,9 +225,7 @@ mod tests {
     #[test]
     fn backoff_grows_to_the_cap_and_stays_within_bounds() {
         let mut backoff = Backoff::new(10, 200);
-        let pauses: Vec<u64> = (0..20)
-            .map(|_| u64::try_from(backoff.next().as_millis()).unwrap_or(u64::MAX))
-            .collect();
+        let pauses: Vec<u64> = (0..20).map(|_| u64::try_from(backoff.next().as_millis()).unwrap_or(u64::MAX)).collect();
         assert!(pauses.iter().all(|p| (10..=200).contains(p)), "{pauses:?}");
         assert!(pauses[..2].iter().all(|p| *p <= 20), "{pauses:?}");
         assert!(pauses[10..].iter().all(|p| *p >= 100), "{pauses:?}");

@@ -94,11 +94,7 @@ pub trait Resource: Send + Sync + 'static {
     /// # Errors
     /// [`ResourceError::Unavailable`] when the vote could not be made durable
     /// now; [`ResourceError::Fatal`] otherwise.
-    fn prepare(
-        &self,
-        txn: TxnId,
-        payload: Bytes,
-    ) -> impl Future<Output = Result<Vote, ResourceError>> + Send;
+    fn prepare(&self, txn: TxnId, payload: Bytes) -> impl Future<Output = Result<Vote, ResourceError>> + Send;
 
     /// Applies the branch of `txn`, which voted YES, and releases its holds.
     ///

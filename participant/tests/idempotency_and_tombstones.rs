@@ -17,25 +17,15 @@ async fn abort_before_prepare_makes_the_late_prepare_vote_no() -> anyhow::Result
     let p = start(Arc::clone(&resource), config(vec![dead_addr().await?])).await?;
     let txn = TxnId::new();
     p.decide(txn, Decision::Abort).await?;
-    assert!(
-        resource.is_aborted(txn),
-        "the resource keeps a durable tombstone"
-    );
+    assert!(resource.is_aborted(txn), "the resource keeps a durable tombstone");
 
     let late = vote(&p.prepare(txn, b"ok").await?)?;
     assert!(!late.is_yes(), "a prepare after abort voted YES");
-    assert_eq!(
-        resource.prepare_calls(txn),
-        0,
-        "the tombstone in the outcome memory should answer the late prepare"
-    );
+    assert_eq!(resource.prepare_calls(txn), 0, "the tombstone in the outcome memory should answer the late prepare");
     assert!(!resource.is_prepared(txn));
 
     let status = p.decide(txn, Decision::Commit).await;
-    assert_eq!(
-        status.map_err(|s| s.code()),
-        Err(tonic::Code::FailedPrecondition)
-    );
+    assert_eq!(status.map_err(|s| s.code()), Err(tonic::Code::FailedPrecondition));
     p.stop().await
 }
 
@@ -53,10 +43,7 @@ async fn tombstone_survives_a_participant_restart() -> anyhow::Result<()> {
     drop(resource);
     let p = start(Arc::clone(&restarted), config(vec![dead_addr().await?])).await?;
     let late = vote(&p.prepare(txn, b"ok").await?)?;
-    assert!(
-        !late.is_yes(),
-        "a prepare after abort and restart voted YES"
-    );
+    assert!(!late.is_yes(), "a prepare after abort and restart voted YES");
     assert!(!restarted.is_prepared(txn));
     p.stop().await
 }
@@ -64,23 +51,16 @@ async fn tombstone_survives_a_participant_restart() -> anyhow::Result<()> {
 // I5: a repeated Prepare returns the recorded vote (YES or NO with its reason) and does not
 // call the resource again.
 #[tokio::test]
-async fn repeated_prepare_returns_the_recorded_vote_without_calling_the_resource()
--> anyhow::Result<()> {
+async fn repeated_prepare_returns_the_recorded_vote_without_calling_the_resource() -> anyhow::Result<()> {
     let resource = Arc::new(MemoryResource::new());
     let p = start(Arc::clone(&resource), config(vec![dead_addr().await?])).await?;
     let (yes, no) = (TxnId::new(), TxnId::new());
     for _ in 0..3 {
         assert_eq!(vote(&p.prepare(yes, b"ok").await?)?, Vote::Yes);
-        assert_eq!(
-            vote(&p.prepare(no, b"no:insufficient funds").await?)?,
-            Vote::no("insufficient funds")
-        );
+        assert_eq!(vote(&p.prepare(no, b"no:insufficient funds").await?)?, Vote::no("insufficient funds"));
     }
     // A repeat with another payload still gets the recorded vote.
-    assert_eq!(
-        vote(&p.prepare(yes, b"no:changed my mind").await?)?,
-        Vote::Yes
-    );
+    assert_eq!(vote(&p.prepare(yes, b"no:changed my mind").await?)?, Vote::Yes);
     assert_eq!(resource.prepare_calls(yes), 1);
     assert_eq!(resource.prepare_calls(no), 1);
     let m = p.metrics.snapshot();
@@ -159,8 +139,7 @@ async fn repeated_decide_after_restart_applies_nothing_again() -> anyhow::Result
 // I1: a transient resource failure during Decide is UNAVAILABLE and changes nothing; the
 // coordinator's retry then applies the decision once.
 #[tokio::test]
-async fn transient_resource_failure_is_unavailable_and_the_retry_applies_once() -> anyhow::Result<()>
-{
+async fn transient_resource_failure_is_unavailable_and_the_retry_applies_once() -> anyhow::Result<()> {
     let resource = Arc::new(MemoryResource::new());
     let p = start(Arc::clone(&resource), config(vec![dead_addr().await?])).await?;
     let txn = TxnId::new();
@@ -169,10 +148,7 @@ async fn transient_resource_failure_is_unavailable_and_the_retry_applies_once() 
     let status = p.decide(txn, Decision::Commit).await;
     assert_eq!(status.map_err(|s| s.code()), Err(tonic::Code::Unavailable));
     assert_eq!(resource.commit_count(txn), 0);
-    assert!(
-        resource.is_prepared(txn),
-        "a failed decision released the branch"
-    );
+    assert!(resource.is_prepared(txn), "a failed decision released the branch");
 
     resource.set_unavailable(false);
     p.decide(txn, Decision::Commit).await?;

@@ -33,11 +33,7 @@ async fn decide_code(p: &Running, request: DecisionRequest) -> anyhow::Result<to
 }
 
 fn decision_request(txn_id: &str, decision: i32) -> DecisionRequest {
-    DecisionRequest {
-        txn_id: txn_id.into(),
-        participant: ID.into(),
-        decision,
-    }
+    DecisionRequest { txn_id: txn_id.into(), participant: ID.into(), decision }
 }
 
 // I6 (bad input is refused clearly): an empty, malformed or non-v7 txn id is INVALID_ARGUMENT,
@@ -51,19 +47,11 @@ async fn bad_txn_ids_are_invalid_argument() -> anyhow::Result<()> {
         let mut request = prepare_request(TxnId::new(), b"ok");
         request.txn_id = bad.into();
         let status = prepare_code(&p, request).await?;
-        assert_eq!(
-            status.code(),
-            Code::InvalidArgument,
-            "prepare {bad:?}: {status:?}"
-        );
+        assert_eq!(status.code(), Code::InvalidArgument, "prepare {bad:?}: {status:?}");
         assert!(status.message().starts_with("txn_id:"), "{status:?}");
 
         let status = decide_code(&p, decision_request(bad, Decision::Abort.into())).await?;
-        assert_eq!(
-            status.code(),
-            Code::InvalidArgument,
-            "decide {bad:?}: {status:?}"
-        );
+        assert_eq!(status.code(), Code::InvalidArgument, "decide {bad:?}: {status:?}");
     }
     assert_eq!(p.metrics.snapshot().prepares, 0);
     p.stop().await
@@ -114,11 +102,7 @@ async fn unknown_decision_value_is_invalid_argument() -> anyhow::Result<()> {
     p.prepare(txn, b"ok").await?;
     for bad in [0, 3, 99, -1] {
         let status = decide_code(&p, decision_request(&txn.to_string(), bad)).await?;
-        assert_eq!(
-            status.code(),
-            Code::InvalidArgument,
-            "decision {bad}: {status:?}"
-        );
+        assert_eq!(status.code(), Code::InvalidArgument, "decision {bad}: {status:?}");
         assert!(status.message().starts_with("decision:"), "{status:?}");
     }
     assert_eq!(resource.commit_calls(txn) + resource.abort_calls(txn), 0);
@@ -132,11 +116,7 @@ async fn commit_of_never_prepared_txn_is_failed_precondition() -> anyhow::Result
     let resource = Arc::new(MemoryResource::new());
     let p = participant(&resource).await?;
     let txn = TxnId::new();
-    let status = decide_code(
-        &p,
-        decision_request(&txn.to_string(), Decision::Commit.into()),
-    )
-    .await?;
+    let status = decide_code(&p, decision_request(&txn.to_string(), Decision::Commit.into())).await?;
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert!(status.message().contains("never prepared"), "{status:?}");
     assert_eq!(resource.commit_count(txn), 0);
@@ -183,26 +163,14 @@ async fn conflicting_decision_is_failed_precondition() -> anyhow::Result<()> {
     p.decide(committed, Decision::Commit).await?;
     p.decide(aborted, Decision::Abort).await?;
 
-    for (txn, decision) in [
-        (committed, Decision::Abort),
-        (aborted, Decision::Commit),
-        (refused, Decision::Commit),
-    ] {
+    for (txn, decision) in [(committed, Decision::Abort), (aborted, Decision::Commit), (refused, Decision::Commit)] {
         let status = decide_code(&p, decision_request(&txn.to_string(), decision.into())).await?;
-        assert_eq!(
-            status.code(),
-            Code::FailedPrecondition,
-            "{decision} {status:?}"
-        );
+        assert_eq!(status.code(), Code::FailedPrecondition, "{decision} {status:?}");
     }
     assert_eq!(resource.commit_count(committed), 1);
     assert_eq!(resource.commit_count(aborted), 0);
     assert_eq!(resource.commit_count(refused), 0);
-    assert_eq!(
-        resource.abort_calls(committed),
-        0,
-        "memory should refuse before the resource"
-    );
+    assert_eq!(resource.abort_calls(committed), 0, "memory should refuse before the resource");
     p.stop().await
 }
 

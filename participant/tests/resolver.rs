@@ -17,9 +17,7 @@ use twopc_participant::{Decision, MemoryResource, Resource, TxnId, Vote};
 async fn restarted_with_prepared(txns: &[TxnId]) -> anyhow::Result<MemoryResource> {
     let before_crash = MemoryResource::new();
     for txn in txns {
-        let vote = before_crash
-            .prepare(*txn, Bytes::from_static(b"ok"))
-            .await?;
+        let vote = before_crash.prepare(*txn, Bytes::from_static(b"ok")).await?;
         anyhow::ensure!(vote == Vote::Yes, "setup: {txn} voted {vote:?}");
     }
     Ok(before_crash.restarted())
@@ -50,35 +48,19 @@ async fn restarted_participant_resolves_through_hint_and_outage() -> anyhow::Res
     let p = start(Arc::clone(&resource), config(coordinators)).await?;
 
     let all = [to_commit, to_abort, unknown];
-    wait_until("every recovered branch is decided", || {
-        all.iter().all(|t| !resource.is_prepared(*t))
-    })
-    .await?;
+    wait_until("every recovered branch is decided", || all.iter().all(|t| !resource.is_prepared(*t))).await?;
 
     assert_eq!(resource.commit_count(to_commit), 1);
     assert_eq!(resource.commit_calls(to_commit), 1);
     assert!(resource.is_aborted(to_abort));
     assert!(resource.is_aborted(unknown), "presumed abort not applied");
     assert_eq!(leader.decision(unknown), Some(Decision::Abort));
-    assert!(
-        follower.calls(to_commit) >= 1,
-        "the follower was never asked"
-    );
-    assert!(
-        leader.total_calls() >= u64::from(outage_calls) + 3,
-        "the leader answered before its outage ended?"
-    );
+    assert!(follower.calls(to_commit) >= 1, "the follower was never asked");
+    assert!(leader.total_calls() >= u64::from(outage_calls) + 3, "the leader answered before its outage ended?");
     for txn in all {
-        assert_eq!(
-            resource.commit_calls(txn) + resource.abort_calls(txn),
-            1,
-            "{txn}"
-        );
+        assert_eq!(resource.commit_calls(txn) + resource.abort_calls(txn), 1, "{txn}");
     }
-    wait_until("the resolves are counted", || {
-        p.metrics.snapshot().resolves == 3
-    })
-    .await?;
+    wait_until("the resolves are counted", || p.metrics.snapshot().resolves == 3).await?;
     assert_eq!(p.metrics.snapshot().in_doubt_now, 0);
     p.stop().await
 }
@@ -94,23 +76,14 @@ async fn resolver_keeps_asking_and_never_decides_alone() -> anyhow::Result<()> {
     let node = coordinator.start().await?;
     let p = start(Arc::clone(&resource), config(vec![node.addr().to_string()])).await?;
 
-    wait_until("several resolve rounds failed", || {
-        coordinator.calls(txn) >= 5
-    })
-    .await?;
-    assert!(
-        resource.is_prepared(txn),
-        "the branch was released without a decision"
-    );
+    wait_until("several resolve rounds failed", || coordinator.calls(txn) >= 5).await?;
+    assert!(resource.is_prepared(txn), "the branch was released without a decision");
     assert_eq!(resource.commit_calls(txn) + resource.abort_calls(txn), 0);
     assert_eq!(p.metrics.snapshot().in_doubt_now, 1);
 
     coordinator.fail_next(0);
     coordinator.set_decision(txn, Decision::Commit);
-    wait_until("the branch is committed", || {
-        resource.commit_count(txn) == 1
-    })
-    .await?;
+    wait_until("the branch is committed", || resource.commit_count(txn) == 1).await?;
     p.stop().await
 }
 
@@ -132,19 +105,9 @@ async fn prepared_branch_past_the_in_doubt_timeout_is_resolved() -> anyhow::Resu
     assert_eq!(vote(&p.prepare(forgotten, b"ok").await?)?, Vote::Yes);
     let prepared_at = tokio::time::Instant::now();
 
-    wait_until("the forgotten branch is committed", || {
-        resource.commit_count(forgotten) == 1
-    })
-    .await?;
-    assert!(
-        prepared_at.elapsed().as_millis() >= 50,
-        "asked before the in-doubt timeout"
-    );
-    assert_eq!(
-        coordinator.calls(decided),
-        0,
-        "asked about a decided branch"
-    );
+    wait_until("the forgotten branch is committed", || resource.commit_count(forgotten) == 1).await?;
+    assert!(prepared_at.elapsed().as_millis() >= 50, "asked before the in-doubt timeout");
+    assert_eq!(coordinator.calls(decided), 0, "asked about a decided branch");
     assert!(coordinator.calls(forgotten) >= 1);
     p.stop().await
 }
@@ -161,10 +124,7 @@ async fn decide_racing_the_resolver_applies_once() -> anyhow::Result<()> {
 
     resource.hold_commits();
     let p = Arc::new(start(Arc::clone(&resource), config(vec![node.addr().to_string()])).await?);
-    wait_until("the resolver is applying its answer", || {
-        resource.commits_held() == 1
-    })
-    .await?;
+    wait_until("the resolver is applying its answer", || resource.commits_held() == 1).await?;
     let racing = {
         let p = Arc::clone(&p);
         tokio::spawn(async move { p.decide(txn, Decision::Commit).await })
@@ -174,11 +134,7 @@ async fn decide_racing_the_resolver_applies_once() -> anyhow::Result<()> {
 
     assert_eq!(resource.inner.commit_calls(txn), 1);
     assert_eq!(resource.inner.commit_count(txn), 1);
-    assert_eq!(
-        resource.commits_held(),
-        1,
-        "the racing decide reached the resource"
-    );
+    assert_eq!(resource.commits_held(), 1, "the racing decide reached the resource");
     Ok(())
 }
 
@@ -200,31 +156,19 @@ async fn resolver_racing_a_decide_applies_once() -> anyhow::Result<()> {
         let p = Arc::clone(&p);
         tokio::spawn(async move { p.decide(txn, Decision::Commit).await })
     };
-    wait_until("the decide is being applied", || {
-        resource.commits_held() == 1
-    })
-    .await?;
+    wait_until("the decide is being applied", || resource.commits_held() == 1).await?;
 
     // Now the resolver gets its answer while the Decide holds the txn.
     let asked_before = coordinator.calls(txn);
     coordinator.set_leader();
-    wait_until("the resolver got an answer", || {
-        coordinator.calls(txn) > asked_before
-    })
-    .await?;
+    wait_until("the resolver got an answer", || coordinator.calls(txn) > asked_before).await?;
     resource.release_commits();
     within("the decide", deciding).await???;
-    wait_until("the resolver is done", || {
-        p.metrics.snapshot().resolves == 1 || !resource.inner.is_prepared(txn)
-    })
-    .await?;
+    wait_until("the resolver is done", || p.metrics.snapshot().resolves == 1 || !resource.inner.is_prepared(txn))
+        .await?;
 
     assert_eq!(resource.inner.commit_count(txn), 1);
-    assert_eq!(
-        resource.commits_held(),
-        1,
-        "the resolver's answer reached the resource"
-    );
+    assert_eq!(resource.commits_held(), 1, "the resolver's answer reached the resource");
     assert_eq!(resource.inner.commit_calls(txn), 1);
     Ok(())
 }

@@ -32,12 +32,7 @@ impl FromStr for ParticipantId {
     type Err = ParticipantIdError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let fail = |why| {
-            Err(ParticipantIdError {
-                name: s.chars().take(80).collect(),
-                why,
-            })
-        };
+        let fail = |why| Err(ParticipantIdError { name: s.chars().take(80).collect(), why });
         if s.is_empty() {
             return fail("it is empty; use a name such as bank-a");
         }
@@ -47,8 +42,7 @@ impl FromStr for ParticipantId {
         if !s.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit()) {
             return fail("it must start with a lowercase letter or a digit");
         }
-        let allowed =
-            |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.');
+        let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.');
         if !s.chars().all(allowed) {
             return fail("only lowercase letters, digits, '-', '_' and '.' are allowed");
         }

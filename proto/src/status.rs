@@ -33,11 +33,7 @@ pub fn leader_hint(status: &Status) -> Option<String> {
         return None;
     }
     let value = status.metadata().get(LEADER_METADATA_KEY)?;
-    value
-        .to_str()
-        .ok()
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
+    value.to_str().ok().filter(|s| !s.is_empty()).map(str::to_owned)
 }
 
 /// Whether a call that failed with this status may be retried unchanged
@@ -46,11 +42,7 @@ pub fn leader_hint(status: &Status) -> Option<String> {
 pub fn is_retryable(status: &Status) -> bool {
     matches!(
         status.code(),
-        Code::Unavailable
-            | Code::DeadlineExceeded
-            | Code::ResourceExhausted
-            | Code::Aborted
-            | Code::Unknown
+        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted | Code::Unknown
     )
 }
 

@@ -22,9 +22,7 @@ pub enum TxnIdError {
     #[error("txn id is empty; expected a UUIDv7 such as 019a2b3c-4d5e-7f60-8a1b-2c3d4e5f6a7b")]
     Empty,
     /// The text is not a UUID at all.
-    #[error(
-        "txn id {0:?} is not a UUID; expected a UUIDv7 such as 019a2b3c-4d5e-7f60-8a1b-2c3d4e5f6a7b"
-    )]
+    #[error("txn id {0:?} is not a UUID; expected a UUIDv7 such as 019a2b3c-4d5e-7f60-8a1b-2c3d4e5f6a7b")]
     Malformed(String),
     /// A UUID, but not version 7, so it carries no creation time.
     #[error("txn id {id} is a version {version} UUID; twopc needs a time-ordered UUIDv7")]
@@ -58,9 +56,7 @@ impl TxnId {
     /// The creation time encoded in the id, in Unix milliseconds.
     pub fn created_unix_ms(self) -> u64 {
         let b = self.0.as_bytes();
-        b[..6]
-            .iter()
-            .fold(0u64, |acc, byte| (acc << 8) | u64::from(*byte))
+        b[..6].iter().fold(0u64, |acc, byte| (acc << 8) | u64::from(*byte))
     }
 
     /// Milliseconds since this id was created, by the local clock (0 if in the future).
@@ -71,10 +67,7 @@ impl TxnId {
     fn checked(uuid: Uuid) -> Result<Self, TxnIdError> {
         match uuid.get_version_num() {
             7 => Ok(Self(uuid)),
-            version => Err(TxnIdError::WrongVersion {
-                id: uuid.to_string(),
-                version,
-            }),
+            version => Err(TxnIdError::WrongVersion { id: uuid.to_string(), version }),
         }
     }
 }
@@ -92,8 +85,7 @@ impl FromStr for TxnId {
         if s.is_empty() {
             return Err(TxnIdError::Empty);
         }
-        let uuid =
-            Uuid::try_parse(s).map_err(|_| TxnIdError::Malformed(s.chars().take(64).collect()))?;
+        let uuid = Uuid::try_parse(s).map_err(|_| TxnIdError::Malformed(s.chars().take(64).collect()))?;
         Self::checked(uuid)
     }
 }
@@ -125,10 +117,7 @@ impl<'de> serde::Deserialize<'de> for TxnId {
 
 /// The local clock in Unix milliseconds (0 if the clock is before 1970).
 pub fn unix_now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -161,14 +150,8 @@ mod tests {
     #[test]
     fn rejects_empty_malformed_and_other_versions() {
         assert_eq!("".parse::<TxnId>(), Err(TxnIdError::Empty));
-        assert!(matches!(
-            "not-a-uuid".parse::<TxnId>(),
-            Err(TxnIdError::Malformed(_))
-        ));
+        assert!(matches!("not-a-uuid".parse::<TxnId>(), Err(TxnIdError::Malformed(_))));
         let v4 = "67e55044-10b1-426f-9247-bb680e5fe0c8";
-        assert!(matches!(
-            v4.parse::<TxnId>(),
-            Err(TxnIdError::WrongVersion { version: 4, .. })
-        ));
+        assert!(matches!(v4.parse::<TxnId>(), Err(TxnIdError::WrongVersion { version: 4, .. })));
     }
 }

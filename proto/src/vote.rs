@@ -20,9 +20,7 @@ pub enum Vote {
 impl Vote {
     /// A NO vote with the given reason.
     pub fn no(reason: impl Into<String>) -> Self {
-        Self::No {
-            reason: reason.into(),
-        }
+        Self::No { reason: reason.into() }
     }
 
     /// Whether this is a YES vote.
@@ -33,14 +31,8 @@ impl Vote {
     /// The wire form.
     pub fn to_pb(&self) -> pb::PrepareResponse {
         match self {
-            Self::Yes => pb::PrepareResponse {
-                vote: pb::VoteKind::Yes.into(),
-                reason: String::new(),
-            },
-            Self::No { reason } => pb::PrepareResponse {
-                vote: pb::VoteKind::No.into(),
-                reason: reason.clone(),
-            },
+            Self::Yes => pb::PrepareResponse { vote: pb::VoteKind::Yes.into(), reason: String::new() },
+            Self::No { reason } => pb::PrepareResponse { vote: pb::VoteKind::No.into(), reason: reason.clone() },
         }
     }
 
@@ -52,10 +44,7 @@ impl Vote {
         match pb::VoteKind::try_from(kind) {
             Ok(pb::VoteKind::Yes) => Ok(Self::Yes),
             Ok(pb::VoteKind::No) => Ok(Self::no(reason)),
-            _ => Err(WireEnumError {
-                field: "vote",
-                value: kind,
-            }),
+            _ => Err(WireEnumError { field: "vote", value: kind }),
         }
     }
 }
@@ -92,10 +81,7 @@ impl TryFrom<i32> for Decision {
         match pb::Decision::try_from(value) {
             Ok(pb::Decision::Commit) => Ok(Self::Commit),
             Ok(pb::Decision::Abort) => Ok(Self::Abort),
-            _ => Err(WireEnumError {
-                field: "decision",
-                value,
-            }),
+            _ => Err(WireEnumError { field: "decision", value }),
         }
     }
 }

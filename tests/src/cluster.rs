@@ -74,11 +74,7 @@ impl Cluster {
 
     /// The config node `id` runs with.
     pub fn config(&self, id: u64) -> NodeConfig {
-        let peers = self
-            .addrs
-            .iter()
-            .map(|(id, addr)| (*id, addr.to_string()))
-            .collect();
+        let peers = self.addrs.iter().map(|(id, addr)| (*id, addr.to_string())).collect();
         let mut config = NodeConfig::new(id, peers, self.root.path().join(format!("node-{id}")));
         config.tick_interval_ms = 30;
         config.election_ticks = 10;
@@ -90,9 +86,7 @@ impl Cluster {
 
     fn spawn(&mut self, id: u64, listener: TcpListener) -> anyhow::Result<()> {
         let config = self.config(id);
-        let client = self.gate.client(Duration::from_millis(
-            config.engine.participant_connect_timeout_ms,
-        ));
+        let client = self.gate.client(Duration::from_millis(config.engine.participant_connect_timeout_ms));
         let node = server::spawn_with_client(listener, &config, self.faults.clone(), client)
             .with_context(|| format!("starting node {id}"))?;
         self.running.insert(id, node);
@@ -104,11 +98,7 @@ impl Cluster {
     /// # Panics
     /// If the node is not running: a bug in the test.
     pub fn node(&self, id: u64) -> &NodeHandle {
-        &self
-            .running
-            .get(&id)
-            .unwrap_or_else(|| panic!("node {id} is not running"))
-            .handle
+        &self.running.get(&id).unwrap_or_else(|| panic!("node {id} is not running")).handle
     }
 
     /// Ids of the running nodes.
@@ -137,13 +127,8 @@ impl Cluster {
     /// # Errors
     /// The node's raft task had failed.
     pub async fn kill(&mut self, id: u64) -> anyhow::Result<()> {
-        let node = self
-            .running
-            .remove(&id)
-            .with_context(|| format!("node {id} is not running"))?;
-        node.stop()
-            .await
-            .with_context(|| format!("stopping node {id}"))
+        let node = self.running.remove(&id).with_context(|| format!("node {id} is not running"))?;
+        node.stop().await.with_context(|| format!("stopping node {id}"))
     }
 
     /// Restarts node `id` from its data dir on its old address.
@@ -151,9 +136,7 @@ impl Cluster {
     /// # Errors
     /// The port cannot be bound again or the node cannot start.
     pub async fn restart(&mut self, id: u64) -> anyhow::Result<()> {
-        let listener = TcpListener::bind(self.addrs[&id])
-            .await
-            .with_context(|| format!("rebinding node {id}"))?;
+        let listener = TcpListener::bind(self.addrs[&id]).await.with_context(|| format!("rebinding node {id}"))?;
         self.spawn(id, listener)
     }
 
@@ -163,20 +146,11 @@ impl Cluster {
     /// # Errors
     /// No agreement within [`SETTLE_TIMEOUT`].
     pub async fn wait_for_leader(&self) -> anyhow::Result<u64> {
-        wait::until(
-            "a ready leader all running nodes agree on",
-            SETTLE_TIMEOUT,
-            || async {
-                let statuses: Vec<_> = self.running.values().map(|n| n.handle.status()).collect();
-                let leader = statuses
-                    .iter()
-                    .find(|s| s.role == Role::Leader && s.leader_ready)?;
-                statuses
-                    .iter()
-                    .all(|s| s.leader_id == leader.id && s.term == leader.term)
-                    .then_some(leader.id)
-            },
-        )
+        wait::until("a ready leader all running nodes agree on", SETTLE_TIMEOUT, || async {
+            let statuses: Vec<_> = self.running.values().map(|n| n.handle.status()).collect();
+            let leader = statuses.iter().find(|s| s.role == Role::Leader && s.leader_ready)?;
+            statuses.iter().all(|s| s.leader_id == leader.id && s.term == leader.term).then_some(leader.id)
+        })
         .await
     }
 
@@ -185,25 +159,15 @@ impl Cluster {
     /// # Errors
     /// Not reached within [`SETTLE_TIMEOUT`].
     pub async fn wait_applied(&self, index: u64) -> anyhow::Result<()> {
-        wait::until(
-            &format!("every running node to apply index {index}"),
-            SETTLE_TIMEOUT,
-            || async {
-                self.running
-                    .values()
-                    .all(|n| n.handle.status().applied_index >= index)
-                    .then_some(())
-            },
-        )
+        wait::until(&format!("every running node to apply index {index}"), SETTLE_TIMEOUT, || async {
+            self.running.values().all(|n| n.handle.status().applied_index >= index).then_some(())
+        })
         .await
     }
 
     /// A copy of every running node's applied state.
     pub fn states(&self) -> BTreeMap<u64, StateMachine> {
-        self.running
-            .iter()
-            .map(|(id, n)| (*id, n.handle.local_read(Clone::clone)))
-            .collect()
+        self.running.iter().map(|(id, n)| (*id, n.handle.local_read(Clone::clone))).collect()
     }
 
     /// A leader-following client of this cluster.
@@ -220,10 +184,7 @@ impl Cluster {
     /// The cluster refused or could not be reached.
     pub async fn register(&self, name: &str, addr: SocketAddr) -> anyhow::Result<()> {
         let client = self.client()?;
-        let request = twopc_proto::pb::RegisterParticipantRequest {
-            name: name.to_owned(),
-            addr: addr.to_string(),
-        };
+        let request = twopc_proto::pb::RegisterParticipantRequest { name: name.to_owned(), addr: addr.to_string() };
         client
             .admin(|mut c| {
                 let request = request.clone();

@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::watch;
-use twopc_coordinator::participant_client::{
-    CallError, GrpcParticipants, ParticipantClient, Target,
-};
+use twopc_coordinator::participant_client::{CallError, GrpcParticipants, ParticipantClient, Target};
 use twopc_proto::{Decision, TxnId, Vote};
 
 /// The switches, shared by every node of a test cluster.
@@ -22,11 +20,7 @@ pub struct Gate {
 
 impl Default for Gate {
     fn default() -> Self {
-        Self {
-            hold_after_prepare: watch::Sender::new(false),
-            fail_decides: Arc::default(),
-            prepared: Arc::default(),
-        }
+        Self { hold_after_prepare: watch::Sender::new(false), fail_decides: Arc::default(), prepared: Arc::default() }
     }
 }
 
@@ -50,10 +44,7 @@ impl Gate {
 
     /// A client for one node.
     pub fn client(&self, connect_timeout: Duration) -> GatedParticipants {
-        GatedParticipants {
-            grpc: GrpcParticipants::new(connect_timeout),
-            gate: self.clone(),
-        }
+        GatedParticipants { grpc: GrpcParticipants::new(connect_timeout), gate: self.clone() }
     }
 }
 
@@ -72,10 +63,7 @@ impl ParticipantClient for GatedParticipants {
         deadline_unix_ms: u64,
         timeout: Duration,
     ) -> Result<Vote, CallError> {
-        let vote = self
-            .grpc
-            .prepare(target, txn_id, payload, deadline_unix_ms, timeout)
-            .await;
+        let vote = self.grpc.prepare(target, txn_id, payload, deadline_unix_ms, timeout).await;
         self.gate.prepared.fetch_add(1, Ordering::SeqCst);
         let mut held = self.gate.hold_after_prepare.subscribe();
         // An error means the gate is gone with the test: stop holding.

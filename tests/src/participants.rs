@@ -31,11 +31,7 @@ impl TestParticipant {
     ///
     /// # Errors
     /// A bad config or a port that cannot be bound.
-    pub async fn start(
-        name: &str,
-        coordinators: Vec<String>,
-        in_doubt_timeout_ms: u64,
-    ) -> anyhow::Result<Self> {
+    pub async fn start(name: &str, coordinators: Vec<String>, in_doubt_timeout_ms: u64) -> anyhow::Result<Self> {
         let mut config = ParticipantConfig::new(name.parse()?, coordinators);
         config.in_doubt_timeout_ms = in_doubt_timeout_ms;
         config.resolve_backoff_min_ms = 20;
@@ -56,14 +52,7 @@ impl TestParticipant {
         let task = tokio::spawn(participant.serve(listener, async move {
             let _ = stopped.await;
         }));
-        Ok(Self {
-            name: name.to_owned(),
-            resource,
-            addr,
-            config,
-            stop: Some(stop),
-            task,
-        })
+        Ok(Self { name: name.to_owned(), resource, addr, config, stop: Some(stop), task })
     }
 
     /// Stops it abruptly and starts it again on the same address with the
@@ -78,9 +67,7 @@ impl TestParticipant {
         }
         self.task.abort();
         let _ = (&mut self.task).await;
-        let listener = TcpListener::bind(self.addr)
-            .await
-            .context("rebinding a participant")?;
+        let listener = TcpListener::bind(self.addr).await.context("rebinding a participant")?;
         let resource = Arc::new(self.resource.restarted());
         Self::serve(&self.name, resource, self.config.clone(), listener)
     }

@@ -17,23 +17,14 @@ use twopc_tests::wait;
 
 fn decide(txn_id: TxnId, decision: Decision) -> Proposal {
     Proposal {
-        command: Command::Decide(DecideCmd {
-            txn_id,
-            decision,
-            reason: String::new(),
-            branches: Vec::new(),
-        }),
+        command: Command::Decide(DecideCmd { txn_id, decision, reason: String::new(), branches: Vec::new() }),
         proposed_unix_ms: unix_now_ms(),
     }
 }
 
 /// Proposes `count` decisions through `leader` with `concurrency` in flight,
 /// returning the txn ids in proposal order. Every proposal must be applied.
-async fn propose_many(
-    leader: &NodeHandle,
-    count: usize,
-    concurrency: usize,
-) -> anyhow::Result<Vec<TxnId>> {
+async fn propose_many(leader: &NodeHandle, count: usize, concurrency: usize) -> anyhow::Result<Vec<TxnId>> {
     let ids: Vec<TxnId> = (0..count).map(|_| TxnId::new()).collect();
     let results: Vec<_> = futures::stream::iter(ids.iter().copied())
         .map(|id| async move { leader.propose(&decide(id, Decision::Commit)).await })
@@ -41,10 +32,7 @@ async fn propose_many(
         .collect()
         .await;
     for result in results {
-        anyhow::ensure!(
-            matches!(result?, Applied::Decided { first: true, .. }),
-            "a proposal was not the first"
-        );
+        anyhow::ensure!(matches!(result?, Applied::Decided { first: true, .. }), "a proposal was not the first");
     }
     Ok(ids)
 }
@@ -55,15 +43,11 @@ async fn assert_identical(cluster: &Cluster) -> anyhow::Result<BTreeMap<u64, Sta
     let leader = cluster.wait_for_leader().await?;
     let target = cluster.node(leader).status().raft_committed_index;
     cluster.wait_applied(target).await?;
-    let states = wait::until(
-        "identical state on every node",
-        Duration::from_secs(10),
-        || async {
-            let states = cluster.states();
-            let first = states.values().next()?.clone();
-            states.values().all(|s| *s == first).then_some(states)
-        },
-    )
+    let states = wait::until("identical state on every node", Duration::from_secs(10), || async {
+        let states = cluster.states();
+        let first = states.values().next()?.clone();
+        states.values().all(|s| *s == first).then_some(states)
+    })
     .await?;
     Ok(states)
 }
@@ -78,11 +62,7 @@ async fn ten_thousand_proposals_are_applied_identically_on_every_node() -> anyho
     let states = assert_identical(&cluster).await?;
     for state in states.values() {
         assert_eq!(state.txn_count(), 10_000);
-        assert!(ids.iter().all(|id| {
-            state
-                .txn(id)
-                .is_some_and(|r| r.decision == Decision::Commit)
-        }));
+        assert!(ids.iter().all(|id| { state.txn(id).is_some_and(|r| r.decision == Decision::Commit) }));
     }
     cluster.stop().await
 }
@@ -101,11 +81,7 @@ async fn killing_the_leader_elects_another_and_loses_no_applied_entry() -> anyho
     let states = assert_identical(&cluster).await?;
     for state in states.values() {
         for id in &before {
-            assert_eq!(
-                state.txn(id),
-                snapshot_before.txn(id),
-                "an applied entry changed"
-            );
+            assert_eq!(state.txn(id), snapshot_before.txn(id), "an applied entry changed");
         }
         assert!(after.iter().all(|id| state.txn(id).is_some()));
     }
@@ -119,11 +95,7 @@ async fn a_restarted_node_restores_from_its_data_dir_and_catches_up() -> anyhow:
     let leader = cluster.wait_for_leader().await?;
     propose_many(cluster.node(leader), 300, 16).await?;
     assert_identical(&cluster).await?;
-    let follower = cluster
-        .running()
-        .into_iter()
-        .find(|id| *id != leader)
-        .expect("a follower");
+    let follower = cluster.running().into_iter().find(|id| *id != leader).expect("a follower");
     cluster.kill(follower).await?;
     let leader = cluster.wait_for_leader().await?;
     let missed = propose_many(cluster.node(leader), 300, 16).await?;
@@ -137,14 +109,9 @@ async fn a_restarted_node_restores_from_its_data_dir_and_catches_up() -> anyhow:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_down_while_the_log_was_compacted_catches_up_by_snapshot() -> anyhow::Result<()> {
     // §4.5: a follower behind the first log index is sent a snapshot.
-    let mut cluster =
-        Cluster::start_with(3, Box::new(|c| c.snapshot_interval_entries = 200)).await?;
+    let mut cluster = Cluster::start_with(3, Box::new(|c| c.snapshot_interval_entries = 200)).await?;
     let leader = cluster.wait_for_leader().await?;
-    let follower = cluster
-        .running()
-        .into_iter()
-        .find(|id| *id != leader)
-        .expect("a follower");
+    let follower = cluster.running().into_iter().find(|id| *id != leader).expect("a follower");
     propose_many(cluster.node(leader), 100, 16).await?;
     assert_identical(&cluster).await?;
     let follower_last = cluster.node(follower).status().last_log_index;
@@ -159,10 +126,7 @@ async fn a_node_down_while_the_log_was_compacted_catches_up_by_snapshot() -> any
     cluster.restart(follower).await?;
     let states = assert_identical(&cluster).await?;
     assert_eq!(states[&follower].txn_count(), 1_100);
-    assert!(
-        cluster.node(follower).status().first_log_index > follower_last,
-        "the follower installed a snapshot"
-    );
+    assert!(cluster.node(follower).status().first_log_index > follower_last, "the follower installed a snapshot");
     cluster.stop().await
 }
 
@@ -171,48 +135,30 @@ async fn five_nodes_survive_two_down_refuse_with_three_down_and_resume() -> anyh
     // Quorum: a majority decides; without one, proposals fail clearly and promptly.
     let mut cluster = Cluster::start(5).await?;
     let leader = cluster.wait_for_leader().await?;
-    let others: Vec<u64> = cluster
-        .running()
-        .into_iter()
-        .filter(|id| *id != leader)
-        .collect();
+    let others: Vec<u64> = cluster.running().into_iter().filter(|id| *id != leader).collect();
     cluster.kill(others[0]).await?;
     cluster.kill(others[1]).await?;
     let mut acknowledged = propose_many(cluster.node(leader), 100, 8).await?;
 
     cluster.kill(others[2]).await?;
     let started = tokio::time::Instant::now();
-    let refused = wait::until(
-        "a proposal to be refused without quorum",
-        Duration::from_secs(15),
-        || async {
-            let live = cluster.running();
-            let mut last = None;
-            for id in live {
-                match cluster
-                    .node(id)
-                    .propose(&decide(TxnId::new(), Decision::Commit))
-                    .await
-                {
-                    Err(err) => last = Some(err),
-                    Ok(_) => return None,
-                }
+    let refused = wait::until("a proposal to be refused without quorum", Duration::from_secs(15), || async {
+        let live = cluster.running();
+        let mut last = None;
+        for id in live {
+            match cluster.node(id).propose(&decide(TxnId::new(), Decision::Commit)).await {
+                Err(err) => last = Some(err),
+                Ok(_) => return None,
             }
-            last
-        },
-    )
+        }
+        last
+    })
     .await?;
     assert!(
-        matches!(
-            refused,
-            Error::Timeout(_) | Error::NotLeader { .. } | Error::Retryable(_)
-        ),
+        matches!(refused, Error::Timeout(_) | Error::NotLeader { .. } | Error::Retryable(_)),
         "unexpected error {refused:?}"
     );
-    assert!(
-        started.elapsed() < Duration::from_secs(15),
-        "no hang past the deadline"
-    );
+    assert!(started.elapsed() < Duration::from_secs(15), "no hang past the deadline");
 
     cluster.restart(others[2]).await?;
     cluster.restart(others[1]).await?;
@@ -223,64 +169,39 @@ async fn five_nodes_survive_two_down_refuse_with_three_down_and_resume() -> anyh
     // A refused proposal's outcome is unknown (it may be applied once quorum
     // returns); every acknowledged one must be there.
     for state in states.values() {
-        assert!(
-            acknowledged.iter().all(|id| state.txn(id).is_some()),
-            "an acknowledged entry is missing"
-        );
+        assert!(acknowledged.iter().all(|id| state.txn(id).is_some()), "an acknowledged entry is missing");
     }
     cluster.stop().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_isolated_in_a_minority_never_answers_a_read_from_stale_state() -> anyhow::Result<()>
-{
+async fn a_node_isolated_in_a_minority_never_answers_a_read_from_stale_state() -> anyhow::Result<()> {
     // §4.3: ReadIndex, never a lease: a cut-off node (even the old leader)
     // must not serve a read that misses a decision the majority applied.
     let cluster = Cluster::start(3).await?;
     let old_leader = cluster.wait_for_leader().await?;
     let isolated = cluster.node(old_leader).clone();
     cluster.faults.isolate(old_leader);
-    let majority: Vec<u64> = cluster
-        .running()
-        .into_iter()
-        .filter(|id| *id != old_leader)
-        .collect();
-    let new_leader = wait::until(
-        "a leader in the majority",
-        Duration::from_secs(15),
-        || async {
-            majority.iter().copied().find(|id| {
-                let s = cluster.node(*id).status();
-                s.role == twopc_coordinator::node::Role::Leader && s.leader_ready
-            })
-        },
-    )
+    let majority: Vec<u64> = cluster.running().into_iter().filter(|id| *id != old_leader).collect();
+    let new_leader = wait::until("a leader in the majority", Duration::from_secs(15), || async {
+        majority.iter().copied().find(|id| {
+            let s = cluster.node(*id).status();
+            s.role == twopc_coordinator::node::Role::Leader && s.leader_ready
+        })
+    })
     .await?;
     let txn = TxnId::new();
-    cluster
-        .node(new_leader)
-        .propose(&decide(txn, Decision::Abort))
-        .await?;
+    cluster.node(new_leader).propose(&decide(txn, Decision::Abort)).await?;
     // The isolated node has not seen `txn`; a read there must fail, not say "unknown".
-    let read = isolated
-        .linearizable_read(|sm| sm.txn(&txn).is_some())
-        .await;
+    let read = isolated.linearizable_read(|sm| sm.txn(&txn).is_some()).await;
     match read {
         Err(err) => assert!(err.is_retryable(), "unexpected error {err:?}"),
         Ok(seen) => assert!(seen, "a stale read was served from the isolated node"),
     }
     cluster.faults.heal();
-    let seen = wait::until(
-        "the healed node to read the decision",
-        Duration::from_secs(15),
-        || async {
-            isolated
-                .linearizable_read(|sm| sm.txn(&txn).is_some())
-                .await
-                .ok()
-                .filter(|seen| *seen)
-        },
-    )
+    let seen = wait::until("the healed node to read the decision", Duration::from_secs(15), || async {
+        isolated.linearizable_read(|sm| sm.txn(&txn).is_some()).await.ok().filter(|seen| *seen)
+    })
     .await?;
     assert!(seen);
     cluster.stop().await
@@ -317,16 +238,10 @@ async fn disk_stays_bounded_under_continuous_writes() -> anyhow::Result<()> {
     let mut sizes = Vec::new();
     for _round in 0..4 {
         propose_many(cluster.node(leader), 5_000, 64).await?;
-        sizes.push(dir_bytes(
-            &cluster.data_dir(leader).join("raft").join("log"),
-        ));
+        sizes.push(dir_bytes(&cluster.data_dir(leader).join("raft").join("log")));
     }
     let status = cluster.node(leader).status();
-    assert!(
-        status.first_log_index > 15_000,
-        "the log was compacted: first index {}",
-        status.first_log_index
-    );
+    assert!(status.first_log_index > 15_000, "the log was compacted: first index {}", status.first_log_index);
     // 20,000 entries of ~40 bytes each are ~800 KiB plus raft-engine's framing;
     // retained, they would grow with every round.
     let (first, last) = (sizes[0], sizes[sizes.len() - 1]);

@@ -24,10 +24,7 @@ struct Setup {
 }
 
 /// A 3-node cluster with participants bank-a and bank-b registered.
-async fn setup(
-    in_doubt_timeout_ms: u64,
-    tweak: twopc_tests::cluster::Tweak,
-) -> anyhow::Result<Setup> {
+async fn setup(in_doubt_timeout_ms: u64, tweak: twopc_tests::cluster::Tweak) -> anyhow::Result<Setup> {
     twopc_tests::init_tracing();
     let cluster = Cluster::start_with(3, tweak).await?;
     cluster.wait_for_leader().await?;
@@ -36,12 +33,7 @@ async fn setup(
     cluster.register("bank-a", a.addr).await?;
     cluster.register("bank-b", b.addr).await?;
     let client = cluster.client()?;
-    Ok(Setup {
-        cluster,
-        a,
-        b,
-        client,
-    })
+    Ok(Setup { cluster, a, b, client })
 }
 
 fn request(txn_id: TxnId, branches: &[(&str, &str)]) -> pb::SubmitRequest {
@@ -58,10 +50,7 @@ fn request(txn_id: TxnId, branches: &[(&str, &str)]) -> pb::SubmitRequest {
     }
 }
 
-async fn submit(
-    client: &ClusterClient,
-    request: pb::SubmitRequest,
-) -> Result<pb::SubmitResponse, tonic::Status> {
+async fn submit(client: &ClusterClient, request: pb::SubmitRequest) -> Result<pb::SubmitResponse, tonic::Status> {
     client
         .coordinator(|mut c| {
             let request = request.clone();
@@ -70,13 +59,8 @@ async fn submit(
         .await
 }
 
-async fn transaction(
-    client: &ClusterClient,
-    txn_id: TxnId,
-) -> Result<pb::TransactionInfo, tonic::Status> {
-    let request = pb::GetTransactionRequest {
-        txn_id: txn_id.to_string(),
-    };
+async fn transaction(client: &ClusterClient, txn_id: TxnId) -> Result<pb::TransactionInfo, tonic::Status> {
+    let request = pb::GetTransactionRequest { txn_id: txn_id.to_string() };
     client
         .coordinator(|mut c| {
             let request = request.clone();
@@ -86,15 +70,9 @@ async fn transaction(
 }
 
 /// Waits until every branch of `txn_id` acknowledged the decision.
-async fn wait_finished(
-    client: &ClusterClient,
-    txn_id: TxnId,
-) -> anyhow::Result<pb::TransactionInfo> {
+async fn wait_finished(client: &ClusterClient, txn_id: TxnId) -> anyhow::Result<pb::TransactionInfo> {
     wait::until("every branch to acknowledge", SETTLE, || async {
-        transaction(client, txn_id)
-            .await
-            .ok()
-            .filter(|t| t.state == pb::TxnState::Finished as i32)
+        transaction(client, txn_id).await.ok().filter(|t| t.state == pb::TxnState::Finished as i32)
     })
     .await
 }
@@ -112,33 +90,16 @@ async fn all_yes_commits_every_branch_exactly_once() -> anyhow::Result<()> {
     // I1 + I5: every branch applies Commit, once.
     let s = setup(5_000, Box::new(|_| {})).await?;
     let txn = TxnId::new();
-    let response = submit(
-        &s.client,
-        request(txn, &[("bank-a", "debit"), ("bank-b", "credit")]),
-    )
-    .await?;
+    let response = submit(&s.client, request(txn, &[("bank-a", "debit"), ("bank-b", "credit")])).await?;
     assert_eq!(response.decision, pb::Decision::Commit as i32);
-    assert!(
-        response
-            .votes
-            .iter()
-            .all(|v| v.vote == pb::VoteKind::Yes as i32)
-    );
+    assert!(response.votes.iter().all(|v| v.vote == pb::VoteKind::Yes as i32));
     wait_finished(&s.client, txn).await?;
     assert_eq!(s.a.resource.commit_count(txn), 1);
     assert_eq!(s.b.resource.commit_count(txn), 1);
     // I5: a repeated Submit answers from the log and changes nothing.
-    let again = submit(
-        &s.client,
-        request(txn, &[("bank-a", "debit"), ("bank-b", "credit")]),
-    )
-    .await?;
+    let again = submit(&s.client, request(txn, &[("bank-a", "debit"), ("bank-b", "credit")])).await?;
     assert_eq!(again.decision, pb::Decision::Commit as i32);
-    assert_eq!(
-        s.a.resource.prepare_calls(txn),
-        1,
-        "a decided txn is not prepared again"
-    );
+    assert_eq!(s.a.resource.prepare_calls(txn), 1, "a decided txn is not prepared again");
     s.cluster.stop().await
 }
 
@@ -147,25 +108,14 @@ async fn one_no_vote_aborts_every_branch_and_says_which_and_why() -> anyhow::Res
     // I1: a NO anywhere means Abort everywhere; the client learns who and why.
     let s = setup(5_000, Box::new(|_| {})).await?;
     let txn = TxnId::new();
-    let response = submit(
-        &s.client,
-        request(
-            txn,
-            &[("bank-a", "debit"), ("bank-b", "no:insufficient funds")],
-        ),
-    )
-    .await?;
+    let response = submit(&s.client, request(txn, &[("bank-a", "debit"), ("bank-b", "no:insufficient funds")])).await?;
     assert_eq!(response.decision, pb::Decision::Abort as i32);
     assert!(
         response.reason.contains("bank-b") && response.reason.contains("insufficient funds"),
         "{}",
         response.reason
     );
-    let b_vote = response
-        .votes
-        .iter()
-        .find(|v| v.participant == "bank-b")
-        .expect("bank-b's vote");
+    let b_vote = response.votes.iter().find(|v| v.participant == "bank-b").expect("bank-b's vote");
     assert_eq!(b_vote.vote, pb::VoteKind::No as i32);
     assert_eq!(b_vote.reason, "insufficient funds");
     wait_finished(&s.client, txn).await?;
@@ -176,70 +126,41 @@ async fn one_no_vote_aborts_every_branch_and_says_which_and_why() -> anyhow::Res
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_participant_that_never_answers_aborts_the_txn_after_the_prepare_timeout()
--> anyhow::Result<()> {
+async fn a_participant_that_never_answers_aborts_the_txn_after_the_prepare_timeout() -> anyhow::Result<()> {
     // §5.3: no answer is a NO, bounded by the per-branch timeout.
     let s = setup(5_000, Box::new(|c| c.engine.prepare_timeout_ms = 500)).await?;
     let hole = BlackHole::start().await?;
     s.cluster.register("bank-c", hole.addr).await?;
     let txn = TxnId::new();
     let started = tokio::time::Instant::now();
-    let response = submit(
-        &s.client,
-        request(txn, &[("bank-a", "debit"), ("bank-c", "credit")]),
-    )
-    .await?;
+    let response = submit(&s.client, request(txn, &[("bank-a", "debit"), ("bank-c", "credit")])).await?;
     assert_eq!(response.decision, pb::Decision::Abort as i32);
     assert!(response.reason.contains("bank-c"), "{}", response.reason);
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "aborted after the prepare timeout, not the deadline"
-    );
-    wait_resource("bank-a to release its branch", &s.a.resource, |r| {
-        r.is_aborted(txn)
-    })
-    .await?;
+    assert!(started.elapsed() < Duration::from_secs(5), "aborted after the prepare timeout, not the deadline");
+    wait_resource("bank-a to release its branch", &s.a.resource, |r| r.is_aborted(txn)).await?;
     assert_eq!(s.a.resource.commit_count(txn), 0);
     s.cluster.stop().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_leader_delivers_a_decision_the_old_one_logged_but_never_sent() -> anyhow::Result<()>
-{
+async fn a_new_leader_delivers_a_decision_the_old_one_logged_but_never_sent() -> anyhow::Result<()> {
     // §8: the next ready leader re-drives every decided, unacknowledged txn.
     // The in-doubt timeout is long so only delivery, not Resolve, can settle it.
     let mut s = setup(120_000, Box::new(|_| {})).await?;
     s.cluster.gate.fail_decides(true);
     let txn = TxnId::new();
-    let response = submit(
-        &s.client,
-        request(txn, &[("bank-a", "debit"), ("bank-b", "credit")]),
-    )
-    .await?;
+    let response = submit(&s.client, request(txn, &[("bank-a", "debit"), ("bank-b", "credit")])).await?;
     assert_eq!(response.decision, pb::Decision::Commit as i32);
-    assert!(
-        s.a.resource.is_prepared(txn) && s.b.resource.is_prepared(txn),
-        "phase 2 has not happened"
-    );
+    assert!(s.a.resource.is_prepared(txn) && s.b.resource.is_prepared(txn), "phase 2 has not happened");
     let leader = s.cluster.wait_for_leader().await?;
     s.cluster.kill(leader).await?;
     s.cluster.gate.fail_decides(false);
     s.cluster.wait_for_leader().await?;
-    wait_resource("bank-a to commit", &s.a.resource, |r| {
-        r.commit_count(txn) == 1
-    })
-    .await?;
-    wait_resource("bank-b to commit", &s.b.resource, |r| {
-        r.commit_count(txn) == 1
-    })
-    .await?;
+    wait_resource("bank-a to commit", &s.a.resource, |r| r.commit_count(txn) == 1).await?;
+    wait_resource("bank-b to commit", &s.b.resource, |r| r.commit_count(txn) == 1).await?;
     wait_finished(&s.client, txn).await?;
     // A Submit retried after the crash gets the single logged outcome.
-    let retried = submit(
-        &s.client,
-        request(txn, &[("bank-a", "debit"), ("bank-b", "credit")]),
-    )
-    .await?;
+    let retried = submit(&s.client, request(txn, &[("bank-a", "debit"), ("bank-b", "credit")])).await?;
     assert_eq!(retried.decision, pb::Decision::Commit as i32);
     assert_eq!(s.a.resource.commit_count(txn), 1);
     s.cluster.stop().await
@@ -254,16 +175,12 @@ fn submit_once(
         let mut client = CoordinatorClient::connect(format!("http://{addr}"))
             .await
             .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-        client
-            .submit(request)
-            .await
-            .map(tonic::Response::into_inner)
+        client.submit(request).await.map(tonic::Response::into_inner)
     })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_leader_killed_before_logging_leaves_participants_to_resolve_to_abort()
--> anyhow::Result<()> {
+async fn a_leader_killed_before_logging_leaves_participants_to_resolve_to_abort() -> anyhow::Result<()> {
     // §6 presumed abort: prepared branches whose leader died undecided are
     // aborted through Resolve, and a retried Submit gets that single outcome.
     let mut s = setup(300, Box::new(|_| {})).await?;
@@ -272,27 +189,16 @@ async fn a_leader_killed_before_logging_leaves_participants_to_resolve_to_abort(
     let txn = TxnId::new();
     let req = request(txn, &[("bank-a", "debit"), ("bank-b", "credit")]);
     let pending = submit_once(s.cluster.addr(leader), req.clone());
-    wait::until("both branches prepared", SETTLE, || async {
-        (s.cluster.gate.prepares_answered() >= 2).then_some(())
-    })
-    .await?;
+    wait::until("both branches prepared", SETTLE, || async { (s.cluster.gate.prepares_answered() >= 2).then_some(()) })
+        .await?;
     s.cluster.kill(leader).await?;
     s.cluster.gate.hold_after_prepare(false);
     assert!(pending.await?.is_err(), "the dead leader answered nothing");
-    wait_resource("bank-a to abort via Resolve", &s.a.resource, |r| {
-        r.is_aborted(txn)
-    })
-    .await?;
-    wait_resource("bank-b to abort via Resolve", &s.b.resource, |r| {
-        r.is_aborted(txn)
-    })
-    .await?;
+    wait_resource("bank-a to abort via Resolve", &s.a.resource, |r| r.is_aborted(txn)).await?;
+    wait_resource("bank-b to abort via Resolve", &s.b.resource, |r| r.is_aborted(txn)).await?;
     let retried = submit(&s.client, req).await?;
     assert_eq!(retried.decision, pb::Decision::Abort as i32);
-    assert_eq!(
-        s.a.resource.commit_count(txn) + s.b.resource.commit_count(txn),
-        0
-    );
+    assert_eq!(s.a.resource.commit_count(txn) + s.b.resource.commit_count(txn), 0);
     s.cluster.stop().await
 }
 
@@ -304,47 +210,27 @@ async fn a_deposed_leader_cut_off_in_a_minority_cannot_decide() -> anyhow::Resul
     let old_leader = s.cluster.wait_for_leader().await?;
     s.cluster.gate.hold_after_prepare(true);
     let txn = TxnId::new();
-    let pending = submit_once(
-        s.cluster.addr(old_leader),
-        request(txn, &[("bank-a", "debit"), ("bank-b", "credit")]),
-    );
-    wait::until("both branches prepared", SETTLE, || async {
-        (s.cluster.gate.prepares_answered() >= 2).then_some(())
-    })
-    .await?;
+    let pending = submit_once(s.cluster.addr(old_leader), request(txn, &[("bank-a", "debit"), ("bank-b", "credit")]));
+    wait::until("both branches prepared", SETTLE, || async { (s.cluster.gate.prepares_answered() >= 2).then_some(()) })
+        .await?;
     s.cluster.faults.isolate(old_leader);
     // The majority elects a leader; the participants resolve there.
-    wait_resource("bank-a to abort via Resolve", &s.a.resource, |r| {
-        r.is_aborted(txn)
-    })
-    .await?;
-    wait_resource("bank-b to abort via Resolve", &s.b.resource, |r| {
-        r.is_aborted(txn)
-    })
-    .await?;
+    wait_resource("bank-a to abort via Resolve", &s.a.resource, |r| r.is_aborted(txn)).await?;
+    wait_resource("bank-b to abort via Resolve", &s.b.resource, |r| r.is_aborted(txn)).await?;
     // Now let the deposed leader try to log Commit.
     s.cluster.gate.hold_after_prepare(false);
     let outcome = pending.await?;
     assert!(
-        outcome
-            .as_ref()
-            .map_or(true, |r| r.decision == pb::Decision::Abort as i32),
+        outcome.as_ref().map_or(true, |r| r.decision == pb::Decision::Abort as i32),
         "the isolated leader reported {outcome:?}"
     );
     s.cluster.faults.heal();
     s.cluster.wait_for_leader().await?;
     wait::until("every node to hold Abort", SETTLE, || async {
-        s.cluster
-            .states()
-            .values()
-            .all(|sm| sm.txn(&txn).is_some_and(|r| r.decision == Decision::Abort))
-            .then_some(())
+        s.cluster.states().values().all(|sm| sm.txn(&txn).is_some_and(|r| r.decision == Decision::Abort)).then_some(())
     })
     .await?;
-    assert_eq!(
-        s.a.resource.commit_count(txn) + s.b.resource.commit_count(txn),
-        0
-    );
+    assert_eq!(s.a.resource.commit_count(txn) + s.b.resource.commit_count(txn), 0);
     s.cluster.stop().await
 }
 
@@ -355,10 +241,7 @@ async fn resolving_an_unknown_txn_on_any_node_aborts_it_for_good() -> anyhow::Re
     for addr in s.cluster.addrs() {
         let txn = TxnId::new();
         let one_node = ClusterClient::new(vec![addr], Default::default())?;
-        let request = pb::ResolveRequest {
-            txn_id: txn.to_string(),
-            participant: "bank-a".into(),
-        };
+        let request = pb::ResolveRequest { txn_id: txn.to_string(), participant: "bank-a".into() };
         let resolved = one_node
             .coordinator(|mut c| {
                 let request = request.clone();
@@ -366,17 +249,9 @@ async fn resolving_an_unknown_txn_on_any_node_aborts_it_for_good() -> anyhow::Re
             })
             .await?;
         assert_eq!(resolved.decision, pb::Decision::Abort as i32);
-        let submitted = submit(
-            &s.client,
-            self::request(txn, &[("bank-a", "debit"), ("bank-b", "credit")]),
-        )
-        .await?;
+        let submitted = submit(&s.client, self::request(txn, &[("bank-a", "debit"), ("bank-b", "credit")])).await?;
         assert_eq!(submitted.decision, pb::Decision::Abort as i32);
-        assert_eq!(
-            s.a.resource.prepare_calls(txn),
-            0,
-            "a decided txn is never prepared"
-        );
+        assert_eq!(s.a.resource.prepare_calls(txn), 0, "a decided txn is never prepared");
     }
     s.cluster.stop().await
 }
@@ -387,78 +262,43 @@ async fn invalid_submits_get_their_documented_status_codes() -> anyhow::Result<(
     let s = setup(5_000, Box::new(|c| c.engine.branches_per_txn_max = 3)).await?;
     let ok = |txn| request(txn, &[("bank-a", "x"), ("bank-b", "y")]);
     let mut cases: Vec<(&str, pb::SubmitRequest, Code)> = Vec::new();
-    cases.push((
-        "no branches",
-        pb::SubmitRequest {
-            branches: vec![],
-            ..ok(TxnId::new())
-        },
-        Code::InvalidArgument,
-    ));
+    cases.push(("no branches", pb::SubmitRequest { branches: vec![], ..ok(TxnId::new()) }, Code::InvalidArgument));
     cases.push((
         "duplicate participant",
         request(TxnId::new(), &[("bank-a", "x"), ("bank-a", "y")]),
         Code::InvalidArgument,
     ));
-    cases.push((
-        "unknown participant",
-        request(TxnId::new(), &[("bank-a", "x"), ("bank-z", "y")]),
-        Code::NotFound,
-    ));
+    cases.push(("unknown participant", request(TxnId::new(), &[("bank-a", "x"), ("bank-z", "y")]), Code::NotFound));
     let mut oversize = ok(TxnId::new());
     oversize.branches[0].payload = vec![0u8; 64 * 1024 + 1].into();
     cases.push(("oversize payload", oversize, Code::InvalidArgument));
     cases.push((
         "malformed txn id",
-        pb::SubmitRequest {
-            txn_id: "12345".into(),
-            ..ok(TxnId::new())
-        },
+        pb::SubmitRequest { txn_id: "12345".into(), ..ok(TxnId::new()) },
         Code::InvalidArgument,
     ));
     cases.push((
         "empty txn id",
-        pb::SubmitRequest {
-            txn_id: String::new(),
-            ..ok(TxnId::new())
-        },
+        pb::SubmitRequest { txn_id: String::new(), ..ok(TxnId::new()) },
         Code::InvalidArgument,
     ));
     cases.push((
         "deadline in the past",
-        pb::SubmitRequest {
-            deadline_unix_ms: unix_now_ms() - 1_000,
-            ..ok(TxnId::new())
-        },
+        pb::SubmitRequest { deadline_unix_ms: unix_now_ms() - 1_000, ..ok(TxnId::new()) },
         Code::InvalidArgument,
     ));
     cases.push((
         "too many branches",
-        request(
-            TxnId::new(),
-            &[
-                ("bank-a", "x"),
-                ("bank-b", "y"),
-                ("bank-c", "z"),
-                ("bank-d", "w"),
-            ],
-        ),
+        request(TxnId::new(), &[("bank-a", "x"), ("bank-b", "y"), ("bank-c", "z"), ("bank-d", "w")]),
         Code::InvalidArgument,
     ));
     for (what, req, code) in cases {
         let txn = req.txn_id.clone();
         let err = submit(&s.client, req).await.expect_err(what);
         assert_eq!(err.code(), code, "{what}: {}", err.message());
-        assert!(
-            !err.message().is_empty(),
-            "{what}: the message says what to fix"
-        );
+        assert!(!err.message().is_empty(), "{what}: the message says what to fix");
         if let Ok(id) = txn.parse::<TxnId>() {
-            assert_eq!(
-                s.a.resource.prepare_calls(id),
-                0,
-                "{what}: nothing was prepared"
-            );
+            assert_eq!(s.a.resource.prepare_calls(id), 0, "{what}: nothing was prepared");
         }
     }
     s.cluster.stop().await

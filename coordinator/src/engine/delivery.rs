@@ -93,12 +93,7 @@ impl QueueState {
 
 impl<P: ParticipantClient> Delivery<P> {
     /// Starts delivery for `term`: the ack batcher now, workers as queues appear.
-    pub(super) fn start(
-        term: u64,
-        node: NodeHandle,
-        client: Arc<P>,
-        config: &EngineConfig,
-    ) -> Arc<Self> {
+    pub(super) fn start(term: u64, node: NodeHandle, client: Arc<P>, config: &EngineConfig) -> Arc<Self> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (acks_tx, acks_rx) = mpsc::channel(ACK_QUEUE_MAX);
         let shared = Arc::new(Shared {
@@ -114,17 +109,8 @@ impl<P: ParticipantClient> Delivery<P> {
             delivered: AtomicU64::new(0),
             retries: AtomicU64::new(0),
         });
-        tokio::spawn(log_acks(
-            shared.node.clone(),
-            acks_rx,
-            shared.stop.clone(),
-            config.ack_batch_max,
-        ));
-        Arc::new(Self {
-            term,
-            shared,
-            stop: stop_tx,
-        })
+        tokio::spawn(log_acks(shared.node.clone(), acks_rx, shared.stop.clone(), config.ack_batch_max));
+        Arc::new(Self { term, shared, stop: stop_tx })
     }
 
     pub(super) fn term(&self) -> u64 {
@@ -138,10 +124,7 @@ impl<P: ParticipantClient> Delivery<P> {
 
     /// (decisions acknowledged, failed attempts) since the last call.
     pub(super) fn take_delivered(&self) -> (u64, u64) {
-        (
-            self.shared.delivered.swap(0, Ordering::Relaxed),
-            self.shared.retries.swap(0, Ordering::Relaxed),
-        )
+        (self.shared.delivered.swap(0, Ordering::Relaxed), self.shared.retries.swap(0, Ordering::Relaxed))
     }
 
     /// Queues the record's unacknowledged branches for delivery.
@@ -151,14 +134,7 @@ impl<P: ParticipantClient> Delivery<P> {
             let queue = self.queue(&branch.participant);
             let mut state = queue.state.lock();
             if state.queued.insert(record.txn_id) {
-                state.push(
-                    now,
-                    Item {
-                        txn_id: record.txn_id,
-                        decision: record.decision,
-                        attempts: 0,
-                    },
-                );
+                state.push(now, Item { txn_id: record.txn_id, decision: record.decision, attempts: 0 });
                 drop(state);
                 queue.wake.notify_one();
             }
@@ -172,11 +148,7 @@ impl<P: ParticipantClient> Delivery<P> {
         }
         let queue = Arc::new(Queue::default());
         queues.insert(participant.clone(), queue.clone());
-        tokio::spawn(run_worker(
-            self.shared.clone(),
-            participant.clone(),
-            queue.clone(),
-        ));
+        tokio::spawn(run_worker(self.shared.clone(), participant.clone(), queue.clone()));
         queue
     }
 }
@@ -187,23 +159,15 @@ impl<P> Drop for Delivery<P> {
     }
 }
 
-async fn run_worker<P: ParticipantClient>(
-    shared: Arc<Shared<P>>,
-    participant: ParticipantId,
-    queue: Arc<Queue>,
-) {
+async fn run_worker<P: ParticipantClient>(shared: Arc<Shared<P>>, participant: ParticipantId, queue: Arc<Queue>) {
     let mut stop = shared.stop.clone();
     loop {
         if *stop.borrow() {
             return;
         }
-        let (batch, next_due) = queue
-            .state
-            .lock()
-            .take_due(Instant::now(), shared.concurrency);
+        let (batch, next_due) = queue.state.lock().take_due(Instant::now(), shared.concurrency);
         if batch.is_empty() {
-            let sleep_until =
-                next_due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let sleep_until = next_due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 () = queue.wake.notified() => {}
                 () = tokio::time::sleep_until(sleep_until) => {}
@@ -213,25 +177,14 @@ async fn run_worker<P: ParticipantClient>(
         }
         // The address is read at send time so a participant that moved is
         // reached at its new address.
-        let addr = shared
-            .node
-            .local_read(|sm| sm.participant_addr(&participant).map(str::to_owned));
+        let addr = shared.node.local_read(|sm| sm.participant_addr(&participant).map(str::to_owned));
         let results = match addr {
             Some(addr) => {
-                let target = Target {
-                    participant: participant.clone(),
-                    addr,
-                };
-                let sends = batch.iter().map(|item| {
-                    shared
-                        .client
-                        .decide(&target, item.txn_id, item.decision, shared.decide_timeout)
-                });
-                futures::future::join_all(sends)
-                    .await
-                    .into_iter()
-                    .map(|r| r.map_err(|e| e.message))
-                    .collect()
+                let target = Target { participant: participant.clone(), addr };
+                let sends = batch
+                    .iter()
+                    .map(|item| shared.client.decide(&target, item.txn_id, item.decision, shared.decide_timeout));
+                futures::future::join_all(sends).await.into_iter().map(|r| r.map_err(|e| e.message)).collect()
             }
             None => vec![Err(format!("participant {participant} is not registered")); batch.len()],
         };
@@ -240,12 +193,7 @@ async fn run_worker<P: ParticipantClient>(
                 Ok(()) => {
                     queue.state.lock().queued.remove(&item.txn_id);
                     shared.delivered.fetch_add(1, Ordering::Relaxed);
-                    if shared
-                        .acks
-                        .send((item.txn_id, participant.clone()))
-                        .await
-                        .is_err()
-                    {
+                    if shared.acks.send((item.txn_id, participant.clone())).await.is_err() {
                         return;
                     }
                 }
@@ -254,8 +202,7 @@ async fn run_worker<P: ParticipantClient>(
                     shared.retries.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(txn_id = %item.txn_id, %participant, attempts = item.attempts, %message,
                         "decision not acknowledged; will retry");
-                    let at = Instant::now()
-                        + backoff(shared.backoff_min_ms, shared.backoff_max_ms, item.attempts);
+                    let at = Instant::now() + backoff(shared.backoff_min_ms, shared.backoff_max_ms, item.attempts);
                     queue.state.lock().push(at, item);
                 }
             }
@@ -287,10 +234,7 @@ async fn log_acks(
             let Ok(ack) = acks.try_recv() else { break };
             batch.push(ack);
         }
-        let proposal = Proposal {
-            command: Command::Acknowledge(batch),
-            proposed_unix_ms: unix_now_ms(),
-        };
+        let proposal = Proposal { command: Command::Acknowledge(batch), proposed_unix_ms: unix_now_ms() };
         if let Err(err) = node.propose(&proposal).await {
             // Unlogged acknowledgements only cost a repeated (idempotent)
             // Decide when the next leader re-drives.

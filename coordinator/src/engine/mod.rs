@@ -94,9 +94,7 @@ impl From<&Error> for SharedError {
 impl From<&SharedError> for Error {
     fn from(err: &SharedError) -> Self {
         match err {
-            SharedError::NotLeader(leader_addr) => Self::NotLeader {
-                leader_addr: leader_addr.clone(),
-            },
+            SharedError::NotLeader(leader_addr) => Self::NotLeader { leader_addr: leader_addr.clone() },
             SharedError::Timeout(m) => Self::Timeout(m.clone()),
             SharedError::Other(m) => Self::Retryable(format!("{m}; outcome unknown")),
         }
@@ -115,9 +113,7 @@ pub struct Engine<P> {
 
 impl<P> Clone for Engine<P> {
     fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-        }
+        Self { inner: self.inner.clone() }
     }
 }
 
@@ -169,9 +165,7 @@ impl<P: ParticipantClient> Engine<P> {
     fn require_leader(&self) -> Result<()> {
         let status = self.inner.node.status();
         if status.role != crate::node::Role::Leader {
-            return Err(Error::NotLeader {
-                leader_addr: status.leader_addr,
-            });
+            return Err(Error::NotLeader { leader_addr: status.leader_addr });
         }
         Ok(())
     }
@@ -205,11 +199,7 @@ impl<P: ParticipantClient> Engine<P> {
             Joined::New(outcome) => outcome,
         };
         let waiter = outcome.subscribe();
-        let guard = InflightGuard {
-            inner: self.inner.clone(),
-            txn_id,
-            outcome: Some(outcome),
-        };
+        let guard = InflightGuard { inner: self.inner.clone(), txn_id, outcome: Some(outcome) };
         self.inner.metrics.submitted.fetch_add(1, Ordering::Relaxed);
         // The txn runs in its own task: a client that disconnects mid-way must
         // not abandon it between prepare and decision.
@@ -244,13 +234,7 @@ impl<P: ParticipantClient> Engine<P> {
                              (twopc participants register {participant} HOST:PORT)"
                         ))
                     })?;
-                    Ok((
-                        Target {
-                            participant: participant.clone(),
-                            addr: addr.to_owned(),
-                        },
-                        payload.clone(),
-                    ))
+                    Ok((Target { participant: participant.clone(), addr: addr.to_owned() }, payload.clone()))
                 })
                 .collect()
         })
@@ -268,10 +252,7 @@ impl<P: ParticipantClient> Engine<P> {
                     )));
                 }
                 let (tx, rx) = watch::channel(None);
-                slot.insert(Inflight {
-                    outcome: rx,
-                    participants,
-                });
+                slot.insert(Inflight { outcome: rx, participants });
                 Ok(Joined::New(tx))
             }
         }
@@ -284,21 +265,10 @@ impl<P: ParticipantClient> Engine<P> {
     ) -> Result<TxnRecord> {
         let txn_id = request.txn_id;
         let (votes, abort_reason) = self.prepare_all(request, &targets).await;
-        let decision = if abort_reason.is_none() {
-            Decision::Commit
-        } else {
-            Decision::Abort
-        };
-        let branches = targets
-            .iter()
-            .map(|(t, _)| (t.participant.clone(), votes.get(&t.participant).cloned()))
-            .collect();
-        let cmd = DecideCmd {
-            txn_id,
-            decision,
-            reason: abort_reason.unwrap_or_default(),
-            branches,
-        };
+        let decision = if abort_reason.is_none() { Decision::Commit } else { Decision::Abort };
+        let branches =
+            targets.iter().map(|(t, _)| (t.participant.clone(), votes.get(&t.participant).cloned())).collect();
+        let cmd = DecideCmd { txn_id, decision, reason: abort_reason.unwrap_or_default(), branches };
         // I3: nothing is sent to participants before the decision is applied.
         let record = self.decide(cmd).await?;
         if record.decision == Decision::Commit {
@@ -318,42 +288,33 @@ impl<P: ParticipantClient> Engine<P> {
         let mut votes = HashMap::new();
         let remaining_ms = request.deadline_unix_ms.saturating_sub(unix_now_ms());
         if remaining_ms == 0 {
-            self.inner
-                .metrics
-                .aborted_deadline
-                .fetch_add(1, Ordering::Relaxed);
+            self.inner.metrics.aborted_deadline.fetch_add(1, Ordering::Relaxed);
             return (votes, Some("the deadline passed before prepare".into()));
         }
         let timeout = Duration::from_millis(remaining_ms.min(self.inner.config.prepare_timeout_ms));
-        let client = &self.inner.client;
         let mut pending: FuturesUnordered<_> = targets
             .iter()
-            .map(|(target, payload)| async move {
-                let vote = client
-                    .prepare(
-                        target,
-                        request.txn_id,
-                        payload.clone(),
-                        request.deadline_unix_ms,
-                        timeout,
-                    )
-                    .await;
-                (target.participant.clone(), vote)
+            .map(|(target, payload)| {
+                let client = self.inner.client.clone();
+                let (target, payload) = (target.clone(), payload.clone());
+                let (txn_id, deadline) = (request.txn_id, request.deadline_unix_ms);
+                async move {
+                    let vote = client.prepare(&target, txn_id, payload, deadline, timeout).await;
+                    (target.participant, vote)
+                }
             })
             .collect();
+        let mut abort_reason = None;
         while let Some((participant, answer)) = pending.next().await {
             match answer {
                 Ok(Vote::Yes) => {
                     votes.insert(participant, Vote::Yes);
                 }
                 Ok(Vote::No { reason }) => {
-                    self.inner
-                        .metrics
-                        .aborted_vote_no
-                        .fetch_add(1, Ordering::Relaxed);
-                    let why = format!("{participant} voted NO: {reason}");
+                    self.inner.metrics.aborted_vote_no.fetch_add(1, Ordering::Relaxed);
+                    abort_reason = Some(format!("{participant} voted NO: {reason}"));
                     votes.insert(participant, Vote::No { reason });
-                    return (votes, Some(why));
+                    break;
                 }
                 Err(err) => {
                     let past_deadline = unix_now_ms() >= request.deadline_unix_ms;
@@ -363,27 +324,26 @@ impl<P: ParticipantClient> Engine<P> {
                         &self.inner.metrics.aborted_no_answer
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
-                    return (
-                        votes,
-                        Some(format!("{participant} did not vote: {}", err.message)),
-                    );
+                    abort_reason = Some(format!("{participant} did not vote: {}", err.message));
+                    break;
                 }
             }
         }
-        (votes, None)
+        if !pending.is_empty() {
+            // The txn aborts without these votes. Let the calls finish rather
+            // than reset their streams: a burst of resets makes an HTTP/2
+            // server close the whole connection (rapid-reset protection).
+            tokio::spawn(async move { while pending.next().await.is_some() {} });
+        }
+        (votes, abort_reason)
     }
 
     /// Proposes a decision and returns the record the log holds afterwards.
     async fn decide(&self, cmd: DecideCmd) -> Result<TxnRecord> {
-        let proposal = Proposal {
-            command: Command::Decide(cmd),
-            proposed_unix_ms: unix_now_ms(),
-        };
+        let proposal = Proposal { command: Command::Decide(cmd), proposed_unix_ms: unix_now_ms() };
         match self.inner.node.propose(&proposal).await? {
             Applied::Decided { record, .. } => Ok(record),
-            other => Err(Error::Corrupt(format!(
-                "a Decide entry was applied as {other:?}"
-            ))),
+            other => Err(Error::Corrupt(format!("a Decide entry was applied as {other:?}"))),
         }
     }
 
@@ -406,26 +366,13 @@ impl<P: ParticipantClient> Engine<P> {
         Ok(decision)
     }
 
-    async fn resolve_inner(
-        &self,
-        txn_id: TxnId,
-        asker: Option<&ParticipantId>,
-    ) -> Result<Decision> {
-        let logged = self
-            .inner
-            .node
-            .linearizable_read(|sm| sm.txn(&txn_id).map(|r| r.decision))
-            .await?;
+    async fn resolve_inner(&self, txn_id: TxnId, asker: Option<&ParticipantId>) -> Result<Decision> {
+        let logged = self.inner.node.linearizable_read(|sm| sm.txn(&txn_id).map(|r| r.decision)).await?;
         if let Some(decision) = logged {
             return Ok(decision);
         }
         self.require_leader()?;
-        let running = self
-            .inner
-            .inflight
-            .lock()
-            .get(&txn_id)
-            .map(|i| i.outcome.clone());
+        let running = self.inner.inflight.lock().get(&txn_id).map(|i| i.outcome.clone());
         if let Some(outcome) = running {
             // A txn this leader is still preparing is not aborted by a Resolve.
             return wait_outcome(outcome).await.map(|r| r.decision);
@@ -434,19 +381,9 @@ impl<P: ParticipantClient> Engine<P> {
             Some(p) => format!("presumed abort: {p} asked and no decision was logged"),
             None => "presumed abort: no decision was logged".to_owned(),
         };
-        let record = self
-            .decide(DecideCmd {
-                txn_id,
-                decision: Decision::Abort,
-                reason,
-                branches: Vec::new(),
-            })
-            .await?;
+        let record = self.decide(DecideCmd { txn_id, decision: Decision::Abort, reason, branches: Vec::new() }).await?;
         if record.decision == Decision::Abort && record.branches.is_empty() {
-            self.inner
-                .metrics
-                .presumed_aborts
-                .fetch_add(1, Ordering::Relaxed);
+            self.inner.metrics.presumed_aborts.fetch_add(1, Ordering::Relaxed);
         }
         Ok(record.decision)
     }
@@ -455,22 +392,10 @@ impl<P: ParticipantClient> Engine<P> {
     ///
     /// # Errors
     /// [`Error::FailedPrecondition`] if the log already holds a decision.
-    pub async fn operator_decide(
-        &self,
-        txn_id: TxnId,
-        decision: Decision,
-        reason: String,
-    ) -> Result<TxnRecord> {
+    pub async fn operator_decide(&self, txn_id: TxnId, decision: Decision, reason: String) -> Result<TxnRecord> {
         self.require_leader()?;
         let reason = format!("operator: {reason}");
-        let record = self
-            .decide(DecideCmd {
-                txn_id,
-                decision,
-                reason,
-                branches: Vec::new(),
-            })
-            .await?;
+        let record = self.decide(DecideCmd { txn_id, decision, reason, branches: Vec::new() }).await?;
         if record.decision != decision || !record.reason.starts_with("operator: ") {
             return Err(Error::FailedPrecondition(format!(
                 "txn {txn_id} is already decided: {} ({})",
@@ -485,23 +410,13 @@ impl<P: ParticipantClient> Engine<P> {
     /// # Errors
     /// [`Error::NotFound`] when neither knows it.
     pub async fn transaction(&self, txn_id: TxnId) -> Result<TxnView> {
-        if let Some(record) = self
-            .inner
-            .node
-            .linearizable_read(|sm| sm.txn(&txn_id).cloned())
-            .await?
-        {
+        if let Some(record) = self.inner.node.linearizable_read(|sm| sm.txn(&txn_id).cloned()).await? {
             return Ok(TxnView::Logged(record));
         }
         if let Some(running) = self.inner.inflight.lock().get(&txn_id) {
-            return Ok(TxnView::Preparing {
-                txn_id,
-                participants: running.participants.clone(),
-            });
+            return Ok(TxnView::Preparing { txn_id, participants: running.participants.clone() });
         }
-        Err(Error::NotFound(format!(
-            "no record of txn {txn_id} (never submitted, or forgotten after retention)"
-        )))
+        Err(Error::NotFound(format!("no record of txn {txn_id} (never submitted, or forgotten after retention)")))
     }
 
     /// A page of txns.
@@ -514,13 +429,8 @@ impl<P: ParticipantClient> Engine<P> {
             let inflight = self.inner.inflight.lock();
             let mut views: Vec<TxnView> = inflight
                 .iter()
-                .filter(|(id, _)| {
-                    id.created_unix_ms() < created_before && request.after.is_none_or(|a| **id > a)
-                })
-                .map(|(id, i)| TxnView::Preparing {
-                    txn_id: *id,
-                    participants: i.participants.clone(),
-                })
+                .filter(|(id, _)| id.created_unix_ms() < created_before && request.after.is_none_or(|a| **id > a))
+                .map(|(id, i)| TxnView::Preparing { txn_id: *id, participants: i.participants.clone() })
                 .collect();
             views.sort_by_key(|v| match v {
                 TxnView::Preparing { txn_id, .. } => *txn_id,
@@ -529,11 +439,7 @@ impl<P: ParticipantClient> Engine<P> {
             views.truncate(request.limit);
             return Ok(views);
         }
-        let filter = if request.unacknowledged {
-            ListFilter::Unacknowledged
-        } else {
-            ListFilter::All
-        };
+        let filter = if request.unacknowledged { ListFilter::Unacknowledged } else { ListFilter::All };
         self.inner
             .node
             .linearizable_read(|sm| {
@@ -550,9 +456,7 @@ impl<P: ParticipantClient> Engine<P> {
     /// # Errors
     /// As [`NodeHandle::propose`].
     pub async fn register_participant(&self, name: ParticipantId, addr: String) -> Result<()> {
-        self.propose(Command::RegisterParticipant { name, addr })
-            .await
-            .map(drop)
+        self.propose(Command::RegisterParticipant { name, addr }).await.map(drop)
     }
 
     /// Removes a participant from the registry.
@@ -560,13 +464,10 @@ impl<P: ParticipantClient> Engine<P> {
     /// # Errors
     /// [`Error::NotFound`] for an unknown name; as [`NodeHandle::propose`].
     pub async fn remove_participant(&self, name: ParticipantId) -> Result<()> {
-        match self
-            .propose(Command::RemoveParticipant { name: name.clone() })
-            .await?
-        {
-            Applied::Registry { existed: false } => Err(Error::NotFound(format!(
-                "participant {name} is not registered"
-            ))),
+        match self.propose(Command::RemoveParticipant { name: name.clone() }).await? {
+            Applied::Registry { existed: false } => {
+                Err(Error::NotFound(format!("participant {name} is not registered")))
+            }
             _ => Ok(()),
         }
     }
@@ -578,23 +479,12 @@ impl<P: ParticipantClient> Engine<P> {
     pub async fn participants(&self) -> Result<Vec<(ParticipantId, String)>> {
         self.inner
             .node
-            .linearizable_read(|sm| {
-                sm.participants()
-                    .iter()
-                    .map(|(n, a)| (n.clone(), a.clone()))
-                    .collect()
-            })
+            .linearizable_read(|sm| sm.participants().iter().map(|(n, a)| (n.clone(), a.clone())).collect())
             .await
     }
 
     async fn propose(&self, command: Command) -> Result<Applied> {
-        self.inner
-            .node
-            .propose(&Proposal {
-                command,
-                proposed_unix_ms: unix_now_ms(),
-            })
-            .await
+        self.inner.node.propose(&Proposal { command, proposed_unix_ms: unix_now_ms() }).await
     }
 
     /// The leader's background duties, for as long as the node runs: on
@@ -633,23 +523,12 @@ impl<P: ParticipantClient> Engine<P> {
                 if let Some(old) = current.take() {
                     old.stop();
                 }
-                let delivery = Delivery::start(
-                    term,
-                    self.inner.node.clone(),
-                    self.inner.client.clone(),
-                    &self.inner.config,
-                );
+                let delivery =
+                    Delivery::start(term, self.inner.node.clone(), self.inner.client.clone(), &self.inner.config);
                 // Re-drive under the lock: a Submit deciding concurrently either
                 // sees this delivery or is already in the applied state scanned here.
-                let redrive: Vec<TxnRecord> = self
-                    .inner
-                    .node
-                    .local_read(|sm| sm.unacknowledged().cloned().collect());
-                tracing::info!(
-                    term,
-                    txns = redrive.len(),
-                    "leader ready; re-driving unacknowledged decisions"
-                );
+                let redrive: Vec<TxnRecord> = self.inner.node.local_read(|sm| sm.unacknowledged().cloned().collect());
+                tracing::info!(term, txns = redrive.len(), "leader ready; re-driving unacknowledged decisions");
                 for record in &redrive {
                     delivery.enqueue(record);
                 }
@@ -658,14 +537,8 @@ impl<P: ParticipantClient> Engine<P> {
         }
         if let Some(d) = current.as_ref() {
             let delivered = d.take_delivered();
-            self.inner
-                .metrics
-                .delivered
-                .fetch_add(delivered.0, Ordering::Relaxed);
-            self.inner
-                .metrics
-                .delivery_retries
-                .fetch_add(delivered.1, Ordering::Relaxed);
+            self.inner.metrics.delivered.fetch_add(delivered.0, Ordering::Relaxed);
+            self.inner.metrics.delivery_retries.fetch_add(delivered.1, Ordering::Relaxed);
         }
     }
 
@@ -674,12 +547,7 @@ impl<P: ParticipantClient> Engine<P> {
         if !self.inner.node.local_read(|sm| sm.has_forgettable(horizon)) {
             return;
         }
-        match self
-            .propose(Command::Forget {
-                horizon_unix_ms: horizon,
-            })
-            .await
-        {
+        match self.propose(Command::Forget { horizon_unix_ms: horizon }).await {
             Ok(Applied::Forgotten { removed }) => {
                 tracing::debug!(removed, "forgot txns past retention")
             }
@@ -699,9 +567,7 @@ async fn wait_outcome(mut outcome: watch::Receiver<SharedOutcome>) -> Result<Txn
     match result.as_deref() {
         Ok(Some(Ok(record))) => Ok(record.clone()),
         Ok(Some(Err(shared))) => Err(shared.into()),
-        Ok(None) | Err(_) => Err(Error::Retryable(
-            "the txn's driver stopped; outcome unknown".into(),
-        )),
+        Ok(None) | Err(_) => Err(Error::Retryable("the txn's driver stopped; outcome unknown".into())),
     }
 }
 
@@ -729,9 +595,7 @@ impl<P> Drop for InflightGuard<P> {
     fn drop(&mut self) {
         self.inner.inflight.lock().remove(&self.txn_id);
         if let Some(tx) = self.outcome.take() {
-            tx.send_replace(Some(Err(SharedError::Other(
-                "the txn's driver stopped".into(),
-            ))));
+            tx.send_replace(Some(Err(SharedError::Other("the txn's driver stopped".into()))));
         }
     }
 }

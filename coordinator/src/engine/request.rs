@@ -55,10 +55,8 @@ impl SubmitRequest {
         let mut seen = HashSet::new();
         let mut branches = Vec::with_capacity(request.branches.len());
         for (i, branch) in request.branches.into_iter().enumerate() {
-            let participant: ParticipantId = branch
-                .participant
-                .parse()
-                .map_err(|e| invalid(format!("branches[{i}].participant: {e}")))?;
+            let participant: ParticipantId =
+                branch.participant.parse().map_err(|e| invalid(format!("branches[{i}].participant: {e}")))?;
             if !seen.insert(participant.clone()) {
                 return Err(invalid(format!(
                     "branches[{i}].participant: {participant} appears twice; merge its work into one branch"
@@ -76,15 +74,10 @@ impl SubmitRequest {
         let now = unix_now_ms();
         let deadline = request.deadline_unix_ms;
         if deadline == 0 {
-            return Err(invalid(
-                "deadline_unix_ms: required (Unix time in milliseconds)".into(),
-            ));
+            return Err(invalid("deadline_unix_ms: required (Unix time in milliseconds)".into()));
         }
         if deadline <= now {
-            return Err(invalid(format!(
-                "deadline_unix_ms: {deadline} is {} ms in the past",
-                now - deadline
-            )));
+            return Err(invalid(format!("deadline_unix_ms: {deadline} is {} ms in the past", now - deadline)));
         }
         if deadline - now > limits.deadline_max_ms {
             return Err(invalid(format!(
@@ -93,11 +86,7 @@ impl SubmitRequest {
                 limits.deadline_max_ms
             )));
         }
-        Ok(Self {
-            txn_id,
-            branches,
-            deadline_unix_ms: deadline,
-        })
+        Ok(Self { txn_id, branches, deadline_unix_ms: deadline })
     }
 }
 
@@ -131,17 +120,12 @@ impl ListRequest {
             .map_err(|_| invalid(format!("filter: unknown value {}", request.filter)))?;
         let after = match request.after_txn_id.as_str() {
             "" => None,
-            text => Some(
-                text.parse()
-                    .map_err(|e| invalid(format!("after_txn_id: {e}")))?,
-            ),
+            text => Some(text.parse().map_err(|e| invalid(format!("after_txn_id: {e}")))?),
         };
         let limit = match request.limit as usize {
             0 => LIST_LIMIT_DEFAULT,
             n if n > LIST_LIMIT_MAX => {
-                return Err(invalid(format!(
-                    "limit: {n} is more than the maximum page of {LIST_LIMIT_MAX}"
-                )));
+                return Err(invalid(format!("limit: {n} is more than the maximum page of {LIST_LIMIT_MAX}")));
             }
             n => n,
         };

@@ -29,18 +29,12 @@ pub struct LinkFault {
 impl LinkFault {
     /// A link that delivers every message `delay_ms` late.
     pub fn delayed(delay_ms: u64) -> Self {
-        Self {
-            delay_ms,
-            ..Self::default()
-        }
+        Self { delay_ms, ..Self::default() }
     }
 
     /// A link that delivers nothing.
     pub fn cut() -> Self {
-        Self {
-            drop_all: true,
-            ..Self::default()
-        }
+        Self { drop_all: true, ..Self::default() }
     }
 
     fn roll(&self) -> Verdict {
@@ -51,11 +45,7 @@ impl LinkFault {
         if chance(self.duplicate_probability) {
             return Verdict::Duplicate(delay);
         }
-        if delay.is_zero() {
-            Verdict::Deliver
-        } else {
-            Verdict::Delay(delay)
-        }
+        if delay.is_zero() { Verdict::Deliver } else { Verdict::Delay(delay) }
     }
 }
 
@@ -92,9 +82,10 @@ impl Rules {
     fn separates(&self, from: u64, to: u64) -> bool {
         self.isolated.contains(&from)
             || self.isolated.contains(&to)
-            || self.partitions.iter().any(|(a, b)| {
-                (a.contains(&from) && b.contains(&to)) || (b.contains(&from) && a.contains(&to))
-            })
+            || self
+                .partitions
+                .iter()
+                .any(|(a, b)| (a.contains(&from) && b.contains(&to)) || (b.contains(&from) && a.contains(&to)))
     }
 }
 
@@ -117,9 +108,7 @@ pub struct FaultFilter {
 
 impl fmt::Debug for FaultFilter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("FaultFilter")
-            .field(&*self.inner.rules.read())
-            .finish()
+        f.debug_tuple("FaultFilter").field(&*self.inner.rules.read()).finish()
     }
 }
 
@@ -175,9 +164,7 @@ impl FaultFilter {
     fn update(&self, change: impl FnOnce(&mut Rules)) {
         let mut rules = self.inner.rules.write();
         change(&mut rules);
-        self.inner
-            .active
-            .store(!rules.is_empty(), Ordering::Release);
+        self.inner.active.store(!rules.is_empty(), Ordering::Release);
     }
 }
 
@@ -218,20 +205,10 @@ mod tests {
     fn link_faults_are_directed_and_clearable() {
         let faults = FaultFilter::default();
         faults.set_link(1, 2, LinkFault::delayed(30));
-        assert_eq!(
-            faults.verdict(1, 2),
-            Verdict::Delay(Duration::from_millis(30))
-        );
+        assert_eq!(faults.verdict(1, 2), Verdict::Delay(Duration::from_millis(30)));
         assert_eq!(faults.verdict(2, 1), Verdict::Deliver);
 
-        faults.set_link(
-            1,
-            2,
-            LinkFault {
-                duplicate_probability: 1.0,
-                ..LinkFault::default()
-            },
-        );
+        faults.set_link(1, 2, LinkFault { duplicate_probability: 1.0, ..LinkFault::default() });
         assert_eq!(faults.verdict(1, 2), Verdict::Duplicate(Duration::ZERO));
 
         faults.set_link(1, 2, LinkFault::cut());
@@ -244,21 +221,9 @@ mod tests {
     #[test]
     fn drop_probability_drops_about_that_share() {
         let faults = FaultFilter::default();
-        faults.set_link(
-            1,
-            2,
-            LinkFault {
-                drop_probability: 0.5,
-                ..LinkFault::default()
-            },
-        );
-        let dropped = (0..10_000)
-            .filter(|_| faults.verdict(1, 2) == Verdict::Drop)
-            .count();
+        faults.set_link(1, 2, LinkFault { drop_probability: 0.5, ..LinkFault::default() });
+        let dropped = (0..10_000).filter(|_| faults.verdict(1, 2) == Verdict::Drop).count();
         // 10k fair coin flips land within 4,000..6,000 except with negligible probability.
-        assert!(
-            (4_000..6_000).contains(&dropped),
-            "dropped {dropped} of 10000"
-        );
+        assert!((4_000..6_000).contains(&dropped), "dropped {dropped} of 10000");
     }
 }

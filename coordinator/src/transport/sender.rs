@@ -89,11 +89,7 @@ struct Backoff {
 
 impl Backoff {
     fn new(min_ms: u64, max_ms: u64) -> Self {
-        Self {
-            min_ms,
-            max_ms,
-            next_ms: min_ms,
-        }
+        Self { min_ms, max_ms, next_ms: min_ms }
     }
 
     fn next_wait(&mut self) -> Duration {
@@ -143,10 +139,7 @@ impl PeerSender {
         counters: Arc<PeerCounters>,
         queue: mpsc::Receiver<Outbound>,
     ) -> Self {
-        let backoff = Backoff::new(
-            config.reconnect_backoff_min_ms,
-            config.reconnect_backoff_max_ms,
-        );
+        let backoff = Backoff::new(config.reconnect_backoff_min_ms, config.reconnect_backoff_max_ms);
         Self {
             self_id,
             peer_id,
@@ -188,11 +181,7 @@ impl PeerSender {
     }
 
     async fn connect(&self) -> Result<RaftPeerClient<Channel>, String> {
-        let uri = if self.addr.contains("://") {
-            self.addr.clone()
-        } else {
-            format!("http://{}", self.addr)
-        };
+        let uri = if self.addr.contains("://") { self.addr.clone() } else { format!("http://{}", self.addr) };
         let connect_timeout = Duration::from_millis(self.config.connect_timeout_ms);
         let endpoint = Endpoint::from_shared(uri)
             .map_err(|e| format!("bad peer address {:?}: {e}", self.addr))?
@@ -208,9 +197,7 @@ impl PeerSender {
             .map_err(|e| format!("connecting failed: {}", error_chain(&e)))?;
         self.counters.connects.fetch_add(1, Ordering::Relaxed);
         let limit = self.config.message_max_bytes;
-        Ok(RaftPeerClient::new(channel)
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(limit))
+        Ok(RaftPeerClient::new(channel).max_decoding_message_size(limit).max_encoding_message_size(limit))
     }
 
     /// Feeds batches into one client stream until it fails or the queue closes.
@@ -224,10 +211,7 @@ impl PeerSender {
         let mut batch = first;
         loop {
             let (count, snapshots) = (batch.messages.len(), batch.snapshots);
-            let item = RaftBatch {
-                from: self.self_id,
-                messages: batch.messages,
-            };
+            let item = RaftBatch { from: self.self_id, messages: batch.messages };
             let written = tokio::select! {
                 biased;
                 ended = &mut call => Err(stream_ended(ended)),
@@ -266,9 +250,7 @@ impl PeerSender {
     }
 
     fn batch_written(&mut self, count: u64, snapshots: usize) {
-        self.counters
-            .messages_sent
-            .fetch_add(count, Ordering::Relaxed);
+        self.counters.messages_sent.fetch_add(count, Ordering::Relaxed);
         self.counters.batches_sent.fetch_add(1, Ordering::Relaxed);
         for _ in 0..snapshots {
             report_snapshot(&self.feedback, self.peer_id, true);
@@ -351,11 +333,7 @@ impl PeerSender {
             return;
         }
         self.delayed_seq += 1;
-        self.delayed.push(Reverse(Delayed {
-            due,
-            seq: self.delayed_seq,
-            msg,
-        }));
+        self.delayed.push(Reverse(Delayed { due, seq: self.delayed_seq, msg }));
     }
 
     /// Encodes `msg` into `batch`, or into `carry` if the batch has no room left.
@@ -380,8 +358,7 @@ impl PeerSender {
             return;
         }
         let encoded = Encoded { bytes, is_snapshot };
-        let room = batch.bytes + encoded.bytes.len() + PER_MESSAGE_OVERHEAD_BYTES
-            <= self.config.batch_max_bytes;
+        let room = batch.bytes + encoded.bytes.len() + PER_MESSAGE_OVERHEAD_BYTES <= self.config.batch_max_bytes;
         if batch.messages.is_empty() || room {
             batch.push(encoded);
         } else {
@@ -427,9 +404,7 @@ impl PeerSender {
             self.failing = true;
         }
         // Best-effort: the next failure reports again.
-        let _ = self
-            .feedback
-            .try_send(PeerFeedback::Unreachable(self.peer_id));
+        let _ = self.feedback.try_send(PeerFeedback::Unreachable(self.peer_id));
     }
 
     fn drop_batch(&mut self, batch: Batch) {
@@ -459,9 +434,7 @@ async fn sleep_until(due: Option<Instant>) {
     }
 }
 
-fn stream_ended(
-    ended: Result<tonic::Response<twopc_proto::pb::RaftStreamEnd>, tonic::Status>,
-) -> String {
+fn stream_ended(ended: Result<tonic::Response<twopc_proto::pb::RaftStreamEnd>, tonic::Status>) -> String {
     match ended {
         Ok(_) => "the peer closed the stream".to_owned(),
         Err(status) => format!("stream failed: {:?}: {}", status.code(), status.message()),
@@ -487,16 +460,10 @@ mod tests {
     #[test]
     fn backoff_doubles_to_the_cap_with_jitter_and_resets() {
         let mut backoff = Backoff::new(20, 100);
-        let waits: Vec<u64> = (0..6)
-            .map(|_| backoff.next_wait().as_millis() as u64)
-            .collect();
+        let waits: Vec<u64> = (0..6).map(|_| backoff.next_wait().as_millis() as u64).collect();
         let ceilings = [20, 40, 80, 100, 100, 100];
         for (wait, ceiling) in waits.iter().zip(ceilings) {
-            assert!(
-                (ceiling / 2..=ceiling).contains(wait),
-                "wait {wait} ms outside [{}, {ceiling}]",
-                ceiling / 2
-            );
+            assert!((ceiling / 2..=ceiling).contains(wait), "wait {wait} ms outside [{}, {ceiling}]", ceiling / 2);
         }
         backoff.reset();
         assert!(backoff.next_wait() <= Duration::from_millis(20));
@@ -508,11 +475,7 @@ mod tests {
         let mut heap = BinaryHeap::new();
         for (seq, offset_ms) in [(1, 30), (2, 10), (3, 10)] {
             let due = now + Duration::from_millis(offset_ms);
-            heap.push(Reverse(Delayed {
-                due,
-                seq,
-                msg: Message::default(),
-            }));
+            heap.push(Reverse(Delayed { due, seq, msg: Message::default() }));
         }
         let order: Vec<u64> = std::iter::from_fn(|| heap.pop().map(|Reverse(d)| d.seq)).collect();
         assert_eq!(order, [2, 3, 1]);

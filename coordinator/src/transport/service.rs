@@ -44,14 +44,8 @@ pub fn peer_service(
 ) -> RaftPeerServer<impl RaftPeer> {
     drop(faults);
     let limit = TransportConfig::default().message_max_bytes;
-    let service = PeerService {
-        self_id,
-        inbound,
-        dropped: Arc::new(AtomicU64::new(0)),
-    };
-    RaftPeerServer::new(service)
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit)
+    let service = PeerService { self_id, inbound, dropped: Arc::new(AtomicU64::new(0)) };
+    RaftPeerServer::new(service).max_decoding_message_size(limit).max_encoding_message_size(limit)
 }
 
 struct PeerService {
@@ -63,10 +57,7 @@ struct PeerService {
 
 #[tonic::async_trait]
 impl RaftPeer for PeerService {
-    async fn stream(
-        &self,
-        request: Request<Streaming<RaftBatch>>,
-    ) -> Result<Response<RaftStreamEnd>, Status> {
+    async fn stream(&self, request: Request<Streaming<RaftBatch>>) -> Result<Response<RaftStreamEnd>, Status> {
         let mut batches = request.into_inner();
         loop {
             let batch = tokio::select! {
@@ -84,14 +75,10 @@ impl RaftPeer for PeerService {
 impl PeerService {
     fn deliver(&self, batch: RaftBatch) -> Result<(), Status> {
         for bytes in &batch.messages {
-            let msg = Message::parse_from_bytes(bytes).map_err(|e| {
-                twopc_proto::status::invalid("messages", format!("not a raft message: {e}"))
-            })?;
+            let msg = Message::parse_from_bytes(bytes)
+                .map_err(|e| twopc_proto::status::invalid("messages", format!("not a raft message: {e}")))?;
             if msg.from != batch.from {
-                let why = format!(
-                    "a message from node {} in a batch from node {}",
-                    msg.from, batch.from
-                );
+                let why = format!("a message from node {} in a batch from node {}", msg.from, batch.from);
                 return Err(twopc_proto::status::invalid("messages", why));
             }
             if msg.to != self.self_id {
@@ -104,11 +91,7 @@ impl PeerService {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) => {
                     let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                    tracing::debug!(
-                        from = batch.from,
-                        dropped,
-                        "raft inbound channel full; message dropped"
-                    );
+                    tracing::debug!(from = batch.from, dropped, "raft inbound channel full; message dropped");
                 }
                 Err(TrySendError::Closed(_)) => return Err(stopped()),
             }

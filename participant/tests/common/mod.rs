@@ -13,8 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tonic::transport::Channel;
 use twopc_participant::{
-    Decision, MemoryResource, Metrics, Participant, ParticipantConfig, Resource, ResourceError,
-    TxnId, Vote,
+    Decision, MemoryResource, Metrics, Participant, ParticipantConfig, Resource, ResourceError, TxnId, Vote,
 };
 use twopc_proto::pb::participant_client::ParticipantClient;
 use twopc_proto::pb::{DecisionRequest, PrepareRequest, PrepareResponse};
@@ -51,10 +50,7 @@ pub struct Running {
 }
 
 /// Serves `resource` on 127.0.0.1:0 with `config` and connects a client.
-pub async fn start<R: Resource>(
-    resource: Arc<R>,
-    config: ParticipantConfig,
-) -> anyhow::Result<Running> {
+pub async fn start<R: Resource>(resource: Arc<R>, config: ParticipantConfig) -> anyhow::Result<Running> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let participant = Participant::new(resource, config)?;
@@ -65,15 +61,8 @@ pub async fn start<R: Resource>(
     }));
     // The listener is bound already, so the connection is accepted once the
     // server starts; no waiting for a port.
-    let client = ParticipantClient::connect(format!("http://{addr}"))
-        .await
-        .context("connecting to the participant")?;
-    Ok(Running {
-        client,
-        metrics,
-        stop: Some(stop),
-        task,
-    })
+    let client = ParticipantClient::connect(format!("http://{addr}")).await.context("connecting to the participant")?;
+    Ok(Running { client, metrics, stop: Some(stop), task })
 }
 
 impl Running {
@@ -82,32 +71,18 @@ impl Running {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        let served = tokio::time::timeout(WAIT_MAX, &mut self.task)
-            .await
-            .context("participant did not stop")??;
+        let served = tokio::time::timeout(WAIT_MAX, &mut self.task).await.context("participant did not stop")??;
         served.context("participant failed")?;
         Ok(())
     }
 
-    pub async fn prepare(
-        &self,
-        txn: TxnId,
-        payload: &'static [u8],
-    ) -> Result<PrepareResponse, tonic::Status> {
+    pub async fn prepare(&self, txn: TxnId, payload: &'static [u8]) -> Result<PrepareResponse, tonic::Status> {
         let request = prepare_request(txn, payload);
-        self.client
-            .clone()
-            .prepare(request)
-            .await
-            .map(tonic::Response::into_inner)
+        self.client.clone().prepare(request).await.map(tonic::Response::into_inner)
     }
 
     pub async fn decide(&self, txn: TxnId, decision: Decision) -> Result<(), tonic::Status> {
-        let request = DecisionRequest {
-            txn_id: txn.to_string(),
-            participant: ID.into(),
-            decision: decision.into(),
-        };
+        let request = DecisionRequest { txn_id: txn.to_string(), participant: ID.into(), decision: decision.into() };
         self.client.clone().decide(request).await.map(|_| ())
     }
 }
@@ -169,10 +144,7 @@ struct Gate {
 
 impl Gate {
     fn open_gate() -> Self {
-        Self {
-            open: watch::Sender::new(true),
-            held: AtomicU32::new(0),
-        }
+        Self { open: watch::Sender::new(true), held: AtomicU32::new(0) }
     }
 
     async fn pass(&self) {
@@ -195,11 +167,7 @@ impl Gate {
 
 impl GatedResource {
     pub fn new(inner: MemoryResource) -> Self {
-        Self {
-            inner,
-            prepare_gate: Gate::open_gate(),
-            commit_gate: Gate::open_gate(),
-        }
+        Self { inner, prepare_gate: Gate::open_gate(), commit_gate: Gate::open_gate() }
     }
 
     pub fn hold_prepares(&self) {
