@@ -9,6 +9,7 @@
 //! - [`engine`]: the 2PC driver: Submit, Resolve, operator decisions, phase-2 delivery, retention GC.
 //! - [`client`]: [`client::ClusterClient`], a leader-following client of the cluster's APIs.
 //! - [`participant_client`]: the seam to participants and its gRPC implementation.
+//! - [`metrics`]: phase latency histograms, the Prometheus rendering and its HTTP endpoint.
 //! - [`node`]: the task owning raft-rs's `RawNode` (the Ready loop) and its [`node::NodeHandle`].
 //! - [`raft_log`]: raft-rs's slog output routed into tracing.
 //! - [`service`]: gRPC handlers for the client and admin APIs.
@@ -22,6 +23,7 @@ pub mod command;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod metrics;
 pub mod node;
 pub mod participant_client;
 pub mod raft_log;

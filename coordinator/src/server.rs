@@ -4,8 +4,10 @@
 use std::future::Future;
 use std::net::SocketAddr;
 
+use std::sync::Arc;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use twopc_proto::MAX_MESSAGE_BYTES;
@@ -28,6 +30,8 @@ pub struct RunningNode {
     pub handle: NodeHandle,
     /// The address the gRPC server listens on.
     pub addr: SocketAddr,
+    /// Renders the node's metrics (Prometheus text).
+    pub metrics: MetricsRenderer,
     stop: Option<watch::Sender<bool>>,
     server: JoinHandle<Result<()>>,
     raft: JoinHandle<Result<()>>,
@@ -66,6 +70,9 @@ impl RunningNode {
     }
 }
 
+/// Renders a node's metrics in the Prometheus text format.
+pub type MetricsRenderer = Arc<dyn Fn() -> String + Send + Sync>;
+
 type JoinResult = std::result::Result<Result<()>, tokio::task::JoinError>;
 
 /// How long a stopping node lets client calls in flight finish.
@@ -102,6 +109,8 @@ pub fn spawn_with_client<P: ParticipantClient>(
     let handle = started.handle.clone();
     let engine = Engine::new(handle.clone(), config.engine.clone(), client)?;
     tokio::spawn(engine.clone().run_leader_duties());
+    let metrics_engine = engine.clone();
+    let metrics: MetricsRenderer = Arc::new(move || metrics_engine.render_metrics());
     let peer = peer_service(config.id, started.inbound, faults);
     let coordinator = CoordinatorServer::new(CoordinatorService::new(engine.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -118,7 +127,7 @@ pub fn spawn_with_client<P: ParticipantClient>(
             .await
             .map_err(|e| Error::Io(std::io::Error::other(e)))
     });
-    Ok(RunningNode { handle, addr, stop: Some(stop_tx), server, raft: started.task })
+    Ok(RunningNode { handle, addr, metrics, stop: Some(stop_tx), server, raft: started.task })
 }
 
 /// Runs a node until `shutdown` resolves or the raft task fails (the
@@ -126,13 +135,26 @@ pub fn spawn_with_client<P: ParticipantClient>(
 ///
 /// # Errors
 /// Bad config, storage errors, or a fatal raft error.
-pub async fn run(listener: TcpListener, config: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
+pub async fn run(
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    config: NodeConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
     let mut node = spawn(listener, &config, FaultFilter::default())?;
     tracing::info!(node_id = config.id, addr = %node.addr, "coordinator node serving");
+    let (metrics_stop, metrics_stopped) = oneshot::channel::<()>();
+    if let Some(metrics_listener) = metrics_listener {
+        let stopped = async move {
+            let _ = metrics_stopped.await;
+        };
+        tokio::spawn(crate::metrics::serve(metrics_listener, node.metrics.clone(), stopped));
+    }
     let raft_ended = tokio::select! {
         () = shutdown => None,
         // A raft task that ended on its own failed: stop serving too.
         joined = &mut node.raft => Some(joined),
     };
+    let _ = metrics_stop.send(());
     node.stop_after(raft_ended).await
 }

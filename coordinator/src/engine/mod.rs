@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
@@ -26,6 +26,7 @@ use twopc_proto::{Decision, ParticipantId, TxnId, Vote};
 use crate::command::{Command, DecideCmd, Proposal};
 use crate::config::EngineConfig;
 use crate::error::{Error, Result};
+use crate::metrics::PhaseLatencies;
 use crate::node::NodeHandle;
 use crate::participant_client::{ParticipantClient, Target};
 use crate::state_machine::{Applied, ListFilter, TxnRecord};
@@ -125,6 +126,7 @@ struct Inner<P> {
     /// Phase-2 delivery of the current leader term; None when not a ready leader.
     delivery: Mutex<Option<Arc<Delivery<P>>>>,
     metrics: EngineMetrics,
+    phases: PhaseLatencies,
 }
 
 impl<P: ParticipantClient> Engine<P> {
@@ -143,6 +145,7 @@ impl<P: ParticipantClient> Engine<P> {
                 inflight: Mutex::default(),
                 delivery: Mutex::default(),
                 metrics: EngineMetrics::default(),
+                phases: PhaseLatencies::default(),
             }),
         })
     }
@@ -150,6 +153,12 @@ impl<P: ParticipantClient> Engine<P> {
     /// The engine's counters.
     pub fn metrics(&self) -> &EngineMetrics {
         &self.inner.metrics
+    }
+
+    /// The node's metrics in the Prometheus text format.
+    pub fn render_metrics(&self) -> String {
+        let unacknowledged = self.inner.node.local_read(|sm| sm.unacknowledged_count());
+        crate::metrics::render(&self.inner.node.status(), &self.inner.metrics, &self.inner.phases, unacknowledged)
     }
 
     /// The node this engine drives.
@@ -207,7 +216,9 @@ impl<P: ParticipantClient> Engine<P> {
         let span = tracing::info_span!("submit", txn_id = %txn_id, branches = targets.len());
         tokio::spawn(
             async move {
+                let started = Instant::now();
                 let result = engine.prepare_and_decide(&request, targets).await;
+                engine.inner.phases.submit.record(started.elapsed());
                 guard.finish(&result);
             }
             .instrument(span),
@@ -264,7 +275,9 @@ impl<P: ParticipantClient> Engine<P> {
         targets: Vec<(Target, bytes::Bytes)>,
     ) -> Result<TxnRecord> {
         let txn_id = request.txn_id;
+        let started = Instant::now();
         let (votes, abort_reason) = self.prepare_all(request, &targets).await;
+        self.inner.phases.prepare.record(started.elapsed());
         let decision = if abort_reason.is_none() { Decision::Commit } else { Decision::Abort };
         let branches =
             targets.iter().map(|(t, _)| (t.participant.clone(), votes.get(&t.participant).cloned())).collect();
@@ -341,7 +354,10 @@ impl<P: ParticipantClient> Engine<P> {
     /// Proposes a decision and returns the record the log holds afterwards.
     async fn decide(&self, cmd: DecideCmd) -> Result<TxnRecord> {
         let proposal = Proposal { command: Command::Decide(cmd), proposed_unix_ms: unix_now_ms() };
-        match self.inner.node.propose(&proposal).await? {
+        let started = Instant::now();
+        let applied = self.inner.node.propose(&proposal).await;
+        self.inner.phases.decide.record(started.elapsed());
+        match applied? {
             Applied::Decided { record, .. } => Ok(record),
             other => Err(Error::Corrupt(format!("a Decide entry was applied as {other:?}"))),
         }

@@ -1,0 +1,216 @@
+//! Observability: latency histograms of the 2PC phases, the Prometheus text
+//! rendering of every counter, and a minimal HTTP endpoint serving it.
+//!
+//! The endpoint is deliberately tiny (one `GET /metrics` per connection,
+//! bounded request size and time) so it needs no HTTP framework.
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpListener;
+
+use crate::engine::EngineMetrics;
+use crate::node::{NodeStatus, Role};
+
+/// Largest latency a histogram records, in microseconds (60 s); longer ones are clamped.
+const LATENCY_MAX_US: u64 = 60_000_000;
+
+/// A latency histogram in microseconds, safe to record into from any task.
+#[derive(Debug)]
+pub struct Latency {
+    histogram: Mutex<Histogram<u64>>,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        // Three significant digits over 1 us..60 s: about 30 KiB per histogram.
+        let histogram = Histogram::new_with_bounds(1, LATENCY_MAX_US, 3).expect("constant bounds are valid");
+        Self { histogram: Mutex::new(histogram) }
+    }
+}
+
+impl Latency {
+    /// Records one duration.
+    pub fn record(&self, elapsed: Duration) {
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX).clamp(1, LATENCY_MAX_US);
+        self.histogram.lock().saturating_record(us);
+    }
+
+    /// (count, sum in seconds, [(quantile, seconds)]) for the exposition.
+    fn summary(&self) -> (u64, f64, Vec<(f64, f64)>) {
+        let h = self.histogram.lock();
+        let quantiles = [0.5, 0.9, 0.99, 0.999].iter().map(|q| (*q, h.value_at_quantile(*q) as f64 / 1e6)).collect();
+        (h.len(), h.mean() * h.len() as f64 / 1e6, quantiles)
+    }
+}
+
+/// Latencies of each phase of a txn on the leader.
+#[derive(Debug, Default)]
+pub struct PhaseLatencies {
+    /// Submit received to answer sent.
+    pub submit: Latency,
+    /// The prepare fan-out, first Prepare sent to last vote in.
+    pub prepare: Latency,
+    /// Decision proposed to decision applied (the Raft round trip and fsyncs).
+    pub decide: Latency,
+}
+
+fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+}
+
+fn summary(out: &mut String, name: &str, help: &str, latency: &Latency) {
+    let (count, sum, quantiles) = latency.summary();
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
+    for (q, v) in quantiles {
+        let _ = writeln!(out, "{name}{{quantile=\"{q}\"}} {v}");
+    }
+    let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+}
+
+/// Renders the node's metrics in the Prometheus text format.
+pub fn render(status: &NodeStatus, engine: &EngineMetrics, phases: &PhaseLatencies, unacknowledged: usize) -> String {
+    let mut out = String::with_capacity(4096);
+    let c = |m: &std::sync::atomic::AtomicU64| m.load(Ordering::Relaxed);
+    counter(&mut out, "twopc_txns_submitted_total", "Txns started by Submit on this node.", c(&engine.submitted));
+    counter(&mut out, "twopc_txns_committed_total", "Txns this node decided to commit.", c(&engine.committed));
+    let _ = writeln!(out, "# HELP twopc_txns_aborted_total Txns this node aborted, by cause.");
+    let _ = writeln!(out, "# TYPE twopc_txns_aborted_total counter");
+    for (cause, value) in [
+        ("vote_no", c(&engine.aborted_vote_no)),
+        ("no_answer", c(&engine.aborted_no_answer)),
+        ("deadline", c(&engine.aborted_deadline)),
+        ("presumed", c(&engine.presumed_aborts)),
+    ] {
+        let _ = writeln!(out, "twopc_txns_aborted_total{{cause=\"{cause}\"}} {value}");
+    }
+    counter(&mut out, "twopc_resolves_total", "Resolve calls answered.", c(&engine.resolved));
+    counter(
+        &mut out,
+        "twopc_decisions_delivered_total",
+        "Decisions acknowledged by participants.",
+        c(&engine.delivered),
+    );
+    counter(
+        &mut out,
+        "twopc_delivery_retries_total",
+        "Decide calls that failed and will be retried.",
+        c(&engine.delivery_retries),
+    );
+    gauge(
+        &mut out,
+        "twopc_txns_in_doubt",
+        "Decided txns some participant has not acknowledged.",
+        unacknowledged as u64,
+    );
+    gauge(&mut out, "twopc_raft_term", "Current raft term.", status.term);
+    gauge(&mut out, "twopc_raft_is_leader", "1 on the leader.", u64::from(status.role == Role::Leader));
+    gauge(&mut out, "twopc_raft_committed_index", "Raft committed index.", status.raft_committed_index);
+    gauge(&mut out, "twopc_raft_applied_index", "Applied index of the state machine.", status.applied_index);
+    gauge(&mut out, "twopc_raft_first_log_index", "First index still in the log.", status.first_log_index);
+    summary(&mut out, "twopc_submit_seconds", "Submit latency on the leader.", &phases.submit);
+    summary(&mut out, "twopc_prepare_seconds", "Prepare phase latency.", &phases.prepare);
+    summary(&mut out, "twopc_decide_seconds", "Decision log latency (propose to applied).", &phases.decide);
+    out
+}
+
+/// Bytes read from a metrics request before it is refused.
+const REQUEST_MAX_BYTES: usize = 8 * 1024;
+/// How long a metrics client may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves `GET /metrics` on `listener` until `shutdown`, one request per connection.
+///
+/// # Errors
+/// Accepting on the listener failed.
+pub async fn serve(
+    listener: TcpListener,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    tokio::pin!(shutdown);
+    loop {
+        let (mut socket, _) = tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => accepted?,
+        };
+        let render = render.clone();
+        tokio::spawn(async move {
+            let Ok(Some(path)) = tokio::time::timeout(REQUEST_TIMEOUT, read_request_path(&mut socket)).await else {
+                return;
+            };
+            let (status, body) = if path == "/metrics" {
+                ("200 OK", render())
+            } else {
+                ("404 Not Found", "try GET /metrics\n".to_owned())
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(response.as_bytes()).await;
+        });
+    }
+}
+
+/// Reads an HTTP/1 request head and returns its path; None for anything else.
+async fn read_request_path(socket: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 512];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = socket.read(&mut chunk).await.ok()?;
+        if n == 0 || buf.len() + n > REQUEST_MAX_BYTES {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let head = std::str::from_utf8(&buf).ok()?;
+    let mut parts = head.lines().next()?.split_whitespace();
+    (parts.next()? == "GET").then(|| parts.next().map(str::to_owned)).flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_quantiles_in_prometheus_text() {
+        let engine = EngineMetrics::default();
+        engine.committed.fetch_add(3, Ordering::Relaxed);
+        let phases = PhaseLatencies::default();
+        phases.submit.record(Duration::from_millis(2));
+        let text = render(&NodeStatus::default(), &engine, &phases, 0);
+        assert!(text.contains("twopc_txns_committed_total 3"));
+        assert!(text.contains("twopc_submit_seconds_count 1"));
+        assert!(text.contains("twopc_txns_aborted_total{cause=\"vote_no\"} 0"));
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_over_http_and_404s_the_rest() -> std::io::Result<()> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, Arc::new(|| "twopc_up 1\n".to_owned()), async {
+            let _ = stopped.await;
+        }));
+        for (path, expect) in [("/metrics", "twopc_up 1"), ("/other", "404")] {
+            let mut socket = tokio::net::TcpStream::connect(addr).await?;
+            socket.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await?;
+            let mut response = String::new();
+            socket.read_to_string(&mut response).await?;
+            assert!(response.contains(expect), "{response}");
+        }
+        let _ = stop.send(());
+        server.await.map_err(std::io::Error::other)?
+    }
+}
