@@ -1,5 +1,7 @@
 //! The gRPC `twopc.v1.Participant` service and [`Participant`], which runs it
 //! together with the resolver: [`run`] is the one call a service makes.
+//! [`Participant::serve_with`] also serves the service's own gRPC API on the
+//! same port.
 //!
 //! Handlers convert the wire request into domain types first thing; bad input
 //! becomes `INVALID_ARGUMENT` with a message a person can act on. The status
@@ -10,6 +12,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 use tracing::{Span, field, info, instrument};
 use twopc_proto::pb::participant_server::{self, ParticipantServer};
@@ -40,9 +43,7 @@ pub async fn run<R: Resource>(
     config: ParticipantConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    Participant::new(resource, config)?
-        .serve(listener, shutdown)
-        .await
+    Participant::new(resource, config)?.serve(listener, shutdown).await
 }
 
 /// A participant ready to serve: the resource, its config and its counters.
@@ -58,9 +59,7 @@ impl<R: Resource> Participant<R> {
     pub fn new(resource: Arc<R>, config: ParticipantConfig) -> Result<Self> {
         config.validate()?;
         let engine = Engine::new(resource, config, Metrics::default());
-        Ok(Self {
-            engine: Arc::new(engine),
-        })
+        Ok(Self { engine: Arc::new(engine) })
     }
 
     /// A handle on the counters; stays valid after [`Participant::serve`] ends.
@@ -74,9 +73,27 @@ impl<R: Resource> Participant<R> {
     /// # Errors
     /// [`Error::Fatal`] if the resource cannot list its prepared branches;
     /// [`Error::Transport`] if the server fails.
-    pub async fn serve(
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        self.serve_with(listener, Routes::default(), shutdown).await
+    }
+
+    /// [`Participant::serve`], also serving the service's own gRPC services
+    /// in `routes` on the same listener, so one port carries both (the bank
+    /// serves its `twopc.v1.Bank` API this way).
+    ///
+    /// `routes` must not contain a `twopc.v1.Participant` service. Message
+    /// size limits and other per-service settings are the caller's, set on
+    /// each service before it is added.
+    ///
+    /// Build `routes` with `tonic::service::Routes::new(MyApiServer::new(api))`
+    /// and `.add_service(..)` for more.
+    ///
+    /// # Errors
+    /// As [`Participant::serve`].
+    pub async fn serve_with(
         self,
         listener: TcpListener,
+        routes: Routes,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<()> {
         let recovered = self.engine.recover().await?;
@@ -88,13 +105,13 @@ impl<R: Resource> Participant<R> {
             "participant serving"
         );
         let resolver = AbortOnDrop(tokio::spawn(resolver::run(Arc::clone(&self.engine))));
-        let service = ParticipantServer::new(Service {
-            engine: self.engine,
-        })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let service = ParticipantServer::new(Service { engine: self.engine })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let served = tonic::transport::Server::builder()
-            .serve_with_incoming_shutdown(service, TcpListenerStream::new(listener), shutdown)
+            .add_routes(routes)
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
             .await;
         drop(resolver);
         info!("participant stopped");
@@ -125,10 +142,7 @@ struct Prepare {
 impl<R: Resource> Service<R> {
     fn txn_id(text: &str) -> Result<TxnId> {
         text.parse()
-            .map_err(|e: twopc_proto::txn_id::TxnIdError| Error::Invalid {
-                field: "txn_id",
-                why: e.to_string(),
-            })
+            .map_err(|e: twopc_proto::txn_id::TxnIdError| Error::Invalid { field: "txn_id", why: e.to_string() })
     }
 
     /// An empty name skips the check (see participant.proto).
@@ -137,10 +151,7 @@ impl<R: Resource> Service<R> {
         if name.is_empty() || name == ours.as_str() {
             return Ok(());
         }
-        Err(Error::WrongParticipant {
-            ours: ours.clone(),
-            theirs: name.chars().take(80).collect(),
-        })
+        Err(Error::WrongParticipant { ours: ours.clone(), theirs: name.chars().take(80).collect() })
     }
 
     fn prepare_from_wire(&self, req: PrepareRequest) -> Result<Prepare> {
@@ -163,11 +174,7 @@ impl<R: Resource> Service<R> {
                 why: "is 0; set it to the txn's deadline in Unix milliseconds".into(),
             });
         }
-        Ok(Prepare {
-            txn,
-            payload: req.payload,
-            deadline_unix_ms: req.deadline_unix_ms,
-        })
+        Ok(Prepare { txn, payload: req.payload, deadline_unix_ms: req.deadline_unix_ms })
     }
 
     fn decision_from_wire(&self, req: &DecisionRequest) -> Result<(TxnId, Decision)> {
@@ -184,29 +191,18 @@ impl<R: Resource> Service<R> {
 #[tonic::async_trait]
 impl<R: Resource> participant_server::Participant for Service<R> {
     #[instrument(skip_all, fields(txn_id = field::Empty))]
-    async fn prepare(
-        &self,
-        request: Request<PrepareRequest>,
-    ) -> Result<Response<PrepareResponse>, Status> {
+    async fn prepare(&self, request: Request<PrepareRequest>) -> Result<Response<PrepareResponse>, Status> {
         let prepare = self.prepare_from_wire(request.into_inner())?;
         Span::current().record("txn_id", field::display(prepare.txn));
-        let vote = self
-            .engine
-            .prepare(prepare.txn, prepare.payload, prepare.deadline_unix_ms)
-            .await?;
+        let vote = self.engine.prepare(prepare.txn, prepare.payload, prepare.deadline_unix_ms).await?;
         Ok(Response::new(vote.to_pb()))
     }
 
     #[instrument(skip_all, fields(txn_id = field::Empty))]
-    async fn decide(
-        &self,
-        request: Request<DecisionRequest>,
-    ) -> Result<Response<DecisionResponse>, Status> {
+    async fn decide(&self, request: Request<DecisionRequest>) -> Result<Response<DecisionResponse>, Status> {
         let (txn, decision) = self.decision_from_wire(request.get_ref())?;
         Span::current().record("txn_id", field::display(txn));
-        self.engine
-            .decide(txn, decision, Origin::Coordinator)
-            .await?;
+        self.engine.decide(txn, decision, Origin::Coordinator).await?;
         Ok(Response::new(DecisionResponse {}))
     }
 }
