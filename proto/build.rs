@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/participant.proto",
         "proto/coordinator.proto",
         "proto/peer.proto",
+        "proto/bank.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

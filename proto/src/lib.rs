@@ -5,6 +5,7 @@
 //!
 //! # Layout
 //! - [`pb`]: generated messages and tonic clients/servers for package `twopc.v1`.
+//!   `proto/bank.proto` is the account service's own API (`Bank`), used by twopc-bank.
 //! - [`txn_id`]: [`TxnId`], a time-ordered UUIDv7 whose creation time can be read back.
 //! - [`participant_id`]: [`ParticipantId`], a validated participant name.
 //! - [`vote`]: [`Vote`] and [`Decision`], the two answers of the protocol.
