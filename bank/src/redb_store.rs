@@ -1,0 +1,864 @@
+//! [`RedbStore`]: the embedded [`AccountStore`], one redb file per bank.
+//!
+//! Every write (account creation, Prepare, Commit, Abort, garbage
+//! collection) goes through one writer thread (a `std::thread`, so no fsync
+//! ever blocks the async runtime). It takes everything queued, up to
+//! `batch_max` operations, applies them in order in one redb write
+//! transaction, commits it with `Durability::Immediate` (one fsync for the
+//! whole batch: group commit), and only then answers each caller through its
+//! oneshot. Operations in a batch see each other's effects, so two debits of
+//! one account never both take the same funds; operations on different
+//! accounts share the fsync and nothing else. Reads run on the blocking pool
+//! against the last committed state (redb's MVCC readers never wait for the
+//! writer).
+//!
+//! Tables:
+//! - `accounts`: name -> (balance, held, incoming), in minor units.
+//! - `branches`: txn id -> branch record (state, payload, NO reason, time).
+//! - `prepared`: txn id -> (), the branches voted YES and not yet decided.
+//! - `finished`: (finished at, txn id) -> (), the retention index the garbage
+//!   collector walks oldest first.
+
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use prost::Message as _;
+use redb::{
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction,
+};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, info, trace};
+use twopc_proto::txn_id::unix_now_ms;
+use twopc_proto::{Decision, TxnId, Vote};
+
+use crate::address::AccountName;
+use crate::config::StoreConfig;
+use crate::error::{Error, Result};
+use crate::money::format_minor;
+use crate::payload::{BranchPayload, Operation};
+use crate::store::{
+    ABORTED_BEFORE_PREPARE, ALREADY_ABORTED, AccountBalance, AccountStore, BranchState, INSUFFICIENT_FUNDS, Totals,
+    UNKNOWN_ACCOUNT,
+};
+
+/// (balance, held, incoming) in minor units.
+type AccountRow = (i64, i64, i64);
+
+const ACCOUNTS: TableDefinition<&str, AccountRow> = TableDefinition::new("accounts");
+const BRANCHES: TableDefinition<u128, &[u8]> = TableDefinition::new("branches");
+const PREPARED: TableDefinition<u128, ()> = TableDefinition::new("prepared");
+const FINISHED: TableDefinition<(u64, u128), ()> = TableDefinition::new("finished");
+
+/// The embedded store: a redb file written by one group-committing thread.
+///
+/// Dropping it stops the writer after its current batch and closes the file
+/// (the drop waits for that batch, a few milliseconds at most).
+pub struct RedbStore {
+    db: Arc<Database>,
+    jobs: Option<mpsc::Sender<Job>>,
+    writer: Option<JoinHandle<()>>,
+    counters: Arc<Counters>,
+    queue_max: usize,
+    path: PathBuf,
+}
+
+/// What the writer has done since the store was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Write transactions committed, each one fsync.
+    pub write_batches: u64,
+    /// Operations those transactions carried.
+    pub write_ops: u64,
+    /// Expired branch records removed.
+    pub records_collected: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    batches: AtomicU64,
+    ops: AtomicU64,
+    collected: AtomicU64,
+}
+
+impl RedbStore {
+    /// Opens (or creates) the store file at `path`, on the blocking pool.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an invalid `config`; [`Error::Unavailable`] if
+    /// the file is in use or cannot be read; [`Error::Fatal`] if it is corrupt.
+    pub async fn open(path: impl Into<PathBuf>, config: StoreConfig) -> Result<Self> {
+        let path = path.into();
+        tokio::task::spawn_blocking(move || Self::open_blocking(&path, config))
+            .await
+            .map_err(|e| Error::Fatal(format!("opening the store: {e}")))?
+    }
+
+    /// [`RedbStore::open`] for callers outside an async runtime.
+    ///
+    /// # Errors
+    /// As [`RedbStore::open`].
+    pub fn open_blocking(path: &Path, config: StoreConfig) -> Result<Self> {
+        config.validate()?;
+        let db = Database::create(path)?;
+        let init = db.begin_write()?;
+        init.open_table(ACCOUNTS)?;
+        init.open_table(BRANCHES)?;
+        init.open_table(PREPARED)?;
+        init.open_table(FINISHED)?;
+        init.commit()?;
+        let db = Arc::new(db);
+        let (jobs, queue) = mpsc::channel(config.queue_max);
+        let counters = Arc::new(Counters::default());
+        let writer = Writer {
+            db: Arc::clone(&db),
+            queue,
+            counters: Arc::clone(&counters),
+            next_gc_unix_ms: 0,
+            config: config.clone(),
+        };
+        let writer = std::thread::Builder::new()
+            .name("bank-store-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| Error::Fatal(format!("starting the store's writer thread: {e}")))?;
+        info!(path = %path.display(), "bank store open");
+        Ok(Self {
+            db,
+            jobs: Some(jobs),
+            writer: Some(writer),
+            counters,
+            queue_max: config.queue_max,
+            path: path.to_owned(),
+        })
+    }
+
+    /// The store file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Counters of the writer's work: batches (fsyncs) and operations.
+    pub fn stats(&self) -> StoreStats {
+        StoreStats {
+            write_batches: self.counters.batches.load(Ordering::Relaxed),
+            write_ops: self.counters.ops.load(Ordering::Relaxed),
+            records_collected: self.counters.collected.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Removes finished branch records (and tombstones) that finished before
+    /// `before_unix_ms`, up to `gc_batch_max` of them, and says how many. The
+    /// writer does this on its own every `gc_interval_ms` with the retention
+    /// cutoff; this is for tests and operators.
+    ///
+    /// # Errors
+    /// As any write.
+    pub async fn collect_garbage(&self, before_unix_ms: u64) -> Result<usize> {
+        match self.submit(Op::CollectGarbage { before_unix_ms }).await? {
+            Done::Collected(n) => Ok(n),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn submit(&self, op: Op) -> Result<Done> {
+        let stopped = || Error::Fatal("the store's writer has stopped".into());
+        let jobs = self.jobs.as_ref().ok_or_else(stopped)?;
+        let (reply, answer) = oneshot::channel();
+        jobs.try_send(Job { op, reply }).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Error::QueueFull { max: self.queue_max },
+            mpsc::error::TrySendError::Closed(_) => stopped(),
+        })?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    /// Runs `read` against the last committed state, on the blocking pool.
+    async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&ReadTransaction) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let db = Arc::clone(&self.db);
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read()?;
+            read(&txn)
+        })
+        .await
+        .map_err(|e| Error::Fatal(format!("store reader: {e}")))?
+    }
+}
+
+impl Drop for RedbStore {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer's loop after its current batch.
+        drop(self.jobs.take());
+        if let Some(writer) = self.writer.take()
+            && writer.join().is_err()
+        {
+            error!("the bank store's writer thread panicked");
+        }
+    }
+}
+
+fn unexpected(done: &Done) -> Error {
+    Error::Fatal(format!("the store's writer answered {done:?} out of turn"))
+}
+
+impl AccountStore for RedbStore {
+    async fn create_account(&self, name: AccountName, initial_minor: i64) -> Result<AccountBalance> {
+        if initial_minor < 0 {
+            return Err(Error::Invalid {
+                field: "initial_balance",
+                why: format!("{} is negative", format_minor(initial_minor)),
+            });
+        }
+        match self.submit(Op::CreateAccount { name, initial_minor }).await? {
+            Done::Account(account) => Ok(account),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn account(&self, name: AccountName) -> Result<AccountBalance> {
+        self.read(move |txn| {
+            let accounts = txn.open_table(ACCOUNTS)?;
+            let row = accounts.get(name.as_str())?.map(|row| row.value());
+            match row {
+                Some(row) => Ok(balance_of(name, row)),
+                None => Err(Error::AccountNotFound(name)),
+            }
+        })
+        .await
+    }
+
+    async fn list_accounts(&self, after: Option<AccountName>, limit: usize) -> Result<Vec<AccountBalance>> {
+        self.read(move |txn| {
+            let accounts = txn.open_table(ACCOUNTS)?;
+            let start = after.as_ref().map_or(Bound::Unbounded, |name| Bound::Excluded(name.as_str()));
+            let mut page = Vec::with_capacity(limit.min(1024));
+            for entry in accounts.range::<&str>((start, Bound::Unbounded))?.take(limit) {
+                let (name, row) = entry?;
+                page.push(balance_of(stored_name(name.value())?, row.value()));
+            }
+            Ok(page)
+        })
+        .await
+    }
+
+    async fn totals(&self) -> Result<Totals> {
+        self.read(|txn| {
+            let accounts = txn.open_table(ACCOUNTS)?;
+            let mut totals = Totals::default();
+            for entry in accounts.iter()? {
+                let (balance, held, incoming) = entry?.1.value();
+                totals.balance_minor += i128::from(balance);
+                totals.held_minor += i128::from(held);
+                totals.incoming_minor += i128::from(incoming);
+                totals.accounts += 1;
+            }
+            Ok(totals)
+        })
+        .await
+    }
+
+    async fn prepare(&self, txn: TxnId, payload: BranchPayload) -> Result<Vote> {
+        match self.submit(Op::Prepare { txn, payload }).await? {
+            Done::Vote(vote) => Ok(vote),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn refuse(&self, txn: TxnId, reason: String) -> Result<Vote> {
+        match self.submit(Op::Refuse { txn, reason }).await? {
+            Done::Vote(vote) => Ok(vote),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn commit(&self, txn: TxnId) -> Result<()> {
+        match self.submit(Op::Commit { txn }).await? {
+            Done::Decided => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn abort(&self, txn: TxnId) -> Result<()> {
+        match self.submit(Op::Abort { txn }).await? {
+            Done::Decided => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn prepared(&self) -> Result<Vec<TxnId>> {
+        self.read(|txn| {
+            let prepared = txn.open_table(PREPARED)?;
+            let mut txns = Vec::new();
+            for entry in prepared.iter()? {
+                txns.push(txn_of_key(entry?.0.value())?);
+            }
+            Ok(txns)
+        })
+        .await
+    }
+
+    async fn branch_state(&self, txn: TxnId) -> Result<Option<BranchState>> {
+        self.read(move |read| {
+            let branches = read.open_table(BRANCHES)?;
+            let record = branches.get(key_of(txn))?;
+            record.map(|bytes| Record::decode(txn, bytes.value()).map(|r| r.state)).transpose()
+        })
+        .await
+    }
+}
+
+fn balance_of(name: AccountName, (balance_minor, held_minor, incoming_minor): AccountRow) -> AccountBalance {
+    AccountBalance { name, balance_minor, held_minor, incoming_minor }
+}
+
+fn stored_name(name: &str) -> Result<AccountName> {
+    name.parse().map_err(|e| Error::Fatal(format!("corrupt account table: {e}")))
+}
+
+/// Txn ids are stored big-endian, so keys sort by creation time.
+fn key_of(txn: TxnId) -> u128 {
+    u128::from_be_bytes(txn.to_bytes())
+}
+
+fn txn_of_key(key: u128) -> Result<TxnId> {
+    TxnId::from_bytes(key.to_be_bytes()).map_err(|e| Error::Fatal(format!("corrupt branch table: {e}")))
+}
+
+/// One operation for the writer, and where its answer goes.
+struct Job {
+    op: Op,
+    reply: oneshot::Sender<Result<Done>>,
+}
+
+#[derive(Debug)]
+enum Op {
+    CreateAccount { name: AccountName, initial_minor: i64 },
+    Prepare { txn: TxnId, payload: BranchPayload },
+    Refuse { txn: TxnId, reason: String },
+    Commit { txn: TxnId },
+    Abort { txn: TxnId },
+    CollectGarbage { before_unix_ms: u64 },
+}
+
+#[derive(Debug)]
+enum Done {
+    Account(AccountBalance),
+    Vote(Vote),
+    Decided,
+    Collected(usize),
+}
+
+/// The answer to one operation: an outcome the caller gets (including
+/// refusals such as an existing account), as opposed to a storage failure,
+/// which fails the whole batch.
+type Answer = Result<Done>;
+
+/// The writer thread's state.
+struct Writer {
+    db: Arc<Database>,
+    queue: mpsc::Receiver<Job>,
+    counters: Arc<Counters>,
+    next_gc_unix_ms: u64,
+    config: StoreConfig,
+}
+
+impl Writer {
+    fn run(mut self) {
+        while let Some(first) = self.queue.blocking_recv() {
+            let mut batch = Vec::with_capacity(self.config.batch_max.min(64));
+            batch.push(first);
+            while batch.len() < self.config.batch_max {
+                match self.queue.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.write(batch);
+        }
+        debug!("bank store writer stopped");
+    }
+
+    /// Applies `batch` in one write transaction and answers every job once
+    /// it is durable; if the transaction fails, every job gets the failure
+    /// and nothing of the batch is applied.
+    fn write(&mut self, batch: Vec<Job>) {
+        let now_unix_ms = unix_now_ms();
+        let collect_before = (now_unix_ms >= self.next_gc_unix_ms)
+            .then(|| now_unix_ms.saturating_sub(self.config.finished_retention_ms));
+        if collect_before.is_some() {
+            self.next_gc_unix_ms = now_unix_ms.saturating_add(self.config.gc_interval_ms);
+        }
+        let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|j| (j.op, j.reply)).unzip();
+        match self.commit_batch(&ops, now_unix_ms, collect_before) {
+            Ok((answers, collected)) => {
+                self.counters.batches.fetch_add(1, Ordering::Relaxed);
+                self.counters.ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
+                self.counters.collected.fetch_add(collected, Ordering::Relaxed);
+                trace!(ops = ops.len(), collected, "store batch committed");
+                for (reply, answer) in replies.into_iter().zip(answers) {
+                    let _ = reply.send(answer);
+                }
+            }
+            Err(e) => {
+                error!(ops = ops.len(), error = %e, "store batch failed; nothing of it was applied");
+                for reply in replies {
+                    let _ = reply.send(Err(e.for_each_in_batch()));
+                }
+            }
+        }
+    }
+
+    fn commit_batch(&self, ops: &[Op], now_unix_ms: u64, collect_before: Option<u64>) -> Result<(Vec<Answer>, u64)> {
+        let mut txn: WriteTransaction = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        let mut collected = 0;
+        let answers = {
+            let mut tables = Tables::open(&txn, now_unix_ms)?;
+            if let Some(before) = collect_before {
+                collected += tables.collect_garbage(before, self.config.gc_batch_max)?;
+            }
+            let mut answers = Vec::with_capacity(ops.len());
+            for op in ops {
+                let answer = match op {
+                    Op::CollectGarbage { before_unix_ms } => {
+                        let n = tables.collect_garbage(*before_unix_ms, self.config.gc_batch_max)?;
+                        collected += n;
+                        Ok(Done::Collected(n as usize))
+                    }
+                    op => tables.apply(op)?,
+                };
+                answers.push(answer);
+            }
+            answers
+        };
+        // I3: one fsync for the whole batch, before any caller hears a vote
+        // or an acknowledgement (Durability::Immediate).
+        txn.commit()?;
+        Ok((answers, collected))
+    }
+}
+
+/// The tables open in one write transaction.
+struct Tables<'t> {
+    accounts: Table<'t, &'static str, AccountRow>,
+    branches: Table<'t, u128, &'static [u8]>,
+    prepared: Table<'t, u128, ()>,
+    finished: Table<'t, (u64, u128), ()>,
+    now_unix_ms: u64,
+}
+
+/// An account's row while a branch is worked out, before it is written.
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    balance: i64,
+    held: i64,
+    incoming: i64,
+}
+
+/// How working out a branch's effect on its accounts went.
+enum Effect {
+    /// The rows to write.
+    Rows(Vec<(AccountName, Row)>),
+    /// The branch names an account that does not exist.
+    Missing(AccountName),
+    /// The branch cannot be staged; the reason.
+    Refused(String),
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t WriteTransaction, now_unix_ms: u64) -> Result<Self> {
+        Ok(Self {
+            accounts: txn.open_table(ACCOUNTS)?,
+            branches: txn.open_table(BRANCHES)?,
+            prepared: txn.open_table(PREPARED)?,
+            finished: txn.open_table(FINISHED)?,
+            now_unix_ms,
+        })
+    }
+
+    /// Applies one operation. `Err` is a storage failure (the batch fails);
+    /// `Ok(Err(..))` is a refusal the caller gets, with nothing written.
+    fn apply(&mut self, op: &Op) -> Result<Answer> {
+        match op {
+            Op::CreateAccount { name, initial_minor } => self.create_account(name, *initial_minor),
+            Op::Prepare { txn, payload } => self.prepare(*txn, payload),
+            Op::Refuse { txn, reason } => self.refuse(*txn, reason),
+            Op::Commit { txn } => self.commit(*txn),
+            Op::Abort { txn } => self.abort(*txn),
+            Op::CollectGarbage { .. } => Err(Error::Fatal("garbage collection is not a branch operation".into())),
+        }
+    }
+
+    fn create_account(&mut self, name: &AccountName, initial_minor: i64) -> Result<Answer> {
+        if self.accounts.get(name.as_str())?.is_some() {
+            return Ok(Err(Error::AccountExists(name.clone())));
+        }
+        let row = (initial_minor, 0, 0);
+        self.accounts.insert(name.as_str(), row)?;
+        Ok(Ok(Done::Account(balance_of(name.clone(), row))))
+    }
+
+    fn prepare(&mut self, txn: TxnId, payload: &BranchPayload) -> Result<Answer> {
+        // I5: a txn with a record keeps its vote, whatever this payload says.
+        if let Some(record) = self.record(txn)? {
+            return Ok(Ok(Done::Vote(record.vote())));
+        }
+        let vote = match self.effect(payload, stage)? {
+            Effect::Rows(rows) => {
+                self.write_rows(rows)?;
+                let record = Record::new(BranchState::Prepared, Some(payload), "", self.now_unix_ms);
+                self.branches.insert(key_of(txn), record.encode().as_slice())?;
+                self.prepared.insert(key_of(txn), ())?;
+                Vote::Yes
+            }
+            Effect::Missing(name) => self.record_refusal(txn, format!("{UNKNOWN_ACCOUNT} {name}"))?,
+            Effect::Refused(reason) => self.record_refusal(txn, reason)?,
+        };
+        Ok(Ok(Done::Vote(vote)))
+    }
+
+    fn refuse(&mut self, txn: TxnId, reason: &str) -> Result<Answer> {
+        if let Some(record) = self.record(txn)? {
+            return Ok(Ok(Done::Vote(record.vote())));
+        }
+        Ok(Ok(Done::Vote(self.record_refusal(txn, reason.to_owned())?)))
+    }
+
+    /// A NO vote is final, so it is recorded: a repeated Prepare, even with
+    /// a payload that would pass now, gets the same NO.
+    fn record_refusal(&mut self, txn: TxnId, reason: String) -> Result<Vote> {
+        let record = Record::new(BranchState::Refused, None, &reason, self.now_unix_ms);
+        self.finish(txn, &record)?;
+        Ok(Vote::no(reason))
+    }
+
+    fn commit(&mut self, txn: TxnId) -> Result<Answer> {
+        let Some(record) = self.record(txn)? else {
+            return Ok(Err(Error::NotPrepared(txn)));
+        };
+        match record.state {
+            BranchState::Committed => Ok(Ok(Done::Decided)),
+            BranchState::Refused | BranchState::Aborted | BranchState::Tombstone => {
+                Ok(Err(Error::Conflict { txn, recorded: Decision::Abort }))
+            }
+            BranchState::Prepared => self.decide(txn, record, BranchState::Committed, apply),
+        }
+    }
+
+    fn abort(&mut self, txn: TxnId) -> Result<Answer> {
+        let Some(record) = self.record(txn)? else {
+            // I4: remember the abort so that a late Prepare votes NO.
+            let tombstone = Record::new(BranchState::Tombstone, None, "", self.now_unix_ms);
+            self.finish(txn, &tombstone)?;
+            return Ok(Ok(Done::Decided));
+        };
+        match record.state {
+            BranchState::Refused | BranchState::Aborted | BranchState::Tombstone => Ok(Ok(Done::Decided)),
+            BranchState::Committed => Ok(Err(Error::Conflict { txn, recorded: Decision::Commit })),
+            BranchState::Prepared => self.decide(txn, record, BranchState::Aborted, release),
+        }
+    }
+
+    /// Carries out a decision on a prepared branch: `change` each account,
+    /// then record the branch as `outcome`.
+    fn decide(
+        &mut self,
+        txn: TxnId,
+        record: Record,
+        outcome: BranchState,
+        change: fn(&Operation, &mut Row) -> std::result::Result<(), String>,
+    ) -> Result<Answer> {
+        let Some(payload) = record.payload else {
+            return Ok(Err(Error::Fatal(format!("prepared branch {txn} has no payload on record"))));
+        };
+        let rows = match self.effect(&payload, change)? {
+            Effect::Rows(rows) => rows,
+            Effect::Missing(name) => {
+                return Ok(Err(Error::Fatal(format!(
+                    "prepared branch {txn} names account {name}, which no longer exists"
+                ))));
+            }
+            Effect::Refused(why) => {
+                return Ok(Err(Error::Fatal(format!("prepared branch {txn} cannot be decided: {why}"))));
+            }
+        };
+        self.write_rows(rows)?;
+        let decided = Record::new(outcome, Some(&payload), "", self.now_unix_ms);
+        self.finish(txn, &decided)?;
+        Ok(Ok(Done::Decided))
+    }
+
+    /// Works out what `change` does to every account `payload` names, without
+    /// writing anything.
+    fn effect(
+        &self,
+        payload: &BranchPayload,
+        change: fn(&Operation, &mut Row) -> std::result::Result<(), String>,
+    ) -> Result<Effect> {
+        let mut rows: Vec<(AccountName, Row)> = Vec::with_capacity(payload.ops().len());
+        for op in payload.ops() {
+            let name = op.account();
+            let index = match rows.iter().position(|(n, _)| n == name) {
+                Some(index) => index,
+                None => {
+                    let Some(row) = self.accounts.get(name.as_str())?.map(|r| r.value()) else {
+                        return Ok(Effect::Missing(name.clone()));
+                    };
+                    let (balance, held, incoming) = row;
+                    rows.push((name.clone(), Row { balance, held, incoming }));
+                    rows.len() - 1
+                }
+            };
+            if let Err(why) = change(op, &mut rows[index].1) {
+                return Ok(Effect::Refused(why));
+            }
+        }
+        Ok(Effect::Rows(rows))
+    }
+
+    fn write_rows(&mut self, rows: Vec<(AccountName, Row)>) -> Result<()> {
+        for (name, row) in rows {
+            self.accounts.insert(name.as_str(), (row.balance, row.held, row.incoming))?;
+        }
+        Ok(())
+    }
+
+    fn record(&self, txn: TxnId) -> Result<Option<Record>> {
+        let bytes = self.branches.get(key_of(txn))?;
+        bytes.map(|b| Record::decode(txn, b.value())).transpose()
+    }
+
+    /// Records a finished branch and indexes it for garbage collection.
+    fn finish(&mut self, txn: TxnId, record: &Record) -> Result<()> {
+        let key = key_of(txn);
+        self.branches.insert(key, record.encode().as_slice())?;
+        self.prepared.remove(key)?;
+        self.finished.insert((record.updated_unix_ms, key), ())?;
+        Ok(())
+    }
+
+    /// Removes up to `max` finished records that finished before `before`.
+    /// Prepared records are not in the index, so they are never removed (I4).
+    fn collect_garbage(&mut self, before_unix_ms: u64, max: usize) -> Result<u64> {
+        let mut expired = Vec::new();
+        for entry in self.finished.range(..(before_unix_ms, 0u128))?.take(max) {
+            expired.push(entry?.0.value());
+        }
+        for (finished_unix_ms, key) in &expired {
+            self.finished.remove((*finished_unix_ms, *key))?;
+            self.branches.remove(*key)?;
+        }
+        Ok(expired.len() as u64)
+    }
+}
+
+/// Prepare: hold a debit's amount, stage a credit's.
+fn stage(op: &Operation, row: &mut Row) -> std::result::Result<(), String> {
+    let amount = op.amount_minor();
+    match op {
+        Operation::Debit { account, .. } => {
+            // Holds never exceed the balance, so this cannot overflow.
+            let available = row.balance - row.held;
+            if available < amount {
+                return Err(format!(
+                    "{INSUFFICIENT_FUNDS} in {account}: available {}, needed {}",
+                    format_minor(available),
+                    format_minor(amount)
+                ));
+            }
+            row.held += amount;
+        }
+        Operation::Credit { account, .. } => {
+            // Every staged credit must fit once committed, so Commit never
+            // fails. The balance is never negative, so if the sum fits, so
+            // does the new incoming amount.
+            let fits = row.balance.checked_add(row.incoming).and_then(|sum| sum.checked_add(amount)).is_some();
+            if !fits {
+                return Err(format!("a credit of {} would overflow the balance of {account}", format_minor(amount)));
+            }
+            row.incoming += amount;
+        }
+    }
+    Ok(())
+}
+
+/// Commit: a debit takes the held amount from the balance; a credit adds the
+/// staged amount to it.
+fn apply(op: &Operation, row: &mut Row) -> std::result::Result<(), String> {
+    let amount = op.amount_minor();
+    match op {
+        Operation::Debit { .. } => {
+            row.held -= amount;
+            row.balance -= amount;
+        }
+        Operation::Credit { .. } => {
+            row.incoming -= amount;
+            row.balance += amount;
+        }
+    }
+    check_row(op, row)
+}
+
+/// Abort: release what Prepare held or staged.
+fn release(op: &Operation, row: &mut Row) -> std::result::Result<(), String> {
+    match op {
+        Operation::Debit { .. } => row.held -= op.amount_minor(),
+        Operation::Credit { .. } => row.incoming -= op.amount_minor(),
+    }
+    check_row(op, row)
+}
+
+/// The invariants of a row after a decision; a breach means the store is
+/// corrupt, and the decision is refused rather than written.
+fn check_row(op: &Operation, row: &Row) -> std::result::Result<(), String> {
+    if row.held < 0 || row.incoming < 0 || row.held > row.balance {
+        return Err(format!(
+            "{op} leaves {} with balance {}, held {}, incoming {}",
+            op.account(),
+            row.balance,
+            row.held,
+            row.incoming
+        ));
+    }
+    Ok(())
+}
+
+/// A branch record as stored.
+#[derive(Debug, Clone)]
+struct Record {
+    state: BranchState,
+    payload: Option<BranchPayload>,
+    reason: String,
+    updated_unix_ms: u64,
+}
+
+impl Record {
+    fn new(state: BranchState, payload: Option<&BranchPayload>, reason: &str, updated_unix_ms: u64) -> Self {
+        Self { state, payload: payload.cloned(), reason: reason.to_owned(), updated_unix_ms }
+    }
+
+    /// The vote a repeated Prepare gets (I5).
+    fn vote(&self) -> Vote {
+        match self.state {
+            BranchState::Prepared | BranchState::Committed => Vote::Yes,
+            BranchState::Refused => Vote::no(self.reason.clone()),
+            BranchState::Aborted => Vote::no(ALREADY_ABORTED),
+            BranchState::Tombstone => Vote::no(ABORTED_BEFORE_PREPARE),
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let state = match self.state {
+            BranchState::Prepared => StatePb::Prepared,
+            BranchState::Refused => StatePb::Refused,
+            BranchState::Committed => StatePb::Committed,
+            BranchState::Aborted => StatePb::Aborted,
+            BranchState::Tombstone => StatePb::Tombstone,
+        };
+        RecordPb {
+            state: state as i32,
+            payload: self.payload.as_ref().map_or_else(Bytes::new, BranchPayload::encode),
+            reason: self.reason.clone(),
+            updated_unix_ms: self.updated_unix_ms,
+        }
+        .encode_to_vec()
+    }
+
+    fn decode(txn: TxnId, bytes: &[u8]) -> Result<Self> {
+        let corrupt = |why: String| Error::Fatal(format!("branch record of txn {txn} is corrupt: {why}"));
+        let wire = RecordPb::decode(bytes).map_err(|e| corrupt(e.to_string()))?;
+        let state = match StatePb::try_from(wire.state) {
+            Ok(StatePb::Prepared) => BranchState::Prepared,
+            Ok(StatePb::Refused) => BranchState::Refused,
+            Ok(StatePb::Committed) => BranchState::Committed,
+            Ok(StatePb::Aborted) => BranchState::Aborted,
+            Ok(StatePb::Tombstone) => BranchState::Tombstone,
+            Ok(StatePb::Unspecified) | Err(_) => {
+                return Err(corrupt(format!("unknown state {}", wire.state)));
+            }
+        };
+        let payload = if wire.payload.is_empty() {
+            None
+        } else {
+            Some(BranchPayload::decode(&wire.payload).map_err(|e| corrupt(e.to_string()))?)
+        };
+        Ok(Self { state, payload, reason: wire.reason, updated_unix_ms: wire.updated_unix_ms })
+    }
+}
+
+/// The stored form of a branch record.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RecordPb {
+    #[prost(enumeration = "StatePb", tag = "1")]
+    state: i32,
+    /// The encoded [`BranchPayload`]; empty for NO votes and tombstones.
+    #[prost(bytes = "bytes", tag = "2")]
+    payload: Bytes,
+    #[prost(string, tag = "3")]
+    reason: String,
+    #[prost(uint64, tag = "4")]
+    updated_unix_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+enum StatePb {
+    Unspecified = 0,
+    Prepared = 1,
+    Refused = 2,
+    Committed = 3,
+    Aborted = 4,
+    Tombstone = 5,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store whose writer never runs: its queue only fills.
+    fn stalled_store(dir: &Path, queue_max: usize) -> (RedbStore, mpsc::Receiver<Job>) {
+        let db = Database::create(dir.join("stalled.redb")).expect("create");
+        let (jobs, queue) = mpsc::channel(queue_max);
+        let store = RedbStore {
+            db: Arc::new(db),
+            jobs: Some(jobs),
+            writer: None,
+            counters: Arc::default(),
+            queue_max,
+            path: dir.join("stalled.redb"),
+        };
+        (store, queue)
+    }
+
+    // I6 (bounded): a full write queue refuses at once with a clear, retryable error.
+    #[tokio::test]
+    async fn full_queue_is_a_clear_retryable_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _queue) = stalled_store(dir.path(), 1);
+        let (reply, _answer) = oneshot::channel();
+        let fill = Job { op: Op::Abort { txn: TxnId::new() }, reply };
+        let jobs = store.jobs.as_ref().expect("open");
+        assert!(jobs.try_send(fill).is_ok(), "room for one job");
+        let refused = store.abort(TxnId::new()).await.expect_err("the queue is full");
+        assert!(matches!(refused, Error::QueueFull { max: 1 }), "{refused:?}");
+        assert!(refused.is_retryable());
+        assert!(refused.to_string().contains("store.queue_max"));
+    }
+
+    // A stored record reads back the same, and a corrupt one is an error, not a panic.
+    #[test]
+    fn records_round_trip_and_corruption_is_an_error() {
+        let payload = BranchPayload::debit("alice".parse().expect("name"), 5).expect("payload");
+        let txn = TxnId::new();
+        let record = Record::new(BranchState::Prepared, Some(&payload), "", 42);
+        let back = Record::decode(txn, &record.encode()).expect("decodes");
+        assert_eq!(back.state, BranchState::Prepared);
+        assert_eq!(back.payload, Some(payload));
+        assert_eq!(back.updated_unix_ms, 42);
+        assert!(matches!(Record::decode(txn, b"\x08\x63"), Err(Error::Fatal(_))));
+    }
+}

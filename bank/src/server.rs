@@ -1,0 +1,92 @@
+//! Running a bank: [`run`] opens the store and serves the Participant and
+//! Bank gRPC services on one listener until the shutdown signal; [`serve`]
+//! does the same over a store the caller opened (any [`AccountStore`]).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::service::Routes;
+use tracing::{info, warn};
+use twopc_participant::{Participant, ParticipantConfig};
+use twopc_proto::MAX_MESSAGE_BYTES;
+use twopc_proto::pb::bank_server::BankServer;
+
+use crate::config::BankConfig;
+use crate::error::{Error, Result};
+use crate::redb_store::RedbStore;
+use crate::resource::BankResource;
+use crate::service::BankService;
+use crate::store::AccountStore;
+
+/// How long [`run`] waits, after serving ends, for calls still in flight to
+/// let go of the store so it can close the file.
+pub const STORE_CLOSE_TIMEOUT_MS: u64 = 5_000;
+
+/// Runs bank `config.participant.id`: opens (or creates) its store under
+/// `config.data_dir`, then serves the Participant and Bank APIs on
+/// `listener` and resolves in-doubt branches until `shutdown` completes.
+/// Branches found prepared at start-up are resolved first (I7). When it
+/// returns, the store file is closed.
+///
+/// # Errors
+/// [`Error::Config`] for an invalid config; [`Error::Unavailable`] or
+/// [`Error::Fatal`] if the store cannot be opened; [`Error::Participant`]
+/// if serving fails.
+pub async fn run(listener: TcpListener, config: BankConfig, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+    config.validate()?;
+    tokio::fs::create_dir_all(&config.data_dir)
+        .await
+        .map_err(|e| Error::Unavailable(format!("creating data dir {}: {e}", config.data_dir.display())))?;
+    let store = Arc::new(RedbStore::open(config.store_path(), config.store.clone()).await?);
+    let served = serve(listener, Arc::clone(&store), config.participant, shutdown).await;
+    close(store).await;
+    served
+}
+
+/// Serves the Participant and Bank APIs over `store` on `listener` until
+/// `shutdown` completes; the caller keeps its handle on the store.
+///
+/// # Errors
+/// [`Error::Participant`] for an invalid participant config or if serving
+/// fails.
+pub async fn serve<S: AccountStore>(
+    listener: TcpListener,
+    store: Arc<S>,
+    participant: ParticipantConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let id = participant.id.clone();
+    let resource = Arc::new(BankResource::new(Arc::clone(&store)));
+    let participant = Participant::new(resource, participant)?;
+    let bank = BankServer::new(BankService::new(store))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    info!(bank = %id, addr = ?listener.local_addr().ok(), "bank serving");
+    participant.serve_with(listener, Routes::new(bank), shutdown).await?;
+    info!(bank = %id, "bank stopped");
+    Ok(())
+}
+
+/// Waits for calls still in flight to drop their handles, then closes the
+/// store (joining its writer) off the async runtime.
+async fn close(mut store: Arc<RedbStore>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(STORE_CLOSE_TIMEOUT_MS);
+    loop {
+        match Arc::try_unwrap(store) {
+            Ok(store) => {
+                let _ = tokio::task::spawn_blocking(move || drop(store)).await;
+                return;
+            }
+            Err(shared) if tokio::time::Instant::now() < deadline => {
+                store = shared;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(_) => {
+                warn!(timeout_ms = STORE_CLOSE_TIMEOUT_MS, "calls still hold the store; it closes when they end");
+                return;
+            }
+        }
+    }
+}

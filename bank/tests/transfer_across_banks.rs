@@ -1,0 +1,107 @@
+//! I1, I8 end to end: transfers between two banks through an in-process
+//! 3-node coordinator cluster commit at both banks or at neither; an
+//! overdraft aborts with its reason; the total is unchanged.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use twopc_bank::{AccountStore, RedbStore, Transfer, server};
+use twopc_coordinator::client::ClusterClient;
+use twopc_participant::ParticipantConfig;
+use twopc_proto::txn_id::unix_now_ms;
+use twopc_proto::{TxnId, pb};
+use twopc_tests::cluster::Cluster;
+use twopc_tests::wait;
+
+struct Bank {
+    store: Arc<RedbStore>,
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<twopc_bank::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Bank {
+    async fn start(name: &str, cluster: &Cluster) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let store = Arc::new(common::open(dir.path()).await);
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let config = ParticipantConfig::new(name.parse()?, cluster.addrs());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::serve(listener, Arc::clone(&store), config, async move {
+            let _ = stopped.await;
+        }));
+        cluster.register(name, addr).await?;
+        Ok(Self { store, addr, stop: Some(stop), task, _dir: dir })
+    }
+
+    async fn balance(&self, account: &str) -> i64 {
+        self.store.account(common::name(account)).await.expect("account").balance_minor
+    }
+}
+
+impl Drop for Bank {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.abort();
+    }
+}
+
+async fn transfer(client: &ClusterClient, from: &str, to: &str, minor: i64) -> anyhow::Result<pb::SubmitResponse> {
+    let transfer = Transfer::new(from.parse()?, to.parse()?, minor)?;
+    let request = pb::SubmitRequest {
+        txn_id: TxnId::new().to_string(),
+        branches: transfer.submit_branches(),
+        deadline_unix_ms: unix_now_ms() + 10_000,
+    };
+    Ok(client
+        .coordinator(|mut c| {
+            let request = request.clone();
+            async move { c.submit(request).await }
+        })
+        .await?)
+}
+
+// I1 + I8: committed transfers move money between banks, an overdraft aborts with "insufficient funds", the total holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfers_across_two_banks() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3).await?;
+    cluster.wait_for_leader().await?;
+    let a = Bank::start("bank-a", &cluster).await?;
+    let b = Bank::start("bank-b", &cluster).await?;
+    common::create(a.store.as_ref(), "alice", 10_000).await;
+    common::create(b.store.as_ref(), "bob", 500).await;
+    let client = cluster.client()?;
+
+    let done = transfer(&client, "alice@bank-a", "bob@bank-b", 1_250).await?;
+    assert_eq!(done.decision, pb::Decision::Commit as i32, "{done:?}");
+    let done = transfer(&client, "bob@bank-b", "alice@bank-a", 1_750).await?;
+    assert_eq!(done.decision, pb::Decision::Commit as i32, "{done:?}");
+
+    let overdraft = transfer(&client, "bob@bank-b", "alice@bank-a", 1_000_000).await?;
+    assert_eq!(overdraft.decision, pb::Decision::Abort as i32);
+    assert!(overdraft.reason.contains("insufficient funds"), "{overdraft:?}");
+
+    // Decisions reach the banks after the client's answer; wait until nothing is held.
+    wait::until("every branch decided at both banks", Duration::from_secs(20), || async {
+        let idle = a.store.prepared().await.ok()?.is_empty() && b.store.prepared().await.ok()?.is_empty();
+        idle.then_some(())
+    })
+    .await?;
+    assert_eq!(a.balance("alice").await, 10_000 - 1_250 + 1_750);
+    assert_eq!(b.balance("bob").await, 500 + 1_250 - 1_750);
+    let total = a.store.totals().await?.balance_minor + b.store.totals().await?.balance_minor;
+    assert_eq!(total, 10_500, "I8: money was created or destroyed");
+    let _ = (a.addr, b.addr);
+    drop((a, b));
+    cluster.stop().await
+}
