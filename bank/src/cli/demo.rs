@@ -1,0 +1,482 @@
+//! `twopc demo`: 3 coordinators and 2 banks as child processes of this one,
+//! accounts seeded, random transfers with live counters, the balance table
+//! and the conservation check (I8). `--chaos` SIGKILLs the coordinator leader
+//! and a bank mid-run, restarts them, and prints a timeline.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Args;
+use futures::StreamExt as _;
+use indicatif::{ProgressBar, ProgressStyle};
+use parking_lot::Mutex;
+use rand::Rng as _;
+use tokio::process::{Child, Command};
+use twopc_bank::{AccountAddress, Transfer, format_minor, parse_balance};
+use twopc_coordinator::client::{ClientConfig, ClusterClient};
+use twopc_proto::pb::bank_client::BankClient;
+use twopc_proto::{TxnId, pb};
+
+use super::money::{Outcome, submit_transfer};
+use super::output::table;
+use super::{EXIT_ERROR, EXIT_OK};
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Keep data and logs here (default: a temporary directory, removed at the end).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// How many transfers to run.
+    #[arg(long, default_value_t = 1_000)]
+    pub transfers: u64,
+    /// Transfers in flight at once.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Accounts per bank.
+    #[arg(long, default_value_t = 5)]
+    pub accounts: u32,
+    /// Each account's opening balance.
+    #[arg(long, default_value = "100.00")]
+    pub opening_balance: String,
+    /// Kill and restart the coordinator leader and a bank mid-run.
+    #[arg(long)]
+    pub chaos: bool,
+}
+
+const BANKS: [&str; 2] = ["bank-a", "bank-b"];
+const COORDINATORS: u64 = 3;
+/// How long the demo waits for the cluster, a bank, or in-doubt branches.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A txn whose outcome stays unknown is retried (same id) at most this often.
+const RETRIES_MAX: u32 = 50;
+
+/// One child process the demo runs, restartable with the same arguments.
+struct Proc {
+    name: String,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn start(&mut self, exe: &Path) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new(exe)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", self.name))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within 5 s.
+    async fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        if let Some(pid) = child.id() {
+            let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
+        }
+        if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
+            let _ = child.kill().await;
+        }
+    }
+}
+
+/// The demo's processes and what it knows about them.
+struct Demo {
+    exe: PathBuf,
+    /// Locked by the chaos task to kill and restart; by nothing else while transfers run.
+    coordinators: Vec<tokio::sync::Mutex<Proc>>,
+    banks: Vec<tokio::sync::Mutex<Proc>>,
+    coordinator_addrs: Vec<String>,
+    bank_addrs: Vec<String>,
+    started: Instant,
+    timeline: Mutex<Vec<(Duration, String)>>,
+}
+
+impl Demo {
+    fn note(&self, progress: Option<&ProgressBar>, what: String) {
+        let at = self.started.elapsed();
+        if let Some(bar) = progress {
+            bar.println(format!("  [{:>5.1}s] {what}", at.as_secs_f64()));
+        }
+        self.timeline.lock().push((at, what));
+    }
+
+    async fn stop_all(&self) {
+        for proc in self.banks.iter().chain(self.coordinators.iter()) {
+            proc.lock().await.stop().await;
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    // Bound and released at once; the child binds it a moment later.
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn bank_client(addr: &str) -> anyhow::Result<BankClient<tonic::transport::Channel>> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
+    Ok(BankClient::new(channel))
+}
+
+async fn wait_until<T, F, Fut>(what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        if let Some(value) = check().await {
+            return Ok(value);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "timed out after {SETTLE_TIMEOUT:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn leader(client: &ClusterClient) -> Option<u64> {
+    let status =
+        client.coordinator(|mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await }).await.ok()?;
+    (status.leader_id != 0).then_some(status.leader_id)
+}
+
+async fn totals(demo: &Demo) -> anyhow::Result<Vec<pb::TotalResponse>> {
+    let mut totals = Vec::new();
+    for addr in &demo.bank_addrs {
+        totals.push(bank_client(addr).await?.total(pb::TotalRequest {}).await?.into_inner());
+    }
+    Ok(totals)
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
+    let opening = parse_balance(&args.opening_balance).context("--opening-balance")?;
+    anyhow::ensure!(args.accounts >= 1, "--accounts must be at least 1");
+    anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
+    let temp = tempfile::tempdir()?;
+    let dir = args.dir.clone().unwrap_or_else(|| temp.path().to_owned());
+    std::fs::create_dir_all(dir.join("logs")).with_context(|| format!("creating {}", dir.display()))?;
+    let demo = build(&dir)?;
+    println!("twopc demo: {COORDINATORS} coordinators and {} banks in {}", BANKS.len(), dir.display());
+    let result = tokio::select! {
+        result = run_demo(&demo, &args, opening) => result,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("interrupted; stopping the cluster");
+            Ok(EXIT_ERROR)
+        }
+    };
+    demo.stop_all().await;
+    if args.dir.is_none() {
+        drop(temp);
+    } else {
+        println!("data and logs kept in {}", dir.display());
+    }
+    result
+}
+
+fn build(dir: &Path) -> anyhow::Result<Demo> {
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let coordinator_addrs: Vec<String> =
+        (0..COORDINATORS).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<_, _>>()?;
+    let bank_addrs: Vec<String> =
+        BANKS.iter().map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<_, _>>()?;
+    let peers =
+        coordinator_addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
+    let coordinators = (1..=COORDINATORS)
+        .map(|id| Proc {
+            name: format!("coordinator {id}"),
+            args: vec![
+                "coordinator".into(),
+                "--id".into(),
+                id.to_string(),
+                "--peers".into(),
+                peers.clone(),
+                "--data-dir".into(),
+                dir.join(format!("coordinator-{id}")).display().to_string(),
+            ],
+            log: dir.join("logs").join(format!("coordinator-{id}.log")),
+            child: None,
+        })
+        .map(tokio::sync::Mutex::new)
+        .collect();
+    let banks = BANKS
+        .iter()
+        .zip(&bank_addrs)
+        .map(|(name, addr)| Proc {
+            name: (*name).to_owned(),
+            args: vec![
+                "bank".into(),
+                "--name".into(),
+                (*name).into(),
+                "--listen".into(),
+                addr.clone(),
+                "--data-dir".into(),
+                dir.join(name).display().to_string(),
+                "--coordinators".into(),
+                coordinator_addrs.join(","),
+                "--in-doubt-timeout-ms".into(),
+                "1000".into(),
+            ],
+            log: dir.join("logs").join(format!("{name}.log")),
+            child: None,
+        })
+        .map(tokio::sync::Mutex::new)
+        .collect();
+    Ok(Demo {
+        exe,
+        coordinators,
+        banks,
+        coordinator_addrs,
+        bank_addrs,
+        started: Instant::now(),
+        timeline: Mutex::default(),
+    })
+}
+
+async fn run_demo(demo: &Demo, args: &DemoArgs, opening: i64) -> anyhow::Result<u8> {
+    for proc in demo.coordinators.iter().chain(demo.banks.iter()) {
+        proc.lock().await.start(&demo.exe)?;
+    }
+    let client = Arc::new(ClusterClient::new(demo.coordinator_addrs.clone(), ClientConfig::default())?);
+    let first_leader = wait_until("a coordinator leader", || leader(&client)).await?;
+    demo.note(None, format!("cluster up, coordinator {first_leader} leads"));
+    for (name, addr) in BANKS.iter().zip(&demo.bank_addrs) {
+        let request = pb::RegisterParticipantRequest { name: (*name).into(), addr: addr.clone() };
+        client
+            .admin(|mut c| {
+                let request = request.clone();
+                async move { c.register_participant(request).await }
+            })
+            .await
+            .with_context(|| format!("registering {name}"))?;
+    }
+    let accounts = seed(demo, args.accounts, opening).await?;
+    let before: i64 = totals(demo).await?.iter().map(|t| t.balance_total_minor).sum();
+    println!("{} accounts seeded with {} each; total {}", accounts.len(), format_minor(opening), format_minor(before));
+
+    let counters = Counters::default();
+    let bar = ProgressBar::new(args.transfers);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} transfers  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let transfers = run_transfers(demo, &client, &accounts, args, &counters, &bar);
+    let chaos = async { if args.chaos { chaos(demo, &client, args.transfers, &counters, &bar).await } else { Ok(()) } };
+    let (transfers, chaos) = tokio::join!(transfers, chaos);
+    bar.finish_with_message(counters.line());
+    chaos?;
+    let undecided = transfers?;
+    report(demo, &accounts, before, undecided, &counters, args.chaos).await
+}
+
+async fn seed(demo: &Demo, per_bank: u32, opening: i64) -> anyhow::Result<Vec<AccountAddress>> {
+    let mut accounts = Vec::new();
+    for (bank, addr) in BANKS.iter().zip(&demo.bank_addrs) {
+        let mut client = wait_until(&format!("{bank} to start"), || async { bank_client(addr).await.ok() }).await?;
+        for i in 1..=per_bank {
+            let name = format!("acct-{i}");
+            let request = pb::CreateAccountRequest { account: name.clone(), initial_balance_minor: opening };
+            match client.create_account(request).await {
+                Ok(_) => {}
+                // A kept --dir: the accounts are already there.
+                Err(status) if status.code() == tonic::Code::AlreadyExists => {}
+                Err(status) => return Err(status).with_context(|| format!("creating {name}@{bank}")),
+            }
+            accounts.push(format!("{name}@{bank}").parse()?);
+        }
+    }
+    Ok(accounts)
+}
+
+#[derive(Default)]
+struct Counters {
+    committed: AtomicU64,
+    insufficient: AtomicU64,
+    aborted_other: AtomicU64,
+    retried: AtomicU64,
+}
+
+impl Counters {
+    fn line(&self) -> String {
+        format!(
+            "committed {}  aborted (insufficient funds) {}  aborted (other) {}  retried {}",
+            self.committed.load(Ordering::Relaxed),
+            self.insufficient.load(Ordering::Relaxed),
+            self.aborted_other.load(Ordering::Relaxed),
+            self.retried.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Runs the transfers; returns how many ended with an unknown outcome.
+async fn run_transfers(
+    demo: &Demo,
+    client: &ClusterClient,
+    accounts: &[AccountAddress],
+    args: &DemoArgs,
+    counters: &Counters,
+    bar: &ProgressBar,
+) -> anyhow::Result<u64> {
+    let outcomes: Vec<anyhow::Result<bool>> = futures::stream::iter(0..args.transfers)
+        .map(|_| async {
+            let transfer = random_transfer(accounts)?;
+            let txn_id = TxnId::new();
+            let mut attempts = 0;
+            let decided = loop {
+                // A retry keeps the txn id: the cluster answers it once (I5).
+                match submit_transfer(client, &transfer, txn_id, Duration::from_secs(10)).await? {
+                    Outcome::Committed => {
+                        counters.committed.fetch_add(1, Ordering::Relaxed);
+                        break true;
+                    }
+                    Outcome::Aborted(reason) if reason.contains("insufficient funds") => {
+                        counters.insufficient.fetch_add(1, Ordering::Relaxed);
+                        break true;
+                    }
+                    Outcome::Aborted(reason) => {
+                        counters.aborted_other.fetch_add(1, Ordering::Relaxed);
+                        demo.note(Some(bar), format!("txn {txn_id} aborted: {reason}"));
+                        break true;
+                    }
+                    Outcome::Unknown(_) if attempts < RETRIES_MAX => {
+                        attempts += 1;
+                        counters.retried.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Outcome::Unknown(reason) => {
+                        demo.note(Some(bar), format!("txn {txn_id} outcome unknown: {reason}"));
+                        break false;
+                    }
+                }
+            };
+            bar.inc(1);
+            bar.set_message(counters.line());
+            Ok(decided)
+        })
+        .buffer_unordered(args.concurrency)
+        .collect()
+        .await;
+    let mut unknown = 0;
+    for outcome in outcomes {
+        if !outcome? {
+            unknown += 1;
+        }
+    }
+    Ok(unknown)
+}
+
+fn random_transfer(accounts: &[AccountAddress]) -> anyhow::Result<Transfer> {
+    let mut rng = rand::rng();
+    let from = rng.random_range(0..accounts.len());
+    let mut to = rng.random_range(0..accounts.len() - 1);
+    if to >= from {
+        to += 1;
+    }
+    let amount = rng.random_range(1..=5_000);
+    Ok(Transfer::new(accounts[from].clone(), accounts[to % accounts.len()].clone(), amount)?)
+}
+
+/// Kills the leader at a third of the run and a bank at two thirds; restarts each a second later.
+async fn chaos(
+    demo: &Demo,
+    client: &ClusterClient,
+    total: u64,
+    counters: &Counters,
+    bar: &ProgressBar,
+) -> anyhow::Result<()> {
+    let done = || counters.committed.load(Ordering::Relaxed) + counters.insufficient.load(Ordering::Relaxed);
+    wait_progress(|| done() >= total / 3).await;
+    let Some(victim) = leader(client).await else { anyhow::bail!("no leader to kill") };
+    let index = usize::try_from(victim - 1)?;
+    let proc = demo.coordinators.get(index).with_context(|| format!("no coordinator {victim}"))?;
+    proc.lock().await.kill().await;
+    demo.note(Some(bar), format!("SIGKILL coordinator {victim} (the leader)"));
+    let new_leader = wait_until("a new leader", || async { leader(client).await.filter(|l| *l != victim) }).await?;
+    demo.note(Some(bar), format!("coordinator {new_leader} elected leader"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proc.lock().await.start(&demo.exe)?;
+    demo.note(Some(bar), format!("coordinator {victim} restarted from its data dir"));
+
+    wait_progress(|| done() >= total * 2 / 3).await;
+    let bank = 1;
+    let held: i64 = totals(demo).await.map(|t| t[bank].held_total_minor + t[bank].incoming_total_minor).unwrap_or(0);
+    let proc = &demo.banks[bank];
+    proc.lock().await.kill().await;
+    demo.note(Some(bar), format!("SIGKILL {} with {} staged in prepared branches", BANKS[bank], format_minor(held)));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proc.lock().await.start(&demo.exe)?;
+    demo.note(Some(bar), format!("{} restarted; it resolves its prepared branches with the cluster", BANKS[bank]));
+    Ok(())
+}
+
+async fn wait_progress(mut reached: impl FnMut() -> bool) {
+    while !reached() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn report(
+    demo: &Demo,
+    accounts: &[AccountAddress],
+    before: i64,
+    unknown: u64,
+    counters: &Counters,
+    chaos: bool,
+) -> anyhow::Result<u8> {
+    // Decisions reach banks asynchronously (phase 2); wait until none is in doubt.
+    let settled = wait_until("every prepared branch to be decided", || async {
+        let totals = totals(demo).await.ok()?;
+        totals.iter().all(|t| t.held_total_minor == 0 && t.incoming_total_minor == 0).then_some(totals)
+    })
+    .await?;
+    let mut rows = Vec::new();
+    for (bank, addr) in BANKS.iter().zip(&demo.bank_addrs) {
+        let mut client = bank_client(addr).await?;
+        let list = client.list_accounts(pb::ListAccountsRequest { page_size: 1000, page_token: String::new() }).await?;
+        for account in list.into_inner().accounts {
+            rows.push(vec![format!("{}@{bank}", account.name), format_minor(account.balance_minor)]);
+        }
+    }
+    let after: i64 = settled.iter().map(|t| t.balance_total_minor).sum();
+    println!();
+    table(&["ACCOUNT", " BALANCE"], &rows);
+    println!();
+    println!("{}", counters.line());
+    if chaos {
+        println!("\ntimeline:");
+        for (at, what) in demo.timeline.lock().iter() {
+            println!("  {:>6.2}s  {what}", at.as_secs_f64());
+        }
+    }
+    let conserved = before == after;
+    println!(
+        "\ntotal before {}  total after {}  money conserved: {}",
+        format_minor(before),
+        format_minor(after),
+        if conserved { "yes" } else { "NO" }
+    );
+    anyhow::ensure!(accounts.len() == rows.len(), "expected {} accounts, found {}", accounts.len(), rows.len());
+    if !conserved || unknown > 0 {
+        eprintln!("error: {unknown} transfers undecided, money conserved: {conserved}");
+        return Ok(EXIT_ERROR);
+    }
+    Ok(EXIT_OK)
+}

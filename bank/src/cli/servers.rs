@@ -1,0 +1,155 @@
+//! `twopc coordinator` and `twopc bank`: run one node in the foreground
+//! until Ctrl-C or SIGTERM.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Args;
+use tokio::net::TcpListener;
+use twopc_coordinator::client::{ClientConfig, ClusterClient};
+use twopc_coordinator::config::NodeConfig;
+use twopc_proto::pb;
+
+use super::{EXIT_OK, dir_arg};
+
+#[derive(Debug, Args)]
+pub struct CoordinatorArgs {
+    /// This node's id (non-zero; one of the ids in --peers).
+    #[arg(long)]
+    pub id: u64,
+    /// Every initial node as ID=HOST:PORT, comma-separated (this node included).
+    #[arg(long, value_delimiter = ',', value_parser = parse_peer, required = true)]
+    pub peers: Vec<(u64, String)>,
+    /// Where the raft log and snapshots live.
+    #[arg(long, value_parser = dir_arg)]
+    pub data_dir: PathBuf,
+    /// Address to listen on. Default: this node's address in --peers.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+    /// Join an existing cluster (added with `twopc cluster add`) instead of bootstrapping.
+    #[arg(long)]
+    pub join: bool,
+    /// How long finished txns are kept, and how old a txn id may be when submitted (ms).
+    #[arg(long, default_value_t = 60_000)]
+    pub retention_ms: u64,
+    /// Applied entries between snapshots (after which the log is compacted).
+    #[arg(long, default_value_t = 20_000)]
+    pub snapshot_interval_entries: u64,
+}
+
+fn parse_peer(text: &str) -> Result<(u64, String), String> {
+    let (id, addr) = text.split_once('=').ok_or_else(|| format!("{text:?} is not ID=HOST:PORT"))?;
+    let id: u64 = id.trim().parse().map_err(|_| format!("{id:?} is not a node id (a positive number)"))?;
+    if id == 0 {
+        return Err("node ids start at 1".into());
+    }
+    if !addr.contains(':') {
+        return Err(format!("{addr:?} is not HOST:PORT"));
+    }
+    Ok((id, addr.trim().to_owned()))
+}
+
+async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for {what}"))
+}
+
+/// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
+pub async fn stop_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<u8> {
+    let peers: BTreeMap<u64, String> = args.peers.into_iter().collect();
+    let listen = match (&args.listen, peers.get(&args.id)) {
+        (Some(listen), _) => listen.clone(),
+        (None, Some(addr)) => addr.clone(),
+        (None, None) => {
+            anyhow::bail!("--peers has no entry for --id {}; add {}=HOST:PORT or pass --listen", args.id, args.id)
+        }
+    };
+    let mut config = NodeConfig::new(args.id, peers, args.data_dir);
+    config.join = args.join;
+    config.engine.retention_ms = args.retention_ms;
+    config.snapshot_interval_entries = args.snapshot_interval_entries;
+    config.validate()?;
+    let listener = bind(&listen, "the coordinator").await?;
+    let metrics = match &args.metrics_listen {
+        Some(addr) => Some(bind(addr, "metrics").await?),
+        None => None,
+    };
+    twopc_coordinator::server::run(listener, metrics, config, stop_signal()).await?;
+    Ok(EXIT_OK)
+}
+
+#[derive(Debug, Args)]
+pub struct BankArgs {
+    /// This bank's participant name, such as bank-a.
+    #[arg(long)]
+    pub name: String,
+    /// Address to listen on (the Participant and Bank APIs share it).
+    #[arg(long)]
+    pub listen: String,
+    /// Where the bank's store lives.
+    #[arg(long, value_parser = dir_arg)]
+    pub data_dir: PathBuf,
+    /// Coordinator addresses, comma-separated host:port.
+    #[arg(long, env = "TWOPC_COORDINATORS", value_delimiter = ',', default_value = "127.0.0.1:7001")]
+    pub coordinators: Vec<String>,
+    /// Register this bank's name and address with the cluster once it listens.
+    #[arg(long)]
+    pub register: bool,
+    /// The address coordinators reach this bank at. Default: --listen.
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// How long a prepared branch waits for its decision before asking the cluster (ms).
+    #[arg(long, default_value_t = 5_000)]
+    pub in_doubt_timeout_ms: u64,
+}
+
+pub async fn bank(args: BankArgs) -> anyhow::Result<u8> {
+    let name: twopc_proto::ParticipantId = args.name.parse()?;
+    let mut config = twopc_bank::BankConfig::new(name.clone(), args.coordinators.clone(), args.data_dir);
+    config.participant.in_doubt_timeout_ms = args.in_doubt_timeout_ms;
+    config.validate()?;
+    let listener = bind(&args.listen, "the bank").await?;
+    if args.register {
+        let addr = args.advertise.clone().unwrap_or_else(|| args.listen.clone());
+        let client =
+            ClusterClient::new(args.coordinators, ClientConfig { retry_budget_ms: 60_000, ..ClientConfig::default() })?;
+        tokio::spawn(async move {
+            let request = pb::RegisterParticipantRequest { name: name.to_string(), addr: addr.clone() };
+            let registered = client
+                .admin(|mut c| {
+                    let request = request.clone();
+                    async move { c.register_participant(request).await }
+                })
+                .await;
+            match registered {
+                Ok(_) => tracing::info!(participant = %name, %addr, "registered with the cluster"),
+                Err(status) => tracing::error!(participant = %name, error = %status.message(), "could not register"),
+            }
+        });
+    }
+    twopc_bank::server::run(listener, config, stop_signal()).await?;
+    Ok(EXIT_OK)
+}
