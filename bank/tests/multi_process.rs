@@ -1,0 +1,128 @@
+//! The bank as a user meets it: real `twopc` processes (3 coordinators, 2
+//! banks), driven through the command line.
+
+mod processes;
+
+use std::net::TcpListener;
+
+use bytes::Bytes;
+use processes::{Processes, stderr, stdout};
+use twopc_bank::BranchPayload;
+use twopc_proto::pb::coordinator_client::CoordinatorClient;
+use twopc_proto::txn_id::unix_now_ms;
+use twopc_proto::{TxnId, pb};
+
+async fn seed(p: &Processes) {
+    for (bank, account, balance) in [("bank-a", "alice", "100.00"), ("bank-b", "bob", "50.00")] {
+        let out = p.twopc(&["accounts", bank, "--create", account, "--balance", balance]).await;
+        assert!(out.status.success(), "creating {account}@{bank}: {}", stderr(&out));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfers_across_banks_commit_overdrafts_abort_and_money_is_conserved() {
+    // I1 + I8 through the CLI: a committed transfer moves money at both
+    // banks; an overdraft aborts with its reason; the total never changes.
+    let p = Processes::start().await;
+    seed(&p).await;
+    let out = p.twopc(&["transfer", "--from", "alice@bank-a", "--to", "bob@bank-b", "--amount", "12.50"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("committed"), "{}", stdout(&out));
+
+    let out = p.twopc(&["transfer", "--from", "bob@bank-b", "--to", "alice@bank-a", "--amount", "1000"]).await;
+    assert_eq!(out.status.code(), Some(3), "an overdraft aborts with exit code 3");
+    assert!(stderr(&out).contains("insufficient funds"), "{}", stderr(&out));
+    assert_eq!(stderr(&out).trim().lines().count(), 1, "one line: {}", stderr(&out));
+
+    let settled =
+        p.wait("decisions delivered", |p| async move { p.totals().await.filter(|(_, staged)| *staged == 0) }).await;
+    assert_eq!(settled.0, 150_00, "the total is unchanged");
+    assert_eq!(p.balance(0, "alice").await, Some(87_50));
+    assert_eq!(p.balance(1, "bob").await, Some(62_50));
+    let out = p.twopc(&["balance", "bob@bank-b", "--json"]).await;
+    assert!(stdout(&out).contains("\"balance\": \"62.50\""), "{}", stdout(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bank_killed_after_voting_yes_settles_its_branch_after_restart() {
+    // I4 + I7: a branch prepared (held) when its bank dies keeps its hold
+    // through the crash and is settled after the restart, through the
+    // cluster; nothing is released on a timer.
+    let mut p = Processes::start().await;
+    seed(&p).await;
+    // A third participant that accepts connections and never answers keeps
+    // the txn in its prepare phase after bank-a voted YES.
+    let hole = TcpListener::bind("127.0.0.1:0").expect("a port");
+    let hole_addr = hole.local_addr().expect("its address").to_string();
+    let out = p.twopc(&["participants", "register", "bank-hole", &hole_addr]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let txn = TxnId::new();
+    let debit = BranchPayload::debit("alice".parse().expect("name"), 30_00).expect("payload");
+    let request = pb::SubmitRequest {
+        txn_id: txn.to_string(),
+        branches: vec![
+            pb::Branch { participant: "bank-a".into(), payload: debit.encode() },
+            pb::Branch { participant: "bank-hole".into(), payload: Bytes::from_static(b"x") },
+        ],
+        deadline_unix_ms: unix_now_ms() + 8_000,
+    };
+    let addrs = p.coordinator_addrs.clone();
+    let submit = tokio::spawn(async move {
+        let client = twopc_coordinator::client::ClusterClient::new(addrs, Default::default()).expect("client");
+        client
+            .coordinator(|mut c: CoordinatorClient<_>| {
+                let request = request.clone();
+                async move { c.submit(request).await }
+            })
+            .await
+    });
+    p.wait("bank-a to hold the debit", |p| async move {
+        let t = p.bank(0).await?.total(pb::TotalRequest {}).await.ok()?.into_inner();
+        (t.held_total_minor == 30_00).then_some(())
+    })
+    .await;
+    p.banks[0].kill().await;
+    let outcome = submit.await.expect("submit task").expect("the cluster answers");
+    assert_eq!(outcome.decision, pb::Decision::Abort as i32, "bank-hole never voted");
+    p.banks[0].restart();
+    let settled = p
+        .wait("bank-a's branch to be settled after restart", |p| async move {
+            p.totals().await.filter(|(_, staged)| *staged == 0)
+        })
+        .await;
+    assert_eq!(settled.0, 150_00, "the total is unchanged");
+    assert_eq!(p.balance(0, "alice").await, Some(100_00), "the aborted debit was released, not applied");
+    drop(hole);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_transfers_fail_with_one_line_and_move_no_money() {
+    // I8 at the edge: every refused transfer is refused whole, with one line
+    // saying why and a non-zero exit code.
+    let p = Processes::start().await;
+    seed(&p).await;
+    let closed = TcpListener::bind("127.0.0.1:0").expect("a port").local_addr().expect("addr").to_string();
+    let cases: Vec<(&str, Vec<&str>)> = vec![
+        ("unknown account", vec!["--from", "zed@bank-a", "--to", "bob@bank-b", "--amount", "1"]),
+        ("zero amount", vec!["--from", "alice@bank-a", "--to", "bob@bank-b", "--amount", "0"]),
+        ("negative amount", vec!["--from", "alice@bank-a", "--to", "bob@bank-b", "--amount", "-5"]),
+        ("too many decimals", vec!["--from", "alice@bank-a", "--to", "bob@bank-b", "--amount", "1.005"]),
+        ("same account", vec!["--from", "alice@bank-a", "--to", "alice@bank-a", "--amount", "1"]),
+        (
+            "unreachable cluster",
+            vec!["--from", "alice@bank-a", "--to", "bob@bank-b", "--amount", "1", "--coordinators", &closed],
+        ),
+    ];
+    for (what, args) in cases {
+        let mut full = vec!["transfer"];
+        full.extend(args);
+        let out = p.twopc(&full).await;
+        assert_ne!(out.status.code(), Some(0), "{what}: must fail");
+        let err = stderr(&out);
+        assert_eq!(err.trim().lines().count(), 1, "{what}: one line, got {err:?}");
+        assert!(err.starts_with("error: "), "{what}: {err}");
+        let totals = p.wait("balances readable", |p| async move { p.totals().await }).await;
+        assert_eq!(totals, (150_00, 0), "{what}: no money moved");
+        assert_eq!(p.balance(0, "alice").await, Some(100_00), "{what}");
+    }
+}

@@ -1,0 +1,184 @@
+//! A cluster of real `twopc` processes (3 coordinators, 2 banks) on
+//! 127.0.0.1, driven through the command line as a user would.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+use twopc_proto::pb;
+use twopc_proto::pb::bank_client::BankClient;
+
+/// The binary under test.
+pub const TWOPC: &str = env!("CARGO_BIN_EXE_twopc");
+/// How long the tests wait for processes to come up or settle.
+pub const SETTLE: Duration = Duration::from_secs(30);
+
+fn free_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("an ephemeral port");
+    let addr = listener.local_addr().expect("its address");
+    format!("127.0.0.1:{}", addr.port())
+}
+
+/// One child process, restartable with the same arguments.
+pub struct Proc {
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let child = Command::new(TWOPC)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start twopc");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: the process gets no chance to flush or say goodbye.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Starts it again with the same arguments and data dir.
+    pub fn restart(&mut self) {
+        self.start();
+    }
+}
+
+/// 3 coordinators and banks bank-a and bank-b, registered.
+pub struct Processes {
+    pub dir: tempfile::TempDir,
+    pub coordinators: Vec<Proc>,
+    pub coordinator_addrs: Vec<String>,
+    pub banks: Vec<Proc>,
+    pub bank_addrs: Vec<String>,
+}
+
+impl Processes {
+    /// Starts everything and waits until the banks are registered and serving.
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let coordinator_addrs: Vec<String> = (0..3).map(|_| free_addr()).collect();
+        let bank_addrs: Vec<String> = (0..2).map(|_| free_addr()).collect();
+        let peers = coordinator_addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>();
+        let mut coordinators: Vec<Proc> = (1..=3)
+            .map(|id| Proc {
+                args: vec![
+                    "coordinator".into(),
+                    "--id".into(),
+                    id.to_string(),
+                    "--peers".into(),
+                    peers.join(","),
+                    "--data-dir".into(),
+                    dir.path().join(format!("c{id}")).display().to_string(),
+                ],
+                log: dir.path().join(format!("c{id}.log")),
+                child: None,
+            })
+            .collect();
+        let mut banks: Vec<Proc> = ["bank-a", "bank-b"]
+            .iter()
+            .zip(&bank_addrs)
+            .map(|(name, addr)| Proc {
+                args: vec![
+                    "bank".into(),
+                    "--name".into(),
+                    (*name).into(),
+                    "--listen".into(),
+                    addr.clone(),
+                    "--data-dir".into(),
+                    dir.path().join(name).display().to_string(),
+                    "--coordinators".into(),
+                    coordinator_addrs.join(","),
+                    "--register".into(),
+                    "--in-doubt-timeout-ms".into(),
+                    "500".into(),
+                ],
+                log: dir.path().join(format!("{name}.log")),
+                child: None,
+            })
+            .collect();
+        for proc in coordinators.iter_mut().chain(banks.iter_mut()) {
+            proc.start();
+        }
+        let processes = Self { dir, coordinators, coordinator_addrs, banks, bank_addrs };
+        processes
+            .wait("both banks registered", |p| async move {
+                let out = p.twopc(&["participants", "list", "--json"]).await;
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                (out.status.success() && text.contains("bank-a") && text.contains("bank-b")).then_some(())
+            })
+            .await;
+        processes
+    }
+
+    /// Runs `twopc ARGS` against this cluster and returns its output.
+    pub async fn twopc(&self, args: &[&str]) -> Output {
+        Command::new(TWOPC)
+            .args(args)
+            .env("TWOPC_COORDINATORS", self.coordinator_addrs.join(","))
+            .output()
+            .await
+            .expect("run twopc")
+    }
+
+    /// Polls `check` until it returns Some, or panics after [`SETTLE`] naming `what`.
+    pub async fn wait<'a, T, F, Fut>(&'a self, what: &str, check: F) -> T
+    where
+        F: Fn(&'a Self) -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            if let Some(value) = check(self).await {
+                return value;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; logs in {}", self.dir.path().display());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A Bank API client of bank `index` (0 = bank-a).
+    pub async fn bank(&self, index: usize) -> Option<BankClient<tonic::transport::Channel>> {
+        BankClient::connect(format!("http://{}", self.bank_addrs[index])).await.ok()
+    }
+
+    /// (balance, held + incoming) summed over both banks.
+    pub async fn totals(&self) -> Option<(i64, i64)> {
+        let mut balance = 0;
+        let mut staged = 0;
+        for index in 0..self.bank_addrs.len() {
+            let t = self.bank(index).await?.total(pb::TotalRequest {}).await.ok()?.into_inner();
+            balance += t.balance_total_minor;
+            staged += t.held_total_minor + t.incoming_total_minor;
+        }
+        Some((balance, staged))
+    }
+
+    /// An account's balance in minor units.
+    pub async fn balance(&self, index: usize, account: &str) -> Option<i64> {
+        let response = self.bank(index).await?.balance(pb::BalanceRequest { account: account.into() }).await.ok()?;
+        response.into_inner().account.map(|a| a.balance_minor)
+    }
+}
+
+/// The output's stderr as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The output's stdout as text.
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
