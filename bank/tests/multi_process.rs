@@ -1,6 +1,9 @@
 //! The bank as a user meets it: real `twopc` processes (3 coordinators, 2
 //! banks), driven through the command line.
 
+// Amounts are written as units_cents (150_00 is 150.00).
+#![allow(clippy::inconsistent_digit_grouping)]
+
 mod processes;
 
 use std::net::TcpListener;
