@@ -70,7 +70,7 @@ pub struct ParticipantConfig {
     pub outcome_memory_max: usize,
     /// How long finished txns (decided, voted NO, tombstones) stay in the
     /// outcome memory. Keep it longer than any txn's deadline is in the future
-    /// when its Prepare is sent (docs/PROTOCOL.md section 2.6); the resource's
+    /// when its Prepare is sent (docs/PROTOCOL.md §7.1); the resource's
     /// own durable tombstones cover a restart.
     ///
     /// Default: 600000 (10 minutes).

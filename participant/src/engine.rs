@@ -31,7 +31,7 @@ use crate::resource::{Resource, ResourceError};
 /// each other; the table never grows.
 const TXN_LOCK_STRIPES: usize = 1024;
 
-/// The NO reason given when a Prepare arrives after its deadline (section 2.6).
+/// The NO reason given when a Prepare arrives after its deadline (docs/PROTOCOL.md §7.1).
 pub(crate) const DEADLINE_PASSED: &str = "deadline passed";
 /// The NO reason given when an Abort arrived before the Prepare (I4).
 pub(crate) const ABORTED_BEFORE_PREPARE: &str = "aborted before prepare (tombstone)";
@@ -174,7 +174,7 @@ impl<R: Resource> Engine<R> {
             return Ok(vote);
         }
 
-        // Section 2.6: a Prepare after its deadline is refused, so a tombstone
+        // docs/PROTOCOL.md §7.1: a Prepare after its deadline is refused, so a tombstone
         // need only outlive the deadline.
         if unix_now_ms() > deadline_unix_ms {
             let reason = DEADLINE_PASSED.to_owned();

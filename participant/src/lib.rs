@@ -1,5 +1,5 @@
 //! The participant library: what a service links in to take part in twopc
-//! transactions (docs/PROTOCOL.md section 5).
+//! transactions (docs/PROTOCOL.md §3).
 //!
 //! The service implements [`Resource`] (stage a branch durably, apply it,
 //! release it, list what it holds prepared) and calls [`run`]. The library

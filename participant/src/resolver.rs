@@ -1,7 +1,7 @@
 //! The in-doubt resolver: asks the coordinator cluster for the decision of
 //! every branch that voted YES and heard nothing for `in_doubt_timeout_ms`,
-//! and of every branch found prepared at start-up (docs/PROTOCOL.md section
-//! 2.5, invariant I7).
+//! and of every branch found prepared at start-up (docs/PROTOCOL.md
+//! §3.3, invariant I7).
 //!
 //! It never decides on its own and never gives up: it asks any configured
 //! node, follows leader hints (even to addresses not configured), moves to the

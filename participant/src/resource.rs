@@ -31,7 +31,7 @@ pub enum ResourceError {
 }
 
 /// A transactional store that takes part in two-phase commit: the part of a
-/// service that the library drives (docs/PROTOCOL.md section 5).
+/// service that the library drives (docs/PROTOCOL.md §3).
 ///
 /// The library calls these methods from its gRPC handlers and its in-doubt
 /// resolver. It serialises calls for the same txn (never two at once for one
@@ -60,8 +60,8 @@ pub enum ResourceError {
 /// - **Abort leaves a tombstone** (I4). `abort` of a txn the resource has never
 ///   seen records a durable tombstone, so that a later `prepare` of that txn
 ///   votes NO. Tombstones may be forgotten once they are older than every
-///   deadline a Prepare for that txn could carry (docs/PROTOCOL.md section
-///   2.6); the library's `tombstone_retention_ms` is a safe lower bound.
+///   deadline a Prepare for that txn could carry (docs/PROTOCOL.md
+///   §7.1); the library's `tombstone_retention_ms` is a safe lower bound.
 /// - **Decisions are idempotent and do not fail for a prepared branch** (I1,
 ///   I5). `commit` and `abort` may be repeated, including after a restart;
 ///   the second time they change nothing and return `Ok`. For a branch that

@@ -1,4 +1,4 @@
-//! I6 (bounded) and section 2.6 (deadlines) at the gRPC server: past a limit
+//! I6 (bounded) and §7.1 (deadlines) at the gRPC server: past a limit
 //! the caller gets RESOURCE_EXHAUSTED, never a crash or a queue; a Prepare
 //! after its deadline votes NO.
 
@@ -62,7 +62,7 @@ async fn outcome_memory_full_of_prepared_branches_refuses_new_prepares() -> anyh
     p.stop().await
 }
 
-// Section 2.6: a Prepare after its deadline votes NO "deadline passed" without reaching the
+// docs/PROTOCOL.md §7.1: a Prepare after its deadline votes NO "deadline passed" without reaching the
 // resource, and the refusal is remembered (a repeat gets the same answer).
 #[tokio::test]
 async fn prepare_after_its_deadline_votes_no_and_is_remembered() -> anyhow::Result<()> {

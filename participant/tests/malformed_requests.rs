@@ -78,7 +78,7 @@ async fn oversize_payload_is_invalid_argument_naming_the_limit() -> anyhow::Resu
     p.stop().await
 }
 
-// Section 2.6: a Prepare must carry its deadline; 0 is INVALID_ARGUMENT.
+// docs/PROTOCOL.md §7.1: a Prepare must carry its deadline; 0 is INVALID_ARGUMENT.
 #[tokio::test]
 async fn missing_deadline_is_invalid_argument() -> anyhow::Result<()> {
     let resource = Arc::new(MemoryResource::new());

@@ -1,7 +1,7 @@
 //! Transaction ids: UUIDv7, chosen by the client, carrying their creation time.
 //!
 //! The creation time lets a coordinator refuse ids older than its retention
-//! horizon (docs/PROTOCOL.md section 6) without keeping every id forever.
+//! horizon (docs/PROTOCOL.md §7.2) without keeping every id forever.
 
 use std::fmt;
 use std::str::FromStr;

@@ -34,6 +34,8 @@ pub struct Cluster {
     root: TempDir,
     addrs: BTreeMap<u64, SocketAddr>,
     running: BTreeMap<u64, RunningNode>,
+    /// Nodes added after bootstrap (started with `join`).
+    joining: Vec<u64>,
     tweak: Tweak,
 }
 
@@ -64,6 +66,7 @@ impl Cluster {
             root: tempfile::tempdir()?,
             addrs,
             running: BTreeMap::new(),
+            joining: Vec::new(),
             tweak,
         };
         for (id, listener) in listeners {
@@ -76,6 +79,7 @@ impl Cluster {
     pub fn config(&self, id: u64) -> NodeConfig {
         let peers = self.addrs.iter().map(|(id, addr)| (*id, addr.to_string())).collect();
         let mut config = NodeConfig::new(id, peers, self.root.path().join(format!("node-{id}")));
+        config.join = self.joining.contains(&id);
         config.tick_interval_ms = 30;
         config.election_ticks = 10;
         config.heartbeat_ticks = 2;
@@ -129,6 +133,20 @@ impl Cluster {
     pub async fn kill(&mut self, id: u64) -> anyhow::Result<()> {
         let node = self.running.remove(&id).with_context(|| format!("node {id} is not running"))?;
         node.stop().await.with_context(|| format!("stopping node {id}"))
+    }
+
+    /// Starts a new node `id` that joins the running cluster (it does not
+    /// bootstrap; the cluster must add it with a membership change).
+    ///
+    /// # Errors
+    /// A port that cannot be bound or a node that cannot start.
+    pub async fn start_joining(&mut self, id: u64) -> anyhow::Result<String> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        self.addrs.insert(id, addr);
+        self.joining.push(id);
+        self.spawn(id, listener)?;
+        Ok(addr.to_string())
     }
 
     /// Restarts node `id` from its data dir on its old address.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use twopc_coordinator::Error;
 use twopc_coordinator::command::{Command, DecideCmd, Proposal};
-use twopc_coordinator::node::NodeHandle;
+use twopc_coordinator::node::{Membership, NodeHandle};
 use twopc_coordinator::state_machine::{Applied, StateMachine};
 use twopc_proto::txn_id::unix_now_ms;
 use twopc_proto::{Decision, TxnId};
@@ -246,5 +246,46 @@ async fn disk_stays_bounded_under_continuous_writes() -> anyhow::Result<()> {
     // retained, they would grow with every round.
     let (first, last) = (sizes[0], sizes[sizes.len() - 1]);
     assert!(last <= first * 2, "log files grew with the log: {sizes:?}");
+    cluster.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_by_conf_change_catch_up_by_snapshot_and_leave() -> anyhow::Result<()> {
+    // §4.6: a node added with a conf change learns everything from the leader
+    // (its snapshot, then the log); a removed node is no longer a member.
+    let mut cluster = Cluster::start_with(3, Box::new(|c| c.snapshot_interval_entries = 100)).await?;
+    let leader = cluster.wait_for_leader().await?;
+    let before = propose_many(cluster.node(leader), 300, 16).await?;
+    let addr = cluster.start_joining(4).await?;
+    cluster.node(leader).change_membership(Membership::AddVoter { id: 4, addr }).await?;
+    let after = propose_many(cluster.node(leader), 100, 16).await?;
+    let states = assert_identical(&cluster).await?;
+    assert!(before.iter().chain(&after).all(|id| states[&4].txn(id).is_some()), "the new node holds every decision");
+    assert!(cluster.node(leader).status().peers.iter().any(|p| p.id == 4 && p.voter));
+
+    cluster.node(leader).change_membership(Membership::Remove { id: 4 }).await?;
+    cluster.kill(4).await?;
+    assert!(cluster.node(leader).status().peers.iter().all(|p| p.id != 4), "node 4 left");
+    // Three nodes again: a quorum of two still decides.
+    propose_many(cluster.node(leader), 50, 8).await?;
+    cluster.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_can_be_transferred_to_a_chosen_node() -> anyhow::Result<()> {
+    // §4.6: transfer-leader hands leadership over without losing anything.
+    let cluster = Cluster::start(3).await?;
+    let leader = cluster.wait_for_leader().await?;
+    let target = cluster.running().into_iter().find(|id| *id != leader).expect("a follower");
+    propose_many(cluster.node(leader), 100, 8).await?;
+    cluster.node(leader).transfer_leader(target).await?;
+    let new_leader = wait::until("the chosen node to lead", Duration::from_secs(15), || async {
+        let s = cluster.node(target).status();
+        (s.role == twopc_coordinator::node::Role::Leader && s.leader_ready).then_some(target)
+    })
+    .await?;
+    propose_many(cluster.node(new_leader), 100, 8).await?;
+    let states = assert_identical(&cluster).await?;
+    assert!(states.values().all(|s| s.txn_count() == 200));
     cluster.stop().await
 }
