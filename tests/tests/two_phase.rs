@@ -303,3 +303,92 @@ async fn invalid_submits_get_their_documented_status_codes() -> anyhow::Result<(
     }
     s.cluster.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_settles_an_undecided_txn_through_the_log_and_cannot_overrule_one() -> anyhow::Result<()> {
+    // I2 for operators: Decide is logged (first writer wins, reason kept) and
+    // refused for a txn the log already decided.
+    let s = setup(120_000, Box::new(|_| {})).await?;
+    let decide = |txn: TxnId, decision: pb::Decision, reason: &str| {
+        let request = pb::DecideRequest { txn_id: txn.to_string(), decision: decision.into(), reason: reason.into() };
+        let client = &s.client;
+        async move {
+            client
+                .admin(|mut c| {
+                    let request = request.clone();
+                    async move { c.decide(request).await }
+                })
+                .await
+        }
+    };
+    // An in-doubt branch whose coordinator lost the txn: the operator commits it.
+    let txn = TxnId::new();
+    let decided = decide(txn, pb::Decision::Commit, "bank-a confirmed the goods shipped").await?;
+    assert_eq!(decided.decision, pb::Decision::Commit as i32);
+    let info = transaction(&s.client, txn).await?;
+    assert!(info.reason.contains("bank-a confirmed the goods shipped"), "{}", info.reason);
+    let refused = decide(txn, pb::Decision::Abort, "changed my mind").await.expect_err("already decided");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    let no_reason = decide(TxnId::new(), pb::Decision::Abort, " ").await.expect_err("a reason is required");
+    assert_eq!(no_reason.code(), Code::InvalidArgument);
+    let unknown_decision = s
+        .client
+        .admin(|mut c| async move {
+            c.decide(pb::DecideRequest { txn_id: TxnId::new().to_string(), decision: 9, reason: "x".into() }).await
+        })
+        .await
+        .expect_err("unknown enum value");
+    assert_eq!(unknown_decision.code(), Code::InvalidArgument);
+    // A txn the log decided by a Submit cannot be overruled either.
+    let submitted = TxnId::new();
+    submit(&s.client, request(submitted, &[("bank-a", "debit"), ("bank-b", "credit")])).await?;
+    let overrule = decide(submitted, pb::Decision::Abort, "operator").await.expect_err("already decided");
+    assert_eq!(overrule.code(), Code::FailedPrecondition);
+    s.cluster.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_filters_unacknowledged_and_undecided_txns() -> anyhow::Result<()> {
+    // §5 observability: operators find txns stuck in phase 2 or in prepare.
+    let s = setup(120_000, Box::new(|_| {})).await?;
+    let list = |filter: pb::TxnFilter| {
+        let request = pb::ListTransactionsRequest { filter: filter.into(), limit: 100, ..Default::default() };
+        let client = &s.client;
+        async move {
+            client
+                .coordinator(|mut c| {
+                    let request = request.clone();
+                    async move { c.list_transactions(request).await }
+                })
+                .await
+                .map(|r| r.transactions.into_iter().map(|t| t.txn_id).collect::<Vec<_>>())
+        }
+    };
+    let finished = TxnId::new();
+    submit(&s.client, request(finished, &[("bank-a", "x"), ("bank-b", "y")])).await?;
+    wait_finished(&s.client, finished).await?;
+    s.cluster.gate.fail_decides(true);
+    let stuck = TxnId::new();
+    submit(&s.client, request(stuck, &[("bank-a", "x"), ("bank-b", "y")])).await?;
+    assert_eq!(list(pb::TxnFilter::Unacknowledged).await?, vec![stuck.to_string()]);
+    let all = list(pb::TxnFilter::All).await?;
+    assert!(all.contains(&finished.to_string()) && all.contains(&stuck.to_string()));
+    // A txn held in its prepare phase is listed as undecided by the leader.
+    s.cluster.gate.hold_after_prepare(true);
+    let preparing = TxnId::new();
+    let leader = s.cluster.wait_for_leader().await?;
+    let pending = submit_once(s.cluster.addr(leader), request(preparing, &[("bank-a", "x"), ("bank-b", "y")]));
+    let undecided = wait::until("the txn to show as undecided", SETTLE, || async {
+        list(pb::TxnFilter::Undecided).await.ok().filter(|l| l.contains(&preparing.to_string()))
+    })
+    .await?;
+    assert_eq!(undecided, vec![preparing.to_string()]);
+    s.cluster.gate.hold_after_prepare(false);
+    s.cluster.gate.fail_decides(false);
+    assert_eq!(pending.await??.decision, pb::Decision::Commit as i32);
+    wait::until("phase 2 to finish", SETTLE, || async {
+        list(pb::TxnFilter::Unacknowledged).await.ok().filter(Vec::is_empty)
+    })
+    .await?;
+    s.cluster.stop().await
+}
