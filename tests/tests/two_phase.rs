@@ -392,3 +392,27 @@ async fn listing_filters_unacknowledged_and_undecided_txns() -> anyhow::Result<(
     .await?;
     s.cluster.stop().await
 }
+
+/// A valid UUIDv7 txn id created `age_ms` ago.
+fn txn_id_aged(age_ms: u64) -> TxnId {
+    let mut bytes = TxnId::new().to_bytes();
+    let created = unix_now_ms() - age_ms;
+    bytes[..6].copy_from_slice(&created.to_be_bytes()[2..]);
+    TxnId::from_bytes(bytes).expect("still a v7 id")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_txn_id_past_the_retention_window_is_refused() -> anyhow::Result<()> {
+    // §7.2: a txn id older than retention - deadline_max may already be
+    // forgotten, so it is refused rather than decided a second time.
+    let s = setup(5_000, Box::new(|_| {})).await?;
+    let old = txn_id_aged(60_000);
+    assert!(old.age_ms() >= 60_000);
+    let err = submit(&s.client, request(old, &[("bank-a", "x"), ("bank-b", "y")])).await.expect_err("too old");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    assert!(err.message().contains("new txn id"), "{}", err.message());
+    let fresh_enough = txn_id_aged(1_000);
+    let ok = submit(&s.client, request(fresh_enough, &[("bank-a", "x"), ("bank-b", "y")])).await?;
+    assert_eq!(ok.decision, pb::Decision::Commit as i32);
+    s.cluster.stop().await
+}
