@@ -36,6 +36,7 @@
 //! - [`transfer`]: [`Transfer`], a checked transfer and the branches to submit for it.
 //! - [`store`]: the [`AccountStore`] seam and its contract (a PostgreSQL store slots in here).
 //! - [`redb_store`]: [`RedbStore`], the embedded store: one redb file, one group-committing writer thread.
+//! - [`pg_store`]: [`PgStore`], the store on PostgreSQL: branches are prepared transactions, holds as in redb.
 //! - [`resource`]: [`BankResource`], the participant library's `Resource` over any store.
 //! - [`service`]: [`BankService`], the gRPC `twopc.v1.Bank` API (create, balance, list, total).
 //! - [`server`]: [`server::run`], one port serving the Participant and Bank APIs.
@@ -60,6 +61,7 @@ pub mod config;
 pub mod error;
 pub mod money;
 pub mod payload;
+pub mod pg_store;
 pub mod redb_store;
 pub mod resource;
 pub mod server;
@@ -72,6 +74,7 @@ pub use config::{BankConfig, StoreConfig};
 pub use error::{Error, Result};
 pub use money::{format_minor, parse_amount, parse_balance};
 pub use payload::{BranchPayload, Operation};
+pub use pg_store::PgStore;
 pub use redb_store::RedbStore;
 pub use resource::BankResource;
 pub use service::BankService;

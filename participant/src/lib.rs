@@ -36,6 +36,8 @@
 //! - `resolver`: asks the coordinator cluster about branches left in doubt.
 //! - `conformance` (feature `testing`): the suite every [`Resource`] implementation runs.
 //! - `fake_coordinator` (feature `testing`): a scriptable Resolve-only coordinator.
+//! - [`postgres`] (feature `postgres`): [`postgres::PostgresResource`], branches as PostgreSQL prepared transactions.
+//! - `postgres_testing` (features `postgres` and `testing`): a test server or a reason to skip, throwaway schemas.
 //!
 //! # Status codes
 //!
@@ -75,6 +77,10 @@ pub mod server;
 pub mod conformance;
 #[cfg(feature = "testing")]
 pub mod fake_coordinator;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(all(feature = "postgres", feature = "testing"))]
+pub mod postgres_testing;
 
 pub use config::ParticipantConfig;
 pub use error::{Error, Result};

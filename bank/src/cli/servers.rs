@@ -109,9 +109,19 @@ pub struct BankArgs {
     /// Address to listen on (the Participant and Bank APIs share it).
     #[arg(long)]
     pub listen: String,
-    /// Where the bank's store lives.
-    #[arg(long, value_parser = dir_arg)]
-    pub data_dir: PathBuf,
+    /// Where the bank's embedded (redb) store lives; not needed with --store postgres://...
+    #[arg(long, value_parser = dir_arg, required_unless_present = "store")]
+    pub data_dir: Option<PathBuf>,
+    /// The store: `redb` (the embedded store in --data-dir, the default) or a PostgreSQL URL such as
+    /// postgres://postgres@127.0.0.1:5432/test (the server must allow prepared transactions).
+    #[arg(long, value_parser = store_arg)]
+    pub store: Option<Store>,
+    /// With a PostgreSQL store: the schema holding this bank's tables. Default: twopc_NAME ('-' and '.' as '_').
+    #[arg(long)]
+    pub pg_schema: Option<String>,
+    /// With a PostgreSQL store: the most connections the bank opens.
+    #[arg(long, default_value_t = 16)]
+    pub pg_pool_max: usize,
     /// Coordinator addresses, comma-separated host:port.
     #[arg(long, env = "TWOPC_COORDINATORS", value_delimiter = ',', default_value = "127.0.0.1:7001")]
     pub coordinators: Vec<String>,
@@ -126,11 +136,52 @@ pub struct BankArgs {
     pub in_doubt_timeout_ms: u64,
 }
 
+/// Where a bank keeps its accounts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Store {
+    /// The embedded redb store in --data-dir.
+    Redb,
+    /// PostgreSQL at this URL.
+    Postgres(String),
+}
+
+fn store_arg(text: &str) -> Result<Store, String> {
+    if text == "redb" {
+        return Ok(Store::Redb);
+    }
+    if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+        return Ok(Store::Postgres(text.to_owned()));
+    }
+    Err(format!("{text:?} is neither redb nor a postgres://USER@HOST:PORT/DB URL"))
+}
+
 pub async fn bank(args: BankArgs) -> anyhow::Result<u8> {
     let name: twopc_proto::ParticipantId = args.name.parse()?;
-    let mut config = twopc_bank::BankConfig::new(name.clone(), args.coordinators.clone(), args.data_dir);
+    let store = args.store.clone().unwrap_or(Store::Redb);
+    let data_dir = match (&store, &args.data_dir) {
+        (_, Some(dir)) => dir.clone(),
+        (Store::Postgres(_), None) => PathBuf::from("."),
+        (Store::Redb, None) => anyhow::bail!("--data-dir is required with the redb store"),
+    };
+    let mut config = twopc_bank::BankConfig::new(name.clone(), args.coordinators.clone(), data_dir);
     config.participant.in_doubt_timeout_ms = args.in_doubt_timeout_ms;
     config.validate()?;
+    let postgres = match &store {
+        Store::Redb => None,
+        Store::Postgres(url) => {
+            let schema = match &args.pg_schema {
+                Some(schema) => schema.clone(),
+                None => twopc_bank::pg_store::default_schema(&name)?,
+            };
+            let mut pg = twopc_participant::postgres::PostgresConfig::new(url.clone(), schema);
+            pg.pool_max = args.pg_pool_max;
+            pg.finished_retention_ms = config.store.finished_retention_ms;
+            let schema = pg.schema.clone();
+            let store = twopc_bank::PgStore::open(&name, pg).await?;
+            tracing::info!(bank = %name, %schema, "accounts on PostgreSQL");
+            Some(std::sync::Arc::new(store))
+        }
+    };
     let listener = bind(&args.listen, "the bank").await?;
     if args.register {
         let addr = args.advertise.clone().unwrap_or_else(|| args.listen.clone());
@@ -150,6 +201,9 @@ pub async fn bank(args: BankArgs) -> anyhow::Result<u8> {
             }
         });
     }
-    twopc_bank::server::run(listener, config, stop_signal()).await?;
+    match postgres {
+        None => twopc_bank::server::run(listener, config, stop_signal()).await?,
+        Some(store) => twopc_bank::server::serve(listener, store, config.participant, stop_signal()).await?,
+    }
     Ok(EXIT_OK)
 }

@@ -68,6 +68,12 @@ pub struct Processes {
 impl Processes {
     /// Starts everything and waits until the banks are registered and serving.
     pub async fn start() -> Self {
+        Self::start_with(Vec::new()).await
+    }
+
+    /// As [`Processes::start`], with `bank_b_args` added to bank-b's command
+    /// line (such as `--store postgres://...`).
+    pub async fn start_with(bank_b_args: Vec<String>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let coordinator_addrs: Vec<String> = (0..3).map(|_| free_addr()).collect();
         let bank_addrs: Vec<String> = (0..2).map(|_| free_addr()).collect();
@@ -109,6 +115,7 @@ impl Processes {
                 child: None,
             })
             .collect();
+        banks[1].args.extend(bank_b_args);
         for proc in coordinators.iter_mut().chain(banks.iter_mut()) {
             proc.start();
         }

@@ -1,0 +1,425 @@
+//! [`PgStore`]: the bank's [`AccountStore`] on PostgreSQL, over the
+//! participant library's [`PostgresResource`]: each branch is a real
+//! PostgreSQL transaction, prepared with `PREPARE TRANSACTION`.
+//!
+//! # Holds, and why no row lock outlives a Prepare
+//!
+//! A prepared transaction keeps its row locks until `COMMIT PREPARED`, a
+//! whole decision round away. Had the branch transaction debited the account
+//! row itself, every other transfer touching that account would wait for
+//! that decision (hot accounts would run one transfer per round trip), and
+//! two PostgreSQL banks could wait on each other in a cycle that no
+//! deadlock detector sees. So the bank keeps the embedded store's hold
+//! model, split across the library's steps:
+//!
+//! 1. **reserve** (a short transaction, committed at once): for each account
+//!    of the payload, in name order, one `UPDATE` checks the funds and adds
+//!    to `held_minor` (debits) or `incoming_minor` (credits), and a `holds`
+//!    row records what was taken. The row lock lasts only this transaction.
+//! 2. **stage** (the branch transaction, then `PREPARE TRANSACTION`): marks
+//!    the branch's `holds` rows `applied`. Those rows belong to this txn
+//!    alone, so the prepared transaction locks nothing anyone else needs.
+//! 3. `COMMIT PREPARED` makes `applied` visible; `ROLLBACK PREPARED` drops it.
+//! 4. **settle** (a short transaction): deletes the branch's `holds` rows and
+//!    applies them to the accounts (Commit: balance and hold or incoming
+//!    move) or releases them (Abort), in name order again, so reserves and
+//!    settles never deadlock. `applied` must agree with the decision, or the
+//!    store is corrupt and nothing is written.
+//!
+//! Available funds are `balance - held`, so no combination of decisions can
+//! take a balance below zero; table constraints check the same (I8).
+//!
+//! Tables, in the bank's own schema (one per bank, so two banks can share a
+//! database): `accounts (name, balance_minor, held_minor, incoming_minor)`,
+//! `holds (txn, account, debit_minor, credit_minor, applied)`, and the
+//! library's `twopc_branches`.
+
+use std::collections::BTreeMap;
+
+use twopc_participant::Resource as _;
+use twopc_participant::ResourceError;
+use twopc_participant::postgres::deadpool_postgres::Object;
+use twopc_participant::postgres::tokio_postgres::Row;
+use twopc_participant::postgres::{BranchStatus, BranchTx, PostgresBranch, PostgresConfig, PostgresResource};
+use twopc_proto::{Decision, ParticipantId, TxnId, Vote};
+
+use crate::address::AccountName;
+use crate::error::{Error, Result};
+use crate::money::format_minor;
+use crate::payload::{BranchPayload, Operation};
+use crate::store::{AccountBalance, AccountStore, BranchState, INSUFFICIENT_FUNDS, Totals, UNKNOWN_ACCOUNT};
+
+/// The schema a bank named `bank` uses unless told otherwise:
+/// `twopc_<bank>` with `-` and `.` as `_`.
+///
+/// # Errors
+/// [`Error::Config`] if the result is longer than PostgreSQL allows (give a
+/// schema explicitly then).
+pub fn default_schema(bank: &ParticipantId) -> Result<String> {
+    let schema = format!("twopc_{}", bank.as_str().replace(['-', '.'], "_"));
+    twopc_participant::postgres::check_schema(&schema)
+        .map_err(|why| Error::Config(format!("schema {schema:?} for bank {bank}: {why}; give one explicitly")))?;
+    Ok(schema)
+}
+
+/// The bank's work in each step of a PostgreSQL branch (see the module docs).
+pub struct BankBranch {
+    accounts: String,
+    holds: String,
+}
+
+impl BankBranch {
+    fn new(schema: &str) -> Self {
+        Self { accounts: format!("\"{schema}\".accounts"), holds: format!("\"{schema}\".holds") }
+    }
+}
+
+/// What one branch takes from one account: (debits, credits) in minor units.
+type Take = (i64, i64);
+
+/// The payload's operations summed per account, in name order (the lock order).
+fn takes(payload: &BranchPayload) -> std::result::Result<BTreeMap<String, Take>, String> {
+    let mut takes: BTreeMap<String, Take> = BTreeMap::new();
+    for op in payload.ops() {
+        let take = takes.entry(op.account().to_string()).or_default();
+        let sum = match op {
+            Operation::Debit { amount_minor, .. } => take.0.checked_add(*amount_minor).map(|d| take.0 = d),
+            Operation::Credit { amount_minor, .. } => take.1.checked_add(*amount_minor).map(|c| take.1 = c),
+        };
+        if sum.is_none() {
+            return Err(format!("the operations on {} overflow", op.account()));
+        }
+    }
+    Ok(takes)
+}
+
+impl PostgresBranch for BankBranch {
+    async fn setup(&self, tx: &BranchTx<'_>) -> std::result::Result<(), ResourceError> {
+        let ddl = format!(
+            "CREATE TABLE {accounts} (
+                 name text COLLATE \"C\" PRIMARY KEY,
+                 balance_minor bigint NOT NULL,
+                 held_minor bigint NOT NULL DEFAULT 0,
+                 incoming_minor bigint NOT NULL DEFAULT 0,
+                 CHECK (held_minor >= 0 AND incoming_minor >= 0 AND held_minor <= balance_minor));
+             CREATE TABLE {holds} (
+                 txn text NOT NULL,
+                 account text COLLATE \"C\" NOT NULL,
+                 debit_minor bigint NOT NULL,
+                 credit_minor bigint NOT NULL,
+                 applied boolean NOT NULL DEFAULT false,
+                 PRIMARY KEY (txn, account));",
+            accounts = self.accounts,
+            holds = self.holds
+        );
+        tx.batch_execute(&ddl).await?;
+        Ok(())
+    }
+
+    async fn reserve(&self, tx: &BranchTx<'_>, txn: TxnId, payload: &[u8]) -> std::result::Result<Vote, ResourceError> {
+        let payload = match BranchPayload::decode(payload) {
+            Ok(payload) => payload,
+            Err(e) => return Ok(Vote::no(format!("malformed bank payload: {e}"))),
+        };
+        let takes = match takes(&payload) {
+            Ok(takes) => takes,
+            Err(why) => return Ok(Vote::no(why)),
+        };
+        let hold = tx
+            .prepare_cached(&format!(
+                "UPDATE {} SET held_minor = held_minor + $2::bigint, incoming_minor = incoming_minor + $3::bigint \
+                 WHERE name = $1 AND balance_minor - held_minor >= $2::bigint \
+                 AND balance_minor::numeric + incoming_minor + $3::bigint <= 9223372036854775807",
+                self.accounts
+            ))
+            .await?;
+        let record = tx
+            .prepare_cached(&format!(
+                "INSERT INTO {} (txn, account, debit_minor, credit_minor) VALUES ($1, $2, $3, $4)",
+                self.holds
+            ))
+            .await?;
+        let id = txn.to_string();
+        for (account, (debit, credit)) in &takes {
+            if tx.execute(&hold, &[account, debit, credit]).await? != 1 {
+                // The library rolls this transaction back: no hold stays.
+                return Ok(Vote::no(self.why_not(tx, account, *debit, *credit).await?));
+            }
+            tx.execute(&record, &[&id, account, debit, credit]).await?;
+        }
+        Ok(Vote::Yes)
+    }
+
+    async fn stage(&self, tx: &BranchTx<'_>, txn: TxnId, _payload: &[u8]) -> std::result::Result<Vote, ResourceError> {
+        let mark = tx.prepare_cached(&format!("UPDATE {} SET applied = true WHERE txn = $1", self.holds)).await?;
+        if tx.execute(&mark, &[&txn.to_string()]).await? == 0 {
+            return Err(ResourceError::Fatal(format!("txn {txn} staged with no holds reserved")));
+        }
+        Ok(Vote::Yes)
+    }
+
+    async fn settle(
+        &self,
+        tx: &BranchTx<'_>,
+        txn: TxnId,
+        decision: Decision,
+    ) -> std::result::Result<(), ResourceError> {
+        let take = tx
+            .prepare_cached(&format!(
+                "DELETE FROM {} WHERE txn = $1 RETURNING account, debit_minor, credit_minor, applied",
+                self.holds
+            ))
+            .await?;
+        let mut rows = tx.query(&take, &[&txn.to_string()]).await?;
+        rows.sort_by(|a, b| a.get::<_, &str>(0).cmp(b.get::<_, &str>(0)));
+        let sql = match decision {
+            Decision::Commit => format!(
+                "UPDATE {} SET balance_minor = balance_minor - $2 + $3, held_minor = held_minor - $2, \
+                 incoming_minor = incoming_minor - $3 WHERE name = $1",
+                self.accounts
+            ),
+            Decision::Abort => format!(
+                "UPDATE {} SET held_minor = held_minor - $2, incoming_minor = incoming_minor - $3 WHERE name = $1",
+                self.accounts
+            ),
+        };
+        let apply = tx.prepare_cached(&sql).await?;
+        for row in rows {
+            let (account, debit, credit, applied): (&str, i64, i64, bool) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            if applied != (decision == Decision::Commit) {
+                return Err(ResourceError::Fatal(format!(
+                    "txn {txn}: {decision} of a hold on {account} marked applied = {applied}"
+                )));
+            }
+            if tx.execute(&apply, &[&account, &debit, &credit]).await? != 1 {
+                return Err(ResourceError::Fatal(format!("txn {txn} holds funds of {account}, which is gone")));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl BankBranch {
+    /// The NO reason for a hold that did not fit, in the embedded store's words.
+    async fn why_not(
+        &self,
+        tx: &BranchTx<'_>,
+        account: &str,
+        debit: i64,
+        credit: i64,
+    ) -> std::result::Result<String, ResourceError> {
+        let sql = format!("SELECT balance_minor - held_minor FROM {} WHERE name = $1", self.accounts);
+        let Some(row) = tx.query_opt(&sql, &[&account]).await? else {
+            return Ok(format!("{UNKNOWN_ACCOUNT} {account}"));
+        };
+        let available: i64 = row.get(0);
+        if available < debit {
+            return Ok(format!(
+                "{INSUFFICIENT_FUNDS} in {account}: available {}, needed {}",
+                format_minor(available),
+                format_minor(debit)
+            ));
+        }
+        Ok(format!("a credit of {} would overflow the balance of {account}", format_minor(credit)))
+    }
+}
+
+/// The bank's accounts in a PostgreSQL schema; see the module docs.
+pub struct PgStore {
+    resource: PostgresResource<BankBranch>,
+}
+
+impl PgStore {
+    /// Opens the store of bank `participant` in `config.schema` (created if
+    /// missing), settling what a crash left unsettled. Branches still
+    /// prepared wait for the resolver.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an invalid config or a server that does not
+    /// allow prepared transactions; [`Error::Unavailable`] if the server
+    /// cannot be reached.
+    pub async fn open(participant: &ParticipantId, config: PostgresConfig) -> Result<Self> {
+        let branch = BankBranch::new(&config.schema);
+        let resource = PostgresResource::open(participant, config, branch).await.map_err(|e| match e {
+            ResourceError::Fatal(why) => Error::Config(why),
+            other => Error::from_resource(other),
+        })?;
+        Ok(Self { resource })
+    }
+
+    /// The participant library's resource under the store.
+    pub fn resource(&self) -> &PostgresResource<BankBranch> {
+        &self.resource
+    }
+
+    /// How many holds rows exist (reserved and not yet settled).
+    ///
+    /// # Errors
+    /// As any read.
+    pub async fn holds(&self) -> Result<u64> {
+        let sql = format!("SELECT count(*) FROM {}", self.resource.branch().holds);
+        let n: i64 = self.client().await?.query_one(&sql, &[]).await.map_err(pg)?.get(0);
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn client(&self) -> Result<Object> {
+        self.resource.pool().get().await.map_err(|e| Error::Unavailable(format!("postgres pool: {e}")))
+    }
+
+    fn accounts(&self) -> &str {
+        &self.resource.branch().accounts
+    }
+}
+
+fn pg(e: twopc_participant::postgres::tokio_postgres::Error) -> Error {
+    Error::from_resource(ResourceError::from(e))
+}
+
+impl Error {
+    /// A resource failure outside any one txn.
+    fn from_resource(e: ResourceError) -> Self {
+        match e {
+            ResourceError::Unavailable(why) => Self::Unavailable(why),
+            other => Self::Fatal(other.to_string()),
+        }
+    }
+
+    /// A resource failure on `txn`'s branch.
+    fn on_branch(txn: TxnId, e: ResourceError) -> Self {
+        match e {
+            ResourceError::NotPrepared => Self::NotPrepared(txn),
+            ResourceError::Conflict { recorded } => Self::Conflict { txn, recorded },
+            ResourceError::Unavailable(why) => Self::Unavailable(why),
+            ResourceError::Fatal(why) => Self::Fatal(why),
+        }
+    }
+}
+
+fn balance_of(row: &Row) -> Result<AccountBalance> {
+    let name: &str = row.get(0);
+    let name: AccountName = name.parse().map_err(|e| Error::Fatal(format!("corrupt accounts table: {e}")))?;
+    Ok(AccountBalance { name, balance_minor: row.get(1), held_minor: row.get(2), incoming_minor: row.get(3) })
+}
+
+fn sum_of(text: &str) -> Result<i128> {
+    text.parse().map_err(|e| Error::Fatal(format!("sum {text:?} is not an integer: {e}")))
+}
+
+impl AccountStore for PgStore {
+    async fn create_account(&self, name: AccountName, initial_minor: i64) -> Result<AccountBalance> {
+        if initial_minor < 0 {
+            return Err(Error::Invalid {
+                field: "initial_balance",
+                why: format!("{} is negative", format_minor(initial_minor)),
+            });
+        }
+        let sql = format!(
+            "INSERT INTO {} (name, balance_minor) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+            self.accounts()
+        );
+        let inserted = self.client().await?.execute(&sql, &[&name.as_str(), &initial_minor]).await.map_err(pg)?;
+        if inserted == 0 {
+            return Err(Error::AccountExists(name));
+        }
+        Ok(AccountBalance { name, balance_minor: initial_minor, held_minor: 0, incoming_minor: 0 })
+    }
+
+    async fn account(&self, name: AccountName) -> Result<AccountBalance> {
+        let sql =
+            format!("SELECT name, balance_minor, held_minor, incoming_minor FROM {} WHERE name = $1", self.accounts());
+        match self.client().await?.query_opt(&sql, &[&name.as_str()]).await.map_err(pg)? {
+            Some(row) => balance_of(&row),
+            None => Err(Error::AccountNotFound(name)),
+        }
+    }
+
+    async fn list_accounts(&self, after: Option<AccountName>, limit: usize) -> Result<Vec<AccountBalance>> {
+        let sql = format!(
+            "SELECT name, balance_minor, held_minor, incoming_minor FROM {} WHERE name > $1 ORDER BY name LIMIT $2",
+            self.accounts()
+        );
+        let after = after.as_ref().map_or("", AccountName::as_str);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self.client().await?.query(&sql, &[&after, &limit]).await.map_err(pg)?;
+        rows.iter().map(balance_of).collect()
+    }
+
+    async fn totals(&self) -> Result<Totals> {
+        let sql = format!(
+            "SELECT coalesce(sum(balance_minor), 0)::text, coalesce(sum(held_minor), 0)::text, \
+             coalesce(sum(incoming_minor), 0)::text, count(*) FROM {}",
+            self.accounts()
+        );
+        let row = self.client().await?.query_one(&sql, &[]).await.map_err(pg)?;
+        let accounts: i64 = row.get(3);
+        Ok(Totals {
+            balance_minor: sum_of(row.get(0))?,
+            held_minor: sum_of(row.get(1))?,
+            incoming_minor: sum_of(row.get(2))?,
+            accounts: u64::try_from(accounts).unwrap_or(0),
+        })
+    }
+
+    async fn prepare(&self, txn: TxnId, payload: BranchPayload) -> Result<Vote> {
+        self.resource.prepare(txn, payload.encode()).await.map_err(|e| Error::on_branch(txn, e))
+    }
+
+    async fn refuse(&self, txn: TxnId, reason: String) -> Result<Vote> {
+        self.resource.refuse(txn, reason).await.map_err(|e| Error::on_branch(txn, e))
+    }
+
+    async fn commit(&self, txn: TxnId) -> Result<()> {
+        self.resource.commit(txn).await.map_err(|e| Error::on_branch(txn, e))
+    }
+
+    async fn abort(&self, txn: TxnId) -> Result<()> {
+        self.resource.abort(txn).await.map_err(|e| Error::on_branch(txn, e))
+    }
+
+    async fn prepared(&self) -> Result<Vec<TxnId>> {
+        self.resource.prepared().await.map_err(Error::from_resource)
+    }
+
+    async fn branch_state(&self, txn: TxnId) -> Result<Option<BranchState>> {
+        let status = self.resource.status(txn).await.map_err(Error::from_resource)?;
+        Ok(status.map(|status| match status {
+            BranchStatus::Reserved { prepared: true } => BranchState::Prepared,
+            // Not prepared: abandoned (or being prepared right now); it can only end aborted.
+            BranchStatus::Reserved { prepared: false } | BranchStatus::Aborted => BranchState::Aborted,
+            BranchStatus::Committed { .. } => BranchState::Committed,
+            BranchStatus::Refused(_) => BranchState::Refused,
+            BranchStatus::Tombstone => BranchState::Tombstone,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Each bank gets its own schema by default, a valid identifier.
+    #[test]
+    fn default_schemas_are_per_bank_identifiers() {
+        let schema = |name: &str| default_schema(&name.parse().expect("id"));
+        assert_eq!(schema("bank-a").expect("schema"), "twopc_bank_a");
+        assert_eq!(schema("eu.bank_2").expect("schema"), "twopc_eu_bank_2");
+        assert!(matches!(schema(&"b".repeat(64)), Err(Error::Config(_))));
+    }
+
+    // Operations are summed per account, in name order (the lock order), and an overflow is a refusal.
+    #[test]
+    fn takes_are_summed_per_account_in_name_order() {
+        let op = |debit: bool, account: &str, amount_minor: i64| {
+            let account = account.parse().expect("name");
+            if debit { Operation::Debit { account, amount_minor } } else { Operation::Credit { account, amount_minor } }
+        };
+        let payload =
+            BranchPayload::new(vec![op(true, "zed", 5), op(false, "amy", 3), op(true, "zed", 2), op(false, "zed", 1)])
+                .expect("payload");
+        let takes = takes(&payload).expect("takes");
+        assert_eq!(takes.into_iter().collect::<Vec<_>>(), vec![("amy".into(), (0, 3)), ("zed".into(), (7, 1))]);
+        let overflow = BranchPayload::new(vec![op(true, "a", i64::MAX), op(true, "a", 1)]).expect("payload");
+        assert!(super::takes(&overflow).is_err());
+    }
+}
