@@ -100,15 +100,34 @@ pub async fn prepared_gids(url: &str, prefix: &str) -> Vec<String> {
 }
 
 /// Cleans up after a test: rolls back every prepared transaction whose gid
-/// starts with `gid_prefix` and drops `schema` with everything in it.
+/// starts with `gid_prefix` and has a row in `schema` (other tests may use
+/// the same participant name in other schemas), then drops `schema` with
+/// everything in it.
 ///
 /// # Panics
 /// If the server cannot be reached.
 pub async fn drop_schema(url: &str, schema: &str, gid_prefix: &str) {
-    for gid in prepared_gids(url, gid_prefix).await {
+    let schema = schema.replace('"', "");
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connect to the test server");
+    let connection = tokio::spawn(connection);
+    let table = format!("\"{schema}\".twopc_branches");
+    let exists: bool =
+        client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&table]).await.map(|row| row.get(0)).unwrap_or(false);
+    let ours = if exists {
+        let sql = format!(
+            "SELECT p.gid FROM pg_prepared_xacts p WHERE starts_with(p.gid, $1) \
+             AND EXISTS (SELECT 1 FROM {table} b WHERE b.gid = p.gid)"
+        );
+        client.query(&sql, &[&gid_prefix]).await.map(|rows| rows.iter().map(|r| r.get(0)).collect()).unwrap_or_default()
+    } else {
+        Vec::<String>::new()
+    };
+    drop(client);
+    let _ = connection.await;
+    for gid in ours {
         execute(url, &format!("ROLLBACK PREPARED '{}'", gid.replace('\'', "''"))).await;
     }
-    execute(url, &format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", schema.replace('"', ""))).await;
+    execute(url, &format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE")).await;
 }
 
 /// Cleans up when dropped, even when the test panics: rolls back the
