@@ -142,8 +142,15 @@ impl PostgresBranch for BankBranch {
         let id = txn.to_string();
         for (account, (debit, credit)) in &takes {
             if tx.execute(&hold, &[account, debit, credit]).await? != 1 {
-                // The library rolls this transaction back: no hold stays.
-                return Ok(Vote::no(self.why_not(tx, account, *debit, *credit).await?));
+                // Look again under the row lock: settles change the funds
+                // between two statements, and the reason must be true.
+                if let Some(why) = self.why_not(tx, account, *debit, *credit).await? {
+                    // The library rolls this transaction back: no hold stays.
+                    return Ok(Vote::no(why));
+                }
+                if tx.execute(&hold, &[account, debit, credit]).await? != 1 {
+                    return Err(ResourceError::Fatal(format!("the hold on {account} fails under its own row lock")));
+                }
             }
             tx.execute(&record, &[&id, account, debit, credit]).await?;
         }
@@ -201,27 +208,36 @@ impl PostgresBranch for BankBranch {
 }
 
 impl BankBranch {
-    /// The NO reason for a hold that did not fit, in the embedded store's words.
+    /// Why a hold does not fit, in the embedded store's words, read with
+    /// the account's row locked (until this short transaction ends); None
+    /// if it fits now.
     async fn why_not(
         &self,
         tx: &BranchTx<'_>,
         account: &str,
         debit: i64,
         credit: i64,
-    ) -> std::result::Result<String, ResourceError> {
-        let sql = format!("SELECT balance_minor - held_minor FROM {} WHERE name = $1", self.accounts);
-        let Some(row) = tx.query_opt(&sql, &[&account]).await? else {
-            return Ok(format!("{UNKNOWN_ACCOUNT} {account}"));
+    ) -> std::result::Result<Option<String>, ResourceError> {
+        let sql = format!(
+            "SELECT balance_minor - held_minor, balance_minor::numeric + incoming_minor + $2::bigint \
+             <= 9223372036854775807 FROM {} WHERE name = $1 FOR UPDATE",
+            self.accounts
+        );
+        let Some(row) = tx.query_opt(&sql, &[&account, &credit]).await? else {
+            return Ok(Some(format!("{UNKNOWN_ACCOUNT} {account}")));
         };
-        let available: i64 = row.get(0);
+        let (available, credit_fits): (i64, bool) = (row.get(0), row.get(1));
         if available < debit {
-            return Ok(format!(
+            return Ok(Some(format!(
                 "{INSUFFICIENT_FUNDS} in {account}: available {}, needed {}",
                 format_minor(available),
                 format_minor(debit)
-            ));
+            )));
         }
-        Ok(format!("a credit of {} would overflow the balance of {account}", format_minor(credit)))
+        if !credit_fits {
+            return Ok(Some(format!("a credit of {} would overflow the balance of {account}", format_minor(credit))));
+        }
+        Ok(None)
     }
 }
 
