@@ -45,6 +45,10 @@ pub struct DemoArgs {
     /// Kill and restart the coordinator leader and a bank mid-run.
     #[arg(long)]
     pub chaos: bool,
+    /// Run bank-b on PostgreSQL at this URL (such as postgres://postgres@127.0.0.1:5432/test) instead of
+    /// the embedded store, in a schema of its own: dropped at the end, or kept with --dir.
+    #[arg(long, value_name = "URL", alias = "pg-bank")]
+    pub store: Option<String>,
 }
 
 const BANKS: [&str; 2] = ["bank-a", "bank-b"];
@@ -177,8 +181,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
     let temp = tempfile::tempdir()?;
     let dir = args.dir.clone().unwrap_or_else(|| temp.path().to_owned());
     std::fs::create_dir_all(dir.join("logs")).with_context(|| format!("creating {}", dir.display()))?;
-    let demo = build(&dir)?;
+    let postgres = args.store.as_ref().map(|url| pg_bank(url, args.dir.as_deref()));
+    let demo = build(&dir, postgres.as_ref())?;
     println!("twopc demo: {COORDINATORS} coordinators and {} banks in {}", BANKS.len(), dir.display());
+    if let Some(pg) = &postgres {
+        println!("{} keeps its accounts on PostgreSQL, schema {}", BANKS[PG_BANK], pg.schema);
+    }
     let result = tokio::select! {
         result = run_demo(&demo, &args, opening) => result,
         _ = tokio::signal::ctrl_c() => {
@@ -189,13 +197,67 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
     demo.stop_all().await;
     if args.dir.is_none() {
         drop(temp);
+        if let Some(pg) = &postgres
+            && let Err(e) = drop_pg_schema(pg).await
+        {
+            eprintln!("could not drop PostgreSQL schema {}: {e:#}", pg.schema);
+        }
     } else {
         println!("data and logs kept in {}", dir.display());
     }
     result
 }
 
-fn build(dir: &Path) -> anyhow::Result<Demo> {
+/// Which bank runs on PostgreSQL with --store: bank-b, the one --chaos kills
+/// while it holds prepared branches.
+const PG_BANK: usize = 1;
+
+/// Where the PostgreSQL bank keeps its accounts.
+struct PgBank {
+    url: String,
+    schema: String,
+}
+
+/// A schema of this run's own; with --dir, one derived from the directory,
+/// so a rerun finds its accounts again.
+fn pg_bank(url: &str, kept: Option<&Path>) -> PgBank {
+    use std::hash::{Hash as _, Hasher as _};
+    let schema = match kept {
+        Some(dir) => {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned()).hash(&mut hasher);
+            format!("twopc_demo_{:016x}", hasher.finish())
+        }
+        None => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            format!("twopc_demo_{}_{}", std::process::id(), now.as_millis())
+        }
+    };
+    PgBank { url: url.to_owned(), schema }
+}
+
+/// Rolls back what the PostgreSQL bank left prepared (only if the demo
+/// failed) and drops its schema.
+async fn drop_pg_schema(pg: &PgBank) -> anyhow::Result<()> {
+    use twopc_participant::postgres::tokio_postgres;
+    let (client, connection) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls).await?;
+    let connection = tokio::spawn(connection);
+    let table = format!("\"{}\".twopc_branches", pg.schema);
+    let exists: bool = client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&table]).await?.get(0);
+    if exists {
+        let sql = format!("SELECT p.gid FROM pg_prepared_xacts p JOIN {table} b ON b.gid = p.gid");
+        for row in client.query(&sql, &[]).await? {
+            let gid: String = row.get(0);
+            client.batch_execute(&format!("ROLLBACK PREPARED '{gid}'")).await?;
+        }
+    }
+    client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", pg.schema)).await?;
+    drop(client);
+    let _ = connection.await;
+    Ok(())
+}
+
+fn build(dir: &Path, postgres: Option<&PgBank>) -> anyhow::Result<Demo> {
     let exe = std::env::current_exe().context("finding this executable")?;
     let coordinator_addrs: Vec<String> =
         (0..COORDINATORS).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<_, _>>()?;
@@ -220,7 +282,7 @@ fn build(dir: &Path) -> anyhow::Result<Demo> {
         })
         .map(tokio::sync::Mutex::new)
         .collect();
-    let banks = BANKS
+    let mut banks = BANKS
         .iter()
         .zip(&bank_addrs)
         .map(|(name, addr)| Proc {
@@ -242,7 +304,11 @@ fn build(dir: &Path) -> anyhow::Result<Demo> {
             child: None,
         })
         .map(tokio::sync::Mutex::new)
-        .collect();
+        .collect::<Vec<_>>();
+    if let Some(pg) = postgres {
+        let args = ["--store", &pg.url, "--pg-schema", &pg.schema];
+        banks[PG_BANK].get_mut().args.extend(args.map(String::from));
+    }
     Ok(Demo {
         exe,
         coordinators,
