@@ -54,6 +54,10 @@
 //! Every statement runs under `statement_timeout_ms` and `lock_timeout_ms`;
 //! the pool holds at most `pool_max` connections and a caller waits at most
 //! `pool_wait_timeout_ms` for one (then [`ResourceError::Unavailable`]).
+//! At most `prepare_concurrency_max` Prepares run at once, so decisions
+//! always find a connection, and a Prepare waits while `prepared_max` of
+//! this participant's branches are in doubt: when decisions lag, new
+//! branches slow down instead of filling the server's prepared slots.
 //! The server must allow prepared transactions (`max_prepared_transactions`
 //! above the number of branches in doubt at once); [`PostgresResource::open`]
 //! refuses a server where it is 0.
@@ -102,8 +106,22 @@ pub struct PostgresConfig {
     ///
     /// Default: 16.
     pub pool_max: usize,
-    /// How long a caller waits for a pooled connection, in milliseconds;
-    /// then the call fails with [`ResourceError::Unavailable`].
+    /// The most Prepares running at once; must be below `pool_max`, so
+    /// decisions, which end prepared transactions, always find a connection.
+    ///
+    /// Default: 8.
+    pub prepare_concurrency_max: usize,
+    /// The most branches of this participant prepared and undecided at once
+    /// (in `pg_prepared_xacts`). A Prepare past it waits up to
+    /// `pool_wait_timeout_ms` for decisions to catch up, then fails as
+    /// unavailable (the txn aborts). Keep it below the server's
+    /// `max_prepared_transactions`, shared by everyone on that server.
+    ///
+    /// Default: 128.
+    pub prepared_max: usize,
+    /// How long a caller waits for a pooled connection (and a Prepare for a
+    /// prepare slot), in milliseconds; then the call fails with
+    /// [`ResourceError::Unavailable`].
     ///
     /// Default: 5000.
     pub pool_wait_timeout_ms: u64,
@@ -144,6 +162,8 @@ impl PostgresConfig {
             url: url.into(),
             schema: schema.into(),
             pool_max: 16,
+            prepare_concurrency_max: 8,
+            prepared_max: 128,
             pool_wait_timeout_ms: 5_000,
             connect_timeout_ms: 5_000,
             statement_timeout_ms: 5_000,
@@ -168,6 +188,8 @@ impl PostgresConfig {
         }
         let positive = [
             ("pool_max", self.pool_max as u64),
+            ("prepare_concurrency_max", self.prepare_concurrency_max as u64),
+            ("prepared_max", self.prepared_max as u64),
             ("pool_wait_timeout_ms", self.pool_wait_timeout_ms),
             ("connect_timeout_ms", self.connect_timeout_ms),
             ("statement_timeout_ms", self.statement_timeout_ms),
@@ -180,6 +202,12 @@ impl PostgresConfig {
             if value == 0 {
                 return fail(format!("{name} is 0; it must be at least 1"));
             }
+        }
+        if self.prepare_concurrency_max >= self.pool_max {
+            return fail(format!(
+                "prepare_concurrency_max ({}) must be below pool_max ({}), so decisions always find a connection",
+                self.prepare_concurrency_max, self.pool_max
+            ));
         }
         Ok(())
     }
@@ -405,6 +433,7 @@ impl Drop for Session {
 /// SQL text for one schema, built once.
 struct Sql {
     lookup: String,
+    in_doubt: String,
     claim: String,
     mark_committed: String,
     settle_commit: String,
@@ -424,6 +453,10 @@ impl Sql {
                 "SELECT b.state, b.settled, b.reason, EXISTS (SELECT 1 FROM pg_prepared_xacts p \
                  WHERE p.gid = $1 AND p.database = current_database()) \
                  FROM (SELECT 1) one LEFT JOIN {t} b ON b.gid = $1"
+            ),
+            in_doubt: format!(
+                "SELECT count(*) FROM pg_prepared_xacts p JOIN {t} b ON b.gid = p.gid \
+                 WHERE p.database = current_database() AND starts_with(p.gid, $1)"
             ),
             claim: format!(
                 "INSERT INTO {t} (gid, state, settled, reason, updated_at_ms) \
@@ -464,6 +497,9 @@ impl Sql {
 
 struct Inner<B> {
     pool: Pool,
+    /// `prepare_concurrency_max` permits: Prepares leave room in the pool
+    /// for decisions, which are what ends prepared transactions.
+    prepare_slots: tokio::sync::Semaphore,
     branch: B,
     config: PostgresConfig,
     /// `twopc:<participant>:`, the prefix of every gid of this participant.
@@ -512,6 +548,7 @@ impl<B: PostgresBranch> PostgresResource<B> {
         let pool = pool(&config)?;
         let inner = Arc::new(Inner {
             pool,
+            prepare_slots: tokio::sync::Semaphore::new(config.prepare_concurrency_max),
             branch,
             gid_prefix: format!("twopc:{participant}:"),
             sql: Sql::new(&config.schema),
@@ -879,6 +916,34 @@ impl<B: PostgresBranch> Inner<B> {
         }
     }
 
+    fn busy(&self) -> ResourceError {
+        ResourceError::Unavailable(format!(
+            "{} prepares running (prepare_concurrency_max) or {} branches in doubt (prepared_max) for {} ms; retry",
+            self.config.prepare_concurrency_max, self.config.prepared_max, self.config.pool_wait_timeout_ms
+        ))
+    }
+
+    /// Waits until fewer than `prepared_max` of this participant's branches
+    /// are in doubt (I6). Backpressure: while decisions lag, new Prepares
+    /// wait instead of piling up prepared transactions until the server
+    /// refuses every one.
+    async fn wait_for_room(&self, session: &Session, deadline: tokio::time::Instant) -> Result<(), ResourceError> {
+        let client = session.client()?;
+        let count = client.prepare_cached(&self.sql.in_doubt).await?;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let in_doubt: i64 = client.query_one(&count, &[&self.gid_prefix]).await?.get(0);
+            if usize::try_from(in_doubt).unwrap_or(usize::MAX) < self.config.prepared_max {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() + pause > deadline {
+                return Err(self.busy());
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
     async fn collect_garbage(&self, before_unix_ms: u64) -> Result<u64, ResourceError> {
         let session = self.session().await?;
         let before = i64::try_from(before_unix_ms).unwrap_or(i64::MAX);
@@ -909,11 +974,19 @@ impl<B: PostgresBranch> Resource for PostgresResource<B> {
     async fn prepare(&self, txn: TxnId, payload: Bytes) -> Result<Vote, ResourceError> {
         let inner = &self.inner;
         let gid = inner.gid(txn);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(inner.config.pool_wait_timeout_ms);
+        // A slot before a connection: waiting Prepares never hold the
+        // connections that decisions need.
+        let _slot = tokio::time::timeout_at(deadline, inner.prepare_slots.acquire())
+            .await
+            .map_err(|_| inner.busy())?
+            .map_err(|_| ResourceError::Fatal("prepare slots closed".into()))?;
         let mut session = inner.session().await?;
         // I5: a txn with a row keeps its vote, whatever this payload says.
         if let Some(vote) = inner.repeat_vote(&mut session, txn, &gid).await? {
             return Ok(vote);
         }
+        inner.wait_for_room(&session, deadline).await?;
         let result = inner.prepare_new(&mut session, txn, &gid, &payload).await;
         if result.is_err() {
             drop(session);

@@ -142,14 +142,16 @@ async fn finished_rows_expire_in_bounded_passes_but_prepared_ones_stay() {
 }
 
 // I6: with every pooled connection taken, a call waits pool_wait_timeout_ms
-// and fails as retryable (UNAVAILABLE), changing nothing.
+// and fails as retryable (UNAVAILABLE), changing nothing; with prepared_max
+// branches in doubt, a further Prepare waits, then fails the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exhausted_pool_is_a_retryable_error() {
     let Some(mut s) = setup("an_exhausted_pool_is_a_retryable_error").await else { return };
-    s.config.pool_max = 1;
+    s.config.pool_max = 2;
+    s.config.prepare_concurrency_max = 1;
     s.config.pool_wait_timeout_ms = 100;
     let r = s.open().await;
-    let taken = r.pool().get().await.expect("the one connection");
+    let taken = [r.pool().get().await.expect("a connection"), r.pool().get().await.expect("the other")];
     let txn = TxnId::new();
     let started = std::time::Instant::now();
     let refused = r.prepare(txn, Bytes::from_static(b"effect")).await;
@@ -158,4 +160,17 @@ async fn an_exhausted_pool_is_a_retryable_error() {
     drop(taken);
     assert_eq!(r.prepare(txn, Bytes::from_static(b"effect")).await, Ok(Vote::Yes));
     r.abort(txn).await.expect("abort");
+
+    let mut s = s;
+    s.config.prepared_max = 1;
+    drop(r);
+    let r = s.open().await;
+    let (held, next) = (TxnId::new(), TxnId::new());
+    assert_eq!(r.prepare(held, Bytes::from_static(b"effect")).await, Ok(Vote::Yes));
+    let refused = r.prepare(next, Bytes::from_static(b"effect")).await;
+    assert!(matches!(refused, Err(ResourceError::Unavailable(ref why)) if why.contains("prepared_max")), "{refused:?}");
+    assert_eq!(r.status(next).await.expect("status"), None, "the refused prepare left a row");
+    r.commit(held).await.expect("commit");
+    assert_eq!(r.prepare(next, Bytes::from_static(b"effect")).await, Ok(Vote::Yes));
+    r.commit(next).await.expect("commit");
 }

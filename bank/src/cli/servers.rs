@@ -119,7 +119,7 @@ pub struct BankArgs {
     /// With a PostgreSQL store: the schema holding this bank's tables. Default: twopc_NAME ('-' and '.' as '_').
     #[arg(long)]
     pub pg_schema: Option<String>,
-    /// With a PostgreSQL store: the most connections the bank opens.
+    /// With a PostgreSQL store: the most connections the bank opens (at least 2; half may prepare at once).
     #[arg(long, default_value_t = 16)]
     pub pg_pool_max: usize,
     /// Coordinator addresses, comma-separated host:port.
@@ -175,6 +175,7 @@ pub async fn bank(args: BankArgs) -> anyhow::Result<u8> {
             };
             let mut pg = twopc_participant::postgres::PostgresConfig::new(url.clone(), schema);
             pg.pool_max = args.pg_pool_max;
+            pg.prepare_concurrency_max = (args.pg_pool_max / 2).max(1);
             pg.finished_retention_ms = config.store.finished_retention_ms;
             let schema = pg.schema.clone();
             let store = twopc_bank::PgStore::open(&name, pg).await?;
