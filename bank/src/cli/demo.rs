@@ -4,7 +4,6 @@
 //! and a bank mid-run, restarts them, and prints a timeline.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -15,12 +14,11 @@ use futures::StreamExt as _;
 use indicatif::{ProgressBar, ProgressStyle};
 use parking_lot::Mutex;
 use rand::Rng as _;
-use tokio::process::{Child, Command};
 use twopc_bank::{AccountAddress, Transfer, format_minor, parse_balance};
 use twopc_coordinator::client::{ClientConfig, ClusterClient};
-use twopc_proto::pb::bank_client::BankClient;
 use twopc_proto::{TxnId, pb};
 
+use super::local_cluster::{LocalCluster, Spec, bank_client, leader, wait_until};
 use super::money::{Outcome, submit_transfer};
 use super::output::table;
 use super::{EXIT_ERROR, EXIT_OK};
@@ -53,64 +51,16 @@ pub struct DemoArgs {
 
 const BANKS: [&str; 2] = ["bank-a", "bank-b"];
 const COORDINATORS: u64 = 3;
-/// How long the demo waits for the cluster, a bank, or in-doubt branches.
-const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Aborts for reasons other than funds that the timeline shows one by one
 /// (the rest are counted).
 const ABORTS_NOTED_MAX: u64 = 5;
 /// A txn whose outcome stays unknown is retried (same id) at most this often.
 const RETRIES_MAX: u32 = 50;
 
-/// One child process the demo runs, restartable with the same arguments.
-struct Proc {
-    name: String,
-    args: Vec<String>,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Proc {
-    fn start(&mut self, exe: &Path) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let child = Command::new(exe)
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", self.name))?;
-        self.child = Some(child);
-        Ok(())
-    }
-
-    /// SIGKILL: no chance to flush anything.
-    async fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill().await;
-        }
-    }
-
-    /// SIGTERM, then SIGKILL if it has not exited within 5 s.
-    async fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
-        if let Some(pid) = child.id() {
-            let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
-        }
-        if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
-            let _ = child.kill().await;
-        }
-    }
-}
-
 /// The demo's processes and what it knows about them.
 struct Demo {
-    exe: PathBuf,
-    /// Locked by the chaos task to kill and restart; by nothing else while transfers run.
-    coordinators: Vec<tokio::sync::Mutex<Proc>>,
-    banks: Vec<tokio::sync::Mutex<Proc>>,
-    coordinator_addrs: Vec<String>,
-    bank_addrs: Vec<String>,
+    /// Its processes are locked by the chaos task to kill and restart; by nothing else while transfers run.
+    cluster: LocalCluster,
     started: Instant,
     timeline: Mutex<Vec<(Duration, String)>>,
 }
@@ -123,52 +73,11 @@ impl Demo {
         }
         self.timeline.lock().push((at, what));
     }
-
-    async fn stop_all(&self) {
-        for proc in self.banks.iter().chain(self.coordinators.iter()) {
-            proc.lock().await.stop().await;
-        }
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    // Bound and released at once; the child binds it a moment later.
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-async fn bank_client(addr: &str) -> anyhow::Result<BankClient<tonic::transport::Channel>> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(5))
-        .connect()
-        .await?;
-    Ok(BankClient::new(channel))
-}
-
-async fn wait_until<T, F, Fut>(what: &str, mut check: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + SETTLE_TIMEOUT;
-    loop {
-        if let Some(value) = check().await {
-            return Ok(value);
-        }
-        anyhow::ensure!(Instant::now() < deadline, "timed out after {SETTLE_TIMEOUT:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn leader(client: &ClusterClient) -> Option<u64> {
-    let status =
-        client.coordinator(|mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await }).await.ok()?;
-    (status.leader_id != 0).then_some(status.leader_id)
 }
 
 async fn totals(demo: &Demo) -> anyhow::Result<Vec<pb::TotalResponse>> {
     let mut totals = Vec::new();
-    for addr in &demo.bank_addrs {
+    for addr in &demo.cluster.bank_addrs {
         totals.push(bank_client(addr).await?.total(pb::TotalRequest {}).await?.into_inner());
     }
     Ok(totals)
@@ -194,7 +103,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
             Ok(EXIT_ERROR)
         }
     };
-    demo.stop_all().await;
+    demo.cluster.stop_all().await;
     if args.dir.is_none() {
         drop(temp);
         if let Some(pg) = &postgres
@@ -258,85 +167,26 @@ async fn drop_pg_schema(pg: &PgBank) -> anyhow::Result<()> {
 }
 
 fn build(dir: &Path, postgres: Option<&PgBank>) -> anyhow::Result<Demo> {
-    let exe = std::env::current_exe().context("finding this executable")?;
-    let coordinator_addrs: Vec<String> =
-        (0..COORDINATORS).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<_, _>>()?;
-    let bank_addrs: Vec<String> =
-        BANKS.iter().map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<_, _>>()?;
-    let peers =
-        coordinator_addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
-    let coordinators = (1..=COORDINATORS)
-        .map(|id| Proc {
-            name: format!("coordinator {id}"),
-            args: vec![
-                "coordinator".into(),
-                "--id".into(),
-                id.to_string(),
-                "--peers".into(),
-                peers.clone(),
-                "--data-dir".into(),
-                dir.join(format!("coordinator-{id}")).display().to_string(),
-            ],
-            log: dir.join("logs").join(format!("coordinator-{id}.log")),
-            child: None,
-        })
-        .map(tokio::sync::Mutex::new)
-        .collect();
-    let mut banks = BANKS
-        .iter()
-        .zip(&bank_addrs)
-        .map(|(name, addr)| Proc {
-            name: (*name).to_owned(),
-            args: vec![
-                "bank".into(),
-                "--name".into(),
-                (*name).into(),
-                "--listen".into(),
-                addr.clone(),
-                "--data-dir".into(),
-                dir.join(name).display().to_string(),
-                "--coordinators".into(),
-                coordinator_addrs.join(","),
-                "--in-doubt-timeout-ms".into(),
-                "1000".into(),
-            ],
-            log: dir.join("logs").join(format!("{name}.log")),
-            child: None,
-        })
-        .map(tokio::sync::Mutex::new)
-        .collect::<Vec<_>>();
+    let spec = Spec {
+        coordinators: COORDINATORS,
+        banks: BANKS.iter().map(|b| (*b).to_owned()).collect(),
+        coordinator_args: Vec::new(),
+        bank_args: vec!["--in-doubt-timeout-ms".into(), "1000".into()],
+    };
+    let mut cluster = LocalCluster::build(dir, &spec)?;
     if let Some(pg) = postgres {
         let args = ["--store", &pg.url, "--pg-schema", &pg.schema];
-        banks[PG_BANK].get_mut().args.extend(args.map(String::from));
+        cluster.banks[PG_BANK].get_mut().args.extend(args.map(String::from));
     }
-    Ok(Demo {
-        exe,
-        coordinators,
-        banks,
-        coordinator_addrs,
-        bank_addrs,
-        started: Instant::now(),
-        timeline: Mutex::default(),
-    })
+    Ok(Demo { cluster, started: Instant::now(), timeline: Mutex::default() })
 }
 
 async fn run_demo(demo: &Demo, args: &DemoArgs, opening: i64) -> anyhow::Result<u8> {
-    for proc in demo.coordinators.iter().chain(demo.banks.iter()) {
-        proc.lock().await.start(&demo.exe)?;
-    }
-    let client = Arc::new(ClusterClient::new(demo.coordinator_addrs.clone(), ClientConfig::default())?);
+    demo.cluster.start_all().await?;
+    let client = Arc::new(ClusterClient::new(demo.cluster.coordinator_addrs.clone(), ClientConfig::default())?);
     let first_leader = wait_until("a coordinator leader", || leader(&client)).await?;
     demo.note(None, format!("cluster up, coordinator {first_leader} leads"));
-    for (name, addr) in BANKS.iter().zip(&demo.bank_addrs) {
-        let request = pb::RegisterParticipantRequest { name: (*name).into(), addr: addr.clone() };
-        client
-            .admin(|mut c| {
-                let request = request.clone();
-                async move { c.register_participant(request).await }
-            })
-            .await
-            .with_context(|| format!("registering {name}"))?;
-    }
+    demo.cluster.register_banks(&client).await?;
     let accounts = seed(demo, args.accounts, opening).await?;
     let before: i64 = totals(demo).await?.iter().map(|t| t.balance_total_minor).sum();
     println!("{} accounts seeded with {} each; total {}", accounts.len(), format_minor(opening), format_minor(before));
@@ -358,7 +208,7 @@ async fn run_demo(demo: &Demo, args: &DemoArgs, opening: i64) -> anyhow::Result<
 
 async fn seed(demo: &Demo, per_bank: u32, opening: i64) -> anyhow::Result<Vec<AccountAddress>> {
     let mut accounts = Vec::new();
-    for (bank, addr) in BANKS.iter().zip(&demo.bank_addrs) {
+    for (bank, addr) in BANKS.iter().zip(&demo.cluster.bank_addrs) {
         let mut client = wait_until(&format!("{bank} to start"), || async { bank_client(addr).await.ok() }).await?;
         for i in 1..=per_bank {
             let name = format!("acct-{i}");
@@ -484,13 +334,13 @@ async fn chaos(
     wait_progress(|| done() >= total / 10).await;
     let Some(victim) = leader(client).await else { anyhow::bail!("no leader to kill") };
     let index = usize::try_from(victim - 1)?;
-    let proc = demo.coordinators.get(index).with_context(|| format!("no coordinator {victim}"))?;
+    let proc = demo.cluster.coordinators.get(index).with_context(|| format!("no coordinator {victim}"))?;
     proc.lock().await.kill().await;
     demo.note(Some(bar), format!("SIGKILL coordinator {victim} (the leader)"));
     let new_leader = wait_until("a new leader", || async { leader(client).await.filter(|l| *l != victim) }).await?;
     demo.note(Some(bar), format!("coordinator {new_leader} elected leader"));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    proc.lock().await.start(&demo.exe)?;
+    proc.lock().await.start(&demo.cluster.exe)?;
     demo.note(Some(bar), format!("coordinator {victim} restarted from its data dir"));
 
     wait_progress(|| done() >= total * 3 / 10).await;
@@ -498,16 +348,17 @@ async fn chaos(
     // Kill the bank the moment it holds a prepared branch: it voted YES and
     // waits for a decision it will only learn after its restart.
     let staged = wait_until(&format!("{} to hold a prepared branch", BANKS[bank]), || async {
-        let t = bank_client(&demo.bank_addrs[bank]).await.ok()?.total(pb::TotalRequest {}).await.ok()?.into_inner();
+        let t =
+            bank_client(&demo.cluster.bank_addrs[bank]).await.ok()?.total(pb::TotalRequest {}).await.ok()?.into_inner();
         let staged = t.held_total_minor + t.incoming_total_minor;
         (staged > 0).then_some(staged)
     })
     .await?;
-    let proc = &demo.banks[bank];
+    let proc = &demo.cluster.banks[bank];
     proc.lock().await.kill().await;
     demo.note(Some(bar), format!("SIGKILL {} holding {} in prepared branches", BANKS[bank], format_minor(staged)));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    proc.lock().await.start(&demo.exe)?;
+    proc.lock().await.start(&demo.cluster.exe)?;
     demo.note(Some(bar), format!("{} restarted; it resolves its prepared branches with the cluster", BANKS[bank]));
     Ok(())
 }
@@ -533,7 +384,7 @@ async fn report(
     })
     .await?;
     let mut rows = Vec::new();
-    for (bank, addr) in BANKS.iter().zip(&demo.bank_addrs) {
+    for (bank, addr) in BANKS.iter().zip(&demo.cluster.bank_addrs) {
         let mut client = bank_client(addr).await?;
         let list = client.list_accounts(pb::ListAccountsRequest { page_size: 1000, page_token: String::new() }).await?;
         for account in list.into_inner().accounts {

@@ -7,9 +7,13 @@
 //! - [`admin`]: `cluster`, `participants` and `txn`: inspect and settle through the cluster.
 //! - [`money`]: `transfer`, `balance`, `accounts`.
 //! - [`demo`]: `twopc demo`: a local cluster of child processes, random transfers, the conservation check.
+//! - [`local_cluster`]: coordinators and banks as child processes on loopback, for `demo` and `bench --local`.
+//! - [`bench`]: `twopc bench`: a load generator; throughput, latency percentiles, a per-second timeline.
 
 mod admin;
+mod bench;
 mod demo;
+mod local_cluster;
 mod money;
 mod output;
 mod servers;
@@ -91,6 +95,11 @@ pub enum Command {
     /// Start a local cluster (3 coordinators, 2 banks), run random transfers, check that money is conserved.
     #[command(after_help = "Examples:\n  twopc demo\n  twopc demo --chaos --transfers 2000")]
     Demo(demo::DemoArgs),
+    /// Load-test a cluster (or a local one): throughput, latency percentiles, a per-second timeline.
+    #[command(after_help = "Examples:\n  twopc bench --local --concurrency 64 --duration 10\n  \
+        twopc bench --local --kill-leader-at 5 --duration 15\n  \
+        twopc bench --coordinators 127.0.0.1:7001 --json")]
+    Bench(bench::BenchArgs),
 }
 
 /// Sets up logging to stderr: warnings by default, `-v` info, `-vv` debug;
@@ -122,6 +131,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Cluster(cmd) => admin::cluster(cmd).await,
         Command::Participants(cmd) => admin::participants(cmd).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
     }
 }
 

@@ -64,6 +64,14 @@ pub async fn submit_transfer(
         branches: transfer.submit_branches(),
         deadline_unix_ms: unix_now_ms() + u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
     };
+    submit(client, request).await
+}
+
+/// Submits a txn and returns its logged outcome.
+///
+/// # Errors
+/// As [`submit_transfer`].
+pub async fn submit(client: &ClusterClient, request: pb::SubmitRequest) -> Result<Outcome, tonic::Status> {
     let result = client
         .coordinator(|mut c| {
             let request = request.clone();

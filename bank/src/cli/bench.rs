@@ -1,0 +1,1026 @@
+//! `twopc bench`: a closed-loop load generator. `--concurrency` clients each
+//! submit one cross-bank transfer at a time (a debit branch at one bank and a
+//! credit branch at each of `--branches - 1` others) against a running
+//! cluster, or against a local one of child processes (`--local`). It
+//! reports committed and aborted counts, throughput, latency percentiles from
+//! an HDR histogram, a per-second timeline, and with `--local` the processes'
+//! memory and disk at the end. `--kill-leader-at` SIGKILLs the coordinator
+//! leader mid-run to show failover in the timeline; `--baseline-json` reads
+//! another system's figures (bench/etcd.sh) and prints the ratio.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use clap::{Args, ValueEnum};
+use futures::StreamExt as _;
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use parking_lot::Mutex;
+use rand::rngs::SmallRng;
+use rand::{Rng as _, SeedableRng as _};
+use serde_json::{Value, json};
+use twopc_bank::{AccountName, BranchPayload, parse_balance};
+use twopc_coordinator::client::{ClientConfig, ClusterClient};
+use twopc_proto::txn_id::unix_now_ms;
+use twopc_proto::{TxnId, pb};
+
+use super::local_cluster::{LocalCluster, Spec, bank_client, leader, wait_until};
+use super::money::{Outcome, submit};
+use super::output::{json, table};
+use super::{ClusterArgs, EXIT_ERROR, EXIT_OK};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Start a local cluster of child processes (coordinators and banks on loopback) and bench it.
+    #[arg(long)]
+    pub local: bool,
+    /// With --local: how many coordinators to start.
+    #[arg(long, default_value_t = 3, requires = "local")]
+    pub coordinators_count: u64,
+    /// With --local: how many banks to start (default: --branches, at least 2).
+    #[arg(long, requires = "local")]
+    pub banks: Option<usize>,
+    /// Without --local: the banks to use, comma-separated (default: every registered participant).
+    #[arg(long, value_delimiter = ',', conflicts_with = "local")]
+    pub bank_names: Vec<String>,
+    /// Clients, each with one transfer in flight.
+    #[arg(short, long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Seconds to measure (after the warm-up).
+    #[arg(short, long, default_value_t = 10)]
+    pub duration: u64,
+    /// Measure this many transfers instead of a duration.
+    #[arg(long, conflicts_with = "duration")]
+    pub count: Option<u64>,
+    /// Seconds of load before measuring starts.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: u64,
+    /// Accounts per bank (created if missing).
+    #[arg(long, default_value_t = 1_000)]
+    pub accounts: u32,
+    /// Which accounts transfers touch: all of them evenly, or only the first --hot-accounts of each bank.
+    #[arg(long, value_enum, default_value_t = Contention::Uniform)]
+    pub contention: Contention,
+    /// With --contention hot: how many accounts per bank take every transfer.
+    #[arg(long, default_value_t = 4)]
+    pub hot_accounts: u32,
+    /// Banks per transfer: one debit branch and branches-1 credit branches, each at a different bank.
+    #[arg(long, default_value_t = 2)]
+    pub branches: usize,
+    /// Each account's opening balance; large, so that no transfer aborts for lack of funds unless asked.
+    #[arg(long, default_value = "1000000000.00")]
+    pub opening_balance: String,
+    /// The amount each credit branch receives (the debit branch pays it branches-1 times).
+    #[arg(long, default_value = "0.01")]
+    pub amount: String,
+    /// HTTP/2 connections the clients share (round robin).
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Each transfer's deadline (ms).
+    #[arg(long, default_value_t = 10_000)]
+    pub timeout_ms: u64,
+    /// With --local: SIGKILL the coordinator leader this many seconds into the measurement.
+    #[arg(long, requires = "local")]
+    pub kill_leader_at: Option<f64>,
+    /// Another system's result (bench/etcd.sh writes one): print the ratio of committed transfers/s to its writes/s.
+    #[arg(long)]
+    pub baseline_json: Option<PathBuf>,
+    /// With --local: keep data and logs here (default: a temporary directory, removed at the end).
+    #[arg(long, requires = "local")]
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Contention {
+    /// Every account equally likely.
+    Uniform,
+    /// Only the first --hot-accounts accounts of each bank.
+    Hot,
+}
+
+/// Latencies are recorded in microseconds, up to this.
+const LATENCY_MAX_US: u64 = 600_000_000;
+/// Resolution of the timeline's counters (the printed timeline sums them per second).
+const SLOT: Duration = Duration::from_millis(100);
+const SLOTS_PER_SECOND: usize = 10;
+/// Accounts created at once while seeding.
+const SEED_CONCURRENCY: usize = 32;
+/// A restarted leader waits this long after the new leader is known.
+const RESTART_AFTER: Duration = Duration::from_secs(2);
+/// Distinct abort reasons and errors kept for the report.
+const REASONS_MAX: usize = 5;
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
+    anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
+    anyhow::ensure!(args.branches >= 2, "--branches must be at least 2 (a transfer pays from one bank to another)");
+    anyhow::ensure!(args.accounts >= 1, "--accounts must be at least 1");
+    anyhow::ensure!(args.connections >= 1, "--connections must be at least 1");
+    anyhow::ensure!(args.count.is_none_or(|c| c >= 1), "--count must be at least 1");
+    anyhow::ensure!(
+        args.contention == Contention::Uniform || (1..=args.accounts).contains(&args.hot_accounts),
+        "--hot-accounts must be between 1 and --accounts"
+    );
+    if !args.local {
+        return run_against(&args, args.cluster.coordinators.clone(), None).await;
+    }
+    let banks = args.banks.unwrap_or(args.branches).max(2);
+    anyhow::ensure!(banks >= args.branches, "--banks ({banks}) must be at least --branches ({})", args.branches);
+    anyhow::ensure!(args.coordinators_count >= 1, "--coordinators-count must be at least 1");
+    let temp = tempfile::tempdir()?;
+    let dir = args.dir.clone().unwrap_or_else(|| temp.path().to_owned());
+    let spec = Spec {
+        coordinators: args.coordinators_count,
+        banks: (0..banks).map(bank_name).collect(),
+        coordinator_args: Vec::new(),
+        bank_args: Vec::new(),
+    };
+    let cluster = LocalCluster::build(&dir, &spec)?;
+    if !args.cluster.json {
+        println!(
+            "starting {} coordinators and {banks} banks in {} ({})",
+            args.coordinators_count,
+            dir.display(),
+            if cfg!(debug_assertions) { "debug build: figures are not representative" } else { "release build" }
+        );
+    }
+    let result = tokio::select! {
+        result = async {
+            cluster.start_all().await?;
+            run_against(&args, cluster.coordinator_addrs.clone(), Some(&cluster)).await
+        } => result,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("interrupted; stopping the cluster");
+            Ok(EXIT_ERROR)
+        }
+    };
+    cluster.stop_all().await;
+    if args.dir.is_some() && !args.cluster.json {
+        println!("data and logs kept in {}", dir.display());
+    }
+    drop(temp);
+    result
+}
+
+/// bank-a, bank-b, ..., bank-z, bank-27, ...
+fn bank_name(index: usize) -> String {
+    match u8::try_from(index) {
+        Ok(i) if i < 26 => format!("bank-{}", char::from(b'a' + i)),
+        _ => format!("bank-{}", index + 1),
+    }
+}
+
+/// Sets up the banks and accounts, runs the load, and reports.
+async fn run_against(args: &BenchArgs, coordinators: Vec<String>, local: Option<&LocalCluster>) -> anyhow::Result<u8> {
+    let admin =
+        ClusterClient::new(coordinators.clone(), ClientConfig { retry_budget_ms: 30_000, ..Default::default() })?;
+    let banks: Vec<(String, String)> = match local {
+        Some(cluster) => {
+            wait_until("a coordinator leader", || leader(&admin)).await?;
+            cluster.register_banks(&admin).await?;
+            cluster.bank_names.iter().cloned().zip(cluster.bank_addrs.iter().cloned()).collect()
+        }
+        None => registered_banks(&admin, &args.bank_names).await?,
+    };
+    anyhow::ensure!(
+        banks.len() >= args.branches,
+        "--branches {} needs as many banks; the cluster has {} ({})",
+        args.branches,
+        banks.len(),
+        banks.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+    );
+    let opening = parse_balance(&args.opening_balance).context("--opening-balance")?;
+    let amount = parse_balance(&args.amount).context("--amount")?;
+    anyhow::ensure!(amount > 0, "--amount must be positive");
+    let workload = Arc::new(Workload::new(args, &banks, amount)?);
+    seed(&banks, &workload.account_names, opening).await?;
+
+    let clients: Vec<Arc<ClusterClient>> = (0..args.connections)
+        .map(|_| {
+            let config = ClientConfig { retry_budget_ms: args.timeout_ms.max(15_000), ..ClientConfig::default() };
+            ClusterClient::new(coordinators.clone(), config).map(Arc::new)
+        })
+        .collect::<Result<_, _>>()?;
+    let run = Arc::new(Run::new(args));
+    let bar = progress_bar(args);
+    let load = drive(args, &run, &clients, &workload, &bar);
+    let chaos = async {
+        match (args.kill_leader_at, local) {
+            (Some(at), Some(cluster)) => kill_leader(&run, cluster, &admin, at, &bar).await,
+            _ => Ok(()),
+        }
+    };
+    let cpu_start = async {
+        while !run.measuring.load(Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        match local {
+            Some(cluster) => cpu_snapshot(cluster).await,
+            None => Vec::new(),
+        }
+    };
+    let (_, chaos, cpu_start) = tokio::join!(load, chaos, cpu_start);
+    bar.finish_and_clear();
+    chaos?;
+    let processes = match local {
+        Some(cluster) => Some(processes(cluster, &admin, &cpu_start).await),
+        None => None,
+    };
+    let baseline = match &args.baseline_json {
+        Some(path) => Some(read_baseline(path)?),
+        None => None,
+    };
+    let report = Report::new(args, &banks, &run, processes, baseline);
+    if args.cluster.json {
+        json(&report.to_json());
+    } else {
+        report.print();
+    }
+    Ok(if report.committed > 0 { EXIT_OK } else { EXIT_ERROR })
+}
+
+async fn registered_banks(client: &ClusterClient, wanted: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    let list = client.admin(|mut c| async move { c.list_participants(pb::ListParticipantsRequest {}).await }).await?;
+    let registered: Vec<(String, String)> = list.participants.into_iter().map(|p| (p.name, p.addr)).collect();
+    if wanted.is_empty() {
+        return Ok(registered);
+    }
+    wanted
+        .iter()
+        .map(|name| {
+            registered
+                .iter()
+                .find(|(n, _)| n == name)
+                .cloned()
+                .with_context(|| format!("no bank named {name} is registered (see `twopc participants list`)"))
+        })
+        .collect()
+}
+
+/// Creates every account with the opening balance (an existing one is kept as it is).
+async fn seed(banks: &[(String, String)], accounts: &[AccountName], opening: i64) -> anyhow::Result<()> {
+    for (bank, addr) in banks {
+        let client = wait_until(&format!("{bank} to start"), || async { bank_client(addr).await.ok() }).await?;
+        let created: Vec<anyhow::Result<()>> = futures::stream::iter(accounts)
+            .map(|name| {
+                let mut client = client.clone();
+                async move {
+                    let request =
+                        pb::CreateAccountRequest { account: name.to_string(), initial_balance_minor: opening };
+                    match client.create_account(request).await {
+                        Ok(_) => Ok(()),
+                        Err(status) if status.code() == tonic::Code::AlreadyExists => Ok(()),
+                        Err(status) => Err(anyhow::Error::new(status).context(format!("creating {name}@{bank}"))),
+                    }
+                }
+            })
+            .buffer_unordered(SEED_CONCURRENCY)
+            .collect()
+            .await;
+        created.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+    }
+    Ok(())
+}
+
+/// The transfers the clients draw from, with every branch payload encoded once.
+struct Workload {
+    banks: Vec<String>,
+    account_names: Vec<AccountName>,
+    /// Accounts a transfer picks from (all, or the hot ones).
+    pick_from: usize,
+    /// `debits[a]`: account a pays (branches-1) x amount.
+    debits: Vec<Bytes>,
+    /// `credits[a]`: account a receives amount.
+    credits: Vec<Bytes>,
+    branches: usize,
+    timeout_ms: u64,
+}
+
+impl Workload {
+    fn new(args: &BenchArgs, banks: &[(String, String)], amount: i64) -> anyhow::Result<Self> {
+        let account_names: Vec<AccountName> =
+            (1..=args.accounts).map(|i| format!("bench-{i}").parse()).collect::<Result<_, _>>()?;
+        let debit_amount = amount.checked_mul(i64::try_from(args.branches - 1)?).context("--amount is too large")?;
+        let encode = |payload: Result<BranchPayload, _>| payload.map(|p: BranchPayload| p.encode());
+        Ok(Self {
+            banks: banks.iter().map(|(name, _)| name.clone()).collect(),
+            debits: account_names
+                .iter()
+                .map(|a| encode(BranchPayload::debit(a.clone(), debit_amount)))
+                .collect::<Result<_, _>>()?,
+            credits: account_names
+                .iter()
+                .map(|a| encode(BranchPayload::credit(a.clone(), amount)))
+                .collect::<Result<_, _>>()?,
+            pick_from: match args.contention {
+                Contention::Uniform => account_names.len(),
+                Contention::Hot => args.hot_accounts as usize,
+            },
+            account_names,
+            branches: args.branches,
+            timeout_ms: args.timeout_ms,
+        })
+    }
+
+    /// A random transfer: `branches` distinct banks, the first pays, the others receive.
+    fn request(&self, rng: &mut SmallRng) -> pb::SubmitRequest {
+        let banks = rand::seq::index::sample(rng, self.banks.len(), self.branches);
+        let branches = banks
+            .iter()
+            .enumerate()
+            .map(|(i, bank)| {
+                let account = rng.random_range(0..self.pick_from);
+                let payload = if i == 0 { &self.debits[account] } else { &self.credits[account] };
+                pb::Branch { participant: self.banks[bank].clone(), payload: payload.clone() }
+            })
+            .collect();
+        pb::SubmitRequest {
+            txn_id: TxnId::new().to_string(),
+            branches,
+            deadline_unix_ms: unix_now_ms() + self.timeout_ms,
+        }
+    }
+}
+
+/// How one transfer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    Committed,
+    Aborted,
+    /// The cluster gave no answer within the client's retry budget.
+    Unknown,
+    /// A non-retryable error status.
+    Error,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Slot {
+    committed: u64,
+    aborted: u64,
+    unknown: u64,
+    errors: u64,
+}
+
+/// Everything measured; shared by the clients behind one lock (a few
+/// thousand short critical sections a second).
+struct Recorder {
+    /// Committed transfers' latency, microseconds.
+    latency: Histogram<u64>,
+    /// Per second of the measurement: committed transfers' latency.
+    per_second: Vec<Histogram<u64>>,
+    slots: Vec<Slot>,
+    totals: Slot,
+    /// When the last measured transfer ended.
+    last_end: Option<Instant>,
+    reasons: Vec<(String, u64)>,
+}
+
+impl Recorder {
+    fn new() -> Self {
+        Self {
+            latency: latency_histogram(3),
+            per_second: Vec::new(),
+            slots: Vec::new(),
+            totals: Slot::default(),
+            last_end: None,
+            reasons: Vec::new(),
+        }
+    }
+
+    fn record(&mut self, since_start: Duration, latency: Duration, ended: Ended, reason: Option<&str>) {
+        let slot = usize::try_from(since_start.as_nanos() / SLOT.as_nanos()).unwrap_or(usize::MAX);
+        if self.slots.len() <= slot {
+            self.slots.resize(slot + 1, Slot::default());
+        }
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).max(1);
+        for counts in [&mut self.slots[slot], &mut self.totals] {
+            match ended {
+                Ended::Committed => counts.committed += 1,
+                Ended::Aborted => counts.aborted += 1,
+                Ended::Unknown => counts.unknown += 1,
+                Ended::Error => counts.errors += 1,
+            }
+        }
+        if ended == Ended::Committed {
+            self.latency.saturating_record(micros);
+            let second = slot / SLOTS_PER_SECOND;
+            while self.per_second.len() <= second {
+                self.per_second.push(latency_histogram(2));
+            }
+            self.per_second[second].saturating_record(micros);
+        }
+        if let Some(reason) = reason {
+            let full = self.reasons.len() >= REASONS_MAX;
+            match self.reasons.iter_mut().find(|(r, _)| r == reason) {
+                Some((_, n)) => *n += 1,
+                None if !full => self.reasons.push((reason.to_owned(), 1)),
+                None => {}
+            }
+        }
+    }
+}
+
+fn latency_histogram(sigfig: u8) -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_MAX_US, sigfig).expect("static histogram bounds are valid")
+}
+
+/// One measured run: its clock, its phase and what it recorded.
+struct Run {
+    /// Set when the warm-up ends; transfers started before it are not recorded.
+    measuring: AtomicBool,
+    started: Mutex<Option<Instant>>,
+    stop: AtomicBool,
+    /// Count mode: transfers still to start.
+    tickets: Option<AtomicU64>,
+    recorder: Mutex<Recorder>,
+    events: Mutex<Vec<(Duration, String)>>,
+}
+
+impl Run {
+    fn new(args: &BenchArgs) -> Self {
+        Self {
+            measuring: AtomicBool::new(false),
+            started: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            tickets: args.count.map(AtomicU64::new),
+            recorder: Mutex::new(Recorder::new()),
+            events: Mutex::default(),
+        }
+    }
+
+    fn start_measuring(&self) {
+        *self.started.lock() = Some(Instant::now());
+        self.measuring.store(true, Ordering::Release);
+    }
+
+    fn since_start(&self) -> Duration {
+        self.started.lock().map(|s| s.elapsed()).unwrap_or_default()
+    }
+
+    fn note(&self, bar: &ProgressBar, what: String) {
+        let at = self.since_start();
+        bar.println(format!("  [{:>6.2}s] {what}", at.as_secs_f64()));
+        self.events.lock().push((at, what));
+    }
+
+    /// Whether a client may start another transfer, and whether it is measured.
+    fn next(&self) -> Option<bool> {
+        if self.stop.load(Ordering::Relaxed) {
+            return None;
+        }
+        if !self.measuring.load(Ordering::Acquire) {
+            return Some(false);
+        }
+        if let Some(tickets) = &self.tickets {
+            tickets.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| t.checked_sub(1)).ok()?;
+        }
+        Some(true)
+    }
+
+    fn committed(&self) -> u64 {
+        self.recorder.lock().totals.committed
+    }
+}
+
+fn progress_bar(args: &BenchArgs) -> ProgressBar {
+    let (len, unit) = match args.count {
+        Some(count) => (count, "transfers"),
+        None => (args.warmup + args.duration, "s"),
+    };
+    let bar = if args.cluster.json { ProgressBar::hidden() } else { ProgressBar::new(len) };
+    let template = format!("{{bar:30}} {{pos}}/{{len}} {unit}  {{msg}}");
+    bar.set_style(ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar()));
+    bar
+}
+
+/// Runs the clients through the warm-up and the measurement.
+async fn drive(
+    args: &BenchArgs,
+    run: &Arc<Run>,
+    clients: &[Arc<ClusterClient>],
+    workload: &Arc<Workload>,
+    bar: &ProgressBar,
+) {
+    let workers: Vec<_> = (0..args.concurrency)
+        .map(|i| tokio::spawn(client_loop(run.clone(), clients[i % clients.len()].clone(), workload.clone())))
+        .collect();
+    bar.set_message("warming up");
+    let mut ticker = tokio::time::interval(Duration::from_millis(250));
+    let warmup_until = Instant::now() + Duration::from_secs(args.warmup);
+    while Instant::now() < warmup_until {
+        ticker.tick().await;
+        if args.count.is_none() {
+            bar.set_position(args.warmup - (warmup_until.saturating_duration_since(Instant::now()).as_secs()));
+        }
+    }
+    run.start_measuring();
+    let measure_until = Instant::now() + Duration::from_secs(args.duration);
+    loop {
+        ticker.tick().await;
+        let recorded = {
+            let recorder = run.recorder.lock();
+            recorder.totals.committed + recorder.totals.aborted + recorder.totals.unknown + recorder.totals.errors
+        };
+        let elapsed = run.since_start().as_secs_f64();
+        let committed = run.committed();
+        bar.set_message(format!("committed {committed}  {:.0}/s", committed as f64 / elapsed.max(0.001)));
+        match args.count {
+            Some(count) => {
+                bar.set_position(recorded);
+                if recorded >= count {
+                    break;
+                }
+            }
+            None => {
+                bar.set_position(args.warmup + run.since_start().as_secs());
+                if Instant::now() >= measure_until {
+                    break;
+                }
+            }
+        }
+    }
+    run.stop.store(true, Ordering::Relaxed);
+    bar.set_message("waiting for transfers in flight");
+    for worker in workers {
+        let _ = worker.await;
+    }
+}
+
+/// One client: a transfer at a time, until told to stop.
+async fn client_loop(run: Arc<Run>, client: Arc<ClusterClient>, workload: Arc<Workload>) {
+    let mut rng = SmallRng::from_rng(&mut rand::rng());
+    while let Some(measured) = run.next() {
+        let request = workload.request(&mut rng);
+        let began = Instant::now();
+        let result = submit(&client, request).await;
+        let latency = began.elapsed();
+        let (ended, reason) = match &result {
+            Ok(Outcome::Committed) => (Ended::Committed, None),
+            Ok(Outcome::Aborted(reason)) => (Ended::Aborted, Some(format!("aborted: {reason}"))),
+            Ok(Outcome::Unknown(reason)) => (Ended::Unknown, Some(format!("outcome unknown: {reason}"))),
+            Err(status) => (Ended::Error, Some(format!("error: {} ({:?})", status.message(), status.code()))),
+        };
+        if ended == Ended::Error {
+            // A refused request (a misconfigured bench) would otherwise spin.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if !measured {
+            continue;
+        }
+        let since_start = run.since_start();
+        let mut recorder = run.recorder.lock();
+        recorder.record(since_start, latency, ended, reason.as_deref().map(generic_reason));
+        recorder.last_end = Some(Instant::now());
+    }
+}
+
+/// A reason with its txn id removed, so equal reasons count together.
+fn generic_reason(reason: &str) -> &str {
+    reason.split(" (txn ").next().unwrap_or(reason)
+}
+
+/// SIGKILLs the leader `at` seconds into the measurement; restarts it once a
+/// new leader is known.
+async fn kill_leader(
+    run: &Run,
+    cluster: &LocalCluster,
+    client: &ClusterClient,
+    at: f64,
+    bar: &ProgressBar,
+) -> anyhow::Result<()> {
+    while !run.measuring.load(Ordering::Acquire) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let wait = Duration::from_secs_f64(at.max(0.0)).saturating_sub(run.since_start());
+    tokio::time::sleep(wait).await;
+    if run.stop.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let victim = wait_until("a leader to kill", || leader(client)).await?;
+    let proc =
+        cluster.coordinators.get(usize::try_from(victim - 1)?).with_context(|| format!("no coordinator {victim}"))?;
+    proc.lock().await.kill().await;
+    run.note(bar, format!("SIGKILL coordinator {victim} (the leader)"));
+    let new_leader = wait_until("a new leader", || async { leader(client).await.filter(|l| *l != victim) }).await?;
+    run.note(bar, format!("coordinator {new_leader} leads"));
+    tokio::time::sleep(RESTART_AFTER).await;
+    proc.lock().await.start(&cluster.exe)?;
+    run.note(bar, format!("coordinator {victim} restarted"));
+    Ok(())
+}
+
+/// What a process holds at the end of the run, and the CPU it spent while measured.
+struct ProcessInfo {
+    name: String,
+    leader: bool,
+    rss_kib: Option<u64>,
+    disk_bytes: u64,
+    cpu_s: Option<f64>,
+}
+
+/// (name, pid, CPU ticks) of every local process and of this one.
+async fn cpu_snapshot(cluster: &LocalCluster) -> Vec<(String, u32, u64)> {
+    let mut snapshot = Vec::new();
+    for proc in cluster.coordinators.iter().chain(cluster.banks.iter()) {
+        let proc = proc.lock().await;
+        if let Some((pid, ticks)) = proc.pid().and_then(|pid| cpu_ticks(&pid.to_string()).map(|t| (pid, t))) {
+            snapshot.push((proc.name.clone(), pid, ticks));
+        }
+    }
+    snapshot.push((BENCH_PROCESS.into(), std::process::id(), cpu_ticks("self").unwrap_or_default()));
+    snapshot
+}
+
+const BENCH_PROCESS: &str = "bench (this process)";
+
+async fn processes(
+    cluster: &LocalCluster,
+    client: &ClusterClient,
+    cpu_start: &[(String, u32, u64)],
+) -> Vec<ProcessInfo> {
+    let leader_id = leader(client).await;
+    let cpu_end = cpu_snapshot(cluster).await;
+    // CPU since the measurement started; a process restarted since counts from its restart.
+    let cpu_s = |name: &str| {
+        let (_, pid, end) = cpu_end.iter().find(|(n, _, _)| n == name)?;
+        let start = cpu_start.iter().find(|(n, p, _)| n == name && p == pid).map_or(0, |(_, _, t)| *t);
+        Some(end.saturating_sub(start) as f64 / CLOCK_TICKS_PER_S)
+    };
+    let mut infos = Vec::new();
+    for (i, proc) in cluster.coordinators.iter().chain(cluster.banks.iter()).enumerate() {
+        let proc = proc.lock().await;
+        let data_dir = proc.args.iter().skip_while(|a| *a != "--data-dir").nth(1).map(PathBuf::from);
+        infos.push(ProcessInfo {
+            name: proc.name.clone(),
+            leader: leader_id.is_some_and(|id| usize::try_from(id).is_ok_and(|id| id == i + 1))
+                && i < cluster.coordinators.len(),
+            rss_kib: proc.pid().and_then(rss_kib),
+            disk_bytes: data_dir.as_deref().map(dir_bytes).unwrap_or_default(),
+            cpu_s: cpu_s(&proc.name),
+        });
+    }
+    infos.push(ProcessInfo {
+        name: BENCH_PROCESS.into(),
+        leader: false,
+        rss_kib: rss_kib(std::process::id()),
+        disk_bytes: 0,
+        cpu_s: cpu_s(BENCH_PROCESS),
+    });
+    infos
+}
+
+/// Linux reports CPU times in /proc in units of USER_HZ, 100 a second.
+const CLOCK_TICKS_PER_S: f64 = 100.0;
+
+/// User plus system CPU time of a process (a pid, or "self"), in clock ticks.
+fn cpu_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces:
+    // state is field 3, utime 14 and stime 15.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// VmRSS of a process, from /proc.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn dir_bytes(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => dir_bytes(&entry.path()),
+            Ok(meta) => meta.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Another system's figures: its name and writes per second.
+struct Baseline {
+    system: String,
+    per_second: f64,
+    raw: Value,
+}
+
+fn read_baseline(path: &Path) -> anyhow::Result<Baseline> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let raw: Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let per_second = raw["throughput_per_s"]
+        .as_f64()
+        .with_context(|| format!("{} has no numeric throughput_per_s", path.display()))?;
+    let system = raw["system"].as_str().unwrap_or("baseline").to_owned();
+    Ok(Baseline { system, per_second, raw })
+}
+
+/// Percentiles in milliseconds.
+struct Percentiles {
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    p999: f64,
+    max: f64,
+    mean: f64,
+}
+
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Self {
+        let ms = |us: u64| us as f64 / 1000.0;
+        Self {
+            p50: ms(h.value_at_quantile(0.50)),
+            p90: ms(h.value_at_quantile(0.90)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+            mean: h.mean() / 1000.0,
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        json!({ "p50": self.p50, "p90": self.p90, "p99": self.p99, "p99_9": self.p999, "max": self.max,
+                "mean": self.mean })
+    }
+}
+
+struct Second {
+    committed: u64,
+    aborted: u64,
+    other: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// How throughput behaved around a leader kill.
+struct Failover {
+    killed_at_s: f64,
+    before_per_s: f64,
+    /// Seconds from the kill to the end of the first 1 s window with at least
+    /// half the earlier rate.
+    recovered_after_s: Option<f64>,
+}
+
+struct Report {
+    title: String,
+    committed: u64,
+    totals: Slot,
+    elapsed_s: f64,
+    per_second: f64,
+    latency: Percentiles,
+    timeline: Vec<Second>,
+    events: Vec<(Duration, String)>,
+    failover: Option<Failover>,
+    reasons: Vec<(String, u64)>,
+    processes: Option<Vec<ProcessInfo>>,
+    baseline: Option<Baseline>,
+    config: Value,
+}
+
+impl Report {
+    fn new(
+        args: &BenchArgs,
+        banks: &[(String, String)],
+        run: &Run,
+        processes: Option<Vec<ProcessInfo>>,
+        baseline: Option<Baseline>,
+    ) -> Self {
+        let recorder = run.recorder.lock();
+        let started = run.started.lock().unwrap_or_else(Instant::now);
+        // Until the last measured transfer ended: in-flight ones count, and so does their time.
+        let elapsed_s = recorder.last_end.map_or(0.0, |end| end.duration_since(started).as_secs_f64()).max(0.001);
+        let timeline = recorder
+            .slots
+            .chunks(SLOTS_PER_SECOND)
+            .enumerate()
+            .map(|(second, slots)| {
+                let sum = |f: fn(&Slot) -> u64| slots.iter().map(f).sum::<u64>();
+                let latency = recorder.per_second.get(second);
+                Second {
+                    committed: sum(|s| s.committed),
+                    aborted: sum(|s| s.aborted),
+                    other: sum(|s| s.unknown + s.errors),
+                    p50_ms: latency.map_or(0.0, |h| h.value_at_quantile(0.5) as f64 / 1000.0),
+                    p99_ms: latency.map_or(0.0, |h| h.value_at_quantile(0.99) as f64 / 1000.0),
+                }
+            })
+            .collect();
+        let events = run.events.lock().clone();
+        let failover =
+            events.iter().find(|(_, what)| what.starts_with("SIGKILL")).map(|(at, _)| failover(&recorder.slots, *at));
+        let contention = match args.contention {
+            Contention::Uniform => "uniform".to_owned(),
+            Contention::Hot => format!("hot ({} accounts per bank)", args.hot_accounts),
+        };
+        let title = format!(
+            "{} banks, {} branches per transfer, {} clients, {}, {} accounts per bank, {contention}",
+            banks.len(),
+            args.branches,
+            args.concurrency,
+            match args.count {
+                Some(count) => format!("{count} transfers"),
+                None => format!("{} s (after {} s warm-up)", args.duration, args.warmup),
+            },
+            args.accounts,
+        );
+        let config = json!({
+            "local": args.local,
+            "coordinators": if args.local { json!(args.coordinators_count) } else { json!(args.cluster.coordinators) },
+            "banks": banks.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
+            "branches": args.branches, "concurrency": args.concurrency, "duration_s": args.duration,
+            "count": args.count, "warmup_s": args.warmup, "accounts_per_bank": args.accounts,
+            "contention": format!("{:?}", args.contention).to_lowercase(), "hot_accounts": args.hot_accounts,
+            "connections": args.connections, "kill_leader_at_s": args.kill_leader_at,
+            "release_build": !cfg!(debug_assertions),
+        });
+        Self {
+            title,
+            committed: recorder.totals.committed,
+            totals: recorder.totals,
+            elapsed_s,
+            per_second: recorder.totals.committed as f64 / elapsed_s,
+            latency: Percentiles::of(&recorder.latency),
+            timeline,
+            events,
+            failover,
+            reasons: recorder.reasons.clone(),
+            processes,
+            baseline,
+            config,
+        }
+    }
+
+    fn ratio(&self) -> Option<f64> {
+        self.baseline.as_ref().filter(|b| b.per_second > 0.0).map(|b| self.per_second / b.per_second)
+    }
+
+    fn print(&self) {
+        println!("\ntwopc bench: {}", self.title);
+        println!(
+            "committed {}  aborted {}  unknown {}  errors {}  in {:.2} s",
+            self.totals.committed, self.totals.aborted, self.totals.unknown, self.totals.errors, self.elapsed_s
+        );
+        println!("throughput {:.1} committed transfers/s", self.per_second);
+        let l = &self.latency;
+        println!(
+            "latency ms (committed): p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}",
+            l.p50, l.p90, l.p99, l.p999, l.max, l.mean
+        );
+        for (reason, count) in &self.reasons {
+            println!("  {count} x {reason}");
+        }
+        println!();
+        let mut events = self.events.iter().peekable();
+        let mut rows = Vec::new();
+        for (second, s) in self.timeline.iter().enumerate() {
+            let mut note = Vec::new();
+            while let Some((at, what)) = events.next_if(|(at, _)| at.as_secs() as usize <= second) {
+                note.push(format!("{:.2}s {what}", at.as_secs_f64()));
+            }
+            rows.push(vec![
+                format!("{second}-{}", second + 1),
+                s.committed.to_string(),
+                s.aborted.to_string(),
+                s.other.to_string(),
+                format!("{:.2}", s.p50_ms),
+                format!("{:.2}", s.p99_ms),
+                note.join("; "),
+            ]);
+        }
+        table(&["SECOND", " COMMITTED", " ABORTED", " UNKNOWN+ERR", " P50 MS", " P99 MS", "EVENT"], &rows);
+        if let Some(f) = &self.failover {
+            match f.recovered_after_s {
+                Some(after) => println!(
+                    "\nfailover: leader killed at {:.2} s; {:.0} committed/s before; a full second at half that \
+                     or more ended {:.2} s after the kill",
+                    f.killed_at_s, f.before_per_s, after
+                ),
+                None => println!(
+                    "\nfailover: leader killed at {:.2} s; {:.0} committed/s before; never back to half within the run",
+                    f.killed_at_s, f.before_per_s
+                ),
+            }
+        }
+        if let Some(processes) = &self.processes {
+            println!();
+            let per_transfer_us = |cpu_s: f64| cpu_s * 1e6 / self.committed.max(1) as f64;
+            let mut rows: Vec<Vec<String>> = processes
+                .iter()
+                .map(|p| {
+                    vec![
+                        format!("{}{}", p.name, if p.leader { " (leader)" } else { "" }),
+                        p.rss_kib.map_or_else(|| "-".into(), |k| format!("{:.1}", k as f64 / 1024.0)),
+                        format!("{:.1}", p.disk_bytes as f64 / (1024.0 * 1024.0)),
+                        p.cpu_s.map_or_else(|| "-".into(), |s| format!("{s:.2}")),
+                        p.cpu_s.map_or_else(|| "-".into(), |s| format!("{:.0}", per_transfer_us(s))),
+                    ]
+                })
+                .collect();
+            let cpu_total: f64 = processes.iter().filter_map(|p| p.cpu_s).sum();
+            rows.push(vec![
+                "all".into(),
+                String::new(),
+                String::new(),
+                format!("{cpu_total:.2}"),
+                format!("{:.0}", per_transfer_us(cpu_total)),
+            ]);
+            table(&["PROCESS", " RSS MIB", " DATA MIB", " CPU S", " CPU US/TRANSFER"], &rows);
+        }
+        if let (Some(baseline), Some(ratio)) = (&self.baseline, self.ratio()) {
+            println!(
+                "\nbaseline {}: {:.1} writes/s; ratio twopc/{} = {ratio:.2}",
+                baseline.system, baseline.per_second, baseline.system
+            );
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "system": "twopc",
+            "config": self.config,
+            "committed": self.totals.committed,
+            "aborted": self.totals.aborted,
+            "unknown": self.totals.unknown,
+            "errors": self.totals.errors,
+            "elapsed_s": self.elapsed_s,
+            "throughput_per_s": self.per_second,
+            "latency_ms": self.latency.to_json(),
+            "reasons": self.reasons.iter().map(|(r, n)| json!({ "reason": r, "count": n })).collect::<Vec<_>>(),
+            "timeline": self.timeline.iter().enumerate().map(|(second, s)| json!({
+                "second": second, "committed": s.committed, "aborted": s.aborted, "unknown_or_error": s.other,
+                "p50_ms": s.p50_ms, "p99_ms": s.p99_ms,
+            })).collect::<Vec<_>>(),
+            "events": self.events.iter().map(|(at, what)| json!({ "at_s": at.as_secs_f64(), "event": what }))
+                .collect::<Vec<_>>(),
+            "failover": self.failover.as_ref().map(|f| json!({
+                "killed_at_s": f.killed_at_s, "before_per_s": f.before_per_s,
+                "recovered_after_s": f.recovered_after_s,
+            })),
+            "processes": self.processes.as_ref().map(|ps| ps.iter().map(|p| json!({
+                "name": p.name, "leader": p.leader, "rss_kib": p.rss_kib, "disk_bytes": p.disk_bytes,
+                "cpu_s": p.cpu_s,
+            })).collect::<Vec<_>>()),
+            "cpu_us_per_transfer": self.processes.as_ref().map(|ps| {
+                ps.iter().filter_map(|p| p.cpu_s).sum::<f64>() * 1e6 / self.committed.max(1) as f64
+            }),
+            "baseline": self.baseline.as_ref().map(|b| b.raw.clone()),
+            "ratio": self.ratio(),
+        })
+    }
+}
+
+/// The committed rate before `killed` and how soon after it a full second
+/// reached half that rate again.
+fn failover(slots: &[Slot], killed: Duration) -> Failover {
+    let kill_slot = usize::try_from(killed.as_nanos() / SLOT.as_nanos()).unwrap_or(usize::MAX).min(slots.len());
+    let before: u64 = slots[..kill_slot].iter().map(|s| s.committed).sum();
+    let before_per_s = if kill_slot == 0 { 0.0 } else { before as f64 / (kill_slot as f64 * SLOT.as_secs_f64()) };
+    let half_per_window = before_per_s / 2.0;
+    let recovered_after_s = (kill_slot..slots.len().saturating_sub(SLOTS_PER_SECOND - 1))
+        .find(|&start| {
+            let window: u64 = slots[start..start + SLOTS_PER_SECOND].iter().map(|s| s.committed).sum();
+            window as f64 >= half_per_window
+        })
+        .map(|start| (start + SLOTS_PER_SECOND) as f64 * SLOT.as_secs_f64() - killed.as_secs_f64());
+    Failover { killed_at_s: killed.as_secs_f64(), before_per_s, recovered_after_s }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slots(per_100ms: &[u64]) -> Vec<Slot> {
+        per_100ms.iter().map(|&committed| Slot { committed, ..Slot::default() }).collect()
+    }
+
+    // The recovery time counts from the kill to the end of the first full second back at half the rate.
+    #[test]
+    fn failover_finds_the_first_second_back_at_half_rate() {
+        let mut counts = vec![100; 20]; // 1000/s for 2 s
+        counts.extend([0; 15]); // 1.5 s of nothing
+        counts.extend([100; 20]);
+        let f = failover(&slots(&counts), Duration::from_secs(2));
+        assert!((f.before_per_s - 1000.0).abs() < 1e-9);
+        // The window 3.0..4.0 s holds 500 (half): recovered 2.0 s after the kill.
+        let after = f.recovered_after_s.expect("recovered");
+        assert!((after - 2.0).abs() < 1e-9, "{after}");
+        let never = failover(&slots(&[100, 100, 0, 0, 0]), Duration::from_millis(200));
+        assert_eq!(never.recovered_after_s, None);
+    }
+
+    #[test]
+    fn bank_names_run_through_the_alphabet() {
+        assert_eq!(bank_name(0), "bank-a");
+        assert_eq!(bank_name(25), "bank-z");
+        assert_eq!(bank_name(26), "bank-27");
+    }
+}
