@@ -7,6 +7,7 @@
 //! - [`command`]: what the log holds ([`command::Command`]) and its binary encoding.
 //! - [`state_machine`]: the applied state: txn table, participant registry, members. Pure.
 //! - [`engine`]: the 2PC driver: Submit, Resolve, operator decisions, phase-2 delivery, retention GC.
+//! - [`failpoint`]: names of the test failpoints (feature `failpoints`) at the protocol's dangerous points.
 //! - [`client`]: [`client::ClusterClient`], a leader-following client of the cluster's APIs.
 //! - [`participant_client`]: the seam to participants and its gRPC implementation.
 //! - [`metrics`]: phase latency histograms, the Prometheus rendering and its HTTP endpoint.
@@ -23,6 +24,7 @@ pub mod command;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod failpoint;
 pub mod metrics;
 pub mod node;
 pub mod participant_client;

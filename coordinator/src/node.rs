@@ -537,6 +537,13 @@ impl RaftTask {
         if !ready.messages().is_empty() {
             self.transport.send(ready.take_messages());
         }
+        #[cfg(feature = "failpoints")]
+        if self.raw.raft.state == StateRole::Leader
+            && ready.entries().iter().any(|e| !e.data.is_empty())
+            && crate::failpoint::fired(crate::failpoint::READY_BEFORE_APPLY, || self.id.to_string())
+        {
+            return Err(Error::Io(std::io::Error::other("failpoint node::ready::before_apply: simulated crash")));
+        }
         // 2. A snapshot from the leader replaces the state machine.
         if !ready.snapshot().is_empty() {
             self.apply_snapshot(ready.snapshot().clone())?;

@@ -23,6 +23,7 @@ use twopc_proto::{Decision, TxnId, Vote, txn_id::unix_now_ms};
 
 use crate::config::ParticipantConfig;
 use crate::error::{Error, Result};
+use crate::failpoint::{self, fired};
 use crate::metrics::Metrics;
 use crate::outcomes::{Outcome, Outcomes};
 use crate::resource::{Resource, ResourceError};
@@ -201,6 +202,10 @@ impl<R: Resource> Engine<R> {
             }
         };
 
+        if vote.is_yes() && fired(failpoint::PREPARE_AFTER_DURABLE, || self.config.id.to_string()) {
+            self.outcomes.lock().forget(txn);
+            return Err(Error::Unavailable(format!("failpoint {}", failpoint::PREPARE_AFTER_DURABLE)));
+        }
         // I3: the resource returns YES only once the branch is durable, so the
         // vote may be recorded and sent now.
         let now = Instant::now();

@@ -31,6 +31,7 @@
 //! - [`error`]: the crate's [`Error`] and [`Result`], and the one mapping to gRPC statuses.
 //! - [`metrics`]: [`Metrics`], counters readable through a handle.
 //! - [`memory`]: [`MemoryResource`], an in-memory resource that honours the contract.
+//! - [`failpoint`]: names of the test failpoints (feature `failpoints`) at the protocol's dangerous points.
 //! - `engine`: the per-txn-locked path shared by the server and the resolver.
 //! - `outcomes`: the bounded outcome memory (votes, decisions, tombstones).
 //! - `resolver`: asks the coordinator cluster about branches left in doubt.
@@ -66,6 +67,7 @@
 pub mod config;
 mod engine;
 pub mod error;
+pub mod failpoint;
 pub mod memory;
 pub mod metrics;
 mod outcomes;

@@ -32,6 +32,7 @@ use twopc_proto::{Decision, MAX_MESSAGE_BYTES, TxnId};
 
 use crate::config::endpoint_uri;
 use crate::engine::{Engine, Origin};
+use crate::failpoint::{self, fired};
 use crate::resource::Resource;
 
 /// The most coordinator channels kept; past it the cache starts afresh.
@@ -83,6 +84,11 @@ async fn resolve<R: Resource>(engine: Arc<Engine<R>>, cluster: Arc<Cluster>, txn
     info!("branch in doubt; asking the coordinator");
     // Checked every round: a Decide from the coordinator may settle it first.
     while engine.is_prepared(txn) {
+        if fired(failpoint::RESOLVE_RELEASE_ON_TIMER, || config.id.to_string()) {
+            warn!("failpoint: releasing an in-doubt branch on a timer (a broken protocol, for tests)");
+            let _ = engine.decide(txn, Decision::Abort, Origin::Resolver).await;
+            return;
+        }
         if let Some(decision) = cluster.resolve_round(txn).await {
             match engine.decide(txn, decision, Origin::Resolver).await {
                 Ok(_) => {

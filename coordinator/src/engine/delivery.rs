@@ -175,6 +175,9 @@ async fn run_worker<P: ParticipantClient>(shared: Arc<Shared<P>>, participant: P
             }
             continue;
         }
+        if crate::failpoint::fired(crate::failpoint::DELIVERY_BEFORE_SEND, || participant.to_string()) {
+            return;
+        }
         // The address is read at send time so a participant that moved is
         // reached at its new address.
         let addr = shared.node.local_read(|sm| sm.participant_addr(&participant).map(str::to_owned));

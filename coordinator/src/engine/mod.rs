@@ -26,6 +26,7 @@ use twopc_proto::{Decision, ParticipantId, TxnId, Vote};
 use crate::command::{Command, DecideCmd, Proposal};
 use crate::config::EngineConfig;
 use crate::error::{Error, Result};
+use crate::failpoint;
 use crate::metrics::PhaseLatencies;
 use crate::node::NodeHandle;
 use crate::participant_client::{ParticipantClient, Target};
@@ -278,12 +279,21 @@ impl<P: ParticipantClient> Engine<P> {
         let started = Instant::now();
         let (votes, abort_reason) = self.prepare_all(request, &targets).await;
         self.inner.phases.prepare.record(started.elapsed());
-        let decision = if abort_reason.is_none() { Decision::Commit } else { Decision::Abort };
+        let mut decision = if abort_reason.is_none() { Decision::Commit } else { Decision::Abort };
+        if failpoint::fired(failpoint::PREPARE_IGNORE_VOTES, || txn_id.to_string()) {
+            decision = Decision::Commit; // A broken protocol, for tests of the invariant checker.
+        }
         let branches =
             targets.iter().map(|(t, _)| (t.participant.clone(), votes.get(&t.participant).cloned())).collect();
         let cmd = DecideCmd { txn_id, decision, reason: abort_reason.unwrap_or_default(), branches };
         // I3: nothing is sent to participants before the decision is applied.
         let record = self.decide(cmd).await?;
+        if failpoint::fired(failpoint::DECIDE_AFTER_APPLIED, || txn_id.to_string()) {
+            return Err(Error::Retryable(format!(
+                "failpoint {}: stopped before phase 2",
+                failpoint::DECIDE_AFTER_APPLIED
+            )));
+        }
         if record.decision == Decision::Commit {
             self.inner.metrics.committed.fetch_add(1, Ordering::Relaxed);
         }

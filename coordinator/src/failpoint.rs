@@ -1,0 +1,45 @@
+//! Failpoints at the coordinator's dangerous points (feature `failpoints`,
+//! the `fail` crate), named `module::op::point`. Without the feature every
+//! check is a constant `false` and compiles away.
+//!
+//! Tests arm one with `fail::cfg(NAME, "return")` (fires for everything) or
+//! `fail::cfg(NAME, "return(SUBJECT)")` (fires only for that subject: a txn
+//! id, a node id or a participant name, as each point says). Counts work as
+//! usual: `"1*return"` fires once. The registry is process-global, so tests
+//! that arm failpoints must run one at a time (tests/tests/failpoints.rs).
+
+/// Fires after a decision entry is applied and before phase 2: the Submit
+/// fails as if the leader died there (the client learns nothing) and this
+/// leader does not deliver the decision. Subject: the txn id.
+pub const DECIDE_AFTER_APPLIED: &str = "engine::decide::after_applied";
+
+/// Fires in the Ready loop of a leader whose Ready carries new entries, after
+/// it sent them to followers and before it persists or applies them: the raft
+/// task stops with an error, as if the process died between proposing a
+/// decision and applying it. Subject: the node id.
+pub const READY_BEFORE_APPLY: &str = "node::ready::before_apply";
+
+/// Fires in a phase-2 worker before it sends Decide calls: the worker stops
+/// for good, as if the leader died between phase-2 sends (other
+/// participants' workers carry on). Subject: the participant name.
+pub const DELIVERY_BEFORE_SEND: &str = "delivery::send::before";
+
+/// A deliberately broken protocol, for showing that the invariant checker
+/// bites: the leader decides Commit whatever the votes were. Subject: the txn id.
+pub const PREPARE_IGNORE_VOTES: &str = "engine::prepare::ignore_votes";
+
+/// Whether failpoint `name` fires for `subject` (computed only when the
+/// failpoint is armed).
+#[cfg(feature = "failpoints")]
+pub(crate) fn fired(name: &str, subject: impl FnOnce() -> String) -> bool {
+    // `fail::eval` is what `fail_point!` expands to; it is called directly so
+    // that fail's crate-wide `failpoints` feature can stay off.
+    fail::eval(name, |arg| arg.is_none_or(|arg| arg.is_empty() || arg == subject())).unwrap_or(false)
+}
+
+/// Whether failpoint `name` fires: never, without the `failpoints` feature.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub(crate) fn fired(_name: &str, _subject: impl FnOnce() -> String) -> bool {
+    false
+}
