@@ -1,0 +1,625 @@
+//! The invariant checker (docs/PROTOCOL.md §9, docs/TESTING.md): given what a
+//! run left behind (every coordinator's applied state machine, every
+//! participant's branches and accounts) and what its clients were told, it
+//! lists every violation of I1, I2, I4, I7 and I8 it can see.
+//!
+//! It reads final states only, so it is meant for quiescence: after every
+//! fault healed and the harness waited for in-doubt branches to settle. The
+//! time that settling took is I7's input ([`Liveness`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::Duration;
+
+use twopc_coordinator::state_machine::StateMachine;
+use twopc_proto::{Decision, TxnId};
+
+/// The invariants the checker knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Invariant {
+    /// Atomicity: every branch of a txn applied the same decision, the log's.
+    I1,
+    /// One decision: nodes agree on every txn's decision and on their applied
+    /// states; clients were told what the log holds; one leader per term.
+    I2,
+    /// No hanging: no branch is left prepared, no hold left, at quiescence.
+    I4,
+    /// Liveness: in-doubt branches were resolved within the bound after the
+    /// last fault healed, and every decision reached every branch.
+    I7,
+    /// Money: the sum of balances is what was minted, every balance is its
+    /// opening plus the committed branches, and acknowledged transfers were
+    /// applied exactly once (aborted ones never).
+    I8,
+}
+
+impl fmt::Display for Invariant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            Self::I1 => "I1 atomicity",
+            Self::I2 => "I2 one decision",
+            Self::I4 => "I4 no hanging",
+            Self::I7 => "I7 liveness",
+            Self::I8 => "I8 money",
+        };
+        f.write_str(name)
+    }
+}
+
+/// One broken invariant, with what the checker saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// Which invariant.
+    pub invariant: Invariant,
+    /// The txn concerned, if one is.
+    pub txn_id: Option<TxnId>,
+    /// What was seen, for a person.
+    pub detail: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.txn_id {
+            Some(txn) => write!(f, "{}: txn {txn}: {}", self.invariant, self.detail),
+            None => write!(f, "{}: {}", self.invariant, self.detail),
+        }
+    }
+}
+
+/// Where one participant's branch of a txn stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BranchView {
+    /// Voted YES; no decision yet (holds its effects).
+    Prepared,
+    /// Voted NO.
+    Refused,
+    /// Applied `Decision::Commit`.
+    Committed,
+    /// Applied `Decision::Abort` after voting YES.
+    Aborted,
+    /// Saw Abort before any Prepare.
+    Tombstone,
+}
+
+impl BranchView {
+    fn is_abort(self) -> bool {
+        matches!(self, Self::Refused | Self::Aborted | Self::Tombstone)
+    }
+}
+
+impl From<twopc_bank::BranchState> for BranchView {
+    fn from(state: twopc_bank::BranchState) -> Self {
+        use twopc_bank::BranchState as S;
+        match state {
+            S::Prepared => Self::Prepared,
+            S::Refused => Self::Refused,
+            S::Committed => Self::Committed,
+            S::Aborted => Self::Aborted,
+            S::Tombstone => Self::Tombstone,
+        }
+    }
+}
+
+/// One account at quiescence, in minor units.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AccountView {
+    /// Committed funds.
+    pub balance_minor: i64,
+    /// Held by prepared debits.
+    pub held_minor: i64,
+    /// Staged by prepared credits.
+    pub incoming_minor: i64,
+}
+
+/// What one participant holds at the end of a run.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ParticipantView {
+    /// Its branch of each txn it has a record of.
+    pub branches: BTreeMap<TxnId, BranchView>,
+    /// How many times a committed branch's effect was applied, where the
+    /// resource counts it (the in-memory resource does; the bank's ledger is
+    /// checked through balances instead).
+    pub commit_counts: BTreeMap<TxnId, u32>,
+    /// Its accounts by name (banks only).
+    pub accounts: BTreeMap<String, AccountView>,
+}
+
+/// What a client was told about a txn it submitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientOutcome {
+    /// Submit answered `Decision::Commit`.
+    Committed,
+    /// Submit answered `Decision::Abort`.
+    Aborted,
+    /// No answer (timeout, unavailable, leader change): it may have gone either way.
+    Unknown,
+}
+
+/// One end of a transfer.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AccountRef {
+    /// The bank's participant name.
+    pub bank: String,
+    /// The account's name at that bank.
+    pub account: String,
+}
+
+/// Money a txn moves, if it is a bank transfer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Movement {
+    /// The paying account.
+    pub from: AccountRef,
+    /// The paid account.
+    pub to: AccountRef,
+    /// How much, in minor units.
+    pub amount_minor: i64,
+}
+
+/// One txn as its client saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTxn {
+    /// The txn.
+    pub txn_id: TxnId,
+    /// The participants it has branches at.
+    pub participants: Vec<String>,
+    /// The money it moves, for bank transfers.
+    pub movement: Option<Movement>,
+    /// What the client was told.
+    pub outcome: ClientOutcome,
+}
+
+/// How long the system took to settle after the last fault healed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    /// From the heal to quiescence (no prepared branch, every decision
+    /// acknowledged); None if quiescence was not reached within `bound`.
+    pub settled_after: Option<Duration>,
+    /// I7's bound: in-doubt timeout + resolve backoff cap + an election and
+    /// slack for a loaded machine.
+    pub bound: Duration,
+}
+
+/// Everything the checker looks at.
+#[derive(Debug, Clone, Default)]
+pub struct Observation {
+    /// Every running coordinator's applied state, by node id.
+    pub coordinators: BTreeMap<u64, StateMachine>,
+    /// Every participant's view, by name.
+    pub participants: BTreeMap<String, ParticipantView>,
+    /// The client-side history.
+    pub history: Vec<ClientTxn>,
+    /// Opening balances (the only money minted), for I8.
+    pub openings: BTreeMap<AccountRef, i64>,
+    /// Settling time after the last heal, for I7.
+    pub liveness: Option<Liveness>,
+    /// Every node seen acting as leader, by raft term (sampled during the run), for I2.
+    pub leaders: BTreeMap<u64, BTreeSet<u64>>,
+    /// Decisions read through the cluster's API (GetTransaction), for runs
+    /// whose state machines cannot be copied out (real processes).
+    pub reported: BTreeMap<TxnId, Decision>,
+}
+
+/// Checks every invariant on a quiescent system and returns the violations
+/// found (empty: all hold).
+pub fn check(obs: &Observation) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let log = check_i2(obs, Moment::Quiescent, &mut out);
+    check_i1(obs, &log, Moment::Quiescent, &mut out);
+    check_i4(obs, &mut out);
+    check_i7(obs, &mut out);
+    check_i8(obs, &mut out);
+    out
+}
+
+/// Checks what must hold at every moment, mid-run included: nodes agree on
+/// every decision they hold and on their states at equal indexes, one leader
+/// per term (I2); no branch contradicts another or the logged decision (I1).
+/// What only holds at quiescence (delivery done, holds released, clients'
+/// answers in every node's log, balances) is left to [`check`].
+pub fn check_safety(obs: &Observation) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let log = check_i2(obs, Moment::Running, &mut out);
+    check_i1(obs, &log, Moment::Running, &mut out);
+    out
+}
+
+/// When an observation was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Moment {
+    /// Mid-run: faults may be active, decisions on their way.
+    Running,
+    /// After the heal, once the system settled.
+    Quiescent,
+}
+
+/// The invariants a list of violations names.
+pub fn invariants(violations: &[Violation]) -> BTreeSet<Invariant> {
+    violations.iter().map(|v| v.invariant).collect()
+}
+
+/// The violations as lines, for a failure message.
+pub fn report(violations: &[Violation]) -> String {
+    violations.iter().map(|v| format!("  - {v}\n")).collect()
+}
+
+fn violation(out: &mut Vec<Violation>, invariant: Invariant, txn_id: Option<TxnId>, detail: String) {
+    out.push(Violation { invariant, txn_id, detail });
+}
+
+/// I2: every node holding a txn holds the same decision at the same log
+/// index; nodes at the same applied index hold identical states; clients were
+/// told what the log holds; one leader per term. Returns the log's decisions.
+fn check_i2(obs: &Observation, moment: Moment, out: &mut Vec<Violation>) -> BTreeMap<TxnId, (Decision, u64)> {
+    let mut log: BTreeMap<TxnId, (Decision, u64, u64)> = BTreeMap::new();
+    for (node, sm) in &obs.coordinators {
+        for record in sm.list(twopc_coordinator::state_machine::ListFilter::All, u64::MAX, None, usize::MAX) {
+            let here = (record.decision, record.decision_log_index);
+            match log.get(&record.txn_id) {
+                Some(&(decision, index, first_node)) if (decision, index) != here => violation(
+                    out,
+                    Invariant::I2,
+                    Some(record.txn_id),
+                    format!(
+                        "node {first_node} holds {decision} at log index {index}, node {node} holds {} at {}",
+                        here.0, here.1
+                    ),
+                ),
+                Some(_) => {}
+                None => {
+                    log.insert(record.txn_id, (here.0, here.1, *node));
+                }
+            }
+        }
+    }
+    for (txn, reported) in &obs.reported {
+        match log.get(txn) {
+            Some(&(decision, _, node)) if decision != *reported => violation(
+                out,
+                Invariant::I2,
+                Some(*txn),
+                format!("the cluster reports {reported}; node {node} holds {decision}"),
+            ),
+            Some(_) => {}
+            None => {
+                log.insert(*txn, (*reported, 0, 0));
+            }
+        }
+    }
+    for (term, leaders) in obs.leaders.iter().filter(|(_, l)| l.len() > 1) {
+        violation(out, Invariant::I2, None, format!("nodes {leaders:?} all acted as leader in term {term}"));
+    }
+    let nodes: Vec<(&u64, &StateMachine)> = obs.coordinators.iter().collect();
+    for (i, (a, sa)) in nodes.iter().enumerate() {
+        for (b, sb) in &nodes[i + 1..] {
+            if sa.applied_index() == sb.applied_index() && sa != sb {
+                violation(
+                    out,
+                    Invariant::I2,
+                    None,
+                    format!(
+                        "nodes {a} and {b} both applied up to index {} but hold different states",
+                        sa.applied_index()
+                    ),
+                );
+            }
+        }
+    }
+    // Mid-run, a decision a client heard may not be applied on any running
+    // node yet (its leader just crashed), so this waits for quiescence.
+    for txn in obs.history.iter().filter(|_| moment == Moment::Quiescent) {
+        let logged = log.get(&txn.txn_id).map(|(d, _, _)| *d);
+        let told = match txn.outcome {
+            ClientOutcome::Committed => Decision::Commit,
+            ClientOutcome::Aborted => Decision::Abort,
+            ClientOutcome::Unknown => continue,
+        };
+        if logged != Some(told) {
+            let logged = logged.map_or("no decision".to_owned(), |d| d.to_string());
+            violation(
+                out,
+                Invariant::I2,
+                Some(txn.txn_id),
+                format!("the client was told {told}; the log holds {logged}"),
+            );
+        }
+    }
+    log.into_iter().map(|(txn, (decision, index, _))| (txn, (decision, index))).collect()
+}
+
+/// I1: no txn is committed at one participant and aborted at another, and
+/// every branch's outcome is the logged decision (none committed without one).
+fn check_i1(obs: &Observation, log: &BTreeMap<TxnId, (Decision, u64)>, moment: Moment, out: &mut Vec<Violation>) {
+    let mut txns: BTreeSet<TxnId> = log.keys().copied().collect();
+    for view in obs.participants.values() {
+        txns.extend(view.branches.keys().copied());
+    }
+    for txn in txns {
+        let branches: Vec<(&String, BranchView)> =
+            obs.participants.iter().filter_map(|(p, v)| v.branches.get(&txn).map(|b| (p, *b))).collect();
+        let committed: Vec<&String> =
+            branches.iter().filter(|(_, b)| *b == BranchView::Committed).map(|(p, _)| *p).collect();
+        let aborted: Vec<&String> = branches.iter().filter(|(_, b)| b.is_abort()).map(|(p, _)| *p).collect();
+        if !committed.is_empty() && !aborted.is_empty() {
+            violation(out, Invariant::I1, Some(txn), format!("committed at {committed:?} but aborted at {aborted:?}"));
+        }
+        match log.get(&txn).map(|(d, _)| *d) {
+            Some(Decision::Commit) => {
+                for (p, b) in branches.iter().filter(|(_, b)| b.is_abort()) {
+                    violation(out, Invariant::I1, Some(txn), format!("the log holds Commit but {p}'s branch is {b:?}"));
+                }
+            }
+            Some(Decision::Abort) => {
+                for p in &committed {
+                    violation(out, Invariant::I1, Some(txn), format!("the log holds Abort but {p} committed"));
+                }
+            }
+            // Mid-run, the entry may be committed in raft but applied on no running node yet.
+            None if moment == Moment::Running => {}
+            None => {
+                for p in &committed {
+                    violation(out, Invariant::I1, Some(txn), format!("{p} committed a txn with no logged decision"));
+                }
+            }
+        }
+    }
+}
+
+/// I4: nothing is left prepared or held.
+fn check_i4(obs: &Observation, out: &mut Vec<Violation>) {
+    for (p, view) in &obs.participants {
+        for (txn, _) in view.branches.iter().filter(|(_, b)| **b == BranchView::Prepared) {
+            violation(out, Invariant::I4, Some(*txn), format!("{p} still holds its branch prepared"));
+        }
+        for (name, account) in &view.accounts {
+            if account.held_minor != 0 || account.incoming_minor != 0 {
+                violation(
+                    out,
+                    Invariant::I4,
+                    None,
+                    format!(
+                        "{name}@{p} still holds {} and stages {} incoming",
+                        account.held_minor, account.incoming_minor
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// I7: settled within the bound, and the most advanced node's log shows
+/// every decision acknowledged by every branch.
+fn check_i7(obs: &Observation, out: &mut Vec<Violation>) {
+    let Some(liveness) = obs.liveness else {
+        return;
+    };
+    match liveness.settled_after {
+        None => {
+            violation(out, Invariant::I7, None, format!("not settled within {:?} of the last heal", liveness.bound))
+        }
+        Some(took) if took > liveness.bound => violation(
+            out,
+            Invariant::I7,
+            None,
+            format!("settled {took:?} after the last heal, over the {:?} bound", liveness.bound),
+        ),
+        Some(_) => {}
+    }
+    let Some(log) = obs.coordinators.values().max_by_key(|sm| sm.applied_index()) else {
+        return;
+    };
+    for record in log.unacknowledged() {
+        let waiting: Vec<String> =
+            record.branches.iter().filter(|b| !b.acknowledged).map(|b| b.participant.to_string()).collect();
+        violation(
+            out,
+            Invariant::I7,
+            Some(record.txn_id),
+            format!("{} never acknowledged by {waiting:?}", record.decision),
+        );
+    }
+}
+
+/// I8: money is conserved and every balance is explained by the committed
+/// branches; acknowledged transfers applied exactly once, aborted never.
+fn check_i8(obs: &Observation, out: &mut Vec<Violation>) {
+    for (p, view) in &obs.participants {
+        for (txn, count) in view.commit_counts.iter().filter(|(_, c)| **c > 1) {
+            violation(out, Invariant::I8, Some(*txn), format!("{p} applied the commit {count} times"));
+        }
+    }
+    let committed_at = |bank: &str, txn: &TxnId| {
+        obs.participants.get(bank).and_then(|v| v.branches.get(txn)) == Some(&BranchView::Committed)
+    };
+    for txn in &obs.history {
+        for p in &txn.participants {
+            let committed = committed_at(p, &txn.txn_id);
+            match txn.outcome {
+                ClientOutcome::Committed if !committed => violation(
+                    out,
+                    Invariant::I8,
+                    Some(txn.txn_id),
+                    format!("acknowledged as committed but not applied at {p}"),
+                ),
+                ClientOutcome::Aborted if committed => violation(
+                    out,
+                    Invariant::I8,
+                    Some(txn.txn_id),
+                    format!("acknowledged as aborted but applied at {p}"),
+                ),
+                _ => {}
+            }
+        }
+    }
+    if obs.openings.is_empty() {
+        return;
+    }
+    let mut expected: BTreeMap<AccountRef, i64> = obs.openings.clone();
+    for txn in &obs.history {
+        let Some(m) = &txn.movement else { continue };
+        if committed_at(&m.from.bank, &txn.txn_id) {
+            *expected.entry(m.from.clone()).or_default() -= m.amount_minor;
+        }
+        if committed_at(&m.to.bank, &txn.txn_id) {
+            *expected.entry(m.to.clone()).or_default() += m.amount_minor;
+        }
+    }
+    let mut actual: BTreeMap<AccountRef, i64> = BTreeMap::new();
+    for (bank, view) in &obs.participants {
+        for (account, a) in &view.accounts {
+            actual.insert(AccountRef { bank: bank.clone(), account: account.clone() }, a.balance_minor);
+        }
+    }
+    let minted: i128 = obs.openings.values().map(|v| i128::from(*v)).sum();
+    let total: i128 = actual.values().map(|v| i128::from(*v)).sum();
+    if minted != total {
+        violation(out, Invariant::I8, None, format!("the balances sum to {total}, but {minted} was minted"));
+    }
+    let accounts: BTreeSet<&AccountRef> = expected.keys().chain(actual.keys()).collect();
+    for account in accounts {
+        let want = expected.get(account).copied().unwrap_or(0);
+        let have = actual.get(account).copied();
+        if have != Some(want) {
+            violation(
+                out,
+                Invariant::I8,
+                None,
+                format!(
+                    "{}@{} holds {have:?}, but its opening plus the committed branches make {want}",
+                    account.account, account.bank
+                ),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use twopc_coordinator::command::{Command, DecideCmd, Proposal};
+    use twopc_proto::Vote;
+
+    use super::*;
+
+    fn acct(bank: &str, account: &str) -> AccountRef {
+        AccountRef { bank: bank.into(), account: account.into() }
+    }
+
+    fn bank(branches: &[(TxnId, BranchView)], accounts: &[(&str, i64)]) -> ParticipantView {
+        ParticipantView {
+            branches: branches.iter().copied().collect(),
+            commit_counts: BTreeMap::new(),
+            accounts: accounts
+                .iter()
+                .map(|(n, b)| ((*n).to_owned(), AccountView { balance_minor: *b, ..AccountView::default() }))
+                .collect(),
+        }
+    }
+
+    fn transfer(txn_id: TxnId, amount_minor: i64, outcome: ClientOutcome) -> ClientTxn {
+        ClientTxn {
+            txn_id,
+            participants: vec!["bank-a".into(), "bank-b".into()],
+            movement: Some(Movement { from: acct("bank-a", "alice"), to: acct("bank-b", "bob"), amount_minor }),
+            outcome,
+        }
+    }
+
+    /// One node's log holding `decision` for every txn of `history`, acknowledged by both banks.
+    fn log(history: &[ClientTxn], decision: Decision) -> BTreeMap<u64, StateMachine> {
+        let mut sm = StateMachine::new(BTreeMap::new());
+        for (index, txn) in (1..).zip(history) {
+            let branches = txn.participants.iter().map(|p| (p.parse().expect("name"), Some(Vote::Yes))).collect();
+            let cmd = DecideCmd { txn_id: txn.txn_id, decision, reason: String::new(), branches };
+            sm.apply(index, &Proposal { command: Command::Decide(cmd), proposed_unix_ms: 1 });
+        }
+        let acks =
+            history.iter().flat_map(|t| t.participants.iter().map(|p| (t.txn_id, p.parse().expect("name")))).collect();
+        let next = u64::try_from(history.len()).expect("small") + 1;
+        sm.apply(next, &Proposal { command: Command::Acknowledge(acks), proposed_unix_ms: 2 });
+        [(1, sm)].into_iter().collect()
+    }
+
+    fn observation(a: ParticipantView, b: ParticipantView, history: Vec<ClientTxn>) -> Observation {
+        Observation {
+            coordinators: log(&history, Decision::Commit),
+            participants: [("bank-a".to_owned(), a), ("bank-b".to_owned(), b)].into_iter().collect(),
+            history,
+            openings: [(acct("bank-a", "alice"), 100), (acct("bank-b", "bob"), 100)].into_iter().collect(),
+            liveness: None,
+            leaders: BTreeMap::new(),
+            reported: BTreeMap::new(),
+        }
+    }
+
+    // The checker passes a run whose committed transfer explains every balance.
+    #[test]
+    fn a_consistent_run_has_no_violations() {
+        let t = TxnId::new();
+        let obs = observation(
+            bank(&[(t, BranchView::Committed)], &[("alice", 70)]),
+            bank(&[(t, BranchView::Committed)], &[("bob", 130)]),
+            vec![transfer(t, 30, ClientOutcome::Unknown)],
+        );
+        assert_eq!(check(&obs), vec![]);
+    }
+
+    // I1 and I8: half a transfer applied is reported under both.
+    #[test]
+    fn half_a_transfer_is_an_atomicity_and_money_violation() {
+        let t = TxnId::new();
+        let obs = observation(
+            bank(&[(t, BranchView::Aborted)], &[("alice", 100)]),
+            bank(&[(t, BranchView::Committed)], &[("bob", 130)]),
+            vec![transfer(t, 30, ClientOutcome::Committed)],
+        );
+        let found = invariants(&check(&obs));
+        assert!(found.contains(&Invariant::I1) && found.contains(&Invariant::I8), "{found:?}");
+    }
+
+    // I8: a commit applied twice shows in the balance even when every branch agrees.
+    #[test]
+    fn a_commit_applied_twice_breaks_the_ledger() {
+        let t = TxnId::new();
+        let obs = observation(
+            bank(&[(t, BranchView::Committed)], &[("alice", 40)]),
+            bank(&[(t, BranchView::Committed)], &[("bob", 160)]),
+            vec![transfer(t, 30, ClientOutcome::Committed)],
+        );
+        let violations = check(&obs);
+        assert_eq!(invariants(&violations), [Invariant::I8].into_iter().collect(), "{violations:?}");
+    }
+
+    // I4: a prepared branch and a hold left at quiescence are reported.
+    #[test]
+    fn a_branch_left_prepared_is_hanging() {
+        let t = TxnId::new();
+        let mut a = bank(&[(t, BranchView::Prepared)], &[("alice", 100)]);
+        a.accounts.get_mut("alice").expect("alice").held_minor = 30;
+        let obs = observation(a, bank(&[], &[("bob", 100)]), vec![transfer(t, 30, ClientOutcome::Unknown)]);
+        let violations = check(&obs);
+        assert_eq!(violations.iter().filter(|v| v.invariant == Invariant::I4).count(), 2, "{violations:?}");
+    }
+
+    // I2: two leaders in one term, or two nodes disagreeing on a decision.
+    #[test]
+    fn two_leaders_in_a_term_or_two_decisions_are_reported() {
+        let t = TxnId::new();
+        let history = vec![transfer(t, 30, ClientOutcome::Unknown)];
+        let mut obs = observation(bank(&[], &[("alice", 100)]), bank(&[], &[("bob", 100)]), history.clone());
+        obs.leaders.insert(7, [1, 2].into_iter().collect());
+        let aborted = log(&history, Decision::Abort).remove(&1).expect("node 1");
+        obs.coordinators.insert(2, aborted);
+        let violations = check(&obs);
+        let i2 = violations.iter().filter(|v| v.invariant == Invariant::I2).count();
+        assert_eq!(i2, 3, "two leaders, two decisions, two states at one index: {violations:?}");
+    }
+
+    // I7: not settling within the bound is a liveness violation.
+    #[test]
+    fn not_settling_is_a_liveness_violation() {
+        let mut obs = observation(bank(&[], &[("alice", 100)]), bank(&[], &[("bob", 100)]), vec![]);
+        obs.liveness = Some(Liveness { settled_after: None, bound: Duration::from_secs(1) });
+        assert_eq!(invariants(&check(&obs)), [Invariant::I7].into_iter().collect());
+    }
+}

@@ -1,0 +1,276 @@
+//! Seeded fault-injection runs over a whole twopc system in this process
+//! (docs/TESTING.md explains why this, and not turmoil or madsim).
+//!
+//! One seed is one run: a [`World`] (3 or 5 coordinators, 2 banks with
+//! accounts), concurrent clients moving money between random accounts, and a
+//! fault schedule drawn from the seed ([`schedule`]). After every fault the
+//! checker's safety part ([`crate::checker::check_safety`]: I1, I2) runs on
+//! the state of the moment; at the end every fault heals, the system
+//! settles, and the whole checker ([`crate::checker::check`]) judges the
+//! final state against I1, I2, I4, I7 and I8. A failing seed's report prints the
+//! command that replays its schedule.
+//!
+//! # Layout
+//! - [`world`]: the system under test, its client history, heal, settle, observe.
+//! - [`bank`]: a crashable bank over a real store.
+//! - [`schedule`]: fault mixes, seeded schedules, and carrying a fault out.
+
+pub mod bank;
+pub mod schedule;
+pub mod world;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom as _;
+use rand::{Rng as _, SeedableRng as _};
+use tokio::time::Instant;
+
+use crate::checker::{self, AccountRef, ClientOutcome, Violation};
+use schedule::{FaultMix, Step};
+use world::{Teller, World, WorldConfig};
+
+/// The environment variable that replays one seed.
+pub const SEED_VAR: &str = "TWOPC_SIM_SEED";
+/// The environment variable that sets how many seeds a run covers (the soak mode).
+pub const SEEDS_VAR: &str = "TWOPC_SIM_SEEDS";
+/// The environment variable that sets the first seed of a run.
+pub const FIRST_SEED_VAR: &str = "TWOPC_SIM_FIRST_SEED";
+/// The environment variable that sets how many seeds run at once.
+pub const PARALLEL_VAR: &str = "TWOPC_SIM_PARALLEL";
+
+/// How often a run notes who acts as leader (I2: one leader per term).
+const SAMPLE_INTERVAL: Duration = Duration::from_millis(10);
+
+/// One run's parameters; all but the seed and mix have defaults.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Picks the schedule and the workload.
+    pub seed: u64,
+    /// The family of faults.
+    pub mix: FaultMix,
+    /// The system's shape and timings.
+    pub world: WorldConfig,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Transfers each client makes, one after another.
+    pub transfers_per_client: usize,
+    /// Faults strike within this many milliseconds of the workload's start.
+    pub window_ms: u64,
+    /// The largest transfer, in minor units; large ones overdraw and vote NO.
+    pub amount_max_minor: i64,
+}
+
+impl SimConfig {
+    /// The config seed `seed` runs with: its mix cycles through
+    /// [`FaultMix::ALL`]; every fifth seed runs 5 coordinators.
+    pub fn for_seed(seed: u64) -> Self {
+        let world = WorldConfig { coordinators: if seed % 5 == 4 { 5 } else { 3 }, ..WorldConfig::default() };
+        Self {
+            seed,
+            mix: FaultMix::for_seed(seed),
+            world,
+            clients: 5,
+            transfers_per_client: 6,
+            window_ms: 2_000,
+            amount_max_minor: 450,
+        }
+    }
+
+    /// The command that replays this seed.
+    pub fn replay_command(&self) -> String {
+        format!("{SEED_VAR}={} cargo test -p twopc-tests --test simulation -- --nocapture", self.seed)
+    }
+}
+
+/// What one run did and what the checker found.
+#[derive(Debug, Clone)]
+pub struct SeedReport {
+    /// The run's config.
+    pub config: SimConfig,
+    /// The faults as scheduled.
+    pub schedule: Vec<Step>,
+    /// What each fault did when it struck (which leader, say).
+    pub applied: Vec<String>,
+    /// Transfers the clients saw committed, aborted, or could not tell.
+    pub outcomes: (usize, usize, usize),
+    /// How long the system took to settle after the heal, if it did.
+    pub settled_after: Option<Duration>,
+    /// Everything the checker found.
+    pub violations: Vec<Violation>,
+    /// The run's wall time.
+    pub elapsed: Duration,
+}
+
+impl SeedReport {
+    /// Whether the checker found nothing.
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+impl fmt::Display for SeedReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        let (committed, aborted, unknown) = self.outcomes;
+        writeln!(
+            f,
+            "seed {} ({:?}, {} coordinators): {committed} committed, {aborted} aborted, {unknown} unknown; \
+             settled after {:?}; {:?}",
+            c.seed, c.mix, c.world.coordinators, self.settled_after, self.elapsed
+        )?;
+        for (step, applied) in self.schedule.iter().zip(self.applied.iter().map(Some).chain(std::iter::repeat(None))) {
+            writeln!(f, "  {step} -> {}", applied.map_or("not reached", String::as_str))?;
+        }
+        if !self.violations.is_empty() {
+            writeln!(f, "  violations:")?;
+            write!(f, "{}", checker::report(&self.violations))?;
+            writeln!(f, "  replay: {}", c.replay_command())?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs one seed: start, workload under faults, heal, settle, check.
+///
+/// # Errors
+/// The harness itself failed (a port could not be bound again, a store could
+/// not be read); violations of the invariants are in the report, not errors.
+pub async fn run(config: SimConfig) -> anyhow::Result<SeedReport> {
+    let started = Instant::now();
+    let c = &config;
+    let schedule = schedule::schedule(c.seed, c.mix, c.world.coordinators, c.world.banks, c.window_ms);
+    let mut world = World::start(c.world.clone()).await?;
+    let accounts = world.accounts();
+    let clients: Vec<_> = (0..c.clients)
+        .map(|i| {
+            let seed = c.seed.wrapping_mul(1_000).wrapping_add(i as u64);
+            let teller = world.teller.clone();
+            tokio::spawn(client(teller, accounts.clone(), seed, c.transfers_per_client, c.amount_max_minor))
+        })
+        .collect();
+    let mut rng = StdRng::seed_from_u64(c.seed ^ 0x5eed);
+    let mut applied = Vec::new();
+    let mut mid_run = Vec::new();
+    let workload_started = Instant::now();
+    for step in &schedule {
+        let at = workload_started + Duration::from_millis(step.at_ms);
+        while Instant::now() < at {
+            world.sample_leaders();
+            tokio::time::sleep(SAMPLE_INTERVAL.min(at - Instant::now())).await;
+        }
+        let done = schedule::apply(&mut world, &step.fault, &mut rng).await?;
+        world.sample_leaders();
+        // Safety holds at every step, not only at the end.
+        for mut v in checker::check_safety(&world.observe(None).await?) {
+            v.detail = format!("after \"{done}\": {}", v.detail);
+            mid_run.push(v);
+        }
+        applied.push(done);
+    }
+    let mut clients = futures::future::join_all(clients);
+    loop {
+        tokio::select! {
+            joined = &mut clients => {
+                for client in joined {
+                    client?;
+                }
+                break;
+            }
+            () = tokio::time::sleep(SAMPLE_INTERVAL) => world.sample_leaders(),
+        }
+    }
+    let verdict = world.heal_and_check().await;
+    let history = world.teller.history();
+    world.stop().await;
+    let verdict = verdict?;
+    let count = |o| history.iter().filter(|t| t.outcome == o).count();
+    Ok(SeedReport {
+        outcomes: (count(ClientOutcome::Committed), count(ClientOutcome::Aborted), count(ClientOutcome::Unknown)),
+        config,
+        schedule,
+        applied,
+        settled_after: verdict.settled_after,
+        violations: mid_run.into_iter().chain(verdict.violations).collect(),
+        elapsed: started.elapsed(),
+    })
+}
+
+/// One client: `transfers` random transfers between distinct accounts, one
+/// after another, with short random pauses.
+async fn client(teller: Arc<Teller>, accounts: Vec<AccountRef>, seed: u64, transfers: usize, amount_max_minor: i64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    for _ in 0..transfers {
+        let Some(from) = accounts.choose(&mut rng).cloned() else { return };
+        let others: Vec<&AccountRef> = accounts.iter().filter(|a| **a != from).collect();
+        let Some(to) = others.choose(&mut rng).map(|a| (*a).clone()) else { return };
+        let amount = rng.random_range(1..=amount_max_minor);
+        teller.transfer(&from, &to, amount).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..40))).await;
+    }
+}
+
+/// Which seeds a test runs, from the environment: one seed to replay
+/// ([`SEED_VAR`]), or `count` seeds from [`FIRST_SEED_VAR`] (default 0),
+/// `count` being [`SEEDS_VAR`] or `default_count`.
+pub fn seeds_from_env(default_count: u64) -> Vec<u64> {
+    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(seed) = var(SEED_VAR) {
+        return vec![seed];
+    }
+    let first = var(FIRST_SEED_VAR).unwrap_or(0);
+    let count = var(SEEDS_VAR).unwrap_or(default_count);
+    (first..first.saturating_add(count)).collect()
+}
+
+/// How many seeds run at once: [`PARALLEL_VAR`] or `default`.
+pub fn parallelism_from_env(default: usize) -> usize {
+    std::env::var(PARALLEL_VAR).ok().and_then(|v| v.trim().parse().ok()).filter(|n| *n > 0).unwrap_or(default)
+}
+
+/// Runs `seeds` with `parallel` at a time, each through `configure`, and
+/// returns every report (or the harness error) in seed order.
+pub async fn run_many(
+    seeds: Vec<u64>,
+    parallel: usize,
+    configure: impl Fn(u64) -> SimConfig,
+) -> Vec<(u64, anyhow::Result<SeedReport>)> {
+    let mut results: Vec<(u64, anyhow::Result<SeedReport>)> = futures::stream::iter(seeds)
+        .map(|seed| {
+            let config = configure(seed);
+            async move { (seed, tokio::spawn(run(config)).await.map_err(anyhow::Error::from).and_then(|r| r)) }
+        })
+        .buffer_unordered(parallel.max(1))
+        .collect()
+        .await;
+    results.sort_by_key(|(seed, _)| *seed);
+    results
+}
+
+/// Totals per fault mix over a set of runs: what the clients saw and how
+/// long settling took, so a CI log shows the faults did something.
+pub fn summary(results: &[(u64, anyhow::Result<SeedReport>)]) -> String {
+    let mut lines = vec!["mix            seeds  committed  aborted  unknown  slowest settle".to_owned()];
+    for mix in FaultMix::ALL {
+        let reports: Vec<&SeedReport> =
+            results.iter().filter_map(|(_, r)| r.as_ref().ok()).filter(|r| r.config.mix == mix).collect();
+        if reports.is_empty() {
+            continue;
+        }
+        let sum = |f: fn(&SeedReport) -> usize| reports.iter().map(|r| f(r)).sum::<usize>();
+        let slowest = reports.iter().filter_map(|r| r.settled_after).max().unwrap_or_default();
+        lines.push(format!(
+            "{:<14} {:>5}  {:>9}  {:>7}  {:>7}  {:?}",
+            format!("{mix:?}"),
+            reports.len(),
+            sum(|r| r.outcomes.0),
+            sum(|r| r.outcomes.1),
+            sum(|r| r.outcomes.2),
+            slowest
+        ));
+    }
+    lines.join("\n")
+}

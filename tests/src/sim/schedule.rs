@@ -1,0 +1,316 @@
+//! Fault schedules: a seeded RNG picks, up front, which faults strike and
+//! when, from the menu of a [`FaultMix`]; [`apply`] carries one out on a
+//! [`World`]. The schedule is a pure function of the seed, so a failing seed
+//! replays the same faults at the same offsets (the interleaving of threads,
+//! sockets and timers around them still varies).
+
+use std::fmt;
+
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom as _;
+use rand::{Rng as _, SeedableRng as _};
+use twopc_coordinator::transport::LinkFault;
+
+use crate::gate::CallChaos;
+use crate::sim::world::World;
+
+/// Which coordinator a fault strikes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    /// Whichever node leads when the fault strikes (a random running one if none does).
+    Leader,
+    /// This node.
+    Node(u64),
+}
+
+/// One fault.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// Crash a coordinator: its raft task and server stop; its disk survives.
+    CrashCoordinator(Pick),
+    /// Restart every crashed coordinator from its disk.
+    RestartCoordinators,
+    /// Cut one coordinator off from every other.
+    Isolate(Pick),
+    /// Split the coordinators into these and the rest.
+    Partition(Vec<u64>),
+    /// Each coordinator hears only its two ring neighbours (5 nodes), or a
+    /// bridge (3 nodes: the two ends hear only the middle one).
+    Ring,
+    /// Drop, delay and duplicate raft messages on these directed links.
+    LinkChaos(Vec<(u64, u64, LinkFault)>),
+    /// Heal every raft link.
+    HealNetwork,
+    /// Crash a bank (by index); its store survives.
+    CrashBank(usize),
+    /// Restart every crashed bank.
+    RestartBanks,
+    /// Decide calls fail (true) or go through again (false): phase 2 stalls.
+    DecideOutage(bool),
+    /// Seeded loss and delay of coordinator-participant calls; None stops it.
+    CallChaos(Option<CallChaos>),
+    /// The leader hands leadership to another node, mid-traffic.
+    TransferLeader,
+}
+
+/// A fault and when it strikes, in milliseconds from the start of the workload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// Offset from the start of the workload.
+    pub at_ms: u64,
+    /// What strikes.
+    pub fault: Fault,
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "at {:>5} ms: {:?}", self.at_ms, self.fault)
+    }
+}
+
+/// A family of faults; each seed draws its schedule from one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FaultMix {
+    /// No faults: the baseline.
+    Calm,
+    /// Coordinator and bank crashes and restarts, the leader included.
+    Crashes,
+    /// Network partitions of every shape: one node, minority/majority, ring or bridge.
+    Partitions,
+    /// Lossy, slow and duplicating raft links.
+    Links,
+    /// Bank crashes, phase-2 outages, lossy and slow participant calls.
+    Participants,
+    /// Leadership transfers during phase 2, and leader crashes.
+    LeaderMoves,
+    /// All of the above at once, majority loss included.
+    Everything,
+}
+
+impl FaultMix {
+    /// Every mix, in the order seeds cycle through them.
+    pub const ALL: [Self; 7] = [
+        Self::Calm,
+        Self::Crashes,
+        Self::Partitions,
+        Self::Links,
+        Self::Participants,
+        Self::LeaderMoves,
+        Self::Everything,
+    ];
+
+    /// The mix seed `seed` uses.
+    pub fn for_seed(seed: u64) -> Self {
+        Self::ALL[usize::try_from(seed % Self::ALL.len() as u64).unwrap_or(0)]
+    }
+}
+
+/// The kinds of fault a schedule draws from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Crash,
+    Isolate,
+    Partition,
+    Ring,
+    Links,
+    Heal,
+    CrashBank,
+    Outage,
+    Chaos,
+    Transfer,
+}
+
+fn menu(mix: FaultMix) -> &'static [Kind] {
+    use Kind::*;
+    match mix {
+        FaultMix::Calm => &[],
+        FaultMix::Crashes => &[Crash, Crash, CrashBank],
+        FaultMix::Partitions => &[Isolate, Partition, Ring, Heal],
+        FaultMix::Links => &[Links, Links, Heal],
+        FaultMix::Participants => &[CrashBank, Outage, Chaos, Chaos],
+        FaultMix::LeaderMoves => &[Transfer, Transfer, Crash],
+        FaultMix::Everything => &[Crash, Isolate, Partition, Ring, Links, Heal, CrashBank, Outage, Chaos, Transfer],
+    }
+}
+
+/// Draws the faults of one run: 3 to 8 of them (none for [`FaultMix::Calm`])
+/// within `window_ms`, each a kind from the mix with its parameters. Crashed
+/// coordinators are restarted before more than a minority is down, except in
+/// [`FaultMix::Everything`], which may take a majority down for a while.
+pub fn schedule(seed: u64, mix: FaultMix, coordinators: u64, banks: usize, window_ms: u64) -> Vec<Step> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let kinds = menu(mix);
+    if kinds.is_empty() {
+        return Vec::new();
+    }
+    let count = rng.random_range(3..=8);
+    let mut times: Vec<u64> = (0..count).map(|_| rng.random_range(50..window_ms.max(51))).collect();
+    times.sort_unstable();
+    let down_max = if mix == FaultMix::Everything { coordinators.div_ceil(2) } else { (coordinators - 1) / 2 };
+    let mut down = 0;
+    let mut banks_down = false;
+    let mut steps = Vec::new();
+    for at_ms in times {
+        let kind = *kinds.choose(&mut rng).unwrap_or(&Kind::Heal);
+        let fault = match kind {
+            Kind::Crash if down >= down_max => {
+                down = 0;
+                Fault::RestartCoordinators
+            }
+            Kind::Crash => {
+                down += 1;
+                if rng.random_bool(0.5) {
+                    Fault::CrashCoordinator(Pick::Leader)
+                } else {
+                    Fault::CrashCoordinator(Pick::Node(rng.random_range(1..=coordinators)))
+                }
+            }
+            Kind::Isolate if rng.random_bool(0.5) => Fault::Isolate(Pick::Leader),
+            Kind::Isolate => Fault::Isolate(Pick::Node(rng.random_range(1..=coordinators))),
+            Kind::Partition => {
+                let mut nodes: Vec<u64> = (1..=coordinators).collect();
+                for i in (1..nodes.len()).rev() {
+                    nodes.swap(i, rng.random_range(0..=i));
+                }
+                let side = rng.random_range(1..=coordinators / 2);
+                Fault::Partition(nodes[..usize::try_from(side).unwrap_or(1)].to_vec())
+            }
+            Kind::Ring => Fault::Ring,
+            Kind::Links => {
+                let links = (0..rng.random_range(1..=3))
+                    .map(|_| {
+                        let from = rng.random_range(1..=coordinators);
+                        let to = (from + rng.random_range(1..coordinators) - 1) % coordinators + 1;
+                        let fault = LinkFault {
+                            drop_all: false,
+                            drop_probability: rng.random_range(0.0..0.3),
+                            delay_ms: rng.random_range(0..40),
+                            duplicate_probability: rng.random_range(0.0..0.3),
+                        };
+                        (from, to, fault)
+                    })
+                    .collect();
+                Fault::LinkChaos(links)
+            }
+            Kind::Heal => Fault::HealNetwork,
+            Kind::CrashBank if banks_down => {
+                banks_down = false;
+                Fault::RestartBanks
+            }
+            Kind::CrashBank => {
+                banks_down = true;
+                Fault::CrashBank(rng.random_range(0..banks))
+            }
+            Kind::Outage => Fault::DecideOutage(rng.random_bool(0.6)),
+            Kind::Chaos if rng.random_bool(0.2) => Fault::CallChaos(None),
+            Kind::Chaos => Fault::CallChaos(Some(CallChaos {
+                seed: rng.random(),
+                loss_probability: rng.random_range(0.05..0.3),
+                delay_max_ms: rng.random_range(0..80),
+            })),
+            Kind::Transfer => Fault::TransferLeader,
+        };
+        steps.push(Step { at_ms, fault });
+    }
+    steps
+}
+
+/// Carries out `fault` on `world` and says what it did (the leader it
+/// struck, say). `rng` picks a node where the schedule left it open.
+///
+/// # Errors
+/// A restart failed (the harness broke, not the system under test).
+pub async fn apply(world: &mut World, fault: &Fault, rng: &mut StdRng) -> anyhow::Result<String> {
+    let coordinators = world.config().coordinators;
+    let resolve = |world: &World, pick: Pick, rng: &mut StdRng| match pick {
+        Pick::Node(id) => id,
+        Pick::Leader => world.leader().unwrap_or_else(|| {
+            let running = world.cluster.running();
+            running.choose(rng).copied().unwrap_or(1)
+        }),
+    };
+    let done = match fault {
+        Fault::CrashCoordinator(pick) => {
+            let id = resolve(world, *pick, rng);
+            world.kill(id).await;
+            format!("crashed node {id}")
+        }
+        Fault::RestartCoordinators => {
+            let down: Vec<u64> = world.down().iter().copied().collect();
+            for id in &down {
+                world.restart(*id).await?;
+            }
+            format!("restarted nodes {down:?}")
+        }
+        Fault::Isolate(pick) => {
+            let id = resolve(world, *pick, rng);
+            world.cluster.faults.isolate(id);
+            format!("isolated node {id}")
+        }
+        Fault::Partition(side) => {
+            let rest: Vec<u64> = (1..=coordinators).filter(|id| !side.contains(id)).collect();
+            world.cluster.faults.partition(side, &rest);
+            format!("partitioned {side:?} from {rest:?}")
+        }
+        Fault::Ring => {
+            let neighbours = |a: u64, b: u64| {
+                if coordinators <= 3 {
+                    a == 2 || b == 2
+                } else {
+                    let d = a.abs_diff(b);
+                    d == 1 || d == coordinators - 1
+                }
+            };
+            for a in 1..=coordinators {
+                for b in (1..=coordinators).filter(|b| *b != a && !neighbours(a, *b)) {
+                    world.cluster.faults.set_link(a, b, LinkFault::cut());
+                }
+            }
+            "cut every link but the ring's (bridge through node 2 on 3 nodes)".to_owned()
+        }
+        Fault::LinkChaos(links) => {
+            for (from, to, fault) in links {
+                world.cluster.faults.set_link(*from, *to, *fault);
+            }
+            format!("link faults on {} links", links.len())
+        }
+        Fault::HealNetwork => {
+            world.cluster.faults.heal();
+            "healed the raft network".to_owned()
+        }
+        Fault::CrashBank(index) => {
+            let count = world.banks.len();
+            let bank = &mut world.banks[*index % count];
+            bank.crash().await;
+            format!("crashed {}", bank.name)
+        }
+        Fault::RestartBanks => {
+            for bank in &mut world.banks {
+                bank.restart().await?;
+            }
+            "restarted every bank".to_owned()
+        }
+        Fault::DecideOutage(on) => {
+            world.cluster.gate.fail_decides(*on);
+            format!("decide outage {}", if *on { "on" } else { "off" })
+        }
+        Fault::CallChaos(chaos) => {
+            world.cluster.gate.set_chaos(*chaos);
+            format!("participant call chaos {chaos:?}")
+        }
+        Fault::TransferLeader => match world.leader() {
+            Some(leader) => {
+                let others: Vec<u64> = world.cluster.running().into_iter().filter(|id| *id != leader).collect();
+                match others.choose(rng) {
+                    Some(&to) => {
+                        let result = world.cluster.node(leader).transfer_leader(to).await;
+                        format!("leader {leader} hands over to {to}: {result:?}")
+                    }
+                    None => "no node to hand leadership to".to_owned(),
+                }
+            }
+            None => "no leader to move".to_owned(),
+        },
+    };
+    Ok(done)
+}

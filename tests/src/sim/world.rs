@@ -1,0 +1,401 @@
+//! A whole twopc system in this process: a coordinator [`Cluster`], real
+//! banks ([`SimBank`]) with accounts, and a client that records what it was
+//! told about every transfer. After faults it heals everything, waits for the
+//! system to settle, and hands the final state to the checker.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tempfile::TempDir;
+use tokio::time::Instant;
+use twopc_bank::{AccountStore as _, Transfer};
+use twopc_coordinator::client::{ClientConfig, ClusterClient};
+use twopc_coordinator::node::Role;
+use twopc_participant::ParticipantConfig;
+use twopc_proto::txn_id::unix_now_ms;
+use twopc_proto::{TxnId, pb};
+
+use crate::checker::{self, AccountRef, ClientOutcome, ClientTxn, Liveness, Movement, Observation, ParticipantView};
+use crate::cluster::Cluster;
+use crate::sim::bank::SimBank;
+
+/// The shape and timings of a world.
+#[derive(Debug, Clone)]
+pub struct WorldConfig {
+    /// Coordinator nodes (3 or 5).
+    pub coordinators: u64,
+    /// Banks, named bank-a, bank-b, ...
+    pub banks: usize,
+    /// Accounts per bank, named acct-0, acct-1, ...
+    pub accounts_per_bank: usize,
+    /// Each account's opening balance, in minor units.
+    pub opening_minor: i64,
+    /// Raft tick.
+    pub tick_interval_ms: u64,
+    /// The banks' in-doubt timeout.
+    pub in_doubt_timeout_ms: u64,
+    /// The banks' resolve backoff cap.
+    pub resolve_backoff_max_ms: u64,
+    /// How long a client keeps retrying one Submit before calling its outcome unknown.
+    pub client_retry_budget_ms: u64,
+    /// I7's bound: how long the system may take to settle after the last heal.
+    pub settle_bound: Duration,
+}
+
+impl Default for WorldConfig {
+    fn default() -> Self {
+        Self {
+            coordinators: 3,
+            banks: 2,
+            accounts_per_bank: 3,
+            opening_minor: 500,
+            tick_interval_ms: 20,
+            in_doubt_timeout_ms: 300,
+            resolve_backoff_max_ms: 300,
+            client_retry_budget_ms: 1_500,
+            settle_bound: Duration::from_secs(20),
+        }
+    }
+}
+
+/// A running world.
+pub struct World {
+    /// The coordinators, with their shared fault filter and participant gate.
+    pub cluster: Cluster,
+    /// The banks, in name order.
+    pub banks: Vec<SimBank>,
+    /// The client side: submits transfers and remembers what it was told.
+    pub teller: Arc<Teller>,
+    config: WorldConfig,
+    openings: BTreeMap<AccountRef, i64>,
+    down: BTreeSet<u64>,
+    leaders: Mutex<BTreeMap<u64, BTreeSet<u64>>>,
+    _dir: TempDir,
+}
+
+/// What [`World::heal_and_check`] found.
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    /// How long the system took to settle after the heal; None if it did not within the bound.
+    pub settled_after: Option<Duration>,
+    /// Everything the checker found.
+    pub violations: Vec<checker::Violation>,
+}
+
+/// The client side of a world: a leader-following client of the cluster,
+/// and what it was told about every txn it submitted. Shared by the
+/// workload's client tasks.
+pub struct Teller {
+    client: ClusterClient,
+    history: Mutex<Vec<ClientTxn>>,
+}
+
+impl Teller {
+    /// Moves `amount_minor` from one account to another as a new txn, and
+    /// records what the client was told.
+    pub async fn transfer(&self, from: &AccountRef, to: &AccountRef, amount_minor: i64) -> (TxnId, ClientOutcome) {
+        let txn_id = TxnId::new();
+        (txn_id, self.transfer_as(txn_id, from, to, amount_minor).await)
+    }
+
+    /// [`World::transfer`] with a chosen txn id (a retry, or one a failpoint names).
+    ///
+    /// # Panics
+    /// On a transfer the bank refuses to build (same account, amount not
+    /// positive, bad names): a bug in the test.
+    pub async fn transfer_as(
+        &self,
+        txn_id: TxnId,
+        from: &AccountRef,
+        to: &AccountRef,
+        amount_minor: i64,
+    ) -> ClientOutcome {
+        let address = |a: &AccountRef| format!("{}@{}", a.account, a.bank).parse().expect("a valid account address");
+        let transfer = Transfer::new(address(from), address(to), amount_minor).expect("a valid transfer");
+        let participants: Vec<String> = transfer.branches().iter().map(|(bank, _)| bank.to_string()).collect();
+        let request = pb::SubmitRequest {
+            txn_id: txn_id.to_string(),
+            branches: transfer.submit_branches(),
+            deadline_unix_ms: unix_now_ms() + 3_000,
+        };
+        let answer = self
+            .client
+            .coordinator(|mut c| {
+                let request = request.clone();
+                async move { c.submit(request).await }
+            })
+            .await;
+        let outcome = match answer {
+            Ok(r) if r.decision == pb::Decision::Commit as i32 => ClientOutcome::Committed,
+            Ok(r) if r.decision == pb::Decision::Abort as i32 => ClientOutcome::Aborted,
+            Ok(_) | Err(_) => ClientOutcome::Unknown,
+        };
+        let movement = Movement { from: from.clone(), to: to.clone(), amount_minor };
+        let mut history = self.history.lock();
+        // A retried txn keeps one entry: the latest thing its client was told.
+        history.retain(|t| t.txn_id != txn_id || outcome == ClientOutcome::Unknown);
+        if !history.iter().any(|t| t.txn_id == txn_id) {
+            history.push(ClientTxn { txn_id, participants, movement: Some(movement), outcome });
+        }
+        outcome
+    }
+
+    /// What the client was told so far.
+    pub fn history(&self) -> Vec<ClientTxn> {
+        self.history.lock().clone()
+    }
+}
+
+/// The name of bank `index`: bank-a, bank-b, ...
+pub fn bank_name(index: usize) -> String {
+    let letter = char::from(b'a' + u8::try_from(index % 26).unwrap_or(0));
+    format!("bank-{letter}")
+}
+
+impl World {
+    /// Starts the coordinators, waits for a leader, starts and registers the banks.
+    ///
+    /// # Errors
+    /// Anything that fails to start.
+    pub async fn start(config: WorldConfig) -> anyhow::Result<Self> {
+        let tick = config.tick_interval_ms;
+        let cluster = Cluster::start_with(
+            config.coordinators,
+            Box::new(move |c| {
+                c.tick_interval_ms = tick;
+                c.election_ticks = 10;
+                c.heartbeat_ticks = 2;
+                c.request_timeout_ms = 1_500;
+                c.engine.prepare_timeout_ms = 500;
+                c.engine.decide_timeout_ms = 1_000;
+                c.engine.delivery_backoff_min_ms = 10;
+                c.engine.delivery_backoff_max_ms = 300;
+                c.engine.participant_connect_timeout_ms = 300;
+            }),
+        )
+        .await?;
+        cluster.wait_for_leader().await?;
+        let dir = tempfile::tempdir()?;
+        let accounts: Vec<String> = (0..config.accounts_per_bank).map(|i| format!("acct-{i}")).collect();
+        let mut banks = Vec::new();
+        let mut openings = BTreeMap::new();
+        for index in 0..config.banks {
+            let name = bank_name(index);
+            let mut participant = ParticipantConfig::new(name.parse()?, cluster.addrs());
+            participant.in_doubt_timeout_ms = config.in_doubt_timeout_ms;
+            participant.resolve_backoff_min_ms = 20;
+            participant.resolve_backoff_max_ms = config.resolve_backoff_max_ms;
+            participant.resolve_timeout_ms = 1_000;
+            participant.connect_timeout_ms = 300;
+            let bank = SimBank::start(&name, dir.path(), &accounts, config.opening_minor, participant).await?;
+            cluster.register(&name, bank.addr).await?;
+            for account in &accounts {
+                openings.insert(AccountRef { bank: name.clone(), account: account.clone() }, config.opening_minor);
+            }
+            banks.push(bank);
+        }
+        let client_config = ClientConfig {
+            retry_budget_ms: config.client_retry_budget_ms,
+            attempt_timeout_ms: 2_000,
+            connect_timeout_ms: 300,
+            backoff_min_ms: 10,
+            backoff_max_ms: 200,
+        };
+        let client = ClusterClient::new(cluster.addrs(), client_config)?;
+        Ok(Self {
+            cluster,
+            banks,
+            config,
+            openings,
+            teller: Arc::new(Teller { client, history: Mutex::default() }),
+            down: BTreeSet::new(),
+            leaders: Mutex::default(),
+            _dir: dir,
+        })
+    }
+
+    /// Every account of every bank.
+    pub fn accounts(&self) -> Vec<AccountRef> {
+        self.openings.keys().cloned().collect()
+    }
+
+    /// The world's config.
+    pub fn config(&self) -> &WorldConfig {
+        &self.config
+    }
+
+    /// Moves money as a new txn through the [`Teller`].
+    pub async fn transfer(&self, from: &AccountRef, to: &AccountRef, amount_minor: i64) -> (TxnId, ClientOutcome) {
+        self.teller.transfer(from, to, amount_minor).await
+    }
+
+    /// The running node every running node takes for a ready leader, if any.
+    pub fn leader(&self) -> Option<u64> {
+        let statuses: Vec<_> = self.cluster.running().into_iter().map(|id| self.cluster.node(id).status()).collect();
+        let leader = statuses.iter().find(|s| s.role == Role::Leader && s.leader_ready)?;
+        statuses.iter().all(|s| s.leader_id == leader.id && s.term == leader.term).then_some(leader.id)
+    }
+
+    /// Notes which running nodes act as leader in which term (for I2's one
+    /// leader per term); call it often while faults strike.
+    pub fn sample_leaders(&self) {
+        let mut leaders = self.leaders.lock();
+        for id in self.cluster.running() {
+            let status = self.cluster.node(id).status();
+            if status.role == Role::Leader {
+                leaders.entry(status.term).or_default().insert(id);
+            }
+        }
+    }
+
+    /// Coordinator ids that are down.
+    pub fn down(&self) -> &BTreeSet<u64> {
+        &self.down
+    }
+
+    /// Crashes coordinator `id` (a no-op if it is down). A raft task that
+    /// already stopped on an error (a failpoint's simulated crash) is fine.
+    pub async fn kill(&mut self, id: u64) {
+        if !self.down.insert(id) {
+            return;
+        }
+        if let Err(err) = self.cluster.kill(id).await {
+            tracing::debug!(node = id, error = %err, "killed a node whose raft task had already failed");
+        }
+    }
+
+    /// Restarts coordinator `id` if it is down.
+    ///
+    /// # Errors
+    /// Its address cannot be bound again (retried for a while first).
+    pub async fn restart(&mut self, id: u64) -> anyhow::Result<()> {
+        if !self.down.contains(&id) {
+            return Ok(());
+        }
+        let mut attempts = 0;
+        loop {
+            match self.cluster.restart(id).await {
+                Ok(()) => break,
+                Err(e) if attempts < 50 => {
+                    attempts += 1;
+                    tracing::debug!(node = id, error = %e, "restarting; retrying");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.down.remove(&id);
+        Ok(())
+    }
+
+    /// Ends every fault: network healed, call chaos and gates off, every
+    /// coordinator and bank running.
+    ///
+    /// # Errors
+    /// A node or bank cannot be restarted.
+    pub async fn heal(&mut self) -> anyhow::Result<()> {
+        self.cluster.faults.heal();
+        self.cluster.gate.set_chaos(None);
+        self.cluster.gate.fail_decides(false);
+        self.cluster.gate.hold_after_prepare(false);
+        for id in self.down.clone() {
+            self.restart(id).await?;
+        }
+        for bank in &mut self.banks {
+            bank.restart().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits (up to the settle bound) until the system is quiescent: one
+    /// ready leader everyone follows, every node applied everything, every
+    /// decision acknowledged, no bank holding anything.
+    pub async fn settle(&self) -> Liveness {
+        let started = Instant::now();
+        let bound = self.config.settle_bound;
+        loop {
+            self.sample_leaders();
+            if self.is_settled().await {
+                return Liveness { settled_after: Some(started.elapsed()), bound };
+            }
+            if started.elapsed() > bound {
+                return Liveness { settled_after: None, bound };
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn is_settled(&self) -> bool {
+        let Some(leader) = self.leader() else {
+            return false;
+        };
+        let status = self.cluster.node(leader).status();
+        let applied_everywhere = self
+            .cluster
+            .running()
+            .into_iter()
+            .all(|id| self.cluster.node(id).status().applied_index == status.raft_committed_index);
+        if !applied_everywhere || self.cluster.node(leader).local_read(|sm| sm.unacknowledged_count()) > 0 {
+            return false;
+        }
+        for bank in &self.banks {
+            if !bank.is_up() || !bank.is_settled().await.unwrap_or(false) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Everything the checker needs, as it stands now.
+    ///
+    /// # Errors
+    /// A bank's store failed.
+    pub async fn observe(&self, liveness: Option<Liveness>) -> anyhow::Result<Observation> {
+        let coordinators = self.cluster.states();
+        let history = self.teller.history();
+        let mut txns: BTreeSet<TxnId> = history.iter().map(|t| t.txn_id).collect();
+        for sm in coordinators.values() {
+            let all = sm.list(twopc_coordinator::state_machine::ListFilter::All, u64::MAX, None, usize::MAX);
+            txns.extend(all.into_iter().map(|r| r.txn_id));
+        }
+        let mut participants = BTreeMap::new();
+        for bank in &self.banks {
+            let mut view = ParticipantView::default();
+            let mut bank_txns = txns.clone();
+            bank_txns.extend(bank.store.prepared().await?);
+            for txn in bank_txns {
+                if let Some(state) = bank.store.branch_state(txn).await? {
+                    view.branches.insert(txn, state.into());
+                }
+            }
+            view.accounts = bank.accounts().await?.into_iter().collect();
+            participants.insert(bank.name.clone(), view);
+        }
+        let leaders = self.leaders.lock().clone();
+        let openings = self.openings.clone();
+        Ok(Observation { coordinators, participants, history, openings, liveness, leaders, reported: BTreeMap::new() })
+    }
+
+    /// Heals everything, waits for the system to settle, and runs the checker.
+    ///
+    /// # Errors
+    /// Healing or observing failed (not a violation: the harness broke).
+    pub async fn heal_and_check(&mut self) -> anyhow::Result<Verdict> {
+        self.heal().await?;
+        let liveness = self.settle().await;
+        let observation = self.observe(Some(liveness)).await?;
+        Ok(Verdict { settled_after: liveness.settled_after, violations: checker::check(&observation) })
+    }
+
+    /// Stops every node and bank.
+    pub async fn stop(mut self) {
+        for bank in &mut self.banks {
+            bank.crash().await;
+        }
+        if let Err(err) = self.cluster.stop().await {
+            tracing::debug!(error = %err, "stopping the cluster");
+        }
+    }
+}

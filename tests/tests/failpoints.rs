@@ -1,0 +1,227 @@
+//! Crashes at the protocol's dangerous points, forced with failpoints
+//! (feature `failpoints`, the fail crate; names in
+//! `twopc_coordinator::failpoint` and `twopc_participant::failpoint`), each
+//! followed by a heal and the invariant checker (I1, I2, I4, I7, I8) on a
+//! whole system: 3 coordinators and 2 real banks.
+//!
+//! Then the checker is shown to bite: with a failpoint that breaks the
+//! protocol on purpose, the seeded simulation reports the violation.
+//!
+//! The failpoint registry is process-global: every test holds a
+//! `FailScenario` (one global lock) for its whole run, so they run one at a
+//! time, and each starts and ends with every failpoint cleared.
+
+use std::time::Duration;
+
+use fail::FailScenario;
+use twopc_bank::{AccountStore as _, BranchState};
+use twopc_coordinator::failpoint as coordinator_fp;
+use twopc_participant::failpoint as participant_fp;
+use twopc_proto::TxnId;
+use twopc_tests::checker::{self, AccountRef, ClientOutcome, Invariant};
+use twopc_tests::sim::schedule::FaultMix;
+use twopc_tests::sim::world::{World, WorldConfig};
+use twopc_tests::sim::{self, SimConfig};
+use twopc_tests::wait;
+
+const SETTLE: Duration = Duration::from_secs(20);
+
+fn account(bank: &str) -> AccountRef {
+    AccountRef { bank: bank.into(), account: "acct-0".into() }
+}
+
+/// A world whose banks resolve in-doubt branches after `in_doubt_timeout_ms`.
+async fn world(in_doubt_timeout_ms: u64) -> anyhow::Result<World> {
+    twopc_tests::init_tracing();
+    let config = WorldConfig { in_doubt_timeout_ms, ..WorldConfig::default() };
+    World::start(config).await
+}
+
+/// Heals, settles, checks, and fails the test on any violation.
+async fn assert_invariants_hold(world: &mut World) -> anyhow::Result<()> {
+    let verdict = world.heal_and_check().await?;
+    assert!(verdict.violations.is_empty(), "violations:\n{}", checker::report(&verdict.violations));
+    Ok(())
+}
+
+async fn branch(world: &World, bank: usize, txn: TxnId) -> Option<BranchState> {
+    world.banks[bank].store.branch_state(txn).await.ok().flatten()
+}
+
+async fn wait_branch(world: &World, bank: usize, txn: TxnId, want: BranchState) -> anyhow::Result<()> {
+    let what = format!("{}'s branch of {txn} to be {want:?}", world.banks[bank].name);
+    wait::until(&what, SETTLE, || async { (branch(world, bank, txn).await == Some(want)).then_some(()) }).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bank_that_dies_between_its_fsync_and_its_vote_has_its_branch_aborted_and_released() -> anyhow::Result<()> {
+    // I3 + I4: bank-b staged the credit durably but its YES never left. The
+    // coordinator hears no vote, logs Abort, and delivers it to every branch,
+    // the unanswered one included, which releases what bank-b staged.
+    let _scenario = FailScenario::setup();
+    let mut world = world(300).await?;
+    fail::cfg(participant_fp::PREPARE_AFTER_DURABLE, "return(bank-b)").map_err(anyhow::Error::msg)?;
+    let (txn, outcome) = world.transfer(&account("bank-a"), &account("bank-b"), 100).await;
+    fail::remove(participant_fp::PREPARE_AFTER_DURABLE);
+    assert_eq!(outcome, ClientOutcome::Aborted, "bank-b's vote was lost");
+    wait_branch(&world, 1, txn, BranchState::Aborted).await?;
+    assert_invariants_hold(&mut world).await?;
+    world.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bank_that_dies_after_its_fsync_finds_the_branch_on_restart_and_resolves_it() -> anyhow::Result<()> {
+    // I7: the same crash, but phase 2 cannot reach bank-b and bank-b really
+    // restarts: it finds the prepared branch in its store, asks the cluster,
+    // and applies the logged Abort.
+    let _scenario = FailScenario::setup();
+    let mut world = world(300).await?;
+    world.cluster.gate.fail_decides(true);
+    fail::cfg(participant_fp::PREPARE_AFTER_DURABLE, "return(bank-b)").map_err(anyhow::Error::msg)?;
+    let (txn, outcome) = world.transfer(&account("bank-a"), &account("bank-b"), 100).await;
+    fail::remove(participant_fp::PREPARE_AFTER_DURABLE);
+    assert_eq!(outcome, ClientOutcome::Aborted);
+    assert_eq!(branch(&world, 1, txn).await, Some(BranchState::Prepared), "staged, and no decision delivered");
+    world.banks[1].crash().await;
+    world.banks[1].restart().await?;
+    wait_branch(&world, 1, txn, BranchState::Aborted).await?;
+    assert_invariants_hold(&mut world).await?;
+    world.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_dies_between_proposing_and_applying_a_decision_leaves_exactly_one() -> anyhow::Result<()> {
+    // I2: the leader appended the Commit entry and sent it to its followers,
+    // then died before applying it. The next leader either commits that entry
+    // or, if it never arrived, the txn is presumed aborted; either way every
+    // node and both banks end with the same single decision.
+    let _scenario = FailScenario::setup();
+    let mut world = world(300).await?;
+    let _ = world.settle().await;
+    let old = world.leader().ok_or_else(|| anyhow::anyhow!("no leader"))?;
+    let old_term = world.cluster.node(old).status().term;
+    fail::cfg(coordinator_fp::READY_BEFORE_APPLY, "1*return").map_err(anyhow::Error::msg)?;
+    let (txn, outcome) = world.transfer(&account("bank-a"), &account("bank-b"), 100).await;
+    // The dead node's server still answers (its raft task is gone); stop it.
+    world.kill(old).await;
+    let new = wait::until("a new leader", SETTLE, || async { world.leader() }).await?;
+    assert!(world.cluster.node(new).status().term > old_term, "a new term began");
+    assert_invariants_hold(&mut world).await?;
+    let decisions: Vec<_> =
+        world.cluster.states().values().map(|sm| sm.txn(&txn).map(|r| (r.decision, r.decision_log_index))).collect();
+    assert!(decisions.iter().all(|d| d.is_some() && *d == decisions[0]), "{decisions:?}");
+    println!("client was told {outcome:?}; the log holds {:?}", decisions[0]);
+    world.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_applied_but_never_sent_is_resolved_by_the_banks() -> anyhow::Result<()> {
+    // I7 through Resolve: the leader applied Commit and died before phase 2
+    // (its retried Submit answered from the log first), and phase 2 cannot
+    // reach the banks from the next leader either. The banks' in-doubt
+    // timeout fires and Resolve gives them the logged Commit.
+    let _scenario = FailScenario::setup();
+    let mut world = world(300).await?;
+    let txn = TxnId::new();
+    fail::cfg(coordinator_fp::DECIDE_AFTER_APPLIED, &format!("return({txn})")).map_err(anyhow::Error::msg)?;
+    let leader = world.leader().ok_or_else(|| anyhow::anyhow!("no leader"))?;
+    let outcome = world.teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 100).await;
+    assert_eq!(outcome, ClientOutcome::Committed, "the retried Submit answers from the log");
+    world.cluster.gate.fail_decides(true);
+    world.kill(leader).await;
+    wait_branch(&world, 0, txn, BranchState::Committed).await?;
+    wait_branch(&world, 1, txn, BranchState::Committed).await?;
+    assert_invariants_hold(&mut world).await?;
+    world.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_applied_but_never_sent_is_delivered_by_the_next_leader() -> anyhow::Result<()> {
+    // §8: the same crash point, then the leader really dies; the banks' in-doubt
+    // timeout is far beyond the settle bound, so only the next leader's
+    // re-drive of unacknowledged decisions can settle the branches.
+    let _scenario = FailScenario::setup();
+    let mut world = world(120_000).await?;
+    let txn = TxnId::new();
+    fail::cfg(coordinator_fp::DECIDE_AFTER_APPLIED, &format!("return({txn})")).map_err(anyhow::Error::msg)?;
+    let leader = world.leader().ok_or_else(|| anyhow::anyhow!("no leader"))?;
+    let outcome = world.teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 100).await;
+    assert_eq!(outcome, ClientOutcome::Committed);
+    assert_eq!(branch(&world, 0, txn).await, Some(BranchState::Prepared), "phase 2 has not happened");
+    world.kill(leader).await;
+    assert_invariants_hold(&mut world).await?;
+    assert_eq!(branch(&world, 1, txn).await, Some(BranchState::Committed));
+    world.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_dies_between_phase_two_sends_has_the_rest_sent_by_the_next() -> anyhow::Result<()> {
+    // I1 + I5 + §8: bank-a got Commit, bank-b did not, then the leader died.
+    // The next leader re-drives: bank-b commits, bank-a (if its ack was not
+    // logged yet) gets a repeat that changes nothing.
+    let _scenario = FailScenario::setup();
+    let mut world = world(120_000).await?;
+    fail::cfg(coordinator_fp::DELIVERY_BEFORE_SEND, "return(bank-b)").map_err(anyhow::Error::msg)?;
+    let leader = world.leader().ok_or_else(|| anyhow::anyhow!("no leader"))?;
+    let (txn, outcome) = world.transfer(&account("bank-a"), &account("bank-b"), 100).await;
+    assert_eq!(outcome, ClientOutcome::Committed);
+    wait_branch(&world, 0, txn, BranchState::Committed).await?;
+    assert_eq!(branch(&world, 1, txn).await, Some(BranchState::Prepared), "bank-b's send never happened");
+    fail::remove(coordinator_fp::DELIVERY_BEFORE_SEND);
+    world.kill(leader).await;
+    assert_invariants_hold(&mut world).await?;
+    assert_eq!(branch(&world, 1, txn).await, Some(BranchState::Committed));
+    world.stop().await;
+    Ok(())
+}
+
+/// Runs simulation seeds of `mix` with short settling until one reports a
+/// violation; returns its seed and the invariants it names.
+async fn first_violation(mix: FaultMix, seeds: u64) -> Option<(u64, std::collections::BTreeSet<Invariant>)> {
+    for seed in 0..seeds {
+        let mut config = SimConfig::for_seed(seed);
+        config.mix = mix;
+        config.world.coordinators = 3;
+        config.world.settle_bound = Duration::from_secs(4);
+        match sim::run(config).await {
+            Ok(report) if !report.passed() => {
+                println!("{report}");
+                return Some((seed, checker::invariants(&report.violations)));
+            }
+            Ok(_) => {}
+            Err(err) => println!("seed {seed}: the harness failed: {err:#}"),
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_catches_a_coordinator_that_commits_despite_a_no_vote() {
+    // The checker bites (I1, I8): a leader that ignores NO votes commits the
+    // other branch of overdrawn transfers.
+    let _scenario = FailScenario::setup();
+    twopc_tests::init_tracing();
+    fail::cfg(coordinator_fp::PREPARE_IGNORE_VOTES, "return").expect("a valid action");
+    let found = first_violation(FaultMix::Calm, 5).await;
+    let (seed, invariants) = found.expect("the simulation reports the broken protocol within 5 seeds");
+    assert!(invariants.contains(&Invariant::I1), "seed {seed} named {invariants:?}");
+    assert!(invariants.contains(&Invariant::I8), "seed {seed} named {invariants:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_catches_a_bank_that_releases_holds_on_a_timer() {
+    // The checker bites (I4 broken, seen as I1): banks that abort in-doubt
+    // branches on their own instead of asking the cluster disagree with the
+    // logged Commit as soon as phase 2 is slow.
+    let _scenario = FailScenario::setup();
+    twopc_tests::init_tracing();
+    fail::cfg(participant_fp::RESOLVE_RELEASE_ON_TIMER, "return").expect("a valid action");
+    let found = first_violation(FaultMix::Participants, 30).await;
+    let (seed, invariants) = found.expect("the simulation reports the broken protocol within 30 seeds");
+    assert!(invariants.contains(&Invariant::I1), "seed {seed} named {invariants:?}");
+}
