@@ -50,6 +50,11 @@ impl Proc {
         }
     }
 
+    /// The running child's process id (for `kill -STOP`, `kill -CONT`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     /// Starts it again with the same arguments and data dir.
     pub fn restart(&mut self) {
         self.start();
