@@ -188,7 +188,7 @@ async fn first_violation(mix: FaultMix, seeds: u64) -> Option<(u64, std::collect
         config.mix = mix;
         config.world.coordinators = 3;
         config.world.settle_bound = Duration::from_secs(4);
-        match sim::run(config).await {
+        match sim::run_retrying(config).await {
             Ok(report) if !report.passed() => {
                 println!("{report}");
                 return Some((seed, checker::invariants(&report.violations)));

@@ -231,6 +231,32 @@ pub fn parallelism_from_env(default: usize) -> usize {
     std::env::var(PARALLEL_VAR).ok().and_then(|v| v.trim().parse().ok()).filter(|n| *n > 0).unwrap_or(default)
 }
 
+/// How many times a seed is started afresh when the harness loses a port.
+const PORT_LOST_RETRIES: usize = 2;
+
+/// Whether the harness failed because a node's or bank's old address was
+/// taken while it was down (by another connection's ephemeral port): an
+/// accident of running many systems on one loopback, not a finding.
+fn port_lost(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::AddrInUse))
+}
+
+/// [`run`], started afresh (at most [`PORT_LOST_RETRIES`] times) when a
+/// restarted node or bank finds its address taken.
+pub async fn run_retrying(config: SimConfig) -> anyhow::Result<SeedReport> {
+    let mut attempt = 0;
+    loop {
+        let result = tokio::spawn(run(config.clone())).await.map_err(anyhow::Error::from).and_then(|r| r);
+        match result {
+            Err(err) if attempt < PORT_LOST_RETRIES && port_lost(&err) => {
+                attempt += 1;
+                println!("seed {}: {err:#}; starting it afresh", config.seed);
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Runs `seeds` with `parallel` at a time, each through `configure`, and
 /// returns every report (or the harness error) in seed order.
 pub async fn run_many(
@@ -241,7 +267,7 @@ pub async fn run_many(
     let mut results: Vec<(u64, anyhow::Result<SeedReport>)> = futures::stream::iter(seeds)
         .map(|seed| {
             let config = configure(seed);
-            async move { (seed, tokio::spawn(run(config)).await.map_err(anyhow::Error::from).and_then(|r| r)) }
+            async move { (seed, run_retrying(config).await) }
         })
         .buffer_unordered(parallel.max(1))
         .collect()
