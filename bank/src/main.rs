@@ -11,6 +11,10 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 
+/// glibc's malloc spent about a fifth of a loaded node's CPU (docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     cli::init_tracing(&args);

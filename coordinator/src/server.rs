@@ -9,7 +9,6 @@ use tokio::net::TcpListener;
 
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use twopc_proto::MAX_MESSAGE_BYTES;
 use twopc_proto::pb::admin_server::AdminServer;
 use twopc_proto::pb::coordinator_server::CoordinatorServer;
@@ -123,7 +122,7 @@ pub fn spawn_with_client<P: ParticipantClient>(
             .add_service(peer)
             .add_service(coordinator)
             .add_service(admin)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop_signal(stop_rx))
+            .serve_with_incoming_shutdown(incoming(listener), stop_signal(stop_rx))
             .await
             .map_err(|e| Error::Io(std::io::Error::other(e)))
     });
@@ -157,4 +156,11 @@ pub async fn run(
     };
     let _ = metrics_stop.send(());
     node.stop_after(raft_ended).await
+}
+
+/// Accepted connections with Nagle's algorithm off: a small response must not
+/// wait for the peer's delayed ACK (40 ms on Linux), which it otherwise did at
+/// every few hundred calls under load (docs/BENCHMARKS.md).
+fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }

@@ -11,7 +11,6 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 use tracing::{Span, field, info, instrument};
@@ -111,7 +110,7 @@ impl<R: Resource> Participant<R> {
         let served = tonic::transport::Server::builder()
             .add_routes(routes)
             .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(incoming(listener), shutdown)
             .await;
         drop(resolver);
         info!("participant stopped");
@@ -205,4 +204,11 @@ impl<R: Resource> participant_server::Participant for Service<R> {
         self.engine.decide(txn, decision, Origin::Coordinator).await?;
         Ok(Response::new(DecisionResponse {}))
     }
+}
+
+/// Accepted connections with Nagle's algorithm off: a small response must not
+/// wait for the peer's delayed ACK (40 ms on Linux), which it otherwise did at
+/// every few hundred calls under load (docs/BENCHMARKS.md).
+fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
