@@ -231,6 +231,12 @@ impl NodeHandle {
         self.status.borrow().clone()
     }
 
+    /// Runs `read` on the latest status without copying it (the hot path's
+    /// leader check).
+    pub fn with_status<T>(&self, read: impl FnOnce(&NodeStatus) -> T) -> T {
+        read(&self.status.borrow())
+    }
+
     /// A receiver that changes whenever the status does.
     pub fn watch_status(&self) -> watch::Receiver<NodeStatus> {
         self.status.clone()
@@ -748,41 +754,74 @@ impl RaftTask {
         Ok(())
     }
 
+    /// Updates the published status in place after each Ready: no allocation
+    /// unless the membership or the leader's address changed.
     fn publish_status(&self) {
         let raft = &self.raw.raft;
         let is_leader = raft.state == StateRole::Leader;
         let sm = self.state.read();
         let conf = raft.prs().conf();
-        let peers = sm
-            .members()
-            .iter()
-            .map(|(id, addr)| PeerInfo {
-                id: *id,
-                addr: addr.clone(),
-                voter: conf.voters().contains(*id),
-                match_index: if is_leader { raft.prs().get(*id).map_or(0, |p| p.matched) } else { 0 },
-            })
-            .collect();
-        let status = NodeStatus {
-            id: self.id,
-            role: raft.state.into(),
-            term: raft.term,
-            leader_id: raft.leader_id,
-            leader_addr: self.leader_addr(),
-            leader_ready: is_leader && self.leader_ready,
-            raft_committed_index: raft.raft_log.committed,
-            applied_index: sm.applied_index(),
-            first_log_index: raft.raft_log.first_index(),
-            last_log_index: raft.raft_log.last_index(),
-            peers,
+        let leader_addr = (raft.leader_id != 0).then(|| sm.members().get(&raft.leader_id)).flatten();
+        let progress = |id: u64| {
+            (conf.voters().contains(id), if is_leader { raft.prs().get(id).map_or(0, |p| p.matched) } else { 0 })
         };
-        self.status_tx.send_if_modified(|old| {
-            if *old == status {
-                false
-            } else {
-                *old = status;
-                true
+        self.status_tx.send_if_modified(|status| {
+            let before = (
+                status.role,
+                status.term,
+                status.leader_id,
+                status.leader_ready,
+                status.raft_committed_index,
+                status.applied_index,
+                status.first_log_index,
+                status.last_log_index,
+            );
+            status.id = self.id;
+            status.role = raft.state.into();
+            status.term = raft.term;
+            status.leader_id = raft.leader_id;
+            status.leader_ready = is_leader && self.leader_ready;
+            status.raft_committed_index = raft.raft_log.committed;
+            status.applied_index = sm.applied_index();
+            status.first_log_index = raft.raft_log.first_index();
+            status.last_log_index = raft.raft_log.last_index();
+            let mut changed = before
+                != (
+                    status.role,
+                    status.term,
+                    status.leader_id,
+                    status.leader_ready,
+                    status.raft_committed_index,
+                    status.applied_index,
+                    status.first_log_index,
+                    status.last_log_index,
+                );
+            if status.leader_addr.as_ref() != leader_addr {
+                status.leader_addr = leader_addr.cloned();
+                changed = true;
             }
+            let same_members = status.peers.len() == sm.members().len()
+                && status.peers.iter().zip(sm.members()).all(|(p, (id, addr))| p.id == *id && p.addr == *addr);
+            if same_members {
+                for peer in &mut status.peers {
+                    let now = progress(peer.id);
+                    if (peer.voter, peer.match_index) != now {
+                        (peer.voter, peer.match_index) = now;
+                        changed = true;
+                    }
+                }
+            } else {
+                status.peers = sm
+                    .members()
+                    .iter()
+                    .map(|(id, addr)| {
+                        let (voter, match_index) = progress(*id);
+                        PeerInfo { id: *id, addr: addr.clone(), voter, match_index }
+                    })
+                    .collect();
+                changed = true;
+            }
+            changed
         });
     }
 }

@@ -273,7 +273,7 @@ impl<R: Resource> Engine<R> {
             self.metrics.set_in_doubt(outcomes.prepared_len());
         }
         self.metrics.decision_applied(decision);
-        info!("decision applied");
+        debug!("decision applied");
         Ok(Applied::Now)
     }
 

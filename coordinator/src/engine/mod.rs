@@ -173,11 +173,12 @@ impl<P: ParticipantClient> Engine<P> {
     }
 
     fn require_leader(&self) -> Result<()> {
-        let status = self.inner.node.status();
-        if status.role != crate::node::Role::Leader {
-            return Err(Error::NotLeader { leader_addr: status.leader_addr });
-        }
-        Ok(())
+        self.inner.node.with_status(|status| {
+            if status.role != crate::node::Role::Leader {
+                return Err(Error::NotLeader { leader_addr: status.leader_addr.clone() });
+            }
+            Ok(())
+        })
     }
 
     /// Runs a txn (docs/PROTOCOL.md §5) and returns the applied record.
