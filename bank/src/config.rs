@@ -113,6 +113,13 @@ pub struct StoreConfig {
     ///
     /// Default: 1024.
     pub gc_batch_max: usize,
+    /// The store file's page cache in memory, in bytes. redb's own default is
+    /// 1 GiB, which a bank under sustained load fills as its file grows
+    /// through the retention window (docs/BENCHMARKS.md): this bounds the
+    /// bank's memory instead.
+    ///
+    /// Default: 67108864 (64 MiB).
+    pub cache_max_bytes: usize,
 }
 
 impl Default for StoreConfig {
@@ -123,6 +130,7 @@ impl Default for StoreConfig {
             finished_retention_ms: 600_000,
             gc_interval_ms: 1_000,
             gc_batch_max: 1024,
+            cache_max_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -140,6 +148,7 @@ impl StoreConfig {
             ("store.finished_retention_ms", self.finished_retention_ms),
             ("store.gc_interval_ms", self.gc_interval_ms),
             ("store.gc_batch_max", self.gc_batch_max as u64),
+            ("store.cache_max_bytes", self.cache_max_bytes as u64),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -180,12 +189,13 @@ mod tests {
     #[test]
     fn zero_limits_are_rejected() {
         type Zero = fn(&mut StoreConfig);
-        let zeroes: [(&str, Zero); 5] = [
+        let zeroes: [(&str, Zero); 6] = [
             ("queue_max", |c| c.queue_max = 0),
             ("batch_max", |c| c.batch_max = 0),
             ("finished_retention_ms", |c| c.finished_retention_ms = 0),
             ("gc_interval_ms", |c| c.gc_interval_ms = 0),
             ("gc_batch_max", |c| c.gc_batch_max = 0),
+            ("cache_max_bytes", |c| c.cache_max_bytes = 0),
         ];
         for (field, zero) in zeroes {
             let mut c = config();

@@ -103,7 +103,7 @@ impl RedbStore {
     /// As [`RedbStore::open`].
     pub fn open_blocking(path: &Path, config: StoreConfig) -> Result<Self> {
         config.validate()?;
-        let db = Database::create(path)?;
+        let db = Database::builder().set_cache_size(config.cache_max_bytes).create(path)?;
         let init = db.begin_write()?;
         init.open_table(ACCOUNTS)?;
         init.open_table(BRANCHES)?;
