@@ -134,8 +134,10 @@ pub struct EngineConfig {
     pub delivery_backoff_min_ms: u64,
     /// Phase-2 retry backoff cap. Default: 2000 ms.
     pub delivery_backoff_max_ms: u64,
-    /// Decide calls in flight to one participant. Default: 64.
-    pub delivery_concurrency_per_participant: usize,
+    /// Decisions in one DecideBatch call to a participant; one batch is in
+    /// flight per participant, and what falls due meanwhile goes in the next.
+    /// Keep it at or below the participants' `decide_batch_max`. Default: 256.
+    pub delivery_batch_max: usize,
     /// Acknowledgements in one Acknowledge entry (more wait for the next one,
     /// which is proposed as soon as the previous is applied). Default: 1024.
     pub ack_batch_max: usize,
@@ -163,7 +165,7 @@ impl Default for EngineConfig {
             decide_timeout_ms: 5_000,
             delivery_backoff_min_ms: 20,
             delivery_backoff_max_ms: 2_000,
-            delivery_concurrency_per_participant: 64,
+            delivery_batch_max: 256,
             ack_batch_max: 1024,
             retention_ms: 60_000,
             gc_interval_ms: 1_000,
@@ -188,7 +190,7 @@ impl EngineConfig {
             ("prepare_timeout_ms", self.prepare_timeout_ms),
             ("decide_timeout_ms", self.decide_timeout_ms),
             ("delivery_backoff_min_ms", self.delivery_backoff_min_ms),
-            ("delivery_concurrency_per_participant", self.delivery_concurrency_per_participant as u64),
+            ("delivery_batch_max", self.delivery_batch_max as u64),
             ("ack_batch_max", self.ack_batch_max as u64),
             ("gc_interval_ms", self.gc_interval_ms),
             ("unacknowledged_max", self.unacknowledged_max as u64),

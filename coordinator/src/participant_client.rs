@@ -34,8 +34,8 @@ pub struct CallError {
 /// a status from the participant.
 ///
 /// To ensure correctness: a YES is only returned when the participant answered
-/// YES (it has persisted the branch, I3); `decide` returns Ok only when the
-/// participant acknowledged carrying out the decision.
+/// YES (it has persisted the branch, I3); `decide_batch` reports a decision as
+/// acknowledged only when the participant said it carried that decision out.
 pub trait ParticipantClient: Send + Sync + 'static {
     /// Sends Prepare and returns the participant's vote.
     fn prepare(
@@ -47,15 +47,19 @@ pub trait ParticipantClient: Send + Sync + 'static {
         timeout: Duration,
     ) -> impl Future<Output = Result<Vote, CallError>> + Send;
 
-    /// Sends the logged decision; Ok means acknowledged.
-    fn decide(
+    /// Sends logged decisions in one call: one [`Acknowledgement`] per
+    /// decision, in the order given.
+    fn decide_batch(
         &self,
         target: &Target,
-        txn_id: TxnId,
-        decision: Decision,
+        decisions: &[(TxnId, Decision)],
         timeout: Duration,
-    ) -> impl Future<Output = Result<(), CallError>> + Send;
+    ) -> impl Future<Output = Result<Vec<Acknowledgement>, CallError>> + Send;
 }
+
+/// What a participant answered for one decision of a batch: Ok when it has
+/// carried the decision out, or why not (it will be sent again).
+pub type Acknowledgement = Result<(), String>;
 
 /// A participant and where it currently is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,21 +165,37 @@ impl ParticipantClient for GrpcParticipants {
         })
     }
 
-    async fn decide(
+    async fn decide_batch(
         &self,
         target: &Target,
-        txn_id: TxnId,
-        decision: Decision,
+        decisions: &[(TxnId, Decision)],
         timeout: Duration,
-    ) -> Result<(), CallError> {
+    ) -> Result<Vec<Acknowledgement>, CallError> {
         let mut client = self.client(target)?;
-        let mut request = tonic::Request::new(pb::DecisionRequest {
-            txn_id: txn_id.to_string(),
+        let items = decisions
+            .iter()
+            .map(|(txn_id, decision)| pb::DecisionItem { txn_id: txn_id.to_string(), decision: (*decision).into() })
+            .collect();
+        let mut request = tonic::Request::new(pb::DecideBatchRequest {
             participant: target.participant.to_string(),
-            decision: decision.into(),
+            decisions: items,
         });
         request.set_timeout(timeout);
-        bounded(target, timeout, client.decide(request)).await?;
-        Ok(())
+        let results = bounded(target, timeout, client.decide_batch(request)).await?.into_inner().results;
+        if results.len() != decisions.len() {
+            return Err(CallError {
+                participant: target.participant.clone(),
+                addr: target.addr.clone(),
+                message: format!("answered {} results for {} decisions", results.len(), decisions.len()),
+            });
+        }
+        Ok(results.into_iter().map(acknowledgement).collect())
     }
+}
+
+fn acknowledgement(result: pb::DecisionResult) -> Acknowledgement {
+    if result.code == 0 {
+        return Ok(());
+    }
+    Err(format!("{:?}: {}", tonic::Code::from_i32(result.code), result.message))
 }

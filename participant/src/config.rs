@@ -75,6 +75,12 @@ pub struct ParticipantConfig {
     ///
     /// Default: 600000 (10 minutes).
     pub tombstone_retention_ms: u64,
+    /// The most decisions one `DecideBatch` call may carry; a larger batch
+    /// gets `INVALID_ARGUMENT`. Keep it at or above the coordinators'
+    /// `delivery_batch_max`.
+    ///
+    /// Default: 1024.
+    pub decide_batch_max: usize,
 }
 
 /// The largest allowed `payload_max_bytes`: room is left for the rest of the
@@ -97,6 +103,7 @@ impl ParticipantConfig {
             payload_max_bytes: 64 * 1024,
             outcome_memory_max: 100_000,
             tombstone_retention_ms: 600_000,
+            decide_batch_max: 1024,
         }
     }
 
@@ -127,6 +134,7 @@ impl ParticipantConfig {
             ("prepare_inflight_max", self.prepare_inflight_max),
             ("payload_max_bytes", self.payload_max_bytes),
             ("outcome_memory_max", self.outcome_memory_max),
+            ("decide_batch_max", self.decide_batch_max),
         ];
         for (name, value) in positive_ms {
             if value == 0 {
@@ -199,7 +207,7 @@ mod tests {
     #[test]
     fn zero_limits_are_rejected() {
         type Zero = fn(&mut ParticipantConfig);
-        let zeroes: [(&str, Zero); 10] = [
+        let zeroes: [(&str, Zero); 11] = [
             ("in_doubt_timeout_ms", |c| c.in_doubt_timeout_ms = 0),
             ("resolve_backoff_min_ms", |c| c.resolve_backoff_min_ms = 0),
             ("resolve_backoff_max_ms", |c| c.resolve_backoff_max_ms = 0),
@@ -210,6 +218,7 @@ mod tests {
             ("prepare_inflight_max", |c| c.prepare_inflight_max = 0),
             ("payload_max_bytes", |c| c.payload_max_bytes = 0),
             ("outcome_memory_max", |c| c.outcome_memory_max = 0),
+            ("decide_batch_max", |c| c.decide_batch_max = 0),
         ];
         for (field, zero) in zeroes {
             let mut c = config();

@@ -15,7 +15,10 @@ use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 use tracing::{Span, field, info, instrument};
 use twopc_proto::pb::participant_server::{self, ParticipantServer};
-use twopc_proto::pb::{DecisionRequest, DecisionResponse, PrepareRequest, PrepareResponse};
+use twopc_proto::pb::{
+    DecideBatchRequest, DecideBatchResponse, DecisionItem, DecisionRequest, DecisionResponse, DecisionResult,
+    PrepareRequest, PrepareResponse,
+};
 use twopc_proto::{Decision, MAX_MESSAGE_BYTES, TxnId};
 
 use crate::config::ParticipantConfig;
@@ -177,13 +180,49 @@ impl<R: Resource> Service<R> {
     }
 
     fn decision_from_wire(&self, req: &DecisionRequest) -> Result<(TxnId, Decision)> {
-        let txn = Self::txn_id(&req.txn_id)?;
         self.check_participant(&req.participant)?;
-        let decision = Decision::try_from(req.decision).map_err(|e| Error::Invalid {
+        Self::decision_item(&req.txn_id, req.decision)
+    }
+
+    fn decision_item(txn_id: &str, decision: i32) -> Result<(TxnId, Decision)> {
+        let txn = Self::txn_id(txn_id)?;
+        let decision = Decision::try_from(decision).map_err(|e| Error::Invalid {
             field: "decision",
             why: format!("{e}; use DECISION_COMMIT (1) or DECISION_ABORT (2)"),
         })?;
         Ok((txn, decision))
+    }
+
+    /// The batch's own checks; each decision in it is checked on its own.
+    fn batch_from_wire(&self, req: &DecideBatchRequest) -> Result<()> {
+        self.check_participant(&req.participant)?;
+        let max = self.engine.config().decide_batch_max;
+        if req.decisions.is_empty() || req.decisions.len() > max {
+            return Err(Error::Invalid {
+                field: "decisions",
+                why: format!(
+                    "holds {} decisions; a batch holds 1 to {max} (decide_batch_max); split it",
+                    req.decisions.len()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// One decision of a batch, answered as its own Decide would be.
+    async fn decide_item(&self, item: DecisionItem) -> DecisionResult {
+        let applied = match Self::decision_item(&item.txn_id, item.decision) {
+            Ok((txn, decision)) => self.engine.decide(txn, decision, Origin::Coordinator).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        let (code, message) = match applied {
+            Ok(()) => (0, String::new()),
+            Err(e) => {
+                let status = Status::from(e);
+                (status.code() as i32, status.message().to_owned())
+            }
+        };
+        DecisionResult { txn_id: item.txn_id, code, message }
     }
 }
 
@@ -203,6 +242,20 @@ impl<R: Resource> participant_server::Participant for Service<R> {
         Span::current().record("txn_id", field::display(txn));
         self.engine.decide(txn, decision, Origin::Coordinator).await?;
         Ok(Response::new(DecisionResponse {}))
+    }
+
+    #[instrument(skip_all, fields(decisions = field::Empty))]
+    async fn decide_batch(
+        &self,
+        request: Request<DecideBatchRequest>,
+    ) -> Result<Response<DecideBatchResponse>, Status> {
+        let request = request.into_inner();
+        self.batch_from_wire(&request)?;
+        Span::current().record("decisions", request.decisions.len());
+        // All at once: each runs under its own txn's lock, and a store with
+        // group commit gives them one fsync.
+        let results = futures::future::join_all(request.decisions.into_iter().map(|item| self.decide_item(item))).await;
+        Ok(Response::new(DecideBatchResponse { results }))
     }
 }
 

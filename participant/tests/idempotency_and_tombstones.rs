@@ -156,3 +156,25 @@ async fn transient_resource_failure_is_unavailable_and_the_retry_applies_once() 
     assert_eq!(resource.commit_count(txn), 1);
     p.stop().await
 }
+
+// I5: a decision repeated inside one DecideBatch, and the batch repeated, is carried out once;
+// every copy is acknowledged.
+#[tokio::test]
+async fn a_decision_repeated_in_and_across_batches_is_applied_once() -> anyhow::Result<()> {
+    let resource = Arc::new(MemoryResource::new());
+    let p = start(Arc::clone(&resource), config(vec![dead_addr().await?])).await?;
+    let (committed, aborted) = (TxnId::new(), TxnId::new());
+    p.prepare(committed, b"ok").await?;
+    p.prepare(aborted, b"ok").await?;
+    let commit = (committed.to_string(), i32::from(Decision::Commit));
+    let abort = (aborted.to_string(), i32::from(Decision::Abort));
+    let batch = [commit.clone(), abort.clone(), commit, abort];
+    for _ in 0..2 {
+        let results = within("a batch", p.decide_batch(&batch)).await??;
+        assert!(results.iter().all(|r| r.code == 0), "{results:?}");
+    }
+    assert_eq!(resource.commit_count(committed), 1);
+    assert!(resource.is_aborted(aborted));
+    assert!(!resource.is_prepared(committed) && !resource.is_prepared(aborted));
+    p.stop().await
+}

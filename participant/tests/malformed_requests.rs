@@ -6,11 +6,12 @@ mod common;
 
 use std::sync::Arc;
 
+use anyhow::Context as _;
 use bytes::Bytes;
 use common::{ID, Running, config, dead_addr, prepare_request, start};
 use tonic::Code;
 use twopc_participant::{Decision, MemoryResource, TxnId};
-use twopc_proto::pb::{DecisionRequest, PrepareRequest};
+use twopc_proto::pb::{DecideBatchRequest, DecisionItem, DecisionRequest, PrepareRequest};
 
 async fn participant(resource: &Arc<MemoryResource>) -> anyhow::Result<Running> {
     let mut config = config(vec![dead_addr().await?]);
@@ -171,6 +172,63 @@ async fn conflicting_decision_is_failed_precondition() -> anyhow::Result<()> {
     assert_eq!(resource.commit_count(aborted), 0);
     assert_eq!(resource.commit_count(refused), 0);
     assert_eq!(resource.abort_calls(committed), 0, "memory should refuse before the resource");
+    p.stop().await
+}
+
+// I6 (bounded): a DecideBatch with no decisions, or more than decide_batch_max, is
+// INVALID_ARGUMENT naming the limit; one misaddressed is FAILED_PRECONDITION. Nothing is applied.
+#[tokio::test]
+async fn empty_oversize_or_misaddressed_batches_are_refused_whole() -> anyhow::Result<()> {
+    let resource = Arc::new(MemoryResource::new());
+    let mut config = config(vec![dead_addr().await?]);
+    config.decide_batch_max = 2;
+    let p = start(Arc::clone(&resource), config).await?;
+    let txn = TxnId::new();
+    p.prepare(txn, b"ok").await?;
+    let commit = (txn.to_string(), i32::from(Decision::Commit));
+
+    for decisions in [vec![], vec![commit.clone(); 3]] {
+        let count = decisions.len();
+        let status = p.decide_batch(&decisions).await.err().context("expected an error")?;
+        assert_eq!(status.code(), Code::InvalidArgument, "{count} decisions: {status:?}");
+        assert!(status.message().contains("1 to 2 (decide_batch_max)"), "{status:?}");
+    }
+    let item = DecisionItem { txn_id: txn.to_string(), decision: Decision::Commit.into() };
+    let misaddressed = DecideBatchRequest { participant: "bank-b".into(), decisions: vec![item] };
+    let status = p.client.clone().decide_batch(misaddressed).await.err().context("expected an error")?;
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(resource.commit_calls(txn), 0);
+    assert!(resource.is_prepared(txn));
+    p.stop().await
+}
+
+// I1/I6: in a DecideBatch each decision gets the code its own Decide would: a malformed txn id
+// or decision is INVALID_ARGUMENT, a Commit never prepared FAILED_PRECONDITION, and the good
+// decision beside them is carried out.
+#[tokio::test]
+async fn each_decision_of_a_batch_gets_its_own_code() -> anyhow::Result<()> {
+    let resource = Arc::new(MemoryResource::new());
+    let p = participant(&resource).await?;
+    let (prepared, never) = (TxnId::new(), TxnId::new());
+    p.prepare(prepared, b"ok").await?;
+    let commit = i32::from(Decision::Commit);
+    let decisions = [
+        ("not-a-txn-id".to_owned(), commit),
+        (prepared.to_string(), 7),
+        (never.to_string(), commit),
+        (prepared.to_string(), commit),
+    ];
+    let results = p.decide_batch(&decisions).await?;
+    let codes: Vec<Code> = results.iter().map(|r| Code::from_i32(r.code)).collect();
+    assert_eq!(codes, [Code::InvalidArgument, Code::InvalidArgument, Code::FailedPrecondition, Code::Ok]);
+    assert!(results[0].message.starts_with("txn_id:"), "{results:?}");
+    assert!(results[1].message.starts_with("decision:"), "{results:?}");
+    assert!(results[2].message.contains("never prepared"), "{results:?}");
+    let echoed: Vec<&str> = results.iter().map(|r| r.txn_id.as_str()).collect();
+    let sent: Vec<&str> = decisions.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(echoed, sent);
+    assert_eq!(resource.commit_count(prepared), 1);
+    assert_eq!(resource.commit_count(never), 0);
     p.stop().await
 }
 

@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use tokio::sync::watch;
-use twopc_coordinator::participant_client::{CallError, GrpcParticipants, ParticipantClient, Target};
+use twopc_coordinator::participant_client::{Acknowledgement, CallError, GrpcParticipants, ParticipantClient, Target};
 use twopc_proto::{Decision, TxnId, Vote};
 
 /// The switches, shared by every node of a test cluster.
@@ -138,13 +138,12 @@ impl ParticipantClient for GatedParticipants {
         vote
     }
 
-    async fn decide(
+    async fn decide_batch(
         &self,
         target: &Target,
-        txn_id: TxnId,
-        decision: Decision,
+        decisions: &[(TxnId, Decision)],
         timeout: Duration,
-    ) -> Result<(), CallError> {
+    ) -> Result<Vec<Acknowledgement>, CallError> {
         if self.gate.fail_decides.load(Ordering::SeqCst) {
             return Err(CallError {
                 participant: target.participant.clone(),
@@ -159,7 +158,7 @@ impl ParticipantClient for GatedParticipants {
         if fate == Fate::LoseRequest {
             return Err(lost(target, "decide request"));
         }
-        let acknowledged = self.grpc.decide(target, txn_id, decision, timeout).await;
+        let acknowledged = self.grpc.decide_batch(target, decisions, timeout).await;
         if fate == Fate::LoseAnswer && acknowledged.is_ok() {
             return Err(lost(target, "decide acknowledgement"));
         }

@@ -3,6 +3,8 @@
 //!
 //! One queue and one worker per participant, ordered by next attempt time,
 //! so a participant that is down backs off alone and never slows the others.
+//! A worker sends what is due in one DecideBatch call and, while it waits,
+//! lets the next batch gather: under load a call carries many decisions.
 //! Acknowledgements are logged in batches by one task; a batch is proposed as
 //! soon as the previous one is applied, so batches grow with load.
 
@@ -43,7 +45,7 @@ struct Shared<P> {
     decide_timeout: Duration,
     backoff_min_ms: u64,
     backoff_max_ms: u64,
-    concurrency: usize,
+    batch_max: usize,
     delivered: AtomicU64,
     retries: AtomicU64,
 }
@@ -105,7 +107,7 @@ impl<P: ParticipantClient> Delivery<P> {
             decide_timeout: Duration::from_millis(config.decide_timeout_ms),
             backoff_min_ms: config.delivery_backoff_min_ms,
             backoff_max_ms: config.delivery_backoff_max_ms,
-            concurrency: config.delivery_concurrency_per_participant,
+            batch_max: config.delivery_batch_max,
             delivered: AtomicU64::new(0),
             retries: AtomicU64::new(0),
         });
@@ -165,7 +167,7 @@ async fn run_worker<P: ParticipantClient>(shared: Arc<Shared<P>>, participant: P
         if *stop.borrow() {
             return;
         }
-        let (batch, next_due) = queue.state.lock().take_due(Instant::now(), shared.concurrency);
+        let (batch, next_due) = queue.state.lock().take_due(Instant::now(), shared.batch_max);
         if batch.is_empty() {
             let sleep_until = next_due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
@@ -184,10 +186,11 @@ async fn run_worker<P: ParticipantClient>(shared: Arc<Shared<P>>, participant: P
         let results = match addr {
             Some(addr) => {
                 let target = Target { participant: participant.clone(), addr };
-                let sends = batch
-                    .iter()
-                    .map(|item| shared.client.decide(&target, item.txn_id, item.decision, shared.decide_timeout));
-                futures::future::join_all(sends).await.into_iter().map(|r| r.map_err(|e| e.message)).collect()
+                let decisions: Vec<_> = batch.iter().map(|item| (item.txn_id, item.decision)).collect();
+                match shared.client.decide_batch(&target, &decisions, shared.decide_timeout).await {
+                    Ok(acknowledgements) => acknowledgements,
+                    Err(e) => vec![Err(e.message); batch.len()],
+                }
             }
             None => vec![Err(format!("participant {participant} is not registered")); batch.len()],
         };

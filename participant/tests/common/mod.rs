@@ -16,7 +16,9 @@ use twopc_participant::{
     Decision, MemoryResource, Metrics, Participant, ParticipantConfig, Resource, ResourceError, TxnId, Vote,
 };
 use twopc_proto::pb::participant_client::ParticipantClient;
-use twopc_proto::pb::{DecisionRequest, PrepareRequest, PrepareResponse};
+use twopc_proto::pb::{
+    DecideBatchRequest, DecisionItem, DecisionRequest, DecisionResult, PrepareRequest, PrepareResponse,
+};
 use twopc_proto::txn_id::unix_now_ms;
 
 /// The name every test participant goes by.
@@ -84,6 +86,16 @@ impl Running {
     pub async fn decide(&self, txn: TxnId, decision: Decision) -> Result<(), tonic::Status> {
         let request = DecisionRequest { txn_id: txn.to_string(), participant: ID.into(), decision: decision.into() };
         self.client.clone().decide(request).await.map(|_| ())
+    }
+
+    /// One DecideBatch call addressed to this participant: the per-decision results.
+    pub async fn decide_batch(&self, decisions: &[(String, i32)]) -> Result<Vec<DecisionResult>, tonic::Status> {
+        let decisions = decisions
+            .iter()
+            .map(|(txn_id, decision)| DecisionItem { txn_id: txn_id.clone(), decision: *decision })
+            .collect();
+        let request = DecideBatchRequest { participant: ID.into(), decisions };
+        self.client.clone().decide_batch(request).await.map(|r| r.into_inner().results)
     }
 }
 
