@@ -128,13 +128,20 @@ pub struct EngineConfig {
     /// Longest wait for one Prepare answer (the deadline may cut it shorter).
     /// Default: 5000 ms.
     pub prepare_timeout_ms: u64,
+    /// Prepares in one PrepareBatch call to a participant. Keep it at or
+    /// below the participants' `prepare_batch_max`. Default: 256.
+    pub prepare_batch_max: usize,
+    /// Prepare calls in flight to one participant; Prepares that arrive
+    /// while this many are out wait and go together in the next call, so
+    /// under load a call carries many (docs/PROTOCOL.md §11). Default: 4.
+    pub prepare_calls_per_participant_max: usize,
     /// Longest wait for one Decide acknowledgement. Default: 5000 ms.
     pub decide_timeout_ms: u64,
     /// Phase-2 retry backoff, first step. Default: 20 ms.
     pub delivery_backoff_min_ms: u64,
     /// Phase-2 retry backoff cap. Default: 2000 ms.
     pub delivery_backoff_max_ms: u64,
-    /// Decisions in one DecideBatch call to a participant; one batch is in
+    /// Decisions in one DecideBatch call to a participant; one call is in
     /// flight per participant, and what falls due meanwhile goes in the next.
     /// Keep it at or below the participants' `decide_batch_max`. Default: 256.
     pub delivery_batch_max: usize,
@@ -162,6 +169,8 @@ impl Default for EngineConfig {
             payload_max_bytes: 64 * 1024,
             deadline_max_ms: 30_000,
             prepare_timeout_ms: 5_000,
+            prepare_batch_max: 256,
+            prepare_calls_per_participant_max: 4,
             decide_timeout_ms: 5_000,
             delivery_backoff_min_ms: 20,
             delivery_backoff_max_ms: 2_000,
@@ -176,6 +185,14 @@ impl Default for EngineConfig {
 }
 
 impl EngineConfig {
+    /// How the gRPC participant client gathers Prepares.
+    pub fn prepare_batching(&self) -> crate::prepare_batch::PrepareBatching {
+        crate::prepare_batch::PrepareBatching {
+            batch_max: self.prepare_batch_max,
+            calls_max: self.prepare_calls_per_participant_max,
+        }
+    }
+
     /// Checks the config before anything starts.
     ///
     /// # Errors
@@ -188,6 +205,8 @@ impl EngineConfig {
             ("payload_max_bytes", self.payload_max_bytes as u64),
             ("deadline_max_ms", self.deadline_max_ms),
             ("prepare_timeout_ms", self.prepare_timeout_ms),
+            ("prepare_batch_max", self.prepare_batch_max as u64),
+            ("prepare_calls_per_participant_max", self.prepare_calls_per_participant_max as u64),
             ("decide_timeout_ms", self.decide_timeout_ms),
             ("delivery_backoff_min_ms", self.delivery_backoff_min_ms),
             ("delivery_batch_max", self.delivery_batch_max as u64),

@@ -10,6 +10,7 @@
 //! - [`failpoint`]: names of the test failpoints (feature `failpoints`) at the protocol's dangerous points.
 //! - [`client`]: [`client::ClusterClient`], a leader-following client of the cluster's APIs.
 //! - [`participant_client`]: the seam to participants and its gRPC implementation.
+//! - [`prepare_batch`]: Prepares to one participant gathered into `PrepareBatch` calls under load.
 //! - [`metrics`]: phase latency histograms, the Prometheus rendering and its HTTP endpoint.
 //! - [`node`]: the task owning raft-rs's `RawNode` (the Ready loop) and its [`node::NodeHandle`].
 //! - [`raft_log`]: raft-rs's slog output routed into tracing.
@@ -28,6 +29,7 @@ pub mod failpoint;
 pub mod metrics;
 pub mod node;
 pub mod participant_client;
+pub mod prepare_batch;
 pub mod raft_log;
 pub mod server;
 pub mod service;

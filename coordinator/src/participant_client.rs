@@ -11,6 +11,8 @@ use tonic::transport::{Channel, Endpoint};
 use twopc_proto::pb::participant_client::ParticipantClient as PbClient;
 use twopc_proto::{Decision, MAX_MESSAGE_BYTES, ParticipantId, TxnId, Vote, pb};
 
+use crate::prepare_batch::{PrepareBatching, PrepareQueue};
+
 /// Why a call to a participant failed. Every failure is treated as "no
 /// answer": at prepare time it means Abort; at delivery time, retry later.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -62,7 +64,7 @@ pub trait ParticipantClient: Send + Sync + 'static {
 pub type Acknowledgement = Result<(), String>;
 
 /// A participant and where it currently is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Target {
     /// Its registered name.
     pub participant: ParticipantId,
@@ -70,11 +72,15 @@ pub struct Target {
     pub addr: String,
 }
 
-/// [`ParticipantClient`] over gRPC, one lazily connected HTTP/2 channel per address.
+/// [`ParticipantClient`] over gRPC, one lazily connected HTTP/2 channel per
+/// address. Prepares to one participant are gathered into `PrepareBatch`
+/// calls under load ([`crate::prepare_batch`]).
 #[derive(Clone, Default)]
 pub struct GrpcParticipants {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    prepare_queues: Arc<Mutex<HashMap<Target, Arc<PrepareQueue>>>>,
     connect_timeout: Duration,
+    batching: PrepareBatching,
 }
 
 /// Distinct participant addresses whose channels are kept; beyond it the
@@ -82,9 +88,27 @@ pub struct GrpcParticipants {
 const CHANNEL_CACHE_MAX: usize = 1024;
 
 impl GrpcParticipants {
-    /// A client whose connection attempts give up after `connect_timeout`.
+    /// A client whose connection attempts give up after `connect_timeout`,
+    /// batching Prepares by the defaults of [`PrepareBatching`].
     pub fn new(connect_timeout: Duration) -> Self {
-        Self { channels: Arc::default(), connect_timeout }
+        Self::with_batching(connect_timeout, PrepareBatching::default())
+    }
+
+    /// As [`GrpcParticipants::new`], gathering Prepares as `batching` says.
+    pub fn with_batching(connect_timeout: Duration, batching: PrepareBatching) -> Self {
+        Self { channels: Arc::default(), prepare_queues: Arc::default(), connect_timeout, batching }
+    }
+
+    fn prepare_queue(&self, target: &Target) -> Result<Arc<PrepareQueue>, CallError> {
+        if let Some(queue) = self.prepare_queues.lock().get(target) {
+            return Ok(Arc::clone(queue));
+        }
+        let queue = PrepareQueue::new(self.client(target)?, target.participant.to_string(), self.batching);
+        let mut queues = self.prepare_queues.lock();
+        if queues.len() >= CHANNEL_CACHE_MAX {
+            queues.clear();
+        }
+        Ok(Arc::clone(queues.entry(target.clone()).or_insert(queue)))
     }
 
     fn client(&self, target: &Target) -> Result<PbClient<Channel>, CallError> {
@@ -149,20 +173,15 @@ impl ParticipantClient for GrpcParticipants {
         deadline_unix_ms: u64,
         timeout: Duration,
     ) -> Result<Vote, CallError> {
-        let mut client = self.client(target)?;
-        let mut request = tonic::Request::new(pb::PrepareRequest {
-            txn_id: txn_id.to_string(),
-            participant: target.participant.to_string(),
-            payload,
-            deadline_unix_ms,
-        });
-        request.set_timeout(timeout);
-        let response = bounded(target, timeout, client.prepare(request)).await?.into_inner();
-        Vote::from_pb(response.vote, &response.reason).map_err(|e| CallError {
-            participant: target.participant.clone(),
-            addr: target.addr.clone(),
-            message: e.to_string(),
-        })
+        let item = pb::PrepareItem { txn_id: txn_id.to_string(), payload, deadline_unix_ms };
+        let result = self.prepare_queue(target)?.prepare(item, timeout).await;
+        let failed =
+            |message: String| CallError { participant: target.participant.clone(), addr: target.addr.clone(), message };
+        let result = result.map_err(failed)?;
+        if result.code != 0 {
+            return Err(failed(format!("{:?}: {}", tonic::Code::from_i32(result.code), result.message)));
+        }
+        Vote::from_pb(result.vote, &result.reason).map_err(|e| failed(e.to_string()))
     }
 
     async fn decide_batch(

@@ -88,7 +88,8 @@ async fn stop_signal(mut stop: watch::Receiver<bool>) {
 /// Bad config, or storage that cannot be opened.
 pub fn spawn(listener: TcpListener, config: &NodeConfig, faults: FaultFilter) -> Result<RunningNode> {
     let connect_timeout = Duration::from_millis(config.engine.participant_connect_timeout_ms);
-    spawn_with_client(listener, config, faults, GrpcParticipants::new(connect_timeout))
+    let participants = GrpcParticipants::with_batching(connect_timeout, config.engine.prepare_batching());
+    spawn_with_client(listener, config, faults, participants)
 }
 
 /// [`spawn`] with another way of calling participants (tests wrap the gRPC

@@ -81,6 +81,13 @@ pub struct ParticipantConfig {
     ///
     /// Default: 1024.
     pub decide_batch_max: usize,
+    /// The most Prepares one `PrepareBatch` call may carry; a larger batch
+    /// gets `INVALID_ARGUMENT`. Each Prepare of a batch also counts against
+    /// `prepare_inflight_max`. Keep it at or above the coordinators'
+    /// `prepare_batch_max`.
+    ///
+    /// Default: 1024.
+    pub prepare_batch_max: usize,
 }
 
 /// The largest allowed `payload_max_bytes`: room is left for the rest of the
@@ -104,6 +111,7 @@ impl ParticipantConfig {
             outcome_memory_max: 100_000,
             tombstone_retention_ms: 600_000,
             decide_batch_max: 1024,
+            prepare_batch_max: 1024,
         }
     }
 
@@ -135,6 +143,7 @@ impl ParticipantConfig {
             ("payload_max_bytes", self.payload_max_bytes),
             ("outcome_memory_max", self.outcome_memory_max),
             ("decide_batch_max", self.decide_batch_max),
+            ("prepare_batch_max", self.prepare_batch_max),
         ];
         for (name, value) in positive_ms {
             if value == 0 {
@@ -207,7 +216,7 @@ mod tests {
     #[test]
     fn zero_limits_are_rejected() {
         type Zero = fn(&mut ParticipantConfig);
-        let zeroes: [(&str, Zero); 11] = [
+        let zeroes: [(&str, Zero); 12] = [
             ("in_doubt_timeout_ms", |c| c.in_doubt_timeout_ms = 0),
             ("resolve_backoff_min_ms", |c| c.resolve_backoff_min_ms = 0),
             ("resolve_backoff_max_ms", |c| c.resolve_backoff_max_ms = 0),
@@ -219,6 +228,7 @@ mod tests {
             ("payload_max_bytes", |c| c.payload_max_bytes = 0),
             ("outcome_memory_max", |c| c.outcome_memory_max = 0),
             ("decide_batch_max", |c| c.decide_batch_max = 0),
+            ("prepare_batch_max", |c| c.prepare_batch_max = 0),
         ];
         for (field, zero) in zeroes {
             let mut c = config();

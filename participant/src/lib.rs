@@ -58,9 +58,9 @@
 //! | Decide | contradicts the recorded decision or a NO vote (logged as a protocol violation) | `FAILED_PRECONDITION` |
 //! | Decide | repeated | OK, nothing changes (I5) |
 //! | Decide | Abort for a txn never prepared here | OK, a tombstone is kept (I4) |
-//! | DecideBatch | no decisions, or more than `decide_batch_max` | `INVALID_ARGUMENT` |
-//! | DecideBatch | `participant` non-empty and not this participant's id | `FAILED_PRECONDITION` |
-//! | DecideBatch | otherwise | OK, with one result per decision: the code its own Decide would return, 0 for OK |
+//! | PrepareBatch, DecideBatch | no items, or more than `prepare_batch_max` / `decide_batch_max` | `INVALID_ARGUMENT` |
+//! | PrepareBatch, DecideBatch | `participant` non-empty and not this participant's id | `FAILED_PRECONDITION` |
+//! | PrepareBatch, DecideBatch | otherwise | OK, one result per item: the code its own Prepare or Decide would return (0 for OK, with the vote) |
 //! | both | the resource reports a transient failure (retry the same call) | `UNAVAILABLE` |
 //! | both | the resource fails otherwise | `INTERNAL` |
 //!

@@ -17,7 +17,7 @@ use tracing::{Span, field, info, instrument};
 use twopc_proto::pb::participant_server::{self, ParticipantServer};
 use twopc_proto::pb::{
     DecideBatchRequest, DecideBatchResponse, DecisionItem, DecisionRequest, DecisionResponse, DecisionResult,
-    PrepareRequest, PrepareResponse,
+    PrepareBatchRequest, PrepareBatchResponse, PrepareItem, PrepareRequest, PrepareResponse, PrepareResult,
 };
 use twopc_proto::{Decision, MAX_MESSAGE_BYTES, TxnId};
 
@@ -157,26 +157,34 @@ impl<R: Resource> Service<R> {
     }
 
     fn prepare_from_wire(&self, req: PrepareRequest) -> Result<Prepare> {
-        let txn = Self::txn_id(&req.txn_id)?;
         self.check_participant(&req.participant)?;
+        self.prepare_item(PrepareItem {
+            txn_id: req.txn_id,
+            payload: req.payload,
+            deadline_unix_ms: req.deadline_unix_ms,
+        })
+    }
+
+    fn prepare_item(&self, item: PrepareItem) -> Result<Prepare> {
+        let txn = Self::txn_id(&item.txn_id)?;
         let limit = self.engine.config().payload_max_bytes;
-        if req.payload.len() > limit {
+        if item.payload.len() > limit {
             return Err(Error::Invalid {
                 field: "payload",
                 why: format!(
                     "{} bytes is over this participant's limit of {limit} bytes \
                      (payload_max_bytes); split the work into smaller branches",
-                    req.payload.len()
+                    item.payload.len()
                 ),
             });
         }
-        if req.deadline_unix_ms == 0 {
+        if item.deadline_unix_ms == 0 {
             return Err(Error::Invalid {
                 field: "deadline_unix_ms",
                 why: "is 0; set it to the txn's deadline in Unix milliseconds".into(),
             });
         }
-        Ok(Prepare { txn, payload: req.payload, deadline_unix_ms: req.deadline_unix_ms })
+        Ok(Prepare { txn, payload: item.payload, deadline_unix_ms: item.deadline_unix_ms })
     }
 
     fn decision_from_wire(&self, req: &DecisionRequest) -> Result<(TxnId, Decision)> {
@@ -193,20 +201,36 @@ impl<R: Resource> Service<R> {
         Ok((txn, decision))
     }
 
-    /// The batch's own checks; each decision in it is checked on its own.
-    fn batch_from_wire(&self, req: &DecideBatchRequest) -> Result<()> {
-        self.check_participant(&req.participant)?;
-        let max = self.engine.config().decide_batch_max;
-        if req.decisions.is_empty() || req.decisions.len() > max {
+    /// A batch's own checks (each item is checked on its own): addressed to
+    /// this participant, and 1 to `max` items.
+    fn check_batch(&self, participant: &str, field: &'static str, len: usize, max: usize, limit: &str) -> Result<()> {
+        self.check_participant(participant)?;
+        if len == 0 || len > max {
             return Err(Error::Invalid {
-                field: "decisions",
-                why: format!(
-                    "holds {} decisions; a batch holds 1 to {max} (decide_batch_max); split it",
-                    req.decisions.len()
-                ),
+                field,
+                why: format!("holds {len}; a batch holds 1 to {max} ({limit}); split it"),
             });
         }
         Ok(())
+    }
+
+    /// One Prepare of a batch, answered as its own Prepare would be.
+    async fn prepare_one(&self, item: PrepareItem) -> PrepareResult {
+        let txn_id = item.txn_id.clone();
+        let voted = match self.prepare_item(item) {
+            Ok(p) => self.engine.prepare(p.txn, p.payload, p.deadline_unix_ms).await,
+            Err(e) => Err(e),
+        };
+        match voted {
+            Ok(vote) => {
+                let pb = vote.to_pb();
+                PrepareResult { txn_id, code: 0, message: String::new(), vote: pb.vote, reason: pb.reason }
+            }
+            Err(e) => {
+                let (code, message) = status_parts(e);
+                PrepareResult { txn_id, code, message, ..PrepareResult::default() }
+            }
+        }
     }
 
     /// One decision of a batch, answered as its own Decide would be.
@@ -217,13 +241,17 @@ impl<R: Resource> Service<R> {
         };
         let (code, message) = match applied {
             Ok(()) => (0, String::new()),
-            Err(e) => {
-                let status = Status::from(e);
-                (status.code() as i32, status.message().to_owned())
-            }
+            Err(e) => status_parts(e),
         };
         DecisionResult { txn_id: item.txn_id, code, message }
     }
+}
+
+/// An error as a batch result carries it: the code and message of the status
+/// the same call alone would have returned.
+fn status_parts(e: Error) -> (i32, String) {
+    let status = Status::from(e);
+    (status.code() as i32, status.message().to_owned())
 }
 
 #[tonic::async_trait]
@@ -244,13 +272,29 @@ impl<R: Resource> participant_server::Participant for Service<R> {
         Ok(Response::new(DecisionResponse {}))
     }
 
+    #[instrument(skip_all, fields(prepares = field::Empty))]
+    async fn prepare_batch(
+        &self,
+        request: Request<PrepareBatchRequest>,
+    ) -> Result<Response<PrepareBatchResponse>, Status> {
+        let request = request.into_inner();
+        let max = self.engine.config().prepare_batch_max;
+        self.check_batch(&request.participant, "prepares", request.prepares.len(), max, "prepare_batch_max")?;
+        Span::current().record("prepares", request.prepares.len());
+        // All at once, as separate Prepares would run: a store with group
+        // commit makes them durable with one fsync.
+        let results = futures::future::join_all(request.prepares.into_iter().map(|item| self.prepare_one(item))).await;
+        Ok(Response::new(PrepareBatchResponse { results }))
+    }
+
     #[instrument(skip_all, fields(decisions = field::Empty))]
     async fn decide_batch(
         &self,
         request: Request<DecideBatchRequest>,
     ) -> Result<Response<DecideBatchResponse>, Status> {
         let request = request.into_inner();
-        self.batch_from_wire(&request)?;
+        let max = self.engine.config().decide_batch_max;
+        self.check_batch(&request.participant, "decisions", request.decisions.len(), max, "decide_batch_max")?;
         Span::current().record("decisions", request.decisions.len());
         // All at once: each runs under its own txn's lock, and a store with
         // group commit gives them one fsync.

@@ -11,7 +11,10 @@ use bytes::Bytes;
 use common::{ID, Running, config, dead_addr, prepare_request, start};
 use tonic::Code;
 use twopc_participant::{Decision, MemoryResource, TxnId};
-use twopc_proto::pb::{DecideBatchRequest, DecisionItem, DecisionRequest, PrepareRequest};
+use twopc_proto::pb::{
+    DecideBatchRequest, DecisionItem, DecisionRequest, PrepareBatchRequest, PrepareItem, PrepareRequest,
+};
+use twopc_proto::txn_id::unix_now_ms;
 
 async fn participant(resource: &Arc<MemoryResource>) -> anyhow::Result<Running> {
     let mut config = config(vec![dead_addr().await?]);
@@ -229,6 +232,69 @@ async fn each_decision_of_a_batch_gets_its_own_code() -> anyhow::Result<()> {
     assert_eq!(echoed, sent);
     assert_eq!(resource.commit_count(prepared), 1);
     assert_eq!(resource.commit_count(never), 0);
+    p.stop().await
+}
+
+fn prepare_item(txn_id: String, payload: &'static [u8]) -> PrepareItem {
+    PrepareItem { txn_id, payload: Bytes::from_static(payload), deadline_unix_ms: unix_now_ms() + 60_000 }
+}
+
+// I6 (bounded): a PrepareBatch with no Prepares, or more than prepare_batch_max, is
+// INVALID_ARGUMENT naming the limit; one misaddressed is FAILED_PRECONDITION. The resource is
+// not called.
+#[tokio::test]
+async fn empty_oversize_or_misaddressed_prepare_batches_are_refused_whole() -> anyhow::Result<()> {
+    let resource = Arc::new(MemoryResource::new());
+    let mut config = config(vec![dead_addr().await?]);
+    config.prepare_batch_max = 2;
+    let p = start(Arc::clone(&resource), config).await?;
+    let txn = TxnId::new();
+    let batch = |participant: &str, count: usize| PrepareBatchRequest {
+        participant: participant.into(),
+        prepares: (0..count).map(|_| prepare_item(txn.to_string(), b"ok")).collect(),
+    };
+    for count in [0, 3] {
+        let status = p.client.clone().prepare_batch(batch(ID, count)).await.err().context("expected an error")?;
+        assert_eq!(status.code(), Code::InvalidArgument, "{count} prepares: {status:?}");
+        assert!(status.message().contains("1 to 2 (prepare_batch_max)"), "{status:?}");
+    }
+    let status = p.client.clone().prepare_batch(batch("bank-b", 1)).await.err().context("expected an error")?;
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(resource.prepare_calls(txn), 0);
+    p.stop().await
+}
+
+// I3/I6: in a PrepareBatch each Prepare gets what its own Prepare would: a malformed txn id,
+// an oversize payload or a missing deadline is INVALID_ARGUMENT; the others are voted on,
+// YES or NO with the reason, and each result names its txn.
+#[tokio::test]
+async fn each_prepare_of_a_batch_gets_its_own_answer() -> anyhow::Result<()> {
+    let resource = Arc::new(MemoryResource::new());
+    let p = participant(&resource).await?;
+    let (yes, no, oversize, undated) = (TxnId::new(), TxnId::new(), TxnId::new(), TxnId::new());
+    let mut missing_deadline = prepare_item(undated.to_string(), b"ok");
+    missing_deadline.deadline_unix_ms = 0;
+    let prepares = vec![
+        prepare_item("not-a-txn-id".into(), b"ok"),
+        prepare_item(oversize.to_string(), b"seventeen bytes!!"),
+        missing_deadline,
+        prepare_item(no.to_string(), b"no:broke"),
+        prepare_item(yes.to_string(), b"ok"),
+    ];
+    let sent: Vec<String> = prepares.iter().map(|p| p.txn_id.clone()).collect();
+    let request = PrepareBatchRequest { participant: ID.into(), prepares };
+    let results = p.client.clone().prepare_batch(request).await?.into_inner().results;
+    let codes: Vec<Code> = results.iter().map(|r| Code::from_i32(r.code)).collect();
+    assert_eq!(codes, [Code::InvalidArgument, Code::InvalidArgument, Code::InvalidArgument, Code::Ok, Code::Ok]);
+    assert!(results[0].message.starts_with("txn_id:"), "{results:?}");
+    assert!(results[1].message.contains("limit of 16 bytes"), "{results:?}");
+    assert!(results[2].message.contains("deadline_unix_ms"), "{results:?}");
+    let votes: Vec<_> = results[3..].iter().map(|r| twopc_participant::Vote::from_pb(r.vote, &r.reason)).collect();
+    assert_eq!(votes, [Ok(twopc_participant::Vote::no("broke")), Ok(twopc_participant::Vote::Yes)]);
+    let echoed: Vec<&String> = results.iter().map(|r| &r.txn_id).collect();
+    assert_eq!(echoed, sent.iter().collect::<Vec<_>>());
+    assert!(resource.is_prepared(yes));
+    assert_eq!(resource.prepare_calls(oversize) + resource.prepare_calls(undated), 0);
     p.stop().await
 }
 
