@@ -29,6 +29,11 @@ pub struct NodeConfig {
     pub election_ticks: usize,
     /// Ticks between leader heartbeats. Default: 2.
     pub heartbeat_ticks: usize,
+    /// Seeds the randomised election timeouts, so a simulation can replay a
+    /// node's elections; `None` leaves the draws to raft-rs (its thread
+    /// random generator). Give every node of a cluster its own seed.
+    /// Default: None.
+    pub election_seed: Option<u64>,
     /// Append messages in flight to one follower. Default: 256.
     pub max_inflight_msgs: usize,
     /// Largest append message raft builds, in bytes. Default: 1 MiB.
@@ -65,6 +70,7 @@ impl NodeConfig {
             tick_interval_ms: 100,
             election_ticks: 10,
             heartbeat_ticks: 2,
+            election_seed: None,
             max_inflight_msgs: 256,
             max_size_per_msg_bytes: 1024 * 1024,
             request_queue_max: 8192,

@@ -12,6 +12,7 @@
 //! - [`participant_client`]: the seam to participants and its gRPC implementation.
 //! - [`prepare_batch`]: Prepares to one participant gathered into `PrepareBatch` calls under load.
 //! - [`metrics`]: phase latency histograms, the Prometheus rendering and its HTTP endpoint.
+//! - `election_timeout`: seeded election timeouts in place of raft-rs's thread-random ones (replayable elections).
 //! - [`node`]: the task owning raft-rs's `RawNode` (the Ready loop) and its [`node::NodeHandle`].
 //! - [`raft_log`]: raft-rs's slog output routed into tracing.
 //! - [`service`]: gRPC handlers for the client and admin APIs.
@@ -23,6 +24,7 @@
 pub mod client;
 pub mod command;
 pub mod config;
+mod election_timeout;
 pub mod engine;
 pub mod error;
 pub mod failpoint;

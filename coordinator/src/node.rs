@@ -27,6 +27,7 @@ use tokio::time::MissedTickBehavior;
 
 use crate::command::Proposal;
 use crate::config::NodeConfig;
+use crate::election_timeout::SeededElectionTimeout;
 use crate::error::{Error, Result};
 use crate::raft_log::raft_logger;
 use crate::state_machine::{Applied, StateMachine};
@@ -347,7 +348,9 @@ pub fn start(
         leader_ready: false,
         pending_proposals_max: config.pending_proposals_max,
         snapshot_interval_entries: config.snapshot_interval_entries,
+        election_timeout: config.election_seed.map(SeededElectionTimeout::new),
     };
+    task.reseed_election_timeout();
     let tick = Duration::from_millis(config.tick_interval_ms);
     let task = tokio::spawn(async move {
         let result = task.run(tick, requests_rx, inbound_rx, feedback_rx, shutdown).await;
@@ -380,6 +383,8 @@ struct RaftTask {
     leader_ready: bool,
     pending_proposals_max: usize,
     snapshot_interval_entries: u64,
+    /// With `NodeConfig::election_seed`: replaces raft-rs's random draws.
+    election_timeout: Option<SeededElectionTimeout>,
 }
 
 /// How many queued items one loop turn takes before handling the Ready, so
@@ -439,6 +444,15 @@ impl RaftTask {
             if self.raw.has_ready() {
                 self.on_ready()?;
             }
+            self.reseed_election_timeout();
+        }
+    }
+
+    /// Before the next tick: a term or role change just reset raft's election
+    /// timeout from its thread random generator; a seeded node draws its own.
+    fn reseed_election_timeout(&mut self) {
+        if let Some(seeded) = self.election_timeout.as_mut() {
+            seeded.after_step(&mut self.raw.raft);
         }
     }
 

@@ -1,5 +1,5 @@
 //! Test fault injection: isolate nodes, partition the cluster, and drop,
-//! delay or duplicate messages per directed link.
+//! delay, reorder or duplicate messages per directed link.
 //!
 //! One [`FaultFilter`] is shared by every node of an in-process cluster; the
 //! sending side asks it for a [`Verdict`] once per message (see the
@@ -22,6 +22,10 @@ pub struct LinkFault {
     pub drop_probability: f64,
     /// Every message on the link is delivered this many milliseconds late.
     pub delay_ms: u64,
+    /// Each message is delivered up to this many milliseconds later still, a
+    /// random amount per message, so later messages overtake earlier ones
+    /// (reordering).
+    pub jitter_ms: u64,
     /// Chance in `[0, 1]` that a message is delivered twice (never a snapshot).
     pub duplicate_probability: f64,
 }
@@ -41,7 +45,8 @@ impl LinkFault {
         if self.drop_all || chance(self.drop_probability) {
             return Verdict::Drop;
         }
-        let delay = Duration::from_millis(self.delay_ms);
+        let jitter = if self.jitter_ms == 0 { 0 } else { rand::random_range(0..=self.jitter_ms) };
+        let delay = Duration::from_millis(self.delay_ms.saturating_add(jitter));
         if chance(self.duplicate_probability) {
             return Verdict::Duplicate(delay);
         }

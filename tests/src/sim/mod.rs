@@ -68,7 +68,11 @@ impl SimConfig {
     /// The config seed `seed` runs with: its mix cycles through
     /// [`FaultMix::ALL`]; every fifth seed runs 5 coordinators.
     pub fn for_seed(seed: u64) -> Self {
-        let world = WorldConfig { coordinators: if seed % 5 == 4 { 5 } else { 3 }, ..WorldConfig::default() };
+        let world = WorldConfig {
+            coordinators: if seed % 5 == 4 { 5 } else { 3 },
+            election_seed: seed,
+            ..WorldConfig::default()
+        };
         Self {
             seed,
             mix: FaultMix::for_seed(seed),

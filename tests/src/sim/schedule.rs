@@ -185,6 +185,7 @@ pub fn schedule(seed: u64, mix: FaultMix, coordinators: u64, banks: usize, windo
                             drop_all: false,
                             drop_probability: rng.random_range(0.0..0.3),
                             delay_ms: rng.random_range(0..40),
+                            jitter_ms: rng.random_range(0..40),
                             duplicate_probability: rng.random_range(0.0..0.3),
                         };
                         (from, to, fault)

@@ -42,6 +42,9 @@ pub struct WorldConfig {
     pub client_retry_budget_ms: u64,
     /// I7's bound: how long the system may take to settle after the last heal.
     pub settle_bound: Duration,
+    /// Seeds every coordinator's election timeouts (node `id` gets
+    /// `election_seed ^ id`), so the same seed replays the same elections.
+    pub election_seed: u64,
 }
 
 impl Default for WorldConfig {
@@ -56,6 +59,7 @@ impl Default for WorldConfig {
             resolve_backoff_max_ms: 300,
             client_retry_budget_ms: 1_500,
             settle_bound: Duration::from_secs(20),
+            election_seed: 0,
         }
     }
 }
@@ -161,10 +165,12 @@ impl World {
     /// Anything that fails to start.
     pub async fn start(config: WorldConfig) -> anyhow::Result<Self> {
         let tick = config.tick_interval_ms;
+        let election_seed = config.election_seed;
         let cluster = Cluster::start_with(
             config.coordinators,
             Box::new(move |c| {
                 c.tick_interval_ms = tick;
+                c.election_seed = Some(election_seed ^ c.id);
                 c.election_ticks = 10;
                 c.heartbeat_ticks = 2;
                 c.request_timeout_ms = 1_500;
