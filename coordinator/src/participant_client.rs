@@ -26,6 +26,13 @@ pub struct CallError {
     pub message: String,
 }
 
+impl CallError {
+    /// A failed call to `target`.
+    pub fn new(target: &Target, message: impl Into<String>) -> Self {
+        Self { participant: target.participant.clone(), addr: target.addr.clone(), message: message.into() }
+    }
+}
+
 /// Calls participants on the coordinator's behalf.
 ///
 /// Implementations must not connect eagerly and must bound each call by the
@@ -116,11 +123,8 @@ impl GrpcParticipants {
         if let Some(channel) = channels.get(&target.addr) {
             return Ok(Self::wrap(channel.clone()));
         }
-        let endpoint = Endpoint::from_shared(format!("http://{}", target.addr)).map_err(|e| CallError {
-            participant: target.participant.clone(),
-            addr: target.addr.clone(),
-            message: format!("bad address: {e}"),
-        })?;
+        let endpoint = Endpoint::from_shared(format!("http://{}", target.addr))
+            .map_err(|e| CallError::new(target, format!("bad address: {e}")))?;
         let channel = endpoint
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
@@ -139,14 +143,6 @@ impl GrpcParticipants {
     }
 }
 
-fn call_error(target: &Target, status: &tonic::Status) -> CallError {
-    CallError {
-        participant: target.participant.clone(),
-        addr: target.addr.clone(),
-        message: format!("{:?}: {}", status.code(), status.message()),
-    }
-}
-
 /// Bounds a call by `timeout` on the client side too: grpc-timeout is only
 /// honoured by a server that is reachable and responsive.
 async fn bounded<T>(
@@ -155,12 +151,8 @@ async fn bounded<T>(
     call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 ) -> Result<tonic::Response<T>, CallError> {
     match tokio::time::timeout(timeout, call).await {
-        Ok(result) => result.map_err(|s| call_error(target, &s)),
-        Err(_) => Err(CallError {
-            participant: target.participant.clone(),
-            addr: target.addr.clone(),
-            message: format!("no answer within {} ms", timeout.as_millis()),
-        }),
+        Ok(result) => result.map_err(|s| CallError::new(target, format!("{:?}: {}", s.code(), s.message()))),
+        Err(_) => Err(CallError::new(target, format!("no answer within {} ms", timeout.as_millis()))),
     }
 }
 
@@ -175,13 +167,14 @@ impl ParticipantClient for GrpcParticipants {
     ) -> Result<Vote, CallError> {
         let item = pb::PrepareItem { txn_id: txn_id.to_string(), payload, deadline_unix_ms };
         let result = self.prepare_queue(target)?.prepare(item, timeout).await;
-        let failed =
-            |message: String| CallError { participant: target.participant.clone(), addr: target.addr.clone(), message };
-        let result = result.map_err(failed)?;
+        let result = result.map_err(|message| CallError::new(target, message))?;
         if result.code != 0 {
-            return Err(failed(format!("{:?}: {}", tonic::Code::from_i32(result.code), result.message)));
+            return Err(CallError::new(
+                target,
+                format!("{:?}: {}", tonic::Code::from_i32(result.code), result.message),
+            ));
         }
-        Vote::from_pb(result.vote, &result.reason).map_err(|e| failed(e.to_string()))
+        Vote::from_pb(result.vote, &result.reason).map_err(|e| CallError::new(target, e.to_string()))
     }
 
     async fn decide_batch(
@@ -201,12 +194,17 @@ impl ParticipantClient for GrpcParticipants {
         });
         request.set_timeout(timeout);
         let results = bounded(target, timeout, client.decide_batch(request)).await?.into_inner().results;
-        if results.len() != decisions.len() {
-            return Err(CallError {
-                participant: target.participant.clone(),
-                addr: target.addr.clone(),
-                message: format!("answered {} results for {} decisions", results.len(), decisions.len()),
-            });
+        let in_order = results.len() == decisions.len()
+            && results.iter().zip(decisions).all(|(r, (txn_id, _))| r.txn_id == txn_id.to_string());
+        if !in_order {
+            return Err(CallError::new(
+                target,
+                format!(
+                    "answered {} results, not one per decision in order, for {} decisions",
+                    results.len(),
+                    decisions.len()
+                ),
+            ));
         }
         Ok(results.into_iter().map(acknowledgement).collect())
     }

@@ -238,6 +238,16 @@ mod tests {
         Ok(PbClient::new(Channel::from_shared(format!("http://{addr}"))?.connect_lazy()))
     }
 
+    /// A recording participant holding its calls, and a queue to it with
+    /// one call slot and batches of at most 4.
+    async fn held_participant() -> anyhow::Result<(watch::Sender<bool>, Recorder, Arc<PrepareQueue>)> {
+        let (hold, held) = watch::channel(true);
+        let recorder = Recorder { calls: Arc::default(), arrived: Arc::default(), hold: held };
+        let client = serve(recorder.clone()).await?;
+        let queue = PrepareQueue::new(client, "bank-a".into(), PrepareBatching { batch_max: 4, calls_max: 1 });
+        Ok((hold, recorder, queue))
+    }
+
     fn item() -> pb::PrepareItem {
         pb::PrepareItem {
             txn_id: twopc_proto::TxnId::new().to_string(),
@@ -260,10 +270,7 @@ mod tests {
     // result. A lone Prepare goes out at once, in a call of its own.
     #[tokio::test]
     async fn prepares_that_find_every_call_slot_taken_go_together_in_the_next_calls() -> anyhow::Result<()> {
-        let (hold, held) = watch::channel(true);
-        let recorder = Recorder { calls: Arc::default(), arrived: Arc::default(), hold: held };
-        let client = serve(recorder.clone()).await?;
-        let queue = PrepareQueue::new(client, "bank-a".into(), PrepareBatching { batch_max: 4, calls_max: 1 });
+        let (hold, recorder, queue) = held_participant().await?;
         let timeout = Duration::from_secs(10);
 
         let first = tokio::spawn({
@@ -293,10 +300,7 @@ mod tests {
     // its Prepare is left out of the next call rather than sent late.
     #[tokio::test]
     async fn a_prepare_whose_caller_gave_up_is_not_sent() -> anyhow::Result<()> {
-        let (hold, held) = watch::channel(true);
-        let recorder = Recorder { calls: Arc::default(), arrived: Arc::default(), hold: held };
-        let client = serve(recorder.clone()).await?;
-        let queue = PrepareQueue::new(client, "bank-a".into(), PrepareBatching { batch_max: 4, calls_max: 1 });
+        let (hold, recorder, queue) = held_participant().await?;
 
         let first = tokio::spawn({
             let queue = Arc::clone(&queue);

@@ -158,14 +158,14 @@ impl<R: Resource> Service<R> {
 
     fn prepare_from_wire(&self, req: PrepareRequest) -> Result<Prepare> {
         self.check_participant(&req.participant)?;
-        self.prepare_item(PrepareItem {
+        self.prepare_from_item(PrepareItem {
             txn_id: req.txn_id,
             payload: req.payload,
             deadline_unix_ms: req.deadline_unix_ms,
         })
     }
 
-    fn prepare_item(&self, item: PrepareItem) -> Result<Prepare> {
+    fn prepare_from_item(&self, item: PrepareItem) -> Result<Prepare> {
         let txn = Self::txn_id(&item.txn_id)?;
         let limit = self.engine.config().payload_max_bytes;
         if item.payload.len() > limit {
@@ -189,10 +189,10 @@ impl<R: Resource> Service<R> {
 
     fn decision_from_wire(&self, req: &DecisionRequest) -> Result<(TxnId, Decision)> {
         self.check_participant(&req.participant)?;
-        Self::decision_item(&req.txn_id, req.decision)
+        Self::decision_from_parts(&req.txn_id, req.decision)
     }
 
-    fn decision_item(txn_id: &str, decision: i32) -> Result<(TxnId, Decision)> {
+    fn decision_from_parts(txn_id: &str, decision: i32) -> Result<(TxnId, Decision)> {
         let txn = Self::txn_id(txn_id)?;
         let decision = Decision::try_from(decision).map_err(|e| Error::Invalid {
             field: "decision",
@@ -217,7 +217,7 @@ impl<R: Resource> Service<R> {
     /// One Prepare of a batch, answered as its own Prepare would be.
     async fn prepare_one(&self, item: PrepareItem) -> PrepareResult {
         let txn_id = item.txn_id.clone();
-        let voted = match self.prepare_item(item) {
+        let voted = match self.prepare_from_item(item) {
             Ok(p) => self.engine.prepare(p.txn, p.payload, p.deadline_unix_ms).await,
             Err(e) => Err(e),
         };
@@ -234,8 +234,8 @@ impl<R: Resource> Service<R> {
     }
 
     /// One decision of a batch, answered as its own Decide would be.
-    async fn decide_item(&self, item: DecisionItem) -> DecisionResult {
-        let applied = match Self::decision_item(&item.txn_id, item.decision) {
+    async fn decide_one(&self, item: DecisionItem) -> DecisionResult {
+        let applied = match Self::decision_from_parts(&item.txn_id, item.decision) {
             Ok((txn, decision)) => self.engine.decide(txn, decision, Origin::Coordinator).await.map(|_| ()),
             Err(e) => Err(e),
         };
@@ -298,7 +298,7 @@ impl<R: Resource> participant_server::Participant for Service<R> {
         Span::current().record("decisions", request.decisions.len());
         // All at once: each runs under its own txn's lock, and a store with
         // group commit gives them one fsync.
-        let results = futures::future::join_all(request.decisions.into_iter().map(|item| self.decide_item(item))).await;
+        let results = futures::future::join_all(request.decisions.into_iter().map(|item| self.decide_one(item))).await;
         Ok(Response::new(DecideBatchResponse { results }))
     }
 }

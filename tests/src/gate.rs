@@ -145,11 +145,7 @@ impl ParticipantClient for GatedParticipants {
         timeout: Duration,
     ) -> Result<Vec<Acknowledgement>, CallError> {
         if self.gate.fail_decides.load(Ordering::SeqCst) {
-            return Err(CallError {
-                participant: target.participant.clone(),
-                addr: target.addr.clone(),
-                message: "decide held by the test gate".into(),
-            });
+            return Err(CallError::new(target, "decide held by the test gate"));
         }
         let (delay, fate) = self.gate.roll();
         if !delay.is_zero() {
@@ -167,9 +163,5 @@ impl ParticipantClient for GatedParticipants {
 }
 
 fn lost(target: &Target, what: &str) -> CallError {
-    CallError {
-        participant: target.participant.clone(),
-        addr: target.addr.clone(),
-        message: format!("{what} lost by the test gate"),
-    }
+    CallError::new(target, format!("{what} lost by the test gate"))
 }
