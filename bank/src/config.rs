@@ -109,7 +109,8 @@ pub struct StoreConfig {
     /// Default: 1000.
     pub gc_interval_ms: u64,
     /// The most expired records removed in one pass, so one write
-    /// transaction never grows large; the rest go in later passes.
+    /// transaction never grows large; after a full pass the next write
+    /// batch collects again, so collection keeps up with any load.
     ///
     /// Default: 1024.
     pub gc_batch_max: usize,

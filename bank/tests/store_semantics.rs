@@ -295,3 +295,28 @@ async fn accounts_are_created_once_and_listed_in_order() {
     assert_eq!((totals.balance_minor, totals.accounts), (10, 4));
     assert!(matches!(store.create_account(name("erin"), -1).await, Err(Error::Invalid { .. })));
 }
+
+// I6 (bounded): collection keeps up when records finish faster than gc_batch_max per
+// gc_interval_ms: after a full pass the next write batch collects again, instead of leaving the
+// rest for a whole interval (under sustained load the file would grow without bound).
+#[tokio::test]
+async fn a_full_collection_pass_is_followed_by_another_at_the_next_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = twopc_bank::StoreConfig {
+        finished_retention_ms: 1,
+        gc_interval_ms: 1_000,
+        gc_batch_max: 2,
+        ..twopc_bank::StoreConfig::default()
+    };
+    let store = RedbStore::open(dir.path().join("bank.redb"), config).await.expect("open");
+    create(&store, "opening", 1).await;
+    for _ in 0..6 {
+        store.abort(TxnId::new()).await.expect("a tombstone");
+    }
+    // Waiting for wall time: the 1 ms retention and the 1 s interval must pass.
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    for (i, collected_after) in [2, 4, 6, 6].into_iter().enumerate() {
+        create(&store, &format!("acct{i}"), 1).await;
+        assert_eq!(store.stats().records_collected, collected_after, "after write {i}");
+    }
+}

@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use twopc_proto::Clock;
+
 use crate::error::{Error, Result};
 use crate::storage::StorageConfig;
 use crate::transport::TransportConfig;
@@ -165,6 +167,10 @@ pub struct EngineConfig {
     pub unacknowledged_max: usize,
     /// Connect timeout for participant channels. Default: 1000 ms.
     pub participant_connect_timeout_ms: u64,
+    /// The wall clock read for deadlines, txn-id ages and retention.
+    /// Default: the system clock (tests step one node's clock to model a
+    /// clock jump).
+    pub clock: Clock,
 }
 
 impl Default for EngineConfig {
@@ -186,6 +192,7 @@ impl Default for EngineConfig {
             gc_interval_ms: 1_000,
             unacknowledged_max: 100_000,
             participant_connect_timeout_ms: 1_000,
+            clock: Clock::system(),
         }
     }
 }

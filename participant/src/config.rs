@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use twopc_proto::ParticipantId;
+use twopc_proto::{Clock, ParticipantId};
 
 use crate::error::{Error, Result};
 
@@ -88,6 +88,10 @@ pub struct ParticipantConfig {
     ///
     /// Default: 1024.
     pub prepare_batch_max: usize,
+    /// The wall clock a Prepare's deadline is checked against (docs/PROTOCOL.md §7.1).
+    ///
+    /// Default: the system clock (tests step it to model a clock jump).
+    pub clock: Clock,
 }
 
 /// The largest allowed `payload_max_bytes`: room is left for the rest of the
@@ -112,6 +116,7 @@ impl ParticipantConfig {
             tombstone_retention_ms: 600_000,
             decide_batch_max: 1024,
             prepare_batch_max: 1024,
+            clock: Clock::system(),
         }
     }
 

@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tracing::{debug, error, info, instrument, warn};
-use twopc_proto::{Decision, TxnId, Vote, txn_id::unix_now_ms};
+use twopc_proto::{Decision, TxnId, Vote};
 
 use crate::config::ParticipantConfig;
 use crate::error::{Error, Result};
@@ -177,7 +177,7 @@ impl<R: Resource> Engine<R> {
 
         // docs/PROTOCOL.md §7.1: a Prepare after its deadline is refused, so a tombstone
         // need only outlive the deadline.
-        if unix_now_ms() > deadline_unix_ms {
+        if self.config.clock.unix_now_ms() > deadline_unix_ms {
             let reason = DEADLINE_PASSED.to_owned();
             let refused = Outcome::Refused { reason: reason.clone() };
             if self.outcomes.lock().set(txn, refused, Instant::now()).is_err() {

@@ -149,7 +149,8 @@ pub struct PostgresConfig {
     ///
     /// Default: 1000.
     pub gc_interval_ms: u64,
-    /// The most expired rows deleted in one pass.
+    /// The most expired rows deleted in one pass; a full pass is followed
+    /// by another at once, so deletion keeps up with any load.
     ///
     /// Default: 1024.
     pub gc_batch_max: usize,
@@ -953,14 +954,24 @@ impl<B: PostgresBranch> Inner<B> {
 }
 
 async fn collect_forever<B: PostgresBranch>(inner: std::sync::Weak<Inner<B>>) {
+    let mut full_pass = false;
     loop {
-        let Some(interval_ms) = inner.upgrade().map(|i| i.config.gc_interval_ms) else { return };
-        tokio::time::sleep(Duration::from_millis(interval_ms)).await;
+        // After a full pass more rows may be due than one pass deletes (rows
+        // finish faster than gc_batch_max per interval under load): go again
+        // at once, so the table stays bounded.
+        if !full_pass {
+            let Some(interval_ms) = inner.upgrade().map(|i| i.config.gc_interval_ms) else { return };
+            tokio::time::sleep(Duration::from_millis(interval_ms)).await;
+        }
         let Some(inner) = inner.upgrade() else { return };
         let cutoff = unix_now_ms().saturating_sub(inner.config.finished_retention_ms);
+        full_pass = false;
         match inner.collect_garbage(cutoff).await {
             Ok(0) => {}
-            Ok(n) => debug!(collected = n, "expired twopc_branches rows deleted"),
+            Ok(n) => {
+                debug!(collected = n, "expired twopc_branches rows deleted");
+                full_pass = n >= inner.config.gc_batch_max as u64;
+            }
             Err(e) => warn!(error = %e, "twopc_branches garbage collection failed; retrying next interval"),
         }
     }

@@ -81,3 +81,22 @@ async fn prepare_after_its_deadline_votes_no_and_is_remembered() -> anyhow::Resu
     assert_eq!(p.metrics.snapshot().votes_no, 1);
     p.stop().await
 }
+
+// docs/PROTOCOL.md §7.1 with a clock jump: the deadline is judged by the participant's own
+// clock (ParticipantConfig::clock). Stepped two minutes ahead, it refuses a Prepare whose
+// deadline is a minute away by the system clock; stepped back, it accepts the next one again.
+#[tokio::test]
+async fn the_deadline_is_judged_by_the_participants_own_clock() -> anyhow::Result<()> {
+    let resource = Arc::new(MemoryResource::new());
+    let config = config(vec![dead_addr().await?]);
+    let clock = config.clock.clone();
+    let p = start(Arc::clone(&resource), config).await?;
+    clock.jump_ms(120_000);
+    let late = TxnId::new();
+    assert_eq!(vote(&p.prepare(late, b"ok").await?)?, Vote::no("deadline passed"));
+    clock.jump_ms(-120_000);
+    let on_time = TxnId::new();
+    assert_eq!(vote(&p.prepare(on_time, b"ok").await?)?, Vote::Yes);
+    assert_eq!(resource.prepare_calls(late), 0);
+    p.stop().await
+}

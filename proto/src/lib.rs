@@ -10,13 +10,16 @@
 //! - [`participant_id`]: [`ParticipantId`], a validated participant name.
 //! - [`vote`]: [`Vote`] and [`Decision`], the two answers of the protocol.
 //! - [`status`]: building and reading gRPC statuses: invalid arguments, leader hints.
+//! - [`clock`]: [`Clock`], the wall clock a node reads (tests step one node's clock).
 #![deny(missing_docs)]
 
+pub mod clock;
 pub mod participant_id;
 pub mod status;
 pub mod txn_id;
 pub mod vote;
 
+pub use clock::Clock;
 pub use participant_id::ParticipantId;
 pub use txn_id::TxnId;
 pub use vote::{Decision, Vote};

@@ -416,3 +416,23 @@ async fn a_txn_id_past_the_retention_window_is_refused() -> anyhow::Result<()> {
     assert_eq!(ok.decision, pb::Decision::Commit as i32);
     s.cluster.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinators_judge_deadlines_and_txn_id_ages_by_their_own_clocks() -> anyhow::Result<()> {
+    // §7 with a clock jump: every coordinator's clock (EngineConfig::clock) stepped a minute
+    // ahead sees a 10 s deadline as past and refuses the Submit before preparing anything;
+    // stepped back, the same request with a new txn id commits.
+    let clock = twopc_proto::Clock::system();
+    let nodes_clock = clock.clone();
+    let s = setup(5_000, Box::new(move |c| c.engine.clock = nodes_clock.clone())).await?;
+    clock.jump_ms(60_000);
+    let refused = TxnId::new();
+    let err = submit(&s.client, request(refused, &[("bank-a", "x"), ("bank-b", "y")])).await.expect_err("past");
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().contains("in the past"), "{}", err.message());
+    assert_eq!(s.a.resource.prepare_calls(refused), 0);
+    clock.jump_ms(-60_000);
+    let committed = submit(&s.client, request(TxnId::new(), &[("bank-a", "x"), ("bank-b", "y")])).await?;
+    assert_eq!(committed.decision, pb::Decision::Commit as i32);
+    s.cluster.stop().await
+}

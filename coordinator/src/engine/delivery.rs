@@ -17,8 +17,7 @@ use parking_lot::Mutex;
 use rand::Rng as _;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
-use twopc_proto::txn_id::unix_now_ms;
-use twopc_proto::{Decision, ParticipantId, TxnId};
+use twopc_proto::{Clock, Decision, ParticipantId, TxnId};
 
 use crate::command::{Command, Proposal};
 use crate::config::EngineConfig;
@@ -111,7 +110,13 @@ impl<P: ParticipantClient> Delivery<P> {
             delivered: AtomicU64::new(0),
             retries: AtomicU64::new(0),
         });
-        tokio::spawn(log_acks(shared.node.clone(), acks_rx, shared.stop.clone(), config.ack_batch_max));
+        tokio::spawn(log_acks(
+            shared.node.clone(),
+            acks_rx,
+            shared.stop.clone(),
+            config.ack_batch_max,
+            config.clock.clone(),
+        ));
         Arc::new(Self { term, shared, stop: stop_tx })
     }
 
@@ -229,6 +234,7 @@ async fn log_acks(
     mut acks: mpsc::Receiver<(TxnId, ParticipantId)>,
     mut stop: watch::Receiver<bool>,
     batch_max: usize,
+    clock: Clock,
 ) {
     loop {
         let first = tokio::select! {
@@ -240,7 +246,7 @@ async fn log_acks(
             let Ok(ack) = acks.try_recv() else { break };
             batch.push(ack);
         }
-        let proposal = Proposal { command: Command::Acknowledge(batch), proposed_unix_ms: unix_now_ms() };
+        let proposal = Proposal { command: Command::Acknowledge(batch), proposed_unix_ms: clock.unix_now_ms() };
         if let Err(err) = node.propose(&proposal).await {
             // Unlogged acknowledgements only cost a repeated (idempotent)
             // Decide when the next leader re-drives.

@@ -20,7 +20,6 @@ use futures::stream::FuturesUnordered;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 use tracing::Instrument as _;
-use twopc_proto::txn_id::unix_now_ms;
 use twopc_proto::{Decision, ParticipantId, TxnId, Vote};
 
 use crate::command::{Command, DecideCmd, Proposal};
@@ -172,6 +171,11 @@ impl<P: ParticipantClient> Engine<P> {
         &self.inner.config
     }
 
+    /// Now, by this node's clock.
+    fn now_ms(&self) -> u64 {
+        self.inner.config.clock.unix_now_ms()
+    }
+
     fn require_leader(&self) -> Result<()> {
         self.inner.node.with_status(|status| {
             if status.role != crate::node::Role::Leader {
@@ -196,11 +200,11 @@ impl<P: ParticipantClient> Engine<P> {
             return Ok(record);
         }
         let accept_window_ms = self.inner.config.retention_ms - self.inner.config.deadline_max_ms;
-        if txn_id.age_ms() > accept_window_ms {
+        if self.inner.config.clock.age_ms(txn_id) > accept_window_ms {
             return Err(Error::FailedPrecondition(format!(
                 "txn id {txn_id} was created {} ms ago, past the {accept_window_ms} ms window in which a txn \
                  id may be submitted; use a new txn id",
-                txn_id.age_ms()
+                self.inner.config.clock.age_ms(txn_id)
             )));
         }
         let targets = self.targets(&request)?;
@@ -310,7 +314,7 @@ impl<P: ParticipantClient> Engine<P> {
         targets: &[(Target, bytes::Bytes)],
     ) -> (HashMap<ParticipantId, Vote>, Option<String>) {
         let mut votes = HashMap::new();
-        let remaining_ms = request.deadline_unix_ms.saturating_sub(unix_now_ms());
+        let remaining_ms = request.deadline_unix_ms.saturating_sub(self.now_ms());
         if remaining_ms == 0 {
             self.inner.metrics.aborted_deadline.fetch_add(1, Ordering::Relaxed);
             return (votes, Some("the deadline passed before prepare".into()));
@@ -341,7 +345,7 @@ impl<P: ParticipantClient> Engine<P> {
                     break;
                 }
                 Err(err) => {
-                    let past_deadline = unix_now_ms() >= request.deadline_unix_ms;
+                    let past_deadline = self.now_ms() >= request.deadline_unix_ms;
                     let counter = if past_deadline {
                         &self.inner.metrics.aborted_deadline
                     } else {
@@ -364,7 +368,7 @@ impl<P: ParticipantClient> Engine<P> {
 
     /// Proposes a decision and returns the record the log holds afterwards.
     async fn decide(&self, cmd: DecideCmd) -> Result<TxnRecord> {
-        let proposal = Proposal { command: Command::Decide(cmd), proposed_unix_ms: unix_now_ms() };
+        let proposal = Proposal { command: Command::Decide(cmd), proposed_unix_ms: self.now_ms() };
         let started = Instant::now();
         let applied = self.inner.node.propose(&proposal).await;
         self.inner.phases.decide.record(started.elapsed());
@@ -451,7 +455,7 @@ impl<P: ParticipantClient> Engine<P> {
     /// # Errors
     /// Errors of [`NodeHandle::linearizable_read`].
     pub async fn list(&self, request: &ListRequest) -> Result<Vec<TxnView>> {
-        let created_before = unix_now_ms().saturating_sub(request.older_than_ms);
+        let created_before = self.now_ms().saturating_sub(request.older_than_ms);
         if request.undecided {
             let inflight = self.inner.inflight.lock();
             let mut views: Vec<TxnView> = inflight
@@ -511,7 +515,7 @@ impl<P: ParticipantClient> Engine<P> {
     }
 
     async fn propose(&self, command: Command) -> Result<Applied> {
-        self.inner.node.propose(&Proposal { command, proposed_unix_ms: unix_now_ms() }).await
+        self.inner.node.propose(&Proposal { command, proposed_unix_ms: self.now_ms() }).await
     }
 
     /// The leader's background duties, for as long as the node runs: on
@@ -570,7 +574,7 @@ impl<P: ParticipantClient> Engine<P> {
     }
 
     async fn collect_garbage(&self) {
-        let horizon = unix_now_ms().saturating_sub(self.inner.config.retention_ms);
+        let horizon = self.now_ms().saturating_sub(self.inner.config.retention_ms);
         if !self.inner.node.local_read(|sm| sm.has_forgettable(horizon)) {
             return;
         }

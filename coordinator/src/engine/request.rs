@@ -4,7 +4,6 @@
 use std::collections::HashSet;
 
 use bytes::Bytes;
-use twopc_proto::txn_id::unix_now_ms;
 use twopc_proto::{ParticipantId, TxnId, pb};
 
 use crate::config::EngineConfig;
@@ -71,7 +70,7 @@ impl SubmitRequest {
             }
             branches.push((participant, branch.payload));
         }
-        let now = unix_now_ms();
+        let now = limits.clock.unix_now_ms();
         let deadline = request.deadline_unix_ms;
         if deadline == 0 {
             return Err(invalid("deadline_unix_ms: required (Unix time in milliseconds)".into()));

@@ -89,6 +89,12 @@ impl SimBank {
         }
     }
 
+    /// This bank's wall clock (its participant's deadline checks); a jump
+    /// lasts across restarts, as a real machine's would.
+    pub fn clock(&self) -> &twopc_proto::Clock {
+        &self.config.clock
+    }
+
     /// Starts it again on its address; a no-op if it is up.
     ///
     /// # Errors

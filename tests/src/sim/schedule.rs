@@ -51,6 +51,23 @@ pub enum Fault {
     CallChaos(Option<CallChaos>),
     /// The leader hands leadership to another node, mid-traffic.
     TransferLeader,
+    /// One node's wall clock is stepped by `by_ms` (forward or back) and
+    /// stays so: its deadline checks and txn-id ages are off from then on.
+    ClockJump {
+        /// Whose clock.
+        clock: ClockOf,
+        /// How far, in milliseconds.
+        by_ms: i64,
+    },
+}
+
+/// Whose clock a [`Fault::ClockJump`] steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClockOf {
+    /// A coordinator's.
+    Coordinator(Pick),
+    /// A bank's (by index).
+    Bank(usize),
 }
 
 /// A fault and when it strikes, in milliseconds from the start of the workload.
@@ -118,6 +135,7 @@ enum Kind {
     Outage,
     Chaos,
     Transfer,
+    Clock,
 }
 
 fn menu(mix: FaultMix) -> &'static [Kind] {
@@ -127,9 +145,11 @@ fn menu(mix: FaultMix) -> &'static [Kind] {
         FaultMix::Crashes => &[Crash, Crash, CrashBank],
         FaultMix::Partitions => &[Isolate, Partition, Ring, Heal],
         FaultMix::Links => &[Links, Links, Heal],
-        FaultMix::Participants => &[CrashBank, Outage, Chaos, Chaos],
-        FaultMix::LeaderMoves => &[Transfer, Transfer, Crash],
-        FaultMix::Everything => &[Crash, Isolate, Partition, Ring, Links, Heal, CrashBank, Outage, Chaos, Transfer],
+        FaultMix::Participants => &[CrashBank, Outage, Chaos, Chaos, Clock],
+        FaultMix::LeaderMoves => &[Transfer, Transfer, Crash, Clock],
+        FaultMix::Everything => {
+            &[Crash, Isolate, Partition, Ring, Links, Heal, CrashBank, Outage, Chaos, Transfer, Clock]
+        }
     }
 }
 
@@ -210,6 +230,19 @@ pub fn schedule(seed: u64, mix: FaultMix, coordinators: u64, banks: usize, windo
                 delay_max_ms: rng.random_range(0..80),
             })),
             Kind::Transfer => Fault::TransferLeader,
+            Kind::Clock => {
+                let clock = if rng.random_bool(0.5) {
+                    ClockOf::Bank(rng.random_range(0..banks))
+                } else if rng.random_bool(0.5) {
+                    ClockOf::Coordinator(Pick::Leader)
+                } else {
+                    ClockOf::Coordinator(Pick::Node(rng.random_range(1..=coordinators)))
+                };
+                // Up to 20 s either way: past a txn's deadline (3 s in the
+                // simulation) in both directions, inside the retention window.
+                let by_ms = rng.random_range(200..=20_000) * if rng.random_bool(0.5) { 1 } else { -1 };
+                Fault::ClockJump { clock, by_ms }
+            }
         };
         steps.push(Step { at_ms, fault });
     }
@@ -298,6 +331,25 @@ pub async fn apply(world: &mut World, fault: &Fault, rng: &mut StdRng) -> anyhow
         Fault::CallChaos(chaos) => {
             world.cluster.gate.set_chaos(*chaos);
             format!("participant call chaos {chaos:?}")
+        }
+        Fault::ClockJump { clock, by_ms } => {
+            let (whose, jumped) = match *clock {
+                ClockOf::Coordinator(pick) => {
+                    let id = resolve(world, pick, rng);
+                    (format!("node {id}"), world.coordinator_clock(id))
+                }
+                ClockOf::Bank(index) => {
+                    let bank = &world.banks[index % world.banks.len()];
+                    (bank.name.clone(), Some(bank.clock()))
+                }
+            };
+            match jumped {
+                Some(c) => {
+                    c.jump_ms(*by_ms);
+                    format!("{whose}'s clock jumped {by_ms:+} ms (now {:+} ms off)", c.offset_ms())
+                }
+                None => format!("{whose} has no clock to jump"),
+            }
         }
         Fault::TransferLeader => match world.leader() {
             Some(leader) => {

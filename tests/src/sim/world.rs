@@ -15,7 +15,7 @@ use twopc_coordinator::client::{ClientConfig, ClusterClient};
 use twopc_coordinator::node::Role;
 use twopc_participant::ParticipantConfig;
 use twopc_proto::txn_id::unix_now_ms;
-use twopc_proto::{TxnId, pb};
+use twopc_proto::{Clock, TxnId, pb};
 
 use crate::checker::{self, AccountRef, ClientOutcome, ClientTxn, Liveness, Movement, Observation, ParticipantView};
 use crate::cluster::Cluster;
@@ -76,6 +76,8 @@ pub struct World {
     openings: BTreeMap<AccountRef, i64>,
     down: BTreeSet<u64>,
     leaders: Mutex<BTreeMap<u64, BTreeSet<u64>>>,
+    /// Each coordinator's wall clock, which clock-jump faults step.
+    clocks: BTreeMap<u64, Clock>,
     _dir: TempDir,
 }
 
@@ -166,11 +168,15 @@ impl World {
     pub async fn start(config: WorldConfig) -> anyhow::Result<Self> {
         let tick = config.tick_interval_ms;
         let election_seed = config.election_seed;
+        let clocks: BTreeMap<u64, Clock> = (1..=config.coordinators).map(|id| (id, Clock::system())).collect();
+        let node_clocks = clocks.clone();
         let cluster = Cluster::start_with(
             config.coordinators,
             Box::new(move |c| {
                 c.tick_interval_ms = tick;
                 c.election_seed = Some(election_seed ^ c.id);
+                // A restarted node keeps its (possibly jumped) clock.
+                c.engine.clock = node_clocks.get(&c.id).cloned().unwrap_or_default();
                 c.election_ticks = 10;
                 c.heartbeat_ticks = 2;
                 c.request_timeout_ms = 1_500;
@@ -216,6 +222,7 @@ impl World {
             config,
             openings,
             teller: Arc::new(Teller { client, history: Mutex::default() }),
+            clocks,
             down: BTreeSet::new(),
             leaders: Mutex::default(),
             _dir: dir,
@@ -254,6 +261,11 @@ impl World {
                 leaders.entry(status.term).or_default().insert(id);
             }
         }
+    }
+
+    /// Coordinator `id`'s wall clock (deadlines, txn-id ages, retention).
+    pub fn coordinator_clock(&self, id: u64) -> Option<&Clock> {
+        self.clocks.get(&id)
     }
 
     /// Coordinator ids that are down.
