@@ -97,6 +97,9 @@ pub struct StateMachine {
     unacknowledged: BTreeSet<TxnId>,
     participants: BTreeMap<ParticipantId, String>,
     members: BTreeMap<u64, String>,
+    /// The highest horizon a `Forget` entry applied: txns created before it
+    /// may have been decided and forgotten (docs/PROTOCOL.md §7.2).
+    forgotten_before_unix_ms: u64,
 }
 
 impl StateMachine {
@@ -209,7 +212,15 @@ impl StateMachine {
         for txn_id in &doomed {
             self.txns.remove(txn_id);
         }
+        self.forgotten_before_unix_ms = self.forgotten_before_unix_ms.max(horizon_unix_ms);
         Applied::Forgotten { removed: doomed.len() }
+    }
+
+    /// Whether a txn with this id may have been decided and then forgotten
+    /// (created before a horizon the log has applied): such an id must never
+    /// be run again, whatever the local clock says (docs/PROTOCOL.md §7.2).
+    pub fn may_have_forgotten(&self, txn_id: &TxnId) -> bool {
+        txn_id.created_unix_ms() < self.forgotten_before_unix_ms
     }
 
     /// Whether a [`Command::Forget`] with this horizon would remove anything.
@@ -293,6 +304,7 @@ impl StateMachine {
                 .map(|(name, addr)| crate::command::wire::Participant { name: name.to_string(), addr: addr.clone() })
                 .collect(),
             members: self.members.iter().map(|(id, addr)| wire::Member { id: *id, addr: addr.clone() }).collect(),
+            forgotten_before_unix_ms: self.forgotten_before_unix_ms,
         };
         snap.encode_to_vec()
     }
@@ -303,7 +315,11 @@ impl StateMachine {
     /// [`Error::Corrupt`] if the bytes are not a valid snapshot.
     pub fn from_snapshot(bytes: &[u8]) -> Result<Self> {
         let snap = wire::Snapshot::decode(bytes).map_err(|e| Error::Corrupt(format!("snapshot: {e}")))?;
-        let mut sm = Self { applied_index: snap.applied_index, ..Self::default() };
+        let mut sm = Self {
+            applied_index: snap.applied_index,
+            forgotten_before_unix_ms: snap.forgotten_before_unix_ms,
+            ..Self::default()
+        };
         for txn in snap.txns {
             let record = TxnRecord::try_from(txn)?;
             if !record.is_finished() {
@@ -332,6 +348,8 @@ mod wire {
         pub participants: Vec<crate::command::wire::Participant>,
         #[prost(message, repeated, tag = "4")]
         pub members: Vec<Member>,
+        #[prost(uint64, tag = "5")]
+        pub forgotten_before_unix_ms: u64,
     }
 
     #[derive(Clone, PartialEq, Message)]
@@ -468,6 +486,24 @@ mod tests {
         assert_eq!(forgot, Applied::Forgotten { removed: 1 });
         assert!(sm.txn(&done).is_none());
         assert!(sm.txn(&pending).is_some(), "an unacknowledged txn is never forgotten");
+    }
+
+    // I2 across a retention horizon: once a Forget is applied, every id created before its
+    // horizon counts as possibly forgotten (a Submit for it is refused), by the log alone, and
+    // the horizon survives a snapshot.
+    #[test]
+    fn a_forget_horizon_marks_every_older_id_as_possibly_forgotten() {
+        let mut sm = StateMachine::default();
+        let older = TxnId::new();
+        assert!(!sm.may_have_forgotten(&older));
+        let horizon = older.created_unix_ms() + 1;
+        sm.apply(1, &Proposal { command: Command::Forget { horizon_unix_ms: horizon }, proposed_unix_ms: 2 });
+        assert!(sm.may_have_forgotten(&older));
+        let restored = StateMachine::from_snapshot(&sm.to_snapshot()).expect("snapshot");
+        assert!(restored.may_have_forgotten(&older));
+        let lower = horizon - 1;
+        sm.apply(2, &Proposal { command: Command::Forget { horizon_unix_ms: lower }, proposed_unix_ms: 3 });
+        assert!(sm.may_have_forgotten(&older), "a later, lower horizon never lowers it");
     }
 
     #[test]

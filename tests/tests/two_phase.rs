@@ -436,3 +436,42 @@ async fn coordinators_judge_deadlines_and_txn_id_ages_by_their_own_clocks() -> a
     assert_eq!(committed.decision, pb::Decision::Commit as i32);
     s.cluster.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_txn_forgotten_by_a_leader_whose_clock_ran_ahead_is_never_run_again() -> anyhow::Result<()> {
+    // I2 and §7.2-§7.3: the leader's clock runs ahead past the retention window, so it forgets a
+    // committed, acknowledged txn early; once its clock is back, the txn id looks young again,
+    // but the log's retention horizon still refuses a retried Submit: it is not run a second time.
+    let clock = twopc_proto::Clock::system();
+    let nodes_clock = clock.clone();
+    let s = setup(
+        5_000,
+        Box::new(move |c| {
+            c.engine.clock = nodes_clock.clone();
+            c.engine.retention_ms = 3_000;
+            c.engine.deadline_max_ms = 1_000;
+            c.engine.gc_interval_ms = 50;
+        }),
+    )
+    .await?;
+    let txn = TxnId::new();
+    let mut first = request(txn, &[("bank-a", "x"), ("bank-b", "y")]);
+    first.deadline_unix_ms = unix_now_ms() + 900;
+    assert_eq!(submit(&s.client, first.clone()).await?.decision, pb::Decision::Commit as i32);
+    wait_finished(&s.client, txn).await?;
+
+    clock.jump_ms(60_000);
+    wait::until("the leader to forget the txn", SETTLE, || async {
+        matches!(transaction(&s.client, txn).await, Err(status) if status.code() == Code::NotFound).then_some(())
+    })
+    .await?;
+    clock.jump_ms(-60_000);
+
+    first.deadline_unix_ms = unix_now_ms() + 900;
+    let err = submit(&s.client, first).await.expect_err("a forgotten txn id must be refused");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    assert!(err.message().contains("retention horizon"), "{}", err.message());
+    assert_eq!(s.a.resource.prepare_calls(txn), 1, "the txn was prepared again");
+    assert_eq!(s.a.resource.commit_count(txn), 1);
+    s.cluster.stop().await
+}

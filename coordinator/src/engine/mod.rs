@@ -196,8 +196,18 @@ impl<P: ParticipantClient> Engine<P> {
         let txn_id = request.txn_id;
         self.require_leader()?;
         // A decided txn answers from the applied log (I5).
-        if let Some(record) = self.inner.node.local_read(|sm| sm.txn(&txn_id).cloned()) {
+        let (record, forgotten) =
+            self.inner.node.local_read(|sm| (sm.txn(&txn_id).cloned(), sm.may_have_forgotten(&txn_id)));
+        if let Some(record) = record {
             return Ok(record);
+        }
+        // By the log, not the local clock: a leader whose clock is behind
+        // must not run again a txn another leader decided and forgot.
+        if forgotten {
+            return Err(Error::FailedPrecondition(format!(
+                "txn id {txn_id} was created before the log's retention horizon: it may have been decided \
+                 and forgotten; use a new txn id"
+            )));
         }
         let accept_window_ms = self.inner.config.retention_ms - self.inner.config.deadline_max_ms;
         if self.inner.config.clock.age_ms(txn_id) > accept_window_ms {
