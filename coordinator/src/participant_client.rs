@@ -110,7 +110,7 @@ impl GrpcParticipants {
         if let Some(queue) = self.prepare_queues.lock().get(target) {
             return Ok(Arc::clone(queue));
         }
-        let queue = PrepareQueue::new(self.client(target)?, target.participant.to_string(), self.batching);
+        let queue = PrepareQueue::new(self.client(target)?, target.clone(), self.batching);
         let mut queues = self.prepare_queues.lock();
         if queues.len() >= CHANNEL_CACHE_MAX {
             queues.clear();
@@ -143,15 +143,20 @@ impl GrpcParticipants {
     }
 }
 
+/// A gRPC status code and message, as a failed call reports them.
+fn status_text(code: tonic::Code, message: &str) -> String {
+    format!("{code:?}: {message}")
+}
+
 /// Bounds a call by `timeout` on the client side too: grpc-timeout is only
 /// honoured by a server that is reachable and responsive.
-async fn bounded<T>(
+pub(crate) async fn bounded<T>(
     target: &Target,
     timeout: Duration,
     call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 ) -> Result<tonic::Response<T>, CallError> {
     match tokio::time::timeout(timeout, call).await {
-        Ok(result) => result.map_err(|s| CallError::new(target, format!("{:?}: {}", s.code(), s.message()))),
+        Ok(result) => result.map_err(|s| CallError::new(target, status_text(s.code(), s.message()))),
         Err(_) => Err(CallError::new(target, format!("no answer within {} ms", timeout.as_millis()))),
     }
 }
@@ -166,13 +171,9 @@ impl ParticipantClient for GrpcParticipants {
         timeout: Duration,
     ) -> Result<Vote, CallError> {
         let item = pb::PrepareItem { txn_id: txn_id.to_string(), payload, deadline_unix_ms };
-        let result = self.prepare_queue(target)?.prepare(item, timeout).await;
-        let result = result.map_err(|message| CallError::new(target, message))?;
+        let result = self.prepare_queue(target)?.prepare(item, timeout).await?;
         if result.code != 0 {
-            return Err(CallError::new(
-                target,
-                format!("{:?}: {}", tonic::Code::from_i32(result.code), result.message),
-            ));
+            return Err(CallError::new(target, status_text(tonic::Code::from_i32(result.code), &result.message)));
         }
         Vote::from_pb(result.vote, &result.reason).map_err(|e| CallError::new(target, e.to_string()))
     }
@@ -214,5 +215,5 @@ fn acknowledgement(result: pb::DecisionResult) -> Acknowledgement {
     if result.code == 0 {
         return Ok(());
     }
-    Err(format!("{:?}: {}", tonic::Code::from_i32(result.code), result.message))
+    Err(status_text(tonic::Code::from_i32(result.code), &result.message))
 }

@@ -23,12 +23,14 @@ use tonic::transport::Channel;
 use twopc_proto::pb;
 use twopc_proto::pb::participant_client::ParticipantClient as PbClient;
 
+use crate::participant_client::{CallError, Target, bounded};
+
 /// Payload bytes in one call, kept well under the 4 MiB message limit.
 pub const BATCH_BYTES_MAX: usize = 2 * 1024 * 1024;
 
 /// What a queued Prepare gets back: the participant's result for it, or why
 /// the call carrying it failed.
-pub(crate) type PrepareAnswer = Result<pb::PrepareResult, String>;
+pub(crate) type PrepareAnswer = Result<pb::PrepareResult, CallError>;
 
 /// How Prepares to one participant are gathered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +51,7 @@ impl Default for PrepareBatching {
 /// The Prepares waiting for one participant, and its calls in flight.
 pub(crate) struct PrepareQueue {
     client: PbClient<Channel>,
-    participant: String,
+    target: Target,
     batching: PrepareBatching,
     state: Mutex<QueueState>,
 }
@@ -67,8 +69,8 @@ struct Waiting {
 }
 
 impl PrepareQueue {
-    pub(crate) fn new(client: PbClient<Channel>, participant: String, batching: PrepareBatching) -> Arc<Self> {
-        Arc::new(Self { client, participant, batching, state: Mutex::default() })
+    pub(crate) fn new(client: PbClient<Channel>, target: Target, batching: PrepareBatching) -> Arc<Self> {
+        Arc::new(Self { client, target, batching, state: Mutex::default() })
     }
 
     /// Queues one Prepare and waits at most `timeout` for its result.
@@ -90,8 +92,8 @@ impl PrepareQueue {
         }
         match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(answer)) => answer,
-            Ok(Err(_)) => Err("the call carrying this prepare ended without an answer".into()),
-            Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+            Ok(Err(_)) => Err(CallError::new(&self.target, "the call carrying this prepare ended without an answer")),
+            Err(_) => Err(CallError::new(&self.target, format!("no answer within {} ms", timeout.as_millis()))),
         }
     }
 
@@ -139,35 +141,30 @@ impl PrepareQueue {
         let (items, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|w| (w.item, w.reply)).unzip();
         let txn_ids: Vec<String> = items.iter().map(|item| item.txn_id.clone()).collect();
         let count = items.len();
-        let mut request =
-            tonic::Request::new(pb::PrepareBatchRequest { participant: self.participant.clone(), prepares: items });
+        let mut request = tonic::Request::new(pb::PrepareBatchRequest {
+            participant: self.target.participant.to_string(),
+            prepares: items,
+        });
         request.set_timeout(timeout);
-        let answered = tokio::time::timeout(timeout, self.client.clone().prepare_batch(request)).await;
-        let results = match answered {
-            Ok(Ok(response)) => {
-                let results = response.into_inner().results;
-                let in_order = results.len() == count && results.iter().zip(&txn_ids).all(|(r, id)| &r.txn_id == id);
-                if in_order {
-                    Ok(results)
-                } else {
-                    Err(format!(
-                        "answered {} results, not one per prepare in order, for {count} prepares",
-                        results.len()
-                    ))
-                }
+        let answered = bounded(&self.target, timeout, self.client.clone().prepare_batch(request)).await;
+        let results = answered.and_then(|response| {
+            let results = response.into_inner().results;
+            let in_order = results.len() == count && results.iter().zip(&txn_ids).all(|(r, id)| &r.txn_id == id);
+            if in_order {
+                return Ok(results);
             }
-            Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),
-            Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
-        };
+            let why = format!("answered {} results, not one per prepare in order, for {count} prepares", results.len());
+            Err(CallError::new(&self.target, why))
+        });
         match results {
             Ok(results) => {
                 for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(Ok(result));
                 }
             }
-            Err(message) => {
+            Err(failed) => {
                 for reply in replies {
-                    let _ = reply.send(Err(message.clone()));
+                    let _ = reply.send(Err(failed.clone()));
                 }
             }
         }
@@ -244,7 +241,8 @@ mod tests {
         let (hold, held) = watch::channel(true);
         let recorder = Recorder { calls: Arc::default(), arrived: Arc::default(), hold: held };
         let client = serve(recorder.clone()).await?;
-        let queue = PrepareQueue::new(client, "bank-a".into(), PrepareBatching { batch_max: 4, calls_max: 1 });
+        let target = Target { participant: "bank-a".parse()?, addr: "test".into() };
+        let queue = PrepareQueue::new(client, target, PrepareBatching { batch_max: 4, calls_max: 1 });
         Ok((hold, recorder, queue))
     }
 
@@ -288,7 +286,7 @@ mod tests {
         hold.send_replace(false);
 
         for answer in std::iter::once(first).chain(rest) {
-            let result = answer.await?.map_err(anyhow::Error::msg)?;
+            let result = answer.await??;
             assert_eq!(result.vote, i32::from(pb::VoteKind::Yes));
         }
         assert_eq!(*recorder.calls.lock(), [1, 4, 4, 1]);
@@ -308,9 +306,9 @@ mod tests {
         });
         wait_until("the first call arrives", || recorder.arrived.load(Ordering::SeqCst) == 1).await?;
         let late = queue.prepare(item(), Duration::from_millis(20)).await;
-        assert!(late.is_err_and(|e| e.contains("no answer within 20 ms")));
+        assert!(late.is_err_and(|e| e.message.contains("no answer within 20 ms")));
         hold.send_replace(false);
-        first.await?.map_err(anyhow::Error::msg)?;
+        first.await??;
         wait_until("the call slot is given back", || queue.state.lock().calls_in_flight == 0).await?;
         assert_eq!(*recorder.calls.lock(), [1]);
         Ok(())
