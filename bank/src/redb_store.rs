@@ -104,6 +104,26 @@ impl RedbStore {
     pub fn open_blocking(path: &Path, config: StoreConfig) -> Result<Self> {
         config.validate()?;
         let db = Database::builder().set_cache_size(config.cache_max_bytes).create(path)?;
+        Self::start(db, path, config)
+    }
+
+    /// Opens (or creates) the store on a storage backend of redb's other
+    /// than the file at a path: crash tests give it a disk that loses what
+    /// was never synced. `label` names it in logs and [`RedbStore::path`].
+    ///
+    /// # Errors
+    /// As [`RedbStore::open`].
+    pub fn open_backend_blocking(
+        backend: impl redb::StorageBackend,
+        label: &Path,
+        config: StoreConfig,
+    ) -> Result<Self> {
+        config.validate()?;
+        let db = Database::builder().set_cache_size(config.cache_max_bytes).create_with_backend(backend)?;
+        Self::start(db, label, config)
+    }
+
+    fn start(db: Database, path: &Path, config: StoreConfig) -> Result<Self> {
         let init = db.begin_write()?;
         init.open_table(ACCOUNTS)?;
         init.open_table(BRANCHES)?;

@@ -18,6 +18,7 @@
 //! - [`service`]: gRPC handlers for the client and admin APIs.
 //! - [`server`]: one tonic server per node carrying peer, client and admin services.
 //! - [`storage`]: raft-rs `Storage` on raft-engine (entries, hard state) plus state-machine snapshots.
+//! - `lossy_disk` (feature `testing`): a disk whose crash takes back every write not yet synced, for crash tests.
 //! - [`transport`]: the peer gRPC service and per-peer outbound streams; a fault filter for tests.
 #![deny(missing_docs)]
 
@@ -28,6 +29,8 @@ mod election_timeout;
 pub mod engine;
 pub mod error;
 pub mod failpoint;
+#[cfg(feature = "testing")]
+pub mod lossy_disk;
 pub mod metrics;
 pub mod node;
 pub mod participant_client;

@@ -44,6 +44,9 @@ use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState};
 use raft_engine::{Command, Engine, LogBatch, MessageExt, ReadableSize};
 
+#[cfg(feature = "testing")]
+use crate::lossy_disk::LossyDisk;
+
 /// The one raft group this node keeps in raft-engine.
 pub const RAFT_GROUP_ID: u64 = 1;
 /// Log index of the snapshot every node of a static cluster starts from.
@@ -94,7 +97,38 @@ pub struct StorageConfig {
     /// refused with [`StorageError::SnapshotTooLarge`].
     /// Default: 1 GiB.
     pub snapshot_max_bytes: u64,
+    /// The disk the raft log is written to: `None` for the real one. Crash
+    /// tests give each node a [`LossyDisk`] whose crash takes back every
+    /// write the log did not sync (feature `testing`).
+    ///
+    /// Default: None.
+    #[cfg(feature = "testing")]
+    pub disk: Option<TestDisk>,
 }
+
+/// The file system raft-engine writes the log through: the real one, or
+/// with feature `testing` one that can lose what was never synced (a
+/// `LossyFileSystem` that loses nothing unless a test gives it a disk).
+#[cfg(not(feature = "testing"))]
+type LogFileSystem = raft_engine::env::DefaultFileSystem;
+#[cfg(feature = "testing")]
+type LogFileSystem = crate::lossy_disk::LossyFileSystem;
+type LogEngine = Engine<LogFileSystem>;
+
+/// A test's [`LossyDisk`] in a config (compared by identity).
+#[cfg(feature = "testing")]
+#[derive(Debug, Clone)]
+pub struct TestDisk(pub Arc<LossyDisk>);
+
+#[cfg(feature = "testing")]
+impl PartialEq for TestDisk {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+#[cfg(feature = "testing")]
+impl Eq for TestDisk {}
 
 impl Default for StorageConfig {
     fn default() -> Self {
@@ -105,6 +139,8 @@ impl Default for StorageConfig {
             enable_log_recycle: true,
             entry_cache_max_bytes: 16 * 1024 * 1024,
             snapshot_max_bytes: 1024 * 1024 * 1024,
+            #[cfg(feature = "testing")]
+            disk: None,
         }
     }
 }
@@ -129,6 +165,19 @@ impl StorageConfig {
             return bad("snapshot_max_bytes must be greater than zero".into());
         }
         Ok(())
+    }
+
+    #[cfg(not(feature = "testing"))]
+    fn log_file_system(&self) -> LogFileSystem {
+        raft_engine::env::DefaultFileSystem
+    }
+
+    #[cfg(feature = "testing")]
+    fn log_file_system(&self) -> LogFileSystem {
+        match &self.disk {
+            Some(disk) => disk.0.file_system(),
+            None => crate::lossy_disk::LossyFileSystem::durable(),
+        }
     }
 
     fn engine_config(&self, log_dir: &Path) -> Result<raft_engine::Config, StorageError> {
@@ -289,7 +338,7 @@ pub struct RaftStorage {
 }
 
 struct Inner {
-    engine: Engine,
+    engine: LogEngine,
     dir: PathBuf,
     snap_dir: PathBuf,
     config: StorageConfig,
@@ -332,8 +381,8 @@ impl RaftStorage {
         for d in [dir, &log_dir, &snap_dir] {
             fs::create_dir_all(d).map_err(io_err("create directory", d))?;
         }
-        let engine =
-            Engine::open(config.engine_config(&log_dir)?).map_err(engine_err(format!("open {}", log_dir.display())))?;
+        let engine = Engine::open_with_file_system(config.engine_config(&log_dir)?, Arc::new(config.log_file_system()))
+            .map_err(engine_err(format!("open {}", log_dir.display())))?;
         let hard_state = engine
             .get_message::<HardState>(RAFT_GROUP_ID, HARD_STATE_KEY)
             .map_err(engine_err("read the hard state"))?

@@ -11,9 +11,11 @@ use tempfile::TempDir;
 use tokio::net::TcpListener;
 use twopc_coordinator::client::{ClientConfig, ClusterClient};
 use twopc_coordinator::config::NodeConfig;
+use twopc_coordinator::lossy_disk::{CrashReport, LossyDisk};
 use twopc_coordinator::node::{NodeHandle, Role};
 use twopc_coordinator::server::{self, RunningNode};
 use twopc_coordinator::state_machine::StateMachine;
+use twopc_coordinator::storage::TestDisk;
 use twopc_coordinator::transport::FaultFilter;
 
 use crate::gate::Gate;
@@ -34,6 +36,9 @@ pub struct Cluster {
     root: TempDir,
     addrs: BTreeMap<u64, SocketAddr>,
     running: BTreeMap<u64, RunningNode>,
+    /// Each node's disk for its raft log, which [`Cluster::crash`] takes
+    /// unsynced writes back from.
+    disks: BTreeMap<u64, std::sync::Arc<LossyDisk>>,
     /// Nodes added after bootstrap (started with `join`).
     joining: Vec<u64>,
     tweak: Tweak,
@@ -64,6 +69,7 @@ impl Cluster {
             faults: FaultFilter::default(),
             gate: Gate::default(),
             root: tempfile::tempdir()?,
+            disks: addrs.keys().map(|id| (*id, LossyDisk::new())).collect(),
             addrs,
             running: BTreeMap::new(),
             joining: Vec::new(),
@@ -84,6 +90,7 @@ impl Cluster {
         config.election_ticks = 10;
         config.heartbeat_ticks = 2;
         config.request_timeout_ms = 3_000;
+        config.storage.disk = self.disks.get(&id).cloned().map(TestDisk);
         (self.tweak)(&mut config);
         config
     }
@@ -135,6 +142,24 @@ impl Cluster {
         node.stop().await.with_context(|| format!("stopping node {id}"))
     }
 
+    /// Crashes node `id` as a power cut would: it is cut off from its peers
+    /// first (so it cannot act on what it is about to lose), every write its
+    /// raft log had not synced is taken back, then it stops. Only what it
+    /// synced survives; its snapshot files, written with fsync, survive too.
+    /// A raft task that failed on the lost disk is part of the crash.
+    ///
+    /// # Errors
+    /// The node is not running, or its disk could not be put back.
+    pub async fn crash(&mut self, id: u64) -> anyhow::Result<CrashReport> {
+        anyhow::ensure!(self.running.contains_key(&id), "node {id} is not running");
+        self.faults.set_down(id, true);
+        let report = self.disks[&id].crash().with_context(|| format!("crashing node {id}'s disk"))?;
+        if let Err(err) = self.kill(id).await {
+            tracing::debug!(node = id, error = %err, "a crashed node's raft task failed");
+        }
+        Ok(report)
+    }
+
     /// Starts a new node `id` that joins the running cluster (it does not
     /// bootstrap; the cluster must add it with a membership change).
     ///
@@ -144,6 +169,7 @@ impl Cluster {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         self.addrs.insert(id, addr);
+        self.disks.insert(id, LossyDisk::new());
         self.joining.push(id);
         self.spawn(id, listener)?;
         Ok(addr.to_string())
@@ -155,7 +181,9 @@ impl Cluster {
     /// The port cannot be bound again or the node cannot start.
     pub async fn restart(&mut self, id: u64) -> anyhow::Result<()> {
         let listener = TcpListener::bind(self.addrs[&id]).await.with_context(|| format!("rebinding node {id}"))?;
-        self.spawn(id, listener)
+        self.spawn(id, listener)?;
+        self.faults.set_down(id, false);
+        Ok(())
     }
 
     /// Waits until the running nodes agree on one ready leader (an entry of

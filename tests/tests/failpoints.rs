@@ -83,7 +83,7 @@ async fn a_bank_that_dies_after_its_fsync_finds_the_branch_on_restart_and_resolv
     fail::remove(participant_fp::PREPARE_AFTER_DURABLE);
     assert_eq!(outcome, ClientOutcome::Aborted);
     assert_eq!(branch(&world, 1, txn).await, Some(BranchState::Prepared), "staged, and no decision delivered");
-    world.banks[1].crash().await;
+    world.banks[1].crash().await?;
     world.banks[1].restart().await?;
     wait_branch(&world, 1, txn, BranchState::Aborted).await?;
     assert_invariants_hold(&mut world).await?;
@@ -105,7 +105,7 @@ async fn a_leader_that_dies_between_proposing_and_applying_a_decision_leaves_exa
     fail::cfg(coordinator_fp::READY_BEFORE_APPLY, "1*return").map_err(anyhow::Error::msg)?;
     let (txn, outcome) = world.transfer(&account("bank-a"), &account("bank-b"), 100).await;
     // The dead node's server still answers (its raft task is gone); stop it.
-    world.kill(old).await;
+    world.kill(old).await?;
     let new = wait::until("a new leader", SETTLE, || async { world.leader() }).await?;
     assert!(world.cluster.node(new).status().term > old_term, "a new term began");
     assert_invariants_hold(&mut world).await?;
@@ -131,7 +131,7 @@ async fn a_decision_applied_but_never_sent_is_resolved_by_the_banks() -> anyhow:
     let outcome = world.teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 100).await;
     assert_eq!(outcome, ClientOutcome::Committed, "the retried Submit answers from the log");
     world.cluster.gate.fail_decides(true);
-    world.kill(leader).await;
+    world.kill(leader).await?;
     wait_branch(&world, 0, txn, BranchState::Committed).await?;
     wait_branch(&world, 1, txn, BranchState::Committed).await?;
     assert_invariants_hold(&mut world).await?;
@@ -152,7 +152,7 @@ async fn a_decision_applied_but_never_sent_is_delivered_by_the_next_leader() -> 
     let outcome = world.teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 100).await;
     assert_eq!(outcome, ClientOutcome::Committed);
     assert_eq!(branch(&world, 0, txn).await, Some(BranchState::Prepared), "phase 2 has not happened");
-    world.kill(leader).await;
+    world.kill(leader).await?;
     assert_invariants_hold(&mut world).await?;
     assert_eq!(branch(&world, 1, txn).await, Some(BranchState::Committed));
     world.stop().await;
@@ -173,7 +173,7 @@ async fn a_leader_that_dies_between_phase_two_sends_has_the_rest_sent_by_the_nex
     wait_branch(&world, 0, txn, BranchState::Committed).await?;
     assert_eq!(branch(&world, 1, txn).await, Some(BranchState::Prepared), "bank-b's send never happened");
     fail::remove(coordinator_fp::DELIVERY_BEFORE_SEND);
-    world.kill(leader).await;
+    world.kill(leader).await?;
     assert_invariants_hold(&mut world).await?;
     assert_eq!(branch(&world, 1, txn).await, Some(BranchState::Committed));
     world.stop().await;

@@ -4,9 +4,10 @@
 //! cluster, or against a local one of child processes (`--local`). It
 //! reports committed and aborted counts, throughput, latency percentiles from
 //! an HDR histogram, a per-second timeline, and with `--local` the processes'
-//! memory and disk at the end. `--kill-leader-at` SIGKILLs the coordinator
-//! leader mid-run to show failover in the timeline; `--baseline-json` reads
-//! another system's figures (bench/etcd.sh) and prints the ratio.
+//! memory and disk at the end (and every `--sample-every` seconds).
+//! `--kill-leader-at` SIGKILLs the coordinator leader mid-run to show
+//! failover in the timeline; `--baseline-json` reads another system's figures
+//! (bench/etcd.sh) and prints the ratio.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,6 +32,7 @@ use twopc_proto::{TxnId, pb};
 use super::local_cluster::{LocalCluster, Spec, bank_client, leader, wait_until};
 use super::money::{Outcome, submit};
 use super::output::{json, table};
+use super::resources;
 use super::{ClusterArgs, EXIT_ERROR, EXIT_OK};
 
 #[derive(Debug, Args)]
@@ -94,6 +96,14 @@ pub struct BenchArgs {
     /// With --local: keep data and logs here (default: a temporary directory, removed at the end).
     #[arg(long, requires = "local")]
     pub dir: Option<PathBuf>,
+    /// With --local: the banks' --finished-retention-ms (how long finished branches are kept), so a
+    /// run can span many retention windows and show whether the bank files level off.
+    #[arg(long, requires = "local")]
+    pub bank_retention_ms: Option<u64>,
+    /// With --local: every this many seconds of the measurement, record each process's RSS and the
+    /// size of its data directory (printed as a table; "samples" in --json).
+    #[arg(long, requires = "local", value_parser = clap::value_parser!(u64).range(1..))]
+    pub sample_every: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -138,7 +148,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
         coordinators: args.coordinators_count,
         banks: (0..banks).map(bank_name).collect(),
         coordinator_args: Vec::new(),
-        bank_args: Vec::new(),
+        bank_args: args
+            .bank_retention_ms
+            .map(|ms| vec!["--finished-retention-ms".to_owned(), ms.to_string()])
+            .unwrap_or_default(),
     };
     let cluster = LocalCluster::build(&dir, &spec)?;
     if !args.cluster.json {
@@ -224,7 +237,22 @@ async fn run_against(args: &BenchArgs, coordinators: Vec<String>, local: Option<
             None => Vec::new(),
         }
     };
-    let (_, chaos, cpu_start) = tokio::join!(load, chaos, cpu_start);
+    let samples = async {
+        match (args.sample_every, local) {
+            (Some(every_s), Some(cluster)) => {
+                resources::sample_while_measuring(
+                    cluster,
+                    Duration::from_secs(every_s),
+                    &run.measuring,
+                    &run.stop,
+                    || run.since_start(),
+                )
+                .await
+            }
+            _ => Vec::new(),
+        }
+    };
+    let (_, chaos, cpu_start, samples) = tokio::join!(load, chaos, cpu_start, samples);
     bar.finish_and_clear();
     chaos?;
     let processes = match local {
@@ -235,7 +263,7 @@ async fn run_against(args: &BenchArgs, coordinators: Vec<String>, local: Option<
         Some(path) => Some(read_baseline(path)?),
         None => None,
     };
-    let report = Report::new(args, &banks, &run, processes, baseline);
+    let report = Report::new(args, &banks, &run, processes, samples, baseline);
     if args.cluster.json {
         json(&report.to_json());
     } else {
@@ -654,20 +682,19 @@ async fn processes(
     let mut infos = Vec::new();
     for (i, proc) in cluster.coordinators.iter().chain(cluster.banks.iter()).enumerate() {
         let proc = proc.lock().await;
-        let data_dir = proc.args.iter().skip_while(|a| *a != "--data-dir").nth(1).map(PathBuf::from);
         infos.push(ProcessInfo {
             name: proc.name.clone(),
             leader: leader_id.is_some_and(|id| usize::try_from(id).is_ok_and(|id| id == i + 1))
                 && i < cluster.coordinators.len(),
-            rss_kib: proc.pid().and_then(rss_kib),
-            disk_bytes: data_dir.as_deref().map(dir_bytes).unwrap_or_default(),
+            rss_kib: proc.pid().and_then(resources::rss_kib),
+            disk_bytes: proc.data_dir().map(resources::dir_bytes).unwrap_or_default(),
             cpu_s: cpu_s(&proc.name),
         });
     }
     infos.push(ProcessInfo {
         name: BENCH_PROCESS.into(),
         leader: false,
-        rss_kib: rss_kib(std::process::id()),
+        rss_kib: resources::rss_kib(std::process::id()),
         disk_bytes: 0,
         cpu_s: cpu_s(BENCH_PROCESS),
     });
@@ -686,25 +713,6 @@ fn cpu_ticks(pid: &str) -> Option<u64> {
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some(utime + stime)
-}
-
-/// VmRSS of a process, from /proc.
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-fn dir_bytes(path: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
-    entries
-        .flatten()
-        .map(|entry| match entry.metadata() {
-            Ok(meta) if meta.is_dir() => dir_bytes(&entry.path()),
-            Ok(meta) => meta.len(),
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 /// Another system's figures: its name and writes per second.
@@ -782,6 +790,7 @@ struct Report {
     failover: Option<Failover>,
     reasons: Vec<(String, u64)>,
     processes: Option<Vec<ProcessInfo>>,
+    samples: Vec<resources::Sample>,
     baseline: Option<Baseline>,
     config: Value,
 }
@@ -792,6 +801,7 @@ impl Report {
         banks: &[(String, String)],
         run: &Run,
         processes: Option<Vec<ProcessInfo>>,
+        samples: Vec<resources::Sample>,
         baseline: Option<Baseline>,
     ) -> Self {
         let recorder = run.recorder.lock();
@@ -841,6 +851,7 @@ impl Report {
             "contention": format!("{:?}", args.contention).to_lowercase(), "hot_accounts": args.hot_accounts,
             "connections": args.connections, "kill_leader_at_s": args.kill_leader_at,
             "release_build": !cfg!(debug_assertions),
+            "bank_retention_ms": args.bank_retention_ms, "sample_every_s": args.sample_every,
         });
         Self {
             title,
@@ -854,6 +865,7 @@ impl Report {
             failover,
             reasons: recorder.reasons.clone(),
             processes,
+            samples,
             baseline,
             config,
         }
@@ -935,6 +947,7 @@ impl Report {
             ]);
             table(&["PROCESS", " RSS MIB", " DATA MIB", " CPU S", " CPU US/TRANSFER"], &rows);
         }
+        resources::print(&self.samples);
         if let (Some(baseline), Some(ratio)) = (&self.baseline, self.ratio()) {
             println!(
                 "\nbaseline {}: {:.1} writes/s; ratio twopc/{} = {ratio:.2}",
@@ -972,6 +985,7 @@ impl Report {
             "cpu_us_per_transfer": self.processes.as_ref().map(|ps| {
                 ps.iter().filter_map(|p| p.cpu_s).sum::<f64>() * 1e6 / self.committed.max(1) as f64
             }),
+            "samples": resources::to_json(&self.samples),
             "baseline": self.baseline.as_ref().map(|b| b.raw.clone()),
             "ratio": self.ratio(),
         })

@@ -39,6 +39,11 @@ impl Proc {
         Ok(())
     }
 
+    /// The data directory it was started with (`--data-dir`), if any.
+    pub fn data_dir(&self) -> Option<&Path> {
+        self.args.iter().skip_while(|a| *a != "--data-dir").nth(1).map(Path::new)
+    }
+
     /// The running child's process id.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(Child::id)

@@ -9,6 +9,7 @@
 //! - [`demo`]: `twopc demo`: a local cluster of child processes, random transfers, the conservation check.
 //! - [`local_cluster`]: coordinators and banks as child processes on loopback, for `demo` and `bench --local`.
 //! - [`bench`]: `twopc bench`: a load generator; throughput, latency percentiles, a per-second timeline.
+//! - [`resources`]: the local cluster's processes' memory and data directories, sampled during a bench.
 
 mod admin;
 mod bench;
@@ -16,6 +17,7 @@ mod demo;
 mod local_cluster;
 mod money;
 mod output;
+mod resources;
 mod servers;
 
 use std::path::PathBuf;

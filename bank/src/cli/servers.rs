@@ -134,6 +134,10 @@ pub struct BankArgs {
     /// How long a prepared branch waits for its decision before asking the cluster (ms).
     #[arg(long, default_value_t = 5_000)]
     pub in_doubt_timeout_ms: u64,
+    /// How long finished branches, their outcomes and tombstones are kept (ms) before they are collected.
+    /// Keep it longer than any transfer's deadline; the files level off after one such window.
+    #[arg(long, default_value_t = twopc_bank::StoreConfig::default().finished_retention_ms)]
+    pub finished_retention_ms: u64,
 }
 
 /// Where a bank keeps its accounts.
@@ -165,6 +169,9 @@ pub async fn bank(args: BankArgs) -> anyhow::Result<u8> {
     };
     let mut config = twopc_bank::BankConfig::new(name.clone(), args.coordinators.clone(), data_dir);
     config.participant.in_doubt_timeout_ms = args.in_doubt_timeout_ms;
+    // The store must keep tombstones at least as long as the library's memory does (I4).
+    config.store.finished_retention_ms = args.finished_retention_ms;
+    config.participant.tombstone_retention_ms = args.finished_retention_ms;
     config.validate()?;
     let postgres = match &store {
         Store::Redb => None,

@@ -73,6 +73,9 @@ pub enum Verdict {
 
 #[derive(Debug, Default)]
 struct Rules {
+    /// Crashed nodes: cut off like isolated ones, but [`FaultFilter::heal`]
+    /// leaves them down (a heal mends the network, not a dead process).
+    down: HashSet<u64>,
     isolated: HashSet<u64>,
     partitions: Vec<(HashSet<u64>, HashSet<u64>)>,
     links: HashMap<(u64, u64), LinkFault>,
@@ -80,12 +83,14 @@ struct Rules {
 
 impl Rules {
     fn is_empty(&self) -> bool {
-        self.isolated.is_empty() && self.partitions.is_empty() && self.links.is_empty()
+        self.down.is_empty() && self.isolated.is_empty() && self.partitions.is_empty() && self.links.is_empty()
     }
 
     /// Whether an isolation or a partition separates `from` and `to`.
     fn separates(&self, from: u64, to: u64) -> bool {
-        self.isolated.contains(&from)
+        self.down.contains(&from)
+            || self.down.contains(&to)
+            || self.isolated.contains(&from)
             || self.isolated.contains(&to)
             || self
                 .partitions
@@ -145,9 +150,24 @@ impl FaultFilter {
         });
     }
 
-    /// Removes every fault: isolations, partitions and link faults.
+    /// Marks `node` crashed (`true`: nothing it sends from now on is
+    /// delivered, nor anything sent to it) or restarted (`false`). A crash
+    /// test sets it before the node's disk loses its unsynced writes, so the
+    /// dying node cannot act on writes that are gone.
+    pub fn set_down(&self, node: u64, down: bool) {
+        self.update(|rules| {
+            if down {
+                rules.down.insert(node);
+            } else {
+                rules.down.remove(&node);
+            }
+        });
+    }
+
+    /// Removes every network fault: isolations, partitions and link faults.
+    /// Crashed nodes ([`FaultFilter::set_down`]) stay down.
     pub fn heal(&self) {
-        self.update(|rules| *rules = Rules::default());
+        self.update(|rules| *rules = Rules { down: std::mem::take(&mut rules.down), ..Rules::default() });
     }
 
     /// The fate of one message sent now on `from -> to`. Probabilistic faults
@@ -192,6 +212,17 @@ mod tests {
         assert_eq!(faults.verdict(1, 3), Verdict::Deliver);
         faults.heal();
         assert_eq!(faults.verdict(1, 2), Verdict::Deliver);
+    }
+
+    #[test]
+    fn a_crashed_node_stays_cut_off_through_a_heal_until_it_restarts() {
+        let faults = FaultFilter::default();
+        faults.set_down(2, true);
+        faults.heal();
+        assert_eq!(faults.verdict(2, 1), Verdict::Drop);
+        assert_eq!(faults.verdict(3, 2), Verdict::Drop);
+        faults.set_down(2, false);
+        assert_eq!(faults.verdict(2, 1), Verdict::Deliver);
     }
 
     #[test]

@@ -1,15 +1,18 @@
 //! A bank for simulated runs: the real account service (`twopc_bank`'s
-//! Participant and Bank APIs over a [`RedbStore`] in a temp dir) on an
-//! ephemeral port, which can crash and restart.
+//! Participant and Bank APIs over a [`RedbStore`]) on an ephemeral port,
+//! which can crash and restart.
 //!
-//! A crash stops the server and the participant library (its outcome memory
-//! and resolver are lost) but keeps the store: every write the store
-//! acknowledged was fsync'd, which is all a restarted bank may rely on. Calls
-//! already inside the store when the crash comes finish before the restart
-//! (the harness waits for them), as if they had finished just before it.
+//! The store's file lives on a [`LossyDisk`]. A crash is a power cut: every
+//! write the store had not synced is taken back and the old store can do no
+//! more I/O (so a vote or acknowledgement whose fsync had not finished never
+//! leaves), the server and the participant library stop (outcome memory and
+//! resolver lost), and the store is opened again from what the disk kept:
+//! redb recovers from its last durable commit, which is all a restarted
+//! bank may rely on.
 
+use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,12 +21,10 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use twopc_bank::{AccountStore as _, RedbStore, StoreConfig};
+use twopc_coordinator::lossy_disk::{CrashReport, LossyDisk, LossyFile};
 use twopc_participant::ParticipantConfig;
 
 use crate::checker::AccountView;
-
-/// How long a crash waits for calls already inside the store to let go of it.
-const CRASH_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One bank process, simulated in this one.
 pub struct SimBank {
@@ -31,10 +32,55 @@ pub struct SimBank {
     pub name: String,
     /// Where it listens (the same address across restarts).
     pub addr: SocketAddr,
-    /// Its durable store, shared by every incarnation.
+    /// Its store; a crash replaces it with one opened from what the disk kept.
     pub store: Arc<RedbStore>,
+    disk: Arc<LossyDisk>,
+    path: PathBuf,
     config: ParticipantConfig,
     running: Option<(oneshot::Sender<()>, JoinHandle<twopc_bank::Result<()>>)>,
+}
+
+/// redb's storage on a [`LossyFile`].
+#[derive(Debug)]
+struct LossyBackend(LossyFile);
+
+/// A broken disk for tests of the crash model itself: syncs do nothing, as
+/// if the store answered before its fsync.
+#[cfg(test)]
+#[derive(Debug)]
+struct SyncSkippingBackend(LossyBackend);
+
+impl redb::StorageBackend for LossyBackend {
+    fn len(&self) -> io::Result<u64> {
+        self.0.len()
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        self.0.read_exact_at(offset, out)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync()
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.0.write_at(offset, data)
+    }
+}
+
+/// Opens the store at `path` on `disk` as the disk now holds it.
+async fn open_store(disk: &Arc<LossyDisk>, path: &Path) -> anyhow::Result<Arc<RedbStore>> {
+    let (disk, path) = (Arc::clone(disk), path.to_owned());
+    let store = tokio::task::spawn_blocking(move || {
+        let backend = LossyBackend(disk.open(&path, true)?);
+        anyhow::Ok(RedbStore::open_backend_blocking(backend, &path, StoreConfig::default())?)
+    })
+    .await??;
+    Ok(Arc::new(store))
 }
 
 impl SimBank {
@@ -50,12 +96,15 @@ impl SimBank {
         opening_minor: i64,
         config: ParticipantConfig,
     ) -> anyhow::Result<Self> {
-        let store = Arc::new(RedbStore::open(dir.join(format!("{name}.redb")), StoreConfig::default()).await?);
+        let disk = LossyDisk::new();
+        let path = dir.join(format!("{name}.redb"));
+        let store = open_store(&disk, &path).await?;
         for account in accounts {
             store.create_account(account.parse()?, opening_minor).await?;
         }
         let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let mut bank = Self { name: name.to_owned(), addr: listener.local_addr()?, store, config, running: None };
+        let addr = listener.local_addr()?;
+        let mut bank = Self { name: name.to_owned(), addr, store, disk, path, config, running: None };
         bank.serve(listener);
         Ok(bank)
     }
@@ -74,19 +123,26 @@ impl SimBank {
         self.running.is_some()
     }
 
-    /// Stops it abruptly; its store survives. A no-op if it is down.
-    pub async fn crash(&mut self) {
+    /// Crashes it as a power cut would (see the module doc) and opens its
+    /// store again from what the disk kept, ready for [`SimBank::restart`].
+    /// Says what the crash took back; a no-op if it is down.
+    ///
+    /// # Errors
+    /// The disk could not be put back or the store not reopened (redb could
+    /// not recover: a finding, not a harness failure).
+    pub async fn crash(&mut self) -> anyhow::Result<CrashReport> {
         let Some((stop, task)) = self.running.take() else {
-            return;
+            return Ok(CrashReport::default());
         };
+        let lost = self.disk.crash().with_context(|| format!("crashing {}'s disk", self.name))?;
         let _ = stop.send(());
         task.abort();
         let _ = task.await;
-        // Calls the old incarnation started hold the store until they end.
-        let deadline = tokio::time::Instant::now() + CRASH_DRAIN_TIMEOUT;
-        while Arc::strong_count(&self.store) > 1 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        // Calls still inside the old store fail on its dead disk and let go of it.
+        self.store = open_store(&self.disk, &self.path)
+            .await
+            .with_context(|| format!("reopening {}'s store after a crash", self.name))?;
+        Ok(lost)
     }
 
     /// This bank's wall clock (its participant's deadline checks); a jump
@@ -160,5 +216,69 @@ impl Drop for SimBank {
         if let Some((_, task)) = self.running.take() {
             task.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use twopc_bank::{AccountName, BranchPayload, BranchState};
+    use twopc_proto::{TxnId, Vote};
+
+    use super::*;
+
+    impl redb::StorageBackend for SyncSkippingBackend {
+        fn len(&self) -> io::Result<u64> {
+            self.0.len()
+        }
+
+        fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+            self.0.read(offset, out)
+        }
+
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.0.set_len(len)
+        }
+
+        fn sync_data(&self) -> io::Result<()> {
+            Ok(())
+        }
+
+        fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+            self.0.write(offset, data)
+        }
+    }
+
+    fn open(disk: &Arc<LossyDisk>, path: &Path, skip_sync: bool) -> anyhow::Result<RedbStore> {
+        let backend = LossyBackend(disk.open(path, true)?);
+        Ok(if skip_sync {
+            RedbStore::open_backend_blocking(SyncSkippingBackend(backend), path, StoreConfig::default())?
+        } else {
+            RedbStore::open_backend_blocking(backend, path, StoreConfig::default())?
+        })
+    }
+
+    // I3 (persist before speaking) seen through the crash model: a branch the
+    // store voted YES on survives a crash of its disk, and the same crash
+    // loses it when the store skips its fsync. The simulation's bank crashes
+    // can therefore tell a store that speaks before its fsync from one that
+    // does not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_yes_vote_survives_a_crash_only_when_its_fsync_ran() -> anyhow::Result<()> {
+        for skip_sync in [false, true] {
+            let dir = tempfile::tempdir()?;
+            let path = dir.path().join("bank.redb");
+            let disk = LossyDisk::new();
+            let store = open(&disk, &path, skip_sync)?;
+            let alice: AccountName = "alice".parse()?;
+            store.create_account(alice.clone(), 500).await?;
+            let txn = TxnId::new();
+            assert_eq!(store.prepare(txn, BranchPayload::debit(alice, 100)?).await?, Vote::Yes);
+            disk.crash()?;
+            drop(store);
+            let reopened = open(&disk, &path, false)?;
+            let survived = reopened.branch_state(txn).await? == Some(BranchState::Prepared);
+            assert_eq!(survived, !skip_sync, "skip_sync = {skip_sync}");
+        }
+        Ok(())
     }
 }

@@ -266,8 +266,8 @@ pub async fn apply(world: &mut World, fault: &Fault, rng: &mut StdRng) -> anyhow
     let done = match fault {
         Fault::CrashCoordinator(pick) => {
             let id = resolve(world, *pick, rng);
-            world.kill(id).await;
-            format!("crashed node {id}")
+            let lost = world.kill(id).await?;
+            format!("crashed node {id} (its log lost {} unsynced changes in {} files)", lost.changes, lost.files)
         }
         Fault::RestartCoordinators => {
             let down: Vec<u64> = world.down().iter().copied().collect();
@@ -315,8 +315,8 @@ pub async fn apply(world: &mut World, fault: &Fault, rng: &mut StdRng) -> anyhow
         Fault::CrashBank(index) => {
             let count = world.banks.len();
             let bank = &mut world.banks[*index % count];
-            bank.crash().await;
-            format!("crashed {}", bank.name)
+            let lost = bank.crash().await?;
+            format!("crashed {} (its store lost {} unsynced changes)", bank.name, lost.changes)
         }
         Fault::RestartBanks => {
             for bank in &mut world.banks {

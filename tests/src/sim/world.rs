@@ -12,6 +12,7 @@ use tempfile::TempDir;
 use tokio::time::Instant;
 use twopc_bank::{AccountStore as _, Transfer};
 use twopc_coordinator::client::{ClientConfig, ClusterClient};
+use twopc_coordinator::lossy_disk::CrashReport;
 use twopc_coordinator::node::Role;
 use twopc_participant::ParticipantConfig;
 use twopc_proto::txn_id::unix_now_ms;
@@ -273,15 +274,18 @@ impl World {
         &self.down
     }
 
-    /// Crashes coordinator `id` (a no-op if it is down). A raft task that
-    /// already stopped on an error (a failpoint's simulated crash) is fine.
-    pub async fn kill(&mut self, id: u64) {
+    /// Crashes coordinator `id` (a no-op if it is down) as a power cut
+    /// would ([`Cluster::crash`]): whatever its raft log had not synced is
+    /// lost. Says what the crash took back. A raft task that already stopped
+    /// on an error (a failpoint's simulated crash) is fine.
+    ///
+    /// # Errors
+    /// The node's disk could not be put back (the harness broke).
+    pub async fn kill(&mut self, id: u64) -> anyhow::Result<CrashReport> {
         if !self.down.insert(id) {
-            return;
+            return Ok(CrashReport::default());
         }
-        if let Err(err) = self.cluster.kill(id).await {
-            tracing::debug!(node = id, error = %err, "killed a node whose raft task had already failed");
-        }
+        self.cluster.crash(id).await
     }
 
     /// Restarts coordinator `id` if it is down.
@@ -409,9 +413,8 @@ impl World {
 
     /// Stops every node and bank.
     pub async fn stop(mut self) {
-        for bank in &mut self.banks {
-            bank.crash().await;
-        }
+        // Dropping a bank stops its server; its store closes with the last call.
+        self.banks.clear();
         if let Err(err) = self.cluster.stop().await {
             tracing::debug!(error = %err, "stopping the cluster");
         }
