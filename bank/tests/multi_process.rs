@@ -124,7 +124,11 @@ async fn bad_transfers_fail_with_one_line_and_move_no_money() {
         let err = stderr(&out);
         assert_eq!(err.trim().lines().count(), 1, "{what}: one line, got {err:?}");
         assert!(err.starts_with("error: "), "{what}: {err}");
-        let totals = p.wait("balances readable", |p| async move { p.totals().await }).await;
+        // A refused transfer may have held money at the other bank until its
+        // Abort arrives (phase 2 runs after the client's answer): wait for
+        // the holds to go, then check nothing moved (I4, I8).
+        let totals =
+            p.wait("every hold released", |p| async move { p.totals().await.filter(|(_, staged)| *staged == 0) }).await;
         assert_eq!(totals, (150_00, 0), "{what}: no money moved");
         assert_eq!(p.balance(0, "alice").await, Some(100_00), "{what}");
     }

@@ -1,5 +1,7 @@
 //! The raft node: one task owns raft-rs's `RawNode`; everything else talks to
-//! it through a [`NodeHandle`] over bounded channels.
+//! it through a [`NodeHandle`] over bounded channels. The task runs on a
+//! thread and a current-thread runtime of its own, so its fsyncs never block
+//! a worker of the runtime that serves gRPC.
 //!
 //! The task's loop takes ticks, peer messages and requests, then handles each
 //! `Ready` in raft-rs's order exactly (docs/PROTOCOL.md §4, I3): send the
@@ -352,14 +354,21 @@ pub fn start(
     };
     task.reseed_election_timeout();
     let tick = Duration::from_millis(config.tick_interval_ms);
-    let task = tokio::spawn(async move {
-        let result = task.run(tick, requests_rx, inbound_rx, feedback_rx, shutdown).await;
-        task.transport.shutdown();
-        task.fail_all(|| Error::Stopped);
-        if let Err(err) = &result {
-            tracing::error!(node_id = task.id, error = %err, "raft task stopped on a fatal error");
-        }
-        result
+    // The Ready loop fsyncs (I3), so it gets a thread and a runtime of its
+    // own: no fsync ever blocks a worker of the runtime serving gRPC. It
+    // talks to the rest only through channels, which work across runtimes;
+    // the transport spawns its peer senders on the outer runtime.
+    let raft_runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let task = tokio::task::spawn_blocking(move || {
+        raft_runtime.block_on(async move {
+            let result = task.run(tick, requests_rx, inbound_rx, feedback_rx, shutdown).await;
+            task.transport.shutdown();
+            task.fail_all(|| Error::Stopped);
+            if let Err(err) = &result {
+                tracing::error!(node_id = task.id, error = %err, "raft task stopped on a fatal error");
+            }
+            result
+        })
     });
     Ok(StartedNode { handle, inbound: inbound_tx, task })
 }

@@ -41,12 +41,13 @@ mod service;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use parking_lot::RwLock;
 use raft::eraftpb::{Message, MessageType};
+use tokio::runtime::Handle;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
@@ -245,6 +246,10 @@ struct Shared {
     feedback: mpsc::Sender<PeerFeedback>,
     peers: RwLock<HashMap<u64, Peer>>,
     shut_down: AtomicBool,
+    /// Where peer sender tasks run: the runtime the transport was made in
+    /// (or first used from). The raft task calls [`Transport::set_peer`] from
+    /// a runtime of its own, whose thread fsyncs; senders must not run there.
+    runtime: OnceLock<Handle>,
 }
 
 /// The sending half of the peer transport: one bounded queue and one sender
@@ -265,8 +270,8 @@ impl fmt::Debug for Transport {
 
 impl Transport {
     /// A transport for node `self_id` with no peers yet. Does not connect
-    /// anywhere and needs no runtime; `config` should have passed
-    /// [`TransportConfig::validate`].
+    /// anywhere and needs no runtime (made inside one, its sender tasks run
+    /// there); `config` should have passed [`TransportConfig::validate`].
     pub fn new(
         self_id: u64,
         config: TransportConfig,
@@ -280,6 +285,7 @@ impl Transport {
             feedback,
             peers: RwLock::new(HashMap::new()),
             shut_down: AtomicBool::new(false),
+            runtime: Handle::try_current().map(OnceLock::from).unwrap_or_default(),
         };
         Self { shared: Arc::new(shared) }
     }
@@ -311,7 +317,8 @@ impl Transport {
             Arc::clone(&counters),
             rx,
         );
-        let task = tokio::spawn(task.run().instrument(span)).abort_handle();
+        let runtime = shared.runtime.get_or_init(Handle::current);
+        let task = runtime.spawn(task.run().instrument(span)).abort_handle();
         // Replacing the old entry drops it, which aborts its task.
         peers.insert(id, Peer { addr, queue, counters, task });
     }

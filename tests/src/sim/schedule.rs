@@ -9,6 +9,7 @@ use std::fmt;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom as _;
 use rand::{Rng as _, SeedableRng as _};
+use twopc_coordinator::config::EngineConfig;
 use twopc_coordinator::transport::LinkFault;
 
 use crate::gate::CallChaos;
@@ -238,9 +239,19 @@ pub fn schedule(seed: u64, mix: FaultMix, coordinators: u64, banks: usize, windo
                 } else {
                     ClockOf::Coordinator(Pick::Node(rng.random_range(1..=coordinators)))
                 };
-                // Up to 20 s either way: past a txn's deadline (3 s in the
-                // simulation) in both directions, inside the retention window.
-                let by_ms = rng.random_range(200..=20_000) * if rng.random_bool(0.5) { 1 } else { -1 };
+                // Mostly up to 20 s either way: past a txn's deadline (3 s in
+                // the simulation) in both directions, inside the retention
+                // window. One jump in five goes past the coordinators'
+                // retention window: a leader running ahead forgets finished
+                // txns early and refuses new ones as too old, and must still
+                // never run a txn twice or leave a branch in doubt.
+                let retention_ms = i64::try_from(EngineConfig::default().retention_ms).unwrap_or(i64::MAX / 2);
+                let span_ms = if rng.random_bool(0.2) {
+                    rng.random_range(retention_ms + 1_000..=retention_ms + 30_000)
+                } else {
+                    rng.random_range(200..=20_000)
+                };
+                let by_ms = span_ms * if rng.random_bool(0.5) { 1 } else { -1 };
                 Fault::ClockJump { clock, by_ms }
             }
         };
