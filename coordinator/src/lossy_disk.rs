@@ -178,12 +178,12 @@ impl LossyFile {
     /// # Errors
     /// After a crash, or as the write.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        // Held across the write, so a crash never falls between the record and the change.
-        let mut state = self.disk.state.lock();
-        check_generation(&state, self.generation)?;
         if !self.disk.crashable {
             return self.file.write_all_at(data, offset);
         }
+        // Held across the write, so a crash never falls between the record and the change.
+        let mut state = self.disk.state.lock();
+        check_generation(&state, self.generation)?;
         let len = self.file.metadata()?.len();
         let end = offset + data.len() as u64;
         let mut undos = Vec::with_capacity(2);
@@ -202,11 +202,11 @@ impl LossyFile {
     /// # Errors
     /// After a crash, or as [`File::set_len`].
     pub fn set_len(&self, new_len: u64) -> io::Result<()> {
-        let mut state = self.disk.state.lock();
-        check_generation(&state, self.generation)?;
         if !self.disk.crashable {
             return self.file.set_len(new_len);
         }
+        let mut state = self.disk.state.lock();
+        check_generation(&state, self.generation)?;
         let len = self.file.metadata()?.len();
         let mut undos = Vec::with_capacity(2);
         if new_len < len {
@@ -224,6 +224,9 @@ impl LossyFile {
     /// # Errors
     /// After a crash, or as [`File::sync_data`].
     pub fn sync(&self) -> io::Result<()> {
+        if !self.disk.crashable {
+            return self.file.sync_data();
+        }
         let mut state = self.disk.state.lock();
         check_generation(&state, self.generation)?;
         self.file.sync_data()?;
@@ -247,9 +250,19 @@ pub struct LossyFileSystem {
 
 impl LossyFileSystem {
     /// A file system that keeps nothing from crashes because none will come:
-    /// a disk of its own that nobody crashes.
+    /// a disk of its own that nobody crashes, and no bookkeeping.
     pub fn durable() -> Self {
         Arc::new(LossyDisk { state: Mutex::default(), crashable: false }).file_system()
+    }
+
+    /// Whether this incarnation's disk is still there. A sync that returned
+    /// after a crash did nothing (see [`Handle::sync`] for [`LossyFile`]), so
+    /// a caller that synced checks this before acting on the write.
+    ///
+    /// # Errors
+    /// After a crash.
+    pub fn check_alive(&self) -> io::Result<()> {
+        if self.disk.crashable { self.disk.check(self.generation) } else { Ok(()) }
     }
 }
 
@@ -309,7 +322,9 @@ impl Handle for LossyFile {
             // neither, it just stops. So the crashed incarnation's sync does
             // nothing: its writes already fail, and the harness has cut the
             // node off before crashing its disk, so nothing it does after
-            // reaches anyone.
+            // reaches anyone, and the log store checks
+            // `LossyFileSystem::check_alive` after every sync before it acts
+            // on the write.
             Err(_) if self.disk.state.lock().generation != self.generation => Ok(()),
             result => result,
         }
@@ -410,11 +425,17 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("f");
         let disk = LossyDisk::new();
+        let file_system = disk.file_system();
         let file = disk.open(&path, true)?;
         file.write_at(0, b"x")?;
+        file_system.check_alive()?;
         disk.crash()?;
         assert!(file.write_at(0, b"y").is_err());
         assert!(file.sync().is_err());
+        // raft-engine's view: its sync "succeeds" (it would panic otherwise),
+        // and check_alive is how the log store learns it did nothing.
+        assert!(Handle::sync(&file).is_ok());
+        assert!(file_system.check_alive().is_err());
         assert!(disk.file_system().create(dir.path().join("g")).is_ok());
         assert_eq!(read_all(&disk, &path), b"");
         Ok(())

@@ -339,6 +339,10 @@ pub struct RaftStorage {
 
 struct Inner {
     engine: LogEngine,
+    /// What the engine writes through (kept to ask a crash test's disk
+    /// whether a sync really happened; see [`Inner::write_log`]).
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    log_fs: Arc<LogFileSystem>,
     dir: PathBuf,
     snap_dir: PathBuf,
     config: StorageConfig,
@@ -381,7 +385,8 @@ impl RaftStorage {
         for d in [dir, &log_dir, &snap_dir] {
             fs::create_dir_all(d).map_err(io_err("create directory", d))?;
         }
-        let engine = Engine::open_with_file_system(config.engine_config(&log_dir)?, Arc::new(config.log_file_system()))
+        let log_fs = Arc::new(config.log_file_system());
+        let engine = Engine::open_with_file_system(config.engine_config(&log_dir)?, Arc::clone(&log_fs))
             .map_err(engine_err(format!("open {}", log_dir.display())))?;
         let hard_state = engine
             .get_message::<HardState>(RAFT_GROUP_ID, HARD_STATE_KEY)
@@ -403,6 +408,7 @@ impl RaftStorage {
         let storage = Self {
             inner: Arc::new(Inner {
                 engine,
+                log_fs,
                 dir: dir.to_owned(),
                 snap_dir,
                 config: config.clone(),
@@ -436,10 +442,7 @@ impl RaftStorage {
             tracing::warn!(engine_first, first_index, "log entries below the snapshot found at start-up; compacting");
             let mut batch = LogBatch::default();
             batch.add_command(RAFT_GROUP_ID, Command::Compact { index: first_index });
-            self.inner
-                .engine
-                .write(&mut batch, true)
-                .map_err(engine_err(format!("compact the log to {first_index}")))?;
+            self.inner.write_log(&mut batch, true).map_err(engine_err(format!("compact the log to {first_index}")))?;
         }
         Ok(())
     }
@@ -505,7 +508,7 @@ impl RaftStorage {
         if batch.is_empty() {
             return Ok(());
         }
-        self.inner.engine.write(&mut batch, sync).map_err(engine_err(append_context(entries)))?;
+        self.inner.write_log(&mut batch, sync).map_err(engine_err(append_context(entries)))?;
         if let Some(hs) = hard_state {
             st.hard_state = hs.clone();
         }
@@ -527,10 +530,7 @@ impl RaftStorage {
         hs.commit = hs.commit.max(commit);
         let mut batch = LogBatch::with_capacity(1);
         put_hard_state(&mut batch, &hs)?;
-        self.inner
-            .engine
-            .write(&mut batch, sync)
-            .map_err(engine_err(format!("set the raft commit index to {commit}")))?;
+        self.inner.write_log(&mut batch, sync).map_err(engine_err(format!("set the raft commit index to {commit}")))?;
         st.hard_state = hs;
         Ok(())
     }
@@ -677,6 +677,21 @@ enum Install {
 }
 
 impl Inner {
+    /// Writes `batch` to the log; with `sync`, returns only once it is
+    /// durable (I3).
+    fn write_log(&self, batch: &mut LogBatch, sync: bool) -> Result<(), raft_engine::Error> {
+        self.engine.write(batch, sync)?;
+        // A crash test's disk may have crashed between this write and its
+        // sync, which then did nothing (raft-engine panics on a failed sync,
+        // so the crashed disk's sync "succeeds"): fail as the crash would have,
+        // before anyone acts on the write.
+        #[cfg(feature = "testing")]
+        if sync {
+            self.log_fs.check_alive().map_err(raft_engine::Error::Io)?;
+        }
+        Ok(())
+    }
+
     fn is_fresh(&self, st: &State) -> bool {
         st.hard_state == HardState::default()
             && st.snapshot.is_none()
@@ -787,8 +802,7 @@ impl Inner {
         batch.add_command(RAFT_GROUP_ID, Command::Compact { index: compact_to });
         // One synced batch: the snapshot becomes current and the log below it
         // goes together, so a crash never leaves a log with a hole.
-        self.engine
-            .write(&mut batch, true)
+        self.write_log(&mut batch, true)
             .map_err(engine_err(format!("record snapshot {} and compact the log to {compact_to}", meta.index)))?;
         st.hard_state = hard_state;
         st.snapshot = Some(meta.clone());

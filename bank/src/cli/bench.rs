@@ -33,6 +33,7 @@ use super::local_cluster::{LocalCluster, Spec, bank_client, leader, wait_until};
 use super::money::{Outcome, submit};
 use super::output::{json, table};
 use super::resources;
+use super::servers::BANK_RETENTION_MIN_MS;
 use super::{ClusterArgs, EXIT_ERROR, EXIT_OK};
 
 #[derive(Debug, Args)]
@@ -96,9 +97,11 @@ pub struct BenchArgs {
     /// With --local: keep data and logs here (default: a temporary directory, removed at the end).
     #[arg(long, requires = "local")]
     pub dir: Option<PathBuf>,
-    /// With --local: the banks' --finished-retention-ms (how long finished branches are kept), so a
-    /// run can span many retention windows and show whether the bank files level off.
-    #[arg(long, requires = "local")]
+    /// With --local: the banks' --finished-retention-ms (how long finished branches are kept, at least
+    /// 60000 and longer than --timeout-ms), so a run can span many retention windows and show whether the
+    /// bank files level off.
+    #[arg(long, requires = "local",
+          value_parser = clap::value_parser!(u64).range(BANK_RETENTION_MIN_MS..=twopc_bank::config::FINISHED_RETENTION_MAX_MS))]
     pub bank_retention_ms: Option<u64>,
     /// With --local: every this many seconds of the measurement, record each process's RSS and the
     /// size of its data directory (printed as a table; "samples" in --json).
@@ -139,6 +142,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
     if !args.local {
         return run_against(&args, args.cluster.coordinators.clone(), None).await;
     }
+    anyhow::ensure!(
+        args.bank_retention_ms.is_none_or(|ms| ms > args.timeout_ms),
+        "--bank-retention-ms must exceed --timeout-ms ({}): a tombstone must outlive the transfer's deadline",
+        args.timeout_ms
+    );
     let banks = args.banks.unwrap_or(args.branches).max(2);
     anyhow::ensure!(banks >= args.branches, "--banks ({banks}) must be at least --branches ({})", args.branches);
     anyhow::ensure!(args.coordinators_count >= 1, "--coordinators-count must be at least 1");

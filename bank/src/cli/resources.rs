@@ -123,3 +123,23 @@ pub fn dir_bytes(path: &Path) -> u64 {
         })
         .sum()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The bench's disk figures: every file under a data dir counts once,
+    // however deep, at its apparent size.
+    #[test]
+    fn dir_bytes_sums_every_file_below_the_dir() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("a"), [0u8; 10])?;
+        std::fs::create_dir_all(dir.path().join("log/sub"))?;
+        std::fs::write(dir.path().join("log/b"), [0u8; 20])?;
+        let sparse = std::fs::File::create(dir.path().join("log/sub/c"))?;
+        sparse.set_len(4096)?;
+        assert_eq!(dir_bytes(dir.path()), 10 + 20 + 4096);
+        assert_eq!(dir_bytes(&dir.path().join("missing")), 0);
+        Ok(())
+    }
+}

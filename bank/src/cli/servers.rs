@@ -134,11 +134,17 @@ pub struct BankArgs {
     /// How long a prepared branch waits for its decision before asking the cluster (ms).
     #[arg(long, default_value_t = 5_000)]
     pub in_doubt_timeout_ms: u64,
-    /// How long finished branches, their outcomes and tombstones are kept (ms) before they are collected.
-    /// Keep it longer than any transfer's deadline; the files level off after one such window.
-    #[arg(long, default_value_t = twopc_bank::StoreConfig::default().finished_retention_ms)]
+    /// How long finished branches, their outcomes and tombstones are kept (ms) before they are collected;
+    /// the files level off after one such window. At least 60000: a tombstone must outlive any deadline
+    /// (the coordinators' deadline_max_ms is 30000 by default). At most 7 days.
+    #[arg(long, default_value_t = twopc_bank::StoreConfig::default().finished_retention_ms,
+          value_parser = clap::value_parser!(u64).range(BANK_RETENTION_MIN_MS..=twopc_bank::config::FINISHED_RETENTION_MAX_MS))]
     pub finished_retention_ms: u64,
 }
+
+/// The shortest `twopc bank --finished-retention-ms`: twice the coordinators'
+/// default `deadline_max_ms`, so a tombstone outlives any deadline (I4).
+pub const BANK_RETENTION_MIN_MS: u64 = 60_000;
 
 /// Where a bank keeps its accounts.
 #[derive(Debug, Clone, PartialEq, Eq)]
