@@ -19,9 +19,9 @@ use twopc_coordinator::failpoint as coordinator_fp;
 use twopc_participant::failpoint as participant_fp;
 use twopc_proto::TxnId;
 use twopc_tests::checker::{self, AccountRef, ClientOutcome, Invariant};
+use twopc_tests::sim;
 use twopc_tests::sim::schedule::FaultMix;
 use twopc_tests::sim::world::{World, WorldConfig};
-use twopc_tests::sim::{self, SimConfig};
 use twopc_tests::wait;
 
 const SETTLE: Duration = Duration::from_secs(20);
@@ -180,26 +180,6 @@ async fn a_leader_that_dies_between_phase_two_sends_has_the_rest_sent_by_the_nex
     Ok(())
 }
 
-/// Runs simulation seeds of `mix` with short settling until one reports a
-/// violation; returns its seed and the invariants it names.
-async fn first_violation(mix: FaultMix, seeds: u64) -> Option<(u64, std::collections::BTreeSet<Invariant>)> {
-    for seed in 0..seeds {
-        let mut config = SimConfig::for_seed(seed);
-        config.mix = mix;
-        config.world.coordinators = 3;
-        config.world.settle_bound = Duration::from_secs(4);
-        match sim::run_retrying(config).await {
-            Ok(report) if !report.passed() => {
-                println!("{report}");
-                return Some((seed, checker::invariants(&report.violations)));
-            }
-            Ok(_) => {}
-            Err(err) => println!("seed {seed}: the harness failed: {err:#}"),
-        }
-    }
-    None
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checker_catches_a_coordinator_that_commits_despite_a_no_vote() {
     // The checker bites (I1, I8): a leader that ignores NO votes commits the
@@ -207,7 +187,7 @@ async fn the_checker_catches_a_coordinator_that_commits_despite_a_no_vote() {
     let _scenario = FailScenario::setup();
     twopc_tests::init_tracing();
     fail::cfg(coordinator_fp::PREPARE_IGNORE_VOTES, "return").expect("a valid action");
-    let found = first_violation(FaultMix::Calm, 5).await;
+    let found = sim::first_violation(FaultMix::Calm, 5, |_| {}).await;
     let (seed, invariants) = found.expect("the simulation reports the broken protocol within 5 seeds");
     assert!(invariants.contains(&Invariant::I1), "seed {seed} named {invariants:?}");
     assert!(invariants.contains(&Invariant::I8), "seed {seed} named {invariants:?}");
@@ -221,7 +201,7 @@ async fn the_checker_catches_a_bank_that_releases_holds_on_a_timer() {
     let _scenario = FailScenario::setup();
     twopc_tests::init_tracing();
     fail::cfg(participant_fp::RESOLVE_RELEASE_ON_TIMER, "return").expect("a valid action");
-    let found = first_violation(FaultMix::Participants, 30).await;
+    let found = sim::first_violation(FaultMix::Participants, 30, |_| {}).await;
     let (seed, invariants) = found.expect("the simulation reports the broken protocol within 30 seeds");
     assert!(invariants.contains(&Invariant::I1), "seed {seed} named {invariants:?}");
 }

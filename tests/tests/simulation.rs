@@ -7,6 +7,8 @@
 //! - Soak: `TWOPC_SIM_SEEDS=5000 [TWOPC_SIM_FIRST_SEED=...] [TWOPC_SIM_PARALLEL=...] cargo test -p
 //!   twopc-tests --release --test simulation -- --nocapture`.
 
+use twopc_tests::checker::Invariant;
+use twopc_tests::sim::schedule::FaultMix;
 use twopc_tests::sim::{self, SimConfig};
 
 /// Seeds the smoke covers: 30 for each of the 7 fault mixes.
@@ -46,4 +48,16 @@ async fn seeded_fault_schedules_keep_every_invariant() {
     println!("{}", sim::summary(&results));
     println!("{} seeds ({} at a time) in {:?}; failed: {failed:?}", seeds.len(), parallel, started.elapsed());
     assert!(failed.is_empty(), "seeds {failed:?} failed; their reports and replay commands are printed above");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_catches_banks_that_answer_before_their_fsync() {
+    // The checker bites through the crash model (I3 broken, seen as I8):
+    // banks whose store skips its fsync vote YES and acknowledge decisions
+    // that are not durable, and a bank crash, which takes back every unsynced
+    // write, loses money the log says moved.
+    twopc_tests::init_tracing();
+    let found = sim::first_violation(FaultMix::Crashes, 30, |config| config.world.banks_skip_fsync = true).await;
+    let (seed, invariants) = found.expect("the simulation reports the broken store within 30 seeds");
+    assert!(invariants.contains(&Invariant::I8), "seed {seed} named {invariants:?}");
 }

@@ -35,6 +35,7 @@ pub struct SimBank {
     /// Its store; a crash replaces it with one opened from what the disk kept.
     pub store: Arc<RedbStore>,
     disk: Arc<LossyDisk>,
+    disk_kind: BankDisk,
     path: PathBuf,
     config: ParticipantConfig,
     running: Option<(oneshot::Sender<()>, JoinHandle<twopc_bank::Result<()>>)>,
@@ -44,11 +45,42 @@ pub struct SimBank {
 #[derive(Debug)]
 struct LossyBackend(LossyFile);
 
-/// A broken disk for tests of the crash model itself: syncs do nothing, as
-/// if the store answered before its fsync.
-#[cfg(test)]
+/// A broken disk, to show the crash model bites: syncs do nothing, as if
+/// the store answered before its fsync.
 #[derive(Debug)]
 struct SyncSkippingBackend(LossyBackend);
+
+impl redb::StorageBackend for SyncSkippingBackend {
+    fn len(&self) -> io::Result<u64> {
+        self.0.len()
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        self.0.read(offset, out)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.0.write(offset, data)
+    }
+}
+
+/// What a simulated bank's store is written to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BankDisk {
+    /// A [`LossyDisk`]: a crash takes back what the store did not sync.
+    Lossy,
+    /// The same disk, but the store's syncs do nothing (a broken store, for
+    /// the tests that show the checker bites).
+    SkipsFsync,
+}
 
 impl redb::StorageBackend for LossyBackend {
     fn len(&self) -> io::Result<u64> {
@@ -73,38 +105,46 @@ impl redb::StorageBackend for LossyBackend {
 }
 
 /// Opens the store at `path` on `disk` as the disk now holds it.
-async fn open_store(disk: &Arc<LossyDisk>, path: &Path) -> anyhow::Result<Arc<RedbStore>> {
-    let (disk, path) = (Arc::clone(disk), path.to_owned());
-    let store = tokio::task::spawn_blocking(move || {
-        let backend = LossyBackend(disk.open(&path, true)?);
-        anyhow::Ok(RedbStore::open_backend_blocking(backend, &path, StoreConfig::default())?)
+fn open_store_blocking(disk: &Arc<LossyDisk>, path: &Path, kind: BankDisk) -> anyhow::Result<RedbStore> {
+    let backend = LossyBackend(disk.open(path, true)?);
+    Ok(match kind {
+        BankDisk::Lossy => RedbStore::open_backend_blocking(backend, path, StoreConfig::default())?,
+        BankDisk::SkipsFsync => {
+            RedbStore::open_backend_blocking(SyncSkippingBackend(backend), path, StoreConfig::default())?
+        }
     })
-    .await??;
+}
+
+/// [`open_store_blocking`] on the blocking pool.
+async fn open_store(disk: &Arc<LossyDisk>, path: &Path, kind: BankDisk) -> anyhow::Result<Arc<RedbStore>> {
+    let (disk, path) = (Arc::clone(disk), path.to_owned());
+    let store = tokio::task::spawn_blocking(move || open_store_blocking(&disk, &path, kind)).await??;
     Ok(Arc::new(store))
 }
 
 impl SimBank {
-    /// Opens a store under `dir` with `accounts` at `opening_minor` each and
-    /// starts serving.
+    /// Opens a store under `dir` on a disk of kind `disk_kind` with
+    /// `accounts` at `opening_minor` each and starts serving.
     ///
     /// # Errors
     /// The store, an account or the port.
     pub async fn start(
         name: &str,
         dir: &Path,
+        disk_kind: BankDisk,
         accounts: &[String],
         opening_minor: i64,
         config: ParticipantConfig,
     ) -> anyhow::Result<Self> {
         let disk = LossyDisk::new();
         let path = dir.join(format!("{name}.redb"));
-        let store = open_store(&disk, &path).await?;
+        let store = open_store(&disk, &path, disk_kind).await?;
         for account in accounts {
             store.create_account(account.parse()?, opening_minor).await?;
         }
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let mut bank = Self { name: name.to_owned(), addr, store, disk, path, config, running: None };
+        let mut bank = Self { name: name.to_owned(), addr, store, disk, disk_kind, path, config, running: None };
         bank.serve(listener);
         Ok(bank)
     }
@@ -139,7 +179,7 @@ impl SimBank {
         task.abort();
         let _ = task.await;
         // Calls still inside the old store fail on its dead disk and let go of it.
-        self.store = open_store(&self.disk, &self.path)
+        self.store = open_store(&self.disk, &self.path, self.disk_kind)
             .await
             .with_context(|| format!("reopening {}'s store after a crash", self.name))?;
         Ok(lost)
@@ -226,37 +266,6 @@ mod tests {
 
     use super::*;
 
-    impl redb::StorageBackend for SyncSkippingBackend {
-        fn len(&self) -> io::Result<u64> {
-            self.0.len()
-        }
-
-        fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
-            self.0.read(offset, out)
-        }
-
-        fn set_len(&self, len: u64) -> io::Result<()> {
-            self.0.set_len(len)
-        }
-
-        fn sync_data(&self) -> io::Result<()> {
-            Ok(())
-        }
-
-        fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-            self.0.write(offset, data)
-        }
-    }
-
-    fn open(disk: &Arc<LossyDisk>, path: &Path, skip_sync: bool) -> anyhow::Result<RedbStore> {
-        let backend = LossyBackend(disk.open(path, true)?);
-        Ok(if skip_sync {
-            RedbStore::open_backend_blocking(SyncSkippingBackend(backend), path, StoreConfig::default())?
-        } else {
-            RedbStore::open_backend_blocking(backend, path, StoreConfig::default())?
-        })
-    }
-
     // I3 (persist before speaking) seen through the crash model: a branch the
     // store voted YES on survives a crash of its disk, and the same crash
     // loses it when the store skips its fsync. The simulation's bank crashes
@@ -268,14 +277,15 @@ mod tests {
             let dir = tempfile::tempdir()?;
             let path = dir.path().join("bank.redb");
             let disk = LossyDisk::new();
-            let store = open(&disk, &path, skip_sync)?;
+            let store =
+                open_store_blocking(&disk, &path, if skip_sync { BankDisk::SkipsFsync } else { BankDisk::Lossy })?;
             let alice: AccountName = "alice".parse()?;
             store.create_account(alice.clone(), 500).await?;
             let txn = TxnId::new();
             assert_eq!(store.prepare(txn, BranchPayload::debit(alice, 100)?).await?, Vote::Yes);
             disk.crash()?;
             drop(store);
-            let reopened = open(&disk, &path, false)?;
+            let reopened = open_store_blocking(&disk, &path, BankDisk::Lossy)?;
             let survived = reopened.branch_state(txn).await? == Some(BranchState::Prepared);
             assert_eq!(survived, !skip_sync, "skip_sync = {skip_sync}");
         }

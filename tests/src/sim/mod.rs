@@ -261,6 +261,34 @@ pub async fn run_retrying(config: SimConfig) -> anyhow::Result<SeedReport> {
     }
 }
 
+/// Runs seeds 0, 1, ... of `mix` (3 coordinators, a short settle bound), each
+/// config passed through `tweak`, until the checker reports a violation;
+/// returns that seed and the invariants it named, or None after `seeds`.
+/// The tests that show the checker bites break the protocol on purpose and
+/// expect a report within their seed budget.
+pub async fn first_violation(
+    mix: FaultMix,
+    seeds: u64,
+    tweak: impl Fn(&mut SimConfig),
+) -> Option<(u64, std::collections::BTreeSet<checker::Invariant>)> {
+    for seed in 0..seeds {
+        let mut config = SimConfig::for_seed(seed);
+        config.mix = mix;
+        config.world.coordinators = 3;
+        config.world.settle_bound = Duration::from_secs(4);
+        tweak(&mut config);
+        match run_retrying(config).await {
+            Ok(report) if !report.passed() => {
+                println!("{report}");
+                return Some((seed, checker::invariants(&report.violations)));
+            }
+            Ok(_) => {}
+            Err(err) => println!("seed {seed}: the harness failed: {err:#}"),
+        }
+    }
+    None
+}
+
 /// Runs `seeds` with `parallel` at a time, each through `configure`, and
 /// returns every report (or the harness error) in seed order.
 pub async fn run_many(

@@ -20,7 +20,7 @@ use twopc_proto::{Clock, TxnId, pb};
 
 use crate::checker::{self, AccountRef, ClientOutcome, ClientTxn, Liveness, Movement, Observation, ParticipantView};
 use crate::cluster::Cluster;
-use crate::sim::bank::SimBank;
+use crate::sim::bank::{BankDisk, SimBank};
 
 /// The shape and timings of a world.
 #[derive(Debug, Clone)]
@@ -46,6 +46,10 @@ pub struct WorldConfig {
     /// Seeds every coordinator's election timeouts (node `id` gets
     /// `election_seed ^ id`), so the same seed replays the same elections.
     pub election_seed: u64,
+    /// A broken protocol, to show the checker bites: every bank's store
+    /// skips its fsync, so it votes YES and acknowledges decisions before
+    /// anything is durable (against I3), and a crash takes back what it said.
+    pub banks_skip_fsync: bool,
 }
 
 impl Default for WorldConfig {
@@ -61,6 +65,7 @@ impl Default for WorldConfig {
             client_retry_budget_ms: 1_500,
             settle_bound: Duration::from_secs(20),
             election_seed: 0,
+            banks_skip_fsync: false,
         }
     }
 }
@@ -202,7 +207,8 @@ impl World {
             participant.resolve_backoff_max_ms = config.resolve_backoff_max_ms;
             participant.resolve_timeout_ms = 1_000;
             participant.connect_timeout_ms = 300;
-            let bank = SimBank::start(&name, dir.path(), &accounts, config.opening_minor, participant).await?;
+            let disk = if config.banks_skip_fsync { BankDisk::SkipsFsync } else { BankDisk::Lossy };
+            let bank = SimBank::start(&name, dir.path(), disk, &accounts, config.opening_minor, participant).await?;
             cluster.register(&name, bank.addr).await?;
             for account in &accounts {
                 openings.insert(AccountRef { bank: name.clone(), account: account.clone() }, config.opening_minor);
