@@ -41,78 +41,53 @@ pub struct SimBank {
     running: Option<(oneshot::Sender<()>, JoinHandle<twopc_bank::Result<()>>)>,
 }
 
-/// redb's storage on a [`LossyFile`].
-#[derive(Debug)]
-struct LossyBackend(LossyFile);
-
-/// A broken disk, to show the crash model bites: syncs do nothing, as if
-/// the store answered before its fsync.
-#[derive(Debug)]
-struct SyncSkippingBackend(LossyBackend);
-
-impl redb::StorageBackend for SyncSkippingBackend {
-    fn len(&self) -> io::Result<u64> {
-        self.0.len()
-    }
-
-    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
-        self.0.read(offset, out)
-    }
-
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)
-    }
-
-    fn sync_data(&self) -> io::Result<()> {
-        Ok(())
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.0.write(offset, data)
-    }
-}
-
 /// What a simulated bank's store is written to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BankDisk {
     /// A [`LossyDisk`]: a crash takes back what the store did not sync.
     Lossy,
-    /// The same disk, but the store's syncs do nothing (a broken store, for
-    /// the tests that show the checker bites).
+    /// The same disk, but the store's syncs do nothing, as if it answered
+    /// before its fsync (a broken store, for the tests that show the
+    /// checker bites).
     SkipsFsync,
+}
+
+/// redb's storage on a [`LossyFile`].
+#[derive(Debug)]
+struct LossyBackend {
+    file: LossyFile,
+    kind: BankDisk,
 }
 
 impl redb::StorageBackend for LossyBackend {
     fn len(&self) -> io::Result<u64> {
-        self.0.len()
+        self.file.len()
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
-        self.0.read_exact_at(offset, out)
+        self.file.read_exact_at(offset, out)
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)
+        self.file.set_len(len)
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        self.0.sync()
+        match self.kind {
+            BankDisk::Lossy => self.file.sync(),
+            BankDisk::SkipsFsync => Ok(()),
+        }
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.0.write_at(offset, data)
+        self.file.write_at(offset, data)
     }
 }
 
 /// Opens the store at `path` on `disk` as the disk now holds it.
 fn open_store_blocking(disk: &Arc<LossyDisk>, path: &Path, kind: BankDisk) -> anyhow::Result<RedbStore> {
-    let backend = LossyBackend(disk.open(path, true)?);
-    Ok(match kind {
-        BankDisk::Lossy => RedbStore::open_backend_blocking(backend, path, StoreConfig::default())?,
-        BankDisk::SkipsFsync => {
-            RedbStore::open_backend_blocking(SyncSkippingBackend(backend), path, StoreConfig::default())?
-        }
-    })
+    let backend = LossyBackend { file: disk.open(path, true)?, kind };
+    Ok(RedbStore::open_backend_blocking(backend, path, StoreConfig::default())?)
 }
 
 /// [`open_store_blocking`] on the blocking pool.
