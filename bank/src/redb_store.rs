@@ -92,7 +92,7 @@ impl RedbStore {
     /// the file is in use or cannot be read; [`Error::Fatal`] if it is corrupt.
     pub async fn open(path: impl Into<PathBuf>, config: StoreConfig) -> Result<Self> {
         let path = path.into();
-        tokio::task::spawn_blocking(move || Self::open_blocking(&path, config))
+        twopc_proto::host::run_blocking(move || Self::open_blocking(&path, config))
             .await
             .map_err(|e| Error::Fatal(format!("opening the store: {e}")))?
     }
@@ -140,19 +140,19 @@ impl RedbStore {
             next_gc_unix_ms: 0,
             config: config.clone(),
         };
-        let writer = std::thread::Builder::new()
-            .name("bank-store-writer".into())
-            .spawn(move || writer.run())
-            .map_err(|e| Error::Fatal(format!("starting the store's writer thread: {e}")))?;
+        let writer = if twopc_proto::host::is_simulated() {
+            // One thread runs the whole simulation.
+            tokio::spawn(writer.run_as_task());
+            None
+        } else {
+            let thread = std::thread::Builder::new()
+                .name("bank-store-writer".into())
+                .spawn(move || writer.run())
+                .map_err(|e| Error::Fatal(format!("starting the store's writer thread: {e}")))?;
+            Some(thread)
+        };
         info!(path = %path.display(), "bank store open");
-        Ok(Self {
-            db,
-            jobs: Some(jobs),
-            writer: Some(writer),
-            counters,
-            queue_max: config.queue_max,
-            path: path.to_owned(),
-        })
+        Ok(Self { db, jobs: Some(jobs), writer, counters, queue_max: config.queue_max, path: path.to_owned() })
     }
 
     /// The store file.
@@ -200,7 +200,7 @@ impl RedbStore {
         read: impl FnOnce(&ReadTransaction) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let db = Arc::clone(&self.db);
-        tokio::task::spawn_blocking(move || {
+        twopc_proto::host::run_blocking(move || {
             let txn = db.begin_read()?;
             read(&txn)
         })
@@ -389,17 +389,32 @@ struct Writer {
 impl Writer {
     fn run(mut self) {
         while let Some(first) = self.queue.blocking_recv() {
-            let mut batch = Vec::with_capacity(self.config.batch_max.min(64));
-            batch.push(first);
-            while batch.len() < self.config.batch_max {
-                match self.queue.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
-            }
+            let batch = self.batch_from(first);
             self.write(batch);
         }
         debug!("bank store writer stopped");
+    }
+
+    /// [`Writer::run`] as a task, for a simulation (`twopc_proto::host`).
+    async fn run_as_task(mut self) {
+        while let Some(first) = self.queue.recv().await {
+            let batch = self.batch_from(first);
+            self.write(batch);
+        }
+        debug!("bank store writer stopped");
+    }
+
+    /// `first` and whatever else is queued, up to `batch_max` jobs: one fsync for all.
+    fn batch_from(&mut self, first: Job) -> Vec<Job> {
+        let mut batch = Vec::with_capacity(self.config.batch_max.min(64));
+        batch.push(first);
+        while batch.len() < self.config.batch_max {
+            match self.queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        batch
     }
 
     /// Applies `batch` in one write transaction and answers every job once

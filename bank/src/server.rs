@@ -6,11 +6,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tracing::{info, warn};
 use twopc_participant::{Participant, ParticipantConfig};
 use twopc_proto::MAX_MESSAGE_BYTES;
+use twopc_proto::net::Listener;
 use twopc_proto::pb::bank_server::BankServer;
 
 use crate::config::BankConfig;
@@ -34,7 +34,11 @@ pub const STORE_CLOSE_TIMEOUT_MS: u64 = 5_000;
 /// [`Error::Config`] for an invalid config; [`Error::Unavailable`] or
 /// [`Error::Fatal`] if the store cannot be opened; [`Error::Participant`]
 /// if serving fails.
-pub async fn run(listener: TcpListener, config: BankConfig, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+pub async fn run(
+    listener: impl Into<Listener>,
+    config: BankConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
     config.validate()?;
     tokio::fs::create_dir_all(&config.data_dir)
         .await
@@ -52,11 +56,12 @@ pub async fn run(listener: TcpListener, config: BankConfig, shutdown: impl Futur
 /// [`Error::Participant`] for an invalid participant config or if serving
 /// fails.
 pub async fn serve<S: AccountStore>(
-    listener: TcpListener,
+    listener: impl Into<Listener>,
     store: Arc<S>,
     participant: ParticipantConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
+    let listener = listener.into();
     let id = participant.id.clone();
     let resource = Arc::new(BankResource::new(Arc::clone(&store)));
     let participant = Participant::new(resource, participant)?;
@@ -76,7 +81,7 @@ async fn close(mut store: Arc<RedbStore>) {
     loop {
         match Arc::try_unwrap(store) {
             Ok(store) => {
-                let _ = tokio::task::spawn_blocking(move || drop(store)).await;
+                let _ = twopc_proto::host::run_blocking(move || drop(store)).await;
                 return;
             }
             Err(shared) if tokio::time::Instant::now() < deadline => {

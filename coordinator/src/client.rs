@@ -76,10 +76,9 @@ impl ClusterClient {
         }
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| Status::invalid_argument(format!("coordinator address {addr:?} is not host:port: {e}")))?;
-        let channel = endpoint
-            .connect_timeout(Duration::from_millis(self.config.connect_timeout_ms))
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let endpoint =
+            endpoint.connect_timeout(Duration::from_millis(self.config.connect_timeout_ms)).tcp_nodelay(true);
+        let channel = twopc_proto::net::lazy_channel(&endpoint);
         channels.insert(addr.to_owned(), channel.clone());
         Ok(channel)
     }
@@ -166,6 +165,6 @@ impl ClusterClient {
 
     fn backoff(&self, rounds: u32) -> Duration {
         let ceiling = self.config.backoff_min_ms.saturating_mul(1 << rounds.min(16)).min(self.config.backoff_max_ms);
-        Duration::from_millis(rand::rng().random_range(ceiling / 2..=ceiling))
+        Duration::from_millis(twopc_proto::host::with_rng(|rng| rng.random_range(ceiling / 2..=ceiling)))
     }
 }

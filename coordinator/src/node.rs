@@ -15,7 +15,7 @@
 //! fails its waiting proposals as "outcome unknown": the entry may still be
 //! applied, so callers retry with the same txn id (I5 makes that safe).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -343,7 +343,7 @@ pub fn start(
         applied_tx,
         status_tx,
         pending: BTreeMap::new(),
-        pending_reads: HashMap::new(),
+        pending_reads: BTreeMap::new(),
         next_read_id: 0,
         last_snapshot_index: applied,
         was_leader: false,
@@ -354,22 +354,27 @@ pub fn start(
     };
     task.reseed_election_timeout();
     let tick = Duration::from_millis(config.tick_interval_ms);
-    // The Ready loop fsyncs (I3), so it gets a thread and a runtime of its
-    // own: no fsync ever blocks a worker of the runtime serving gRPC. It
-    // talks to the rest only through channels, which work across runtimes;
-    // the transport spawns its peer senders on the outer runtime.
-    let raft_runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let task = tokio::task::spawn_blocking(move || {
-        raft_runtime.block_on(async move {
-            let result = task.run(tick, requests_rx, inbound_rx, feedback_rx, shutdown).await;
-            task.transport.shutdown();
-            task.fail_all(|| Error::Stopped);
-            if let Err(err) = &result {
-                tracing::error!(node_id = task.id, error = %err, "raft task stopped on a fatal error");
-            }
-            result
-        })
-    });
+    let ready_loop = async move {
+        let result = task.run(tick, requests_rx, inbound_rx, feedback_rx, shutdown).await;
+        task.transport.shutdown();
+        task.fail_all(|| Error::Stopped);
+        if let Err(err) = &result {
+            tracing::error!(node_id = task.id, error = %err, "raft task stopped on a fatal error");
+        }
+        result
+    };
+    let task = if twopc_proto::host::is_simulated() {
+        // One thread runs the whole simulation (twopc_proto::host).
+        tokio::spawn(ready_loop)
+    } else {
+        // The Ready loop fsyncs (I3), so it gets a thread and a runtime of
+        // its own: no fsync ever blocks a worker of the runtime serving
+        // gRPC. It talks to the rest only through channels, which work
+        // across runtimes; the transport spawns its peer senders on the
+        // outer runtime.
+        let raft_runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        tokio::task::spawn_blocking(move || raft_runtime.block_on(ready_loop))
+    };
     Ok(StartedNode { handle, inbound: inbound_tx, task })
 }
 
@@ -385,7 +390,7 @@ struct RaftTask {
     /// Appended proposals by log index.
     pending: BTreeMap<u64, Pending>,
     /// ReadIndex requests by their context id.
-    pending_reads: HashMap<u64, oneshot::Sender<Result<u64>>>,
+    pending_reads: BTreeMap<u64, oneshot::Sender<Result<u64>>>,
     next_read_id: u64,
     last_snapshot_index: u64,
     was_leader: bool,
@@ -554,7 +559,7 @@ impl RaftTask {
         for (_, pending) in std::mem::take(&mut self.pending) {
             pending.waiter.fail(err());
         }
-        for (_, reply) in self.pending_reads.drain() {
+        for (_, reply) in std::mem::take(&mut self.pending_reads) {
             let _ = reply.send(Err(err()));
         }
     }

@@ -125,12 +125,12 @@ impl GrpcParticipants {
         }
         let endpoint = Endpoint::from_shared(format!("http://{}", target.addr))
             .map_err(|e| CallError::new(target, format!("bad address: {e}")))?;
-        let channel = endpoint
+        let endpoint = endpoint
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect_lazy();
+            .keep_alive_timeout(Duration::from_secs(5));
+        let channel = twopc_proto::net::lazy_channel(&endpoint);
         if channels.len() >= CHANNEL_CACHE_MAX {
             channels.clear();
         }

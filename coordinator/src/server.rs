@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 
 use std::sync::Arc;
 use tokio::net::TcpListener;
+use twopc_proto::net::Listener;
 
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -86,7 +87,7 @@ async fn stop_signal(mut stop: watch::Receiver<bool>) {
 ///
 /// # Errors
 /// Bad config, or storage that cannot be opened.
-pub fn spawn(listener: TcpListener, config: &NodeConfig, faults: FaultFilter) -> Result<RunningNode> {
+pub fn spawn(listener: impl Into<Listener>, config: &NodeConfig, faults: FaultFilter) -> Result<RunningNode> {
     let connect_timeout = Duration::from_millis(config.engine.participant_connect_timeout_ms);
     let participants = GrpcParticipants::with_batching(connect_timeout, config.engine.prepare_batching());
     spawn_with_client(listener, config, faults, participants)
@@ -98,11 +99,12 @@ pub fn spawn(listener: TcpListener, config: &NodeConfig, faults: FaultFilter) ->
 /// # Errors
 /// Bad config, or storage that cannot be opened.
 pub fn spawn_with_client<P: ParticipantClient>(
-    listener: TcpListener,
+    listener: impl Into<Listener>,
     config: &NodeConfig,
     faults: FaultFilter,
     client: P,
 ) -> Result<RunningNode> {
+    let listener = listener.into();
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let started = node::start(config, faults.clone(), stop_signal(stop_rx.clone()))?;
@@ -123,7 +125,7 @@ pub fn spawn_with_client<P: ParticipantClient>(
             .add_service(peer)
             .add_service(coordinator)
             .add_service(admin)
-            .serve_with_incoming_shutdown(incoming(listener), stop_signal(stop_rx))
+            .serve_with_incoming_shutdown(listener.incoming(), stop_signal(stop_rx))
             .await
             .map_err(|e| Error::Io(std::io::Error::other(e)))
     });
@@ -136,7 +138,7 @@ pub fn spawn_with_client<P: ParticipantClient>(
 /// # Errors
 /// Bad config, storage errors, or a fatal raft error.
 pub async fn run(
-    listener: TcpListener,
+    listener: impl Into<Listener>,
     metrics_listener: Option<TcpListener>,
     config: NodeConfig,
     shutdown: impl Future<Output = ()>,
@@ -157,11 +159,4 @@ pub async fn run(
     };
     let _ = metrics_stop.send(());
     node.stop_after(raft_ended).await
-}
-
-/// Accepted connections with Nagle's algorithm off: a small response must not
-/// wait for the peer's delayed ACK (40 ms on Linux), which it otherwise did at
-/// every few hundred calls under load (docs/BENCHMARKS.md).
-fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }

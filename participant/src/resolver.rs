@@ -120,7 +120,7 @@ impl Backoff {
 
     fn next(&mut self) -> Duration {
         let low = (self.step_ms / 2).max(self.min_ms);
-        let pause_ms = rand::rng().random_range(low..=self.step_ms.max(low));
+        let pause_ms = twopc_proto::host::with_rng(|rng| rng.random_range(low..=self.step_ms.max(low)));
         self.step_ms = self.step_ms.saturating_mul(2).min(self.max_ms);
         Duration::from_millis(pause_ms)
     }
@@ -214,7 +214,7 @@ impl Cluster {
             .map_err(|e| tonic::Status::invalid_argument(format!("{addr}: {e}")))?
             .connect_timeout(self.connect_timeout)
             .timeout(self.request_timeout);
-        let channel = endpoint.connect_lazy();
+        let channel = twopc_proto::net::lazy_channel(&endpoint);
         if channels.len() >= CHANNEL_CACHE_MAX {
             channels.clear();
         }

@@ -10,10 +10,10 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 use tracing::{Span, field, info, instrument};
+use twopc_proto::net::Listener;
 use twopc_proto::pb::participant_server::{self, ParticipantServer};
 use twopc_proto::pb::{
     DecideBatchRequest, DecideBatchResponse, DecisionItem, DecisionRequest, DecisionResponse, DecisionResult,
@@ -40,7 +40,7 @@ use crate::resource::Resource;
 /// cannot list its prepared branches at start-up; [`Error::Transport`] if the
 /// server fails.
 pub async fn run<R: Resource>(
-    listener: TcpListener,
+    listener: impl Into<Listener>,
     resource: Arc<R>,
     config: ParticipantConfig,
     shutdown: impl Future<Output = ()> + Send,
@@ -75,7 +75,7 @@ impl<R: Resource> Participant<R> {
     /// # Errors
     /// [`Error::Fatal`] if the resource cannot list its prepared branches;
     /// [`Error::Transport`] if the server fails.
-    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+    pub async fn serve(self, listener: impl Into<Listener>, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         self.serve_with(listener, Routes::default(), shutdown).await
     }
 
@@ -94,11 +94,12 @@ impl<R: Resource> Participant<R> {
     /// As [`Participant::serve`].
     pub async fn serve_with(
         self,
-        listener: TcpListener,
+        listener: impl Into<Listener>,
         routes: Routes,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<()> {
         let recovered = self.engine.recover().await?;
+        let listener = listener.into();
         let local_addr = listener.local_addr().ok();
         info!(
             participant = %self.engine.config().id,
@@ -113,7 +114,7 @@ impl<R: Resource> Participant<R> {
         let served = tonic::transport::Server::builder()
             .add_routes(routes)
             .add_service(service)
-            .serve_with_incoming_shutdown(incoming(listener), shutdown)
+            .serve_with_incoming_shutdown(listener.incoming(), shutdown)
             .await;
         drop(resolver);
         info!("participant stopped");
@@ -301,11 +302,4 @@ impl<R: Resource> participant_server::Participant for Service<R> {
         let results = futures::future::join_all(request.decisions.into_iter().map(|item| self.decide_one(item))).await;
         Ok(Response::new(DecideBatchResponse { results }))
     }
-}
-
-/// Accepted connections with Nagle's algorithm off: a small response must not
-/// wait for the peer's delayed ACK (40 ms on Linux), which it otherwise did at
-/// every few hundred calls under load (docs/BENCHMARKS.md).
-fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }

@@ -11,9 +11,14 @@
 //! - [`vote`]: [`Vote`] and [`Decision`], the two answers of the protocol.
 //! - [`status`]: building and reading gRPC statuses: invalid arguments, leader hints.
 //! - [`clock`]: [`Clock`], the wall clock a node reads (tests step one node's clock).
+//! - [`host`]: what twopc takes from the machine (network, wall clock, randomness,
+//!   threads), which a deterministic simulation replaces.
+//! - [`net`]: listening and dialing through the host's network.
 #![deny(missing_docs)]
 
 pub mod clock;
+pub mod host;
+pub mod net;
 pub mod participant_id;
 pub mod status;
 pub mod txn_id;

@@ -5,7 +5,6 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use uuid::Uuid;
 
@@ -35,9 +34,16 @@ pub enum TxnIdError {
 }
 
 impl TxnId {
-    /// A fresh id stamped with the current time.
+    /// A fresh id stamped with the current time. In a simulation
+    /// ([`crate::host`]) its time is the simulated clock's and its random
+    /// bits come from the seeded generator, so a seed replays the same ids.
     pub fn new() -> Self {
-        Self(Uuid::now_v7())
+        if crate::host::is_simulated() {
+            let random: [u8; 10] = crate::host::with_rng(rand::Rng::random);
+            Self(uuid::Builder::from_unix_timestamp_millis(crate::host::unix_now_ms(), &random).into_uuid())
+        } else {
+            Self(Uuid::now_v7())
+        }
     }
 
     /// The raw 16 bytes, big-endian (the order that sorts by time).
@@ -115,10 +121,7 @@ impl<'de> serde::Deserialize<'de> for TxnId {
     }
 }
 
-/// The local clock in Unix milliseconds (0 if the clock is before 1970).
-pub fn unix_now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).unwrap_or(0)
-}
+pub use crate::host::unix_now_ms;
 
 #[cfg(test)]
 mod tests {

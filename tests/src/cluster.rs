@@ -3,12 +3,11 @@
 //! filter so tests can cut links.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use tempfile::TempDir;
-use tokio::net::TcpListener;
 use twopc_coordinator::client::{ClientConfig, ClusterClient};
 use twopc_coordinator::config::NodeConfig;
 use twopc_coordinator::lossy_disk::{CrashReport, LossyDisk};
@@ -17,9 +16,13 @@ use twopc_coordinator::server::{self, RunningNode};
 use twopc_coordinator::state_machine::StateMachine;
 use twopc_coordinator::storage::TestDisk;
 use twopc_coordinator::transport::FaultFilter;
+use twopc_proto::net::{self, Listener};
 
 use crate::gate::Gate;
 use crate::wait;
+
+/// Any free port on the loopback interface.
+pub const LOOPBACK_ANY_PORT: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
 
 /// How long tests wait for an election or for replication to settle.
 pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -61,7 +64,7 @@ impl Cluster {
         let mut listeners = BTreeMap::new();
         let mut addrs = BTreeMap::new();
         for id in 1..=size {
-            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let listener = net::bind(LOOPBACK_ANY_PORT).await?;
             addrs.insert(id, listener.local_addr()?);
             listeners.insert(id, listener);
         }
@@ -95,7 +98,7 @@ impl Cluster {
         config
     }
 
-    fn spawn(&mut self, id: u64, listener: TcpListener) -> anyhow::Result<()> {
+    fn spawn(&mut self, id: u64, listener: Listener) -> anyhow::Result<()> {
         let config = self.config(id);
         let client = self.gate.client(Duration::from_millis(config.engine.participant_connect_timeout_ms));
         let node = server::spawn_with_client(listener, &config, self.faults.clone(), client)
@@ -166,7 +169,7 @@ impl Cluster {
     /// # Errors
     /// A port that cannot be bound or a node that cannot start.
     pub async fn start_joining(&mut self, id: u64) -> anyhow::Result<String> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let listener = net::bind(LOOPBACK_ANY_PORT).await?;
         let addr = listener.local_addr()?;
         self.addrs.insert(id, addr);
         self.disks.insert(id, LossyDisk::new());
@@ -180,7 +183,7 @@ impl Cluster {
     /// # Errors
     /// The port cannot be bound again or the node cannot start.
     pub async fn restart(&mut self, id: u64) -> anyhow::Result<()> {
-        let listener = TcpListener::bind(self.addrs[&id]).await.with_context(|| format!("rebinding node {id}"))?;
+        let listener = net::bind(self.addrs[&id]).await.with_context(|| format!("rebinding node {id}"))?;
         self.spawn(id, listener)?;
         self.faults.set_down(id, false);
         Ok(())

@@ -225,7 +225,7 @@ async fn run_worker<P: ParticipantClient>(shared: Arc<Shared<P>>, participant: P
 fn backoff(min_ms: u64, max_ms: u64, attempts: u32) -> Duration {
     let ceiling = min_ms.saturating_mul(1u64 << attempts.min(20)).min(max_ms);
     let floor = ceiling / 2;
-    Duration::from_millis(rand::rng().random_range(floor..=ceiling.max(floor)))
+    Duration::from_millis(twopc_proto::host::with_rng(|rng| rng.random_range(floor..=ceiling.max(floor))))
 }
 
 /// Logs acknowledgements in batches until the term's delivery stops.

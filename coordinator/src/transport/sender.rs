@@ -191,7 +191,7 @@ impl PeerSender {
             .keep_alive_timeout(Duration::from_millis(self.config.keepalive_timeout_ms))
             .keep_alive_while_idle(true);
         // The whole handshake, not only the TCP connect, is bounded.
-        let channel = tokio::time::timeout(connect_timeout, endpoint.connect())
+        let channel = tokio::time::timeout(connect_timeout, twopc_proto::net::connect(&endpoint))
             .await
             .map_err(|_| format!("connecting timed out after {connect_timeout:?}"))?
             .map_err(|e| format!("connecting failed: {}", error_chain(&e)))?;

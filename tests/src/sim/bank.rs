@@ -17,12 +17,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use twopc_bank::{AccountStore as _, RedbStore, StoreConfig};
 use twopc_coordinator::lossy_disk::{CrashReport, LossyDisk, LossyFile};
 use twopc_participant::ParticipantConfig;
+use twopc_proto::net::{self, Listener};
 
 use crate::checker::AccountView;
 
@@ -90,10 +90,10 @@ fn open_store_blocking(disk: &Arc<LossyDisk>, path: &Path, kind: BankDisk) -> an
     Ok(RedbStore::open_backend_blocking(backend, path, StoreConfig::default())?)
 }
 
-/// [`open_store_blocking`] on the blocking pool.
+/// [`open_store_blocking`] off the async runtime (`twopc_proto::host::run_blocking`).
 async fn open_store(disk: &Arc<LossyDisk>, path: &Path, kind: BankDisk) -> anyhow::Result<Arc<RedbStore>> {
     let (disk, path) = (Arc::clone(disk), path.to_owned());
-    let store = tokio::task::spawn_blocking(move || open_store_blocking(&disk, &path, kind)).await??;
+    let store = twopc_proto::host::run_blocking(move || open_store_blocking(&disk, &path, kind)).await??;
     Ok(Arc::new(store))
 }
 
@@ -117,14 +117,14 @@ impl SimBank {
         for account in accounts {
             store.create_account(account.parse()?, opening_minor).await?;
         }
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let listener = net::bind(crate::cluster::LOOPBACK_ANY_PORT).await?;
         let addr = listener.local_addr()?;
         let mut bank = Self { name: name.to_owned(), addr, store, disk, disk_kind, path, config, running: None };
         bank.serve(listener);
         Ok(bank)
     }
 
-    fn serve(&mut self, listener: TcpListener) {
+    fn serve(&mut self, listener: Listener) {
         let (stop, stopped) = oneshot::channel::<()>();
         let shutdown = async move {
             let _ = stopped.await;
@@ -176,7 +176,7 @@ impl SimBank {
         }
         let mut attempts = 0;
         let listener = loop {
-            match TcpListener::bind(self.addr).await {
+            match net::bind(self.addr).await {
                 Ok(listener) => break listener,
                 Err(e) if attempts < 50 => {
                     attempts += 1;

@@ -14,8 +14,12 @@
 //! - [`world`]: the system under test, its client history, heal, settle, observe.
 //! - [`bank`]: a crashable bank over a real store.
 //! - [`schedule`]: fault mixes, seeded schedules, and carrying a fault out.
+//! - [`deterministic`]: the same runs on one thread under virtual time, replayed exactly.
+//! - [`network`]: the in-memory network deterministic runs use.
 
 pub mod bank;
+pub mod deterministic;
+pub mod network;
 pub mod schedule;
 pub mod world;
 
@@ -62,6 +66,8 @@ pub struct SimConfig {
     pub window_ms: u64,
     /// The largest transfer, in minor units; large ones overdraw and vote NO.
     pub amount_max_minor: i64,
+    /// The test binary whose command replays this seed.
+    pub replay_test: &'static str,
 }
 
 impl SimConfig {
@@ -81,12 +87,16 @@ impl SimConfig {
             transfers_per_client: 6,
             window_ms: 2_000,
             amount_max_minor: 450,
+            replay_test: "simulation",
         }
     }
 
     /// The command that replays this seed.
     pub fn replay_command(&self) -> String {
-        format!("{SEED_VAR}={} cargo test -p twopc-tests --test simulation -- --nocapture", self.seed)
+        format!(
+            "{SEED_VAR}={} cargo test -p twopc-tests --all-features --test {} -- --nocapture",
+            self.seed, self.replay_test
+        )
     }
 }
 
@@ -105,8 +115,12 @@ pub struct SeedReport {
     pub settled_after: Option<Duration>,
     /// Everything the checker found.
     pub violations: Vec<Violation>,
-    /// The run's wall time.
+    /// The run's time: wall time, or virtual time in a deterministic run.
     pub elapsed: Duration,
+    /// What happened, in order: each fault as it struck and each client's
+    /// txn with what it was told, then when the system settled. Two
+    /// deterministic runs of one seed have the same trace.
+    pub trace: Vec<String>,
 }
 
 impl SeedReport {
@@ -192,7 +206,19 @@ pub async fn run(config: SimConfig) -> anyhow::Result<SeedReport> {
     world.stop().await;
     let verdict = verdict?;
     let count = |o| history.iter().filter(|t| t.outcome == o).count();
+    let trace = applied
+        .iter()
+        .map(|fault| format!("fault: {fault}"))
+        .chain(history.iter().map(|t| {
+            let movement = t.movement.as_ref().map_or_else(String::new, |m| {
+                format!("{}@{} -> {}@{} {}", m.from.account, m.from.bank, m.to.account, m.to.bank, m.amount_minor)
+            });
+            format!("txn {} {movement}: {:?}", t.txn_id, t.outcome)
+        }))
+        .chain([format!("settled after {:?}, {:?} into the run", verdict.settled_after, started.elapsed())])
+        .collect();
     Ok(SeedReport {
+        trace,
         outcomes: (count(ClientOutcome::Committed), count(ClientOutcome::Aborted), count(ClientOutcome::Unknown)),
         config,
         schedule,

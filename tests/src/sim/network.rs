@@ -1,0 +1,88 @@
+//! An in-memory network for deterministic runs ([`super::deterministic`]):
+//! listeners are channels of connections, a connection is a pair of
+//! in-memory pipes, and nothing touches a socket or another thread.
+//!
+//! Each thread has a network of its own (a deterministic run keeps the
+//! whole system on its thread), so runs on different test threads never
+//! meet; [`reset`] empties this thread's before a run, so ports are handed
+//! out alike on every run of a seed.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use futures::StreamExt as _;
+use tokio::sync::mpsc;
+use twopc_proto::host::{Connecting, Network};
+use twopc_proto::net::{Connection, Listener};
+
+/// Connections a listener holds before it accepts them; a dialer waits beyond that.
+const BACKLOG: usize = 64;
+/// Bytes in flight each way on one connection before the writer waits.
+const PIPE_BYTES: usize = 256 * 1024;
+/// The first port handed out for port 0.
+const FIRST_PORT: u16 = 20_000;
+
+#[derive(Default)]
+struct State {
+    listeners: BTreeMap<SocketAddr, mpsc::Sender<Connection>>,
+    next_port: u16,
+}
+
+thread_local! {
+    static STATE: RefCell<State> = RefCell::new(State { listeners: BTreeMap::new(), next_port: FIRST_PORT });
+}
+
+/// This thread's in-memory network, as [`twopc_proto::host::Network`].
+pub struct MemoryNetwork;
+
+/// Forgets this thread's listeners and starts handing out ports afresh.
+pub fn reset() {
+    STATE.with(|state| *state.borrow_mut() = State { listeners: BTreeMap::new(), next_port: FIRST_PORT });
+}
+
+impl Network for MemoryNetwork {
+    fn bind(&self, addr: SocketAddr) -> io::Result<Listener> {
+        STATE.with(|state| {
+            let mut state = state.borrow_mut();
+            let state = &mut *state;
+            let taken = |addr: &SocketAddr| state.listeners.get(addr).is_some_and(|l| !l.is_closed());
+            let addr = if addr.port() == 0 {
+                let mut candidate = SocketAddr::new(addr.ip(), state.next_port);
+                while taken(&candidate) {
+                    candidate.set_port(candidate.port().checked_add(1).ok_or(io::ErrorKind::AddrNotAvailable)?);
+                }
+                state.next_port = candidate.port().saturating_add(1);
+                candidate
+            } else if taken(&addr) {
+                return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("{addr} is in use")));
+            } else {
+                addr
+            };
+            let (queue, accepted) = mpsc::channel(BACKLOG);
+            state.listeners.insert(addr, queue);
+            let accepted = futures::stream::unfold(accepted, |mut accepted| async move {
+                accepted.recv().await.map(|connection| (Ok(connection), accepted))
+            });
+            Ok(Listener::Simulated { addr, accepted: accepted.boxed() })
+        })
+    }
+
+    fn connect(&self, host: &str, port: u16) -> Connecting {
+        let ip = match host {
+            "localhost" => Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            host => host.trim_start_matches('[').trim_end_matches(']').parse().ok(),
+        };
+        let listener = ip.and_then(|ip| STATE.with(|s| s.borrow().listeners.get(&SocketAddr::new(ip, port)).cloned()));
+        let refused = io::Error::new(io::ErrorKind::ConnectionRefused, format!("nothing listens on {host}:{port}"));
+        Box::pin(async move {
+            let Some(listener) = listener else { return Err(refused) };
+            let (client, server) = tokio::io::duplex(PIPE_BYTES);
+            match listener.send(Box::new(server)).await {
+                Ok(()) => Ok(Box::new(client) as Connection),
+                Err(_) => Err(refused),
+            }
+        })
+    }
+}

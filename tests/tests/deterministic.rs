@@ -1,0 +1,113 @@
+//! Deterministic simulation (docs/TESTING.md): the seeded fault-injection
+//! runs of `simulation.rs`, with the whole system on one thread under
+//! virtual time and an in-memory network, so a seed replays exactly.
+//!
+//! - CI smoke: 210 seeds (30 per fault mix), two threads each running one seed at a time.
+//! - Replay one seed (exactly, with its trace): `TWOPC_SIM_SEED=17 cargo test -p twopc-tests --all-features
+//!   --test deterministic -- --nocapture`.
+//! - Check every seed's replay: `TWOPC_SIM_REPLAY_ALL=1` (runs each seed twice).
+//! - Soak: `TWOPC_SIM_SEEDS=5000 [TWOPC_SIM_FIRST_SEED=...] [TWOPC_SIM_PARALLEL=...] cargo test -p
+//!   twopc-tests --all-features --release --test deterministic -- --nocapture`.
+
+use std::sync::Mutex;
+
+use twopc_tests::sim::{self, SeedReport, SimConfig, deterministic};
+
+/// Seeds the smoke covers: 30 for each of the 7 fault mixes.
+const SMOKE_SEEDS: u64 = 210;
+/// Threads running seeds: a deterministic run keeps one core busy.
+const PARALLEL: usize = 2;
+/// Set, the smoke runs every seed twice and fails a seed whose two traces differ.
+const REPLAY_ALL_VAR: &str = "TWOPC_SIM_REPLAY_ALL";
+/// Seeds whose replay is compared, one per fault mix and both cluster sizes.
+const REPLAY_SEEDS: [u64; 8] = [0, 1, 2, 3, 4, 5, 6, 9];
+
+// Replay is exact: running a seed again gives the same trace, line for
+// line (every fault as it struck, every txn id and what its client was
+// told, the virtual time the system settled at).
+#[test]
+fn a_seed_replays_exactly() {
+    twopc_tests::init_tracing();
+    for seed in REPLAY_SEEDS {
+        let first = deterministic::run(SimConfig::for_seed(seed)).expect("the harness runs");
+        let again = deterministic::run(SimConfig::for_seed(seed)).expect("the harness runs");
+        assert!(first.trace.len() > 3, "seed {seed} did something: {:?}", first.trace);
+        if let Some(divergence) = divergence(&first, &again) {
+            panic!("{divergence}\n{first}");
+        }
+        println!("seed {seed} ({:?}): {} trace lines, identical twice", first.config.mix, first.trace.len());
+    }
+}
+
+#[test]
+fn seeded_fault_schedules_keep_every_invariant_deterministically() {
+    twopc_tests::init_tracing();
+    let seeds = sim::seeds_from_env(SMOKE_SEEDS);
+    let parallel = sim::parallelism_from_env(PARALLEL);
+    let verbose = std::env::var_os("TWOPC_SIM_VERBOSE").is_some();
+    let replay_all = std::env::var_os(REPLAY_ALL_VAR).is_some();
+    let started = std::time::Instant::now();
+    let queue = Mutex::new(seeds.clone().into_iter());
+    let results = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..parallel {
+            scope.spawn(|| {
+                while let Some(seed) = queue.lock().map(|mut q| q.next()).ok().flatten() {
+                    let mut result = deterministic::run(SimConfig::for_seed(seed));
+                    if replay_all && let Ok(first) = &result {
+                        let again = deterministic::run(SimConfig::for_seed(seed));
+                        if let Some(divergence) = again.as_ref().ok().and_then(|again| divergence(first, again)) {
+                            result = Err(anyhow::anyhow!(divergence));
+                        }
+                    }
+                    if let Ok(mut results) = results.lock() {
+                        results.push((seed, result));
+                    }
+                }
+            });
+        }
+    });
+    let mut results = results.into_inner().expect("no runner panicked");
+    results.sort_by_key(|(seed, _)| *seed);
+    let mut failed = Vec::new();
+    for (seed, result) in &results {
+        match result {
+            Ok(report) if report.passed() => {
+                if seeds.len() == 1 || verbose {
+                    print_with_trace(report);
+                }
+            }
+            Ok(report) => {
+                print_with_trace(report);
+                failed.push(*seed);
+            }
+            Err(err) => {
+                let mut config = SimConfig::for_seed(*seed);
+                config.replay_test = "deterministic";
+                println!("seed {seed}: the harness failed: {err:#}\n  replay: {}", config.replay_command());
+                failed.push(*seed);
+            }
+        }
+    }
+    println!("{}", sim::summary(&results));
+    println!("{} seeds ({} threads) in {:?}; failed: {failed:?}", seeds.len(), parallel, started.elapsed());
+    assert!(failed.is_empty(), "seeds {failed:?} failed; their reports and replay commands are printed above");
+}
+
+/// Where two runs of one seed first differ, if they do.
+fn divergence(first: &SeedReport, again: &SeedReport) -> Option<String> {
+    let line = (0..first.trace.len().max(again.trace.len())).find(|i| first.trace.get(*i) != again.trace.get(*i))?;
+    Some(format!(
+        "seed {} diverged at trace line {line}:\n  first: {:?}\n  again: {:?}",
+        first.config.seed,
+        first.trace.get(line),
+        again.trace.get(line)
+    ))
+}
+
+fn print_with_trace(report: &SeedReport) {
+    println!("{report}");
+    for line in &report.trace {
+        println!("    {line}");
+    }
+}
