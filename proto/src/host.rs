@@ -2,7 +2,7 @@
 //! the wall clock, random numbers, and threads of its own.
 //!
 //! A real process uses the machine's. A deterministic simulation
-//! (tests/src/dsim, docs/TESTING.md) runs a whole system on one thread
+//! (tests/src/sim/deterministic.rs, docs/TESTING.md) runs a whole system on one thread
 //! under virtual time and calls [`simulate`] first, once per process: from
 //! then on servers listen and clients dial through its [`Network`], the
 //! wall clock is its clock, work that would get a thread of its own (the

@@ -9,8 +9,10 @@
 //! - Soak: `TWOPC_SIM_SEEDS=5000 [TWOPC_SIM_FIRST_SEED=...] [TWOPC_SIM_PARALLEL=...] cargo test -p
 //!   twopc-tests --all-features --release --test deterministic -- --nocapture`.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use twopc_tests::checker::Invariant;
+use twopc_tests::sim::schedule::FaultMix;
 use twopc_tests::sim::{self, SeedReport, SimConfig, deterministic};
 
 /// Seeds the smoke covers: 30 for each of the 7 fault mixes.
@@ -19,14 +21,22 @@ const SMOKE_SEEDS: u64 = 210;
 const PARALLEL: usize = 2;
 /// Set, the smoke runs every seed twice and fails a seed whose two traces differ.
 const REPLAY_ALL_VAR: &str = "TWOPC_SIM_REPLAY_ALL";
-/// Seeds whose replay is compared, one per fault mix and both cluster sizes.
-const REPLAY_SEEDS: [u64; 8] = [0, 1, 2, 3, 4, 5, 6, 9];
+/// Seeds whose replay is compared: two per fault mix, both cluster sizes.
+const REPLAY_SEEDS: [u64; 14] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13];
+
+/// One test at a time: the bite tests break the protocol for the whole
+/// process (a failpoint, a broken store), which no other run may see.
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 // Replay is exact: running a seed again gives the same trace, line for
 // line (every fault as it struck, every txn id and what its client was
 // told, the virtual time the system settled at).
 #[test]
 fn a_seed_replays_exactly() {
+    let _serial = one_at_a_time();
     twopc_tests::init_tracing();
     for seed in REPLAY_SEEDS {
         let first = deterministic::run(SimConfig::for_seed(seed)).expect("the harness runs");
@@ -41,6 +51,7 @@ fn a_seed_replays_exactly() {
 
 #[test]
 fn seeded_fault_schedules_keep_every_invariant_deterministically() {
+    let _serial = one_at_a_time();
     twopc_tests::init_tracing();
     let seeds = sim::seeds_from_env(SMOKE_SEEDS);
     let parallel = sim::parallelism_from_env(PARALLEL);
@@ -92,6 +103,45 @@ fn seeded_fault_schedules_keep_every_invariant_deterministically() {
     println!("{}", sim::summary(&results));
     println!("{} seeds ({} threads) in {:?}; failed: {failed:?}", seeds.len(), parallel, started.elapsed());
     assert!(failed.is_empty(), "seeds {failed:?} failed; their reports and replay commands are printed above");
+}
+
+#[test]
+fn the_checker_catches_banks_that_answer_before_their_fsync_deterministically() {
+    // The checker bites under virtual time too (I3 broken, seen as I8):
+    // banks whose store skips its fsync acknowledge what a crash takes back.
+    let _serial = one_at_a_time();
+    twopc_tests::init_tracing();
+    let found = deterministic::first_violation(FaultMix::Crashes, 30, |c| c.world.banks_skip_fsync = true);
+    let (seed, invariants) = found.expect("the simulation reports the broken store within 30 seeds");
+    assert!(invariants.contains(&Invariant::I8), "seed {seed} named {invariants:?}");
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn the_checker_catches_a_leader_that_ignores_no_votes_deterministically() {
+    // The checker bites (I1, I8): a leader that ignores NO votes commits the
+    // other branch of overdrawn transfers.
+    let _serial = one_at_a_time();
+    let _scenario = fail::FailScenario::setup();
+    twopc_tests::init_tracing();
+    fail::cfg(twopc_coordinator::failpoint::PREPARE_IGNORE_VOTES, "return").expect("a valid action");
+    let found = deterministic::first_violation(FaultMix::Calm, 5, |_| {});
+    let (seed, invariants) = found.expect("the simulation reports the broken protocol within 5 seeds");
+    assert!(invariants.contains(&Invariant::I1) && invariants.contains(&Invariant::I8), "seed {seed}: {invariants:?}");
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn the_checker_catches_a_bank_that_releases_holds_on_a_timer_deterministically() {
+    // The checker bites (I4 broken, seen as I1): banks that abort in-doubt
+    // branches on their own disagree with the logged Commit when phase 2 is slow.
+    let _serial = one_at_a_time();
+    let _scenario = fail::FailScenario::setup();
+    twopc_tests::init_tracing();
+    fail::cfg(twopc_participant::failpoint::RESOLVE_RELEASE_ON_TIMER, "return").expect("a valid action");
+    let found = deterministic::first_violation(FaultMix::Participants, 30, |_| {});
+    let (seed, invariants) = found.expect("the simulation reports the broken protocol within 30 seeds");
+    assert!(invariants.contains(&Invariant::I1), "seed {seed} named {invariants:?}");
 }
 
 /// Where two runs of one seed first differ, if they do.

@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use parking_lot::RwLock;
+use rand::Rng as _;
+use twopc_proto::host;
 
 /// Faults on one directed link (`from -> to`). The default is no fault.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -45,7 +47,7 @@ impl LinkFault {
         if self.drop_all || chance(self.drop_probability) {
             return Verdict::Drop;
         }
-        let jitter = if self.jitter_ms == 0 { 0 } else { rand::random_range(0..=self.jitter_ms) };
+        let jitter = if self.jitter_ms == 0 { 0 } else { host::with_rng(|rng| rng.random_range(0..=self.jitter_ms)) };
         let delay = Duration::from_millis(self.delay_ms.saturating_add(jitter));
         if chance(self.duplicate_probability) {
             return Verdict::Duplicate(delay);
@@ -55,7 +57,8 @@ impl LinkFault {
 }
 
 fn chance(probability: f64) -> bool {
-    probability > 0.0 && (probability >= 1.0 || rand::random::<f64>() < probability)
+    // The host's generator: a deterministic simulation seeds it.
+    probability > 0.0 && (probability >= 1.0 || host::with_rng(|rng| rng.random::<f64>()) < probability)
 }
 
 /// The fate of one message.

@@ -15,6 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
+use rand::Rng as _;
 use tokio::sync::mpsc::{self, error::TryRecvError};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -95,7 +96,7 @@ impl Backoff {
     fn next_wait(&mut self) -> Duration {
         let ceiling_ms = self.next_ms;
         self.next_ms = ceiling_ms.saturating_mul(2).min(self.max_ms);
-        Duration::from_millis(rand::random_range(ceiling_ms / 2..=ceiling_ms))
+        Duration::from_millis(twopc_proto::host::with_rng(|rng| rng.random_range(ceiling_ms / 2..=ceiling_ms)))
     }
 
     fn reset(&mut self) {

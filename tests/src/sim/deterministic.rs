@@ -21,6 +21,7 @@
 //! one seed by the test that proves replay is exact.
 
 use std::cell::Cell;
+use std::collections::BTreeSet;
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
@@ -28,7 +29,9 @@ use tokio::time::Instant;
 use twopc_proto::host::{self, Simulated};
 
 use super::network::{self, MemoryNetwork};
+use super::schedule::FaultMix;
 use super::{SeedReport, SimConfig};
+use crate::checker::Invariant;
 
 /// Unix milliseconds at a run's start: 2026-01-01T00:00:00Z.
 const EPOCH_UNIX_MS: u64 = 1_767_225_600_000;
@@ -77,4 +80,14 @@ pub fn run(mut config: SimConfig) -> anyhow::Result<SeedReport> {
     // channels, a bank's connections) on this thread, before the next run.
     drop(runtime);
     report
+}
+
+/// [`super::first_violation`], run deterministically: seeds 0, 1, ... of
+/// `mix` until the checker reports a violation, or None after `seeds`.
+pub fn first_violation(
+    mix: FaultMix,
+    seeds: u64,
+    tweak: impl Fn(&mut SimConfig),
+) -> Option<(u64, BTreeSet<Invariant>)> {
+    (0..seeds).find_map(|seed| super::violation_found(seed, run(super::bite_config(mix, seed, &tweak))))
 }

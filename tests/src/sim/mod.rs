@@ -1,5 +1,7 @@
-//! Seeded fault-injection runs over a whole twopc system in this process
-//! (docs/TESTING.md explains why this, and not turmoil or madsim).
+//! Seeded fault-injection runs over a whole twopc system in this process,
+//! on real sockets, threads and time, or deterministically on one thread
+//! under virtual time ([`deterministic`]; docs/TESTING.md says why this and
+//! not turmoil or madsim).
 //!
 //! One seed is one run: a [`World`] (3 or 5 coordinators, 2 banks with
 //! accounts), concurrent clients moving money between random accounts, and a
@@ -8,7 +10,7 @@
 //! the state of the moment; at the end every fault heals, the system
 //! settles, and the whole checker ([`crate::checker::check`]) judges the
 //! final state against I1, I2, I4, I7 and I8. A failing seed's report prints the
-//! command that replays its schedule.
+//! command that replays it (exactly, in a deterministic run).
 //!
 //! # Layout
 //! - [`world`]: the system under test, its client history, heal, settle, observe.
@@ -23,6 +25,7 @@ pub mod network;
 pub mod schedule;
 pub mod world;
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -117,8 +120,9 @@ pub struct SeedReport {
     pub violations: Vec<Violation>,
     /// The run's time: wall time, or virtual time in a deterministic run.
     pub elapsed: Duration,
-    /// What happened, in order: each fault as it struck and each client's
-    /// txn with what it was told, then when the system settled. Two
+    /// What happened: each fault as it struck, each client's txn with what
+    /// it was told, who led in which term, each node's final log position,
+    /// and when the system settled. Two
     /// deterministic runs of one seed have the same trace.
     pub trace: Vec<String>,
 }
@@ -203,6 +207,7 @@ pub async fn run(config: SimConfig) -> anyhow::Result<SeedReport> {
     }
     let verdict = world.heal_and_check().await;
     let history = world.teller.history();
+    let raft_trace = world.raft_trace();
     world.stop().await;
     let verdict = verdict?;
     let count = |o| history.iter().filter(|t| t.outcome == o).count();
@@ -215,6 +220,7 @@ pub async fn run(config: SimConfig) -> anyhow::Result<SeedReport> {
             });
             format!("txn {} {movement}: {:?}", t.txn_id, t.outcome)
         }))
+        .chain(raft_trace)
         .chain([format!("settled after {:?}, {:?} into the run", verdict.settled_after, started.elapsed())])
         .collect();
     Ok(SeedReport {
@@ -296,23 +302,42 @@ pub async fn first_violation(
     mix: FaultMix,
     seeds: u64,
     tweak: impl Fn(&mut SimConfig),
-) -> Option<(u64, std::collections::BTreeSet<checker::Invariant>)> {
+) -> Option<(u64, BTreeSet<checker::Invariant>)> {
     for seed in 0..seeds {
-        let mut config = SimConfig::for_seed(seed);
-        config.mix = mix;
-        config.world.coordinators = 3;
-        config.world.settle_bound = Duration::from_secs(4);
-        tweak(&mut config);
-        match run_retrying(config).await {
-            Ok(report) if !report.passed() => {
-                println!("{report}");
-                return Some((seed, checker::invariants(&report.violations)));
-            }
-            Ok(_) => {}
-            Err(err) => println!("seed {seed}: the harness failed: {err:#}"),
+        let report = run_retrying(bite_config(mix, seed, &tweak)).await;
+        if let Some(found) = violation_found(seed, report) {
+            return Some(found);
         }
     }
     None
+}
+
+/// The config [`first_violation`] runs `seed` with: `mix`, 3 coordinators,
+/// a short settle bound, then `tweak`.
+pub fn bite_config(mix: FaultMix, seed: u64, tweak: &impl Fn(&mut SimConfig)) -> SimConfig {
+    let mut config = SimConfig::for_seed(seed);
+    config.mix = mix;
+    config.world.coordinators = 3;
+    config.world.settle_bound = Duration::from_secs(4);
+    tweak(&mut config);
+    config
+}
+
+/// The seed and the invariants its report names, if the checker found
+/// anything (the report is printed); a harness failure is printed and
+/// counts as nothing found.
+pub fn violation_found(seed: u64, report: anyhow::Result<SeedReport>) -> Option<(u64, BTreeSet<checker::Invariant>)> {
+    match report {
+        Ok(report) if !report.passed() => {
+            println!("{report}");
+            Some((seed, checker::invariants(&report.violations)))
+        }
+        Ok(_) => None,
+        Err(err) => {
+            println!("seed {seed}: the harness failed: {err:#}");
+            None
+        }
+    }
 }
 
 /// Runs `seeds` with `parallel` at a time, each through `configure`, and

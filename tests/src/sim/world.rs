@@ -270,6 +270,18 @@ impl World {
         }
     }
 
+    /// The raft side of a run, for a deterministic run's trace: who led in
+    /// which term, and each running node's term and log position.
+    pub fn raft_trace(&self) -> Vec<String> {
+        let leaders = self.leaders.lock();
+        let terms = leaders.iter().map(|(term, ids)| format!("term {term} led by {ids:?}"));
+        let nodes = self.cluster.running().into_iter().map(|id| {
+            let s = self.cluster.node(id).status();
+            format!("node {id}: term {} applied {} last log {}", s.term, s.applied_index, s.last_log_index)
+        });
+        terms.chain(nodes).collect()
+    }
+
     /// Coordinator `id`'s wall clock (deadlines, txn-id ages, retention).
     pub fn coordinator_clock(&self, id: u64) -> Option<&Clock> {
         self.clocks.get(&id)
