@@ -70,8 +70,19 @@ pub fn run(mut config: SimConfig) -> anyhow::Result<SeedReport> {
     network::reset();
     host::seed_this_thread(config.seed);
     config.replay_test = "deterministic";
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build()?;
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    builder.enable_time().start_paused(true);
+    // tokio::select! polls its branches from a random start; tokio seeds
+    // that draw only in builds with `--cfg tokio_unstable`.
+    #[cfg(tokio_unstable)]
+    builder.rng_seed(tokio::runtime::RngSeed::from_bytes(&config.seed.to_le_bytes()));
+    let runtime = builder.build()?;
     let report = runtime.block_on(async {
+        // The paused clock starts a few real microseconds past the timer
+        // wheel's origin, a different amount every run. One timer's wait
+        // puts it on a whole millisecond of the wheel, so every later
+        // deadline rounds to the same tick in every run.
+        tokio::time::sleep(Duration::from_millis(1)).await;
         RUN_START.with(|start| start.set(Some(Instant::now())));
         super::run(config).await
     });

@@ -17,11 +17,12 @@
 //! - [`bank`]: a crashable bank over a real store.
 //! - [`schedule`]: fault mixes, seeded schedules, and carrying a fault out.
 //! - [`deterministic`]: the same runs on one thread under virtual time, replayed exactly.
-//! - [`network`]: the in-memory network deterministic runs use.
+//! - [`network`], [`pipe`]: the in-memory network deterministic runs use, with latency.
 
 pub mod bank;
 pub mod deterministic;
 pub mod network;
+pub mod pipe;
 pub mod schedule;
 pub mod world;
 
@@ -208,6 +209,7 @@ pub async fn run(config: SimConfig) -> anyhow::Result<SeedReport> {
     let verdict = world.heal_and_check().await;
     let history = world.teller.history();
     let raft_trace = world.raft_trace();
+    let checked_at = started.elapsed();
     world.stop().await;
     let verdict = verdict?;
     let count = |o| history.iter().filter(|t| t.outcome == o).count();
@@ -221,7 +223,7 @@ pub async fn run(config: SimConfig) -> anyhow::Result<SeedReport> {
             format!("txn {} {movement}: {:?}", t.txn_id, t.outcome)
         }))
         .chain(raft_trace)
-        .chain([format!("settled after {:?}, {:?} into the run", verdict.settled_after, started.elapsed())])
+        .chain([format!("settled after {:?}, checked {checked_at:?} into the run", verdict.settled_after)])
         .collect();
     Ok(SeedReport {
         trace,

@@ -1,6 +1,7 @@
 //! An in-memory network for deterministic runs ([`super::deterministic`]):
 //! listeners are channels of connections, a connection is a pair of
-//! in-memory pipes, and nothing touches a socket or another thread.
+//! in-memory pipes with a latency drawn from the seed ([`super::pipe`]), and
+//! nothing touches a socket or another thread.
 //!
 //! Each thread has a network of its own (a deterministic run keeps the
 //! whole system on its thread), so runs on different test threads never
@@ -11,16 +12,20 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
 
 use futures::StreamExt as _;
+use rand::Rng as _;
 use tokio::sync::mpsc;
 use twopc_proto::host::{Connecting, Network};
 use twopc_proto::net::{Connection, Listener};
 
+use super::pipe;
+
 /// Connections a listener holds before it accepts them; a dialer waits beyond that.
 const BACKLOG: usize = 64;
-/// Bytes in flight each way on one connection before the writer waits.
-const PIPE_BYTES: usize = 256 * 1024;
+/// A connection's latency each way, drawn per connection, in microseconds.
+const LATENCY_MICROS: std::ops::RangeInclusive<u64> = 100..=2_000;
 /// The first port handed out for port 0.
 const FIRST_PORT: u16 = 20_000;
 
@@ -76,9 +81,10 @@ impl Network for MemoryNetwork {
         };
         let listener = ip.and_then(|ip| STATE.with(|s| s.borrow().listeners.get(&SocketAddr::new(ip, port)).cloned()));
         let refused = io::Error::new(io::ErrorKind::ConnectionRefused, format!("nothing listens on {host}:{port}"));
+        let latency = Duration::from_micros(twopc_proto::host::with_rng(|rng| rng.random_range(LATENCY_MICROS)));
         Box::pin(async move {
             let Some(listener) = listener else { return Err(refused) };
-            let (client, server) = tokio::io::duplex(PIPE_BYTES);
+            let (client, server) = pipe::connection(latency);
             match listener.send(Box::new(server)).await {
                 Ok(()) => Ok(Box::new(client) as Connection),
                 Err(_) => Err(refused),
