@@ -3,18 +3,16 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-
 use std::sync::Arc;
-use tokio::net::TcpListener;
-use twopc_proto::net::Listener;
+use std::time::Duration;
 
+use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use twopc_proto::MAX_MESSAGE_BYTES;
+use twopc_proto::net::Listener;
 use twopc_proto::pb::admin_server::AdminServer;
 use twopc_proto::pb::coordinator_server::CoordinatorServer;
-
-use std::time::Duration;
 
 use crate::config::NodeConfig;
 use crate::engine::Engine;

@@ -123,8 +123,8 @@ pub struct SeedReport {
     pub elapsed: Duration,
     /// What happened: each fault as it struck, each client's txn with what
     /// it was told, who led in which term, each node's final log position,
-    /// and when the system settled. Two
-    /// deterministic runs of one seed have the same trace.
+    /// and when the system settled. Two deterministic runs of one seed have
+    /// the same trace.
     pub trace: Vec<String>,
 }
 

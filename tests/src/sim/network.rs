@@ -92,3 +92,34 @@ impl Network for MemoryNetwork {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loopback(port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
+    }
+
+    // The in-memory network behaves as TCP does where a test relies on it:
+    // port 0 gets a free port, a taken address is refused, a dropped
+    // listener frees its address and then refuses connections.
+    #[tokio::test]
+    async fn binds_like_tcp_and_refuses_where_nothing_listens() -> io::Result<()> {
+        reset();
+        let first = MemoryNetwork.bind(loopback(0))?;
+        let second = MemoryNetwork.bind(loopback(0))?;
+        let addr = first.local_addr()?;
+        assert_ne!(addr, second.local_addr()?);
+        let taken = MemoryNetwork.bind(addr).map(|_| ()).map_err(|e| e.kind());
+        assert_eq!(taken, Err(io::ErrorKind::AddrInUse));
+        let mut accepted = first.incoming();
+        let dialed = MemoryNetwork.connect("127.0.0.1", addr.port()).await;
+        assert!(dialed.is_ok() && accepted.next().await.is_some_and(|c| c.is_ok()));
+        drop(accepted);
+        let refused = MemoryNetwork.connect("127.0.0.1", addr.port()).await.map(|_| ()).map_err(|e| e.kind());
+        assert_eq!(refused, Err(io::ErrorKind::ConnectionRefused));
+        assert!(MemoryNetwork.bind(addr).is_ok(), "a dropped listener frees its address");
+        Ok(())
+    }
+}
