@@ -633,7 +633,8 @@ impl RaftStorage {
     /// # Errors
     /// raft-engine errors.
     pub fn purge(&self) -> Result<(), StorageError> {
-        let wants_compaction = self.inner.engine.purge_expired_files().map_err(engine_err("purge expired files"))?;
+        let wants_compaction =
+            self.inner.read_engine(|engine| engine.purge_expired_files()).map_err(engine_err("purge expired files"))?;
         if wants_compaction.contains(&RAFT_GROUP_ID) {
             let first_index = self.inner.state.read().first_index();
             tracing::info!(first_index, "raft-engine holds live entries in old files; snapshot more often");
@@ -692,6 +693,30 @@ impl Inner {
         Ok(())
     }
 
+    /// Runs `read` on raft-engine where its block cache cannot answer with
+    /// another engine's block. raft-engine keeps the last block it read in
+    /// a thread-local cache keyed by file number and offset, not by engine:
+    /// on a thread that serves several engines (every node of a
+    /// deterministic simulation runs on one thread; a crash test's restarted
+    /// node may get its crashed incarnation's pool thread, and rewrites the
+    /// offsets whose writes the crash took back) a read could return
+    /// another engine's entry. There each read gets a thread of its own,
+    /// whose cache starts empty; a production node is one engine per
+    /// process and reads in place.
+    fn read_engine<T: Send>(&self, read: impl FnOnce(&LogEngine) -> T + Send) -> T {
+        #[cfg(feature = "testing")]
+        let shared_thread = self.config.disk.is_some() || twopc_proto::host::is_simulated();
+        #[cfg(not(feature = "testing"))]
+        let shared_thread = twopc_proto::host::is_simulated();
+        if !shared_thread {
+            return read(&self.engine);
+        }
+        std::thread::scope(|scope| match scope.spawn(|| read(&self.engine)).join() {
+            Ok(value) => value,
+            Err(panic) => std::panic::resume_unwind(panic),
+        })
+    }
+
     fn is_fresh(&self, st: &State) -> bool {
         st.hard_state == HardState::default()
             && st.snapshot.is_none()
@@ -718,7 +743,7 @@ impl Inner {
         if let Some(term) = st.cache.term(index) {
             return Ok(term);
         }
-        match self.engine.get_entry::<EntryExt>(RAFT_GROUP_ID, index) {
+        match self.read_engine(|engine| engine.get_entry::<EntryExt>(RAFT_GROUP_ID, index)) {
             Ok(Some(entry)) => Ok(entry.term),
             Ok(None) => Err(StorageError::Inconsistent(format!(
                 "entry {index} is missing from the log {}..={last_index}",
@@ -745,7 +770,10 @@ impl Inner {
         }
         let max_size = max_size.map(|m| usize::try_from(m).unwrap_or(usize::MAX));
         let mut entries = Vec::new();
-        match self.engine.fetch_entries_to::<EntryExt>(RAFT_GROUP_ID, low, high, max_size, &mut entries) {
+        let fetched = self.read_engine(|engine| {
+            engine.fetch_entries_to::<EntryExt>(RAFT_GROUP_ID, low, high, max_size, &mut entries)
+        });
+        match fetched {
             Ok(_) if !entries.is_empty() => Ok(entries),
             Ok(_) | Err(raft_engine::Error::EntryNotFound) => Err(StorageError::Inconsistent(format!(
                 "entries {low}..{high} are missing from the log {first_index}..={last_index}"

@@ -77,14 +77,23 @@ pub fn run(mut config: SimConfig) -> anyhow::Result<SeedReport> {
     #[cfg(tokio_unstable)]
     builder.rng_seed(tokio::runtime::RngSeed::from_bytes(&config.seed.to_le_bytes()));
     let runtime = builder.build()?;
-    let report = runtime.block_on(async {
-        // The paused clock starts a few real microseconds past the timer
-        // wheel's origin, a different amount every run. One timer's wait
-        // puts it on a whole millisecond of the wheel, so every later
-        // deadline rounds to the same tick in every run.
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        RUN_START.with(|start| start.set(Some(Instant::now())));
-        super::run(config).await
+    // A panic anywhere in the system (all of it runs on this thread) is the
+    // seed's failure, reported with its replay command, not the end of a
+    // whole smoke.
+    let report = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(async {
+            // The paused clock starts a few real microseconds past the timer
+            // wheel's origin, a different amount every run. One timer's wait
+            // puts it on a whole millisecond of the wheel, so every later
+            // deadline rounds to the same tick in every run.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            RUN_START.with(|start| start.set(Some(Instant::now())));
+            super::run(config).await
+        })
+    }))
+    .unwrap_or_else(|panic| {
+        let what = panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied());
+        Err(anyhow::anyhow!("the run panicked: {}", what.unwrap_or("(no message)")))
     });
     RUN_START.with(|start| start.set(None));
     // Dropping the runtime drops every task it still holds (a node's
