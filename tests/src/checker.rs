@@ -313,6 +313,9 @@ fn check_i2(obs: &Observation, moment: Moment, out: &mut Vec<Violation>) -> BTre
             ClientOutcome::Aborted => Decision::Abort,
             ClientOutcome::Unknown => continue,
         };
+        if logged.is_none() && forgotten(obs, &txn.txn_id) {
+            continue;
+        }
         if logged != Some(told) {
             let logged = logged.map_or("no decision".to_owned(), |d| d.to_string());
             violation(
@@ -324,6 +327,15 @@ fn check_i2(obs: &Observation, moment: Moment, out: &mut Vec<Violation>) -> BTre
         }
     }
     log.into_iter().map(|(txn, (decision, index, _))| (txn, (decision, index))).collect()
+}
+
+/// Whether the log may have decided `txn` and forgotten it since: a node
+/// applied a retention horizon above its creation time (docs/PROTOCOL.md
+/// §7.2; a leader whose clock runs ahead forgets early). Only finished txns
+/// are forgotten, so what the banks' branches say is then the whole record:
+/// I1 still holds them to one outcome, I8 to what the client was told.
+fn forgotten(obs: &Observation, txn: &TxnId) -> bool {
+    obs.coordinators.values().any(|sm| sm.may_have_forgotten(txn))
 }
 
 /// I1: no txn is committed at one participant and aborted at another, and
@@ -355,6 +367,7 @@ fn check_i1(obs: &Observation, log: &BTreeMap<TxnId, (Decision, u64)>, moment: M
             }
             // Mid-run, the entry may be committed in raft but applied on no running node yet.
             None if moment == Moment::Running => {}
+            None if forgotten(obs, &txn) => {}
             None => {
                 for p in &committed {
                     violation(out, Invariant::I1, Some(txn), format!("{p} committed a txn with no logged decision"));
@@ -613,6 +626,36 @@ mod tests {
         let violations = check(&obs);
         let i2 = violations.iter().filter(|v| v.invariant == Invariant::I2).count();
         assert_eq!(i2, 3, "two leaders, two decisions, two states at one index: {violations:?}");
+    }
+
+    // I1, I2 across a retention horizon: a finished txn the log forgot is
+    // judged by its branches alone (no "the log holds no decision"), and a
+    // half-applied one is still an atomicity and money violation.
+    #[test]
+    fn a_forgotten_txn_is_judged_by_its_branches() {
+        let t = TxnId::new();
+        let history = vec![transfer(t, 30, ClientOutcome::Committed)];
+        let forget = |obs: &mut Observation| {
+            for sm in obs.coordinators.values_mut() {
+                let command = Command::Forget { horizon_unix_ms: t.created_unix_ms() + 1 };
+                sm.apply(sm.applied_index() + 1, &Proposal { command, proposed_unix_ms: 3 });
+            }
+        };
+        let mut whole = observation(
+            bank(&[(t, BranchView::Committed)], &[("alice", 70)]),
+            bank(&[(t, BranchView::Committed)], &[("bob", 130)]),
+            history.clone(),
+        );
+        forget(&mut whole);
+        assert_eq!(check(&whole), vec![]);
+        let mut half = observation(
+            bank(&[(t, BranchView::Aborted)], &[("alice", 100)]),
+            bank(&[(t, BranchView::Committed)], &[("bob", 130)]),
+            history,
+        );
+        forget(&mut half);
+        let found = invariants(&check(&half));
+        assert!(found.contains(&Invariant::I1) && found.contains(&Invariant::I8), "{found:?}");
     }
 
     // I7: not settling within the bound is a liveness violation.
