@@ -33,7 +33,8 @@ fn one_at_a_time() -> MutexGuard<'static, ()> {
 
 // Replay is exact: running a seed again gives the same trace, line for
 // line (every fault as it struck, every txn id and what its client was
-// told, the virtual time the system settled at).
+// told, leaders per term, each node's final log position, the virtual
+// times the system settled and was checked at).
 #[test]
 fn a_seed_replays_exactly() {
     let _serial = one_at_a_time();

@@ -1,6 +1,6 @@
 //! Deterministic runs: the same seeded run as [`super::run`], with the
 //! whole system on one thread under virtual time, so a seed replays
-//! exactly (docs/TESTING.md, "Deterministic simulation").
+//! exactly (docs/TESTING.md, "Deterministic runs: exact replay").
 //!
 //! What makes a run repeatable:
 //! - one thread: a current-thread tokio runtime runs every coordinator,
@@ -11,14 +11,16 @@
 //!   every task waits, straight to the next timer; a blocking fsync takes
 //!   no virtual time at all. The wall clock is virtual too: a fixed epoch
 //!   plus the run's virtual time (each node's clock offset on top);
-//! - an in-memory network ([`super::network`]), so no socket's readiness
-//!   depends on the kernel;
-//! - one seed for every draw: the schedule, the workload, elections,
-//!   call chaos, backoff jitter and txn ids ([`twopc_proto::host::seed_this_thread`]).
+//! - an in-memory network with a latency per connection
+//!   ([`super::network`]), so no socket's readiness depends on the kernel;
+//! - one seed for every draw: the schedule, the workload, elections, call
+//!   chaos, link-fault dice, backoff jitter and txn ids
+//!   ([`twopc_proto::host::seed_this_thread`]).
 //!
-//! Each run's [`SeedReport::trace`] (every client's outcome with its txn id,
-//! every fault as it struck, virtual times) is compared across two runs of
-//! one seed by the test that proves replay is exact.
+//! Each run's [`SeedReport::trace`] (every fault as it struck, every
+//! client's txn with its id and outcome, leaders per term, each node's
+//! final log position, virtual times) is compared across two runs of one
+//! seed by the test that proves replay is exact.
 
 use std::cell::Cell;
 use std::collections::BTreeSet;
