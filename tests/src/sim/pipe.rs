@@ -6,9 +6,8 @@
 //! no virtual time at all, and a fault striking at a random moment would
 //! almost never find a call in flight. It is fixed per connection, not
 //! drawn per write: how many writes carry a message is up to hyper and h2
-//! (and its size varies with the real clock: hyper stamps every response
-//! with the date), so a draw per write would make the rest of the run
-//! depend on them.
+//! (and hyper stamps every response with the real date), and with a draw
+//! per write replays diverged (docs/TESTING.md).
 
 use std::collections::VecDeque;
 use std::io;
