@@ -122,12 +122,8 @@ fn the_checker_catches_banks_that_answer_before_their_fsync_deterministically() 
 fn the_checker_catches_a_leader_that_ignores_no_votes_deterministically() {
     // The checker bites (I1, I8): a leader that ignores NO votes commits the
     // other branch of overdrawn transfers.
-    let _serial = one_at_a_time();
-    let _scenario = fail::FailScenario::setup();
-    twopc_tests::init_tracing();
-    fail::cfg(twopc_coordinator::failpoint::PREPARE_IGNORE_VOTES, "return").expect("a valid action");
-    let found = deterministic::first_violation(FaultMix::Calm, 5, |_| {});
-    let (seed, invariants) = found.expect("the simulation reports the broken protocol within 5 seeds");
+    let (seed, invariants) =
+        first_violation_with(twopc_coordinator::failpoint::PREPARE_IGNORE_VOTES, FaultMix::Calm, 5);
     assert!(invariants.contains(&Invariant::I1) && invariants.contains(&Invariant::I8), "seed {seed}: {invariants:?}");
 }
 
@@ -136,13 +132,25 @@ fn the_checker_catches_a_leader_that_ignores_no_votes_deterministically() {
 fn the_checker_catches_a_bank_that_releases_holds_on_a_timer_deterministically() {
     // The checker bites (I4 broken, seen as I1): banks that abort in-doubt
     // branches on their own disagree with the logged Commit when phase 2 is slow.
+    let (seed, invariants) =
+        first_violation_with(twopc_participant::failpoint::RESOLVE_RELEASE_ON_TIMER, FaultMix::Participants, 30);
+    assert!(invariants.contains(&Invariant::I1), "seed {seed} named {invariants:?}");
+}
+
+/// The first of `seeds` seeds of `mix` whose run reports a violation, with
+/// `failpoint` returning early (breaking the protocol) for the whole search,
+/// and the invariants it named.
+///
+/// # Panics
+/// When none does: the checker missed the broken protocol.
+#[cfg(feature = "failpoints")]
+fn first_violation_with(failpoint: &str, mix: FaultMix, seeds: u64) -> (u64, std::collections::BTreeSet<Invariant>) {
     let _serial = one_at_a_time();
     let _scenario = fail::FailScenario::setup();
     twopc_tests::init_tracing();
-    fail::cfg(twopc_participant::failpoint::RESOLVE_RELEASE_ON_TIMER, "return").expect("a valid action");
-    let found = deterministic::first_violation(FaultMix::Participants, 30, |_| {});
-    let (seed, invariants) = found.expect("the simulation reports the broken protocol within 30 seeds");
-    assert!(invariants.contains(&Invariant::I1), "seed {seed} named {invariants:?}");
+    fail::cfg(failpoint, "return").expect("a valid action");
+    deterministic::first_violation(mix, seeds, |_| {})
+        .unwrap_or_else(|| panic!("the simulation reports the broken protocol within {seeds} seeds"))
 }
 
 /// Where two runs of one seed first differ, if they do.
