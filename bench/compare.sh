@@ -7,11 +7,11 @@
 #   bench/compare.sh [DURATION_SECS] [CONCURRENCY...]      (defaults: 10 s at 1 and 64)
 #
 # JSON results go to bench/results/. Build twopc first:
-#   cargo build --release -p twopc-bank
+#   cargo build --release -p twopc-cli
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 twopc="${TWOPC:-$here/../target/release/twopc}"
-[[ -x "$twopc" ]] || { echo "build twopc first: cargo build --release -p twopc-bank" >&2; exit 1; }
+[[ -x "$twopc" ]] || { echo "build twopc first: cargo build --release -p twopc-cli" >&2; exit 1; }
 duration="${1:-10}"
 shift || true
 levels=("$@")

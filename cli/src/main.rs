@@ -1,7 +1,12 @@
-//! The `twopc` command line.
+//! The `twopc` command line: run coordinator nodes and banks, move money,
+//! inspect and settle transactions, and the one-command demo.
+//!
+//! Exit codes: 0 success (a transfer committed), 1 an error (one line on
+//! stderr says why), 2 a usage error, 3 a transfer aborted, 4 a transfer
+//! whose outcome is unknown (ask `twopc txn show ID` later).
 //!
 //! # Layout
-//! - `mod.rs`: the argument tree, dispatch, exit codes, error lines.
+//! - `main.rs`: the argument tree, dispatch, exit codes, error lines.
 //! - [`output`]: tables for people, JSON for scripts.
 //! - [`servers`]: `twopc coordinator` and `twopc bank`: run a node in the foreground.
 //! - [`admin`]: `cluster`, `participants` and `txn`: inspect and settle through the cluster.
@@ -21,6 +26,7 @@ mod resources;
 mod servers;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use twopc_coordinator::client::{ClientConfig, ClusterClient};
@@ -167,4 +173,27 @@ fn dir_arg(text: &str) -> Result<PathBuf, String> {
         return Err("give a directory".into());
     }
     Ok(PathBuf::from(text))
+}
+
+/// glibc's malloc spent about a fifth of a loaded node's CPU (docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    let args = Cli::parse();
+    init_tracing(&args);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            eprintln!("error: {}", one_line(&err));
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
 }

@@ -8,7 +8,7 @@
 //! acknowledged ones applied, aborted ones never), I4 (no hold left), I2
 //! (clients were told what the log holds) and I7 (settled within the bound).
 //!
-//! Replay a schedule: `TWOPC_CHAOS_SEED=... cargo test -p twopc-bank --test chaos -- --nocapture`
+//! Replay a schedule: `TWOPC_CHAOS_SEED=... cargo test -p twopc-cli --test chaos -- --nocapture`
 //! (process timing still varies). `TWOPC_CHAOS_SECONDS` lengthens the chaos.
 
 mod processes;
@@ -223,7 +223,7 @@ async fn decisions(client: &ClusterClient) -> Result<BTreeMap<TxnId, Decision>, 
 async fn money_survives_sigkill_and_sigstop_of_any_process() {
     let seed = env_u64("TWOPC_CHAOS_SEED").unwrap_or_else(rand::random);
     let chaos_seconds = env_u64("TWOPC_CHAOS_SECONDS").unwrap_or(CHAOS_SECONDS_DEFAULT);
-    println!("chaos seed {seed}; replay: TWOPC_CHAOS_SEED={seed} cargo test -p twopc-bank --test chaos -- --nocapture");
+    println!("chaos seed {seed}; replay: TWOPC_CHAOS_SEED={seed} cargo test -p twopc-cli --test chaos -- --nocapture");
     let mut p = Processes::start().await;
     let mut openings = BTreeMap::new();
     for (index, bank) in BANKS.iter().enumerate() {
