@@ -9,7 +9,7 @@
 //! failover in the timeline; `--baseline-json` reads another system's figures
 //! (bench/etcd.sh) and prints the ratio.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -23,7 +23,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use parking_lot::Mutex;
 use rand::rngs::SmallRng;
 use rand::{Rng as _, SeedableRng as _};
-use serde_json::{Value, json};
 use twopc_bank::{AccountName, BranchPayload, parse_balance};
 use twopc_coordinator::client::{ClientConfig, ClusterClient};
 use twopc_proto::txn_id::unix_now_ms;
@@ -31,13 +30,13 @@ use twopc_proto::{TxnId, pb};
 
 mod report;
 
-use report::{Report, read_baseline};
 use super::local_cluster::{LocalCluster, Spec, bank_client, leader, wait_until};
 use super::money::{Outcome, submit};
-use super::output::{json, table};
+use super::output::json;
 use super::resources;
 use super::servers::BANK_RETENTION_MIN_MS;
 use super::{ClusterArgs, EXIT_ERROR, EXIT_OK};
+use report::{Report, read_baseline};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {

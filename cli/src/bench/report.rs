@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
-use super::{BenchArgs, ProcessInfo, Run, SLOT, SLOTS_PER_SECOND, Slot};
+use super::{BenchArgs, Contention, ProcessInfo, Run, SLOT, SLOTS_PER_SECOND, Slot};
 use crate::output::table;
 use crate::resources;
 
@@ -254,7 +254,7 @@ impl Report {
         }
     }
 
-    fn to_json(&self) -> Value {
+    pub(super) fn to_json(&self) -> Value {
         json!({
             "system": "twopc",
             "config": self.config,
