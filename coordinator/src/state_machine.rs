@@ -322,6 +322,11 @@ impl StateMachine {
         };
         for txn in snap.txns {
             let record = TxnRecord::try_from(txn)?;
+            // A snapshot we wrote holds each txn once; two records of one txn
+            // (bad bytes that still parse) must not merge into a third state.
+            if sm.txns.contains_key(&record.txn_id) {
+                return Err(Error::Corrupt(format!("snapshot: txn {} recorded twice", record.txn_id)));
+            }
             if !record.is_finished() {
                 sm.unacknowledged.insert(record.txn_id);
             }
