@@ -13,14 +13,20 @@
 //! - [`clock`]: [`Clock`], the wall clock a node reads (tests step one node's clock).
 //! - [`host`]: what twopc takes from the machine (network, wall clock, randomness,
 //!   threads), which a deterministic simulation replaces.
-//! - [`net`]: listening and dialing through the host's network.
+//! - [`net`]: listening and dialing through the host's network, plaintext or mutual TLS.
+//! - [`tls`]: identities, the CA/certificate/key files, and rustls configs from them.
+//! - [`auth`]: which role may call which method, checked per call from the peer certificate.
+//! - [`certs`]: making a CA and certificates (`twopc certs init`, tests).
 #![deny(missing_docs)]
 
+pub mod auth;
+pub mod certs;
 pub mod clock;
 pub mod host;
 pub mod net;
 pub mod participant_id;
 pub mod status;
+pub mod tls;
 pub mod txn_id;
 pub mod vote;
 

@@ -1,0 +1,148 @@
+//! Making a CA and the certificates of a cluster (`twopc certs init`, and
+//! tests, which make theirs in a temporary directory).
+//!
+//! Keys are ECDSA P-256. Each leaf carries its identity as a URI SAN and the
+//! DNS SANs a dialer checks ([`Identity::dns_name`]; a node also
+//! [`ANY_NODE_DNS`]), and may serve and dial (both extended key usages).
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use time::{Duration, OffsetDateTime};
+
+use crate::tls::{ANY_NODE_DNS, Identity, Role, TlsError};
+
+/// How long a CA certificate is valid. Default of `twopc certs init`: 10 years.
+pub const CA_LIFETIME_DAYS: i64 = 3650;
+
+/// How long a leaf certificate is valid. Default of `twopc certs init`: 90
+/// days (rotate with SIGHUP well before, docs/SECURITY.md).
+pub const LEAF_LIFETIME_DAYS: i64 = 90;
+
+/// A certificate and its private key, PEM-encoded.
+#[derive(Debug, Clone)]
+pub struct Pem {
+    /// The certificate.
+    pub cert: String,
+    /// The private key (PKCS#8).
+    pub key: String,
+}
+
+/// A certificate authority held in memory.
+pub struct CertAuthority {
+    issuer: Issuer<'static, KeyPair>,
+    pem: Pem,
+}
+
+fn gen_err(e: rcgen::Error) -> TlsError {
+    TlsError::Rustls(format!("making a certificate: {e}"))
+}
+
+impl CertAuthority {
+    /// A new self-signed CA named `name`, valid for `lifetime_days` from now.
+    ///
+    /// # Errors
+    /// Key generation or signing failed.
+    pub fn new(name: &str, lifetime_days: i64) -> Result<Self, TlsError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + Duration::days(lifetime_days);
+        let key = KeyPair::generate().map_err(gen_err)?;
+        let cert = params.self_signed(&key).map_err(gen_err)?;
+        let pem = Pem { cert: cert.pem(), key: key.serialize_pem() };
+        Ok(Self { issuer: Issuer::new(params, key), pem })
+    }
+
+    /// The CA's own certificate and key.
+    pub fn pem(&self) -> &Pem {
+        &self.pem
+    }
+
+    /// A certificate for `identity`, valid from `not_before` to `not_after`.
+    ///
+    /// # Errors
+    /// The identity's name cannot be a DNS name, or signing failed.
+    pub fn issue_between(
+        &self,
+        identity: &Identity,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<Pem, TlsError> {
+        let bad_name = |e: rcgen::Error| TlsError::Identity(format!("{identity} cannot be put in a certificate: {e}"));
+        let mut dns = vec![identity.dns_name()];
+        if identity.role == Role::Node {
+            dns.push(ANY_NODE_DNS.to_owned());
+        }
+        let mut params = CertificateParams::new(dns).map_err(bad_name)?;
+        let uri = identity.uri().try_into().map_err(bad_name)?;
+        params.subject_alt_names.push(SanType::URI(uri));
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, identity.to_string());
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let key = KeyPair::generate().map_err(gen_err)?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
+        Ok(Pem { cert: cert.pem(), key: key.serialize_pem() })
+    }
+
+    /// A certificate for `identity`, valid for `lifetime_days` from now.
+    ///
+    /// # Errors
+    /// As [`CertAuthority::issue_between`].
+    pub fn issue(&self, identity: &Identity, lifetime_days: i64) -> Result<Pem, TlsError> {
+        let now = OffsetDateTime::now_utc();
+        self.issue_between(identity, now - Duration::hours(1), now + Duration::days(lifetime_days))
+    }
+
+    /// Writes `ca.pem` and `ca.key` into `dir` (created if missing).
+    ///
+    /// # Errors
+    /// The directory or a file cannot be written.
+    pub fn write_ca(&self, dir: &Path) -> Result<(), TlsError> {
+        write_pair(dir, "ca", &self.pem)
+    }
+
+    /// Issues `identity` a certificate valid for `lifetime_days` and writes
+    /// `<stem>.pem` and `<stem>.key` into `dir`; returns the certificate's path.
+    ///
+    /// # Errors
+    /// As [`CertAuthority::issue`] and [`CertAuthority::write_ca`].
+    pub fn write_issued(&self, dir: &Path, identity: &Identity, lifetime_days: i64) -> Result<PathBuf, TlsError> {
+        let pem = self.issue(identity, lifetime_days)?;
+        write_pair(dir, &identity.file_stem(), &pem)?;
+        Ok(dir.join(format!("{}.pem", identity.file_stem())))
+    }
+}
+
+/// Writes `<stem>.pem` and `<stem>.key` (the key readable by its owner only).
+///
+/// # Errors
+/// The directory or a file cannot be written.
+pub fn write_pair(dir: &Path, stem: &str, pem: &Pem) -> Result<(), TlsError> {
+    let write = |path: PathBuf, text: &str, private: bool| {
+        std::fs::create_dir_all(dir).map_err(|source| TlsError::Read { path: dir.to_owned(), source })?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).map_err(|source| TlsError::Read { path: tmp.clone(), source })?;
+        #[cfg(unix)]
+        if private {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::Permissions::from_mode(0o600);
+            std::fs::set_permissions(&tmp, mode).map_err(|source| TlsError::Read { path: tmp.clone(), source })?;
+        }
+        // A rename, so a process reloading on SIGHUP never reads half a file.
+        std::fs::rename(&tmp, &path).map_err(|source| TlsError::Read { path, source })
+    };
+    write(dir.join(format!("{stem}.key")), &pem.key, true)?;
+    write(dir.join(format!("{stem}.pem")), &pem.cert, false)
+}
