@@ -94,6 +94,7 @@ async fn status(cluster: &ClusterArgs) -> anyhow::Result<u8> {
         let client = twopc_coordinator::client::ClusterClient::new(
             one.coordinators.clone(),
             twopc_coordinator::client::ClientConfig {
+                tls: super::certs::cli_tls()?,
                 retry_budget_ms: 0,
                 attempt_timeout_ms: 2_000,
                 ..Default::default()

@@ -37,6 +37,9 @@ pub struct DemoArgs {
     /// Accounts per bank.
     #[arg(long, default_value_t = 5)]
     pub accounts: u32,
+    /// Mutual TLS on every connection, with certificates made for the demo in its directory.
+    #[arg(long)]
+    pub tls: bool,
     /// Each account's opening balance.
     #[arg(long, default_value = "100.00")]
     pub opening_balance: String,
@@ -77,8 +80,8 @@ impl Demo {
 
 async fn totals(demo: &Demo) -> anyhow::Result<Vec<pb::TotalResponse>> {
     let mut totals = Vec::new();
-    for addr in &demo.cluster.bank_addrs {
-        totals.push(bank_client(addr).await?.total(pb::TotalRequest {}).await?.into_inner());
+    for (name, addr) in demo.cluster.bank_names.iter().zip(&demo.cluster.bank_addrs) {
+        totals.push(bank_client(name, addr).await?.total(pb::TotalRequest {}).await?.into_inner());
     }
     Ok(totals)
 }
@@ -91,7 +94,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
     let dir = args.dir.clone().unwrap_or_else(|| temp.path().to_owned());
     std::fs::create_dir_all(dir.join("logs")).with_context(|| format!("creating {}", dir.display()))?;
     let postgres = args.store.as_ref().map(|url| pg_bank(url, args.dir.as_deref()));
-    let demo = build(&dir, postgres.as_ref())?;
+    let demo = build(&dir, postgres.as_ref(), args.tls)?;
     println!("twopc demo: {COORDINATORS} coordinators and {} banks in {}", BANKS.len(), dir.display());
     if let Some(pg) = &postgres {
         println!("{} keeps its accounts on PostgreSQL, schema {}", BANKS[PG_BANK], pg.schema);
@@ -166,12 +169,13 @@ async fn drop_pg_schema(pg: &PgBank) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build(dir: &Path, postgres: Option<&PgBank>) -> anyhow::Result<Demo> {
+fn build(dir: &Path, postgres: Option<&PgBank>, tls: bool) -> anyhow::Result<Demo> {
     let spec = Spec {
         coordinators: COORDINATORS,
         banks: BANKS.iter().map(|b| (*b).to_owned()).collect(),
         coordinator_args: Vec::new(),
         bank_args: vec!["--in-doubt-timeout-ms".into(), "1000".into()],
+        tls,
     };
     let mut cluster = LocalCluster::build(dir, &spec)?;
     if let Some(pg) = postgres {
@@ -183,7 +187,10 @@ fn build(dir: &Path, postgres: Option<&PgBank>) -> anyhow::Result<Demo> {
 
 async fn run_demo(demo: &Demo, args: &DemoArgs, opening: i64) -> anyhow::Result<u8> {
     demo.cluster.start_all().await?;
-    let client = Arc::new(ClusterClient::new(demo.cluster.coordinator_addrs.clone(), ClientConfig::default())?);
+    let client = Arc::new(ClusterClient::new(
+        demo.cluster.coordinator_addrs.clone(),
+        ClientConfig { tls: super::certs::cli_tls()?, ..ClientConfig::default() },
+    )?);
     let first_leader = wait_until("a coordinator leader", || leader(&client)).await?;
     demo.note(None, format!("cluster up, coordinator {first_leader} leads"));
     demo.cluster.register_banks(&client).await?;
@@ -209,7 +216,8 @@ async fn run_demo(demo: &Demo, args: &DemoArgs, opening: i64) -> anyhow::Result<
 async fn seed(demo: &Demo, per_bank: u32, opening: i64) -> anyhow::Result<Vec<AccountAddress>> {
     let mut accounts = Vec::new();
     for (bank, addr) in BANKS.iter().zip(&demo.cluster.bank_addrs) {
-        let mut client = wait_until(&format!("{bank} to start"), || async { bank_client(addr).await.ok() }).await?;
+        let mut client =
+            wait_until(&format!("{bank} to start"), || async { bank_client(bank, addr).await.ok() }).await?;
         for i in 1..=per_bank {
             let name = format!("acct-{i}");
             let request = pb::CreateAccountRequest { account: name.clone(), initial_balance_minor: opening };
@@ -348,8 +356,13 @@ async fn chaos(
     // Kill the bank the moment it holds a prepared branch: it voted YES and
     // waits for a decision it will only learn after its restart.
     let staged = wait_until(&format!("{} to hold a prepared branch", BANKS[bank]), || async {
-        let t =
-            bank_client(&demo.cluster.bank_addrs[bank]).await.ok()?.total(pb::TotalRequest {}).await.ok()?.into_inner();
+        let t = bank_client(BANKS[bank], &demo.cluster.bank_addrs[bank])
+            .await
+            .ok()?
+            .total(pb::TotalRequest {})
+            .await
+            .ok()?
+            .into_inner();
         let staged = t.held_total_minor + t.incoming_total_minor;
         (staged > 0).then_some(staged)
     })
@@ -385,7 +398,7 @@ async fn report(
     .await?;
     let mut rows = Vec::new();
     for (bank, addr) in BANKS.iter().zip(&demo.cluster.bank_addrs) {
-        let mut client = bank_client(addr).await?;
+        let mut client = bank_client(bank, addr).await?;
         let list = client.list_accounts(pb::ListAccountsRequest { page_size: 1000, page_token: String::new() }).await?;
         for account in list.into_inner().accounts {
             rows.push(vec![format!("{}@{bank}", account.name), format_minor(account.balance_minor)]);

@@ -78,6 +78,9 @@ pub struct Spec {
     pub coordinator_args: Vec<String>,
     /// Extra arguments for every `twopc bank`.
     pub bank_args: Vec<String>,
+    /// Mutual TLS: certificates for every process are made in `dir/tls` and
+    /// this process uses them too (as `admin:cli`).
+    pub tls: bool,
 }
 
 /// The processes of a local cluster and where they listen. The processes
@@ -97,6 +100,7 @@ impl LocalCluster {
     pub fn build(dir: &Path, spec: &Spec) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir.join("logs")).with_context(|| format!("creating {}", dir.display()))?;
         let exe = std::env::current_exe().context("finding this executable")?;
+        let tls_args = if spec.tls { make_certs(&dir.join("tls"), spec)? } else { Vec::new() };
         let coordinator_addrs: Vec<String> =
             (0..spec.coordinators).map(|_| loopback_addr()).collect::<Result<_, _>>()?;
         let bank_addrs: Vec<String> = spec.banks.iter().map(|_| loopback_addr()).collect::<Result<_, _>>()?;
@@ -114,6 +118,7 @@ impl LocalCluster {
                     dir.join(format!("coordinator-{id}")).display().to_string(),
                 ];
                 args.extend(spec.coordinator_args.iter().cloned());
+                args.extend(tls_args.iter().cloned());
                 Proc {
                     name: format!("coordinator {id}"),
                     args,
@@ -140,6 +145,7 @@ impl LocalCluster {
                     coordinator_addrs.join(","),
                 ];
                 args.extend(spec.bank_args.iter().cloned());
+                args.extend(tls_args.iter().cloned());
                 Proc { name: name.clone(), args, log: dir.join("logs").join(format!("{name}.log")), child: None }
             })
             .map(tokio::sync::Mutex::new)
@@ -178,6 +184,21 @@ impl LocalCluster {
     }
 }
 
+/// Makes a CA and certificates for every process of `spec` (and this one) in
+/// `dir`, switches this process to them, and returns the children's arguments.
+fn make_certs(dir: &Path, spec: &Spec) -> anyhow::Result<Vec<String>> {
+    let ca = twopc_proto::certs::CertAuthority::new("twopc local CA", 1)?;
+    ca.write_ca(dir)?;
+    let mut ids: Vec<_> = (1..=spec.coordinators).map(twopc_proto::tls::Identity::node).collect();
+    ids.extend(spec.banks.iter().map(|b| twopc_proto::tls::Identity::participant(b)));
+    ids.push(twopc_proto::tls::Identity::admin(super::certs::CLI_NAME));
+    for id in &ids {
+        ca.write_issued(dir, id, 1)?;
+    }
+    super::certs::set_tls_args(super::certs::TlsArgs { tls_dir: Some(dir.to_owned()), insecure: false });
+    Ok(vec!["--tls-dir".into(), dir.display().to_string()])
+}
+
 fn loopback_addr() -> anyhow::Result<String> {
     Ok(format!("127.0.0.1:{}", free_port()?))
 }
@@ -187,12 +208,16 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-pub async fn bank_client(addr: &str) -> anyhow::Result<BankClient<tonic::transport::Channel>> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+/// A client of bank `name`'s own API at `addr` (over TLS if this process has it).
+pub async fn bank_client(name: &str, addr: &str) -> anyhow::Result<BankClient<tonic::transport::Channel>> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(5))
-        .connect()
-        .await?;
+        .timeout(Duration::from_secs(5));
+    let dial = match super::certs::cli_tls()? {
+        Some(tls) => Some(tls.dial(&twopc_proto::tls::Identity::participant(name).dns_name())?),
+        None => None,
+    };
+    let channel = twopc_proto::net::connect_with(&endpoint, dial).await?;
     Ok(BankClient::new(channel))
 }
 

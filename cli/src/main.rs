@@ -15,9 +15,11 @@
 //! - [`local_cluster`]: coordinators and banks as child processes on loopback, for `demo` and `bench --local`.
 //! - [`bench`]: `twopc bench`: a load generator; throughput, latency percentiles, a per-second timeline.
 //! - [`resources`]: the local cluster's processes' memory and data directories, sampled during a bench.
+//! - [`certs`]: `twopc certs init` and `show`; and the process's TLS settings (`--tls-dir`, `--insecure`).
 
 mod admin;
 mod bench;
+mod certs;
 mod demo;
 mod local_cluster;
 mod money;
@@ -47,6 +49,8 @@ pub struct Cli {
     /// More log output (repeat for more); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    #[command(flatten)]
+    pub tls: certs::TlsArgs,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -64,7 +68,7 @@ pub struct ClusterArgs {
 
 impl ClusterArgs {
     fn client(&self) -> anyhow::Result<ClusterClient> {
-        let config = ClientConfig { retry_budget_ms: 10_000, ..ClientConfig::default() };
+        let config = ClientConfig { retry_budget_ms: 10_000, tls: certs::cli_tls()?, ..ClientConfig::default() };
         Ok(ClusterClient::new(self.coordinators.clone(), config)?)
     }
 }
@@ -108,6 +112,9 @@ pub enum Command {
         twopc bench --local --kill-leader-at 5 --duration 15\n  \
         twopc bench --coordinators 127.0.0.1:7001 --json")]
     Bench(bench::BenchArgs),
+    /// Make and inspect the certificates of a mutual-TLS cluster (docs/SECURITY.md).
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
 }
 
 /// Sets up logging to stderr: warnings by default, `-v` info, `-vv` debug;
@@ -129,6 +136,7 @@ pub fn init_tracing(cli: &Cli) {
 /// # Errors
 /// Anything that ends the command with exit code 1.
 pub async fn run(cli: Cli) -> anyhow::Result<u8> {
+    certs::set_tls_args(cli.tls.clone());
     match cli.command {
         Command::Coordinator(args) => servers::coordinator(args).await,
         Command::Bank(args) => servers::bank(args).await,
@@ -140,6 +148,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Participants(cmd) => admin::participants(cmd).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Certs(cmd) => certs::run(cmd),
     }
 }
 

@@ -137,11 +137,15 @@ async fn bank_client(cluster: &ClusterArgs, bank: &str, addr: Option<&str>) -> a
                 .with_context(|| format!("no bank named {bank} is registered (see `twopc participants list`)"))?
         }
     };
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .with_context(|| format!("{addr} is not host:port"))?
         .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10))
-        .connect()
+        .timeout(Duration::from_secs(10));
+    let dial = match super::certs::cli_tls()? {
+        Some(tls) => Some(tls.dial(&twopc_proto::tls::Identity::participant(bank).dns_name())?),
+        None => None,
+    };
+    let channel = twopc_proto::net::connect_with(&endpoint, dial)
         .await
         .with_context(|| format!("cannot reach bank {bank} at {addr}"))?;
     Ok(BankClient::new(channel))

@@ -11,7 +11,9 @@ use twopc_coordinator::client::{ClientConfig, ClusterClient};
 use twopc_coordinator::config::NodeConfig;
 use twopc_proto::pb;
 
-use super::{EXIT_OK, dir_arg};
+use twopc_proto::tls::Identity;
+
+use super::{EXIT_OK, certs, dir_arg};
 
 #[derive(Debug, Args)]
 pub struct CoordinatorArgs {
@@ -27,7 +29,7 @@ pub struct CoordinatorArgs {
     /// Address to listen on. Default: this node's address in --peers.
     #[arg(long)]
     pub listen: Option<String>,
-    /// Serve Prometheus metrics at http://ADDR/metrics.
+    /// Serve Prometheus metrics at http://ADDR/metrics; a bare PORT binds loopback (127.0.0.1:PORT).
     #[arg(long)]
     pub metrics_listen: Option<String>,
     /// Join an existing cluster (added with `twopc cluster add`) instead of bootstrapping.
@@ -51,6 +53,12 @@ fn parse_peer(text: &str) -> Result<(u64, String), String> {
         return Err(format!("{addr:?} is not HOST:PORT"));
     }
     Ok((id, addr.trim().to_owned()))
+}
+
+/// A bare port is on loopback: metrics are for the machine's own scraper
+/// unless an address says otherwise.
+fn metrics_addr(addr: &str) -> String {
+    if addr.parse::<u16>().is_ok() { format!("127.0.0.1:{addr}") } else { addr.to_owned() }
 }
 
 async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
@@ -91,12 +99,15 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<u8> {
     config.join = args.join;
     config.engine.retention_ms = args.retention_ms;
     config.snapshot_interval_entries = args.snapshot_interval_entries;
+    config.tls = certs::server_tls(&Identity::node(args.id))?;
     config.validate()?;
+    certs::check_plaintext_listen(&listen, config.tls.is_some(), "the coordinator")?;
     let listener = bind(&listen, "the coordinator").await?;
     let metrics = match &args.metrics_listen {
-        Some(addr) => Some(bind(addr, "metrics").await?),
+        Some(addr) => Some(bind(&metrics_addr(addr), "metrics").await?),
         None => None,
     };
+    certs::reload_on_sighup(config.tls.clone());
     twopc_coordinator::server::run(listener, metrics, config, stop_signal()).await?;
     Ok(EXIT_OK)
 }
@@ -178,7 +189,10 @@ pub async fn bank(args: BankArgs) -> anyhow::Result<u8> {
     // The store must keep tombstones at least as long as the library's memory does (I4).
     config.store.finished_retention_ms = args.finished_retention_ms;
     config.participant.tombstone_retention_ms = args.finished_retention_ms;
+    config.participant.tls = certs::server_tls(&Identity::participant(name.as_str()))?;
     config.validate()?;
+    certs::check_plaintext_listen(&args.listen, config.participant.tls.is_some(), "the bank")?;
+    certs::reload_on_sighup(config.participant.tls.clone());
     let postgres = match &store {
         Store::Redb => None,
         Store::Postgres(url) => {
@@ -199,8 +213,12 @@ pub async fn bank(args: BankArgs) -> anyhow::Result<u8> {
     let listener = bind(&args.listen, "the bank").await?;
     if args.register {
         let addr = args.advertise.clone().unwrap_or_else(|| args.listen.clone());
-        let client =
-            ClusterClient::new(args.coordinators, ClientConfig { retry_budget_ms: 60_000, ..ClientConfig::default() })?;
+        // Over TLS the bank registers as itself (participant:<name> may register only its own name).
+        let tls = config.participant.tls.clone();
+        let client = ClusterClient::new(
+            args.coordinators,
+            ClientConfig { retry_budget_ms: 60_000, tls, ..ClientConfig::default() },
+        )?;
         tokio::spawn(async move {
             let request = pb::RegisterParticipantRequest { name: name.to_string(), addr: addr.clone() };
             let registered = client

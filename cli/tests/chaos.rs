@@ -241,6 +241,7 @@ async fn money_survives_sigkill_and_sigstop_of_any_process() {
         connect_timeout_ms: 500,
         backoff_min_ms: 20,
         backoff_max_ms: 300,
+        tls: None,
     };
     let clients = Arc::new(Clients {
         client: ClusterClient::new(p.coordinator_addrs.clone(), client_config.clone()).expect("a client"),

@@ -27,6 +27,9 @@ pub struct ClientConfig {
     pub backoff_min_ms: u64,
     /// Backoff cap. Default: 500 ms.
     pub backoff_max_ms: u64,
+    /// Mutual TLS to the nodes, each of which must prove it is a node of the
+    /// cluster (`nodes.twopc`); `None` is plaintext. Default: None.
+    pub tls: Option<twopc_proto::tls::Tls>,
 }
 
 impl Default for ClientConfig {
@@ -37,6 +40,7 @@ impl Default for ClientConfig {
             connect_timeout_ms: 1_000,
             backoff_min_ms: 20,
             backoff_max_ms: 500,
+            tls: None,
         }
     }
 }
@@ -78,7 +82,13 @@ impl ClusterClient {
             .map_err(|e| Status::invalid_argument(format!("coordinator address {addr:?} is not host:port: {e}")))?;
         let endpoint =
             endpoint.connect_timeout(Duration::from_millis(self.config.connect_timeout_ms)).tcp_nodelay(true);
-        let channel = twopc_proto::net::lazy_channel(&endpoint);
+        let dial = match &self.config.tls {
+            Some(tls) => {
+                Some(tls.dial(twopc_proto::tls::ANY_NODE_DNS).map_err(|e| Status::invalid_argument(e.to_string()))?)
+            }
+            None => None,
+        };
+        let channel = twopc_proto::net::lazy_channel_with(&endpoint, dial);
         channels.insert(addr.to_owned(), channel.clone());
         Ok(channel)
     }

@@ -59,6 +59,10 @@ pub struct NodeConfig {
     pub transport: TransportConfig,
     /// The 2PC driver's limits and timings.
     pub engine: EngineConfig,
+    /// Mutual TLS on every connection this node serves or opens, as identity
+    /// `node:<id>` (docs/SECURITY.md); `None` is plaintext, for loopback.
+    /// Default: None.
+    pub tls: Option<twopc_proto::tls::Tls>,
 }
 
 impl NodeConfig {
@@ -83,6 +87,7 @@ impl NodeConfig {
             storage: StorageConfig::default(),
             transport: TransportConfig::default(),
             engine: EngineConfig::default(),
+            tls: None,
         }
     }
 

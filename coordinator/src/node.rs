@@ -314,7 +314,7 @@ pub fn start(
     let raw = RawNode::new(&raft_config, storage.clone(), &raft_logger(config.id))?;
 
     let (feedback_tx, feedback_rx) = mpsc::channel(1024);
-    let transport = Transport::new(config.id, config.transport.clone(), faults, feedback_tx);
+    let transport = Transport::with_tls(config.id, config.transport.clone(), faults, feedback_tx, config.tls.clone());
     for (id, addr) in state_machine.members() {
         if *id != config.id {
             transport.set_peer(*id, addr.clone());

@@ -88,6 +88,8 @@ pub struct GrpcParticipants {
     prepare_queues: Arc<Mutex<HashMap<Target, Arc<PrepareQueue>>>>,
     connect_timeout: Duration,
     batching: PrepareBatching,
+    /// Mutual TLS: each participant must prove the name it was registered as.
+    tls: Option<twopc_proto::tls::Tls>,
 }
 
 /// Distinct participant addresses whose channels are kept; beyond it the
@@ -103,7 +105,16 @@ impl GrpcParticipants {
 
     /// As [`GrpcParticipants::new`], gathering Prepares as `batching` says.
     pub fn with_batching(connect_timeout: Duration, batching: PrepareBatching) -> Self {
-        Self { channels: Arc::default(), prepare_queues: Arc::default(), connect_timeout, batching }
+        Self { channels: Arc::default(), prepare_queues: Arc::default(), connect_timeout, batching, tls: None }
+    }
+
+    /// Calls participants over mutual TLS when `tls` is given: a server whose
+    /// certificate does not name the participant it was registered as gets
+    /// no call (docs/SECURITY.md, "no impostors").
+    #[must_use]
+    pub fn with_tls(mut self, tls: Option<twopc_proto::tls::Tls>) -> Self {
+        self.tls = tls;
+        self
     }
 
     fn prepare_queue(&self, target: &Target) -> Result<Arc<PrepareQueue>, CallError> {
@@ -119,8 +130,10 @@ impl GrpcParticipants {
     }
 
     fn client(&self, target: &Target) -> Result<PbClient<Channel>, CallError> {
+        // Keyed by name too: over TLS a channel proves one participant's name.
+        let key = format!("{}@{}", target.participant, target.addr);
         let mut channels = self.channels.lock();
-        if let Some(channel) = channels.get(&target.addr) {
+        if let Some(channel) = channels.get(&key) {
             return Ok(Self::wrap(channel.clone()));
         }
         let endpoint = Endpoint::from_shared(format!("http://{}", target.addr))
@@ -130,11 +143,18 @@ impl GrpcParticipants {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5));
-        let channel = twopc_proto::net::lazy_channel(&endpoint);
+        let dial = match &self.tls {
+            Some(tls) => {
+                let name = twopc_proto::tls::Identity::participant(target.participant.as_str()).dns_name();
+                Some(tls.dial(&name).map_err(|e| CallError::new(target, e.to_string()))?)
+            }
+            None => None,
+        };
+        let channel = twopc_proto::net::lazy_channel_with(&endpoint, dial);
         if channels.len() >= CHANNEL_CACHE_MAX {
             channels.clear();
         }
-        channels.insert(target.addr.clone(), channel.clone());
+        channels.insert(key, channel.clone());
         Ok(Self::wrap(channel))
     }
 

@@ -87,7 +87,8 @@ async fn stop_signal(mut stop: watch::Receiver<bool>) {
 /// Bad config, or storage that cannot be opened.
 pub fn spawn(listener: impl Into<Listener>, config: &NodeConfig, faults: FaultFilter) -> Result<RunningNode> {
     let connect_timeout = Duration::from_millis(config.engine.participant_connect_timeout_ms);
-    let participants = GrpcParticipants::with_batching(connect_timeout, config.engine.prepare_batching());
+    let participants =
+        GrpcParticipants::with_batching(connect_timeout, config.engine.prepare_batching()).with_tls(config.tls.clone());
     spawn_with_client(listener, config, faults, participants)
 }
 
@@ -102,7 +103,7 @@ pub fn spawn_with_client<P: ParticipantClient>(
     faults: FaultFilter,
     client: P,
 ) -> Result<RunningNode> {
-    let listener = listener.into();
+    let listener = listener.into().with_tls(config.tls.clone());
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let started = node::start(config, faults.clone(), stop_signal(stop_rx.clone()))?;
@@ -120,6 +121,7 @@ pub fn spawn_with_client<P: ParticipantClient>(
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let server = tokio::spawn(async move {
         tonic::transport::Server::builder()
+            .layer(twopc_proto::auth::AuthorizeLayer(twopc_proto::auth::COORDINATOR))
             .add_service(peer)
             .add_service(coordinator)
             .add_service(admin)

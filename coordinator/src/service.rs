@@ -120,6 +120,8 @@ impl<P: ParticipantClient> pb::coordinator_server::Coordinator for CoordinatorSe
 
     #[tracing::instrument(skip_all, fields(txn_id = %request.get_ref().txn_id))]
     async fn resolve(&self, request: Request<pb::ResolveRequest>) -> Result<Response<pb::ResolveResponse>, Status> {
+        // Over TLS a participant asks only as itself (docs/SECURITY.md).
+        twopc_proto::auth::participant_acts_as_itself(&request, &request.get_ref().participant)?;
         let request = request.into_inner();
         let txn_id = parse_txn_id(&request.txn_id)?;
         let asker = optional_participant(&request.participant)?;
@@ -218,6 +220,8 @@ impl<P: ParticipantClient> pb::admin_server::Admin for AdminService<P> {
         &self,
         request: Request<pb::RegisterParticipantRequest>,
     ) -> Result<Response<pb::RegisterParticipantResponse>, Status> {
+        // Over TLS a participant registers only itself (docs/SECURITY.md).
+        twopc_proto::auth::participant_acts_as_itself(&request, &request.get_ref().name)?;
         let request = request.into_inner();
         let name = participant_name(&request.name)?;
         let addr = host_port(&request.addr)?;

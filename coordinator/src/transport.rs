@@ -246,6 +246,8 @@ struct Shared {
     feedback: mpsc::Sender<PeerFeedback>,
     peers: RwLock<HashMap<u64, Peer>>,
     shut_down: AtomicBool,
+    /// Mutual TLS to the peers (each must prove `node-<id>.twopc`); `None`: plaintext.
+    tls: Option<twopc_proto::tls::Tls>,
     /// Where peer sender tasks run: the runtime the transport was made in
     /// (or first used from). The raft task calls [`Transport::set_peer`] from
     /// a runtime of its own, whose thread fsyncs; senders must not run there.
@@ -278,6 +280,17 @@ impl Transport {
         faults: FaultFilter,
         feedback: mpsc::Sender<PeerFeedback>,
     ) -> Self {
+        Self::with_tls(self_id, config, faults, feedback, None)
+    }
+
+    /// [`Transport::new`], dialing peers over mutual TLS when `tls` is given.
+    pub fn with_tls(
+        self_id: u64,
+        config: TransportConfig,
+        faults: FaultFilter,
+        feedback: mpsc::Sender<PeerFeedback>,
+        tls: Option<twopc_proto::tls::Tls>,
+    ) -> Self {
         let shared = Shared {
             self_id,
             config,
@@ -285,6 +298,7 @@ impl Transport {
             feedback,
             peers: RwLock::new(HashMap::new()),
             shut_down: AtomicBool::new(false),
+            tls,
             runtime: Handle::try_current().map(OnceLock::from).unwrap_or_default(),
         };
         Self { shared: Arc::new(shared) }
@@ -316,7 +330,8 @@ impl Transport {
             shared.feedback.clone(),
             Arc::clone(&counters),
             rx,
-        );
+        )
+        .with_tls(shared.tls.clone());
         let runtime = shared.runtime.get_or_init(Handle::current);
         let task = runtime.spawn(task.run().instrument(span)).abort_handle();
         // Replacing the old entry drops it, which aborts its task.

@@ -92,6 +92,12 @@ pub struct ParticipantConfig {
     ///
     /// Default: the system clock (tests step it to model a clock jump).
     pub clock: Clock,
+    /// Mutual TLS on the participant's server and its calls to the
+    /// coordinators, as identity `participant:<id>` (docs/SECURITY.md);
+    /// `None` is plaintext, for loopback.
+    ///
+    /// Default: None.
+    pub tls: Option<twopc_proto::tls::Tls>,
 }
 
 /// The largest allowed `payload_max_bytes`: room is left for the rest of the
@@ -117,6 +123,7 @@ impl ParticipantConfig {
             decide_batch_max: 1024,
             prepare_batch_max: 1024,
             clock: Clock::system(),
+            tls: None,
         }
     }
 

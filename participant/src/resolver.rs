@@ -134,6 +134,7 @@ struct Cluster {
     request_timeout: Duration,
     leader: Mutex<Option<String>>,
     channels: Mutex<HashMap<String, Channel>>,
+    tls: Option<twopc_proto::tls::Tls>,
 }
 
 impl Cluster {
@@ -146,6 +147,7 @@ impl Cluster {
             request_timeout: Duration::from_millis(config.resolve_timeout_ms),
             leader: Mutex::new(None),
             channels: Mutex::new(HashMap::new()),
+            tls: config.tls.clone(),
         }
     }
 
@@ -214,7 +216,13 @@ impl Cluster {
             .map_err(|e| tonic::Status::invalid_argument(format!("{addr}: {e}")))?
             .connect_timeout(self.connect_timeout)
             .timeout(self.request_timeout);
-        let channel = twopc_proto::net::lazy_channel(&endpoint);
+        let dial = match &self.tls {
+            Some(tls) => Some(
+                tls.dial(twopc_proto::tls::ANY_NODE_DNS).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let channel = twopc_proto::net::lazy_channel_with(&endpoint, dial);
         if channels.len() >= CHANNEL_CACHE_MAX {
             channels.clear();
         }

@@ -99,7 +99,7 @@ impl<R: Resource> Participant<R> {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<()> {
         let recovered = self.engine.recover().await?;
-        let listener = listener.into();
+        let listener = listener.into().with_tls(self.engine.config().tls.clone());
         let local_addr = listener.local_addr().ok();
         info!(
             participant = %self.engine.config().id,
@@ -112,6 +112,7 @@ impl<R: Resource> Participant<R> {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let served = tonic::transport::Server::builder()
+            .layer(twopc_proto::auth::AuthorizeLayer(twopc_proto::auth::PARTICIPANT))
             .add_routes(routes)
             .add_service(service)
             .serve_with_incoming_shutdown(listener.incoming(), shutdown)

@@ -22,17 +22,17 @@ pub struct Policy(pub &'static [(&'static str, &'static [Role])]);
 /// The coordinator's server: the peer, client and admin services.
 pub const COORDINATOR: Policy = Policy(&[
     ("/twopc.v1.RaftPeer/", &[Role::Node]),
+    // A participant registers only itself (checked in the handler): the join of a new participant.
+    ("/twopc.v1.Admin/RegisterParticipant", &[Role::Admin, Role::Participant]),
     ("/twopc.v1.Admin/", &[Role::Admin]),
     // Each participant only for its own branches (checked in the handler).
     ("/twopc.v1.Coordinator/Resolve", &[Role::Participant]),
     ("/twopc.v1.Coordinator/", &[Role::Client, Role::Admin]),
 ]);
 
-/// A participant's server: Prepare/Decide come only from coordinator nodes.
-pub const PARTICIPANT: Policy = Policy(&[("/twopc.v1.Participant/", &[Role::Node])]);
-
-/// The bank's server: its Participant service, and its own account API.
-pub const BANK: Policy =
+/// A participant's server: Prepare/Decide come only from coordinator nodes;
+/// the bank's own account API, served on the same port, from clients and admins.
+pub const PARTICIPANT: Policy =
     Policy(&[("/twopc.v1.Participant/", &[Role::Node]), ("/twopc.v1.Bank/", &[Role::Client, Role::Admin])]);
 
 impl Policy {
@@ -63,23 +63,21 @@ impl Policy {
     }
 }
 
-/// Checks that the caller of `request` may act for participant `name`: on a
-/// TLS connection, its certificate must name `participant:<name>`.
+/// Checks that a participant calling with `request` acts only for itself:
+/// on a TLS connection whose certificate names `participant:<x>`, `name`
+/// must be `x`. Other roles pass (the [`Policy`] already admitted them).
 ///
 /// # Errors
-/// `PERMISSION_DENIED` when it names someone else.
-pub fn require_participant<T>(request: &tonic::Request<T>, name: &str) -> Result<(), Status> {
+/// `PERMISSION_DENIED` when a participant asks for another one.
+pub fn participant_acts_as_itself<T>(request: &tonic::Request<T>, name: &str) -> Result<(), Status> {
     let Some(peer) = PeerInfo::of(request).filter(|p| p.tls) else {
         return Ok(());
     };
     match &peer.identity {
-        Some(id) if id.role == Role::Participant && id.name == name => Ok(()),
-        other => {
-            let who = other.as_ref().map_or_else(|| "an unnamed certificate".to_owned(), Identity::to_string);
-            Err(Status::permission_denied(format!(
-                "{who} may not act for participant {name:?}: it needs role participant with name {name:?}"
-            )))
-        }
+        Some(id) if id.role == Role::Participant && id.name != name => Err(Status::permission_denied(format!(
+            "{id} may not act for participant {name:?}: it needs role participant with name {name:?}"
+        ))),
+        _ => Ok(()),
     }
 }
 

@@ -295,6 +295,15 @@ struct Inner {
     current: RwLock<Arc<Loaded>>,
 }
 
+/// Two handles are equal when they share the same loaded files.
+impl PartialEq for Tls {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+}
+
+impl Eq for Tls {}
+
 impl fmt::Debug for Tls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Tls").field("identity", &self.inner.identity).field("cert", &self.inner.files.cert).finish()

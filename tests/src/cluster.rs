@@ -100,7 +100,9 @@ impl Cluster {
 
     fn spawn(&mut self, id: u64, listener: Listener) -> anyhow::Result<()> {
         let config = self.config(id);
-        let client = self.gate.client(Duration::from_millis(config.engine.participant_connect_timeout_ms));
+        let client = self
+            .gate
+            .client_with_tls(Duration::from_millis(config.engine.participant_connect_timeout_ms), config.tls.clone());
         let node = server::spawn_with_client(listener, &config, self.faults.clone(), client)
             .with_context(|| format!("starting node {id}"))?;
         self.running.insert(id, node);

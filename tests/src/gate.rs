@@ -101,7 +101,12 @@ impl Gate {
 
     /// A client for one node.
     pub fn client(&self, connect_timeout: Duration) -> GatedParticipants {
-        GatedParticipants { grpc: GrpcParticipants::new(connect_timeout), gate: self.clone() }
+        self.client_with_tls(connect_timeout, None)
+    }
+
+    /// [`Gate::client`], calling participants over mutual TLS when `tls` is given.
+    pub fn client_with_tls(&self, connect_timeout: Duration, tls: Option<twopc_proto::tls::Tls>) -> GatedParticipants {
+        GatedParticipants { grpc: GrpcParticipants::new(connect_timeout).with_tls(tls), gate: self.clone() }
     }
 }
 

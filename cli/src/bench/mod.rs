@@ -45,6 +45,9 @@ pub struct BenchArgs {
     /// Start a local cluster of child processes (coordinators and banks on loopback) and bench it.
     #[arg(long)]
     pub local: bool,
+    /// With --local: mutual TLS on every connection, with certificates made in the cluster's directory.
+    #[arg(long, requires = "local")]
+    pub tls: bool,
     /// With --local: how many coordinators to start.
     #[arg(long, default_value_t = 3, requires = "local")]
     pub coordinators_count: u64,
@@ -162,6 +165,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
             .bank_retention_ms
             .map(|ms| vec!["--finished-retention-ms".to_owned(), ms.to_string()])
             .unwrap_or_default(),
+        tls: args.tls,
     };
     let cluster = LocalCluster::build(&dir, &spec)?;
     if !args.cluster.json {
@@ -200,8 +204,10 @@ fn bank_name(index: usize) -> String {
 
 /// Sets up the banks and accounts, runs the load, and reports.
 async fn run_against(args: &BenchArgs, coordinators: Vec<String>, local: Option<&LocalCluster>) -> anyhow::Result<u8> {
-    let admin =
-        ClusterClient::new(coordinators.clone(), ClientConfig { retry_budget_ms: 30_000, ..Default::default() })?;
+    let admin = ClusterClient::new(
+        coordinators.clone(),
+        ClientConfig { retry_budget_ms: 30_000, tls: crate::certs::cli_tls()?, ..Default::default() },
+    )?;
     let banks: Vec<(String, String)> = match local {
         Some(cluster) => {
             wait_until("a coordinator leader", || leader(&admin)).await?;
@@ -223,9 +229,14 @@ async fn run_against(args: &BenchArgs, coordinators: Vec<String>, local: Option<
     let workload = Arc::new(Workload::new(args, &banks, amount)?);
     seed(&banks, &workload.account_names, opening).await?;
 
+    let tls = crate::certs::cli_tls()?;
     let clients: Vec<Arc<ClusterClient>> = (0..args.connections)
         .map(|_| {
-            let config = ClientConfig { retry_budget_ms: args.timeout_ms.max(15_000), ..ClientConfig::default() };
+            let config = ClientConfig {
+                retry_budget_ms: args.timeout_ms.max(15_000),
+                tls: tls.clone(),
+                ..ClientConfig::default()
+            };
             ClusterClient::new(coordinators.clone(), config).map(Arc::new)
         })
         .collect::<Result<_, _>>()?;
@@ -303,7 +314,7 @@ async fn registered_banks(client: &ClusterClient, wanted: &[String]) -> anyhow::
 /// Creates every account with the opening balance (an existing one is kept as it is).
 async fn seed(banks: &[(String, String)], accounts: &[AccountName], opening: i64) -> anyhow::Result<()> {
     for (bank, addr) in banks {
-        let client = wait_until(&format!("{bank} to start"), || async { bank_client(addr).await.ok() }).await?;
+        let client = wait_until(&format!("{bank} to start"), || async { bank_client(bank, addr).await.ok() }).await?;
         let created: Vec<anyhow::Result<()>> = futures::stream::iter(accounts)
             .map(|name| {
                 let mut client = client.clone();

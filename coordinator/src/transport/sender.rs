@@ -128,6 +128,8 @@ pub(super) struct PeerSender {
     backoff: Backoff,
     /// Whether the last attempt failed: repeated failures log quietly.
     failing: bool,
+    /// Mutual TLS to the peer, which must prove `node-<peer_id>.twopc`.
+    tls: Option<twopc_proto::tls::Tls>,
 }
 
 impl PeerSender {
@@ -154,7 +156,14 @@ impl PeerSender {
             carry: None,
             backoff,
             failing: false,
+            tls: None,
         }
+    }
+
+    /// Dials the peer over mutual TLS when `tls` is given.
+    pub(super) fn with_tls(mut self, tls: Option<twopc_proto::tls::Tls>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Runs until the peer is removed or the transport shuts down.
@@ -192,7 +201,14 @@ impl PeerSender {
             .keep_alive_timeout(Duration::from_millis(self.config.keepalive_timeout_ms))
             .keep_alive_while_idle(true);
         // The whole handshake, not only the TCP connect, is bounded.
-        let channel = tokio::time::timeout(connect_timeout, twopc_proto::net::connect(&endpoint))
+        let dial = match &self.tls {
+            Some(tls) => {
+                let name = twopc_proto::tls::Identity::node(self.peer_id).dns_name();
+                Some(tls.dial(&name).map_err(|e| format!("peer {}: {e}", self.peer_id))?)
+            }
+            None => None,
+        };
+        let channel = tokio::time::timeout(connect_timeout, twopc_proto::net::connect_with(&endpoint, dial))
             .await
             .map_err(|_| format!("connecting timed out after {connect_timeout:?}"))?
             .map_err(|e| format!("connecting failed: {}", error_chain(&e)))?;

@@ -221,6 +221,7 @@ impl World {
             connect_timeout_ms: 300,
             backoff_min_ms: 10,
             backoff_max_ms: 200,
+            tls: None,
         };
         let client = ClusterClient::new(cluster.addrs(), client_config)?;
         Ok(Self {
