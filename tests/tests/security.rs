@@ -7,6 +7,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -28,6 +29,7 @@ use twopc_tests::cluster::Cluster;
 
 struct SecureParticipant {
     resource: Arc<MemoryResource>,
+    tls: Tls,
     addr: std::net::SocketAddr,
     _stop: oneshot::Sender<()>,
 }
@@ -46,7 +48,8 @@ fn load(dir: &Path, id: &Identity) -> anyhow::Result<Tls> {
 
 async fn participant(dir: &Path, name: &str, coordinators: Vec<String>) -> anyhow::Result<SecureParticipant> {
     let mut config = ParticipantConfig::new(name.parse()?, coordinators);
-    config.tls = Some(load(dir, &Identity::participant(name))?);
+    let tls = load(dir, &Identity::participant(name))?;
+    config.tls = Some(tls.clone());
     let resource = Arc::new(MemoryResource::new());
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -54,7 +57,7 @@ async fn participant(dir: &Path, name: &str, coordinators: Vec<String>) -> anyho
     tokio::spawn(Participant::new(resource.clone(), config)?.serve(listener, async move {
         let _ = stopped.await;
     }));
-    Ok(SecureParticipant { resource, addr, _stop: stop })
+    Ok(SecureParticipant { resource, tls, addr, _stop: stop })
 }
 
 fn client(cluster: &Cluster, tls: Option<Tls>) -> anyhow::Result<ClusterClient> {
@@ -76,11 +79,12 @@ async fn register(admin: &ClusterClient, name: &str, addr: std::net::SocketAddr)
 /// The CA, nodes 1-3, participants a and b, a client and an admin; a TLS
 /// cluster with a and b registered.
 async fn setup() -> anyhow::Result<Setup> {
-    twopc_tests::init_tracing();
-    let dir = tempfile::tempdir()?;
-    let ca = CertAuthority::new("twopc test CA", 1)?;
-    ca.write_ca(dir.path())?;
-    let ids = [
+    setup_keeping(Arc::default()).await
+}
+
+/// Every identity of [`setup`].
+fn identities() -> [Identity; 7] {
+    [
         Identity::node(1),
         Identity::node(2),
         Identity::node(3),
@@ -88,15 +92,25 @@ async fn setup() -> anyhow::Result<Setup> {
         Identity::participant("b"),
         Identity::client("app"),
         Identity::admin("ops"),
-    ];
-    for id in &ids {
+    ]
+}
+
+/// [`setup`], keeping each node's TLS handle in `nodes` (to reload it).
+async fn setup_keeping(nodes: Arc<parking_lot::Mutex<Vec<Tls>>>) -> anyhow::Result<Setup> {
+    twopc_tests::init_tracing();
+    let dir = tempfile::tempdir()?;
+    let ca = CertAuthority::new("twopc test CA", 1)?;
+    ca.write_ca(dir.path())?;
+    for id in &identities() {
         ca.write_issued(dir.path(), id, 1)?;
     }
     let certs = dir.path().to_owned();
     let cluster = Cluster::start_with(
         3,
         Box::new(move |config| {
-            config.tls = Some(TlsConfig::new(&certs).load(&Identity::node(config.id)).expect("node certificate"));
+            let tls = TlsConfig::new(&certs).load(&Identity::node(config.id)).expect("node certificate");
+            nodes.lock().push(tls.clone());
+            config.tls = Some(tls);
         }),
     )
     .await?;
@@ -224,6 +238,15 @@ async fn participant_a_may_not_resolve_or_register_for_b() -> anyhow::Result<()>
     let own = pb::ResolveRequest { txn_id: TxnId::new().to_string(), participant: "a".into() };
     let answer = CoordinatorClient::new(as_a.clone()).resolve(own).await?.into_inner();
     assert_eq!(answer.decision, i32::from(pb::Decision::Abort));
+    // Nor may it learn the decision of b's txn by asking as itself.
+    let app = client(&s.cluster, Some(load(s.dir.path(), &Identity::client("app"))?))?;
+    let txn = TxnId::new();
+    let mut only_b = transfer(txn);
+    only_b.branches.remove(0);
+    submit(&app, only_b).await?;
+    let peek = pb::ResolveRequest { txn_id: txn.to_string(), participant: "a".into() };
+    let status = CoordinatorClient::new(as_a.clone()).resolve(peek).await.expect_err("a resolving b's txn");
+    assert_denied(&status, "has no branch");
     // Joining (registering) under b's name, pointing b's traffic at a: refused.
     let join = pb::RegisterParticipantRequest { name: "b".into(), addr: s.a.addr.to_string() };
     let status = twopc_proto::pb::admin_client::AdminClient::new(as_a.clone())
@@ -264,4 +287,86 @@ async fn the_coordinator_delivers_nothing_to_a_server_proving_another_participan
     assert_eq!(s.b.resource.prepare_calls(txn), 0, "b's server got a's branch");
     assert_eq!(Decision::try_from(response.decision)?, Decision::Abort);
     s.cluster.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_and_every_certificate_are_replaced_while_transfers_run_and_none_fails() -> anyhow::Result<()> {
+    let nodes = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let s = setup_keeping(Arc::clone(&nodes)).await?;
+    let dir = s.dir.path().to_owned();
+    let app_tls = load(&dir, &Identity::client("app"))?;
+    let app = Arc::new(client(&s.cluster, Some(app_tls.clone()))?);
+    let old_dir = tempfile::tempdir()?;
+    for file in std::fs::read_dir(&dir)? {
+        let file = file?;
+        std::fs::copy(file.path(), old_dir.path().join(file.file_name()))?;
+    }
+
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let load_app = Arc::clone(&app);
+    let committed = Arc::new(AtomicU32::new(0));
+    let counter = Arc::clone(&committed);
+    let transfers = tokio::spawn(async move {
+        let mut failed = Vec::new();
+        while !*stopped.borrow_and_update() {
+            match submit(&load_app, transfer(TxnId::new())).await {
+                Ok(r) if r.decision == i32::from(pb::Decision::Commit) => {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok(r) => failed.push(format!("aborted: {}", r.reason)),
+                Err(status) => failed.push(format!("{status:?}")),
+            }
+        }
+        failed
+    });
+    let mut everyone: Vec<Tls> = nodes.lock().clone();
+    everyone.extend([s.a.tls.clone(), s.b.tls.clone(), app_tls.clone()]);
+    let reload_all = |why: &str| -> anyhow::Result<()> {
+        for tls in &everyone {
+            tls.reload().map_err(|e| anyhow::anyhow!("{why}: reloading {:?}: {e}", tls.identity()))?;
+        }
+        Ok(())
+    };
+    let committed_before = wait_commits(&committed, 3).await?;
+
+    // The documented rotation: trust both CAs, move everyone to the new CA, drop the old one.
+    let old_ca = std::fs::read_to_string(dir.join("ca.pem"))?;
+    let new_ca = CertAuthority::new("twopc test CA 2", 1)?;
+    write_atomically(&dir.join("ca.pem"), &format!("{old_ca}{}", new_ca.pem().cert))?;
+    reload_all("both CAs")?;
+    for id in &identities() {
+        let pem = new_ca.issue(id, 1)?;
+        twopc_proto::certs::write_pair(&dir, &id.file_stem(), &pem)?;
+    }
+    reload_all("new certificates")?;
+    write_atomically(&dir.join("ca.pem"), &new_ca.pem().cert)?;
+    reload_all("new CA only")?;
+    wait_commits(&committed, committed_before + 3).await?;
+
+    stop.send(true)?;
+    let failed = transfers.await?;
+    assert!(failed.is_empty(), "transfers failed during the rotation: {failed:?}");
+    // New connections use the new files: the old CA's certificates are refused now.
+    let stale = client(&s.cluster, Some(load(old_dir.path(), &Identity::client("app"))?))?;
+    let status = submit(&stale, transfer(TxnId::new())).await.expect_err("an old-CA certificate after rotation");
+    assert!(matches!(status.code(), Code::Unavailable | Code::Unknown), "{status:?}");
+    let fresh = client(&s.cluster, Some(load(&dir, &Identity::client("app"))?))?;
+    submit(&fresh, transfer(TxnId::new())).await?;
+    s.cluster.stop().await
+}
+
+/// Waits until `committed` reaches `n`; returns its value then.
+async fn wait_commits(committed: &AtomicU32, n: u32) -> anyhow::Result<u32> {
+    twopc_tests::wait::until("transfers to commit", Duration::from_secs(20), || async {
+        let now = committed.load(Ordering::SeqCst);
+        (now >= n).then_some(now)
+    })
+    .await
+}
+
+fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
 }
