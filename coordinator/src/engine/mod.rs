@@ -371,7 +371,7 @@ impl<P: ParticipantClient> Engine<P> {
             targets.iter().map(|(t, _)| (t.participant.clone(), votes.get(&t.participant).cloned())).collect();
         let cmd = DecideCmd { txn_id, decision, reason: abort_reason.unwrap_or_default(), branches };
         // I3: nothing is sent to participants before the decision is applied.
-        let (record, _) = self.decide(cmd).await?;
+        let record = self.decide(cmd).await?;
         if failpoint::fired(failpoint::DECIDE_AFTER_APPLIED, || txn_id.to_string()) {
             return Err(Error::Retryable(format!(
                 "failpoint {}: stopped before phase 2",
@@ -445,14 +445,13 @@ impl<P: ParticipantClient> Engine<P> {
         (votes, abort_reason)
     }
 
-    /// Proposes a decision and returns the record the log holds afterwards,
-    /// and whether this entry made the decision.
+    /// Proposes a decision and returns the record the log holds afterwards.
     ///
     /// # Errors
     /// As [`NodeHandle::propose`]; [`Error::FailedPrecondition`] when the log
     /// refused the first decision of a forgotten txn (§7.2),
     /// [`Error::InvalidArgument`] when it refused an id from the future (§7.4).
-    async fn decide(&self, mut cmd: DecideCmd) -> Result<(TxnRecord, bool)> {
+    async fn decide(&self, mut cmd: DecideCmd) -> Result<TxnRecord> {
         // I6: reasons come from participants and operators; the log keeps them in every snapshot.
         cmd.cap_reasons();
         let proposal = Proposal { command: Command::Decide(cmd), proposed_unix_ms: self.now_ms() };
@@ -460,7 +459,7 @@ impl<P: ParticipantClient> Engine<P> {
         let applied = self.inner.node.propose(&proposal).await;
         self.inner.phases.decide.record(started.elapsed());
         match applied? {
-            Applied::Decided { record, first } => Ok((record, first)),
+            Applied::Decided { record, .. } => Ok(record),
             Applied::DecideRefused { txn_id, refusal: DecideRefusal::Forgotten } => Err(forgotten(txn_id)),
             Applied::DecideRefused { txn_id, refusal: DecideRefusal::FromTheFuture } => {
                 Err(Error::InvalidArgument(format!(
@@ -515,8 +514,7 @@ impl<P: ParticipantClient> Engine<P> {
             Some(p) => format!("presumed abort: {p} asked and no decision was logged"),
             None => "presumed abort: no decision was logged".to_owned(),
         };
-        let (record, _) =
-            self.decide(DecideCmd { txn_id, decision: Decision::Abort, reason, branches: Vec::new() }).await?;
+        let record = self.decide(DecideCmd { txn_id, decision: Decision::Abort, reason, branches: Vec::new() }).await?;
         if record.decision == Decision::Abort && record.branches.is_empty() {
             self.inner.metrics.presumed_aborts.fetch_add(1, Ordering::Relaxed);
         }
@@ -550,8 +548,8 @@ impl<P: ParticipantClient> Engine<P> {
         let guard = InflightGuard { inner: self.inner.clone(), txn_id, outcome: Some(outcome) };
         let reason = format!("{OPERATOR_REASON_PREFIX}{reason}");
         let result = self.decide(DecideCmd { txn_id, decision, reason, branches: Vec::new() }).await;
-        guard.finish(result.as_ref().map(|(record, _)| record));
-        let (record, _) = result?;
+        guard.finish(result.as_ref());
+        let record = result?;
         if record.decision != decision || !record.reason.starts_with(OPERATOR_REASON_PREFIX) {
             return Err(Error::FailedPrecondition(format!(
                 "txn {txn_id} is already decided: {} ({})",
