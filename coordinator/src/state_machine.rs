@@ -529,6 +529,26 @@ mod tests {
         assert!(matches!(again, Applied::Decided { first: false, ref record } if record.decision == Decision::Commit));
     }
 
+    // I6: one record cannot hold up retention GC. An unacknowledged txn stays (its decision must
+    // still be delivered), but the finished txns created after it, and before the horizon, go.
+    #[test]
+    fn an_unacknowledged_txn_keeps_only_itself_from_being_forgotten() {
+        let mut sm = StateMachine::default();
+        let now = unix_now_ms();
+        let (stuck, done, young) = (txn_created_at(now - 30), txn_created_at(now - 20), txn_created_at(now));
+        sm.apply(1, &decide(stuck, Decision::Commit, &["a"]));
+        sm.apply(2, &decide(done, Decision::Commit, &["a"]));
+        sm.apply(3, &decide(young, Decision::Commit, &["a"]));
+        let acks = Command::Acknowledge(vec![(done, pid("a")), (young, pid("a"))]);
+        sm.apply(4, &Proposal { command: acks, proposed_unix_ms: now });
+        let horizon = now - 10;
+        assert!(sm.has_forgettable(horizon));
+        let forgot =
+            sm.apply(5, &Proposal { command: Command::Forget { horizon_unix_ms: horizon }, proposed_unix_ms: now });
+        assert_eq!(forgot, Applied::Forgotten { removed: 1 });
+        assert!(sm.txn(&stuck).is_some() && sm.txn(&done).is_none() && sm.txn(&young).is_some());
+    }
+
     // I6: a Decide entry for an id created more than TXN_ID_AHEAD_OF_PROPOSER_MAX_MS after its
     // proposer's clock is refused at apply, judged from the entry alone (so every replica agrees),
     // and leaves no record that no retention horizon would ever reach; up to the limit it is kept.
