@@ -251,18 +251,34 @@ async fn a_membership_change_rejected_at_apply_is_skipped_at_every_restart() -> 
 async fn a_leader_that_applies_its_own_removal_hands_leadership_on() -> anyhow::Result<()> {
     // §4.6: the leader refuses to remove itself, but an earlier leader may
     // have logged the removal (here: the failpoint skips the check). The
-    // removed leader hands leadership to a remaining voter and stops leading;
-    // its raft task carries on.
+    // removed leader hands leadership to a remaining voter at once and stops
+    // leading; its raft task carries on. Without the hand-over the others
+    // elect a leader only after a whole election timeout: the removed
+    // leader's heartbeats hold their election timers back until check_quorum
+    // deposes it.
     let _scenario = FailScenario::setup();
     twopc_tests::init_tracing();
-    let mut cluster = Cluster::start(3).await?;
+    const TICK_MS: u64 = 30;
+    const ELECTION_TICKS: usize = 50;
+    let election_timeout = Duration::from_millis(TICK_MS * ELECTION_TICKS as u64);
+    let mut cluster = Cluster::start_with(
+        3,
+        Box::new(|c| {
+            c.tick_interval_ms = TICK_MS;
+            c.election_ticks = ELECTION_TICKS;
+        }),
+    )
+    .await?;
     let removed = cluster.wait_for_leader().await?;
     let remaining: Vec<u64> = cluster.running().into_iter().filter(|id| *id != removed).collect();
     fail::cfg(coordinator_fp::MEMBERSHIP_SKIP_CHECK, "return").map_err(anyhow::Error::msg)?;
     let removal = cluster.node(removed).change_membership(Membership::Remove { id: removed }).await;
     fail::remove(coordinator_fp::MEMBERSHIP_SKIP_CHECK);
     removal?;
-    let new_leader = wait::until("a remaining voter to lead", SETTLE, || async {
+    // raft-rs 0.7 would append this under a leader with no progress of its own, and panic.
+    let refused = cluster.node(removed).propose(&decide(TxnId::new())).await;
+    assert!(matches!(refused, Err(Error::NotLeader { .. })), "{refused:?}");
+    let new_leader = wait::until("a remaining voter to lead within an election timeout", election_timeout, || async {
         remaining.iter().copied().find(|id| {
             let status = cluster.node(*id).status();
             status.role == Role::Leader && status.leader_ready
