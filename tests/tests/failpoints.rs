@@ -185,6 +185,33 @@ async fn a_leader_that_dies_between_phase_two_sends_has_the_rest_sent_by_the_nex
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledgement_batch_whose_proposal_failed_is_proposed_again() -> anyhow::Result<()> {
+    // §5 step 5: the leader's proposal of a batch of acknowledgements fails
+    // (as an overloaded node's would). The batch is proposed again, so within
+    // the same term the txn is finished and nothing stays unacknowledged.
+    let _scenario = FailScenario::setup();
+    let mut world = world(120_000).await?;
+    let leader = world.leader().ok_or_else(|| anyhow::anyhow!("no leader"))?;
+    let term = world.cluster.node(leader).status().term;
+    fail::cfg(coordinator_fp::ACKS_BEFORE_PROPOSE, "1*return").map_err(anyhow::Error::msg)?;
+    let (txn, outcome) = world.transfer(&account("bank-a"), &account("bank-b"), 100).await;
+    assert_eq!(outcome, ClientOutcome::Committed);
+    let finished = wait::until("the txn to be acknowledged by both banks", SETTLE, || async {
+        world.cluster.node(leader).local_read(|sm| {
+            let finished = sm.txn(&txn).is_some_and(|r| r.is_finished());
+            (finished && sm.unacknowledged_count() == 0).then_some(())
+        })
+    })
+    .await;
+    fail::remove(coordinator_fp::ACKS_BEFORE_PROPOSE);
+    finished?;
+    assert_eq!(world.cluster.node(leader).status().term, term, "acknowledged by the same leader, not re-driven");
+    assert_invariants_hold(&mut world).await?;
+    world.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checker_catches_a_coordinator_that_commits_despite_a_no_vote() {
     // The checker bites (I1, I8): a leader that ignores NO votes commits the
     // other branch of overdrawn transfers.
