@@ -627,12 +627,7 @@ impl RaftTask {
             return;
         }
         let prs = self.raw.raft.prs();
-        let target = self
-            .conf_state
-            .voters
-            .iter()
-            .copied()
-            .max_by_key(|id| prs.get(*id).map_or(0, |p| p.matched));
+        let target = self.conf_state.voters.iter().copied().max_by_key(|id| prs.get(*id).map_or(0, |p| p.matched));
         if let Some(target) = target {
             tracing::warn!(node_id = self.id, target, "this leader was removed; handing leadership on");
             self.raw.transfer_leader(target);
@@ -1016,9 +1011,7 @@ mod tests {
         m.from = from;
         m.to = 1;
         m.term = term;
-        let mut entry = Entry::default();
-        entry.data = context.into();
-        m.set_entries(vec![entry].into());
+        m.set_entries(vec![Entry { data: context.into(), ..Entry::default() }].into());
         m
     }
 

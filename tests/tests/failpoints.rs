@@ -238,12 +238,8 @@ async fn the_checker_catches_a_bank_that_releases_holds_on_a_timer() {
 }
 
 fn decide(txn_id: TxnId) -> Proposal {
-    let command = Command::Decide(DecideCmd {
-        txn_id,
-        decision: Decision::Abort,
-        reason: String::new(),
-        branches: Vec::new(),
-    });
+    let command =
+        Command::Decide(DecideCmd { txn_id, decision: Decision::Abort, reason: String::new(), branches: Vec::new() });
     Proposal { command, proposed_unix_ms: twopc_proto::txn_id::unix_now_ms() }
 }
 
