@@ -570,7 +570,8 @@ impl RaftTask {
         }
         if !self.is_voter() {
             // A leader that applied its own removal is handing leadership on
-            // (docs/PROTOCOL.md §4.6); raft-rs must not append under it.
+            // (docs/PROTOCOL.md §4.6); raft-rs would drop the proposal, so
+            // the caller is sent elsewhere.
             return Err(Error::NotLeader { leader_addr: None });
         }
         if self.pending.len() >= self.pending_proposals_max {
@@ -620,8 +621,9 @@ impl RaftTask {
     /// A leader that is no longer a voter (its own removal was applied) asks
     /// the most up-to-date voter to take over, and again whenever a transfer
     /// was given up, until it is a follower (docs/PROTOCOL.md §4.6). raft-rs
-    /// 0.7 leaves such a leader leading, and panics on its next commit: it has
-    /// no progress of its own any more.
+    /// 0.7 leaves such a leader leading, dropping every proposal, until
+    /// check_quorum deposes it; its heartbeats hold back the others' election
+    /// until then.
     fn hand_on_leadership_if_removed(&mut self) {
         if self.raw.raft.state != StateRole::Leader || self.is_voter() || self.raw.raft.lead_transferee.is_some() {
             return;
@@ -863,8 +865,7 @@ impl RaftTask {
             }
         }
         drop(sm);
-        // At once, before any proposal can be appended under a leader that
-        // has no progress of its own.
+        // At once: until then the cluster's leader can log nothing.
         self.hand_on_leadership_if_removed();
         Ok(())
     }

@@ -298,7 +298,7 @@ async fn a_leader_that_applies_its_own_removal_hands_leadership_on() -> anyhow::
     let removal = cluster.node(removed).change_membership(Membership::Remove { id: removed }).await;
     fail::remove(coordinator_fp::MEMBERSHIP_SKIP_CHECK);
     removal?;
-    // raft-rs 0.7 would append this under a leader with no progress of its own, and panic.
+    // raft-rs 0.7 would drop it ("proposal dropped"); the caller is sent to another node instead.
     let refused = cluster.node(removed).propose(&decide(TxnId::new())).await;
     assert!(matches!(refused, Err(Error::NotLeader { .. })), "{refused:?}");
     let new_leader = wait::until("a remaining voter to lead within an election timeout", election_timeout, || async {
