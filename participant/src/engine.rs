@@ -90,8 +90,9 @@ impl<R: Resource> Engine<R> {
         &self.metrics
     }
 
-    pub(crate) fn is_prepared(&self, txn: TxnId) -> bool {
-        self.outcomes.lock().is_prepared(txn)
+    /// Whether `txn` still awaits a decision (voted YES, or may have staged).
+    pub(crate) fn is_in_doubt(&self, txn: TxnId) -> bool {
+        self.outcomes.lock().is_in_doubt(txn)
     }
 
     /// Up to `limit` branches in doubt at `now`, oldest first, not in `skip`.
@@ -170,7 +171,7 @@ impl<R: Resource> Engine<R> {
     #[instrument(skip_all, fields(txn_id = %txn))]
     async fn prepare_locked(&self, txn: TxnId, payload: Bytes, deadline_unix_ms: u64) -> Result<Vote> {
         let known = self.outcomes.lock().get(txn).cloned();
-        if let Some(vote) = known.and_then(|outcome| recorded_vote(&outcome)) {
+        if let Some(vote) = known.as_ref().and_then(recorded_vote) {
             debug!(yes = vote.is_yes(), "repeated prepare answered from memory");
             return Ok(vote);
         }
@@ -180,7 +181,10 @@ impl<R: Resource> Engine<R> {
         if self.config.clock.unix_now_ms() > deadline_unix_ms {
             let reason = DEADLINE_PASSED.to_owned();
             let refused = Outcome::Refused { reason: reason.clone() };
-            if self.outcomes.lock().set(txn, refused, Instant::now()).is_err() {
+            let maybe_prepared = matches!(known, Some(Outcome::MaybePrepared { .. }));
+            // A branch that may be staged stays in doubt for the resolver
+            // (§3.3): the refusal must not hide it.
+            if !maybe_prepared && self.outcomes.lock().set(txn, refused, Instant::now()).is_err() {
                 debug!("outcome memory full; deadline refusal not remembered");
             }
             self.metrics.vote(false);
@@ -196,8 +200,17 @@ impl<R: Resource> Engine<R> {
         let vote = match self.resource.prepare(txn, payload).await {
             Ok(vote) => vote,
             Err(e) => {
-                self.outcomes.lock().forget(txn);
-                warn!(error = %e, "resource failed to prepare");
+                // I7: the failure may have come after the branch was staged
+                // (a lost reply to PREPARE TRANSACTION), so it may hold locks.
+                // Forgetting it would leave them until a restart; instead it
+                // stays in doubt and the resolver settles it (docs/PROTOCOL.md §3.3).
+                let due = Instant::now() + Duration::from_millis(self.config.in_doubt_timeout_ms);
+                {
+                    let mut outcomes = self.outcomes.lock();
+                    outcomes.set_unbounded(txn, Outcome::MaybePrepared { due }, Instant::now());
+                    self.metrics.set_in_doubt(outcomes.prepared_len());
+                }
+                warn!(error = %e, "resource failed to prepare; the branch may be staged and stays in doubt");
                 return Err(prepare_error(e));
             }
         };
@@ -290,7 +303,8 @@ impl<R: Resource> Engine<R> {
 /// The answer to a repeated Prepare, if memory settles it.
 fn recorded_vote(outcome: &Outcome) -> Option<Vote> {
     match outcome {
-        Outcome::Preparing => None,
+        // A failed Prepare may or may not have staged: the resource knows.
+        Outcome::Preparing | Outcome::MaybePrepared { .. } => None,
         Outcome::Prepared { .. } | Outcome::Committed => Some(Vote::Yes),
         Outcome::Refused { reason } => Some(Vote::no(reason.clone())),
         Outcome::Aborted => Some(Vote::no(ALREADY_ABORTED)),
