@@ -249,7 +249,11 @@ impl<R: Resource> Engine<R> {
             (Some(Outcome::Committed), Decision::Abort) => {
                 return Err(self.conflict(txn, Decision::Commit, decision));
             }
-            (Some(Outcome::Aborted | Outcome::Tombstone | Outcome::Refused { .. }), Decision::Commit) => {
+            // A NO vote (`Refused`) is left to the resource, which holds the
+            // durable record: the memory may have forgotten a commit and then
+            // refused a late duplicate Prepare on its deadline alone, and
+            // that refusal must not block the commit's re-drive (I5).
+            (Some(Outcome::Aborted | Outcome::Tombstone), Decision::Commit) => {
                 return Err(self.conflict(txn, Decision::Abort, decision));
             }
             _ => {}
