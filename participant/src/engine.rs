@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, error, info, instrument, warn};
 use twopc_proto::{Decision, TxnId, Vote};
@@ -65,6 +65,8 @@ pub(crate) struct Engine<R> {
     stripes: Box<[tokio::sync::Mutex<()>]>,
     stripe_hasher: std::hash::RandomState,
     prepare_permits: Arc<Semaphore>,
+    /// Bounds the decisions of `DecideBatch` calls applied at once (I6).
+    batch_decide_permits: Arc<Semaphore>,
     metrics: Metrics,
 }
 
@@ -74,6 +76,7 @@ impl<R: Resource> Engine<R> {
         Self {
             resource,
             prepare_permits: Arc::new(Semaphore::new(config.prepare_inflight_max)),
+            batch_decide_permits: Arc::new(Semaphore::new(config.decide_batch_concurrency_max)),
             config,
             outcomes: Mutex::new(outcomes),
             stripes: (0..TXN_LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
@@ -154,8 +157,35 @@ impl<R: Resource> Engine<R> {
     /// # Errors
     /// [`Error::NotPrepared`], [`Error::Conflict`], or the resource's failure.
     pub(crate) async fn decide(self: &Arc<Self>, txn: TxnId, decision: Decision, origin: Origin) -> Result<Applied> {
+        self.decide_holding(txn, decision, origin, None).await
+    }
+
+    /// [`Engine::decide`] for one decision of a `DecideBatch`: it waits for
+    /// one of `decide_batch_concurrency_max` permits first, so a batch of a
+    /// thousand decisions starts at most that many tasks at once (I6).
+    ///
+    /// # Errors
+    /// As [`Engine::decide`].
+    pub(crate) async fn decide_in_batch(self: &Arc<Self>, txn: TxnId, decision: Decision) -> Result<Applied> {
+        let permit = Arc::clone(&self.batch_decide_permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Internal("the batch decision permits were closed".into()))?;
+        self.decide_holding(txn, decision, Origin::Coordinator, Some(permit)).await
+    }
+
+    /// Runs the decision in its own task, which holds `permit` until done:
+    /// a caller that goes away frees no permit early.
+    async fn decide_holding(
+        self: &Arc<Self>,
+        txn: TxnId,
+        decision: Decision,
+        origin: Origin,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Result<Applied> {
         let engine = Arc::clone(self);
         let task = tokio::spawn(async move {
+            let _permit = permit;
             let _txn_lock = engine.stripe(txn).lock().await;
             engine.decide_locked(txn, decision, origin).await
         });
