@@ -16,8 +16,15 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use common::{create, debit, name, row};
-use twopc_bank::{AccountStore, Error, RedbStore, StoreConfig};
-use twopc_proto::TxnId;
+use tokio::net::TcpListener;
+use tonic::transport::Channel;
+use twopc_bank::{AccountStore, BankResource, BranchState, Error, RedbStore, StoreConfig};
+use twopc_participant::fake_coordinator::FakeCoordinator;
+use twopc_participant::{Participant, ParticipantConfig};
+use twopc_proto::pb::participant_client::ParticipantClient;
+use twopc_proto::pb::{DecisionRequest, PrepareRequest};
+use twopc_proto::txn_id::unix_now_ms;
+use twopc_proto::{Decision, TxnId, Vote};
 
 /// How long the store may take to heal once the disk has room again.
 const HEAL_MAX: Duration = Duration::from_secs(10);
@@ -130,5 +137,97 @@ async fn a_store_on_a_full_disk_heals_once_space_is_back_and_keeps_its_prepared_
     store.commit(txn).await?;
     ensure!(row(&store, "alice").await == (70, 0, 0));
     ensure!(row(&store, "bob").await == (10, 0, 0));
+    Ok(())
+}
+
+/// A Prepare of `payload` for `txn` to the bank at `client`.
+async fn prepare(
+    client: &mut ParticipantClient<Channel>,
+    txn: TxnId,
+    payload: bytes::Bytes,
+) -> Result<Vote, tonic::Status> {
+    let request = PrepareRequest {
+        txn_id: txn.to_string(),
+        participant: String::new(),
+        payload,
+        deadline_unix_ms: unix_now_ms() + 60_000,
+    };
+    let response = client.prepare(request).await?.into_inner();
+    Vote::from_pb(response.vote, &response.reason).map_err(|e| tonic::Status::internal(e.to_string()))
+}
+
+async fn commit(client: &mut ParticipantClient<Channel>, txn: TxnId) -> Result<(), tonic::Status> {
+    let request =
+        DecisionRequest { txn_id: txn.to_string(), participant: String::new(), decision: Decision::Commit.into() };
+    client.decide(request).await.map(|_| ())
+}
+
+// I7, I4 and I1 through the participant library: on a full disk the bank's Prepare and Commit
+// fail with UNAVAILABLE naming the bank store; once space is back the coordinator's retried
+// Commit of the branch prepared before the fault succeeds, and the Prepare that failed on the
+// full disk is settled by the resolver (the coordinator's Abort leaves a tombstone), so no hold
+// is left behind and no restart was needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bank_on_a_full_disk_commits_and_settles_its_branches_once_space_is_back() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let disk = Arc::new(Disk::default());
+    let store = Arc::new(open_on(&disk, dir.path().join("bank.redb")).await?);
+    create(store.as_ref(), "alice", 100).await;
+    let coordinator = FakeCoordinator::new();
+    let coordinator_node = coordinator.start().await?;
+    let mut config = ParticipantConfig::new("bank-a".parse()?, vec![coordinator_node.addr().to_string()]);
+    config.in_doubt_timeout_ms = 50;
+    config.resolve_backoff_min_ms = 5;
+    config.resolve_backoff_max_ms = 20;
+    let participant = Participant::new(Arc::new(BankResource::new(Arc::clone(&store))), config)?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(participant.serve(listener, async {
+        let _ = stopped.await;
+    }));
+    let mut client = ParticipantClient::connect(format!("http://{addr}")).await?;
+
+    let (kept, failed) = (TxnId::new(), TxnId::new());
+    ensure!(prepare(&mut client, kept, debit("alice", 30).encode()).await? == Vote::Yes, "setup: NO vote");
+    coordinator.set_decision(kept, Decision::Commit);
+    coordinator.set_decision(failed, Decision::Abort);
+
+    disk.full.store(true, Ordering::SeqCst);
+    let refused = prepare(&mut client, failed, debit("alice", 20).encode()).await;
+    ensure!(
+        matches!(&refused, Err(s) if s.code() == tonic::Code::Unavailable && s.message().contains("bank store")),
+        "prepare on a full disk: {refused:?}"
+    );
+    let refused = commit(&mut client, kept).await;
+    ensure!(
+        matches!(&refused, Err(s) if s.code() == tonic::Code::Unavailable && s.message().contains("bank store")),
+        "commit on a full disk: {refused:?}"
+    );
+
+    disk.full.store(false, Ordering::SeqCst);
+    let healed_by = tokio::time::Instant::now() + HEAL_MAX;
+    loop {
+        match commit(&mut client, kept).await {
+            Ok(()) => break,
+            Err(s) if s.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < healed_by => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(s) => bail!("the retried commit did not succeed within {HEAL_MAX:?} of the disk having room: {s:?}"),
+        }
+    }
+    loop {
+        let state = store.branch_state(failed).await;
+        if matches!(state, Ok(Some(BranchState::Tombstone | BranchState::Aborted))) {
+            break;
+        }
+        ensure!(tokio::time::Instant::now() < healed_by, "the failed prepare was never settled: {state:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    ensure!(coordinator.calls(failed) >= 1, "settled without asking the coordinator");
+    ensure!(row(store.as_ref(), "alice").await == (70, 0, 0), "a hold was left behind or the commit was lost");
+
+    let _ = stop.send(());
+    serving.await??;
     Ok(())
 }
