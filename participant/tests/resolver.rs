@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use bytes::Bytes;
-use common::{GatedResource, config, dead_addr, start, vote, wait_until, within};
+use common::{GatedResource, config, dead_addr, prepare_request, start, vote, wait_until, within};
 use twopc_participant::fake_coordinator::FakeCoordinator;
 use twopc_participant::{Decision, MemoryResource, Resource, ResourceError, TxnId, Vote};
 
@@ -290,5 +290,33 @@ async fn prepare_failing_before_staging_is_settled_by_a_tombstone() -> anyhow::R
     wait_until("nothing is in doubt", || p.metrics.snapshot().in_doubt_now == 0).await?;
     assert!(!vote(&p.prepare(txn, b"ok").await?)?.is_yes(), "a prepare after the abort voted YES");
     assert!(!resource.inner.is_prepared(txn));
+    p.stop().await
+}
+
+// I7 and §7.1: a Prepare repeated past its deadline after a failure after staging votes NO
+// without staging anything, yet the branch that may be staged stays in doubt: the resolver
+// still asks and releases it.
+#[tokio::test]
+async fn late_prepare_after_a_failure_after_staging_leaves_the_branch_in_doubt() -> anyhow::Result<()> {
+    let resource = Arc::new(FailingPrepares::new(FailAt::AfterStaging, 1));
+    let coordinator = FakeCoordinator::new();
+    coordinator.fail_next(u32::MAX);
+    let node = coordinator.start().await?;
+    let txn = TxnId::new();
+    coordinator.set_decision(txn, Decision::Abort);
+    let mut config = config(vec![node.addr().to_string()]);
+    config.in_doubt_timeout_ms = 50;
+    let p = start(Arc::clone(&resource), config).await?;
+
+    assert!(p.prepare(txn, b"ok").await.is_err(), "setup: the prepare fails");
+    let mut late = prepare_request(txn, b"ok");
+    late.deadline_unix_ms = 1;
+    let late = p.client.clone().prepare(late).await?.into_inner();
+    assert!(!vote(&late)?.is_yes(), "a prepare past its deadline voted YES");
+    assert_eq!(resource.inner.prepare_calls(txn), 1, "the late prepare reached the resource");
+    assert_eq!(p.metrics.snapshot().in_doubt_now, 1, "the late refusal hid the branch");
+
+    coordinator.fail_next(0);
+    wait_until("the staged branch is aborted", || resource.inner.is_aborted(txn)).await?;
     p.stop().await
 }
