@@ -75,6 +75,15 @@ impl Error {
         }
     }
 
+    /// What went wrong, without the "bank store ..." prefix, to quote
+    /// inside another message.
+    pub(crate) fn cause(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            Self::Unavailable(why) | Self::Fatal(why) => why.as_str().into(),
+            other => other.to_string().into(),
+        }
+    }
+
     /// A copy of a storage failure, to answer every operation of a failed
     /// write batch with it.
     pub(crate) fn for_each_in_batch(&self) -> Self {

@@ -507,8 +507,12 @@ impl Writer {
         let backoff = Duration::from_millis(self.config.reopen_backoff_min_ms);
         let now = Instant::now();
         warn!(error = %error, retry_in_ms = backoff.as_millis(), "bank store: closing the store file to reopen it");
-        self.healing =
-            Some(Healing { since: now, next_attempt_at: now + backoff, backoff, last_error: error.to_string() });
+        self.healing = Some(Healing {
+            since: now,
+            next_attempt_at: now + backoff,
+            backoff,
+            last_error: error.cause().into_owned(),
+        });
     }
 
     /// Reopens the file and probes it with a durable write; on failure
@@ -533,7 +537,7 @@ impl Writer {
                 let max = Duration::from_millis(self.config.reopen_backoff_max_ms);
                 healing.backoff = (healing.backoff * 2).min(max);
                 healing.next_attempt_at = Instant::now() + healing.backoff;
-                healing.last_error = e.to_string();
+                healing.last_error = e.cause().into_owned();
                 warn!(error = %e, retry_in_ms = healing.backoff.as_millis(), "bank store: reopening failed");
             }
         }
