@@ -246,6 +246,8 @@ impl<R: Resource> Engine<R> {
         };
 
         if vote.is_yes() && fired(failpoint::PREPARE_AFTER_DURABLE, || self.config.id.to_string()) {
+            // Models a crash between the fsync and the vote, so the memory
+            // goes with the process (unlike a resource error, kept in doubt).
             self.outcomes.lock().forget(txn);
             return Err(Error::Unavailable(format!("failpoint {}", failpoint::PREPARE_AFTER_DURABLE)));
         }
