@@ -83,7 +83,7 @@ async fn resolve<R: Resource>(engine: Arc<Engine<R>>, cluster: Arc<Cluster>, txn
     let mut backoff = Backoff::new(config.resolve_backoff_min_ms, config.resolve_backoff_max_ms);
     info!("branch in doubt; asking the coordinator");
     // Checked every round: a Decide from the coordinator may settle it first.
-    while engine.is_prepared(txn) {
+    while engine.is_in_doubt(txn) {
         if fired(failpoint::RESOLVE_RELEASE_ON_TIMER, || config.id.to_string()) {
             warn!("failpoint: releasing an in-doubt branch on a timer (a broken protocol, for tests)");
             let _ = engine.decide(txn, Decision::Abort, Origin::Resolver).await;

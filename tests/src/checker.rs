@@ -544,7 +544,9 @@ mod tests {
         for (index, txn) in (1..).zip(history) {
             let branches = txn.participants.iter().map(|p| (p.parse().expect("name"), Some(Vote::Yes))).collect();
             let cmd = DecideCmd { txn_id: txn.txn_id, decision, reason: String::new(), branches };
-            sm.apply(index, &Proposal { command: Command::Decide(cmd), proposed_unix_ms: 1 });
+            // The proposer's time must be near the ids' creation: the log refuses ids from its future.
+            let proposed_unix_ms = twopc_proto::txn_id::unix_now_ms();
+            sm.apply(index, &Proposal { command: Command::Decide(cmd), proposed_unix_ms });
         }
         let acks =
             history.iter().flat_map(|t| t.participants.iter().map(|p| (t.txn_id, p.parse().expect("name")))).collect();
