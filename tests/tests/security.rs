@@ -196,6 +196,7 @@ async fn a_participant_certificate_calling_admin_is_denied() -> anyhow::Result<(
         txn_id: TxnId::new().to_string(),
         decision: pb::Decision::Commit.into(),
         reason: "forced".into(),
+        ..Default::default()
     };
     let status = as_a
         .admin(|mut c| {
