@@ -133,3 +133,43 @@ async fn bad_transfers_fail_with_one_line_and_move_no_money() {
         assert_eq!(p.balance(0, "alice").await, Some(100_00), "{what}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_over_mutual_tls_moves_money_and_answers_no_plaintext_client() {
+    // The first test's transfers, with every process and command over mutual
+    // TLS (certificates from `twopc certs init`); a command without them gets
+    // no answer, and exits 1 with one line.
+    let p = Processes::start_tls().await;
+    seed(&p).await;
+    let out = p.twopc(&["transfer", "--from", "alice@bank-a", "--to", "bob@bank-b", "--amount", "12.50"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let settled =
+        p.wait("decisions delivered", |p| async move { p.totals().await.filter(|(_, staged)| *staged == 0) }).await;
+    assert_eq!(settled.0, 150_00, "the total is unchanged");
+    assert_eq!(p.balance(1, "bob").await, Some(62_50));
+
+    let out = p.twopc_plaintext(&["cluster", "status"]).await;
+    assert_eq!(out.status.code(), Some(1), "a plaintext command must fail: {}", stdout(&out));
+    assert_eq!(stderr(&out).trim().lines().count(), 1, "one line: {}", stderr(&out));
+
+    let tls_dir = p.tls_dir.clone().expect("a TLS cluster");
+    let out = p.twopc(&["certs", "show", &tls_dir.join("participant-bank-a.pem").display().to_string()]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("participant:bank-a"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("URI:spiffe://twopc/participant/bank-a"), "{}", stdout(&out));
+}
+
+#[tokio::test]
+async fn a_server_refuses_plaintext_on_an_address_other_than_loopback() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("c1").display().to_string();
+    let run = |extra: &[&str]| {
+        let mut command = std::process::Command::new(processes::TWOPC);
+        command.args(["coordinator", "--id", "1", "--peers", "1=0.0.0.0:0", "--data-dir", &data]).args(extra);
+        command.env_remove("TWOPC_TLS_DIR").output().expect("run twopc")
+    };
+    let out = run(&[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("refusing to serve the coordinator in plaintext on 0.0.0.0:0"), "{}", stderr(&out));
+    assert_eq!(stderr(&out).trim().lines().count(), 1, "one line: {}", stderr(&out));
+}

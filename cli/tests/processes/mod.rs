@@ -68,6 +68,8 @@ pub struct Processes {
     pub coordinator_addrs: Vec<String>,
     pub banks: Vec<Proc>,
     pub bank_addrs: Vec<String>,
+    /// Where `twopc certs init` put the cluster's certificates, when it runs over mutual TLS.
+    pub tls_dir: Option<PathBuf>,
 }
 
 impl Processes {
@@ -79,7 +81,27 @@ impl Processes {
     /// As [`Processes::start`], with `bank_b_args` added to bank-b's command
     /// line (such as `--store postgres://...`).
     pub async fn start_with(bank_b_args: Vec<String>) -> Self {
+        Self::start_opts(bank_b_args, false).await
+    }
+
+    /// As [`Processes::start`], every process and command over mutual TLS
+    /// with certificates from `twopc certs init`.
+    pub async fn start_tls() -> Self {
+        Self::start_opts(Vec::new(), true).await
+    }
+
+    async fn start_opts(bank_b_args: Vec<String>, tls: bool) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
+        let tls_dir = tls.then(|| dir.path().join("tls"));
+        if let Some(tls_dir) = &tls_dir {
+            let out = std::process::Command::new(TWOPC)
+                .args(["certs", "init", "--nodes", "3", "--participants", "bank-a,bank-b", "--client", "--admin"])
+                .arg("--dir")
+                .arg(tls_dir)
+                .output()
+                .expect("run twopc certs init");
+            assert!(out.status.success(), "certs init: {}", String::from_utf8_lossy(&out.stderr));
+        }
         let coordinator_addrs: Vec<String> = (0..3).map(|_| free_addr()).collect();
         let bank_addrs: Vec<String> = (0..2).map(|_| free_addr()).collect();
         let peers = coordinator_addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>();
@@ -122,9 +144,12 @@ impl Processes {
             .collect();
         banks[1].args.extend(bank_b_args);
         for proc in coordinators.iter_mut().chain(banks.iter_mut()) {
+            if let Some(tls_dir) = &tls_dir {
+                proc.args.extend(["--tls-dir".into(), tls_dir.display().to_string()]);
+            }
             proc.start();
         }
-        let processes = Self { dir, coordinators, coordinator_addrs, banks, bank_addrs };
+        let processes = Self { dir, coordinators, coordinator_addrs, banks, bank_addrs, tls_dir };
         processes
             .wait("both banks registered", |p| async move {
                 let out = p.twopc(&["participants", "list", "--json"]).await;
@@ -137,9 +162,21 @@ impl Processes {
 
     /// Runs `twopc ARGS` against this cluster and returns its output.
     pub async fn twopc(&self, args: &[&str]) -> Output {
+        let mut command = Command::new(TWOPC);
+        command.args(args).env("TWOPC_COORDINATORS", self.coordinator_addrs.join(","));
+        match &self.tls_dir {
+            Some(dir) => command.env("TWOPC_TLS_DIR", dir),
+            None => command.env_remove("TWOPC_TLS_DIR"),
+        };
+        command.output().await.expect("run twopc")
+    }
+
+    /// `twopc ARGS` without any TLS files, whatever the cluster runs.
+    pub async fn twopc_plaintext(&self, args: &[&str]) -> Output {
         Command::new(TWOPC)
             .args(args)
             .env("TWOPC_COORDINATORS", self.coordinator_addrs.join(","))
+            .env_remove("TWOPC_TLS_DIR")
             .output()
             .await
             .expect("run twopc")
@@ -163,7 +200,16 @@ impl Processes {
 
     /// A Bank API client of bank `index` (0 = bank-a).
     pub async fn bank(&self, index: usize) -> Option<BankClient<tonic::transport::Channel>> {
-        BankClient::connect(format!("http://{}", self.bank_addrs[index])).await.ok()
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", self.bank_addrs[index])).ok()?;
+        let dial = match &self.tls_dir {
+            Some(dir) => {
+                let tls = twopc_proto::tls::TlsConfig::new(dir).load(&twopc_proto::tls::Identity::admin("cli")).ok()?;
+                let name = ["bank-a", "bank-b"][index];
+                Some(tls.dial(&twopc_proto::tls::Identity::participant(name).dns_name()).ok()?)
+            }
+            None => None,
+        };
+        twopc_proto::net::connect_with(&endpoint, dial).await.ok().map(BankClient::new)
     }
 
     /// (balance, held + incoming) summed over both banks.
