@@ -9,7 +9,8 @@
 //! (clients were told what the log holds) and I7 (settled within the bound).
 //!
 //! Replay a schedule: `TWOPC_CHAOS_SEED=... cargo test -p twopc-cli --test chaos -- --nocapture`
-//! (process timing still varies). `TWOPC_CHAOS_SECONDS` lengthens the chaos.
+//! (process timing still varies). `TWOPC_CHAOS_SECONDS` lengthens the chaos;
+//! `TWOPC_CHAOS_TLS=1` runs it all over mutual TLS.
 
 mod processes;
 
@@ -58,7 +59,7 @@ async fn signal(proc: &Proc, signal: &str) {
 async fn leader(p: &Processes) -> Option<usize> {
     for (index, addr) in p.coordinator_addrs.iter().enumerate() {
         let ask = async {
-            let mut client = CoordinatorClient::connect(format!("http://{addr}")).await.ok()?;
+            let mut client = CoordinatorClient::new(p.coordinator_channel(addr).await?);
             client.cluster_status(pb::ClusterStatusRequest {}).await.ok().map(tonic::Response::into_inner)
         };
         if let Ok(Some(status)) = tokio::time::timeout(Duration::from_millis(500), ask).await
@@ -224,7 +225,9 @@ async fn money_survives_sigkill_and_sigstop_of_any_process() {
     let seed = env_u64("TWOPC_CHAOS_SEED").unwrap_or_else(rand::random);
     let chaos_seconds = env_u64("TWOPC_CHAOS_SECONDS").unwrap_or(CHAOS_SECONDS_DEFAULT);
     println!("chaos seed {seed}; replay: TWOPC_CHAOS_SEED={seed} cargo test -p twopc-cli --test chaos -- --nocapture");
-    let mut p = Processes::start().await;
+    // TWOPC_CHAOS_TLS=1: every process and client over mutual TLS.
+    let tls = std::env::var_os("TWOPC_CHAOS_TLS").is_some();
+    let mut p = if tls { Processes::start_tls().await } else { Processes::start().await };
     let mut openings = BTreeMap::new();
     for (index, bank) in BANKS.iter().enumerate() {
         let mut client = p.bank(index).await.expect("the bank is up");
@@ -241,7 +244,7 @@ async fn money_survives_sigkill_and_sigstop_of_any_process() {
         connect_timeout_ms: 500,
         backoff_min_ms: 20,
         backoff_max_ms: 300,
-        tls: None,
+        tls: p.client_tls(),
     };
     let clients = Arc::new(Clients {
         client: ClusterClient::new(p.coordinator_addrs.clone(), client_config.clone()).expect("a client"),

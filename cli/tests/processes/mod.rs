@@ -198,6 +198,22 @@ impl Processes {
         }
     }
 
+    /// The TLS the test itself uses as a client (`admin:cli`), when the cluster runs over TLS.
+    pub fn client_tls(&self) -> Option<twopc_proto::tls::Tls> {
+        let dir = self.tls_dir.as_ref()?;
+        Some(twopc_proto::tls::TlsConfig::new(dir).load(&twopc_proto::tls::Identity::admin("cli")).expect("admin-cli"))
+    }
+
+    /// A connected channel to coordinator `addr` (over TLS if the cluster runs it).
+    pub async fn coordinator_channel(&self, addr: &str) -> Option<tonic::transport::Channel> {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok()?;
+        let dial = match self.client_tls() {
+            Some(tls) => Some(tls.dial(twopc_proto::tls::ANY_NODE_DNS).ok()?),
+            None => None,
+        };
+        twopc_proto::net::connect_with(&endpoint, dial).await.ok()
+    }
+
     /// A Bank API client of bank `index` (0 = bank-a).
     pub async fn bank(&self, index: usize) -> Option<BankClient<tonic::transport::Channel>> {
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", self.bank_addrs[index])).ok()?;
