@@ -119,3 +119,29 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(role: Role) -> PeerInfo {
+        PeerInfo { remote_addr: None, tls: true, identity: Some(Identity { role, name: "x".into() }) }
+    }
+
+    #[test]
+    fn the_first_matching_row_decides_and_unknown_methods_are_denied_to_all() {
+        assert_eq!(COORDINATOR.roles("/twopc.v1.Coordinator/Resolve"), &[Role::Participant]);
+        assert_eq!(COORDINATOR.roles("/twopc.v1.Coordinator/Submit"), &[Role::Client, Role::Admin]);
+        assert!(COORDINATOR.check("/twopc.v1.Admin/Decide", Some(&peer(Role::Admin))).is_ok());
+        let denied = COORDINATOR.check("/twopc.v1.Admin/Decide", Some(&peer(Role::Client))).expect_err("client");
+        assert!(denied.message().contains("needs role admin"), "{denied:?}");
+        for role in Role::ALL {
+            let status = COORDINATOR.check("/grpc.reflection.v1.ServerReflection/Info", Some(&peer(role)));
+            assert_eq!(status.expect_err("default deny").code(), tonic::Code::PermissionDenied);
+        }
+        let no_identity = PeerInfo { identity: None, ..peer(Role::Node) };
+        assert!(PARTICIPANT.check("/twopc.v1.Participant/Prepare", Some(&no_identity)).is_err());
+        // Plaintext (loopback or --insecure) checks nothing.
+        assert!(PARTICIPANT.check("/twopc.v1.Participant/Prepare", Some(&PeerInfo::default())).is_ok());
+    }
+}

@@ -439,3 +439,23 @@ pub struct TlsDial {
     pub(crate) tls: Tls,
     pub(crate) server_name: ServerName<'static>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identities_round_trip_through_their_uri_and_others_are_not_read() {
+        for id in [Identity::node(3), Identity::participant("bank-a"), Identity::client("app"), Identity::admin("ops")]
+        {
+            assert_eq!(Identity::from_uri(&id.uri()), Some(id.clone()), "{id}");
+        }
+        assert_eq!(Identity::node(3).dns_name(), "node-3.twopc");
+        assert_eq!(Identity::participant("bank-a").dns_name(), "bank-a.participant.twopc");
+        for other in
+            ["spiffe://other/node/1", "spiffe://twopc/root/x", "spiffe://twopc/node/", "spiffe://twopc/node/a/b"]
+        {
+            assert_eq!(Identity::from_uri(other), None, "{other}");
+        }
+    }
+}
