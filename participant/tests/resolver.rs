@@ -113,6 +113,25 @@ async fn prepared_branch_past_the_in_doubt_timeout_is_resolved() -> anyhow::Resu
     p.stop().await
 }
 
+// I7 across retention (§7.2): a branch still prepared here for a txn the coordinator has
+// forgotten belongs to an aborted txn (retention keeps every branchless Commit, and a named
+// branch acknowledged before it could be forgotten): the resolver aborts it instead of asking
+// for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_of_a_txn_the_coordinator_forgot_is_aborted() -> anyhow::Result<()> {
+    let forgotten = TxnId::new();
+    let resource = Arc::new(restarted_with_prepared(&[forgotten]).await?);
+    let coordinator = FakeCoordinator::new();
+    coordinator.set_forgotten(forgotten);
+    let node = coordinator.start().await?;
+    let p = start(Arc::clone(&resource), config(vec![node.addr().to_string()])).await?;
+
+    wait_until("the branch of the forgotten txn is aborted", || resource.is_aborted(forgotten)).await?;
+    assert_eq!(resource.commit_count(forgotten), 0);
+    assert!(coordinator.calls(forgotten) >= 1);
+    p.stop().await
+}
+
 // I5 and I1: the resolver applies the coordinator's answer while the coordinator's own Decide
 // arrives: the decision reaches the resource once, and the Decide succeeds as a no-op.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
