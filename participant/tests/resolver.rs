@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use bytes::Bytes;
-use common::{GatedResource, config, dead_addr, prepare_request, start, vote, wait_until, within};
-use twopc_participant::fake_coordinator::FakeCoordinator;
+use common::{GatedResource, Running, config, dead_addr, prepare_request, start, vote, wait_until, within};
+use twopc_participant::fake_coordinator::{FakeCoordinator, RunningFake};
 use twopc_participant::{Decision, MemoryResource, Resource, ResourceError, TxnId, Vote};
 
 /// A resource holding YES votes for `txns`, as found after a crash: the
@@ -244,12 +244,18 @@ impl Resource for FailingPrepares {
     }
 }
 
-// I7 and I4: a Prepare whose resource failed after staging the branch (the reply to PREPARE
-// TRANSACTION lost) leaves the txn in doubt, not forgotten: the resolver asks the coordinator
-// and applies its Abort, which releases the branch without a restart; a late Prepare votes NO.
-#[tokio::test]
-async fn prepare_failing_after_staging_is_resolved_and_released() -> anyhow::Result<()> {
-    let resource = Arc::new(FailingPrepares::new(FailAt::AfterStaging, 1));
+/// A participant whose resource fails its first Prepare (at `at`), with a
+/// 50 ms in-doubt timeout, asking a fake coordinator that holds Abort for `txn`.
+struct Failing {
+    resource: Arc<FailingPrepares>,
+    coordinator: FakeCoordinator,
+    node: RunningFake,
+    p: Running,
+    txn: TxnId,
+}
+
+async fn failing_prepare_of_an_aborted_txn(at: FailAt) -> anyhow::Result<Failing> {
+    let resource = Arc::new(FailingPrepares::new(at, 1));
     let coordinator = FakeCoordinator::new();
     let node = coordinator.start().await?;
     let txn = TxnId::new();
@@ -257,6 +263,16 @@ async fn prepare_failing_after_staging_is_resolved_and_released() -> anyhow::Res
     let mut config = config(vec![node.addr().to_string()]);
     config.in_doubt_timeout_ms = 50;
     let p = start(Arc::clone(&resource), config).await?;
+    Ok(Failing { resource, coordinator, node, p, txn })
+}
+
+// I7 and I4: a Prepare whose resource failed after staging the branch (the reply to PREPARE
+// TRANSACTION lost) leaves the txn in doubt, not forgotten: the resolver asks the coordinator
+// and applies its Abort, which releases the branch without a restart; a late Prepare votes NO.
+#[tokio::test]
+async fn prepare_failing_after_staging_is_resolved_and_released() -> anyhow::Result<()> {
+    let Failing { resource, coordinator, node: _node, p, txn } =
+        failing_prepare_of_an_aborted_txn(FailAt::AfterStaging).await?;
 
     let failed = p.prepare(txn, b"ok").await;
     assert_eq!(failed.map(|_| ()).map_err(|s| s.code()), Err(tonic::Code::Unavailable));
@@ -295,14 +311,8 @@ async fn prepare_retried_after_a_failure_after_staging_returns_the_staged_vote()
 // votes NO instead of staging a branch nobody will decide.
 #[tokio::test]
 async fn prepare_failing_before_staging_is_settled_by_a_tombstone() -> anyhow::Result<()> {
-    let resource = Arc::new(FailingPrepares::new(FailAt::BeforeStaging, 1));
-    let coordinator = FakeCoordinator::new();
-    let node = coordinator.start().await?;
-    let txn = TxnId::new();
-    coordinator.set_decision(txn, Decision::Abort);
-    let mut config = config(vec![node.addr().to_string()]);
-    config.in_doubt_timeout_ms = 50;
-    let p = start(Arc::clone(&resource), config).await?;
+    let Failing { resource, coordinator: _, node: _node, p, txn } =
+        failing_prepare_of_an_aborted_txn(FailAt::BeforeStaging).await?;
 
     assert!(p.prepare(txn, b"ok").await.is_err(), "setup: the prepare fails");
     wait_until("the txn has a tombstone", || resource.inner.is_aborted(txn)).await?;
@@ -317,15 +327,9 @@ async fn prepare_failing_before_staging_is_settled_by_a_tombstone() -> anyhow::R
 // still asks and releases it.
 #[tokio::test]
 async fn late_prepare_after_a_failure_after_staging_leaves_the_branch_in_doubt() -> anyhow::Result<()> {
-    let resource = Arc::new(FailingPrepares::new(FailAt::AfterStaging, 1));
-    let coordinator = FakeCoordinator::new();
+    let Failing { resource, coordinator, node: _node, p, txn } =
+        failing_prepare_of_an_aborted_txn(FailAt::AfterStaging).await?;
     coordinator.fail_next(u32::MAX);
-    let node = coordinator.start().await?;
-    let txn = TxnId::new();
-    coordinator.set_decision(txn, Decision::Abort);
-    let mut config = config(vec![node.addr().to_string()]);
-    config.in_doubt_timeout_ms = 50;
-    let p = start(Arc::clone(&resource), config).await?;
 
     assert!(p.prepare(txn, b"ok").await.is_err(), "setup: the prepare fails");
     let mut late = prepare_request(txn, b"ok");
