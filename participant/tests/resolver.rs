@@ -6,12 +6,14 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use bytes::Bytes;
-use common::{GatedResource, Running, config, dead_addr, prepare_request, start, vote, wait_until, within};
+use common::{
+    FailAt, FailingPrepares, GatedResource, Running, config, dead_addr, prepare_request, start, vote, wait_until,
+    within,
+};
 use twopc_participant::fake_coordinator::{FakeCoordinator, RunningFake};
-use twopc_participant::{Decision, MemoryResource, Resource, ResourceError, TxnId, Vote};
+use twopc_participant::{Decision, MemoryResource, Resource, TxnId, Vote};
 
 /// A resource holding YES votes for `txns`, as found after a crash: the
 /// returned copy shares the durable state, the original is dropped.
@@ -193,61 +195,10 @@ async fn resolver_racing_a_decide_applies_once() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where a failing `prepare` of [`FailingPrepares`] fails.
-#[derive(Clone, Copy)]
-enum FailAt {
-    /// After the inner resource staged the branch durably: the reply is lost.
-    AfterStaging,
-    /// Before anything was staged.
-    BeforeStaging,
-}
-
-/// A [`MemoryResource`] whose next `failures` prepares return `Unavailable`,
-/// at `at`: the library sees an error either way and cannot tell them apart.
-struct FailingPrepares {
-    inner: MemoryResource,
-    at: FailAt,
-    failures: AtomicU32,
-}
-
-impl FailingPrepares {
-    fn new(at: FailAt, failures: u32) -> Self {
-        Self { inner: MemoryResource::new(), at, failures: AtomicU32::new(failures) }
-    }
-
-    fn take_failure(&self) -> bool {
-        self.failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
-    }
-}
-
-impl Resource for FailingPrepares {
-    async fn prepare(&self, txn: TxnId, payload: Bytes) -> Result<Vote, ResourceError> {
-        if !self.take_failure() {
-            return self.inner.prepare(txn, payload).await;
-        }
-        if let FailAt::AfterStaging = self.at {
-            self.inner.prepare(txn, payload).await?;
-        }
-        Err(ResourceError::Unavailable("connection lost before the reply to PREPARE TRANSACTION".into()))
-    }
-
-    async fn commit(&self, txn: TxnId) -> Result<(), ResourceError> {
-        self.inner.commit(txn).await
-    }
-
-    async fn abort(&self, txn: TxnId) -> Result<(), ResourceError> {
-        self.inner.abort(txn).await
-    }
-
-    async fn prepared(&self) -> Result<Vec<TxnId>, ResourceError> {
-        self.inner.prepared().await
-    }
-}
-
 /// A participant whose resource fails its first Prepare (at `at`), with a
 /// 50 ms in-doubt timeout, asking a fake coordinator that holds Abort for `txn`.
 struct Failing {
-    resource: Arc<FailingPrepares>,
+    resource: Arc<FailingPrepares<MemoryResource>>,
     coordinator: FakeCoordinator,
     node: RunningFake,
     p: Running,
@@ -255,7 +206,7 @@ struct Failing {
 }
 
 async fn failing_prepare_of_an_aborted_txn(at: FailAt) -> anyhow::Result<Failing> {
-    let resource = Arc::new(FailingPrepares::new(at, 1));
+    let resource = Arc::new(FailingPrepares::new(MemoryResource::new(), at, 1));
     let coordinator = FakeCoordinator::new();
     let node = coordinator.start().await?;
     let txn = TxnId::new();
@@ -291,7 +242,7 @@ async fn prepare_failing_after_staging_is_resolved_and_released() -> anyhow::Res
 // whose recorded YES now stands; the branch is then decided as any other, once.
 #[tokio::test]
 async fn prepare_retried_after_a_failure_after_staging_returns_the_staged_vote() -> anyhow::Result<()> {
-    let resource = Arc::new(FailingPrepares::new(FailAt::AfterStaging, 1));
+    let resource = Arc::new(FailingPrepares::new(MemoryResource::new(), FailAt::AfterStaging, 1));
     let coordinator = FakeCoordinator::new();
     let node = coordinator.start().await?;
     let p = start(Arc::clone(&resource), config(vec![node.addr().to_string()])).await?;
