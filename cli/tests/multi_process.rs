@@ -173,3 +173,19 @@ async fn a_server_refuses_plaintext_on_an_address_other_than_loopback() {
     assert!(stderr(&out).contains("refusing to serve the coordinator in plaintext on 0.0.0.0:0"), "{}", stderr(&out));
     assert_eq!(stderr(&out).trim().lines().count(), 1, "one line: {}", stderr(&out));
 }
+
+#[test]
+fn certs_init_refuses_an_empty_request_and_a_bad_name_with_one_line() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certs = dir.path().join("tls").display().to_string();
+    for extra in [&[][..], &["--participants", "Bank A"][..]] {
+        let out = std::process::Command::new(processes::TWOPC)
+            .args(["certs", "init", "--dir", &certs])
+            .args(extra)
+            .output()
+            .expect("run twopc");
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {}", stderr(&out));
+        assert_eq!(stderr(&out).trim().lines().count(), 1, "one line: {}", stderr(&out));
+    }
+    assert!(!dir.path().join("tls").join("ca.key").exists(), "nothing is written for a refused request");
+}
