@@ -122,7 +122,8 @@ pub fn reload_on_sighup(tls: Option<Tls>) {
 pub enum CertsCommand {
     /// Create a CA and certificates for nodes, participants, a client and an admin in DIR.
     #[command(
-        after_help = "Example:\n  twopc certs init --dir tls --nodes 3 --participants bank-a,bank-b --client --admin"
+        after_help = "Examples:\n  twopc certs init --dir tls --nodes 3 --participants bank-a,bank-b --client --admin\n  \
+            twopc certs init --dir tls --add --node-ids 4 --participants bank-c"
     )]
     Init(InitArgs),
     /// Print what a certificate grants: its identity, names and validity.
@@ -141,6 +142,12 @@ pub struct InitArgs {
     /// Certificates for nodes 1..=N.
     #[arg(long, default_value_t = 0)]
     pub nodes: u64,
+    /// Certificates for these node ids, comma-separated (nodes added later, with --add).
+    #[arg(long, value_delimiter = ',')]
+    pub node_ids: Vec<u64>,
+    /// Issue from the CA already in DIR (ca.pem and ca.key) instead of making a new one.
+    #[arg(long)]
+    pub add: bool,
     /// Certificates for these participants, comma-separated names.
     #[arg(long, value_delimiter = ',')]
     pub participants: Vec<String>,
@@ -164,7 +171,8 @@ pub fn run(cmd: CertsCommand) -> anyhow::Result<u8> {
 
 /// Every identity `args` asks for.
 fn identities(args: &InitArgs) -> anyhow::Result<Vec<Identity>> {
-    let mut ids: Vec<Identity> = (1..=args.nodes).map(Identity::node).collect();
+    let mut ids: Vec<Identity> = (1..=args.nodes).chain(args.node_ids.iter().copied()).map(Identity::node).collect();
+    anyhow::ensure!(ids.iter().all(|id| id.name != "0"), "node ids start at 1");
     for name in &args.participants {
         let name: twopc_proto::ParticipantId = name.parse()?;
         ids.push(Identity::participant(name.as_str()));
@@ -175,15 +183,23 @@ fn identities(args: &InitArgs) -> anyhow::Result<Vec<Identity>> {
     if args.admin {
         ids.push(Identity::admin(CLI_NAME));
     }
-    anyhow::ensure!(!ids.is_empty(), "nothing to make: pass --nodes N, --participants NAMES, --client or --admin");
+    anyhow::ensure!(
+        !ids.is_empty(),
+        "nothing to make: pass --nodes N, --node-ids IDS, --participants NAMES, --client or --admin"
+    );
     Ok(ids)
 }
 
 fn init(args: &InitArgs) -> anyhow::Result<u8> {
     let ids = identities(args)?;
-    let ca = CertAuthority::new("twopc CA", CA_LIFETIME_DAYS)?;
-    ca.write_ca(&args.dir)?;
-    println!("{}  CA, valid {CA_LIFETIME_DAYS} days (keep ca.key offline)", args.dir.join("ca.pem").display());
+    let ca = if args.add {
+        CertAuthority::load(&args.dir).context("--add issues from the CA in --dir")?
+    } else {
+        let ca = CertAuthority::new("twopc CA", CA_LIFETIME_DAYS)?;
+        ca.write_ca(&args.dir)?;
+        println!("{}  CA, valid {CA_LIFETIME_DAYS} days (keep ca.key offline)", args.dir.join("ca.pem").display());
+        ca
+    };
     for id in &ids {
         let path = ca.write_issued(&args.dir, id, args.days)?;
         println!("{}  {id}, valid {} days", path.display(), args.days);

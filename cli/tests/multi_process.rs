@@ -189,3 +189,26 @@ fn certs_init_refuses_an_empty_request_and_a_bad_name_with_one_line() {
     }
     assert!(!dir.path().join("tls").join("ca.key").exists(), "nothing is written for a refused request");
 }
+
+#[test]
+fn certs_init_add_issues_from_the_existing_ca() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certs = dir.path().join("tls");
+    let run = |args: &[&str]| {
+        std::process::Command::new(processes::TWOPC)
+            .args(["certs", "init", "--dir", &certs.display().to_string()])
+            .args(args)
+            .output()
+            .expect("run twopc")
+    };
+    let out = run(&["--nodes", "3"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ca = std::fs::read(certs.join("ca.pem")).expect("ca.pem");
+    let out = run(&["--add", "--node-ids", "4", "--participants", "bank-c"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read(certs.join("ca.pem")).expect("ca.pem"), ca, "--add keeps the CA");
+    let node4 = twopc_proto::tls::TlsConfig::new(&certs).load(&twopc_proto::tls::Identity::node(4));
+    assert!(node4.is_ok(), "node 4's files load against the CA: {node4:?}");
+    let bank_c = twopc_proto::tls::TlsConfig::new(&certs).load(&twopc_proto::tls::Identity::participant("bank-c"));
+    assert!(bank_c.is_ok(), "{bank_c:?}");
+}

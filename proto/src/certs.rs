@@ -62,6 +62,23 @@ impl CertAuthority {
         Ok(Self { issuer: Issuer::new(params, key), pem })
     }
 
+    /// The CA whose `ca.pem` and `ca.key` are in `dir` (to issue more
+    /// certificates from it: a node or participant added later).
+    ///
+    /// # Errors
+    /// A file is missing, or is not a CA certificate or a private key.
+    pub fn load(dir: &Path) -> Result<Self, TlsError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path).map_err(|source| TlsError::Read { path, source })
+        };
+        let pem = Pem { cert: read("ca.pem")?, key: read("ca.key")? };
+        let bad = |name: &str, e: rcgen::Error| TlsError::Pem { path: dir.join(name), why: e.to_string() };
+        let key = KeyPair::from_pem(&pem.key).map_err(|e| bad("ca.key", e))?;
+        let issuer = Issuer::from_ca_cert_pem(&pem.cert, key).map_err(|e| bad("ca.pem", e))?;
+        Ok(Self { issuer, pem })
+    }
+
     /// The CA's own certificate and key.
     pub fn pem(&self) -> &Pem {
         &self.pem
