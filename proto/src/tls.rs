@@ -267,6 +267,7 @@ impl TlsConfig {
             ca: self.dir.join("ca.pem"),
             cert: self.dir.join(format!("{stem}.pem")),
             key: self.dir.join(format!("{stem}.key")),
+            identity: identity.clone(),
         };
         let loaded = files.load()?;
         Ok(Tls {
@@ -314,6 +315,8 @@ struct Files {
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+    /// Who the certificate must name.
+    identity: Identity,
 }
 
 struct Loaded {
@@ -354,7 +357,12 @@ impl Files {
         }
         let roots = Arc::new(roots);
         let certs = read_certs(&self.cert)?;
-        Identity::from_cert(&certs[0]).map_err(|e| TlsError::Identity(format!("{}: {e}", self.cert.display())))?;
+        let named =
+            Identity::from_cert(&certs[0]).map_err(|e| TlsError::Identity(format!("{}: {e}", self.cert.display())))?;
+        if named != self.identity {
+            let (path, expected) = (self.cert.display(), &self.identity);
+            return Err(TlsError::Identity(format!("{path} names {named}, but this process is {expected}")));
+        }
         let key = read_key(&self.key)?;
         let rustls_err = |e: rustls::Error| TlsError::Rustls(e.to_string());
 

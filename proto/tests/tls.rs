@@ -205,6 +205,17 @@ async fn reloaded_files_serve_new_connections() -> anyhow::Result<()> {
 }
 
 #[test]
+fn a_certificate_naming_someone_else_is_refused_at_load() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    cluster_files(dir.path())?;
+    std::fs::copy(dir.path().join("participant-b.pem"), dir.path().join("participant-a.pem"))?;
+    std::fs::copy(dir.path().join("participant-b.key"), dir.path().join("participant-a.key"))?;
+    let err = TlsConfig::new(dir.path()).load(&Identity::participant("a")).expect_err("b's files as a");
+    assert!(err.to_string().contains("names participant:b, but this process is participant:a"), "{err}");
+    Ok(())
+}
+
+#[test]
 fn a_missing_file_is_named_in_the_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let err = TlsConfig::new(dir.path()).load(&Identity::node(1)).expect_err("no files");
