@@ -212,3 +212,43 @@ fn certs_init_add_issues_from_the_existing_ca() {
     let bank_c = twopc_proto::tls::TlsConfig::new(&certs).load(&twopc_proto::tls::Identity::participant("bank-c"));
     assert!(bank_c.is_ok(), "{bank_c:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_reissued_certificates_and_transfers_go_on() {
+    let p = Processes::start_tls().await;
+    seed(&p).await;
+    let tls_dir = p.tls_dir.clone().expect("a TLS cluster").display().to_string();
+    let out = p
+        .twopc(&[
+            "certs",
+            "init",
+            "--dir",
+            &tls_dir,
+            "--add",
+            "--nodes",
+            "3",
+            "--participants",
+            "bank-a,bank-b",
+            "--client",
+            "--admin",
+        ])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let logs = ["c1.log", "c2.log", "c3.log", "bank-a.log", "bank-b.log"].map(|l| p.dir.path().join(l));
+    for proc in p.coordinators.iter().chain(&p.banks) {
+        let pid = proc.pid().expect("running").to_string();
+        let status = tokio::process::Command::new("kill").args(["-HUP", &pid]).status().await.expect("kill");
+        assert!(status.success());
+    }
+    p.wait("every process to reload", |_| {
+        let logs = logs.clone();
+        async move {
+            logs.iter()
+                .all(|l| std::fs::read_to_string(l).is_ok_and(|t| t.contains("TLS files reloaded")))
+                .then_some(())
+        }
+    })
+    .await;
+    let out = p.twopc(&["transfer", "--from", "alice@bank-a", "--to", "bob@bank-b", "--amount", "1.00"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
