@@ -53,7 +53,7 @@ pub fn cli_identity(dir: &Path) -> Identity {
 /// The files are missing or unusable.
 pub fn cli_tls() -> anyhow::Result<Option<Tls>> {
     match tls_args().tls_dir {
-        Some(dir) => server_tls_in(&dir, &cli_identity(&dir)).map(Some),
+        Some(dir) => load_tls(&dir, &cli_identity(&dir)).map(Some),
         None => Ok(None),
     }
 }
@@ -64,12 +64,12 @@ pub fn cli_tls() -> anyhow::Result<Option<Tls>> {
 /// The files are missing or unusable.
 pub fn server_tls(identity: &Identity) -> anyhow::Result<Option<Tls>> {
     match tls_args().tls_dir {
-        Some(dir) => server_tls_in(&dir, identity).map(Some),
+        Some(dir) => load_tls(&dir, identity).map(Some),
         None => Ok(None),
     }
 }
 
-fn server_tls_in(dir: &Path, identity: &Identity) -> anyhow::Result<Tls> {
+fn load_tls(dir: &Path, identity: &Identity) -> anyhow::Result<Tls> {
     TlsConfig::new(dir)
         .load(identity)
         .with_context(|| format!("--tls-dir {}: cannot load TLS as {identity}", dir.display()))
