@@ -105,7 +105,7 @@ pub enum Command {
     #[command(subcommand)]
     Participants(admin::ParticipantsCommand),
     /// Start a local cluster (3 coordinators, 2 banks), run random transfers, check that money is conserved.
-    #[command(after_help = "Examples:\n  twopc demo\n  twopc demo --chaos --transfers 2000")]
+    #[command(after_help = "Examples:\n  twopc demo\n  twopc demo --tls\n  twopc demo --chaos --transfers 2000")]
     Demo(demo::DemoArgs),
     /// Load-test a cluster (or a local one): throughput, latency percentiles, a per-second timeline.
     #[command(after_help = "Examples:\n  twopc bench --local --concurrency 64 --duration 10\n  \

@@ -70,7 +70,7 @@ impl CertAuthority {
     pub fn load(dir: &Path) -> Result<Self, TlsError> {
         let read = |name: &str| {
             let path = dir.join(name);
-            std::fs::read_to_string(&path).map_err(|source| TlsError::Read { path, source })
+            std::fs::read_to_string(&path).map_err(|error| TlsError::Read { path, error })
         };
         let pem = Pem { cert: read("ca.pem")?, key: read("ca.key")? };
         let bad = |name: &str, e: rcgen::Error| TlsError::Pem { path: dir.join(name), why: e.to_string() };
@@ -148,17 +148,17 @@ impl CertAuthority {
 /// The directory or a file cannot be written.
 pub fn write_pair(dir: &Path, stem: &str, pem: &Pem) -> Result<(), TlsError> {
     let write = |path: PathBuf, text: &str, private: bool| {
-        std::fs::create_dir_all(dir).map_err(|source| TlsError::Read { path: dir.to_owned(), source })?;
+        std::fs::create_dir_all(dir).map_err(|error| TlsError::Read { path: dir.to_owned(), error })?;
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text).map_err(|source| TlsError::Read { path: tmp.clone(), source })?;
+        std::fs::write(&tmp, text).map_err(|error| TlsError::Read { path: tmp.clone(), error })?;
         #[cfg(unix)]
         if private {
             use std::os::unix::fs::PermissionsExt as _;
             let mode = std::fs::Permissions::from_mode(0o600);
-            std::fs::set_permissions(&tmp, mode).map_err(|source| TlsError::Read { path: tmp.clone(), source })?;
+            std::fs::set_permissions(&tmp, mode).map_err(|error| TlsError::Read { path: tmp.clone(), error })?;
         }
         // A rename, so a process reloading on SIGHUP never reads half a file.
-        std::fs::rename(&tmp, &path).map_err(|source| TlsError::Read { path, source })
+        std::fs::rename(&tmp, &path).map_err(|error| TlsError::Read { path, error })
     };
     write(dir.join(format!("{stem}.key")), &pem.key, true)?;
     write(dir.join(format!("{stem}.pem")), &pem.cert, false)
