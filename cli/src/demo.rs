@@ -99,6 +99,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
     if let Some(pg) = &postgres {
         println!("{} keeps its accounts on PostgreSQL, schema {}", BANKS[PG_BANK], pg.schema);
     }
+    if args.tls {
+        println!("every conversation on mutual TLS; certificates in {}", dir.join("tls").display());
+    }
     let result = tokio::select! {
         result = run_demo(&demo, &args, opening) => result,
         _ = tokio::signal::ctrl_c() => {

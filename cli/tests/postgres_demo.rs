@@ -5,9 +5,10 @@
 //! where no server allows prepared transactions, unless
 //! TWOPC_REQUIRE_POSTGRES=1.
 
+mod processes;
+
 use std::time::Duration;
 
-use tokio::process::Command;
 use twopc_participant::postgres_testing;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -15,15 +16,8 @@ async fn the_chaos_demo_with_a_postgres_bank_conserves_money() {
     let Some(db) = postgres_testing::database("the_chaos_demo_with_a_postgres_bank_conserves_money").await else {
         return;
     };
-    let run = Command::new(env!("CARGO_BIN_EXE_twopc"))
-        .args(["demo", "--chaos", "--transfers", "400", "--concurrency", "8", "--store", &db.url])
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(240), run).await.expect("the demo finished").expect("ran");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("money conserved: yes"), "{stdout}");
+    let args = ["--chaos", "--transfers", "400", "--concurrency", "8", "--store", &db.url];
+    let stdout = processes::demo(&args, Duration::from_secs(240)).await;
     assert!(stdout.contains("SIGKILL bank-b holding"), "bank-b was not killed holding prepared branches:\n{stdout}");
     let schema = stdout
         .lines()

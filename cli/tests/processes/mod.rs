@@ -256,3 +256,14 @@ pub fn stderr(out: &Output) -> String {
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Runs `twopc demo ARGS` to the end (at most `limit`) and returns its
+/// stdout, after checking it exited 0 and conserved money (I8).
+pub async fn demo(args: &[&str], limit: Duration) -> String {
+    let run = Command::new(TWOPC).arg("demo").args(args).kill_on_drop(true).output();
+    let out = tokio::time::timeout(limit, run).await.expect("the demo finished in time").expect("ran");
+    let (stdout, stderr) = (stdout(&out), stderr(&out));
+    assert!(out.status.success(), "demo {args:?} failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("money conserved: yes"), "{stdout}");
+    stdout
+}
