@@ -16,9 +16,11 @@ use twopc_coordinator::lossy_disk::CrashReport;
 use twopc_coordinator::node::Role;
 use twopc_participant::ParticipantConfig;
 use twopc_proto::txn_id::unix_now_ms;
-use twopc_proto::{Clock, TxnId, pb};
+use twopc_proto::{Clock, Decision, TxnId, pb};
 
-use crate::checker::{self, AccountRef, ClientOutcome, ClientTxn, Liveness, Movement, Observation, ParticipantView};
+use crate::checker::{
+    self, AccountRef, ClientOutcome, ClientTxn, Hearer, Liveness, Movement, Observation, ParticipantView, Told,
+};
 use crate::cluster::Cluster;
 use crate::sim::bank::{BankDisk, SimBank};
 
@@ -84,6 +86,8 @@ pub struct World {
     leaders: Mutex<BTreeMap<u64, BTreeSet<u64>>>,
     /// Each coordinator's wall clock, which clock-jump faults step.
     clocks: BTreeMap<u64, Clock>,
+    /// Membership changes the cluster had to refuse and applied instead.
+    membership_accepted: Vec<String>,
     _dir: TempDir,
 }
 
@@ -102,6 +106,10 @@ pub struct Verdict {
 pub struct Teller {
     client: ClusterClient,
     history: Mutex<Vec<ClientTxn>>,
+    /// Txns whose Submit is under way, with the movement each asks for.
+    running: Mutex<BTreeMap<TxnId, Movement>>,
+    /// Decisions told to others than a txn's client (operator, Resolves, retries).
+    told: Mutex<Vec<Told>>,
 }
 
 impl Teller {
@@ -132,6 +140,7 @@ impl Teller {
             branches: transfer.submit_branches(),
             deadline_unix_ms: unix_now_ms() + 3_000,
         };
+        self.running.lock().insert(txn_id, Movement { from: from.clone(), to: to.clone(), amount_minor });
         let answer = self
             .client
             .coordinator(|mut c| {
@@ -144,6 +153,7 @@ impl Teller {
             Ok(r) if r.decision == pb::Decision::Abort as i32 => ClientOutcome::Aborted,
             Ok(_) | Err(_) => ClientOutcome::Unknown,
         };
+        self.running.lock().remove(&txn_id);
         let movement = Movement { from: from.clone(), to: to.clone(), amount_minor };
         let mut history = self.history.lock();
         // A retried txn keeps one entry: the latest thing its client was told.
@@ -157,6 +167,26 @@ impl Teller {
     /// What the client was told so far.
     pub fn history(&self) -> Vec<ClientTxn> {
         self.history.lock().clone()
+    }
+
+    /// Txns whose Submit is under way, with their movements.
+    pub fn running(&self) -> Vec<(TxnId, Movement)> {
+        self.running.lock().iter().map(|(id, m)| (*id, m.clone())).collect()
+    }
+
+    /// Notes that `hearer` was told `decision` for `txn_id`.
+    pub fn heard(&self, txn_id: TxnId, hearer: Hearer, decision: Decision) {
+        self.told.lock().push(Told { txn_id, hearer, decision });
+    }
+
+    /// What others than the txns' clients were told so far.
+    pub fn told(&self) -> Vec<Told> {
+        self.told.lock().clone()
+    }
+
+    /// The leader-following client the transfers go through.
+    pub fn client(&self) -> &ClusterClient {
+        &self.client
     }
 }
 
@@ -228,8 +258,14 @@ impl World {
             banks,
             config,
             openings,
-            teller: Arc::new(Teller { client, history: Mutex::default() }),
+            teller: Arc::new(Teller {
+                client,
+                history: Mutex::default(),
+                running: Mutex::default(),
+                told: Mutex::default(),
+            }),
             clocks,
+            membership_accepted: Vec::new(),
             down: BTreeSet::new(),
             leaders: Mutex::default(),
             _dir: dir,
@@ -285,6 +321,12 @@ impl World {
     /// Coordinator `id`'s wall clock (deadlines, txn-id ages, retention).
     pub fn coordinator_clock(&self, id: u64) -> Option<&Clock> {
         self.clocks.get(&id)
+    }
+
+    /// Records a membership change the cluster had to refuse and applied
+    /// instead, for the checker.
+    pub fn membership_accepted(&mut self, what: String) {
+        self.membership_accepted.push(what);
     }
 
     /// Coordinator ids that are down.
@@ -395,7 +437,9 @@ impl World {
     pub async fn observe(&self, liveness: Option<Liveness>) -> anyhow::Result<Observation> {
         let coordinators = self.cluster.states();
         let history = self.teller.history();
+        let told = self.teller.told();
         let mut txns: BTreeSet<TxnId> = history.iter().map(|t| t.txn_id).collect();
+        txns.extend(told.iter().map(|t| t.txn_id));
         for sm in coordinators.values() {
             let all = sm.list(twopc_coordinator::state_machine::ListFilter::All, u64::MAX, None, usize::MAX);
             txns.extend(all.into_iter().map(|r| r.txn_id));
@@ -415,7 +459,17 @@ impl World {
         }
         let leaders = self.leaders.lock().clone();
         let openings = self.openings.clone();
-        Ok(Observation { coordinators, participants, history, openings, liveness, leaders, reported: BTreeMap::new() })
+        Ok(Observation {
+            coordinators,
+            participants,
+            history,
+            openings,
+            liveness,
+            leaders,
+            reported: BTreeMap::new(),
+            told,
+            membership_accepted: self.membership_accepted.clone(),
+        })
     }
 
     /// Heals everything, waits for the system to settle, and runs the checker.
