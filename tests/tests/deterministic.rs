@@ -106,6 +106,31 @@ fn seeded_fault_schedules_keep_every_invariant_deterministically() {
     assert!(failed.is_empty(), "seeds {failed:?} failed; their reports and replay commands are printed above");
 }
 
+/// A retention short enough that txns are forgotten in the middle of a run.
+const SHORT_RETENTION_MS: u64 = 1_000;
+
+// I2 across retention horizons, with the adversaries: a run whose
+// coordinators forget finished txns after a second, while the stray client
+// resolves old ids and the operator decides decided ones, keeps every
+// invariant (the control for the forgotten-txn bite below).
+#[test]
+fn forgetting_txns_mid_run_keeps_every_invariant_deterministically() {
+    let _serial = one_at_a_time();
+    twopc_tests::init_tracing();
+    let mut failed = Vec::new();
+    for seed in REPLAY_SEEDS {
+        let mut config = SimConfig::for_seed(seed);
+        config.world.retention_ms = SHORT_RETENTION_MS;
+        let report = deterministic::run(config).expect("the harness runs");
+        let tallies = report.trace.iter().filter(|l| l.starts_with("operator:") || l.starts_with("stray client:"));
+        println!("{report}  {}", tallies.cloned().collect::<Vec<_>>().join("\n  "));
+        if !report.passed() {
+            failed.push(seed);
+        }
+    }
+    assert!(failed.is_empty(), "seeds {failed:?} failed; their reports are printed above");
+}
+
 #[test]
 fn the_checker_catches_banks_that_answer_before_their_fsync_deterministically() {
     // The checker bites under virtual time too (I3 broken, seen as I8):

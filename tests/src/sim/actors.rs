@@ -24,7 +24,6 @@ use rand::{Rng as _, SeedableRng as _};
 use tonic::Status;
 use twopc_bank::Transfer;
 use twopc_coordinator::client::{ClientConfig, ClusterClient};
-use twopc_coordinator::config::EngineConfig;
 use twopc_proto::txn_id::unix_now_ms;
 use twopc_proto::{Decision, TxnId, pb};
 
@@ -68,6 +67,7 @@ impl Tally {
     fn note<T>(&mut self, call: &str, answer: &Result<T, Status>) {
         let key = match answer {
             Ok(_) => "ok".to_owned(),
+            Err(status) if status.message().contains("forgotten") => format!("{:?} (forgotten)", status.code()),
             Err(status) => format!("{:?}", status.code()),
         };
         *self.0.entry(call.to_owned()).or_default().entry(key).or_default() += 1;
@@ -167,12 +167,13 @@ pub async fn stray(
     teller: Arc<Teller>,
     client: ClusterClient,
     accounts: Vec<AccountRef>,
+    retention_ms: u64,
     seed: u64,
     done: Arc<AtomicBool>,
 ) -> String {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut tally = Tally::default();
-    let retention_ms = EngineConfig::default().retention_ms;
+    let retention_ms = retention_ms.max(1);
     while !done.load(Ordering::Relaxed) {
         pause(&mut rng).await;
         let history = teller.history();
@@ -208,7 +209,7 @@ pub async fn stray(
                 };
                 tally.note("submit far future", &answer);
             }
-            8..=9 => malformed(&client, &mut tally, &mut rng).await,
+            8..=9 => malformed(&client, &mut tally, &mut rng, teller.deadline_ms()).await,
             _ => {
                 let finished: Vec<_> = history.iter().filter(|t| t.outcome != ClientOutcome::Unknown).collect();
                 let Some(txn) = finished.choose(&mut rng) else { continue };
@@ -220,7 +221,7 @@ pub async fn stray(
                 let request = pb::SubmitRequest {
                     txn_id: txn.txn_id.to_string(),
                     branches: transfer.submit_branches(),
-                    deadline_unix_ms: unix_now_ms() + 3_000,
+                    deadline_unix_ms: unix_now_ms() + teller.deadline_ms(),
                 };
                 let answer = client
                     .coordinator(|mut c| {
@@ -254,7 +255,7 @@ async fn resolve(teller: &Teller, client: &ClusterClient, tally: &mut Tally, cal
 
 /// Resolve, Submit or Decide with an id that is no UUIDv7; anything but
 /// `INVALID_ARGUMENT` is tallied as what it was.
-async fn malformed(client: &ClusterClient, tally: &mut Tally, rng: &mut StdRng) {
+async fn malformed(client: &ClusterClient, tally: &mut Tally, rng: &mut StdRng, deadline_ms: u64) {
     let Some(id) = MALFORMED.choose(rng) else { return };
     let id = if *id == "x" { "x".repeat(10_000) } else { (*id).to_owned() };
     match rng.random_range(0..3) {
@@ -270,7 +271,7 @@ async fn malformed(client: &ClusterClient, tally: &mut Tally, rng: &mut StdRng) 
         }
         1 => {
             let request =
-                pb::SubmitRequest { txn_id: id, branches: Vec::new(), deadline_unix_ms: unix_now_ms() + 3_000 };
+                pb::SubmitRequest { txn_id: id, branches: Vec::new(), deadline_unix_ms: unix_now_ms() + deadline_ms };
             let answer = client
                 .coordinator(|mut c| {
                     let request = request.clone();

@@ -194,7 +194,14 @@ pub async fn run(config: SimConfig) -> anyhow::Result<SeedReport> {
         adversaries.push(tokio::spawn(actors::operator(teller, actors::client(world.cluster.addrs())?, seed, done)));
         let (teller, done) = (world.teller.clone(), clients_done.clone());
         let client = actors::client(world.cluster.addrs())?;
-        adversaries.push(tokio::spawn(actors::stray(teller, client, accounts.clone(), seed + 1, done)));
+        adversaries.push(tokio::spawn(actors::stray(
+            teller,
+            client,
+            accounts.clone(),
+            c.world.retention_ms,
+            seed + 1,
+            done,
+        )));
     }
     let mut rng = StdRng::seed_from_u64(c.seed ^ 0x5eed);
     let mut applied = Vec::new();

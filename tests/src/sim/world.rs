@@ -12,6 +12,7 @@ use tempfile::TempDir;
 use tokio::time::Instant;
 use twopc_bank::{AccountStore as _, Transfer};
 use twopc_coordinator::client::{ClientConfig, ClusterClient};
+use twopc_coordinator::config::EngineConfig;
 use twopc_coordinator::lossy_disk::CrashReport;
 use twopc_coordinator::node::Role;
 use twopc_participant::ParticipantConfig;
@@ -48,6 +49,11 @@ pub struct WorldConfig {
     /// Seeds every coordinator's election timeouts (node `id` gets
     /// `election_seed ^ id`), so the same seed replays the same elections.
     pub election_seed: u64,
+    /// How long coordinators keep finished txns (`EngineConfig::retention_ms`).
+    /// A run lasts seconds, so only a much shorter retention than the
+    /// default 60 s forgets txns in the middle of one (or a clock jump past
+    /// it); the deadlines a Submit may carry shrink with it.
+    pub retention_ms: u64,
     /// A broken protocol, to show the checker bites: every bank's store
     /// skips its fsync, so it votes YES and acknowledges decisions before
     /// anything is durable (against I3), and a crash takes back what it said.
@@ -67,6 +73,7 @@ impl Default for WorldConfig {
             client_retry_budget_ms: 1_500,
             settle_bound: Duration::from_secs(20),
             election_seed: 0,
+            retention_ms: EngineConfig::default().retention_ms,
             banks_skip_fsync: false,
         }
     }
@@ -105,6 +112,8 @@ pub struct Verdict {
 /// workload's client tasks.
 pub struct Teller {
     client: ClusterClient,
+    /// How far ahead of now each Submit's deadline is.
+    deadline_ms: u64,
     history: Mutex<Vec<ClientTxn>>,
     /// Txns whose Submit is under way, with the movement each asks for.
     running: Mutex<BTreeMap<TxnId, Movement>>,
@@ -138,7 +147,7 @@ impl Teller {
         let request = pb::SubmitRequest {
             txn_id: txn_id.to_string(),
             branches: transfer.submit_branches(),
-            deadline_unix_ms: unix_now_ms() + 3_000,
+            deadline_unix_ms: unix_now_ms() + self.deadline_ms,
         };
         self.running.lock().insert(txn_id, Movement { from: from.clone(), to: to.clone(), amount_minor });
         let answer = self
@@ -184,10 +193,24 @@ impl Teller {
         self.told.lock().clone()
     }
 
+    /// How far ahead of now a Submit's deadline is set.
+    pub fn deadline_ms(&self) -> u64 {
+        self.deadline_ms
+    }
+
     /// The leader-following client the transfers go through.
     pub fn client(&self) -> &ClusterClient {
         &self.client
     }
+}
+
+/// How far ahead of now the clients set a Submit's deadline, at most.
+const CLIENT_DEADLINE_MS: u64 = 3_000;
+
+/// The furthest deadline coordinators accept with retention `retention_ms`
+/// (which must exceed it): the default, or less for a short retention.
+fn deadline_max_ms(retention_ms: u64) -> u64 {
+    EngineConfig::default().deadline_max_ms.min(retention_ms.saturating_sub(retention_ms / 10))
 }
 
 /// The name of bank `index`: bank-a, bank-b, ...
@@ -204,6 +227,8 @@ impl World {
     pub async fn start(config: WorldConfig) -> anyhow::Result<Self> {
         let tick = config.tick_interval_ms;
         let election_seed = config.election_seed;
+        let retention_ms = config.retention_ms;
+        let deadline_max_ms = deadline_max_ms(retention_ms);
         let clocks: BTreeMap<u64, Clock> = (1..=config.coordinators).map(|id| (id, Clock::system())).collect();
         let node_clocks = clocks.clone();
         let cluster = Cluster::start_with(
@@ -221,6 +246,9 @@ impl World {
                 c.engine.delivery_backoff_min_ms = 10;
                 c.engine.delivery_backoff_max_ms = 300;
                 c.engine.participant_connect_timeout_ms = 300;
+                c.engine.retention_ms = retention_ms;
+                c.engine.deadline_max_ms = deadline_max_ms;
+                c.engine.gc_interval_ms = c.engine.gc_interval_ms.min(retention_ms / 10).max(1);
             }),
         )
         .await?;
@@ -260,6 +288,7 @@ impl World {
             openings,
             teller: Arc::new(Teller {
                 client,
+                deadline_ms: CLIENT_DEADLINE_MS.min(deadline_max_ms / 2),
                 history: Mutex::default(),
                 running: Mutex::default(),
                 told: Mutex::default(),
