@@ -84,6 +84,12 @@ async fn transfers_across_two_banks() -> anyhow::Result<()> {
 
     let done = transfer(&client, "alice@bank-a", "bob@bank-b", 1_250).await?;
     assert_eq!(done.decision, pb::Decision::Commit as i32, "{done:?}");
+    // Phase 2 reaches bank-b after the client's answer: bob spends the credit
+    // only once it is applied, or the next debit is rightly refused.
+    wait::until("bob's credit applied at bank-b", Duration::from_secs(20), || async {
+        (b.balance("bob").await == 500 + 1_250).then_some(())
+    })
+    .await?;
     let done = transfer(&client, "bob@bank-b", "alice@bank-a", 1_750).await?;
     assert_eq!(done.decision, pb::Decision::Commit as i32, "{done:?}");
 

@@ -226,9 +226,13 @@ pub enum TxnCommand {
         #[command(flatten)]
         cluster: ClusterArgs,
     },
-    /// Settle an undecided txn by an operator's decision (logged; refused if already decided).
+    /// Settle an undecided txn by an operator's decision (logged; refused if already decided, or while
+    /// the leader is still preparing it).
     #[command(
-        after_help = "Example:\n  twopc txn decide 019a2b3c-4d5e-7f60-8a1b-2c3d4e5f6a7b abort --reason \"bank-b lost its disk\""
+        after_help = "Example:\n  twopc txn decide 019a2b3c-4d5e-7f60-8a1b-2c3d4e5f6a7b abort --reason \"bank-b lost its disk\"\n\n\
+                      A commit needs --force: the log holds no votes for an undecided txn, so check that every \
+                      participant voted YES first. Committing a txn whose branch voted NO applies it at some \
+                      participants and not others (money created or lost)."
     )]
     Decide {
         /// The txn id.
@@ -236,9 +240,12 @@ pub enum TxnCommand {
         /// commit or abort.
         #[arg(value_parser = ["commit", "abort"])]
         decision: String,
-        /// Why; kept in the log.
+        /// Why; kept in the log (at most 502 bytes).
         #[arg(long)]
         reason: String,
+        /// Required to commit: you checked that every participant voted YES (see above).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         cluster: ClusterArgs,
     },
@@ -381,9 +388,10 @@ pub async fn txn(command: TxnCommand) -> anyhow::Result<u8> {
                 table(&["BRANCH", "VOTE", "ACKNOWLEDGED", "REASON"], &rows);
             }
         }
-        TxnCommand::Decide { txn_id, decision, reason, cluster } => {
+        TxnCommand::Decide { txn_id, decision, reason, force, cluster } => {
             let decision = if decision == "commit" { pb::Decision::Commit } else { pb::Decision::Abort };
-            let request = pb::DecideRequest { txn_id: txn_id.clone(), decision: decision.into(), reason };
+            let request =
+                pb::DecideRequest { txn_id: txn_id.clone(), decision: decision.into(), reason, force_commit: force };
             let response = cluster
                 .client()?
                 .admin(|mut c| {

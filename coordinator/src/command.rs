@@ -49,6 +49,38 @@ pub struct DecideCmd {
     pub branches: Vec<(ParticipantId, Option<Vote>)>,
 }
 
+/// The longest reason a Decide entry keeps, in bytes: its own reason and each
+/// NO vote's. Reasons come from participants and operators, and a log entry,
+/// every snapshot and every ListTransactions page carries them, so a longer
+/// one is cut ([`DecideCmd::cap_reasons`]) rather than kept whole (I6).
+pub const REASON_MAX_BYTES: usize = 512;
+
+/// `text` cut to at most `max_bytes`, on a char boundary.
+pub fn truncate_on_char_boundary(text: &str, max_bytes: usize) -> &str {
+    if text.len() <= max_bytes {
+        return text;
+    }
+    let end = (0..=max_bytes).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+    &text[..end]
+}
+
+fn cap(text: &mut String) {
+    let end = truncate_on_char_boundary(text, REASON_MAX_BYTES).len();
+    text.truncate(end);
+}
+
+impl DecideCmd {
+    /// Cuts the reason and every NO vote's reason to [`REASON_MAX_BYTES`].
+    pub fn cap_reasons(&mut self) {
+        cap(&mut self.reason);
+        for (_, vote) in &mut self.branches {
+            if let Some(Vote::No { reason }) = vote {
+                cap(reason);
+            }
+        }
+    }
+}
+
 /// A command with the proposer's wall-clock time, which the state machine uses
 /// instead of its own clock so every node applies it identically.
 #[derive(Debug, Clone, PartialEq)]
@@ -276,6 +308,23 @@ mod tests {
             let proposal = Proposal { command, proposed_unix_ms: 7 };
             assert_eq!(Proposal::decode(&proposal.encode()).expect("decodes"), proposal);
         }
+    }
+
+    // I6: reasons are cut on a char boundary, never mid-character, and short ones are kept whole.
+    #[test]
+    fn reasons_are_capped_on_a_char_boundary() {
+        assert_eq!(truncate_on_char_boundary("abc", 5), "abc");
+        assert_eq!(truncate_on_char_boundary("héllo", 2), "h", "é is two bytes and is not split");
+        let mut cmd = DecideCmd {
+            txn_id: TxnId::new(),
+            decision: Decision::Abort,
+            reason: "é".repeat(REASON_MAX_BYTES),
+            branches: vec![(pid("a"), Some(Vote::no("x".repeat(REASON_MAX_BYTES + 1)))), (pid("b"), Some(Vote::Yes))],
+        };
+        cmd.cap_reasons();
+        assert_eq!(cmd.reason, "é".repeat(REASON_MAX_BYTES / 2));
+        assert_eq!(cmd.branches[0].1, Some(Vote::no("x".repeat(REASON_MAX_BYTES))));
+        assert_eq!(cmd.branches[1].1, Some(Vote::Yes));
     }
 
     #[test]

@@ -162,6 +162,13 @@ pub struct EngineConfig {
     pub retention_ms: u64,
     /// How often the leader proposes forgetting expired txns. Default: 1000 ms.
     pub gc_interval_ms: u64,
+    /// How far a txn id's creation time may lie ahead of this node's clock:
+    /// Submit, Resolve, Decide and GetTransaction refuse an id created later
+    /// than that with InvalidArgument, since its record would outlive every
+    /// retention horizon (docs/PROTOCOL.md §7.4). Must stay below the log's own
+    /// limit, `state_machine::TXN_ID_AHEAD_OF_PROPOSER_MAX_MS` (10 min).
+    /// Default: 60000 ms.
+    pub txn_id_future_skew_ms: u64,
     /// Decided txns not yet acknowledged by every branch; past it new Submits
     /// get ResourceExhausted until participants catch up. Default: 100000.
     pub unacknowledged_max: usize,
@@ -190,6 +197,7 @@ impl Default for EngineConfig {
             ack_batch_max: 1024,
             retention_ms: 60_000,
             gc_interval_ms: 1_000,
+            txn_id_future_skew_ms: 60_000,
             unacknowledged_max: 100_000,
             participant_connect_timeout_ms: 1_000,
             clock: Clock::system(),
@@ -225,6 +233,7 @@ impl EngineConfig {
             ("delivery_batch_max", self.delivery_batch_max as u64),
             ("ack_batch_max", self.ack_batch_max as u64),
             ("gc_interval_ms", self.gc_interval_ms),
+            ("txn_id_future_skew_ms", self.txn_id_future_skew_ms),
             ("unacknowledged_max", self.unacknowledged_max as u64),
             ("participant_connect_timeout_ms", self.participant_connect_timeout_ms),
         ];
@@ -238,6 +247,14 @@ impl EngineConfig {
             return bad(format!(
                 "retention_ms ({}) must exceed deadline_max_ms ({}): a txn must be remembered past its deadline",
                 self.retention_ms, self.deadline_max_ms
+            ));
+        }
+        let log_limit_ms = crate::state_machine::TXN_ID_AHEAD_OF_PROPOSER_MAX_MS;
+        if self.txn_id_future_skew_ms >= log_limit_ms {
+            return bad(format!(
+                "txn_id_future_skew_ms ({}) must be below {log_limit_ms} ms, the furthest ahead of its proposer \
+                 the log accepts a txn id",
+                self.txn_id_future_skew_ms
             ));
         }
         if self.payload_max_bytes * self.branches_per_txn_max >= twopc_proto::MAX_MESSAGE_BYTES {

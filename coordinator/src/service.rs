@@ -5,9 +5,12 @@
 use tonic::{Request, Response, Status};
 use twopc_proto::pb;
 
-use twopc_proto::{Decision, ParticipantId, Vote};
+use prost::Message as _;
+use twopc_proto::{ParticipantId, Vote};
 
-use crate::engine::{Engine, ListRequest, SubmitRequest, TxnView, parse_txn_id};
+use crate::engine::{
+    Engine, LIST_PAGE_MAX_BYTES, ListRequest, OperatorDecideRequest, SubmitRequest, TxnView, parse_txn_id,
+};
 use crate::node::{Membership, NodeHandle, NodeStatus, Role};
 use crate::participant_client::ParticipantClient;
 use crate::state_machine::TxnRecord;
@@ -87,6 +90,25 @@ fn txn_to_pb(view: &TxnView) -> pb::TransactionInfo {
     }
 }
 
+/// The longest prefix of `views` whose encoding stays within `max_bytes`
+/// (at least one txn), and whether it is shorter than `views` (I6: a page
+/// must fit in a message).
+fn page_within(views: &[TxnView], max_bytes: usize) -> (Vec<pb::TransactionInfo>, bool) {
+    let mut page = Vec::new();
+    let mut bytes = 0;
+    for view in views {
+        let info = txn_to_pb(view);
+        // Each repeated field element costs its length prefix and tag too.
+        let len = info.encoded_len() + prost::length_delimiter_len(info.encoded_len()) + 1;
+        if !page.is_empty() && bytes + len > max_bytes {
+            return (page, true);
+        }
+        bytes += len;
+        page.push(info);
+    }
+    (page, false)
+}
+
 fn submit_to_pb(r: &TxnRecord) -> pb::SubmitResponse {
     pb::SubmitResponse {
         decision: r.decision.into(),
@@ -142,14 +164,12 @@ impl<P: ParticipantClient> pb::coordinator_server::Coordinator for CoordinatorSe
     ) -> Result<Response<pb::ListTransactionsResponse>, Status> {
         let list = ListRequest::from_pb(request.get_ref())?;
         let views = self.engine.list(&list).await?;
-        let next_after_txn_id = match views.last() {
-            Some(last) if views.len() == list.limit => txn_to_pb(last).txn_id,
+        let (transactions, cut) = page_within(&views, LIST_PAGE_MAX_BYTES);
+        let next_after_txn_id = match transactions.last() {
+            Some(last) if cut || views.len() == list.limit => last.txn_id.clone(),
             _ => String::new(),
         };
-        Ok(Response::new(pb::ListTransactionsResponse {
-            transactions: views.iter().map(txn_to_pb).collect(),
-            next_after_txn_id,
-        }))
+        Ok(Response::new(pb::ListTransactionsResponse { transactions, next_after_txn_id }))
     }
 
     async fn cluster_status(
@@ -204,13 +224,8 @@ fn node_id(id: u64) -> Result<u64, Status> {
 impl<P: ParticipantClient> pb::admin_server::Admin for AdminService<P> {
     #[tracing::instrument(skip_all, fields(txn_id = %request.get_ref().txn_id))]
     async fn decide(&self, request: Request<pb::DecideRequest>) -> Result<Response<pb::DecideResponse>, Status> {
-        let request = request.into_inner();
-        let txn_id = parse_txn_id(&request.txn_id)?;
-        let decision = Decision::try_from(request.decision).map_err(|e| twopc_proto::status::invalid("decision", e))?;
-        if request.reason.trim().is_empty() {
-            return Err(twopc_proto::status::invalid("reason", "say why the operator decides; it is kept in the log"));
-        }
-        let record = self.engine.operator_decide(txn_id, decision, request.reason).await?;
+        let decide = OperatorDecideRequest::from_pb(request.into_inner(), self.engine.config())?;
+        let record = self.engine.operator_decide(decide).await?;
         Ok(Response::new(pb::DecideResponse { decision: record.decision.into() }))
     }
 
@@ -269,5 +284,50 @@ impl<P: ParticipantClient> pb::admin_server::Admin for AdminService<P> {
         let id = node_id(request.into_inner().node_id)?;
         self.node().transfer_leader(id).await?;
         Ok(Response::new(pb::MembershipResponse { status: Some(status_to_pb(&self.node().status())) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use twopc_proto::{Decision, TxnId};
+
+    use super::*;
+    use crate::command::REASON_MAX_BYTES;
+    use crate::state_machine::BranchRecord;
+
+    fn big_record() -> TxnView {
+        let participant: ParticipantId = "bank-a".parse().expect("valid name");
+        TxnView::Logged(TxnRecord {
+            txn_id: TxnId::new(),
+            decision: Decision::Abort,
+            reason: "r".repeat(REASON_MAX_BYTES),
+            branches: vec![
+                BranchRecord {
+                    participant,
+                    vote: Some(Vote::no("n".repeat(REASON_MAX_BYTES))),
+                    acknowledged: true
+                };
+                16
+            ],
+            decided_unix_ms: 1,
+            decision_log_index: 1,
+            finished_unix_ms: Some(1),
+        })
+    }
+
+    // I6: a ListTransactions page of the largest records fits in a message: it ends early at
+    // LIST_PAGE_MAX_BYTES and says so, so the caller pages on from its last txn.
+    #[test]
+    fn a_page_of_large_txns_stops_at_the_byte_limit() {
+        let views: Vec<TxnView> = (0..crate::engine::LIST_LIMIT_MAX).map(|_| big_record()).collect();
+        let (page, cut) = page_within(&views, LIST_PAGE_MAX_BYTES);
+        assert!(cut, "1000 records of 16 long NO votes do not fit in one page");
+        let response = pb::ListTransactionsResponse { transactions: page, next_after_txn_id: String::new() };
+        assert!(response.encoded_len() <= LIST_PAGE_MAX_BYTES, "{} bytes", response.encoded_len());
+        assert!(response.transactions.len() > 1);
+        let (small, cut) = page_within(&views[..3], LIST_PAGE_MAX_BYTES);
+        assert_eq!((small.len(), cut), (3, false));
+        let (one, cut) = page_within(&views[..2], 1);
+        assert_eq!((one.len(), cut), (1, true), "a page holds at least one txn");
     }
 }

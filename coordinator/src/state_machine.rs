@@ -78,7 +78,34 @@ pub enum Applied {
         /// Whether the name existed before this entry.
         existed: bool,
     },
+    /// A Decide entry that would have made a first decision was refused and
+    /// changed nothing (docs/PROTOCOL.md §7.2, §7.4).
+    DecideRefused {
+        /// The txn named by the entry.
+        txn_id: TxnId,
+        /// Why.
+        refusal: DecideRefusal,
+    },
 }
+
+/// Why the state machine refused a first decision for a txn id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecideRefusal {
+    /// The id was created before the log's retention horizon: the txn may have
+    /// been decided and forgotten, so a new decision could contradict it (I2).
+    Forgotten,
+    /// The id was created more than [`TXN_ID_AHEAD_OF_PROPOSER_MAX_MS`] after
+    /// the proposer's clock: it would never pass the retention horizon (I6).
+    FromTheFuture,
+}
+
+/// How far a txn id's creation time may lie ahead of a Decide entry's
+/// `proposed_unix_ms` for the entry to be applied; beyond it the entry is
+/// refused ([`DecideRefusal::FromTheFuture`]). Far above the engine's
+/// `txn_id_future_skew_ms`, which refuses such ids before they are proposed:
+/// this is the log's own guard against a buggy or old proposer, and it only
+/// compares two numbers in the entry, so every replica decides alike.
+pub const TXN_ID_AHEAD_OF_PROPOSER_MAX_MS: u64 = 10 * 60 * 1000;
 
 /// Which txns a listing returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +182,15 @@ impl StateMachine {
         if let Some(record) = self.txns.get(&cmd.txn_id) {
             return Applied::Decided { record: record.clone(), first: false };
         }
+        // Decided here, from the entry and the applied state alone, so no
+        // proposer (a leader whose clock is behind, a Resolve, an operator)
+        // can give a forgotten txn a second, contradicting outcome (§7.2).
+        if self.may_have_forgotten(&cmd.txn_id) {
+            return Applied::DecideRefused { txn_id: cmd.txn_id, refusal: DecideRefusal::Forgotten };
+        }
+        if cmd.txn_id.created_unix_ms() > now.saturating_add(TXN_ID_AHEAD_OF_PROPOSER_MAX_MS) {
+            return Applied::DecideRefused { txn_id: cmd.txn_id, refusal: DecideRefusal::FromTheFuture };
+        }
         let branches: Vec<BranchRecord> = cmd
             .branches
             .iter()
@@ -202,13 +238,7 @@ impl StateMachine {
     }
 
     fn forget(&mut self, horizon_unix_ms: u64) -> Applied {
-        let doomed: Vec<TxnId> = self
-            .txns
-            .values()
-            .take_while(|r| r.txn_id.created_unix_ms() < horizon_unix_ms)
-            .filter(|r| r.is_finished())
-            .map(|r| r.txn_id)
-            .collect();
+        let doomed: Vec<TxnId> = self.forgettable(horizon_unix_ms).map(|r| r.txn_id).collect();
         for txn_id in &doomed {
             self.txns.remove(txn_id);
         }
@@ -223,9 +253,16 @@ impl StateMachine {
         txn_id.created_unix_ms() < self.forgotten_before_unix_ms
     }
 
+    /// Finished records a `Forget` with this horizon removes. Ids sort by
+    /// creation time, so the scan ends at the first id not past the horizon,
+    /// and an unfinished txn only keeps itself, never the ones after it.
+    fn forgettable(&self, horizon_unix_ms: u64) -> impl Iterator<Item = &TxnRecord> {
+        self.txns.values().take_while(move |r| r.txn_id.created_unix_ms() < horizon_unix_ms).filter(|r| r.is_finished())
+    }
+
     /// Whether a [`Command::Forget`] with this horizon would remove anything.
     pub fn has_forgettable(&self, horizon_unix_ms: u64) -> bool {
-        self.txns.values().take_while(|r| r.txn_id.created_unix_ms() < horizon_unix_ms).any(TxnRecord::is_finished)
+        self.forgettable(horizon_unix_ms).next().is_some()
     }
 
     /// How many decided txns wait for acknowledgements.
@@ -445,6 +482,8 @@ impl TryFrom<wire::Txn> for TxnRecord {
 
 #[cfg(test)]
 mod tests {
+    use twopc_proto::txn_id::unix_now_ms;
+
     use super::*;
 
     fn pid(s: &str) -> ParticipantId {
@@ -459,8 +498,75 @@ mod tests {
                 reason: String::new(),
                 branches: branches.iter().map(|b| (pid(b), Some(Vote::Yes))).collect(),
             }),
-            proposed_unix_ms: 1,
+            proposed_unix_ms: unix_now_ms(),
         }
+    }
+
+    fn decide_at(txn_id: TxnId, proposed_unix_ms: u64) -> Proposal {
+        Proposal { proposed_unix_ms, ..decide(txn_id, Decision::Abort, &[]) }
+    }
+
+    /// A valid UUIDv7 created at `created_unix_ms`.
+    fn txn_created_at(created_unix_ms: u64) -> TxnId {
+        let mut bytes = TxnId::new().to_bytes();
+        bytes[..6].copy_from_slice(&created_unix_ms.to_be_bytes()[2..]);
+        TxnId::from_bytes(bytes).expect("still a v7 id")
+    }
+
+    // I2 across a retention horizon, by the log alone: once a Forget is applied, no entry (a
+    // Resolve's presumed abort, an operator's decision, a leader whose clock is behind) can give
+    // an id created before its horizon a first decision, so a forgotten Commit cannot become an
+    // Abort. The refusal changes nothing, and a decision logged before the horizon still answers.
+    #[test]
+    fn no_first_decision_is_recorded_for_an_id_below_the_forget_horizon() {
+        let mut sm = StateMachine::default();
+        let kept = TxnId::new();
+        sm.apply(1, &decide(kept, Decision::Commit, &["a"]));
+        let forgotten = txn_created_at(kept.created_unix_ms() - 10);
+        let horizon = kept.created_unix_ms();
+        sm.apply(2, &Proposal { command: Command::Forget { horizon_unix_ms: horizon }, proposed_unix_ms: horizon });
+        let before = sm.clone();
+        let refused = sm.apply(3, &decide(forgotten, Decision::Abort, &[]));
+        assert_eq!(refused, Applied::DecideRefused { txn_id: forgotten, refusal: DecideRefusal::Forgotten });
+        assert!(sm.txn(&forgotten).is_none());
+        assert_eq!(StateMachine { applied_index: 2, ..sm.clone() }, before, "a refused entry changes nothing");
+        let again = sm.apply(4, &decide(kept, Decision::Abort, &[]));
+        assert!(matches!(again, Applied::Decided { first: false, ref record } if record.decision == Decision::Commit));
+    }
+
+    // I6: one record cannot hold up retention GC. An unacknowledged txn stays (its decision must
+    // still be delivered), but the finished txns created after it, and before the horizon, go.
+    #[test]
+    fn an_unacknowledged_txn_keeps_only_itself_from_being_forgotten() {
+        let mut sm = StateMachine::default();
+        let now = unix_now_ms();
+        let (stuck, done, young) = (txn_created_at(now - 30), txn_created_at(now - 20), txn_created_at(now));
+        sm.apply(1, &decide(stuck, Decision::Commit, &["a"]));
+        sm.apply(2, &decide(done, Decision::Commit, &["a"]));
+        sm.apply(3, &decide(young, Decision::Commit, &["a"]));
+        let acks = Command::Acknowledge(vec![(done, pid("a")), (young, pid("a"))]);
+        sm.apply(4, &Proposal { command: acks, proposed_unix_ms: now });
+        let horizon = now - 10;
+        assert!(sm.has_forgettable(horizon));
+        let forgot =
+            sm.apply(5, &Proposal { command: Command::Forget { horizon_unix_ms: horizon }, proposed_unix_ms: now });
+        assert_eq!(forgot, Applied::Forgotten { removed: 1 });
+        assert!(sm.txn(&stuck).is_some() && sm.txn(&done).is_none() && sm.txn(&young).is_some());
+    }
+
+    // I6: a Decide entry for an id created more than TXN_ID_AHEAD_OF_PROPOSER_MAX_MS after its
+    // proposer's clock is refused at apply, judged from the entry alone (so every replica agrees),
+    // and leaves no record that no retention horizon would ever reach; up to the limit it is kept.
+    #[test]
+    fn a_decide_for_an_id_from_the_future_is_refused_and_leaves_no_record() {
+        let mut sm = StateMachine::default();
+        let now = unix_now_ms();
+        let far = txn_created_at(now + TXN_ID_AHEAD_OF_PROPOSER_MAX_MS + 1);
+        let refused = sm.apply(1, &decide_at(far, now));
+        assert_eq!(refused, Applied::DecideRefused { txn_id: far, refusal: DecideRefusal::FromTheFuture });
+        assert_eq!(sm.txn_count(), 0);
+        let near = txn_created_at(now + TXN_ID_AHEAD_OF_PROPOSER_MAX_MS);
+        assert!(matches!(sm.apply(2, &decide_at(near, now)), Applied::Decided { first: true, .. }));
     }
 
     #[test]

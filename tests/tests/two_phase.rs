@@ -59,6 +59,40 @@ async fn submit(client: &ClusterClient, request: pb::SubmitRequest) -> Result<pb
         .await
 }
 
+async fn resolve(client: &ClusterClient, txn_id: TxnId) -> Result<pb::ResolveResponse, tonic::Status> {
+    let request = pb::ResolveRequest { txn_id: txn_id.to_string(), participant: "bank-a".into() };
+    client
+        .coordinator(|mut c| {
+            let request = request.clone();
+            async move { c.resolve(request).await }
+        })
+        .await
+}
+
+/// An operator's Decide through the admin API.
+fn operator_decide<'c>(
+    client: &'c ClusterClient,
+    txn_id: TxnId,
+    decision: pb::Decision,
+    reason: &str,
+    force_commit: bool,
+) -> impl Future<Output = Result<pb::DecideResponse, tonic::Status>> + use<'c> {
+    let request = pb::DecideRequest {
+        txn_id: txn_id.to_string(),
+        decision: decision.into(),
+        reason: reason.into(),
+        force_commit,
+    };
+    async move {
+        client
+            .admin(|mut c| {
+                let request = request.clone();
+                async move { c.decide(request).await }
+            })
+            .await
+    }
+}
+
 async fn transaction(client: &ClusterClient, txn_id: TxnId) -> Result<pb::TransactionInfo, tonic::Status> {
     let request = pb::GetTransactionRequest { txn_id: txn_id.to_string() };
     client
@@ -310,19 +344,15 @@ async fn an_operator_settles_an_undecided_txn_through_the_log_and_cannot_overrul
     // refused for a txn the log already decided.
     let s = setup(120_000, Box::new(|_| {})).await?;
     let decide = |txn: TxnId, decision: pb::Decision, reason: &str| {
-        let request = pb::DecideRequest { txn_id: txn.to_string(), decision: decision.into(), reason: reason.into() };
-        let client = &s.client;
-        async move {
-            client
-                .admin(|mut c| {
-                    let request = request.clone();
-                    async move { c.decide(request).await }
-                })
-                .await
-        }
+        operator_decide(&s.client, txn, decision, reason, decision == pb::Decision::Commit)
     };
-    // An in-doubt branch whose coordinator lost the txn: the operator commits it.
+    // An in-doubt branch whose coordinator lost the txn: the operator, having checked every
+    // branch's vote, forces a Commit; without force_commit it is refused (§6.1).
     let txn = TxnId::new();
+    let unforced = operator_decide(&s.client, txn, pb::Decision::Commit, "looks fine", false).await;
+    let unforced = unforced.expect_err("an operator Commit must be forced");
+    assert_eq!(unforced.code(), Code::InvalidArgument, "{}", unforced.message());
+    assert!(unforced.message().contains("force"), "{}", unforced.message());
     let decided = decide(txn, pb::Decision::Commit, "bank-a confirmed the goods shipped").await?;
     assert_eq!(decided.decision, pb::Decision::Commit as i32);
     let info = transaction(&s.client, txn).await?;
@@ -334,7 +364,13 @@ async fn an_operator_settles_an_undecided_txn_through_the_log_and_cannot_overrul
     let unknown_decision = s
         .client
         .admin(|mut c| async move {
-            c.decide(pb::DecideRequest { txn_id: TxnId::new().to_string(), decision: 9, reason: "x".into() }).await
+            let request = pb::DecideRequest {
+                txn_id: TxnId::new().to_string(),
+                decision: 9,
+                reason: "x".into(),
+                force_commit: false,
+            };
+            c.decide(request).await
         })
         .await
         .expect_err("unknown enum value");
@@ -395,9 +431,13 @@ async fn listing_filters_unacknowledged_and_undecided_txns() -> anyhow::Result<(
 
 /// A valid UUIDv7 txn id created `age_ms` ago.
 fn txn_id_aged(age_ms: u64) -> TxnId {
+    txn_id_created_at(unix_now_ms() - age_ms)
+}
+
+/// A valid UUIDv7 txn id created at `created_unix_ms`.
+fn txn_id_created_at(created_unix_ms: u64) -> TxnId {
     let mut bytes = TxnId::new().to_bytes();
-    let created = unix_now_ms() - age_ms;
-    bytes[..6].copy_from_slice(&created.to_be_bytes()[2..]);
+    bytes[..6].copy_from_slice(&created_unix_ms.to_be_bytes()[2..]);
     TxnId::from_bytes(bytes).expect("still a v7 id")
 }
 
@@ -462,7 +502,8 @@ async fn a_txn_forgotten_by_a_leader_whose_clock_ran_ahead_is_never_run_again() 
 
     clock.jump_ms(60_000);
     wait::until("the leader to forget the txn", SETTLE, || async {
-        matches!(transaction(&s.client, txn).await, Err(status) if status.code() == Code::NotFound).then_some(())
+        let forgotten = transaction(&s.client, txn).await;
+        matches!(forgotten, Err(status) if status.code() == Code::FailedPrecondition).then_some(())
     })
     .await?;
     clock.jump_ms(-60_000);
@@ -473,5 +514,164 @@ async fn a_txn_forgotten_by_a_leader_whose_clock_ran_ahead_is_never_run_again() 
     assert!(err.message().contains("retention horizon"), "{}", err.message());
     assert_eq!(s.a.resource.prepare_calls(txn), 1, "the txn was prepared again");
     assert_eq!(s.a.resource.commit_count(txn), 1);
+    s.cluster.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_cannot_commit_a_txn_the_leader_is_still_preparing() -> anyhow::Result<()> {
+    // I1 and §6.1: bank-b has voted NO, but its answer has not reached the leader yet. An
+    // operator's forced Commit is refused while the leader prepares the txn, so the Submit
+    // answers Abort and no branch commits (it used to be accepted, the Submit answered COMMIT,
+    // and bank-b never applied it).
+    let s = setup(120_000, Box::new(|_| {})).await?;
+    let leader = s.cluster.wait_for_leader().await?;
+    s.cluster.gate.hold_after_prepare(true);
+    let txn = TxnId::new();
+    let pending =
+        submit_once(s.cluster.addr(leader), request(txn, &[("bank-a", "debit"), ("bank-b", "no:insufficient funds")]));
+    wait::until("both branches to vote", SETTLE, || async { (s.cluster.gate.prepares_answered() >= 2).then_some(()) })
+        .await?;
+    let refused = operator_decide(&s.client, txn, pb::Decision::Commit, "looks stuck", true).await;
+    let refused = refused.expect_err("an operator cannot decide a txn the leader is preparing");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{}", refused.message());
+    assert!(refused.message().contains("PREPARING"), "{}", refused.message());
+    let abort = operator_decide(&s.client, txn, pb::Decision::Abort, "looks stuck", false).await;
+    assert_eq!(abort.expect_err("nor abort it").code(), Code::FailedPrecondition);
+    s.cluster.gate.hold_after_prepare(false);
+    let response = pending.await??;
+    assert_eq!(response.decision, pb::Decision::Abort as i32, "{}", response.reason);
+    wait_resource("bank-a to release its branch", &s.a.resource, |r| r.is_aborted(txn)).await?;
+    assert_eq!(s.a.resource.commit_count(txn) + s.b.resource.commit_count(txn), 0);
+    s.cluster.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txn_ids_from_the_future_are_refused_at_every_entry_point() -> anyhow::Result<()> {
+    // I6 and §7.4: an id dated ten years ahead would never pass a retention horizon. Submit,
+    // Resolve, Decide and GetTransaction refuse it with INVALID_ARGUMENT, on every node, and no
+    // node records it (a Resolve used to log a presumed abort that stayed for good). An id
+    // within txn_id_future_skew_ms of the clock is accepted.
+    let s = setup(5_000, Box::new(|_| {})).await?;
+    let future = txn_id_created_at(unix_now_ms() + 10 * 365 * 24 * 3600 * 1000);
+    let submitted = submit(&s.client, request(future, &[("bank-a", "x"), ("bank-b", "y")])).await;
+    let resolved = resolve(&s.client, future).await.map(drop);
+    let decided = operator_decide(&s.client, future, pb::Decision::Abort, "clean up", false).await.map(drop);
+    let got = transaction(&s.client, future).await.map(drop);
+    for (what, answer) in [("submit", submitted.map(drop)), ("resolve", resolved), ("decide", decided), ("get", got)] {
+        let err = answer.expect_err(what);
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {}", err.message());
+        assert!(err.message().contains("txn_id_future_skew_ms"), "{what}: {}", err.message());
+    }
+    for addr in s.cluster.addrs() {
+        let one_node = ClusterClient::new(vec![addr], Default::default())?;
+        let err = resolve(&one_node, future).await.expect_err("any node refuses it");
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    }
+    let leader = s.cluster.wait_for_leader().await?;
+    let applied = s.cluster.node(leader).status().applied_index;
+    s.cluster.wait_applied(applied).await?;
+    assert!(s.cluster.states().values().all(|sm| sm.txn(&future).is_none()), "no node records the id");
+    assert_eq!(s.a.resource.prepare_calls(future), 0);
+    let near = txn_id_created_at(unix_now_ms() + 5_000);
+    let ok = submit(&s.client, request(near, &[("bank-a", "x"), ("bank-b", "y")])).await?;
+    assert_eq!(ok.decision, pb::Decision::Commit as i32);
+    s.cluster.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_txn_gets_no_second_outcome() -> anyhow::Result<()> {
+    // I2 and §7.2: once a committed txn is forgotten, Resolve, Decide, GetTransaction and a
+    // retried Submit all answer FAILED_PRECONDITION ("forgotten"); none logs a decision, so the
+    // log never reports Abort for a txn it once committed (a Resolve used to log a presumed
+    // abort, which GetTransaction and Submit then reported).
+    let s = setup(
+        5_000,
+        Box::new(|c| {
+            c.engine.retention_ms = 3_000;
+            c.engine.deadline_max_ms = 1_000;
+            c.engine.gc_interval_ms = 50;
+        }),
+    )
+    .await?;
+    let txn = TxnId::new();
+    let mut first = request(txn, &[("bank-a", "debit"), ("bank-b", "credit")]);
+    first.deadline_unix_ms = unix_now_ms() + 900;
+    assert_eq!(submit(&s.client, first.clone()).await?.decision, pb::Decision::Commit as i32);
+    wait_finished(&s.client, txn).await?;
+    wait::until("every node to forget the txn", SETTLE, || async {
+        s.cluster.states().values().all(|sm| sm.txn(&txn).is_none() && sm.may_have_forgotten(&txn)).then_some(())
+    })
+    .await?;
+    let resolved = resolve(&s.client, txn).await.map(drop);
+    let decided = operator_decide(&s.client, txn, pb::Decision::Abort, "clean up", false).await.map(drop);
+    let got = transaction(&s.client, txn).await.map(drop);
+    first.deadline_unix_ms = unix_now_ms() + 900;
+    let submitted = submit(&s.client, first).await.map(drop);
+    for (what, answer) in [("resolve", resolved), ("decide", decided), ("get", got), ("submit", submitted)] {
+        let err = answer.expect_err(what);
+        assert_eq!(err.code(), Code::FailedPrecondition, "{what}: {}", err.message());
+    }
+    let err = resolve(&s.client, txn).await.expect_err("still forgotten");
+    assert!(err.message().contains("forgotten; its outcome is no longer kept"), "{}", err.message());
+    let leader = s.cluster.wait_for_leader().await?;
+    s.cluster.wait_applied(s.cluster.node(leader).status().applied_index).await?;
+    assert!(s.cluster.states().values().all(|sm| sm.txn(&txn).is_none()), "no second decision was logged");
+    assert_eq!(s.a.resource.commit_count(txn), 1);
+    s.cluster.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reasons_are_capped_before_they_enter_the_log() -> anyhow::Result<()> {
+    // I6: a NO vote's reason of any length is cut to REASON_MAX_BYTES (on a char boundary)
+    // before it is logged, so the record, the answer and every snapshot stay bounded; an
+    // operator's reason past OPERATOR_REASON_MAX_BYTES is refused with INVALID_ARGUMENT.
+    let s = setup(120_000, Box::new(|_| {})).await?;
+    let txn = TxnId::new();
+    let long_no = format!("no:{}", "é".repeat(1_000));
+    let response = submit(&s.client, request(txn, &[("bank-a", "debit"), ("bank-b", &long_no)])).await?;
+    assert_eq!(response.decision, pb::Decision::Abort as i32);
+    let max = twopc_coordinator::command::REASON_MAX_BYTES;
+    assert!(response.reason.len() <= max, "reason of {} bytes", response.reason.len());
+    let b_vote = response.votes.iter().find(|v| v.participant == "bank-b").expect("bank-b's vote");
+    assert_eq!(b_vote.reason, "é".repeat(max / 2), "cut on a char boundary");
+    let logged = transaction(&s.client, txn).await?;
+    assert!(logged.reason.len() <= max && logged.branches.iter().all(|b| b.reason.len() <= max));
+
+    let longest = twopc_coordinator::engine::OPERATOR_REASON_MAX_BYTES;
+    let too_long = operator_decide(&s.client, TxnId::new(), pb::Decision::Abort, &"x".repeat(longest + 1), false);
+    let err = too_long.await.expect_err("an over-long operator reason");
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    let fits = TxnId::new();
+    operator_decide(&s.client, fits, pb::Decision::Abort, &"x".repeat(longest), false).await?;
+    let info = transaction(&s.client, fits).await?;
+    assert_eq!(info.reason, format!("operator: {}", "x".repeat(longest)), "kept whole");
+    s.cluster.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_submit_with_other_branches_is_refused() -> anyhow::Result<()> {
+    // I5 and §5 step 6: a Submit for a txn id that is running or logged with other branches is
+    // refused with FAILED_PRECONDITION instead of joining it (its caller would learn an outcome
+    // for work that was never prepared); a retry with the same branches still joins or answers.
+    let s = setup(120_000, Box::new(|_| {})).await?;
+    let leader = s.cluster.wait_for_leader().await?;
+    s.cluster.gate.hold_after_prepare(true);
+    let txn = TxnId::new();
+    let both = request(txn, &[("bank-a", "debit"), ("bank-b", "credit")]);
+    let only_a = request(txn, &[("bank-a", "debit")]);
+    let pending = submit_once(s.cluster.addr(leader), both.clone());
+    wait::until("both branches to vote", SETTLE, || async { (s.cluster.gate.prepares_answered() >= 2).then_some(()) })
+        .await?;
+    let running = tokio::time::timeout(SETTLE, submit(&s.client, only_a.clone())).await?;
+    let err = running.expect_err("other branches than the running txn's");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    assert!(err.message().contains("bank-b"), "{}", err.message());
+    s.cluster.gate.hold_after_prepare(false);
+    assert_eq!(pending.await??.decision, pb::Decision::Commit as i32);
+    let logged = submit(&s.client, only_a).await.expect_err("other branches than the logged txn's");
+    assert_eq!(logged.code(), Code::FailedPrecondition, "{}", logged.message());
+    let reordered = request(txn, &[("bank-b", "credit"), ("bank-a", "debit")]);
+    assert_eq!(submit(&s.client, reordered).await?.decision, pb::Decision::Commit as i32);
+    assert_eq!(s.a.resource.prepare_calls(txn), 1);
     s.cluster.stop().await
 }

@@ -30,10 +30,13 @@ use crate::failpoint;
 use crate::metrics::PhaseLatencies;
 use crate::node::NodeHandle;
 use crate::participant_client::{ParticipantClient, Target};
-use crate::state_machine::{Applied, ListFilter, TxnRecord};
+use crate::state_machine::{Applied, DecideRefusal, ListFilter, TXN_ID_AHEAD_OF_PROPOSER_MAX_MS, TxnRecord};
 
 use delivery::Delivery;
-pub use request::{LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, ListRequest, SubmitRequest, parse_txn_id};
+pub use request::{
+    LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, LIST_PAGE_MAX_BYTES, ListRequest, OPERATOR_REASON_MAX_BYTES,
+    OPERATOR_REASON_PREFIX, OperatorDecideRequest, SubmitRequest, check_not_from_the_future, parse_txn_id,
+};
 
 /// What a caller learns about a txn.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +83,9 @@ type SharedOutcome = Option<std::result::Result<TxnRecord, SharedError>>;
 enum SharedError {
     NotLeader(Option<String>),
     Timeout(String),
+    /// The log refused the decision: every waiter gets the same answer.
+    FailedPrecondition(String),
+    InvalidArgument(String),
     Other(String),
 }
 
@@ -88,6 +94,8 @@ impl From<&Error> for SharedError {
         match err {
             Error::NotLeader { leader_addr } => Self::NotLeader(leader_addr.clone()),
             Error::Timeout(m) => Self::Timeout(m.clone()),
+            Error::FailedPrecondition(m) => Self::FailedPrecondition(m.clone()),
+            Error::InvalidArgument(m) => Self::InvalidArgument(m.clone()),
             other => Self::Other(other.to_string()),
         }
     }
@@ -98,6 +106,8 @@ impl From<&SharedError> for Error {
         match err {
             SharedError::NotLeader(leader_addr) => Self::NotLeader { leader_addr: leader_addr.clone() },
             SharedError::Timeout(m) => Self::Timeout(m.clone()),
+            SharedError::FailedPrecondition(m) => Self::FailedPrecondition(m.clone()),
+            SharedError::InvalidArgument(m) => Self::InvalidArgument(m.clone()),
             SharedError::Other(m) => Self::Retryable(format!("{m}; outcome unknown")),
         }
     }
@@ -106,6 +116,43 @@ impl From<&SharedError> for Error {
 struct Inflight {
     outcome: watch::Receiver<SharedOutcome>,
     participants: Vec<ParticipantId>,
+    driver: Driver,
+}
+
+/// Who drives a txn in the in-flight table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Driver {
+    /// A Submit preparing its branches.
+    Submit,
+    /// An operator's Decide being logged: a Submit that arrives meanwhile
+    /// waits for that decision instead of preparing (docs/PROTOCOL.md §6.1).
+    Operator,
+}
+
+/// The answer for a txn id the log may have decided and then forgotten.
+fn forgotten(txn_id: TxnId) -> Error {
+    Error::FailedPrecondition(format!(
+        "txn {txn_id} is forgotten; its outcome is no longer kept (its id was created before the log's \
+         retention horizon, docs/PROTOCOL.md §7.2)"
+    ))
+}
+
+/// A Submit naming other participants than the txn's running or logged branches.
+fn other_branches(txn_id: TxnId, known: &[ParticipantId], asked: &[ParticipantId]) -> Option<Error> {
+    let sorted = |names: &[ParticipantId]| {
+        let mut names: Vec<String> = names.iter().map(ToString::to_string).collect();
+        names.sort();
+        names
+    };
+    let (known, asked) = (sorted(known), sorted(asked));
+    (known != asked).then(|| {
+        Error::FailedPrecondition(format!(
+            "txn {txn_id} has branches [{}], but this Submit names [{}]: retry with the same branches, or use \
+             a new txn id for other work",
+            known.join(", "),
+            asked.join(", ")
+        ))
+    })
 }
 
 /// The 2PC driver of one coordinator node. Cheap to clone.
@@ -199,7 +246,14 @@ impl<P: ParticipantClient> Engine<P> {
         // A decided txn answers from the applied log (I5).
         let (record, forgotten) =
             self.inner.node.local_read(|sm| (sm.txn(&txn_id).cloned(), sm.may_have_forgotten(&txn_id)));
+        let asked: Vec<ParticipantId> = request.branches.iter().map(|(p, _)| p.clone()).collect();
         if let Some(record) = record {
+            // A presumed abort or an operator's decision logs no branches:
+            // any retry of such a txn gets its outcome.
+            let logged: Vec<ParticipantId> = record.branches.iter().map(|b| b.participant.clone()).collect();
+            if let Some(err) = other_branches(txn_id, &logged, &asked).filter(|_| !logged.is_empty()) {
+                return Err(err);
+            }
             return Ok(record);
         }
         // By the log, not the local clock: a leader whose clock is behind
@@ -220,8 +274,15 @@ impl<P: ParticipantClient> Engine<P> {
         }
         let targets = self.targets(&request)?;
         let participants = targets.iter().map(|(t, _)| t.participant.clone()).collect();
-        let outcome = match self.join_or_register(txn_id, participants)? {
-            Joined::Existing(outcome) => return wait_outcome(outcome).await,
+        let outcome = match self.join_or_register(txn_id, participants, Driver::Submit)? {
+            Joined::Existing(running) => {
+                if running.driver == Driver::Submit
+                    && let Some(err) = other_branches(txn_id, &running.participants, &asked)
+                {
+                    return Err(err);
+                }
+                return wait_outcome(running.outcome).await;
+            }
             Joined::New(outcome) => outcome,
         };
         let waiter = outcome.subscribe();
@@ -236,7 +297,7 @@ impl<P: ParticipantClient> Engine<P> {
                 let started = Instant::now();
                 let result = engine.prepare_and_decide(&request, targets).await;
                 engine.inner.phases.submit.record(started.elapsed());
-                guard.finish(&result);
+                guard.finish(result.as_ref());
             }
             .instrument(span),
         );
@@ -268,11 +329,18 @@ impl<P: ParticipantClient> Engine<P> {
         })
     }
 
-    fn join_or_register(&self, txn_id: TxnId, participants: Vec<ParticipantId>) -> Result<Joined> {
+    fn join_or_register(&self, txn_id: TxnId, participants: Vec<ParticipantId>, driver: Driver) -> Result<Joined> {
         let mut inflight = self.inner.inflight.lock();
         let len = inflight.len();
         match inflight.entry(txn_id) {
-            Entry::Occupied(running) => Ok(Joined::Existing(running.get().outcome.clone())),
+            Entry::Occupied(running) => {
+                let running = running.get();
+                Ok(Joined::Existing(Inflight {
+                    outcome: running.outcome.clone(),
+                    participants: running.participants.clone(),
+                    driver: running.driver,
+                }))
+            }
             Entry::Vacant(slot) => {
                 if len >= self.inner.config.txn_inflight_max {
                     return Err(Error::Overloaded(format!(
@@ -280,7 +348,7 @@ impl<P: ParticipantClient> Engine<P> {
                     )));
                 }
                 let (tx, rx) = watch::channel(None);
-                slot.insert(Inflight { outcome: rx, participants });
+                slot.insert(Inflight { outcome: rx, participants, driver });
                 Ok(Joined::New(tx))
             }
         }
@@ -378,13 +446,27 @@ impl<P: ParticipantClient> Engine<P> {
     }
 
     /// Proposes a decision and returns the record the log holds afterwards.
-    async fn decide(&self, cmd: DecideCmd) -> Result<TxnRecord> {
+    ///
+    /// # Errors
+    /// As [`NodeHandle::propose`]; [`Error::FailedPrecondition`] when the log
+    /// refused the first decision of a forgotten txn (§7.2),
+    /// [`Error::InvalidArgument`] when it refused an id from the future (§7.4).
+    async fn decide(&self, mut cmd: DecideCmd) -> Result<TxnRecord> {
+        // I6: reasons come from participants and operators; the log keeps them in every snapshot.
+        cmd.cap_reasons();
         let proposal = Proposal { command: Command::Decide(cmd), proposed_unix_ms: self.now_ms() };
         let started = Instant::now();
         let applied = self.inner.node.propose(&proposal).await;
         self.inner.phases.decide.record(started.elapsed());
         match applied? {
             Applied::Decided { record, .. } => Ok(record),
+            Applied::DecideRefused { txn_id, refusal: DecideRefusal::Forgotten } => Err(forgotten(txn_id)),
+            Applied::DecideRefused { txn_id, refusal: DecideRefusal::FromTheFuture } => {
+                Err(Error::InvalidArgument(format!(
+                    "txn_id: {txn_id} was created more than {TXN_ID_AHEAD_OF_PROPOSER_MAX_MS} ms after the \
+                     proposing leader's clock; the log refuses it"
+                )))
+            }
             other => Err(Error::Corrupt(format!("a Decide entry was applied as {other:?}"))),
         }
     }
@@ -403,15 +485,24 @@ impl<P: ParticipantClient> Engine<P> {
     /// [`Error::NotLeader`] when the txn is unknown here and this node is not
     /// the leader; errors of [`NodeHandle::linearizable_read`] and of proposing.
     pub async fn resolve(&self, txn_id: TxnId, asker: Option<&ParticipantId>) -> Result<Decision> {
+        check_not_from_the_future(txn_id, &self.inner.config)?;
         let decision = self.resolve_inner(txn_id, asker).await?;
         self.inner.metrics.resolved.fetch_add(1, Ordering::Relaxed);
         Ok(decision)
     }
 
     async fn resolve_inner(&self, txn_id: TxnId, asker: Option<&ParticipantId>) -> Result<Decision> {
-        let logged = self.inner.node.linearizable_read(|sm| sm.txn(&txn_id).map(|r| r.decision)).await?;
+        let (logged, was_forgotten) = self
+            .inner
+            .node
+            .linearizable_read(|sm| (sm.txn(&txn_id).map(|r| r.decision), sm.may_have_forgotten(&txn_id)))
+            .await?;
         if let Some(decision) = logged {
             return Ok(decision);
+        }
+        // No presumed abort here: the forgotten outcome may have been Commit (I2).
+        if was_forgotten {
+            return Err(forgotten(txn_id));
         }
         self.require_leader()?;
         let running = self.inner.inflight.lock().get(&txn_id).map(|i| i.outcome.clone());
@@ -430,15 +521,36 @@ impl<P: ParticipantClient> Engine<P> {
         Ok(record.decision)
     }
 
-    /// An operator's decision for an undecided txn (first writer wins).
+    /// An operator's decision for an undecided txn (first writer wins,
+    /// docs/PROTOCOL.md §6.1).
     ///
     /// # Errors
-    /// [`Error::FailedPrecondition`] if the log already holds a decision.
-    pub async fn operator_decide(&self, txn_id: TxnId, decision: Decision, reason: String) -> Result<TxnRecord> {
+    /// [`Error::FailedPrecondition`] if the log already holds another
+    /// decision, if this leader is still preparing the txn, or if the txn is
+    /// forgotten; [`Error::InvalidArgument`] for an id from the future.
+    pub async fn operator_decide(&self, request: OperatorDecideRequest) -> Result<TxnRecord> {
+        let OperatorDecideRequest { txn_id, decision, reason } = request;
+        check_not_from_the_future(txn_id, &self.inner.config)?;
         self.require_leader()?;
-        let reason = format!("operator: {reason}");
-        let record = self.decide(DecideCmd { txn_id, decision, reason, branches: Vec::new() }).await?;
-        if record.decision != decision || !record.reason.starts_with("operator: ") {
+        // I1: while this leader collects votes, a branch may yet vote NO;
+        // an operator's Commit now would be applied there by nobody.
+        let outcome = match self.join_or_register(txn_id, Vec::new(), Driver::Operator)? {
+            Joined::Existing(_) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "txn {txn_id} is PREPARING: this leader is collecting its votes and will log its decision; \
+                     wait for it (twopc txn show {txn_id})"
+                )));
+            }
+            Joined::New(outcome) => outcome,
+        };
+        // Registered as the txn's driver, so a Submit arriving meanwhile
+        // waits for this decision instead of preparing.
+        let guard = InflightGuard { inner: self.inner.clone(), txn_id, outcome: Some(outcome) };
+        let reason = format!("{OPERATOR_REASON_PREFIX}{reason}");
+        let result = self.decide(DecideCmd { txn_id, decision, reason, branches: Vec::new() }).await;
+        guard.finish(result.as_ref());
+        let record = result?;
+        if record.decision != decision || !record.reason.starts_with(OPERATOR_REASON_PREFIX) {
             return Err(Error::FailedPrecondition(format!(
                 "txn {txn_id} is already decided: {} ({})",
                 record.decision, record.reason
@@ -452,13 +564,19 @@ impl<P: ParticipantClient> Engine<P> {
     /// # Errors
     /// [`Error::NotFound`] when neither knows it.
     pub async fn transaction(&self, txn_id: TxnId) -> Result<TxnView> {
-        if let Some(record) = self.inner.node.linearizable_read(|sm| sm.txn(&txn_id).cloned()).await? {
+        check_not_from_the_future(txn_id, &self.inner.config)?;
+        let (record, was_forgotten) =
+            self.inner.node.linearizable_read(|sm| (sm.txn(&txn_id).cloned(), sm.may_have_forgotten(&txn_id))).await?;
+        if let Some(record) = record {
             return Ok(TxnView::Logged(record));
         }
         if let Some(running) = self.inner.inflight.lock().get(&txn_id) {
             return Ok(TxnView::Preparing { txn_id, participants: running.participants.clone() });
         }
-        Err(Error::NotFound(format!("no record of txn {txn_id} (never submitted, or forgotten after retention)")))
+        if was_forgotten {
+            return Err(forgotten(txn_id));
+        }
+        Err(Error::NotFound(format!("no record of txn {txn_id} (never submitted, or not decided yet)")))
     }
 
     /// A page of txns.
@@ -600,7 +718,7 @@ impl<P: ParticipantClient> Engine<P> {
 }
 
 enum Joined {
-    Existing(watch::Receiver<SharedOutcome>),
+    Existing(Inflight),
     New(watch::Sender<SharedOutcome>),
 }
 
@@ -622,7 +740,7 @@ struct InflightGuard<P> {
 }
 
 impl<P> InflightGuard<P> {
-    fn finish(mut self, result: &Result<TxnRecord>) {
+    fn finish(mut self, result: std::result::Result<&TxnRecord, &Error>) {
         if let Some(tx) = self.outcome.take() {
             let shared = match result {
                 Ok(record) => Ok(record.clone()),

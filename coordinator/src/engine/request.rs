@@ -4,8 +4,9 @@
 use std::collections::HashSet;
 
 use bytes::Bytes;
-use twopc_proto::{ParticipantId, TxnId, pb};
+use twopc_proto::{Decision, ParticipantId, TxnId, pb};
 
+use crate::command::REASON_MAX_BYTES;
 use crate::config::EngineConfig;
 use crate::error::{Error, Result};
 
@@ -32,15 +33,42 @@ pub fn parse_txn_id(text: &str) -> Result<TxnId> {
     text.parse().map_err(|e| invalid(format!("txn_id: {e}")))
 }
 
+/// Refuses a txn id created further ahead of this node's clock than
+/// `txn_id_future_skew_ms`: its record would never pass a retention horizon
+/// (docs/PROTOCOL.md §7.4).
+///
+/// # Errors
+/// [`Error::InvalidArgument`] saying how far ahead the id is.
+pub fn check_not_from_the_future(txn_id: TxnId, limits: &EngineConfig) -> Result<()> {
+    let now = limits.clock.unix_now_ms();
+    let ahead_ms = txn_id.created_unix_ms().saturating_sub(now);
+    if ahead_ms > limits.txn_id_future_skew_ms {
+        return Err(invalid(format!(
+            "txn_id: {txn_id} was created {ahead_ms} ms after this coordinator's clock, more than the {} ms \
+             allowed (txn_id_future_skew_ms); create txn ids with a clock in sync with the coordinators'",
+            limits.txn_id_future_skew_ms
+        )));
+    }
+    Ok(())
+}
+
+/// The longest reason an operator may give, in bytes: with the `operator: `
+/// prefix the log adds, it fits [`REASON_MAX_BYTES`] uncut.
+pub const OPERATOR_REASON_MAX_BYTES: usize = REASON_MAX_BYTES - OPERATOR_REASON_PREFIX.len();
+
+/// What the log's reason for an operator's decision starts with.
+pub const OPERATOR_REASON_PREFIX: &str = "operator: ";
+
 impl SubmitRequest {
     /// Checks a wire Submit against the engine's limits.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for no branches, too many, a bad or repeated
-    /// participant name, an oversize payload, a malformed txn id, or a
-    /// deadline that is missing, past, or too far ahead.
+    /// participant name, an oversize payload, a malformed txn id or one from
+    /// the future (past `txn_id_future_skew_ms`), or a deadline that is missing, past, or too far ahead.
     pub fn from_pb(request: pb::SubmitRequest, limits: &EngineConfig) -> Result<Self> {
         let txn_id = parse_txn_id(&request.txn_id)?;
+        check_not_from_the_future(txn_id, limits)?;
         if request.branches.is_empty() {
             return Err(invalid("branches: a txn needs at least one branch".into()));
         }
@@ -89,6 +117,50 @@ impl SubmitRequest {
     }
 }
 
+/// A validated operator Decide (`twopc.v1.Admin`).
+#[derive(Debug, Clone)]
+pub struct OperatorDecideRequest {
+    /// The txn.
+    pub txn_id: TxnId,
+    /// The operator's decision; a Commit only with `force_commit` set.
+    pub decision: Decision,
+    /// Why, in the operator's words (without the log's prefix).
+    pub reason: String,
+}
+
+impl OperatorDecideRequest {
+    /// Checks a wire Decide.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a malformed or future txn id, an unknown
+    /// decision, a missing or over-long reason, or a Commit without
+    /// `force_commit` (docs/PROTOCOL.md §6.1).
+    pub fn from_pb(request: pb::DecideRequest, limits: &EngineConfig) -> Result<Self> {
+        let txn_id = parse_txn_id(&request.txn_id)?;
+        check_not_from_the_future(txn_id, limits)?;
+        let decision = Decision::try_from(request.decision).map_err(|e| invalid(e.to_string()))?;
+        if request.reason.trim().is_empty() {
+            return Err(invalid("reason: say why the operator decides; it is kept in the log".into()));
+        }
+        if request.reason.len() > OPERATOR_REASON_MAX_BYTES {
+            return Err(invalid(format!(
+                "reason: {} bytes, more than the limit of {OPERATOR_REASON_MAX_BYTES}; the log keeps it in every \
+                 snapshot, so say it shorter",
+                request.reason.len()
+            )));
+        }
+        if decision == Decision::Commit && !request.force_commit {
+            return Err(invalid(
+                "force_commit: an operator Commit must be forced (twopc txn decide ID commit --force): the log \
+                 holds no votes for an undecided txn, and committing one whose branch voted NO applies it at some \
+                 participants and not others (I1); check every participant's vote first, or decide abort"
+                    .into(),
+            ));
+        }
+        Ok(Self { txn_id, decision, reason: request.reason })
+    }
+}
+
 /// A validated ListTransactions.
 #[derive(Debug, Clone)]
 pub struct ListRequest {
@@ -108,6 +180,11 @@ pub struct ListRequest {
 pub const LIST_LIMIT_DEFAULT: usize = 100;
 /// The largest page a ListTransactions returns.
 pub const LIST_LIMIT_MAX: usize = 1000;
+/// The most bytes of txns one ListTransactions page carries; a page that
+/// would grow past it ends early, with a cursor to the rest. Well under the
+/// 4 MiB message limit (`MAX_MESSAGE_BYTES`): 1000 txns of 16 branches with
+/// reasons at `REASON_MAX_BYTES` would be about 9 MiB.
+pub const LIST_PAGE_MAX_BYTES: usize = 1024 * 1024;
 
 impl ListRequest {
     /// Checks a wire ListTransactions.
