@@ -148,7 +148,7 @@ fn the_checker_catches_a_leader_that_ignores_no_votes_deterministically() {
     // The checker bites (I1, I8): a leader that ignores NO votes commits the
     // other branch of overdrawn transfers.
     let (seed, invariants) =
-        first_violation_with(twopc_coordinator::failpoint::PREPARE_IGNORE_VOTES, FaultMix::Calm, 5);
+        first_violation_with(twopc_coordinator::failpoint::PREPARE_IGNORE_VOTES, FaultMix::Calm, 5, |_| {});
     assert!(invariants.contains(&Invariant::I1) && invariants.contains(&Invariant::I8), "seed {seed}: {invariants:?}");
 }
 
@@ -157,24 +157,70 @@ fn the_checker_catches_a_leader_that_ignores_no_votes_deterministically() {
 fn the_checker_catches_a_bank_that_releases_holds_on_a_timer_deterministically() {
     // The checker bites (I4 broken, seen as I1): banks that abort in-doubt
     // branches on their own disagree with the logged Commit when phase 2 is slow.
-    let (seed, invariants) =
-        first_violation_with(twopc_participant::failpoint::RESOLVE_RELEASE_ON_TIMER, FaultMix::Participants, 30);
+    let (seed, invariants) = first_violation_with(
+        twopc_participant::failpoint::RESOLVE_RELEASE_ON_TIMER,
+        FaultMix::Participants,
+        30,
+        |_| {},
+    );
     assert!(invariants.contains(&Invariant::I1), "seed {seed} named {invariants:?}");
 }
 
-/// The first of `seeds` seeds of `mix` whose run reports a violation, with
-/// `failpoint` returning early (breaking the protocol) for the whole search,
-/// and the invariants it named.
+#[cfg(feature = "failpoints")]
+#[test]
+fn the_checker_catches_an_operator_commit_of_a_txn_still_preparing_deterministically() {
+    // The checker bites on issue 14's operator bug (I1): an operator's
+    // Commit, unforced, logged while the leader still collects the votes of
+    // a transfer whose debit is then refused. The adversary operator commits
+    // running txns without force_commit, which the fixed coordinator refuses.
+    let (seed, invariants) =
+        first_violation_with(twopc_coordinator::failpoint::OPERATOR_DECIDE_UNCHECKED, FaultMix::Calm, 30, |_| {});
+    assert!(invariants.contains(&Invariant::I1), "seed {seed} named {invariants:?}");
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn the_checker_catches_txn_ids_from_the_far_future_deterministically() {
+    // The checker bites on issue 14's far-future bug (I6): ids created years
+    // ahead, which the stray client resolves and submits, are recorded by the
+    // log, past every retention horizon.
+    let (seed, invariants) =
+        first_violation_with(twopc_coordinator::failpoint::FUTURE_IDS_UNCHECKED, FaultMix::Calm, 30, |_| {});
+    assert!(invariants.contains(&Invariant::I6), "seed {seed} named {invariants:?}");
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn the_checker_catches_a_second_outcome_for_a_forgotten_txn_deterministically() {
+    // The checker bites on issue 14's retention bug (I2): with txns forgotten
+    // a second after they were made, the stray client's Resolve of an old
+    // committed txn is presumed aborted (or an operator's Abort logged), a
+    // second outcome contradicting what its client was told.
+    let (seed, invariants) =
+        first_violation_with(twopc_coordinator::failpoint::FORGOTTEN_UNCHECKED, FaultMix::Calm, 30, |c| {
+            c.world.retention_ms = SHORT_RETENTION_MS;
+        });
+    assert!(invariants.contains(&Invariant::I2), "seed {seed} named {invariants:?}");
+}
+
+/// The first of `seeds` seeds of `mix` (each config passed through `tweak`)
+/// whose run reports a violation, with `failpoint` returning early (breaking
+/// the protocol) for the whole search, and the invariants it named.
 ///
 /// # Panics
 /// When none does: the checker missed the broken protocol.
 #[cfg(feature = "failpoints")]
-fn first_violation_with(failpoint: &str, mix: FaultMix, seeds: u64) -> (u64, std::collections::BTreeSet<Invariant>) {
+fn first_violation_with(
+    failpoint: &str,
+    mix: FaultMix,
+    seeds: u64,
+    tweak: impl Fn(&mut SimConfig),
+) -> (u64, std::collections::BTreeSet<Invariant>) {
     let _serial = one_at_a_time();
     let _scenario = fail::FailScenario::setup();
     twopc_tests::init_tracing();
     fail::cfg(failpoint, "return").expect("a valid action");
-    deterministic::first_violation(mix, seeds, |_| {})
+    deterministic::first_violation(mix, seeds, tweak)
         .unwrap_or_else(|| panic!("the simulation reports the broken protocol within {seeds} seeds"))
 }
 

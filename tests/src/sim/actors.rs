@@ -136,7 +136,7 @@ pub async fn operator(teller: Arc<Teller>, client: ClusterClient, seed: u64, don
             txn_id: txn_id.to_string(),
             decision: decision as i32,
             reason: format!("sim operator ({kind})"),
-            ..pb::DecideRequest::default()
+            force_commit,
         };
         let answer = client
             .admin(|mut c| {
