@@ -202,11 +202,11 @@ pub async fn stray(
                 // have been refused is in the history the checker balances.
                 let future = txn_created_at(unix_now_ms().saturating_add(rng.random_range(FUTURE_MS)));
                 let Some((from, to)) = two_accounts(&accounts, &mut rng) else { continue };
-                let outcome = teller.transfer_as(future, &from, &to, rng.random_range(1..=100)).await;
-                let answer: Result<(), Status> = match outcome {
-                    ClientOutcome::Unknown => Err(Status::unknown("refused or no answer")),
-                    _ => Ok(()),
-                };
+                let answer = teller.transfer_refused(future, &from, &to, rng.random_range(1..=100)).await;
+                let answer = answer.and_then(|outcome| match outcome {
+                    ClientOutcome::Unknown => Err(Status::unknown("no answer")),
+                    told => Ok(told),
+                });
                 tally.note("submit far future", &answer);
             }
             8..=9 => malformed(&client, &mut tally, &mut rng, teller.deadline_ms()).await,

@@ -141,6 +141,33 @@ impl Teller {
         to: &AccountRef,
         amount_minor: i64,
     ) -> ClientOutcome {
+        self.submit(txn_id, from, to, amount_minor, false).await.unwrap_or(ClientOutcome::Unknown)
+    }
+
+    /// [`Teller::transfer_as`] for a Submit that must be refused (an id from
+    /// the far future): a refusal (`INVALID_ARGUMENT`) is returned and not
+    /// recorded, since nothing ran; any other answer is recorded as usual.
+    ///
+    /// # Errors
+    /// The refusal.
+    pub async fn transfer_refused(
+        &self,
+        txn_id: TxnId,
+        from: &AccountRef,
+        to: &AccountRef,
+        amount_minor: i64,
+    ) -> Result<ClientOutcome, tonic::Status> {
+        self.submit(txn_id, from, to, amount_minor, true).await
+    }
+
+    async fn submit(
+        &self,
+        txn_id: TxnId,
+        from: &AccountRef,
+        to: &AccountRef,
+        amount_minor: i64,
+        refusal_expected: bool,
+    ) -> Result<ClientOutcome, tonic::Status> {
         let address = |a: &AccountRef| format!("{}@{}", a.account, a.bank).parse().expect("a valid account address");
         let transfer = Transfer::new(address(from), address(to), amount_minor).expect("a valid transfer");
         let participants: Vec<String> = transfer.branches().iter().map(|(bank, _)| bank.to_string()).collect();
@@ -157,12 +184,13 @@ impl Teller {
                 async move { c.submit(request).await }
             })
             .await;
+        self.running.lock().remove(&txn_id);
         let outcome = match answer {
             Ok(r) if r.decision == pb::Decision::Commit as i32 => ClientOutcome::Committed,
             Ok(r) if r.decision == pb::Decision::Abort as i32 => ClientOutcome::Aborted,
+            Err(refused) if refusal_expected && refused.code() == tonic::Code::InvalidArgument => return Err(refused),
             Ok(_) | Err(_) => ClientOutcome::Unknown,
         };
-        self.running.lock().remove(&txn_id);
         let movement = Movement { from: from.clone(), to: to.clone(), amount_minor };
         let mut history = self.history.lock();
         // A retried txn keeps one entry: the latest thing its client was told.
@@ -170,7 +198,7 @@ impl Teller {
         if !history.iter().any(|t| t.txn_id == txn_id) {
             history.push(ClientTxn { txn_id, participants, movement: Some(movement), outcome });
         }
-        outcome
+        Ok(outcome)
     }
 
     /// What the client was told so far.
