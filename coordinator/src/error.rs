@@ -36,6 +36,10 @@ pub enum Error {
     /// A valid request that the current state refuses.
     #[error("failed precondition: {0}")]
     FailedPrecondition(String),
+    /// The txn id may have been decided and forgotten after retention
+    /// (docs/PROTOCOL.md §7.2): its outcome is no longer kept.
+    #[error("forgotten: {0}")]
+    Forgotten(String),
     /// The thing asked for does not exist.
     #[error("not found: {0}")]
     NotFound(String),
@@ -72,6 +76,7 @@ impl From<Error> for Status {
             Error::Overloaded(msg) => Status::resource_exhausted(msg),
             Error::InvalidArgument(msg) => Status::invalid_argument(msg),
             Error::FailedPrecondition(msg) => Status::failed_precondition(msg),
+            Error::Forgotten(msg) => twopc_proto::status::forgotten(msg),
             Error::NotFound(msg) => Status::not_found(msg),
             Error::Stopped => Status::unavailable("this coordinator node is shutting down; try another"),
             other @ (Error::Raft(_) | Error::Storage(_) | Error::Corrupt(_) | Error::Io(_)) => {

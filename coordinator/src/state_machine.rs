@@ -39,6 +39,14 @@ impl TxnRecord {
     pub fn is_finished(&self) -> bool {
         self.finished_unix_ms.is_some()
     }
+
+    /// A Commit that names no branch: only an operator's forced Commit
+    /// (docs/PROTOCOL.md §6.1). Retention never forgets one, so every
+    /// forgotten txn is one that no in-doubt branch can belong to unless it
+    /// aborted (§7.2): its participant may abort the branch.
+    pub fn is_branchless_commit(&self) -> bool {
+        self.decision == Decision::Commit && self.branches.is_empty()
+    }
 }
 
 /// One branch of a logged txn.
@@ -260,7 +268,10 @@ impl StateMachine {
     /// creation time, so the scan ends at the first id not past the horizon,
     /// and an unfinished txn only keeps itself, never the ones after it.
     fn forgettable(&self, horizon_unix_ms: u64) -> impl Iterator<Item = &TxnRecord> {
-        self.txns.values().take_while(move |r| r.txn_id.created_unix_ms() < horizon_unix_ms).filter(|r| r.is_finished())
+        self.txns
+            .values()
+            .take_while(move |r| r.txn_id.created_unix_ms() < horizon_unix_ms)
+            .filter(|r| r.is_finished() && !r.is_branchless_commit())
     }
 
     /// Whether a [`Command::Forget`] with this horizon would remove anything.
@@ -555,6 +566,23 @@ mod tests {
             sm.apply(5, &Proposal { command: Command::Forget { horizon_unix_ms: horizon }, proposed_unix_ms: now });
         assert_eq!(forgot, Applied::Forgotten { removed: 1 });
         assert!(sm.txn(&stuck).is_some() && sm.txn(&done).is_none() && sm.txn(&young).is_some());
+    }
+
+    // I1 across retention (§7.2): a forgotten txn's in-doubt branch may be aborted by its
+    // participant only because retention never forgets a Commit that names no branch (an
+    // operator's forced Commit); branchless Aborts (presumed aborts) and finished txns go.
+    #[test]
+    fn retention_keeps_an_operators_branchless_commit() {
+        let mut sm = StateMachine::default();
+        let now = unix_now_ms();
+        let (forced, presumed) = (txn_created_at(now - 30), txn_created_at(now - 20));
+        sm.apply(1, &decide(forced, Decision::Commit, &[]));
+        sm.apply(2, &decide(presumed, Decision::Abort, &[]));
+        let forget = Proposal { command: Command::Forget { horizon_unix_ms: now }, proposed_unix_ms: now };
+        assert_eq!(sm.apply(3, &forget), Applied::Forgotten { removed: 1 });
+        assert!(sm.txn(&forced).is_some(), "the forced Commit is kept");
+        assert!(sm.txn(&presumed).is_none(), "the presumed abort is forgotten");
+        assert!(!sm.has_forgettable(now));
     }
 
     // I6: a Decide entry for an id created more than TXN_ID_AHEAD_OF_PROPOSER_MAX_MS after its

@@ -10,6 +10,23 @@ use tonic::{Code, Status};
 /// The metadata key holding the current leader's `host:port`.
 pub const LEADER_METADATA_KEY: &str = "twopc-leader";
 
+/// The metadata key that marks a [`forgotten`] status.
+pub const FORGOTTEN_METADATA_KEY: &str = "twopc-forgotten";
+
+/// `FAILED_PRECONDITION` for a txn id the coordinator may have decided and
+/// then forgotten after retention (docs/PROTOCOL.md §7.2). Marked so a
+/// participant can tell it from other refusals ([`is_forgotten`]).
+pub fn forgotten(message: impl Into<String>) -> Status {
+    let mut status = Status::failed_precondition(message);
+    status.metadata_mut().insert(FORGOTTEN_METADATA_KEY, tonic::metadata::MetadataValue::from_static("1"));
+    status
+}
+
+/// Whether a status is a coordinator's [`forgotten`] answer.
+pub fn is_forgotten(status: &Status) -> bool {
+    status.code() == Code::FailedPrecondition && status.metadata().contains_key(FORGOTTEN_METADATA_KEY)
+}
+
 /// `INVALID_ARGUMENT` naming the field and what is wrong with it.
 pub fn invalid(field: &str, why: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {why}"))
@@ -56,5 +73,11 @@ mod tests {
         assert_eq!(leader_hint(&status).as_deref(), Some("127.0.0.1:7001"));
         assert_eq!(leader_hint(&not_leader(None)), None);
         assert_eq!(leader_hint(&Status::internal("x")), None);
+    }
+
+    #[test]
+    fn forgotten_is_told_apart_from_other_refusals() {
+        assert!(is_forgotten(&forgotten("txn x is forgotten")));
+        assert!(!is_forgotten(&Status::failed_precondition("txn x is forgotten")));
     }
 }

@@ -85,6 +85,7 @@ enum SharedError {
     Timeout(String),
     /// The log refused the decision: every waiter gets the same answer.
     FailedPrecondition(String),
+    Forgotten(String),
     InvalidArgument(String),
     Other(String),
 }
@@ -95,6 +96,7 @@ impl From<&Error> for SharedError {
             Error::NotLeader { leader_addr } => Self::NotLeader(leader_addr.clone()),
             Error::Timeout(m) => Self::Timeout(m.clone()),
             Error::FailedPrecondition(m) => Self::FailedPrecondition(m.clone()),
+            Error::Forgotten(m) => Self::Forgotten(m.clone()),
             Error::InvalidArgument(m) => Self::InvalidArgument(m.clone()),
             other => Self::Other(other.to_string()),
         }
@@ -107,6 +109,7 @@ impl From<&SharedError> for Error {
             SharedError::NotLeader(leader_addr) => Self::NotLeader { leader_addr: leader_addr.clone() },
             SharedError::Timeout(m) => Self::Timeout(m.clone()),
             SharedError::FailedPrecondition(m) => Self::FailedPrecondition(m.clone()),
+            SharedError::Forgotten(m) => Self::Forgotten(m.clone()),
             SharedError::InvalidArgument(m) => Self::InvalidArgument(m.clone()),
             SharedError::Other(m) => Self::Retryable(format!("{m}; outcome unknown")),
         }
@@ -131,7 +134,7 @@ enum Driver {
 
 /// The answer for a txn id the log may have decided and then forgotten.
 fn forgotten(txn_id: TxnId) -> Error {
-    Error::FailedPrecondition(format!(
+    Error::Forgotten(format!(
         "txn {txn_id} is forgotten; its outcome is no longer kept (its id was created before the log's \
          retention horizon, docs/PROTOCOL.md §7.2)"
     ))
@@ -448,7 +451,7 @@ impl<P: ParticipantClient> Engine<P> {
     /// Proposes a decision and returns the record the log holds afterwards.
     ///
     /// # Errors
-    /// As [`NodeHandle::propose`]; [`Error::FailedPrecondition`] when the log
+    /// As [`NodeHandle::propose`]; [`Error::Forgotten`] when the log
     /// refused the first decision of a forgotten txn (§7.2),
     /// [`Error::InvalidArgument`] when it refused an id from the future (§7.4).
     async fn decide(&self, mut cmd: DecideCmd) -> Result<TxnRecord> {
@@ -526,8 +529,8 @@ impl<P: ParticipantClient> Engine<P> {
     ///
     /// # Errors
     /// [`Error::FailedPrecondition`] if the log already holds another
-    /// decision, if this leader is still preparing the txn, or if the txn is
-    /// forgotten; [`Error::InvalidArgument`] for an id from the future.
+    /// decision or this leader is still preparing the txn; [`Error::Forgotten`]
+    /// if the txn is forgotten; [`Error::InvalidArgument`] for an id from the future.
     pub async fn operator_decide(&self, request: OperatorDecideRequest) -> Result<TxnRecord> {
         let OperatorDecideRequest { txn_id, decision, reason } = request;
         check_not_from_the_future(txn_id, &self.inner.config)?;
