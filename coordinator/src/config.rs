@@ -145,7 +145,8 @@ pub struct EngineConfig {
     pub prepare_calls_per_participant_max: usize,
     /// Longest wait for one Decide acknowledgement. Default: 5000 ms.
     pub decide_timeout_ms: u64,
-    /// Phase-2 retry backoff, first step. Default: 20 ms.
+    /// Phase-2 retry backoff, first step (also for re-proposing a batch of
+    /// acknowledgements whose proposal failed). Default: 20 ms.
     pub delivery_backoff_min_ms: u64,
     /// Phase-2 retry backoff cap. Default: 2000 ms.
     pub delivery_backoff_max_ms: u64,

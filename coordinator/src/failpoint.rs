@@ -24,6 +24,16 @@ pub const READY_BEFORE_APPLY: &str = "node::ready::before_apply";
 /// participants' workers carry on). Subject: the participant name.
 pub const DELIVERY_BEFORE_SEND: &str = "delivery::send::before";
 
+/// Skips the leader's check of a membership change before it is proposed
+/// (removing the last voter, a non-member, or the leader itself), so that
+/// what raft-rs does at apply time can be tested. Subject: the node id.
+pub const MEMBERSHIP_SKIP_CHECK: &str = "node::membership::skip_check";
+
+/// Fires before the leader proposes a batch of acknowledgements: the
+/// proposal fails as an overloaded node's would, and the batch must be
+/// proposed again. Subject: the batch's first txn id.
+pub const ACKS_BEFORE_PROPOSE: &str = "delivery::acks::before_propose";
+
 /// A deliberately broken protocol, for showing that the invariant checker
 /// bites: the leader decides Commit whatever the votes were. Subject: the txn id.
 pub const PREPARE_IGNORE_VOTES: &str = "engine::prepare::ignore_votes";

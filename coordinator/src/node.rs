@@ -344,7 +344,7 @@ pub fn start(
         status_tx,
         pending: BTreeMap::new(),
         pending_reads: BTreeMap::new(),
-        next_read_id: 0,
+        read_contexts: ReadContexts::new(),
         last_snapshot_index: applied,
         was_leader: false,
         leader_ready: false,
@@ -391,7 +391,7 @@ struct RaftTask {
     pending: BTreeMap<u64, Pending>,
     /// ReadIndex requests by their context id.
     pending_reads: BTreeMap<u64, oneshot::Sender<Result<u64>>>,
-    next_read_id: u64,
+    read_contexts: ReadContexts,
     last_snapshot_index: u64,
     was_leader: bool,
     leader_ready: bool,
@@ -399,6 +399,41 @@ struct RaftTask {
     snapshot_interval_entries: u64,
     /// With `NodeConfig::election_seed`: replaces raft-rs's random draws.
     election_timeout: Option<SeededElectionTimeout>,
+}
+
+/// ReadIndex request contexts unique to this node incarnation
+/// (docs/PROTOCOL.md §4.3): a random incarnation id drawn at start, then a
+/// counter. raft-rs's leader drops a read whose context is already pending
+/// (another node's, or this node's before a restart) and answers by context,
+/// so a context used twice could lose a read or answer it with an old index.
+struct ReadContexts {
+    incarnation: u64,
+    last_id: u64,
+}
+
+impl ReadContexts {
+    fn new() -> Self {
+        // Through the host's seeded randomness, so a deterministic run replays.
+        Self { incarnation: twopc_proto::host::with_rng(rand::Rng::random), last_id: 0 }
+    }
+
+    /// The next read's id and its context: incarnation then id, little-endian.
+    fn next(&mut self) -> (u64, Vec<u8>) {
+        self.last_id += 1;
+        let mut context = Vec::with_capacity(16);
+        context.extend_from_slice(&self.incarnation.to_le_bytes());
+        context.extend_from_slice(&self.last_id.to_le_bytes());
+        (self.last_id, context)
+    }
+
+    /// The id of a read this incarnation asked for; None for any other context.
+    fn id_of(&self, context: &[u8]) -> Option<u64> {
+        let (incarnation, id) = context.split_at_checked(8)?;
+        if u64::from_le_bytes(incarnation.try_into().ok()?) != self.incarnation {
+            return None;
+        }
+        Some(u64::from_le_bytes(id.try_into().ok()?))
+    }
 }
 
 /// How many queued items one loop turn takes before handling the Ready, so
@@ -428,6 +463,8 @@ impl RaftTask {
                 _ = ticker.tick() => {
                     self.raw.tick();
                     ticks += 1;
+                    // A transfer raft-rs gave up on is tried again.
+                    self.hand_on_leadership_if_removed();
                     self.forget_abandoned_reads();
                     if ticks.is_multiple_of(PURGE_EVERY_TICKS) {
                         self.storage.purge()?;
@@ -496,7 +533,7 @@ impl RaftTask {
                 self.track(result, Waiter::Command(reply));
             }
             Request::ChangeMembership { change, reply } => {
-                if let Err(err) = self.check_can_propose() {
+                if let Err(err) = self.check_can_propose().and_then(|()| self.check_membership_change(&change)) {
                     let _ = reply.send(Err(err));
                     return;
                 }
@@ -509,9 +546,9 @@ impl RaftTask {
                     let _ = reply.send(Err(self.not_leader()));
                     return;
                 }
-                self.next_read_id += 1;
-                self.pending_reads.insert(self.next_read_id, reply);
-                self.raw.read_index(self.next_read_id.to_le_bytes().to_vec());
+                let (id, context) = self.read_contexts.next();
+                self.pending_reads.insert(id, reply);
+                self.raw.read_index(context);
             }
             Request::TransferLeader { to, reply } => {
                 let result = if self.raw.raft.state != StateRole::Leader {
@@ -531,6 +568,12 @@ impl RaftTask {
         if self.raw.raft.state != StateRole::Leader {
             return Err(self.not_leader());
         }
+        if !self.is_voter() {
+            // A leader that applied its own removal is handing leadership on
+            // (docs/PROTOCOL.md §4.6); raft-rs would drop the proposal, so
+            // the caller is sent elsewhere.
+            return Err(Error::NotLeader { leader_addr: None });
+        }
         if self.pending.len() >= self.pending_proposals_max {
             return Err(Error::Overloaded(format!(
                 "{} proposals are waiting to be applied (pending_proposals_max)",
@@ -538,6 +581,59 @@ impl RaftTask {
             )));
         }
         Ok(())
+    }
+
+    /// Refuses, before anything is logged, a membership change that could
+    /// only be rejected at apply time or that would leave the cluster without
+    /// a leader (docs/PROTOCOL.md §4.6). Runs on the leader, against the
+    /// applied configuration.
+    fn check_membership_change(&self, change: &Membership) -> Result<()> {
+        if crate::failpoint::fired(crate::failpoint::MEMBERSHIP_SKIP_CHECK, || self.id.to_string()) {
+            return Ok(());
+        }
+        let Membership::Remove { id } = change else {
+            return Ok(());
+        };
+        let (voters, learners) = (&self.conf_state.voters, &self.conf_state.learners);
+        if !voters.contains(id) && !learners.contains(id) {
+            return Err(Error::NotFound(format!(
+                "node {id} is not a member of the cluster (voters: {voters:?}, learners: {learners:?}); nothing to remove"
+            )));
+        }
+        if voters.as_slice() == [*id] {
+            return Err(Error::FailedPrecondition(format!(
+                "node {id} is the last voter; a cluster with no voter can decide nothing. Add another node first"
+            )));
+        }
+        if *id == self.id {
+            return Err(Error::FailedPrecondition(format!(
+                "node {id} is the leader; hand leadership to another voter first (twopc cluster transfer-leader \
+                 ID), then remove it"
+            )));
+        }
+        Ok(())
+    }
+
+    fn is_voter(&self) -> bool {
+        self.conf_state.voters.contains(&self.id)
+    }
+
+    /// A leader that is no longer a voter (its own removal was applied) asks
+    /// the most up-to-date voter to take over, and again whenever a transfer
+    /// was given up, until it is a follower (docs/PROTOCOL.md §4.6). raft-rs
+    /// 0.7 leaves such a leader leading, dropping every proposal, until
+    /// check_quorum deposes it; its heartbeats hold back the others' election
+    /// until then.
+    fn hand_on_leadership_if_removed(&mut self) {
+        if self.raw.raft.state != StateRole::Leader || self.is_voter() || self.raw.raft.lead_transferee.is_some() {
+            return;
+        }
+        let prs = self.raw.raft.prs();
+        let target = self.conf_state.voters.iter().copied().max_by_key(|id| prs.get(*id).map_or(0, |p| p.matched));
+        if let Some(target) = target {
+            tracing::warn!(node_id = self.id, target, "this leader was removed; handing leadership on");
+            self.raw.transfer_leader(target);
+        }
     }
 
     /// Records where raft appended a proposal so its result can be routed back.
@@ -584,7 +680,7 @@ impl RaftTask {
         }
         // 3. Read states: the reader waits until its index is applied.
         for read in ready.take_read_states() {
-            let Ok(id) = <[u8; 8]>::try_from(read.request_ctx.as_slice()).map(u64::from_le_bytes) else {
+            let Some(id) = self.read_contexts.id_of(&read.request_ctx) else {
                 continue;
             };
             if let Some(reply) = self.pending_reads.remove(&id) {
@@ -704,10 +800,13 @@ impl RaftTask {
                 }
                 .map_err(|e| Error::Corrupt(format!("conf change at {index}: {e}")))?;
                 let result = self.apply_conf_change(index, &cc, &entry.context);
-                match (waiter, result) {
-                    (Some(Waiter::Membership(tx)), result) => drop(tx.send(result)),
-                    (Some(other), _) => other.fail(Error::Retryable(format!("entry {index} is a membership change"))),
-                    (None, result) => result?,
+                // A rejected change was logged and skipped; only a waiting
+                // caller hears of it. Never fatal: every node, and this one at
+                // every replay, rejects the same entry alike (§4.6).
+                match waiter {
+                    Some(Waiter::Membership(tx)) => drop(tx.send(result)),
+                    Some(other) => other.fail(Error::Retryable(format!("entry {index} is a membership change"))),
+                    None => {}
                 }
             }
         }
@@ -765,6 +864,9 @@ impl RaftTask {
                 }
             }
         }
+        drop(sm);
+        // At once: until then the cluster's leader can log nothing.
+        self.hand_on_leadership_if_removed();
         Ok(())
     }
 
@@ -881,4 +983,80 @@ fn conf_change(change: &Membership) -> (ConfChangeV2, Vec<u8>) {
     let mut cc = ConfChangeV2::default();
     cc.set_changes(vec![single].into());
     (cc, context)
+}
+
+#[cfg(test)]
+mod tests {
+    use raft::prelude::MessageType;
+    use raft::storage::MemStorage;
+
+    use super::*;
+
+    /// A leader of voters 1, 2, 3 that has committed an entry of its term, so
+    /// it serves ReadIndex requests.
+    fn ready_leader() -> raft::Raft<MemStorage> {
+        let storage = MemStorage::new_with_conf_state((vec![1, 2, 3], vec![]));
+        let config = raft::Config { id: 1, read_only_option: ReadOnlyOption::Safe, ..raft::Config::default() };
+        let mut raft = raft::Raft::new(&config, storage, &raft_logger(1)).expect("a valid raft");
+        raft.become_candidate();
+        raft.become_leader();
+        let last = raft.raft_log.last_index();
+        raft.raft_log.commit_to(last);
+        raft.msgs.clear();
+        raft
+    }
+
+    fn read_index_from(from: u64, term: u64, context: Vec<u8>) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgReadIndex);
+        m.from = from;
+        m.to = 1;
+        m.term = term;
+        m.set_entries(vec![Entry { data: context.into(), ..Entry::default() }].into());
+        m
+    }
+
+    fn heartbeat_ack(from: u64, term: u64, context: Vec<u8>) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgHeartbeatResponse);
+        m.from = from;
+        m.to = 1;
+        m.term = term;
+        m.context = context.into();
+        m
+    }
+
+    #[test]
+    fn the_first_reads_of_two_nodes_are_both_answered_by_the_leader() {
+        // §4.3: raft-rs's leader drops a read whose context is already
+        // pending. Two nodes' (or one node's two incarnations') first reads
+        // must not share a context, or one of them is never answered.
+        let mut leader = ready_leader();
+        let term = leader.term;
+        let (_, from_2) = ReadContexts::new().next();
+        let (_, from_3) = ReadContexts::new().next();
+        leader.step(read_index_from(2, term, from_2.clone())).expect("stepped");
+        leader.step(read_index_from(3, term, from_3.clone())).expect("stepped");
+        // Node 2 confirms the leader's heartbeats carrying each context.
+        leader.step(heartbeat_ack(2, term, from_2)).expect("stepped");
+        leader.step(heartbeat_ack(2, term, from_3)).expect("stepped");
+        let answered: Vec<u64> =
+            leader.msgs.iter().filter(|m| m.get_msg_type() == MessageType::MsgReadIndexResp).map(|m| m.to).collect();
+        assert_eq!(answered, vec![2, 3], "each node's read is answered");
+    }
+
+    #[test]
+    fn a_read_answer_meant_for_an_earlier_incarnation_is_ignored() {
+        // §4.3: an answer to a read made before a restart must not complete a
+        // read made after it (its index may be older than the new read).
+        let mut before_restart = ReadContexts::new();
+        let (id, old_context) = before_restart.next();
+        assert_eq!(before_restart.id_of(&old_context), Some(id));
+        let mut after_restart = ReadContexts::new();
+        let (new_id, new_context) = after_restart.next();
+        assert_eq!(new_id, id, "the counter starts afresh");
+        assert_eq!(after_restart.id_of(&old_context), None);
+        assert_eq!(after_restart.id_of(&new_context), Some(new_id));
+        assert_eq!(after_restart.id_of(&new_id.to_le_bytes()), None, "a short context is nobody's");
+    }
 }

@@ -15,10 +15,14 @@ use std::time::Duration;
 
 use fail::FailScenario;
 use twopc_bank::{AccountStore as _, BranchState};
+use twopc_coordinator::Error;
+use twopc_coordinator::command::{Command, DecideCmd, Proposal};
 use twopc_coordinator::failpoint as coordinator_fp;
+use twopc_coordinator::node::{Membership, Role};
 use twopc_participant::failpoint as participant_fp;
-use twopc_proto::TxnId;
+use twopc_proto::{Decision, TxnId};
 use twopc_tests::checker::{self, AccountRef, ClientOutcome, Invariant};
+use twopc_tests::cluster::Cluster;
 use twopc_tests::sim;
 use twopc_tests::sim::schedule::FaultMix;
 use twopc_tests::sim::world::{World, WorldConfig};
@@ -181,6 +185,33 @@ async fn a_leader_that_dies_between_phase_two_sends_has_the_rest_sent_by_the_nex
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledgement_batch_whose_proposal_failed_is_proposed_again() -> anyhow::Result<()> {
+    // §5 step 5: the leader's proposal of a batch of acknowledgements fails
+    // (as an overloaded node's would). The batch is proposed again, so within
+    // the same term the txn is finished and nothing stays unacknowledged.
+    let _scenario = FailScenario::setup();
+    let mut world = world(120_000).await?;
+    let leader = world.leader().ok_or_else(|| anyhow::anyhow!("no leader"))?;
+    let term = world.cluster.node(leader).status().term;
+    fail::cfg(coordinator_fp::ACKS_BEFORE_PROPOSE, "1*return").map_err(anyhow::Error::msg)?;
+    let (txn, outcome) = world.transfer(&account("bank-a"), &account("bank-b"), 100).await;
+    assert_eq!(outcome, ClientOutcome::Committed);
+    let finished = wait::until("the txn to be acknowledged by both banks", SETTLE, || async {
+        world.cluster.node(leader).local_read(|sm| {
+            let finished = sm.txn(&txn).is_some_and(|r| r.is_finished());
+            (finished && sm.unacknowledged_count() == 0).then_some(())
+        })
+    })
+    .await;
+    fail::remove(coordinator_fp::ACKS_BEFORE_PROPOSE);
+    finished?;
+    assert_eq!(world.cluster.node(leader).status().term, term, "acknowledged by the same leader, not re-driven");
+    assert_invariants_hold(&mut world).await?;
+    world.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checker_catches_a_coordinator_that_commits_despite_a_no_vote() {
     // The checker bites (I1, I8): a leader that ignores NO votes commits the
     // other branch of overdrawn transfers.
@@ -204,4 +235,86 @@ async fn the_checker_catches_a_bank_that_releases_holds_on_a_timer() {
     let found = sim::first_violation(FaultMix::Participants, 30, |_| {}).await;
     let (seed, invariants) = found.expect("the simulation reports the broken protocol within 30 seeds");
     assert!(invariants.contains(&Invariant::I1), "seed {seed} named {invariants:?}");
+}
+
+fn decide(txn_id: TxnId) -> Proposal {
+    let command =
+        Command::Decide(DecideCmd { txn_id, decision: Decision::Abort, reason: String::new(), branches: Vec::new() });
+    Proposal { command, proposed_unix_ms: twopc_proto::txn_id::unix_now_ms() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_membership_change_rejected_at_apply_is_skipped_at_every_restart() -> anyhow::Result<()> {
+    // §4.6: a removal of the last voter gets past the leader's check
+    // (failpoint) into the log; raft-rs rejects it at apply. The caller is
+    // told, and the node, replaying the entry at each restart, skips it again
+    // instead of stopping on it.
+    let _scenario = FailScenario::setup();
+    twopc_tests::init_tracing();
+    let mut cluster = Cluster::start(3).await?;
+    let leader = cluster.wait_for_leader().await?;
+    for id in cluster.running().into_iter().filter(|id| *id != leader) {
+        cluster.node(leader).change_membership(Membership::Remove { id }).await?;
+        cluster.kill(id).await?;
+    }
+    fail::cfg(coordinator_fp::MEMBERSHIP_SKIP_CHECK, "return").map_err(anyhow::Error::msg)?;
+    let rejected = cluster.node(leader).change_membership(Membership::Remove { id: leader }).await;
+    fail::remove(coordinator_fp::MEMBERSHIP_SKIP_CHECK);
+    assert!(matches!(&rejected, Err(Error::FailedPrecondition(m)) if m.contains("rejected")), "{rejected:?}");
+    for restart in 0..2 {
+        cluster.kill(leader).await?;
+        cluster.restart(leader).await?;
+        assert_eq!(cluster.wait_for_leader().await?, leader, "restart {restart}: the last voter leads again");
+        cluster.node(leader).propose(&decide(TxnId::new())).await?;
+    }
+    cluster.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_applies_its_own_removal_hands_leadership_on() -> anyhow::Result<()> {
+    // §4.6: the leader refuses to remove itself, but an earlier leader may
+    // have logged the removal (here: the failpoint skips the check). The
+    // removed leader hands leadership to a remaining voter at once and stops
+    // leading; its raft task carries on. Without the hand-over the others
+    // elect a leader only after a whole election timeout: the removed
+    // leader's heartbeats hold their election timers back until check_quorum
+    // deposes it.
+    let _scenario = FailScenario::setup();
+    twopc_tests::init_tracing();
+    const TICK_MS: u64 = 30;
+    const ELECTION_TICKS: usize = 50;
+    let election_timeout = Duration::from_millis(TICK_MS * ELECTION_TICKS as u64);
+    let mut cluster = Cluster::start_with(
+        3,
+        Box::new(|c| {
+            c.tick_interval_ms = TICK_MS;
+            c.election_ticks = ELECTION_TICKS;
+        }),
+    )
+    .await?;
+    let removed = cluster.wait_for_leader().await?;
+    let remaining: Vec<u64> = cluster.running().into_iter().filter(|id| *id != removed).collect();
+    fail::cfg(coordinator_fp::MEMBERSHIP_SKIP_CHECK, "return").map_err(anyhow::Error::msg)?;
+    let removal = cluster.node(removed).change_membership(Membership::Remove { id: removed }).await;
+    fail::remove(coordinator_fp::MEMBERSHIP_SKIP_CHECK);
+    removal?;
+    // raft-rs 0.7 would drop it ("proposal dropped"); the caller is sent to another node instead.
+    let refused = cluster.node(removed).propose(&decide(TxnId::new())).await;
+    assert!(matches!(refused, Err(Error::NotLeader { .. })), "{refused:?}");
+    let new_leader = wait::until("a remaining voter to lead within an election timeout", election_timeout, || async {
+        remaining.iter().copied().find(|id| {
+            let status = cluster.node(*id).status();
+            status.role == Role::Leader && status.leader_ready
+        })
+    })
+    .await?;
+    wait::until("the removed node to stop leading", SETTLE, || async {
+        (cluster.node(removed).status().role != Role::Leader).then_some(())
+    })
+    .await?;
+    cluster.node(new_leader).propose(&decide(TxnId::new())).await?;
+    assert!(cluster.node(new_leader).status().peers.iter().all(|p| p.id != removed), "the removal was applied");
+    cluster.kill(removed).await?;
+    assert_eq!(cluster.wait_for_leader().await?, new_leader);
+    cluster.stop().await
 }

@@ -289,3 +289,25 @@ async fn leadership_can_be_transferred_to_a_chosen_node() -> anyhow::Result<()> 
     assert!(states.values().all(|s| s.txn_count() == 200));
     cluster.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_changes_that_cannot_succeed_are_refused_before_they_are_proposed() -> anyhow::Result<()> {
+    // §4.6: removing a non-member, the leader, or the last voter is refused
+    // by the leader with an error that says what to do instead.
+    let mut cluster = Cluster::start(3).await?;
+    let leader = cluster.wait_for_leader().await?;
+    let node = cluster.node(leader).clone();
+    let refused = node.change_membership(Membership::Remove { id: 9 }).await;
+    assert!(matches!(&refused, Err(Error::NotFound(m)) if m.contains("not a member")), "{refused:?}");
+    let refused = node.change_membership(Membership::Remove { id: leader }).await;
+    assert!(matches!(&refused, Err(Error::FailedPrecondition(m)) if m.contains("transfer-leader")), "{refused:?}");
+    for id in cluster.running().into_iter().filter(|id| *id != leader) {
+        node.change_membership(Membership::Remove { id }).await?;
+        cluster.kill(id).await?;
+    }
+    let refused = node.change_membership(Membership::Remove { id: leader }).await;
+    assert!(matches!(&refused, Err(Error::FailedPrecondition(m)) if m.contains("last voter")), "{refused:?}");
+    assert_eq!(cluster.wait_for_leader().await?, leader, "the last voter still leads");
+    node.propose(&decide(TxnId::new(), Decision::Commit)).await?;
+    cluster.stop().await
+}

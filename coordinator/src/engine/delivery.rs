@@ -110,13 +110,13 @@ impl<P: ParticipantClient> Delivery<P> {
             delivered: AtomicU64::new(0),
             retries: AtomicU64::new(0),
         });
-        tokio::spawn(log_acks(
-            shared.node.clone(),
-            acks_rx,
-            shared.stop.clone(),
-            config.ack_batch_max,
-            config.clock.clone(),
-        ));
+        let ack_config = AckConfig {
+            batch_max: config.ack_batch_max,
+            backoff_min_ms: config.delivery_backoff_min_ms,
+            backoff_max_ms: config.delivery_backoff_max_ms,
+            clock: config.clock.clone(),
+        };
+        tokio::spawn(log_acks(shared.node.clone(), acks_rx, shared.stop.clone(), ack_config));
         Arc::new(Self { term, shared, stop: stop_tx })
     }
 
@@ -229,33 +229,69 @@ fn backoff(min_ms: u64, max_ms: u64, attempts: u32) -> Duration {
 }
 
 /// Logs acknowledgements in batches until the term's delivery stops.
+///
+/// A batch whose proposal fails is kept and proposed again after a capped
+/// backoff (the delivery backoff), topped up with what arrived meanwhile
+/// (docs/PROTOCOL.md §5 step 5). Dropped, its txns would stay unacknowledged
+/// for the rest of the term, never forgotten and counted against
+/// `unacknowledged_max`. Proposing an acknowledgement twice is harmless: the
+/// second finds the branch acknowledged. The batch stays within `batch_max`,
+/// so while one is retried the workers wait on the bounded queue.
 async fn log_acks(
     node: NodeHandle,
     mut acks: mpsc::Receiver<(TxnId, ParticipantId)>,
     mut stop: watch::Receiver<bool>,
-    batch_max: usize,
-    clock: Clock,
+    config: AckConfig,
 ) {
+    let mut batch: Vec<(TxnId, ParticipantId)> = Vec::new();
+    let mut failures: u32 = 0;
     loop {
-        let first = tokio::select! {
-            ack = acks.recv() => match ack { Some(ack) => ack, None => return },
-            _ = stop.changed() => return,
-        };
-        let mut batch = vec![first];
-        while batch.len() < batch_max {
+        if batch.is_empty() {
+            let first = tokio::select! {
+                ack = acks.recv() => match ack { Some(ack) => ack, None => return },
+                _ = stop.changed() => return,
+            };
+            batch.push(first);
+        }
+        while batch.len() < config.batch_max {
             let Ok(ack) = acks.try_recv() else { break };
             batch.push(ack);
         }
-        let proposal = Proposal { command: Command::Acknowledge(batch), proposed_unix_ms: clock.unix_now_ms() };
-        if let Err(err) = node.propose(&proposal).await {
-            // Unlogged acknowledgements only cost a repeated (idempotent)
-            // Decide when the next leader re-drives.
-            tracing::debug!(error = %err, "acknowledgements not logged");
-            if matches!(err, crate::Error::NotLeader { .. } | crate::Error::Stopped) {
-                return;
+        let result = if crate::failpoint::fired(crate::failpoint::ACKS_BEFORE_PROPOSE, || batch[0].0.to_string()) {
+            Err(crate::Error::Overloaded("failpoint delivery::acks::before_propose".into()))
+        } else {
+            let command = Command::Acknowledge(batch.clone());
+            node.propose(&Proposal { command, proposed_unix_ms: config.clock.unix_now_ms() }).await
+        };
+        match result {
+            Ok(_) => {
+                batch.clear();
+                failures = 0;
+            }
+            // The node is gone; the next leader re-drives from the log.
+            Err(crate::Error::Stopped) => return,
+            Err(err) => {
+                // Any other failure (NotLeader included) is retried until the
+                // term's delivery stops: the engine stops it when this node
+                // stops leading.
+                failures = failures.saturating_add(1);
+                tracing::debug!(error = %err, acks = batch.len(), failures, "acknowledgements not logged; will retry");
+                let pause = backoff(config.backoff_min_ms, config.backoff_max_ms, failures);
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    _ = stop.changed() => return,
+                }
             }
         }
     }
+}
+
+/// What the acknowledgement logger needs from the engine's config.
+struct AckConfig {
+    batch_max: usize,
+    backoff_min_ms: u64,
+    backoff_max_ms: u64,
+    clock: Clock,
 }
 
 #[cfg(test)]
