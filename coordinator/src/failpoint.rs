@@ -54,6 +54,12 @@ pub const FUTURE_IDS_UNCHECKED: &str = "engine::txn_id::future_unchecked";
 /// abort, an operator's) as if it were unknown. Subject: the txn id.
 pub const FORGOTTEN_UNCHECKED: &str = "engine::forgotten::unchecked";
 
+/// Brings back issue 14's acknowledgement bug, for the checker's bite: a
+/// batch of acknowledgements whose proposal failed is dropped, not proposed
+/// again, so its txns stay unacknowledged while this leader leads. Subject:
+/// the batch's first txn id.
+pub const ACKS_DROPPED_ON_FAILURE: &str = "delivery::acks::dropped_on_failure";
+
 /// Whether failpoint `name` fires for `subject` (computed only when the
 /// failpoint is armed).
 #[cfg(feature = "failpoints")]
