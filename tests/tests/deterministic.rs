@@ -205,6 +205,17 @@ fn the_checker_catches_a_second_outcome_for_a_forgotten_txn_deterministically() 
 
 #[cfg(feature = "failpoints")]
 #[test]
+fn the_checker_catches_a_leader_that_logs_membership_changes_it_must_refuse_deterministically() {
+    // The checker bites on the membership churn: with the leader's check
+    // skipped, a removal of a non-member or of the leader itself is logged
+    // and applied, where the cluster must refuse it (docs/PROTOCOL.md §4.6).
+    let (seed, invariants) =
+        first_violation_with(twopc_coordinator::failpoint::MEMBERSHIP_SKIP_CHECK, FaultMix::Calm, 5, |_| {});
+    assert!(invariants.contains(&Invariant::Membership), "seed {seed} named {invariants:?}");
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
 fn the_checker_catches_acknowledgements_dropped_when_their_proposal_fails_deterministically() {
     // The checker bites on issue 14's acknowledgement bug (I7): the first
     // acknowledgement batches of each run fail to be proposed (as an
