@@ -121,6 +121,20 @@ pub struct StoreConfig {
     ///
     /// Default: 67108864 (64 MiB).
     pub cache_max_bytes: usize,
+    /// After a write fails for an I/O reason (a full disk, a failed fsync),
+    /// redb refuses every later operation until the file is reopened: the
+    /// writer then closes it and reopens it, first after this many
+    /// milliseconds, doubling up to `reopen_backoff_max_ms`, until a probe
+    /// write succeeds (see docs/OPERATIONS.md, "A full disk"). Meanwhile
+    /// every operation fails with `UNAVAILABLE` at once.
+    ///
+    /// Default: 100.
+    pub reopen_backoff_min_ms: u64,
+    /// The longest pause between two attempts to reopen the store file; so
+    /// the bank is writable at most this long after the fault clears.
+    ///
+    /// Default: 5000.
+    pub reopen_backoff_max_ms: u64,
 }
 
 impl Default for StoreConfig {
@@ -132,6 +146,8 @@ impl Default for StoreConfig {
             gc_interval_ms: 1_000,
             gc_batch_max: 1024,
             cache_max_bytes: 64 * 1024 * 1024,
+            reopen_backoff_min_ms: 100,
+            reopen_backoff_max_ms: 5_000,
         }
     }
 }
@@ -150,11 +166,19 @@ impl StoreConfig {
             ("store.gc_interval_ms", self.gc_interval_ms),
             ("store.gc_batch_max", self.gc_batch_max as u64),
             ("store.cache_max_bytes", self.cache_max_bytes as u64),
+            ("store.reopen_backoff_min_ms", self.reopen_backoff_min_ms),
+            ("store.reopen_backoff_max_ms", self.reopen_backoff_max_ms),
         ];
         for (name, value) in positive {
             if value == 0 {
                 return fail(format!("{name} is 0; it must be at least 1"));
             }
+        }
+        if self.reopen_backoff_min_ms > self.reopen_backoff_max_ms {
+            return fail(format!(
+                "store.reopen_backoff_min_ms ({}) is greater than store.reopen_backoff_max_ms ({})",
+                self.reopen_backoff_min_ms, self.reopen_backoff_max_ms
+            ));
         }
         if self.finished_retention_ms > FINISHED_RETENTION_MAX_MS {
             return fail(format!(
@@ -190,19 +214,29 @@ mod tests {
     #[test]
     fn zero_limits_are_rejected() {
         type Zero = fn(&mut StoreConfig);
-        let zeroes: [(&str, Zero); 6] = [
+        let zeroes: [(&str, Zero); 8] = [
             ("queue_max", |c| c.queue_max = 0),
             ("batch_max", |c| c.batch_max = 0),
             ("finished_retention_ms", |c| c.finished_retention_ms = 0),
             ("gc_interval_ms", |c| c.gc_interval_ms = 0),
             ("gc_batch_max", |c| c.gc_batch_max = 0),
             ("cache_max_bytes", |c| c.cache_max_bytes = 0),
+            ("reopen_backoff_min_ms", |c| c.reopen_backoff_min_ms = 0),
+            ("reopen_backoff_max_ms", |c| c.reopen_backoff_max_ms = 0),
         ];
         for (field, zero) in zeroes {
             let mut c = config();
             zero(&mut c.store);
             assert!(rejected_mentioning(&c, field), "{field} = 0 was accepted");
         }
+    }
+
+    // I6 (bounded retry): the reopen backoff's bounds must be ordered.
+    #[test]
+    fn reopen_backoff_bounds_are_ordered() {
+        let mut c = config();
+        c.store.reopen_backoff_min_ms = c.store.reopen_backoff_max_ms + 1;
+        assert!(rejected_mentioning(&c, "reopen_backoff_min_ms"));
     }
 
     // I4: tombstones on disk must outlive the library's memory of them; retention is bounded (I6).

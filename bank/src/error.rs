@@ -52,10 +52,10 @@ pub enum Error {
         max: usize,
     },
     /// A transient storage failure; nothing was changed, retry the call.
-    #[error("store unavailable: {0}")]
+    #[error("bank store unavailable: {0}")]
     Unavailable(String),
     /// A failure retrying will not fix: corrupt storage or a broken invariant.
-    #[error("store failed: {0}")]
+    #[error("bank store failed: {0}")]
     Fatal(String),
     /// The configuration is unusable; the message names the field.
     #[error("invalid bank config: {0}")]
@@ -75,6 +75,15 @@ impl Error {
         }
     }
 
+    /// What went wrong, without the "bank store ..." prefix, to quote
+    /// inside another message.
+    pub(crate) fn cause(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            Self::Unavailable(why) | Self::Fatal(why) => why.as_str().into(),
+            other => other.to_string().into(),
+        }
+    }
+
     /// A copy of a storage failure, to answer every operation of a failed
     /// write batch with it.
     pub(crate) fn for_each_in_batch(&self) -> Self {
@@ -91,11 +100,10 @@ impl From<redb::Error> for Error {
     fn from(e: redb::Error) -> Self {
         match e {
             redb::Error::Io(io) => Self::Unavailable(format!("storage I/O: {io}")),
-            redb::Error::PreviousIo => Self::Unavailable(
-                "an earlier I/O error left the store unusable until it is reopened (restart the \
-                 bank)"
-                    .into(),
-            ),
+            // The writer reopens the file once writes succeed again (see RedbStore).
+            redb::Error::PreviousIo => {
+                Self::Unavailable("an earlier I/O error left the store file unusable until it is reopened".into())
+            }
             redb::Error::DatabaseAlreadyOpen => {
                 Self::Unavailable("the store file is open in another process or handle; stop it first".into())
             }

@@ -52,7 +52,7 @@
 //! | CreateAccount | the name is taken | `ALREADY_EXISTS` |
 //! | Balance | no such account | `NOT_FOUND` |
 //! | all | the store's write queue is full (`store.queue_max`) | `RESOURCE_EXHAUSTED` |
-//! | all | transient storage failure | `UNAVAILABLE` |
+//! | all | transient storage failure, or the store reopening its file after an I/O error (a full disk); the message starts `bank store unavailable:` | `UNAVAILABLE` |
 //! | all | corrupt storage | `INTERNAL` |
 #![deny(missing_docs)]
 

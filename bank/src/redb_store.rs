@@ -12,6 +12,19 @@
 //! against the last committed state (redb's MVCC readers never wait for the
 //! writer).
 //!
+//! A write that fails for an I/O reason (a full disk, a failed fsync) fails
+//! its batch, and redb then refuses every later operation on that handle.
+//! The store heals itself instead of waiting for a restart: the writer
+//! closes the file, answers every operation at once with
+//! [`Error::Unavailable`] naming the store, and reopens the file after
+//! `reopen_backoff_min_ms`, doubling up to `reopen_backoff_max_ms`, until
+//! the reopened file takes a probe write. What was durable before the fault
+//! (accounts, prepared branches, tombstones) is read back from the file; a
+//! batch whose commit failed is either wholly there or wholly absent, and
+//! the participant library keeps such Prepares in doubt (docs/PROTOCOL.md
+//! §3.1). A store opened on a single [`redb::StorageBackend`] value cannot
+//! be reopened and keeps refusing until restarted.
+//!
 //! Tables:
 //! - `accounts`: name -> (balance, held, incoming), in minor units.
 //! - `branches`: txn id -> branch record (state, payload, NO reason, time).
@@ -21,9 +34,10 @@
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message as _;
@@ -31,7 +45,8 @@ use redb::{
     Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction,
 };
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, error, info, trace};
+use tokio::time::Instant;
+use tracing::{debug, error, info, trace, warn};
 use twopc_proto::txn_id::unix_now_ms;
 use twopc_proto::{Decision, TxnId, Vote};
 
@@ -58,7 +73,7 @@ const FINISHED: TableDefinition<(u64, u128), ()> = TableDefinition::new("finishe
 /// Dropping it stops the writer after its current batch and closes the file
 /// (the drop waits for that batch, a few milliseconds at most).
 pub struct RedbStore {
-    db: Arc<Database>,
+    db: Arc<DbSlot>,
     jobs: Option<mpsc::Sender<Job>>,
     writer: Option<JoinHandle<()>>,
     counters: Arc<Counters>,
@@ -84,6 +99,28 @@ struct Counters {
     collected: AtomicU64,
 }
 
+/// The open database, shared by the writer and the readers; empty while the
+/// writer reopens the file after an I/O failure (redb allows one open handle
+/// per file, so the old one must be gone first).
+#[derive(Default)]
+struct DbSlot(RwLock<Option<Arc<Database>>>);
+
+impl DbSlot {
+    fn get(&self) -> Result<Arc<Database>> {
+        let db = self.0.read().unwrap_or_else(PoisonError::into_inner).clone();
+        db.ok_or_else(|| {
+            Error::Unavailable("the store file is being reopened after an I/O error; retry shortly".into())
+        })
+    }
+
+    fn set(&self, db: Option<Arc<Database>>) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = db;
+    }
+}
+
+/// Opens the store's file again after an I/O failure.
+type Reopen = Box<dyn Fn() -> Result<Database> + Send + Sync>;
+
 impl RedbStore {
     /// Opens (or creates) the store file at `path`, on the blocking pool.
     ///
@@ -103,8 +140,10 @@ impl RedbStore {
     /// As [`RedbStore::open`].
     pub fn open_blocking(path: &Path, config: StoreConfig) -> Result<Self> {
         config.validate()?;
-        let db = Database::builder().set_cache_size(config.cache_max_bytes).create(path)?;
-        Self::start(db, path, config)
+        let cache_max_bytes = config.cache_max_bytes;
+        let file = path.to_owned();
+        let reopen: Reopen = Box::new(move || Ok(Database::builder().set_cache_size(cache_max_bytes).create(&file)?));
+        Self::start(reopen()?, path, config, Some(reopen))
     }
 
     /// Opens (or creates) the store on a storage backend of redb's other
@@ -120,17 +159,39 @@ impl RedbStore {
     ) -> Result<Self> {
         config.validate()?;
         let db = Database::builder().set_cache_size(config.cache_max_bytes).create_with_backend(backend)?;
-        Self::start(db, label, config)
+        Self::start(db, label, config, None)
     }
 
-    fn start(db: Database, path: &Path, config: StoreConfig) -> Result<Self> {
+    /// Opens (or creates) the store on a storage backend that `backend`
+    /// makes, called again to reopen the store after an I/O failure (each
+    /// call must give a fresh handle on the same storage): tests use it to
+    /// give the store a disk that fails on command. `label` names it in logs
+    /// and [`RedbStore::path`].
+    ///
+    /// # Errors
+    /// As [`RedbStore::open`].
+    pub fn open_reopenable_backend_blocking<B: redb::StorageBackend>(
+        backend: impl Fn() -> std::io::Result<B> + Send + Sync + 'static,
+        label: &Path,
+        config: StoreConfig,
+    ) -> Result<Self> {
+        config.validate()?;
+        let cache_max_bytes = config.cache_max_bytes;
+        let reopen: Reopen = Box::new(move || {
+            let backend = backend().map_err(|e| Error::Unavailable(format!("opening the storage: {e}")))?;
+            Ok(Database::builder().set_cache_size(cache_max_bytes).create_with_backend(backend)?)
+        });
+        Self::start(reopen()?, label, config, Some(reopen))
+    }
+
+    fn start(db: Database, path: &Path, config: StoreConfig, reopen: Option<Reopen>) -> Result<Self> {
         let init = db.begin_write()?;
         init.open_table(ACCOUNTS)?;
         init.open_table(BRANCHES)?;
         init.open_table(PREPARED)?;
         init.open_table(FINISHED)?;
         init.commit()?;
-        let db = Arc::new(db);
+        let db = Arc::new(DbSlot(RwLock::new(Some(Arc::new(db)))));
         let (jobs, queue) = mpsc::channel(config.queue_max);
         let counters = Arc::new(Counters::default());
         let writer = Writer {
@@ -139,15 +200,23 @@ impl RedbStore {
             counters: Arc::clone(&counters),
             next_gc_unix_ms: 0,
             config: config.clone(),
+            reopen,
+            healing: None,
         };
         let writer = if twopc_proto::host::is_simulated() {
             // One thread runs the whole simulation.
-            tokio::spawn(writer.run_as_task());
+            tokio::spawn(writer.run());
             None
         } else {
+            // Its own thread, so no fsync ever blocks the service's runtime;
+            // a runtime of its own only for the reopen timer.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .map_err(|e| Error::Fatal(format!("starting the store writer's runtime: {e}")))?;
             let thread = std::thread::Builder::new()
                 .name("bank-store-writer".into())
-                .spawn(move || writer.run())
+                .spawn(move || runtime.block_on(writer.run()))
                 .map_err(|e| Error::Fatal(format!("starting the store's writer thread: {e}")))?;
             Some(thread)
         };
@@ -199,7 +268,7 @@ impl RedbStore {
         &self,
         read: impl FnOnce(&ReadTransaction) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let db = Arc::clone(&self.db);
+        let db = self.db.get()?;
         twopc_proto::host::run_blocking(move || {
             let txn = db.begin_read()?;
             read(&txn)
@@ -379,29 +448,99 @@ type Answer = Result<Done>;
 
 /// The writer thread's state.
 struct Writer {
-    db: Arc<Database>,
+    db: Arc<DbSlot>,
     queue: mpsc::Receiver<Job>,
     counters: Arc<Counters>,
     next_gc_unix_ms: u64,
     config: StoreConfig,
+    /// How to reopen the file after an I/O failure; None if it cannot be.
+    reopen: Option<Reopen>,
+    /// Set while the file is closed after an I/O failure.
+    healing: Option<Healing>,
+}
+
+/// The writer's state between an I/O failure and a successful reopen.
+struct Healing {
+    since: Instant,
+    next_attempt_at: Instant,
+    backoff: Duration,
+    last_error: String,
 }
 
 impl Writer {
-    fn run(mut self) {
-        while let Some(first) = self.queue.blocking_recv() {
+    /// Takes batches until the store is dropped; while healing, also wakes
+    /// to reopen the file.
+    async fn run(mut self) {
+        loop {
+            let job = match self.healing.as_ref().map(|h| h.next_attempt_at) {
+                None => self.queue.recv().await,
+                Some(at) => {
+                    tokio::select! {
+                        biased;
+                        () = tokio::time::sleep_until(at) => {
+                            self.try_reopen();
+                            continue;
+                        }
+                        job = self.queue.recv() => job,
+                    }
+                }
+            };
+            let Some(first) = job else { break };
             let batch = self.batch_from(first);
-            self.write(batch);
+            match &self.healing {
+                None => self.write(batch),
+                Some(healing) => healing.refuse(batch),
+            }
         }
         debug!("bank store writer stopped");
     }
 
-    /// [`Writer::run`] as a task, for a simulation (`twopc_proto::host`).
-    async fn run_as_task(mut self) {
-        while let Some(first) = self.queue.recv().await {
-            let batch = self.batch_from(first);
-            self.write(batch);
+    /// After a batch failed with `error`: a storage I/O failure leaves the
+    /// redb handle refusing everything, so close it and reopen it later.
+    fn start_healing(&mut self, error: &Error) {
+        if self.reopen.is_none() || !matches!(error, Error::Unavailable(_)) || self.healing.is_some() {
+            return;
         }
-        debug!("bank store writer stopped");
+        // Readers lose the handle at once; the file closes once the last
+        // reader still holding it finishes.
+        self.db.set(None);
+        let backoff = Duration::from_millis(self.config.reopen_backoff_min_ms);
+        let now = Instant::now();
+        warn!(error = %error, retry_in_ms = backoff.as_millis(), "bank store: closing the store file to reopen it");
+        self.healing = Some(Healing {
+            since: now,
+            next_attempt_at: now + backoff,
+            backoff,
+            last_error: error.cause().into_owned(),
+        });
+    }
+
+    /// Reopens the file and probes it with a durable write; on failure
+    /// schedules the next attempt, the pause doubling up to its cap.
+    fn try_reopen(&mut self) {
+        let (Some(reopen), Some(healing)) = (&self.reopen, &mut self.healing) else { return };
+        let reopened = reopen().and_then(|db| {
+            // I3: a probe commit, fsync'd, so the store is declared healed
+            // only once writes reach the disk again.
+            let mut probe = db.begin_write()?;
+            probe.set_durability(Durability::Immediate)?;
+            probe.commit()?;
+            Ok(db)
+        });
+        match reopened {
+            Ok(db) => {
+                info!(unavailable_ms = healing.since.elapsed().as_millis(), "bank store: store file reopened");
+                self.db.set(Some(Arc::new(db)));
+                self.healing = None;
+            }
+            Err(e) => {
+                let max = Duration::from_millis(self.config.reopen_backoff_max_ms);
+                healing.backoff = (healing.backoff * 2).min(max);
+                healing.next_attempt_at = Instant::now() + healing.backoff;
+                healing.last_error = e.cause().into_owned();
+                warn!(error = %e, retry_in_ms = healing.backoff.as_millis(), "bank store: reopening failed");
+            }
+        }
     }
 
     /// `first` and whatever else is queued, up to `batch_max` jobs: one fsync for all.
@@ -450,12 +589,13 @@ impl Writer {
                 for reply in replies {
                     let _ = reply.send(Err(e.for_each_in_batch()));
                 }
+                self.start_healing(&e);
             }
         }
     }
 
     fn commit_batch(&self, ops: &[Op], now_unix_ms: u64, collect_before: Option<u64>) -> Result<(Vec<Answer>, u64)> {
-        let mut txn: WriteTransaction = self.db.begin_write()?;
+        let mut txn: WriteTransaction = self.db.get()?.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
         let mut collected = 0;
         let answers = {
@@ -481,6 +621,21 @@ impl Writer {
         // or an acknowledgement (Durability::Immediate).
         txn.commit()?;
         Ok((answers, collected))
+    }
+}
+
+impl Healing {
+    /// Answers every job of `batch` at once: the file is closed.
+    fn refuse(&self, batch: Vec<Job>) {
+        let why = format!(
+            "the store file is being reopened after an I/O error {} ms ago ({}); next attempt in {} ms; retry",
+            self.since.elapsed().as_millis(),
+            self.last_error,
+            self.next_attempt_at.saturating_duration_since(Instant::now()).as_millis()
+        );
+        for job in batch {
+            let _ = job.reply.send(Err(Error::Unavailable(why.clone())));
+        }
     }
 }
 
@@ -866,7 +1021,7 @@ mod tests {
         let db = Database::create(dir.join("stalled.redb")).expect("create");
         let (jobs, queue) = mpsc::channel(queue_max);
         let store = RedbStore {
-            db: Arc::new(db),
+            db: Arc::new(DbSlot(RwLock::new(Some(Arc::new(db))))),
             jobs: Some(jobs),
             writer: None,
             counters: Arc::default(),

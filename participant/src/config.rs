@@ -81,6 +81,13 @@ pub struct ParticipantConfig {
     ///
     /// Default: 1024.
     pub decide_batch_max: usize,
+    /// The most decisions from `DecideBatch` calls applied at once, across
+    /// all calls; the rest of a batch waits its turn, so a burst of large
+    /// batches never starts a task per decision. A batch's answer comes once
+    /// all its decisions are applied.
+    ///
+    /// Default: 256.
+    pub decide_batch_concurrency_max: usize,
     /// The most Prepares one `PrepareBatch` call may carry; a larger batch
     /// gets `INVALID_ARGUMENT`. Each Prepare of a batch also counts against
     /// `prepare_inflight_max`. Keep it at or above the coordinators'
@@ -115,6 +122,7 @@ impl ParticipantConfig {
             outcome_memory_max: 100_000,
             tombstone_retention_ms: 600_000,
             decide_batch_max: 1024,
+            decide_batch_concurrency_max: 256,
             prepare_batch_max: 1024,
             clock: Clock::system(),
         }
@@ -148,6 +156,7 @@ impl ParticipantConfig {
             ("payload_max_bytes", self.payload_max_bytes),
             ("outcome_memory_max", self.outcome_memory_max),
             ("decide_batch_max", self.decide_batch_max),
+            ("decide_batch_concurrency_max", self.decide_batch_concurrency_max),
             ("prepare_batch_max", self.prepare_batch_max),
         ];
         for (name, value) in positive_ms {
@@ -221,7 +230,7 @@ mod tests {
     #[test]
     fn zero_limits_are_rejected() {
         type Zero = fn(&mut ParticipantConfig);
-        let zeroes: [(&str, Zero); 12] = [
+        let zeroes: [(&str, Zero); 13] = [
             ("in_doubt_timeout_ms", |c| c.in_doubt_timeout_ms = 0),
             ("resolve_backoff_min_ms", |c| c.resolve_backoff_min_ms = 0),
             ("resolve_backoff_max_ms", |c| c.resolve_backoff_max_ms = 0),
@@ -233,6 +242,7 @@ mod tests {
             ("payload_max_bytes", |c| c.payload_max_bytes = 0),
             ("outcome_memory_max", |c| c.outcome_memory_max = 0),
             ("decide_batch_max", |c| c.decide_batch_max = 0),
+            ("decide_batch_concurrency_max", |c| c.decide_batch_concurrency_max = 0),
             ("prepare_batch_max", |c| c.prepare_batch_max = 0),
         ];
         for (field, zero) in zeroes {

@@ -81,6 +81,7 @@ pub async fn run_all<H: Harness>(h: &H) {
     commit_is_idempotent(h).await;
     abort_is_idempotent(h).await;
     abort_before_prepare_leaves_tombstone(h).await;
+    abort_settles_whatever_prepare_did(h).await;
     tombstone_survives_restart(h).await;
     decisions_apply_after_restart(h).await;
     commit_of_unprepared_txn_is_not_prepared(h).await;
@@ -214,6 +215,30 @@ pub async fn abort_before_prepare_leaves_tombstone<H: Harness>(h: &H) {
     let commit = r.commit(txn).await;
     assert_eq!(commit, Err(ResourceError::Conflict { recorded: Decision::Abort }), "{CASE}: commit after a tombstone");
     expect_applied(h, &r, txn, 0, CASE).await;
+}
+
+/// I4, I7: `abort` settles a txn whatever `prepare` did before it (nothing,
+/// a YES vote, a NO vote), as the resolver needs after a failed Prepare it
+/// cannot see into: it succeeds, also repeated after a restart, holds and
+/// applies nothing, and a Prepare after it votes NO.
+pub async fn abort_settles_whatever_prepare_did<H: Harness>(h: &H) {
+    const CASE: &str = "abort_settles_whatever_prepare_did";
+    let r = h.create().await;
+    let (never, staged, refused) = (TxnId::new(), TxnId::new(), TxnId::new());
+    assert_eq!(prepare::<H>(&r, staged, h.yes_payload(staged), CASE).await, Vote::Yes, "{CASE}");
+    let vote = prepare::<H>(&r, refused, h.no_payload(refused), CASE).await;
+    assert!(!vote.is_yes(), "{CASE}: the NO payload voted YES");
+    for txn in [never, staged, refused] {
+        decide::<H>(&r, txn, Decision::Abort, CASE).await;
+    }
+    let r = h.restart(r).await;
+    for txn in [never, staged, refused] {
+        decide::<H>(&r, txn, Decision::Abort, CASE).await;
+        assert!(!listed::<H>(&r, txn, CASE).await, "{CASE}: {txn} is listed after abort");
+        let vote = prepare::<H>(&r, txn, h.yes_payload(txn), CASE).await;
+        assert!(!vote.is_yes(), "{CASE}: prepare of {txn} after its abort voted YES");
+        expect_applied(h, &r, txn, 0, CASE).await;
+    }
 }
 
 /// I4: the tombstone is durable: after a restart a late prepare still votes NO.

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, error, info, instrument, warn};
 use twopc_proto::{Decision, TxnId, Vote};
@@ -65,6 +65,8 @@ pub(crate) struct Engine<R> {
     stripes: Box<[tokio::sync::Mutex<()>]>,
     stripe_hasher: std::hash::RandomState,
     prepare_permits: Arc<Semaphore>,
+    /// Bounds the decisions of `DecideBatch` calls applied at once (I6).
+    batch_decide_permits: Arc<Semaphore>,
     metrics: Metrics,
 }
 
@@ -74,6 +76,7 @@ impl<R: Resource> Engine<R> {
         Self {
             resource,
             prepare_permits: Arc::new(Semaphore::new(config.prepare_inflight_max)),
+            batch_decide_permits: Arc::new(Semaphore::new(config.decide_batch_concurrency_max)),
             config,
             outcomes: Mutex::new(outcomes),
             stripes: (0..TXN_LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
@@ -90,8 +93,9 @@ impl<R: Resource> Engine<R> {
         &self.metrics
     }
 
-    pub(crate) fn is_prepared(&self, txn: TxnId) -> bool {
-        self.outcomes.lock().is_prepared(txn)
+    /// Whether `txn` still awaits a decision (voted YES, or may have staged).
+    pub(crate) fn is_in_doubt(&self, txn: TxnId) -> bool {
+        self.outcomes.lock().is_in_doubt(txn)
     }
 
     /// Up to `limit` branches in doubt at `now`, oldest first, not in `skip`.
@@ -153,8 +157,35 @@ impl<R: Resource> Engine<R> {
     /// # Errors
     /// [`Error::NotPrepared`], [`Error::Conflict`], or the resource's failure.
     pub(crate) async fn decide(self: &Arc<Self>, txn: TxnId, decision: Decision, origin: Origin) -> Result<Applied> {
+        self.decide_holding(txn, decision, origin, None).await
+    }
+
+    /// [`Engine::decide`] for one decision of a `DecideBatch`: it waits for
+    /// one of `decide_batch_concurrency_max` permits first, so a batch of a
+    /// thousand decisions starts at most that many tasks at once (I6).
+    ///
+    /// # Errors
+    /// As [`Engine::decide`].
+    pub(crate) async fn decide_in_batch(self: &Arc<Self>, txn: TxnId, decision: Decision) -> Result<Applied> {
+        let permit = Arc::clone(&self.batch_decide_permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Internal("the batch decision permits were closed".into()))?;
+        self.decide_holding(txn, decision, Origin::Coordinator, Some(permit)).await
+    }
+
+    /// Runs the decision in its own task, which holds `permit` until done:
+    /// a caller that goes away frees no permit early.
+    async fn decide_holding(
+        self: &Arc<Self>,
+        txn: TxnId,
+        decision: Decision,
+        origin: Origin,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Result<Applied> {
         let engine = Arc::clone(self);
         let task = tokio::spawn(async move {
+            let _permit = permit;
             let _txn_lock = engine.stripe(txn).lock().await;
             engine.decide_locked(txn, decision, origin).await
         });
@@ -170,7 +201,7 @@ impl<R: Resource> Engine<R> {
     #[instrument(skip_all, fields(txn_id = %txn))]
     async fn prepare_locked(&self, txn: TxnId, payload: Bytes, deadline_unix_ms: u64) -> Result<Vote> {
         let known = self.outcomes.lock().get(txn).cloned();
-        if let Some(vote) = known.and_then(|outcome| recorded_vote(&outcome)) {
+        if let Some(vote) = known.as_ref().and_then(recorded_vote) {
             debug!(yes = vote.is_yes(), "repeated prepare answered from memory");
             return Ok(vote);
         }
@@ -180,7 +211,10 @@ impl<R: Resource> Engine<R> {
         if self.config.clock.unix_now_ms() > deadline_unix_ms {
             let reason = DEADLINE_PASSED.to_owned();
             let refused = Outcome::Refused { reason: reason.clone() };
-            if self.outcomes.lock().set(txn, refused, Instant::now()).is_err() {
+            let maybe_prepared = matches!(known, Some(Outcome::MaybePrepared { .. }));
+            // A branch that may be staged stays in doubt for the resolver
+            // (§3.3): the refusal must not hide it.
+            if !maybe_prepared && self.outcomes.lock().set(txn, refused, Instant::now()).is_err() {
                 debug!("outcome memory full; deadline refusal not remembered");
             }
             self.metrics.vote(false);
@@ -196,13 +230,24 @@ impl<R: Resource> Engine<R> {
         let vote = match self.resource.prepare(txn, payload).await {
             Ok(vote) => vote,
             Err(e) => {
-                self.outcomes.lock().forget(txn);
-                warn!(error = %e, "resource failed to prepare");
+                // I7: the failure may have come after the branch was staged
+                // (a lost reply to PREPARE TRANSACTION), so it may hold locks.
+                // Forgetting it would leave them until a restart; instead it
+                // stays in doubt and the resolver settles it (docs/PROTOCOL.md §3.3).
+                let due = Instant::now() + Duration::from_millis(self.config.in_doubt_timeout_ms);
+                {
+                    let mut outcomes = self.outcomes.lock();
+                    outcomes.set_unbounded(txn, Outcome::MaybePrepared { due }, Instant::now());
+                    self.metrics.set_in_doubt(outcomes.prepared_len());
+                }
+                warn!(error = %e, "resource failed to prepare; the branch may be staged and stays in doubt");
                 return Err(prepare_error(e));
             }
         };
 
         if vote.is_yes() && fired(failpoint::PREPARE_AFTER_DURABLE, || self.config.id.to_string()) {
+            // Models a crash between the fsync and the vote, so the memory
+            // goes with the process (unlike a resource error, kept in doubt).
             self.outcomes.lock().forget(txn);
             return Err(Error::Unavailable(format!("failpoint {}", failpoint::PREPARE_AFTER_DURABLE)));
         }
@@ -236,7 +281,11 @@ impl<R: Resource> Engine<R> {
             (Some(Outcome::Committed), Decision::Abort) => {
                 return Err(self.conflict(txn, Decision::Commit, decision));
             }
-            (Some(Outcome::Aborted | Outcome::Tombstone | Outcome::Refused { .. }), Decision::Commit) => {
+            // A NO vote (`Refused`) is left to the resource, which holds the
+            // durable record: the memory may have forgotten a commit and then
+            // refused a late duplicate Prepare on its deadline alone, and
+            // that refusal must not block the commit's re-drive (I5).
+            (Some(Outcome::Aborted | Outcome::Tombstone), Decision::Commit) => {
                 return Err(self.conflict(txn, Decision::Abort, decision));
             }
             _ => {}
@@ -290,7 +339,8 @@ impl<R: Resource> Engine<R> {
 /// The answer to a repeated Prepare, if memory settles it.
 fn recorded_vote(outcome: &Outcome) -> Option<Vote> {
     match outcome {
-        Outcome::Preparing => None,
+        // A failed Prepare may or may not have staged: the resource knows.
+        Outcome::Preparing | Outcome::MaybePrepared { .. } => None,
         Outcome::Prepared { .. } | Outcome::Committed => Some(Vote::Yes),
         Outcome::Refused { reason } => Some(Vote::no(reason.clone())),
         Outcome::Aborted => Some(Vote::no(ALREADY_ABORTED)),

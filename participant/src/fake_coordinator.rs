@@ -7,7 +7,7 @@
 //! follower that answers UNAVAILABLE with a leader hint, or to be unavailable
 //! for its first N calls. It counts Resolve calls per txn.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,6 +34,8 @@ pub struct FakeCoordinator {
 #[derive(Debug, Default)]
 struct Script {
     decisions: HashMap<TxnId, Decision>,
+    /// Txns answered as forgotten after retention (docs/PROTOCOL.md §7.2).
+    forgotten: HashSet<TxnId>,
     /// `Some(hint)`: act as a follower; `Some(None)` knows no leader.
     follower_of: Option<Option<String>>,
     unavailable_left: u32,
@@ -50,6 +52,12 @@ impl FakeCoordinator {
     /// Records `decision` for `txn`, as if its decision entry were applied.
     pub fn set_decision(&self, txn: TxnId, decision: Decision) {
         self.script.lock().decisions.insert(txn, decision);
+    }
+
+    /// Answers Resolve for `txn` as a coordinator that forgot it after
+    /// retention does: `FAILED_PRECONDITION` marked `twopc-forgotten`.
+    pub fn set_forgotten(&self, txn: TxnId) {
+        self.script.lock().forgotten.insert(txn);
     }
 
     /// The decision recorded for `txn`, including presumed aborts it answered.
@@ -133,6 +141,11 @@ impl FakeCoordinator {
         }
         if let Some(leader) = &script.follower_of {
             return Err(not_leader(leader.as_deref()));
+        }
+        if script.forgotten.contains(&txn) {
+            return Err(twopc_proto::status::forgotten(format!(
+                "txn {txn} is forgotten; its outcome is no longer kept"
+            )));
         }
         // Presumed abort: an unknown txn is aborted, and that is recorded.
         Ok(*script.decisions.entry(txn).or_insert(Decision::Abort))

@@ -61,6 +61,7 @@
 //! | PrepareBatch, DecideBatch | no items, or more than `prepare_batch_max` / `decide_batch_max` | `INVALID_ARGUMENT` |
 //! | PrepareBatch, DecideBatch | `participant` non-empty and not this participant's id | `FAILED_PRECONDITION` |
 //! | PrepareBatch, DecideBatch | otherwise | OK, one result per item: the code its own Prepare or Decide would return (0 for OK, with the vote) |
+//! | Prepare | the resource failed (either code below); the branch may be staged, so it stays in doubt and the resolver settles it | `UNAVAILABLE` or `INTERNAL` |
 //! | both | the resource reports a transient failure (retry the same call) | `UNAVAILABLE` |
 //! | both | the resource fails otherwise | `INTERNAL` |
 //!

@@ -41,7 +41,8 @@ pub struct MetricsSnapshot {
     pub aborts: u64,
     /// In-doubt branches settled by asking the coordinator.
     pub resolves: u64,
-    /// Branches that voted YES and await their decision right now.
+    /// Branches that voted YES, or may be staged after a failed Prepare, and
+    /// await their decision right now.
     pub in_doubt_now: u64,
 }
 

@@ -9,8 +9,9 @@
 //! Bounded (I6): at most `outcome_memory_max` entries. Prepared branches are
 //! never evicted (their holds must wait for the decision, I4); everything else
 //! is evicted `tombstone_retention_ms` after it finished, or earlier, oldest
-//! first, when the memory is full. Only a memory full of prepared (or
-//! preparing) branches refuses a new Prepare. Forgetting a finished txn is
+//! first, when the memory is full. Branches that may be prepared (their
+//! Prepare failed after the resource may have staged them) count as prepared.
+//! Only a memory full of prepared (or preparing) branches refuses a new Prepare. Forgetting a finished txn is
 //! safe because the resource keeps its own durable record (see the `Resource`
 //! contract): a repeat then costs one resource call, not a wrong answer.
 
@@ -28,6 +29,15 @@ pub(crate) enum Outcome {
     Preparing,
     /// Voted YES; awaiting the decision. The resolver asks about it from `due` on.
     Prepared {
+        /// When the branch counts as in doubt.
+        due: Instant,
+    },
+    /// The resource's `prepare` failed after it may have staged the branch
+    /// (a lost reply to `PREPARE TRANSACTION`, a write whose fsync failed):
+    /// the branch may hold locks, so it is in doubt like a prepared one and
+    /// never evicted. A repeated Prepare asks the resource again; otherwise
+    /// the resolver asks the coordinator from `due` on (I7).
+    MaybePrepared {
         /// When the branch counts as in doubt.
         due: Instant,
     },
@@ -66,6 +76,13 @@ pub(crate) struct Outcomes {
     next_seq: u64,
 }
 
+impl Outcome {
+    /// Whether the branch may hold what it staged until a decision arrives.
+    pub(crate) fn awaits_decision(&self) -> bool {
+        matches!(self, Self::Prepared { .. } | Self::MaybePrepared { .. })
+    }
+}
+
 /// No room for another entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Full;
@@ -87,11 +104,13 @@ impl Outcomes {
         self.entries.get(&txn).map(|e| &e.outcome)
     }
 
-    pub(crate) fn is_prepared(&self, txn: TxnId) -> bool {
-        matches!(self.get(txn), Some(Outcome::Prepared { .. }))
+    /// Whether `txn` awaits a decision: it voted YES, or its Prepare failed
+    /// after the resource may have staged it.
+    pub(crate) fn is_in_doubt(&self, txn: TxnId) -> bool {
+        self.get(txn).is_some_and(Outcome::awaits_decision)
     }
 
-    /// How many branches voted YES and await their decision.
+    /// How many branches voted YES (or may have) and await their decision.
     pub(crate) fn prepared_len(&self) -> usize {
         self.in_doubt.len()
     }
@@ -145,7 +164,7 @@ impl Outcomes {
         let seq = self.next_seq;
         self.next_seq += 1;
         match &outcome {
-            Outcome::Prepared { due } => {
+            Outcome::Prepared { due } | Outcome::MaybePrepared { due } => {
                 self.in_doubt.insert((*due, txn));
             }
             _ => self.expiry.push_back((now, seq, txn)),
@@ -155,7 +174,7 @@ impl Outcomes {
     }
 
     fn unindex(&mut self, txn: TxnId, outcome: &Outcome) {
-        if let Outcome::Prepared { due } = outcome {
+        if let Outcome::Prepared { due } | Outcome::MaybePrepared { due } = outcome {
             let removed = self.in_doubt.remove(&(*due, txn));
             assert!(removed, "every prepared entry is indexed by its due time");
         }
@@ -258,11 +277,11 @@ mod tests {
         assert_eq!(memory.get(done), None, "evicted after retention");
         assert_eq!(memory.set(fresh, Outcome::Tombstone, later), Ok(()));
         assert_eq!(memory.get(done), None);
-        assert!(memory.is_prepared(held));
+        assert!(memory.is_in_doubt(held));
 
         let much_later = later + RETENTION * 100;
         assert_eq!(memory.set(TxnId::new(), Outcome::Committed, much_later), Ok(()));
-        assert!(memory.is_prepared(held), "a prepared branch was evicted");
+        assert!(memory.is_in_doubt(held), "a prepared branch was evicted");
     }
 
     // I4: an entry's retention restarts when it changes state (prepared -> committed).
@@ -313,6 +332,24 @@ mod tests {
         assert!(memory.expiry.len() <= 2 * 4 + 17);
     }
 
+    // I4 and I7: a branch that may be prepared is listed for the resolver like a prepared one and
+    // is never evicted, however full the memory.
+    #[test]
+    fn maybe_prepared_branches_are_in_doubt_and_never_evicted() {
+        let now = Instant::now();
+        let mut memory = Outcomes::new(1, RETENTION);
+        let txn = TxnId::new();
+        assert_eq!(memory.set(txn, Outcome::Preparing, now), Ok(()));
+        assert_eq!(memory.set(txn, Outcome::MaybePrepared { due: now }, now), Ok(()));
+        assert!(memory.is_in_doubt(txn));
+        assert_eq!(memory.in_doubt(now, 10, |_| false), vec![txn]);
+        assert_eq!(memory.set(TxnId::new(), Outcome::Tombstone, now + RETENTION * 10), Err(Full));
+        assert!(memory.is_in_doubt(txn), "a branch that may be prepared was evicted");
+        assert_eq!(memory.set(txn, Outcome::Aborted, now), Ok(()));
+        assert!(!memory.is_in_doubt(txn));
+        assert_eq!(memory.prepared_len(), 0);
+    }
+
     // I4: branches found at start-up are tracked even past the bound.
     #[test]
     fn start_up_branches_are_tracked_past_the_bound() {
@@ -321,7 +358,7 @@ mod tests {
         let (a, b) = (TxnId::new(), TxnId::new());
         memory.set_unbounded(a, prepared(now), now);
         memory.set_unbounded(b, prepared(now), now);
-        assert!(memory.is_prepared(a) && memory.is_prepared(b));
+        assert!(memory.is_in_doubt(a) && memory.is_in_doubt(b));
         assert_eq!(memory.set(TxnId::new(), Outcome::Tombstone, now), Err(Full));
     }
 }

@@ -27,7 +27,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, instrument, warn};
 use twopc_proto::pb::ResolveRequest;
 use twopc_proto::pb::coordinator_client::CoordinatorClient;
-use twopc_proto::status::leader_hint;
+use twopc_proto::status::{is_forgotten, leader_hint};
 use twopc_proto::{Decision, MAX_MESSAGE_BYTES, TxnId};
 
 use crate::config::endpoint_uri;
@@ -83,7 +83,7 @@ async fn resolve<R: Resource>(engine: Arc<Engine<R>>, cluster: Arc<Cluster>, txn
     let mut backoff = Backoff::new(config.resolve_backoff_min_ms, config.resolve_backoff_max_ms);
     info!("branch in doubt; asking the coordinator");
     // Checked every round: a Decide from the coordinator may settle it first.
-    while engine.is_prepared(txn) {
+    while engine.is_in_doubt(txn) {
         if fired(failpoint::RESOLVE_RELEASE_ON_TIMER, || config.id.to_string()) {
             warn!("failpoint: releasing an in-doubt branch on a timer (a broken protocol, for tests)");
             let _ = engine.decide(txn, Decision::Abort, Origin::Resolver).await;
@@ -164,6 +164,15 @@ impl Cluster {
                 Ok(decision) => {
                     *self.leader.lock() = Some(addr);
                     return Some(decision);
+                }
+                Err(status) if is_forgotten(&status) => {
+                    // The coordinator forgot the txn after retention. Retention never
+                    // forgets a Commit that names no branch, and a branch named in a
+                    // kept decision acknowledged it before it could be forgotten, so a
+                    // branch still prepared here belongs to an aborted txn
+                    // (docs/PROTOCOL.md §7.2): abort it rather than ask for ever (I7).
+                    warn!(%addr, "the coordinator forgot this txn after retention; aborting the branch");
+                    return Some(Decision::Abort);
                 }
                 Err(status) => {
                     self.forget_leader(&addr);

@@ -68,6 +68,14 @@ pub enum ResourceError {
 ///   voted YES they must succeed: retry inside on transient trouble, and only
 ///   if that does not help return [`ResourceError::Unavailable`], which makes
 ///   the caller (the coordinator, or the resolver) retry later.
+/// - **Abort settles any branch a Prepare may have touched** (I4, I7). When
+///   `prepare` returns an error, the library cannot tell whether the branch
+///   was staged (the reply to `PREPARE TRANSACTION` may have been lost), so
+///   it keeps the txn in doubt and its resolver later applies the
+///   coordinator's decision, usually Abort. So `abort` must succeed after a
+///   failed `prepare`, whether the branch was staged in full, in part or
+///   not at all: it releases whatever was staged, or leaves a tombstone if
+///   nothing was. A later `prepare` of the txn then votes NO.
 /// - **Decisions never contradict.** `commit` after `abort` (or after a NO vote
 ///   or a tombstone) and `abort` after `commit` return
 ///   [`ResourceError::Conflict`] and change nothing.
@@ -93,7 +101,9 @@ pub trait Resource: Send + Sync + 'static {
     ///
     /// # Errors
     /// [`ResourceError::Unavailable`] when the vote could not be made durable
-    /// now; [`ResourceError::Fatal`] otherwise.
+    /// now; [`ResourceError::Fatal`] otherwise. Either may come after the
+    /// branch was staged: the library then keeps the txn in doubt and settles
+    /// it with `commit` or `abort` once the coordinator answers.
     fn prepare(&self, txn: TxnId, payload: Bytes) -> impl Future<Output = Result<Vote, ResourceError>> + Send;
 
     /// Applies the branch of `txn`, which voted YES, and releases its holds.
@@ -108,7 +118,8 @@ pub trait Resource: Send + Sync + 'static {
     fn commit(&self, txn: TxnId) -> impl Future<Output = Result<(), ResourceError>> + Send;
 
     /// Releases the branch of `txn` without applying it, or records a durable
-    /// tombstone if the txn was never prepared here.
+    /// tombstone if the txn was never prepared here (also after a `prepare`
+    /// that failed, whatever it had staged).
     ///
     /// Idempotent: aborting an aborted txn returns `Ok` and changes nothing.
     ///

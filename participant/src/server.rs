@@ -237,7 +237,7 @@ impl<R: Resource> Service<R> {
     /// One decision of a batch, answered as its own Decide would be.
     async fn decide_one(&self, item: DecisionItem) -> DecisionResult {
         let applied = match Self::decision_from_parts(&item.txn_id, item.decision) {
-            Ok((txn, decision)) => self.engine.decide(txn, decision, Origin::Coordinator).await.map(|_| ()),
+            Ok((txn, decision)) => self.engine.decide_in_batch(txn, decision).await.map(|_| ()),
             Err(e) => Err(e),
         };
         let (code, message) = match applied {
@@ -297,8 +297,9 @@ impl<R: Resource> participant_server::Participant for Service<R> {
         let max = self.engine.config().decide_batch_max;
         self.check_batch(&request.participant, "decisions", request.decisions.len(), max, "decide_batch_max")?;
         Span::current().record("decisions", request.decisions.len());
-        // All at once: each runs under its own txn's lock, and a store with
-        // group commit gives them one fsync.
+        // At once, up to decide_batch_concurrency_max across all batches:
+        // each runs under its own txn's lock, and a store with group commit
+        // gives them one fsync.
         let results = futures::future::join_all(request.decisions.into_iter().map(|item| self.decide_one(item))).await;
         Ok(Response::new(DecideBatchResponse { results }))
     }

@@ -5,9 +5,12 @@
 mod common;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
+use bytes::Bytes;
 use common::{GatedResource, config, dead_addr, prepare_request, start, vote, wait_until, within};
-use twopc_participant::{Decision, MemoryResource, TxnId, Vote};
+use tokio::sync::watch;
+use twopc_participant::{Decision, MemoryResource, Resource, ResourceError, TxnId, Vote};
 
 // I6: with prepare_inflight_max Prepares running, another gets RESOURCE_EXHAUSTED at once;
 // the running ones finish normally and the slot is reusable.
@@ -99,4 +102,78 @@ async fn the_deadline_is_judged_by_the_participants_own_clock() -> anyhow::Resul
     assert_eq!(vote(&p.prepare(on_time, b"ok").await?)?, Vote::Yes);
     assert_eq!(resource.prepare_calls(late), 0);
     p.stop().await
+}
+
+/// A [`MemoryResource`] whose commits wait at a gate while it is closed, and
+/// which counts how many commits are inside it at once.
+struct CountingCommits {
+    inner: MemoryResource,
+    open: watch::Sender<bool>,
+    inside: AtomicUsize,
+    inside_max: AtomicUsize,
+}
+
+impl CountingCommits {
+    fn closed() -> Self {
+        Self {
+            inner: MemoryResource::new(),
+            open: watch::Sender::new(false),
+            inside: AtomicUsize::new(0),
+            inside_max: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Resource for CountingCommits {
+    async fn prepare(&self, txn: TxnId, payload: Bytes) -> Result<Vote, ResourceError> {
+        self.inner.prepare(txn, payload).await
+    }
+
+    async fn commit(&self, txn: TxnId) -> Result<(), ResourceError> {
+        let now_inside = self.inside.fetch_add(1, Ordering::SeqCst) + 1;
+        self.inside_max.fetch_max(now_inside, Ordering::SeqCst);
+        let _ = self.open.subscribe().wait_for(|open| *open).await;
+        let committed = self.inner.commit(txn).await;
+        self.inside.fetch_sub(1, Ordering::SeqCst);
+        committed
+    }
+
+    async fn abort(&self, txn: TxnId) -> Result<(), ResourceError> {
+        self.inner.abort(txn).await
+    }
+
+    async fn prepared(&self) -> Result<Vec<TxnId>, ResourceError> {
+        self.inner.prepared().await
+    }
+}
+
+// I6: a DecideBatch carries up to decide_batch_max decisions, but at most
+// decide_batch_concurrency_max of them reach the resource at once; the rest wait their turn,
+// and every decision of the batch is still applied, once, with its own result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decide_batch_applies_at_most_the_concurrency_limit_at_once() -> anyhow::Result<()> {
+    const LIMIT: usize = 4;
+    let resource = Arc::new(CountingCommits::closed());
+    let mut config = config(vec![dead_addr().await?]);
+    config.decide_batch_concurrency_max = LIMIT;
+    let p = Arc::new(start(Arc::clone(&resource), config).await?);
+    let txns: Vec<TxnId> = (0..8 * LIMIT).map(|_| TxnId::new()).collect();
+    for txn in &txns {
+        assert_eq!(vote(&p.prepare(*txn, b"ok").await?)?, Vote::Yes);
+    }
+
+    let batch: Vec<(String, i32)> = txns.iter().map(|t| (t.to_string(), Decision::Commit.into())).collect();
+    let deciding = {
+        let p = Arc::clone(&p);
+        tokio::spawn(async move { p.decide_batch(&batch).await })
+    };
+    wait_until("the first commits wait at the gate", || resource.inside.load(Ordering::SeqCst) >= LIMIT).await?;
+    resource.open.send_replace(true);
+    let results = within("the batch", deciding).await???;
+
+    assert!(results.iter().all(|r| r.code == 0), "{results:?}");
+    assert!(txns.iter().all(|t| resource.inner.commit_count(*t) == 1));
+    let most = resource.inside_max.load(Ordering::SeqCst);
+    assert!(most <= LIMIT, "{most} commits ran at once; decide_batch_concurrency_max is {LIMIT}");
+    Ok(())
 }

@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{config, dead_addr, start, vote, within};
+use common::{config, dead_addr, prepare_request, start, vote, within};
 use twopc_participant::{Decision, MemoryResource, TxnId, Vote};
 
 // I4: Abort before Prepare leaves a tombstone; the late Prepare votes NO, and the library
@@ -176,5 +176,32 @@ async fn a_decision_repeated_in_and_across_batches_is_applied_once() -> anyhow::
     assert_eq!(resource.commit_count(committed), 1);
     assert!(resource.is_aborted(aborted));
     assert!(!resource.is_prepared(committed) && !resource.is_prepared(aborted));
+    p.stop().await
+}
+
+// I5 and I1: a committed txn forgotten by the outcome memory, then refused by a late duplicate
+// Prepare past its deadline, still takes its re-driven Commit: the refusal was the library's
+// own (the resource was never asked), so the resource's durable record of the commit answers.
+#[tokio::test]
+async fn redriven_commit_after_a_late_refused_prepare_of_a_forgotten_commit_succeeds() -> anyhow::Result<()> {
+    let resource = Arc::new(MemoryResource::new());
+    let mut config = config(vec![dead_addr().await?]);
+    config.outcome_memory_max = 2;
+    let p = start(Arc::clone(&resource), config).await?;
+    let txn = TxnId::new();
+    assert_eq!(vote(&p.prepare(txn, b"ok").await?)?, Vote::Yes);
+    p.decide(txn, Decision::Commit).await?;
+    // Two newer finished entries push the committed one out of the memory.
+    for other in [TxnId::new(), TxnId::new()] {
+        p.decide(other, Decision::Abort).await?;
+    }
+
+    let mut late = prepare_request(txn, b"ok");
+    late.deadline_unix_ms = 1;
+    let late = p.client.clone().prepare(late).await?.into_inner();
+    assert!(!vote(&late)?.is_yes(), "setup: the late prepare should be refused by its deadline");
+
+    p.decide(txn, Decision::Commit).await?;
+    assert_eq!(resource.commit_count(txn), 1, "the re-driven commit applied the branch again");
     p.stop().await
 }

@@ -6,13 +6,18 @@
 
 #![cfg(feature = "postgres")]
 
+mod common;
 mod postgres_common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use postgres_common::Counting;
+use twopc_participant::fake_coordinator::FakeCoordinator;
 use twopc_participant::postgres::{BranchStatus, PostgresConfig};
 use twopc_participant::postgres_testing::{self, Cleanup, TestDatabase};
-use twopc_participant::{ParticipantId, Resource, ResourceError, TxnId, Vote};
+use twopc_participant::{Decision, ParticipantId, Resource, ResourceError, TxnId, Vote};
 use twopc_proto::txn_id::unix_now_ms;
 
 struct Setup {
@@ -173,4 +178,68 @@ async fn an_exhausted_pool_is_a_retryable_error() {
     r.commit(held).await.expect("commit");
     assert_eq!(r.prepare(next, Bytes::from_static(b"effect")).await, Ok(Vote::Yes));
     r.commit(next).await.expect("commit");
+}
+
+/// A [`Counting`] resource whose first `prepare` runs in full (PREPARE
+/// TRANSACTION included) and then reports the connection lost, as when the
+/// reply to PREPARE TRANSACTION never arrives.
+struct LostPrepareReply {
+    inner: Counting,
+    lost: AtomicBool,
+}
+
+impl Resource for LostPrepareReply {
+    async fn prepare(&self, txn: TxnId, payload: Bytes) -> Result<Vote, ResourceError> {
+        let vote = self.inner.prepare(txn, payload).await?;
+        if self.lost.swap(false, Ordering::SeqCst) {
+            return Err(ResourceError::Unavailable("connection closed before the reply to PREPARE TRANSACTION".into()));
+        }
+        Ok(vote)
+    }
+
+    async fn commit(&self, txn: TxnId) -> Result<(), ResourceError> {
+        self.inner.commit(txn).await
+    }
+
+    async fn abort(&self, txn: TxnId) -> Result<(), ResourceError> {
+        self.inner.abort(txn).await
+    }
+
+    async fn prepared(&self) -> Result<Vec<TxnId>, ResourceError> {
+        self.inner.prepared().await
+    }
+}
+
+// I7 and I4: a PREPARE TRANSACTION whose reply was lost leaves a prepared transaction on the
+// server; the participant keeps the txn in doubt instead of forgetting it, so the resolver asks
+// the coordinator and its Abort runs ROLLBACK PREPARED: the gid leaves pg_prepared_xacts and the
+// reservation is settled, with no participant restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepare_whose_reply_was_lost_is_rolled_back_by_the_resolver() {
+    let Some(s) = setup("a_prepare_whose_reply_was_lost_is_rolled_back_by_the_resolver").await else { return };
+    let resource = Arc::new(LostPrepareReply { inner: s.open().await, lost: AtomicBool::new(true) });
+    let coordinator = FakeCoordinator::new();
+    let node = coordinator.start().await.expect("fake coordinator");
+    let txn = TxnId::new();
+    coordinator.set_decision(txn, Decision::Abort);
+    let mut config = common::config(vec![node.addr().to_string()]);
+    config.id = s.participant.clone();
+    config.in_doubt_timeout_ms = 50;
+    let p = common::start(Arc::clone(&resource), config).await.expect("participant");
+
+    let mut request = common::prepare_request(txn, b"effect");
+    request.participant = s.participant.to_string();
+    let lost = p.client.clone().prepare(request).await;
+    assert_eq!(lost.map(|_| ()).map_err(|e| e.code()), Err(tonic::Code::Unavailable));
+    assert_eq!(s.gids().await, vec![resource.inner.gid(txn)], "setup: PREPARE TRANSACTION ran");
+
+    let deadline = tokio::time::Instant::now() + common::WAIT_MAX;
+    while !s.gids().await.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the prepared transaction was never rolled back");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(resource.inner.status(txn).await.expect("status"), Some(BranchStatus::Aborted));
+    assert_eq!(postgres_common::reservations(&resource.inner).await, 0, "the reservation was not settled");
+    assert!(coordinator.calls(txn) >= 1, "rolled back without asking the coordinator");
+    p.stop().await.expect("stop");
 }

@@ -6,11 +6,12 @@
 mod common;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use bytes::Bytes;
-use common::{GatedResource, config, dead_addr, start, vote, wait_until, within};
+use common::{GatedResource, config, dead_addr, prepare_request, start, vote, wait_until, within};
 use twopc_participant::fake_coordinator::FakeCoordinator;
-use twopc_participant::{Decision, MemoryResource, Resource, TxnId, Vote};
+use twopc_participant::{Decision, MemoryResource, Resource, ResourceError, TxnId, Vote};
 
 /// A resource holding YES votes for `txns`, as found after a crash: the
 /// returned copy shares the durable state, the original is dropped.
@@ -112,6 +113,25 @@ async fn prepared_branch_past_the_in_doubt_timeout_is_resolved() -> anyhow::Resu
     p.stop().await
 }
 
+// I7 across retention (§7.2): a branch still prepared here for a txn the coordinator has
+// forgotten belongs to an aborted txn (retention keeps every branchless Commit, and a named
+// branch acknowledged before it could be forgotten): the resolver aborts it instead of asking
+// for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_of_a_txn_the_coordinator_forgot_is_aborted() -> anyhow::Result<()> {
+    let forgotten = TxnId::new();
+    let resource = Arc::new(restarted_with_prepared(&[forgotten]).await?);
+    let coordinator = FakeCoordinator::new();
+    coordinator.set_forgotten(forgotten);
+    let node = coordinator.start().await?;
+    let p = start(Arc::clone(&resource), config(vec![node.addr().to_string()])).await?;
+
+    wait_until("the branch of the forgotten txn is aborted", || resource.is_aborted(forgotten)).await?;
+    assert_eq!(resource.commit_count(forgotten), 0);
+    assert!(coordinator.calls(forgotten) >= 1);
+    p.stop().await
+}
+
 // I5 and I1: the resolver applies the coordinator's answer while the coordinator's own Decide
 // arrives: the decision reaches the resource once, and the Decide succeeds as a no-op.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,4 +191,151 @@ async fn resolver_racing_a_decide_applies_once() -> anyhow::Result<()> {
     assert_eq!(resource.commits_held(), 1, "the resolver's answer reached the resource");
     assert_eq!(resource.inner.commit_calls(txn), 1);
     Ok(())
+}
+
+/// Where a failing `prepare` of [`FailingPrepares`] fails.
+#[derive(Clone, Copy)]
+enum FailAt {
+    /// After the inner resource staged the branch durably: the reply is lost.
+    AfterStaging,
+    /// Before anything was staged.
+    BeforeStaging,
+}
+
+/// A [`MemoryResource`] whose next `failures` prepares return `Unavailable`,
+/// at `at`: the library sees an error either way and cannot tell them apart.
+struct FailingPrepares {
+    inner: MemoryResource,
+    at: FailAt,
+    failures: AtomicU32,
+}
+
+impl FailingPrepares {
+    fn new(at: FailAt, failures: u32) -> Self {
+        Self { inner: MemoryResource::new(), at, failures: AtomicU32::new(failures) }
+    }
+
+    fn take_failure(&self) -> bool {
+        self.failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+    }
+}
+
+impl Resource for FailingPrepares {
+    async fn prepare(&self, txn: TxnId, payload: Bytes) -> Result<Vote, ResourceError> {
+        if !self.take_failure() {
+            return self.inner.prepare(txn, payload).await;
+        }
+        if let FailAt::AfterStaging = self.at {
+            self.inner.prepare(txn, payload).await?;
+        }
+        Err(ResourceError::Unavailable("connection lost before the reply to PREPARE TRANSACTION".into()))
+    }
+
+    async fn commit(&self, txn: TxnId) -> Result<(), ResourceError> {
+        self.inner.commit(txn).await
+    }
+
+    async fn abort(&self, txn: TxnId) -> Result<(), ResourceError> {
+        self.inner.abort(txn).await
+    }
+
+    async fn prepared(&self) -> Result<Vec<TxnId>, ResourceError> {
+        self.inner.prepared().await
+    }
+}
+
+// I7 and I4: a Prepare whose resource failed after staging the branch (the reply to PREPARE
+// TRANSACTION lost) leaves the txn in doubt, not forgotten: the resolver asks the coordinator
+// and applies its Abort, which releases the branch without a restart; a late Prepare votes NO.
+#[tokio::test]
+async fn prepare_failing_after_staging_is_resolved_and_released() -> anyhow::Result<()> {
+    let resource = Arc::new(FailingPrepares::new(FailAt::AfterStaging, 1));
+    let coordinator = FakeCoordinator::new();
+    let node = coordinator.start().await?;
+    let txn = TxnId::new();
+    coordinator.set_decision(txn, Decision::Abort);
+    let mut config = config(vec![node.addr().to_string()]);
+    config.in_doubt_timeout_ms = 50;
+    let p = start(Arc::clone(&resource), config).await?;
+
+    let failed = p.prepare(txn, b"ok").await;
+    assert_eq!(failed.map(|_| ()).map_err(|s| s.code()), Err(tonic::Code::Unavailable));
+    assert!(resource.inner.is_prepared(txn), "setup: the branch was staged before the failure");
+    assert_eq!(p.metrics.snapshot().in_doubt_now, 1, "the branch is not counted in doubt");
+
+    wait_until("the staged branch is aborted", || resource.inner.is_aborted(txn)).await?;
+    assert!(coordinator.calls(txn) >= 1, "released without asking the coordinator");
+    assert_eq!(resource.inner.commit_count(txn), 0);
+    wait_until("nothing is in doubt", || p.metrics.snapshot().in_doubt_now == 0).await?;
+    assert!(!vote(&p.prepare(txn, b"ok").await?)?.is_yes(), "a late prepare after the abort voted YES");
+    p.stop().await
+}
+
+// I7 and I5: after a failed Prepare the coordinator's retry is asked of the resource again,
+// whose recorded YES now stands; the branch is then decided as any other, once.
+#[tokio::test]
+async fn prepare_retried_after_a_failure_after_staging_returns_the_staged_vote() -> anyhow::Result<()> {
+    let resource = Arc::new(FailingPrepares::new(FailAt::AfterStaging, 1));
+    let coordinator = FakeCoordinator::new();
+    let node = coordinator.start().await?;
+    let p = start(Arc::clone(&resource), config(vec![node.addr().to_string()])).await?;
+    let txn = TxnId::new();
+
+    assert!(p.prepare(txn, b"ok").await.is_err(), "setup: the first prepare fails");
+    assert_eq!(vote(&p.prepare(txn, b"ok").await?)?, Vote::Yes);
+    assert_eq!(resource.inner.prepare_calls(txn), 2, "the retry was not asked of the resource");
+    p.decide(txn, Decision::Commit).await?;
+    assert_eq!(resource.inner.commit_count(txn), 1);
+    assert_eq!(p.metrics.snapshot().in_doubt_now, 0);
+    p.stop().await
+}
+
+// I7 and I4: a Prepare that failed before staging anything is also settled (the library cannot
+// tell the two apart): the coordinator's Abort leaves a tombstone, and a retried Prepare then
+// votes NO instead of staging a branch nobody will decide.
+#[tokio::test]
+async fn prepare_failing_before_staging_is_settled_by_a_tombstone() -> anyhow::Result<()> {
+    let resource = Arc::new(FailingPrepares::new(FailAt::BeforeStaging, 1));
+    let coordinator = FakeCoordinator::new();
+    let node = coordinator.start().await?;
+    let txn = TxnId::new();
+    coordinator.set_decision(txn, Decision::Abort);
+    let mut config = config(vec![node.addr().to_string()]);
+    config.in_doubt_timeout_ms = 50;
+    let p = start(Arc::clone(&resource), config).await?;
+
+    assert!(p.prepare(txn, b"ok").await.is_err(), "setup: the prepare fails");
+    wait_until("the txn has a tombstone", || resource.inner.is_aborted(txn)).await?;
+    wait_until("nothing is in doubt", || p.metrics.snapshot().in_doubt_now == 0).await?;
+    assert!(!vote(&p.prepare(txn, b"ok").await?)?.is_yes(), "a prepare after the abort voted YES");
+    assert!(!resource.inner.is_prepared(txn));
+    p.stop().await
+}
+
+// I7 and §7.1: a Prepare repeated past its deadline after a failure after staging votes NO
+// without staging anything, yet the branch that may be staged stays in doubt: the resolver
+// still asks and releases it.
+#[tokio::test]
+async fn late_prepare_after_a_failure_after_staging_leaves_the_branch_in_doubt() -> anyhow::Result<()> {
+    let resource = Arc::new(FailingPrepares::new(FailAt::AfterStaging, 1));
+    let coordinator = FakeCoordinator::new();
+    coordinator.fail_next(u32::MAX);
+    let node = coordinator.start().await?;
+    let txn = TxnId::new();
+    coordinator.set_decision(txn, Decision::Abort);
+    let mut config = config(vec![node.addr().to_string()]);
+    config.in_doubt_timeout_ms = 50;
+    let p = start(Arc::clone(&resource), config).await?;
+
+    assert!(p.prepare(txn, b"ok").await.is_err(), "setup: the prepare fails");
+    let mut late = prepare_request(txn, b"ok");
+    late.deadline_unix_ms = 1;
+    let late = p.client.clone().prepare(late).await?.into_inner();
+    assert!(!vote(&late)?.is_yes(), "a prepare past its deadline voted YES");
+    assert_eq!(resource.inner.prepare_calls(txn), 1, "the late prepare reached the resource");
+    assert_eq!(p.metrics.snapshot().in_doubt_now, 1, "the late refusal hid the branch");
+
+    coordinator.fail_next(0);
+    wait_until("the staged branch is aborted", || resource.inner.is_aborted(txn)).await?;
+    p.stop().await
 }

@@ -243,9 +243,12 @@ async fn disk_stays_bounded_under_continuous_writes() -> anyhow::Result<()> {
     let status = cluster.node(leader).status();
     assert!(status.first_log_index > 15_000, "the log was compacted: first index {}", status.first_log_index);
     // 20,000 entries of ~40 bytes each are ~800 KiB plus raft-engine's framing;
-    // retained, they would grow with every round.
-    let (first, last) = (sizes[0], sizes[sizes.len() - 1]);
-    assert!(last <= first * 2, "log files grew with the log: {sizes:?}");
+    // retained, they would grow with every round. Purged, the files stay near
+    // the purge threshold (256 KiB) plus the active files: measured 200-400 KiB
+    // (the first round's size is not a baseline: it varies with when the first
+    // purge ran, so the bound is absolute).
+    let last = sizes[sizes.len() - 1];
+    assert!(last <= 640 * 1024, "log files grew with the log: {sizes:?}");
     cluster.stop().await
 }
 
