@@ -31,7 +31,7 @@ use crate::checker::{AccountRef, ClientOutcome, Hearer, Movement};
 use crate::sim::world::Teller;
 
 /// A pause between two of an adversary's calls, in milliseconds.
-const PAUSE_MS: std::ops::Range<u64> = 5..60;
+const PAUSE_MS: std::ops::Range<u64> = 3..30;
 
 /// How many times an adversary looks for a running txn before it gives up.
 const RUNNING_LOOKS_MAX: usize = 20;
@@ -110,133 +110,148 @@ async fn pause(rng: &mut StdRng) {
     tokio::time::sleep(Duration::from_millis(rng.random_range(PAUSE_MS))).await;
 }
 
-/// An operator who, until `done`, calls `Admin.Decide` for a random txn: one
-/// a client runs right now (Abort, or Commit without `force_commit`, which
-/// must be refused), a decided one (same), or a fresh id (Abort, or a forced
-/// Commit). It never forces a Commit of a txn that has branches: a forced
-/// Commit is the operator's word that every branch voted YES, and the
-/// operator here has no way to know (docs/PROTOCOL.md §6.1).
-pub async fn operator(teller: Arc<Teller>, client: ClusterClient, seed: u64, done: Arc<AtomicBool>) -> String {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut tally = Tally::default();
-    while !done.load(Ordering::Relaxed) {
-        pause(&mut rng).await;
-        let decided: Vec<TxnId> =
-            teller.history().iter().filter(|t| t.outcome != ClientOutcome::Unknown).map(|t| t.txn_id).collect();
-        let (kind, txn_id) = match rng.random_range(0..10) {
-            0..=4 => ("running", running_txn(&teller, &mut rng).await),
-            5..=6 => ("decided", decided.choose(&mut rng).copied()),
-            _ => ("fresh", Some(TxnId::new())),
-        };
-        let Some(txn_id) = txn_id else { continue };
-        let commit = rng.random_bool(0.5);
-        let force_commit = commit && kind == "fresh";
-        let decision = if commit { pb::Decision::Commit } else { pb::Decision::Abort };
-        let request = pb::DecideRequest {
-            txn_id: txn_id.to_string(),
-            decision: decision as i32,
-            reason: format!("sim operator ({kind})"),
-            force_commit,
-        };
-        let answer = client
-            .admin(|mut c| {
-                let request = request.clone();
-                async move { c.decide(request).await }
-            })
-            .await;
-        let call = format!(
-            "decide {kind} {}{}",
-            if commit { "commit" } else { "abort" },
-            if force_commit { " forced" } else { "" }
-        );
-        tally.note(&call, &answer);
-        if let Some(told) = answer.ok().and_then(|r| decision_of(r.decision)) {
-            teller.heard(txn_id, Hearer::Operator, told);
-        }
-    }
-    tally.line("operator")
-}
-
-/// A stray client that, until `done`, sends what a polite client would not:
-/// Resolve for ids from the history, from before the retention horizon, of
-/// txns running now, and fresh ones; Resolve and Submit for ids from the far
-/// future and for malformed ids (both must be refused with
-/// `INVALID_ARGUMENT`); and Submits of finished txns again with another
-/// branch set (refused, or answered with the logged decision).
-pub async fn stray(
+/// The adversaries until `done`: an [`operator_step`] or a [`stray_step`]
+/// at a time, drawn from the seed, with a short pause before each. One task
+/// and one call at a time: two adversaries with calls in flight at once made
+/// runs diverge on replay (tokio's `select!` polls from an unseeded start,
+/// docs/TESTING.md), each alone did not. Returns a tally line for each.
+pub async fn run(
     teller: Arc<Teller>,
     client: ClusterClient,
     accounts: Vec<AccountRef>,
     retention_ms: u64,
     seed: u64,
     done: Arc<AtomicBool>,
-) -> String {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut tally = Tally::default();
+) -> [String; 2] {
+    let mut turns = StdRng::seed_from_u64(seed);
+    let (mut operator_rng, mut stray_rng) = (StdRng::seed_from_u64(seed ^ 1), StdRng::seed_from_u64(seed ^ 2));
+    let (mut operator, mut stray) = (Tally::default(), Tally::default());
     let retention_ms = retention_ms.max(1);
     while !done.load(Ordering::Relaxed) {
-        pause(&mut rng).await;
-        let history = teller.history();
-        match rng.random_range(0..12) {
-            0..=2 => {
-                if let Some(old) = history.choose(&mut rng) {
-                    resolve(&teller, &client, &mut tally, "resolve old", old.txn_id).await;
-                }
+        pause(&mut turns).await;
+        if turns.random_bool(0.5) {
+            operator_step(&teller, &client, &mut operator_rng, &mut operator).await;
+        } else {
+            stray_step(&teller, &client, &accounts, retention_ms, &mut stray_rng, &mut stray).await;
+        }
+    }
+    [operator.line("operator"), stray.line("stray client")]
+}
+
+/// An operator's call: `Admin.Decide` for a random txn: one
+/// a client runs right now (Abort, or Commit without `force_commit`, which
+/// must be refused), a decided one (same), or a fresh id (Abort, or a forced
+/// Commit). It never forces a Commit of a txn that has branches: a forced
+/// Commit is the operator's word that every branch voted YES, and the
+/// operator here has no way to know (docs/PROTOCOL.md §6.1).
+async fn operator_step(teller: &Teller, client: &ClusterClient, rng: &mut StdRng, tally: &mut Tally) {
+    let decided: Vec<TxnId> =
+        teller.history().iter().filter(|t| t.outcome != ClientOutcome::Unknown).map(|t| t.txn_id).collect();
+    let (kind, txn_id) = match rng.random_range(0..10) {
+        0..=4 => ("running", running_txn(teller, rng).await),
+        5..=6 => ("decided", decided.choose(rng).copied()),
+        _ => ("fresh", Some(TxnId::new())),
+    };
+    let Some(txn_id) = txn_id else { return };
+    let commit = rng.random_bool(0.5);
+    let force_commit = commit && kind == "fresh";
+    let decision = if commit { pb::Decision::Commit } else { pb::Decision::Abort };
+    let request = pb::DecideRequest {
+        txn_id: txn_id.to_string(),
+        decision: decision as i32,
+        reason: format!("sim operator ({kind})"),
+        force_commit,
+    };
+    let answer = client
+        .admin(|mut c| {
+            let request = request.clone();
+            async move { c.decide(request).await }
+        })
+        .await;
+    let call = format!(
+        "decide {kind} {}{}",
+        if commit { "commit" } else { "abort" },
+        if force_commit { " forced" } else { "" }
+    );
+    tally.note(&call, &answer);
+    if let Some(told) = answer.ok().and_then(|r| decision_of(r.decision)) {
+        teller.heard(txn_id, Hearer::Operator, told);
+    }
+}
+
+/// A stray client's call, one a polite client would not make:
+/// Resolve for ids from the history, from before the retention horizon, of
+/// txns running now, and fresh ones; Resolve and Submit for ids from the far
+/// future and for malformed ids (both must be refused with
+/// `INVALID_ARGUMENT`); and Submits of finished txns again with another
+/// branch set (refused, or answered with the logged decision).
+async fn stray_step(
+    teller: &Teller,
+    client: &ClusterClient,
+    accounts: &[AccountRef],
+    retention_ms: u64,
+    rng: &mut StdRng,
+    tally: &mut Tally,
+) {
+    let history = teller.history();
+    match rng.random_range(0..12) {
+        0..=2 => {
+            if let Some(old) = history.choose(rng) {
+                resolve(teller, &client, tally, "resolve old", old.txn_id).await;
             }
-            3 => {
-                let before = unix_now_ms().saturating_sub(retention_ms + rng.random_range(1_000..600_000));
-                resolve(&teller, &client, &mut tally, "resolve before retention", txn_created_at(before)).await;
+        }
+        3 => {
+            let before = unix_now_ms().saturating_sub(retention_ms + rng.random_range(1_000..600_000));
+            resolve(teller, &client, tally, "resolve before retention", txn_created_at(before)).await;
+        }
+        4 => {
+            if let Some(running) = running_txn(teller, rng).await {
+                resolve(teller, &client, tally, "resolve running", running).await;
             }
-            4 => {
-                if let Some(running) = running_txn(&teller, &mut rng).await {
-                    resolve(&teller, &client, &mut tally, "resolve running", running).await;
-                }
-            }
-            5 => resolve(&teller, &client, &mut tally, "resolve fresh", TxnId::new()).await,
-            6 => {
-                let future = txn_created_at(unix_now_ms().saturating_add(rng.random_range(FUTURE_MS)));
-                resolve(&teller, &client, &mut tally, "resolve far future", future).await;
-            }
-            7 => {
-                // Through the teller, so money moved by a Submit that should
-                // have been refused is in the history the checker balances.
-                let future = txn_created_at(unix_now_ms().saturating_add(rng.random_range(FUTURE_MS)));
-                let Some((from, to)) = two_accounts(&accounts, &mut rng) else { continue };
-                let answer = teller.transfer_refused(future, &from, &to, rng.random_range(1..=100)).await;
-                let answer = answer.and_then(|outcome| match outcome {
-                    ClientOutcome::Unknown => Err(Status::unknown("no answer")),
-                    told => Ok(told),
-                });
-                tally.note("submit far future", &answer);
-            }
-            8..=9 => malformed(&client, &mut tally, &mut rng, teller.deadline_ms()).await,
-            _ => {
-                let finished: Vec<_> = history.iter().filter(|t| t.outcome != ClientOutcome::Unknown).collect();
-                let Some(txn) = finished.choose(&mut rng) else { continue };
-                let Some(movement) = &txn.movement else { continue };
-                let Some(other) = other_branches(movement, &accounts, &mut rng) else { continue };
-                let Ok(transfer) = Transfer::new(address(&other.from), address(&other.to), other.amount_minor) else {
-                    continue;
-                };
-                let request = pb::SubmitRequest {
-                    txn_id: txn.txn_id.to_string(),
-                    branches: transfer.submit_branches(),
-                    deadline_unix_ms: unix_now_ms() + teller.deadline_ms(),
-                };
-                let answer = client
-                    .coordinator(|mut c| {
-                        let request = request.clone();
-                        async move { c.submit(request).await }
-                    })
-                    .await;
-                tally.note("submit again with other branches", &answer);
-                if let Some(told) = answer.ok().and_then(|r| decision_of(r.decision)) {
-                    teller.heard(txn.txn_id, Hearer::Retrier, told);
-                }
+        }
+        5 => resolve(teller, &client, tally, "resolve fresh", TxnId::new()).await,
+        6 => {
+            let future = txn_created_at(unix_now_ms().saturating_add(rng.random_range(FUTURE_MS)));
+            resolve(teller, &client, tally, "resolve far future", future).await;
+        }
+        7 => {
+            // Through the teller, so money moved by a Submit that should
+            // have been refused is in the history the checker balances.
+            let future = txn_created_at(unix_now_ms().saturating_add(rng.random_range(FUTURE_MS)));
+            let Some((from, to)) = two_accounts(&accounts, rng) else { return };
+            let answer = teller.transfer_refused(future, &from, &to, rng.random_range(1..=100)).await;
+            let answer = answer.and_then(|outcome| match outcome {
+                ClientOutcome::Unknown => Err(Status::unknown("no answer")),
+                told => Ok(told),
+            });
+            tally.note("submit far future", &answer);
+        }
+        8..=9 => malformed(&client, tally, rng, teller.deadline_ms()).await,
+        _ => {
+            let finished: Vec<_> = history.iter().filter(|t| t.outcome != ClientOutcome::Unknown).collect();
+            let Some(txn) = finished.choose(rng) else { return };
+            let Some(movement) = &txn.movement else { return };
+            let Some(other) = other_branches(movement, &accounts, rng) else { return };
+            let Ok(transfer) = Transfer::new(address(&other.from), address(&other.to), other.amount_minor) else {
+                return;
+            };
+            let request = pb::SubmitRequest {
+                txn_id: txn.txn_id.to_string(),
+                branches: transfer.submit_branches(),
+                deadline_unix_ms: unix_now_ms() + teller.deadline_ms(),
+            };
+            let answer = client
+                .coordinator(|mut c| {
+                    let request = request.clone();
+                    async move { c.submit(request).await }
+                })
+                .await;
+            tally.note("submit again with other branches", &answer);
+            if let Some(told) = answer.ok().and_then(|r| decision_of(r.decision)) {
+                teller.heard(txn.txn_id, Hearer::Retrier, told);
             }
         }
     }
-    tally.line("stray client")
 }
 
 async fn resolve(teller: &Teller, client: &ClusterClient, tally: &mut Tally, call: &str, txn_id: TxnId) {

@@ -191,17 +191,9 @@ pub async fn run(config: SimConfig) -> anyhow::Result<SeedReport> {
     if c.adversaries {
         let seed = c.seed.wrapping_mul(1_000).wrapping_add(900);
         let (teller, done) = (world.teller.clone(), clients_done.clone());
-        adversaries.push(tokio::spawn(actors::operator(teller, actors::client(world.cluster.addrs())?, seed, done)));
-        let (teller, done) = (world.teller.clone(), clients_done.clone());
         let client = actors::client(world.cluster.addrs())?;
-        adversaries.push(tokio::spawn(actors::stray(
-            teller,
-            client,
-            accounts.clone(),
-            c.world.retention_ms,
-            seed + 1,
-            done,
-        )));
+        let retention_ms = c.world.retention_ms;
+        adversaries.push(tokio::spawn(actors::run(teller, client, accounts.clone(), retention_ms, seed, done)));
     }
     let mut rng = StdRng::seed_from_u64(c.seed ^ 0x5eed);
     let mut applied = Vec::new();
@@ -240,7 +232,7 @@ pub async fn run(config: SimConfig) -> anyhow::Result<SeedReport> {
     let mut adversaries = futures::future::join_all(adversaries);
     let tallies = loop {
         tokio::select! {
-            joined = &mut adversaries => break joined.into_iter().collect::<Result<Vec<String>, _>>()?,
+            joined = &mut adversaries => break joined.into_iter().collect::<Result<Vec<_>, _>>()?.concat(),
             () = tokio::time::sleep(SAMPLE_INTERVAL) => world.sample_leaders(),
         }
     };
