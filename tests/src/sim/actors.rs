@@ -197,28 +197,28 @@ async fn stray_step(
     match rng.random_range(0..12) {
         0..=2 => {
             if let Some(old) = history.choose(rng) {
-                resolve(teller, &client, tally, "resolve old", old.txn_id).await;
+                resolve(teller, client, tally, "resolve old", old.txn_id).await;
             }
         }
         3 => {
             let before = unix_now_ms().saturating_sub(retention_ms + rng.random_range(1_000..600_000));
-            resolve(teller, &client, tally, "resolve before retention", txn_created_at(before)).await;
+            resolve(teller, client, tally, "resolve before retention", txn_created_at(before)).await;
         }
         4 => {
             if let Some(running) = running_txn(teller, rng).await {
-                resolve(teller, &client, tally, "resolve running", running).await;
+                resolve(teller, client, tally, "resolve running", running).await;
             }
         }
-        5 => resolve(teller, &client, tally, "resolve fresh", TxnId::new()).await,
+        5 => resolve(teller, client, tally, "resolve fresh", TxnId::new()).await,
         6 => {
             let future = txn_created_at(unix_now_ms().saturating_add(rng.random_range(FUTURE_MS)));
-            resolve(teller, &client, tally, "resolve far future", future).await;
+            resolve(teller, client, tally, "resolve far future", future).await;
         }
         7 => {
             // Through the teller, so money moved by a Submit that should
             // have been refused is in the history the checker balances.
             let future = txn_created_at(unix_now_ms().saturating_add(rng.random_range(FUTURE_MS)));
-            let Some((from, to)) = two_accounts(&accounts, rng) else { return };
+            let Some((from, to)) = two_accounts(accounts, rng) else { return };
             let answer = teller.transfer_refused(future, &from, &to, rng.random_range(1..=100)).await;
             let answer = answer.and_then(|outcome| match outcome {
                 ClientOutcome::Unknown => Err(Status::unknown("no answer")),
@@ -226,12 +226,12 @@ async fn stray_step(
             });
             tally.note("submit far future", &answer);
         }
-        8..=9 => malformed(&client, tally, rng, teller.deadline_ms()).await,
+        8..=9 => malformed(client, tally, rng, teller.deadline_ms()).await,
         _ => {
             let finished: Vec<_> = history.iter().filter(|t| t.outcome != ClientOutcome::Unknown).collect();
             let Some(txn) = finished.choose(rng) else { return };
             let Some(movement) = &txn.movement else { return };
-            let Some(other) = other_branches(movement, &accounts, rng) else { return };
+            let Some(other) = other_branches(movement, accounts, rng) else { return };
             let Ok(transfer) = Transfer::new(address(&other.from), address(&other.to), other.amount_minor) else {
                 return;
             };
