@@ -9,7 +9,8 @@
 //! checker's safety part ([`crate::checker::check_safety`]: I1, I2) runs on
 //! the state of the moment; at the end every fault heals, the system
 //! settles, and the whole checker ([`crate::checker::check`]) judges the
-//! final state against I1, I2, I4, I7 and I8. A failing seed's report prints the
+//! final state against I1, I2, I4, I6, I7 and I8. Adversaries ([`actors`],
+//! membership churn) run beside the clients. A failing seed's report prints the
 //! command that replays it (exactly, in a deterministic run).
 //!
 //! # Layout
