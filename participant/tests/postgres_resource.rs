@@ -10,7 +10,6 @@ mod common;
 mod postgres_common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use postgres_common::Counting;
@@ -180,36 +179,6 @@ async fn an_exhausted_pool_is_a_retryable_error() {
     r.commit(next).await.expect("commit");
 }
 
-/// A [`Counting`] resource whose first `prepare` runs in full (PREPARE
-/// TRANSACTION included) and then reports the connection lost, as when the
-/// reply to PREPARE TRANSACTION never arrives.
-struct LostPrepareReply {
-    inner: Counting,
-    lost: AtomicBool,
-}
-
-impl Resource for LostPrepareReply {
-    async fn prepare(&self, txn: TxnId, payload: Bytes) -> Result<Vote, ResourceError> {
-        let vote = self.inner.prepare(txn, payload).await?;
-        if self.lost.swap(false, Ordering::SeqCst) {
-            return Err(ResourceError::Unavailable("connection closed before the reply to PREPARE TRANSACTION".into()));
-        }
-        Ok(vote)
-    }
-
-    async fn commit(&self, txn: TxnId) -> Result<(), ResourceError> {
-        self.inner.commit(txn).await
-    }
-
-    async fn abort(&self, txn: TxnId) -> Result<(), ResourceError> {
-        self.inner.abort(txn).await
-    }
-
-    async fn prepared(&self) -> Result<Vec<TxnId>, ResourceError> {
-        self.inner.prepared().await
-    }
-}
-
 // I7 and I4: a PREPARE TRANSACTION whose reply was lost leaves a prepared transaction on the
 // server; the participant keeps the txn in doubt instead of forgetting it, so the resolver asks
 // the coordinator and its Abort runs ROLLBACK PREPARED: the gid leaves pg_prepared_xacts and the
@@ -217,7 +186,7 @@ impl Resource for LostPrepareReply {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prepare_whose_reply_was_lost_is_rolled_back_by_the_resolver() {
     let Some(s) = setup("a_prepare_whose_reply_was_lost_is_rolled_back_by_the_resolver").await else { return };
-    let resource = Arc::new(LostPrepareReply { inner: s.open().await, lost: AtomicBool::new(true) });
+    let resource = Arc::new(common::FailingPrepares::new(s.open().await, common::FailAt::AfterStaging, 1));
     let coordinator = FakeCoordinator::new();
     let node = coordinator.start().await.expect("fake coordinator");
     let txn = TxnId::new();

@@ -6,12 +6,14 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use bytes::Bytes;
-use common::{GatedResource, config, dead_addr, prepare_request, start, vote, wait_until, within};
-use twopc_participant::fake_coordinator::FakeCoordinator;
-use twopc_participant::{Decision, MemoryResource, Resource, ResourceError, TxnId, Vote};
+use common::{
+    FailAt, FailingPrepares, GatedResource, Running, config, dead_addr, prepare_request, start, vote, wait_until,
+    within,
+};
+use twopc_participant::fake_coordinator::{FakeCoordinator, RunningFake};
+use twopc_participant::{Decision, MemoryResource, Resource, TxnId, Vote};
 
 /// A resource holding YES votes for `txns`, as found after a crash: the
 /// returned copy shares the durable state, the original is dropped.
@@ -193,63 +195,18 @@ async fn resolver_racing_a_decide_applies_once() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where a failing `prepare` of [`FailingPrepares`] fails.
-#[derive(Clone, Copy)]
-enum FailAt {
-    /// After the inner resource staged the branch durably: the reply is lost.
-    AfterStaging,
-    /// Before anything was staged.
-    BeforeStaging,
+/// A participant whose resource fails its first Prepare (at `at`), with a
+/// 50 ms in-doubt timeout, asking a fake coordinator that holds Abort for `txn`.
+struct Failing {
+    resource: Arc<FailingPrepares<MemoryResource>>,
+    coordinator: FakeCoordinator,
+    node: RunningFake,
+    p: Running,
+    txn: TxnId,
 }
 
-/// A [`MemoryResource`] whose next `failures` prepares return `Unavailable`,
-/// at `at`: the library sees an error either way and cannot tell them apart.
-struct FailingPrepares {
-    inner: MemoryResource,
-    at: FailAt,
-    failures: AtomicU32,
-}
-
-impl FailingPrepares {
-    fn new(at: FailAt, failures: u32) -> Self {
-        Self { inner: MemoryResource::new(), at, failures: AtomicU32::new(failures) }
-    }
-
-    fn take_failure(&self) -> bool {
-        self.failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
-    }
-}
-
-impl Resource for FailingPrepares {
-    async fn prepare(&self, txn: TxnId, payload: Bytes) -> Result<Vote, ResourceError> {
-        if !self.take_failure() {
-            return self.inner.prepare(txn, payload).await;
-        }
-        if let FailAt::AfterStaging = self.at {
-            self.inner.prepare(txn, payload).await?;
-        }
-        Err(ResourceError::Unavailable("connection lost before the reply to PREPARE TRANSACTION".into()))
-    }
-
-    async fn commit(&self, txn: TxnId) -> Result<(), ResourceError> {
-        self.inner.commit(txn).await
-    }
-
-    async fn abort(&self, txn: TxnId) -> Result<(), ResourceError> {
-        self.inner.abort(txn).await
-    }
-
-    async fn prepared(&self) -> Result<Vec<TxnId>, ResourceError> {
-        self.inner.prepared().await
-    }
-}
-
-// I7 and I4: a Prepare whose resource failed after staging the branch (the reply to PREPARE
-// TRANSACTION lost) leaves the txn in doubt, not forgotten: the resolver asks the coordinator
-// and applies its Abort, which releases the branch without a restart; a late Prepare votes NO.
-#[tokio::test]
-async fn prepare_failing_after_staging_is_resolved_and_released() -> anyhow::Result<()> {
-    let resource = Arc::new(FailingPrepares::new(FailAt::AfterStaging, 1));
+async fn failing_prepare_of_an_aborted_txn(at: FailAt) -> anyhow::Result<Failing> {
+    let resource = Arc::new(FailingPrepares::new(MemoryResource::new(), at, 1));
     let coordinator = FakeCoordinator::new();
     let node = coordinator.start().await?;
     let txn = TxnId::new();
@@ -257,6 +214,16 @@ async fn prepare_failing_after_staging_is_resolved_and_released() -> anyhow::Res
     let mut config = config(vec![node.addr().to_string()]);
     config.in_doubt_timeout_ms = 50;
     let p = start(Arc::clone(&resource), config).await?;
+    Ok(Failing { resource, coordinator, node, p, txn })
+}
+
+// I7 and I4: a Prepare whose resource failed after staging the branch (the reply to PREPARE
+// TRANSACTION lost) leaves the txn in doubt, not forgotten: the resolver asks the coordinator
+// and applies its Abort, which releases the branch without a restart; a late Prepare votes NO.
+#[tokio::test]
+async fn prepare_failing_after_staging_is_resolved_and_released() -> anyhow::Result<()> {
+    let Failing { resource, coordinator, node: _node, p, txn } =
+        failing_prepare_of_an_aborted_txn(FailAt::AfterStaging).await?;
 
     let failed = p.prepare(txn, b"ok").await;
     assert_eq!(failed.map(|_| ()).map_err(|s| s.code()), Err(tonic::Code::Unavailable));
@@ -275,7 +242,7 @@ async fn prepare_failing_after_staging_is_resolved_and_released() -> anyhow::Res
 // whose recorded YES now stands; the branch is then decided as any other, once.
 #[tokio::test]
 async fn prepare_retried_after_a_failure_after_staging_returns_the_staged_vote() -> anyhow::Result<()> {
-    let resource = Arc::new(FailingPrepares::new(FailAt::AfterStaging, 1));
+    let resource = Arc::new(FailingPrepares::new(MemoryResource::new(), FailAt::AfterStaging, 1));
     let coordinator = FakeCoordinator::new();
     let node = coordinator.start().await?;
     let p = start(Arc::clone(&resource), config(vec![node.addr().to_string()])).await?;
@@ -295,14 +262,8 @@ async fn prepare_retried_after_a_failure_after_staging_returns_the_staged_vote()
 // votes NO instead of staging a branch nobody will decide.
 #[tokio::test]
 async fn prepare_failing_before_staging_is_settled_by_a_tombstone() -> anyhow::Result<()> {
-    let resource = Arc::new(FailingPrepares::new(FailAt::BeforeStaging, 1));
-    let coordinator = FakeCoordinator::new();
-    let node = coordinator.start().await?;
-    let txn = TxnId::new();
-    coordinator.set_decision(txn, Decision::Abort);
-    let mut config = config(vec![node.addr().to_string()]);
-    config.in_doubt_timeout_ms = 50;
-    let p = start(Arc::clone(&resource), config).await?;
+    let Failing { resource, coordinator: _, node: _node, p, txn } =
+        failing_prepare_of_an_aborted_txn(FailAt::BeforeStaging).await?;
 
     assert!(p.prepare(txn, b"ok").await.is_err(), "setup: the prepare fails");
     wait_until("the txn has a tombstone", || resource.inner.is_aborted(txn)).await?;
@@ -317,15 +278,9 @@ async fn prepare_failing_before_staging_is_settled_by_a_tombstone() -> anyhow::R
 // still asks and releases it.
 #[tokio::test]
 async fn late_prepare_after_a_failure_after_staging_leaves_the_branch_in_doubt() -> anyhow::Result<()> {
-    let resource = Arc::new(FailingPrepares::new(FailAt::AfterStaging, 1));
-    let coordinator = FakeCoordinator::new();
+    let Failing { resource, coordinator, node: _node, p, txn } =
+        failing_prepare_of_an_aborted_txn(FailAt::AfterStaging).await?;
     coordinator.fail_next(u32::MAX);
-    let node = coordinator.start().await?;
-    let txn = TxnId::new();
-    coordinator.set_decision(txn, Decision::Abort);
-    let mut config = config(vec![node.addr().to_string()]);
-    config.in_doubt_timeout_ms = 50;
-    let p = start(Arc::clone(&resource), config).await?;
 
     assert!(p.prepare(txn, b"ok").await.is_err(), "setup: the prepare fails");
     let mut late = prepare_request(txn, b"ok");

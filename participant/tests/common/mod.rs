@@ -228,3 +228,55 @@ impl Resource for GatedResource {
         self.inner.prepared().await
     }
 }
+
+/// Where a failing `prepare` of [`FailingPrepares`] fails.
+#[derive(Clone, Copy)]
+pub enum FailAt {
+    /// After the inner resource staged the branch durably: the reply is lost.
+    AfterStaging,
+    /// Before anything was staged.
+    BeforeStaging,
+}
+
+/// A resource whose next `failures` prepares return `Unavailable`, at `at`
+/// (after staging: as when the reply to PREPARE TRANSACTION is lost): the
+/// library sees an error either way and cannot tell them apart.
+pub struct FailingPrepares<R> {
+    pub inner: R,
+    at: FailAt,
+    failures: AtomicU32,
+}
+
+impl<R: Resource> FailingPrepares<R> {
+    pub fn new(inner: R, at: FailAt, failures: u32) -> Self {
+        Self { inner, at, failures: AtomicU32::new(failures) }
+    }
+
+    fn take_failure(&self) -> bool {
+        self.failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+    }
+}
+
+impl<R: Resource> Resource for FailingPrepares<R> {
+    async fn prepare(&self, txn: TxnId, payload: Bytes) -> Result<Vote, ResourceError> {
+        if !self.take_failure() {
+            return self.inner.prepare(txn, payload).await;
+        }
+        if let FailAt::AfterStaging = self.at {
+            self.inner.prepare(txn, payload).await?;
+        }
+        Err(ResourceError::Unavailable("connection lost before the reply to PREPARE TRANSACTION".into()))
+    }
+
+    async fn commit(&self, txn: TxnId) -> Result<(), ResourceError> {
+        self.inner.commit(txn).await
+    }
+
+    async fn abort(&self, txn: TxnId) -> Result<(), ResourceError> {
+        self.inner.abort(txn).await
+    }
+
+    async fn prepared(&self) -> Result<Vec<TxnId>, ResourceError> {
+        self.inner.prepared().await
+    }
+}
