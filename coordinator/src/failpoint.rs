@@ -38,6 +38,28 @@ pub const ACKS_BEFORE_PROPOSE: &str = "delivery::acks::before_propose";
 /// bites: the leader decides Commit whatever the votes were. Subject: the txn id.
 pub const PREPARE_IGNORE_VOTES: &str = "engine::prepare::ignore_votes";
 
+/// Brings back issue 14's operator bug, for showing that the simulation's
+/// checker bites: an operator's Decide is logged at once, a Commit without
+/// `force_commit` and a txn this leader is still preparing included. Subject:
+/// the txn id.
+pub const OPERATOR_DECIDE_UNCHECKED: &str = "engine::operator_decide::unchecked";
+
+/// Brings back issue 14's far-future bug, for the checker's bite: txn ids from
+/// the far future pass the engine's `txn_id_future_skew_ms` check and the
+/// log's own refusal at apply. Subject: the txn id.
+pub const FUTURE_IDS_UNCHECKED: &str = "engine::txn_id::future_unchecked";
+
+/// Brings back issue 14's retention bug, for the checker's bite: a txn id
+/// below the log's Forget horizon gets a first decision (a Resolve's presumed
+/// abort, an operator's) as if it were unknown. Subject: the txn id.
+pub const FORGOTTEN_UNCHECKED: &str = "engine::forgotten::unchecked";
+
+/// Brings back issue 14's acknowledgement bug, for the checker's bite: a
+/// batch of acknowledgements whose proposal failed is dropped, not proposed
+/// again, so its txns stay unacknowledged while this leader leads. Subject:
+/// the batch's first txn id.
+pub const ACKS_DROPPED_ON_FAILURE: &str = "delivery::acks::dropped_on_failure";
+
 /// Whether failpoint `name` fires for `subject` (computed only when the
 /// failpoint is armed).
 #[cfg(feature = "failpoints")]

@@ -193,10 +193,13 @@ impl StateMachine {
         // Decided here, from the entry and the applied state alone, so no
         // proposer (a leader whose clock is behind, a Resolve, an operator)
         // can give a forgotten txn a second, contradicting outcome (§7.2).
-        if self.may_have_forgotten(&cmd.txn_id) {
+        let unchecked = |name| crate::failpoint::fired(name, || cmd.txn_id.to_string());
+        if self.may_have_forgotten(&cmd.txn_id) && !unchecked(crate::failpoint::FORGOTTEN_UNCHECKED) {
             return Applied::DecideRefused { txn_id: cmd.txn_id, refusal: DecideRefusal::Forgotten };
         }
-        if cmd.txn_id.created_unix_ms() > now.saturating_add(TXN_ID_AHEAD_OF_PROPOSER_MAX_MS) {
+        if cmd.txn_id.created_unix_ms() > now.saturating_add(TXN_ID_AHEAD_OF_PROPOSER_MAX_MS)
+            && !unchecked(crate::failpoint::FUTURE_IDS_UNCHECKED)
+        {
             return Applied::DecideRefused { txn_id: cmd.txn_id, refusal: DecideRefusal::FromTheFuture };
         }
         let branches: Vec<BranchRecord> = cmd

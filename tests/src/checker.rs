@@ -1,7 +1,9 @@
 //! The invariant checker (docs/PROTOCOL.md §9, docs/TESTING.md): given what a
 //! run left behind (every coordinator's applied state machine, every
-//! participant's branches and accounts) and what its clients were told, it
-//! lists every violation of I1, I2, I4, I7 and I8 it can see.
+//! participant's branches and accounts) and what anyone was told (clients,
+//! an operator, a stray client's Resolves), it lists every violation of I1,
+//! I2, I4, I6, I7 and I8 it can see, and membership changes that had to be
+//! refused and were not.
 //!
 //! It reads final states only, so it is meant for quiescence: after every
 //! fault healed and the harness waited for in-doubt branches to settle. The
@@ -24,6 +26,9 @@ pub enum Invariant {
     I2,
     /// No hanging: no branch is left prepared, no hold left, at quiescence.
     I4,
+    /// Bounded: no state machine records a txn id created further ahead of
+    /// its decision than the log accepts (such a record is never forgotten).
+    I6,
     /// Liveness: in-doubt branches were resolved within the bound after the
     /// last fault healed, and every decision reached every branch.
     I7,
@@ -31,6 +36,10 @@ pub enum Invariant {
     /// opening plus the committed branches, and acknowledged transfers were
     /// applied exactly once (aborted ones never).
     I8,
+    /// Membership (docs/PROTOCOL.md §4.6): a change that cannot succeed
+    /// (removing a non-member, the leader itself, the last voter) is refused
+    /// before it is logged.
+    Membership,
 }
 
 impl fmt::Display for Invariant {
@@ -39,8 +48,10 @@ impl fmt::Display for Invariant {
             Self::I1 => "I1 atomicity",
             Self::I2 => "I2 one decision",
             Self::I4 => "I4 no hanging",
+            Self::I6 => "I6 bounded",
             Self::I7 => "I7 liveness",
             Self::I8 => "I8 money",
+            Self::Membership => "membership (§4.6)",
         };
         f.write_str(name)
     }
@@ -168,6 +179,28 @@ pub struct ClientTxn {
     pub outcome: ClientOutcome,
 }
 
+/// Who was told a decision, besides the clients of [`ClientTxn`]s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Hearer {
+    /// An operator, answered by `Admin.Decide`.
+    Operator,
+    /// A client asking `Resolve` about ids it did not submit (old, forgotten, its own).
+    Resolver,
+    /// A client retrying a txn's Submit with other branches.
+    Retrier,
+}
+
+/// One decision someone other than the txn's own client was told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Told {
+    /// The txn.
+    pub txn_id: TxnId,
+    /// Who heard it.
+    pub hearer: Hearer,
+    /// What they heard.
+    pub decision: Decision,
+}
+
 /// How long the system took to settle after the last fault healed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Liveness {
@@ -197,6 +230,11 @@ pub struct Observation {
     /// Decisions read through the cluster's API (GetTransaction), for runs
     /// whose state machines cannot be copied out (real processes).
     pub reported: BTreeMap<TxnId, Decision>,
+    /// Every decision told to someone other than the txn's client (I2 holds
+    /// each to the log, and every answer about one txn to every other).
+    pub told: Vec<Told>,
+    /// Membership changes that had to be refused and were applied instead.
+    pub membership_accepted: Vec<String>,
 }
 
 /// Checks every invariant on a quiescent system and returns the violations
@@ -206,14 +244,17 @@ pub fn check(obs: &Observation) -> Vec<Violation> {
     let log = check_i2(obs, Moment::Quiescent, &mut out);
     check_i1(obs, &log, Moment::Quiescent, &mut out);
     check_i4(obs, &mut out);
+    check_i6(obs, &mut out);
     check_i7(obs, &mut out);
     check_i8(obs, &mut out);
+    check_membership(obs, &mut out);
     out
 }
 
 /// Checks what must hold at every moment, mid-run included: nodes agree on
 /// every decision they hold and on their states at equal indexes, one leader
-/// per term (I2); no branch contradicts another or the logged decision (I1).
+/// per term, nobody was told two decisions for one txn (I2); no branch
+/// contradicts another or the logged decision (I1).
 /// What only holds at quiescence (delivery done, holds released, clients'
 /// answers in every node's log, balances) is left to [`check`].
 pub fn check_safety(obs: &Observation) -> Vec<Violation> {
@@ -326,7 +367,123 @@ fn check_i2(obs: &Observation, moment: Moment, out: &mut Vec<Violation>) -> BTre
             );
         }
     }
-    log.into_iter().map(|(txn, (decision, index, _))| (txn, (decision, index))).collect()
+    let log: BTreeMap<TxnId, (Decision, u64)> =
+        log.into_iter().map(|(txn, (decision, index, _))| (txn, (decision, index))).collect();
+    check_told(obs, &log, moment, out);
+    log
+}
+
+/// Everyone told a decision for a txn: its client (when it was told one) and
+/// every [`Told`], each with who heard it.
+fn tellings(obs: &Observation) -> BTreeMap<TxnId, Vec<(String, Decision)>> {
+    let mut all: BTreeMap<TxnId, Vec<(String, Decision)>> = BTreeMap::new();
+    for txn in &obs.history {
+        let decision = match txn.outcome {
+            ClientOutcome::Committed => Decision::Commit,
+            ClientOutcome::Aborted => Decision::Abort,
+            ClientOutcome::Unknown => continue,
+        };
+        all.entry(txn.txn_id).or_default().push(("its client".to_owned(), decision));
+    }
+    for told in &obs.told {
+        all.entry(told.txn_id).or_default().push((format!("the {:?}", told.hearer).to_lowercase(), told.decision));
+    }
+    all
+}
+
+/// I2 over everything anyone other than a txn's client was told: every
+/// answer about one txn agrees with every other (at every moment), and with
+/// the log's decision at quiescence; for a txn the log may have forgotten,
+/// with its branches (a Commit heard while a branch aborted, or the reverse).
+/// The clients' own answers are held to the log by [`check_i2`].
+fn check_told(obs: &Observation, log: &BTreeMap<TxnId, (Decision, u64)>, moment: Moment, out: &mut Vec<Violation>) {
+    for (txn, heard) in tellings(obs) {
+        let Some((first_hearer, first)) = heard.first().cloned() else { continue };
+        if let Some((hearer, other)) = heard.iter().find(|(_, d)| *d != first) {
+            violation(
+                out,
+                Invariant::I2,
+                Some(txn),
+                format!("{first_hearer} was told {first}, {hearer} was told {other}"),
+            );
+            continue;
+        }
+        if moment == Moment::Running || !obs.told.iter().any(|t| t.txn_id == txn) {
+            continue;
+        }
+        match log.get(&txn).map(|(d, _)| *d) {
+            Some(logged) if logged != first => violation(
+                out,
+                Invariant::I2,
+                Some(txn),
+                format!("{first_hearer} was told {first}; the log holds {logged}"),
+            ),
+            Some(_) => {}
+            None if forgotten(obs, &txn) => {
+                let contradicting: Vec<&String> = obs
+                    .participants
+                    .iter()
+                    .filter(|(_, v)| {
+                        v.branches.get(&txn).is_some_and(|b| match first {
+                            Decision::Commit => b.is_abort(),
+                            Decision::Abort => *b == BranchView::Committed,
+                        })
+                    })
+                    .map(|(p, _)| p)
+                    .collect();
+                if !contradicting.is_empty() {
+                    violation(
+                        out,
+                        Invariant::I2,
+                        Some(txn),
+                        format!(
+                            "{first_hearer} was told {first} of a forgotten txn; its branches at {contradicting:?} say otherwise"
+                        ),
+                    );
+                }
+            }
+            None => violation(
+                out,
+                Invariant::I2,
+                Some(txn),
+                format!("{first_hearer} was told {first}; the log holds no decision"),
+            ),
+        }
+    }
+}
+
+/// How far after its decision was proposed a txn id's creation time may lie
+/// before a record of it is a violation: the log's own refusal bound
+/// (`state_machine::TXN_ID_AHEAD_OF_PROPOSER_MAX_MS`, 10 minutes). Clients
+/// make their ids at most a few seconds apart from any coordinator's clock
+/// (clock jumps included), so only an id made far ahead gets near it.
+pub const TXN_ID_AHEAD_OF_DECISION_MAX_MS: u64 = 10 * 60 * 1000;
+
+/// I6: no node records a txn whose id was created further ahead of its
+/// decision than [`TXN_ID_AHEAD_OF_DECISION_MAX_MS`]: no retention horizon
+/// would ever reach it, so it would be kept for good.
+fn check_i6(obs: &Observation, out: &mut Vec<Violation>) {
+    let mut seen = BTreeSet::new();
+    for (node, sm) in &obs.coordinators {
+        for record in sm.list(twopc_coordinator::state_machine::ListFilter::All, u64::MAX, None, usize::MAX) {
+            let ahead_ms = record.txn_id.created_unix_ms().saturating_sub(record.decided_unix_ms);
+            if ahead_ms > TXN_ID_AHEAD_OF_DECISION_MAX_MS && seen.insert(record.txn_id) {
+                violation(
+                    out,
+                    Invariant::I6,
+                    Some(record.txn_id),
+                    format!("node {node} records a txn created {ahead_ms} ms after its decision was proposed"),
+                );
+            }
+        }
+    }
+}
+
+/// Membership changes that had to be refused and were not (§4.6).
+fn check_membership(obs: &Observation, out: &mut Vec<Violation>) {
+    for accepted in &obs.membership_accepted {
+        violation(out, Invariant::Membership, None, accepted.clone());
+    }
 }
 
 /// Whether the log may have decided `txn` and forgotten it since: a node
@@ -564,6 +721,8 @@ mod tests {
             liveness: None,
             leaders: BTreeMap::new(),
             reported: BTreeMap::new(),
+            told: Vec::new(),
+            membership_accepted: Vec::new(),
         }
     }
 
@@ -658,6 +817,58 @@ mod tests {
         forget(&mut half);
         let found = invariants(&check(&half));
         assert!(found.contains(&Invariant::I1) && found.contains(&Invariant::I8), "{found:?}");
+    }
+
+    // I2 over everyone told: an operator, a Resolve or a retried Submit told
+    // another decision than the txn's client is reported at once (mid-run
+    // too), and one told what the log does not hold at quiescence.
+    #[test]
+    fn anyone_told_another_decision_than_the_log_is_reported() {
+        let t = TxnId::new();
+        let history = vec![transfer(t, 30, ClientOutcome::Committed)];
+        let mut obs = observation(
+            bank(&[(t, BranchView::Committed)], &[("alice", 70)]),
+            bank(&[(t, BranchView::Committed)], &[("bob", 130)]),
+            history,
+        );
+        obs.told.push(Told { txn_id: t, hearer: Hearer::Operator, decision: Decision::Commit });
+        assert_eq!(check(&obs), vec![]);
+        obs.told.push(Told { txn_id: t, hearer: Hearer::Resolver, decision: Decision::Abort });
+        let violations = check_safety(&obs);
+        assert_eq!(invariants(&violations), [Invariant::I2].into_iter().collect(), "{violations:?}");
+        let u = TxnId::new();
+        obs.told = vec![Told { txn_id: u, hearer: Hearer::Resolver, decision: Decision::Commit }];
+        let violations = check(&obs);
+        assert!(violations.iter().any(|v| v.txn_id == Some(u) && v.invariant == Invariant::I2), "{violations:?}");
+    }
+
+    // I2 across a retention horizon: a Resolve answered Abort for a forgotten
+    // txn whose branches committed is a second, contradicting outcome.
+    #[test]
+    fn an_abort_told_of_a_forgotten_committed_txn_is_reported() {
+        let t = TxnId::new();
+        let mut obs = observation(
+            bank(&[(t, BranchView::Committed)], &[("alice", 70)]),
+            bank(&[(t, BranchView::Committed)], &[("bob", 130)]),
+            vec![transfer(t, 30, ClientOutcome::Unknown)],
+        );
+        for sm in obs.coordinators.values_mut() {
+            let command = Command::Forget { horizon_unix_ms: t.created_unix_ms() + 1 };
+            sm.apply(sm.applied_index() + 1, &Proposal { command, proposed_unix_ms: 3 });
+        }
+        obs.told.push(Told { txn_id: t, hearer: Hearer::Resolver, decision: Decision::Commit });
+        assert_eq!(check(&obs), vec![]);
+        obs.told[0].decision = Decision::Abort;
+        let violations = check(&obs);
+        assert_eq!(invariants(&violations), [Invariant::I2].into_iter().collect(), "{violations:?}");
+    }
+
+    // Membership: a change that had to be refused and was accepted is reported.
+    #[test]
+    fn an_accepted_change_that_had_to_be_refused_is_reported() {
+        let mut obs = observation(bank(&[], &[("alice", 100)]), bank(&[], &[("bob", 100)]), vec![]);
+        obs.membership_accepted.push("removing node 9 was accepted".into());
+        assert_eq!(invariants(&check(&obs)), [Invariant::Membership].into_iter().collect());
     }
 
     // I7: not settling within the bound is a liveness violation.

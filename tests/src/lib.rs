@@ -1,7 +1,7 @@
 //! Harnesses for twopc's whole-system tests.
 //!
 //! # Layout
-//! - [`checker`]: the invariant checker (I1, I2, I4, I7, I8) over a run's final state and client history.
+//! - [`checker`]: the invariant checker (I1, I2, I4, I6, I7, I8, membership) over a run's final state and what anyone was told.
 //! - [`cluster`]: an in-process coordinator cluster on 127.0.0.1 ephemeral
 //!   ports, with kill, crash (unsynced writes lost), restart and a shared fault filter.
 //! - [`gate`]: a participant client whose calls tests can hold or fail.

@@ -106,6 +106,31 @@ fn seeded_fault_schedules_keep_every_invariant_deterministically() {
     assert!(failed.is_empty(), "seeds {failed:?} failed; their reports and replay commands are printed above");
 }
 
+/// A retention short enough that txns are forgotten in the middle of a run.
+const SHORT_RETENTION_MS: u64 = 1_000;
+
+// I2 across retention horizons, with the adversaries: a run whose
+// coordinators forget finished txns after a second, while the stray client
+// resolves old ids and the operator decides decided ones, keeps every
+// invariant (the control for the forgotten-txn bite below).
+#[test]
+fn forgetting_txns_mid_run_keeps_every_invariant_deterministically() {
+    let _serial = one_at_a_time();
+    twopc_tests::init_tracing();
+    let mut failed = Vec::new();
+    for seed in REPLAY_SEEDS {
+        let mut config = SimConfig::for_seed(seed);
+        config.world.retention_ms = SHORT_RETENTION_MS;
+        let report = deterministic::run(config).expect("the harness runs");
+        let tallies = report.trace.iter().filter(|l| l.starts_with("operator:") || l.starts_with("stray client:"));
+        println!("{report}  {}", tallies.cloned().collect::<Vec<_>>().join("\n  "));
+        if !report.passed() {
+            failed.push(seed);
+        }
+    }
+    assert!(failed.is_empty(), "seeds {failed:?} failed; their reports are printed above");
+}
+
 #[test]
 fn the_checker_catches_banks_that_answer_before_their_fsync_deterministically() {
     // The checker bites under virtual time too (I3 broken, seen as I8):
@@ -123,7 +148,7 @@ fn the_checker_catches_a_leader_that_ignores_no_votes_deterministically() {
     // The checker bites (I1, I8): a leader that ignores NO votes commits the
     // other branch of overdrawn transfers.
     let (seed, invariants) =
-        first_violation_with(twopc_coordinator::failpoint::PREPARE_IGNORE_VOTES, FaultMix::Calm, 5);
+        first_violation_with(twopc_coordinator::failpoint::PREPARE_IGNORE_VOTES, FaultMix::Calm, 5, |_| {});
     assert!(invariants.contains(&Invariant::I1) && invariants.contains(&Invariant::I8), "seed {seed}: {invariants:?}");
 }
 
@@ -132,24 +157,110 @@ fn the_checker_catches_a_leader_that_ignores_no_votes_deterministically() {
 fn the_checker_catches_a_bank_that_releases_holds_on_a_timer_deterministically() {
     // The checker bites (I4 broken, seen as I1): banks that abort in-doubt
     // branches on their own disagree with the logged Commit when phase 2 is slow.
-    let (seed, invariants) =
-        first_violation_with(twopc_participant::failpoint::RESOLVE_RELEASE_ON_TIMER, FaultMix::Participants, 30);
+    let (seed, invariants) = first_violation_with(
+        twopc_participant::failpoint::RESOLVE_RELEASE_ON_TIMER,
+        FaultMix::Participants,
+        30,
+        |_| {},
+    );
     assert!(invariants.contains(&Invariant::I1), "seed {seed} named {invariants:?}");
 }
 
-/// The first of `seeds` seeds of `mix` whose run reports a violation, with
-/// `failpoint` returning early (breaking the protocol) for the whole search,
-/// and the invariants it named.
+#[cfg(feature = "failpoints")]
+#[test]
+fn the_checker_catches_an_operator_commit_of_a_txn_still_preparing_deterministically() {
+    // The checker bites on issue 14's operator bug (I1): an operator's
+    // Commit, unforced, logged while the leader still collects the votes of
+    // a transfer whose debit is then refused. The adversary operator commits
+    // running txns without force_commit, which the fixed coordinator refuses.
+    let (seed, invariants) =
+        first_violation_with(twopc_coordinator::failpoint::OPERATOR_DECIDE_UNCHECKED, FaultMix::Calm, 60, |_| {});
+    assert!(invariants.contains(&Invariant::I1), "seed {seed} named {invariants:?}");
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn the_checker_catches_txn_ids_from_the_far_future_deterministically() {
+    // The checker bites on issue 14's far-future bug (I6): ids created years
+    // ahead, which the stray client resolves and submits, are recorded by the
+    // log, past every retention horizon.
+    let (seed, invariants) =
+        first_violation_with(twopc_coordinator::failpoint::FUTURE_IDS_UNCHECKED, FaultMix::Calm, 30, |_| {});
+    assert!(invariants.contains(&Invariant::I6), "seed {seed} named {invariants:?}");
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn the_checker_catches_a_second_outcome_for_a_forgotten_txn_deterministically() {
+    // The checker bites on issue 14's retention bug (I2): with txns forgotten
+    // a second after they were made, the stray client's Resolve of an old
+    // committed txn is presumed aborted (or an operator's Abort logged), a
+    // second outcome contradicting what its client was told.
+    let (seed, invariants) =
+        first_violation_with(twopc_coordinator::failpoint::FORGOTTEN_UNCHECKED, FaultMix::Calm, 30, |c| {
+            c.world.retention_ms = SHORT_RETENTION_MS;
+        });
+    assert!(invariants.contains(&Invariant::I2), "seed {seed} named {invariants:?}");
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn the_checker_catches_a_leader_that_logs_membership_changes_it_must_refuse_deterministically() {
+    // The checker bites on the membership churn: with the leader's check
+    // skipped, a removal of a non-member or of the leader itself is logged
+    // and applied, where the cluster must refuse it (docs/PROTOCOL.md §4.6).
+    let (seed, invariants) =
+        first_violation_with(twopc_coordinator::failpoint::MEMBERSHIP_SKIP_CHECK, FaultMix::Calm, 5, |_| {});
+    assert!(invariants.contains(&Invariant::Membership), "seed {seed} named {invariants:?}");
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn the_checker_catches_acknowledgements_dropped_when_their_proposal_fails_deterministically() {
+    // The checker bites on issue 14's acknowledgement bug (I7): the first
+    // acknowledgement batches of each run fail to be proposed (as an
+    // overloaded leader's would) and are dropped instead of proposed again,
+    // so their txns wait for acknowledgements as long as the leader leads.
+    // Without the adversaries' churn, which restarts the leader (a new term
+    // drives every decision again). The same seed with the failures and
+    // without the drop passes: it is the drop the checker sees.
+    use twopc_coordinator::failpoint::{ACKS_BEFORE_PROPOSE, ACKS_DROPPED_ON_FAILURE};
+    let _serial = one_at_a_time();
+    let _scenario = fail::FailScenario::setup();
+    twopc_tests::init_tracing();
+    let config = |seed| sim::bite_config(FaultMix::Calm, seed, &|c: &mut SimConfig| c.adversaries = false);
+    let run = |seed| {
+        fail::cfg(ACKS_BEFORE_PROPOSE, "3*return").expect("a valid action");
+        deterministic::run(config(seed))
+    };
+    fail::cfg(ACKS_DROPPED_ON_FAILURE, "return").expect("a valid action");
+    let (seed, invariants) = (0..5)
+        .find_map(|seed| sim::violation_found(seed, run(seed)))
+        .expect("the simulation reports the dropped acknowledgements within 5 seeds");
+    assert!(invariants.contains(&Invariant::I7), "seed {seed} named {invariants:?}");
+    fail::remove(ACKS_DROPPED_ON_FAILURE);
+    let fixed = run(seed).expect("the harness runs");
+    assert!(fixed.passed(), "seed {seed} with failed proposals proposed again:\n{fixed}");
+}
+
+/// The first of `seeds` seeds of `mix` (each config passed through `tweak`)
+/// whose run reports a violation, with `failpoint` returning early (breaking
+/// the protocol) for the whole search, and the invariants it named.
 ///
 /// # Panics
 /// When none does: the checker missed the broken protocol.
 #[cfg(feature = "failpoints")]
-fn first_violation_with(failpoint: &str, mix: FaultMix, seeds: u64) -> (u64, std::collections::BTreeSet<Invariant>) {
+fn first_violation_with(
+    failpoint: &str,
+    mix: FaultMix,
+    seeds: u64,
+    tweak: impl Fn(&mut SimConfig),
+) -> (u64, std::collections::BTreeSet<Invariant>) {
     let _serial = one_at_a_time();
     let _scenario = fail::FailScenario::setup();
     twopc_tests::init_tracing();
     fail::cfg(failpoint, "return").expect("a valid action");
-    deterministic::first_violation(mix, seeds, |_| {})
+    deterministic::first_violation(mix, seeds, tweak)
         .unwrap_or_else(|| panic!("the simulation reports the broken protocol within {seeds} seeds"))
 }
 

@@ -270,6 +270,9 @@ async fn log_acks(
             }
             // The node is gone; the next leader re-drives from the log.
             Err(crate::Error::Stopped) => return,
+            Err(_) if crate::failpoint::fired(crate::failpoint::ACKS_DROPPED_ON_FAILURE, || batch[0].0.to_string()) => {
+                batch.clear();
+            }
             Err(err) => {
                 // Any other failure (NotLeader included) is retried until the
                 // term's delivery stops: the engine stops it when this node

@@ -504,7 +504,7 @@ impl<P: ParticipantClient> Engine<P> {
             return Ok(decision);
         }
         // No presumed abort here: the forgotten outcome may have been Commit (I2).
-        if was_forgotten {
+        if was_forgotten && !failpoint::fired(failpoint::FORGOTTEN_UNCHECKED, || txn_id.to_string()) {
             return Err(forgotten(txn_id));
         }
         self.require_leader()?;
@@ -535,6 +535,10 @@ impl<P: ParticipantClient> Engine<P> {
         let OperatorDecideRequest { txn_id, decision, reason } = request;
         check_not_from_the_future(txn_id, &self.inner.config)?;
         self.require_leader()?;
+        if failpoint::fired(failpoint::OPERATOR_DECIDE_UNCHECKED, || txn_id.to_string()) {
+            let reason = format!("{OPERATOR_REASON_PREFIX}{reason}");
+            return self.decide(DecideCmd { txn_id, decision, reason, branches: Vec::new() }).await;
+        }
         // I1: while this leader collects votes, a branch may yet vote NO;
         // an operator's Commit now would be applied there by nobody.
         let outcome = match self.join_or_register(txn_id, Vec::new(), Driver::Operator)? {

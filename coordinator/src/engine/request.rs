@@ -40,6 +40,9 @@ pub fn parse_txn_id(text: &str) -> Result<TxnId> {
 /// # Errors
 /// [`Error::InvalidArgument`] saying how far ahead the id is.
 pub fn check_not_from_the_future(txn_id: TxnId, limits: &EngineConfig) -> Result<()> {
+    if crate::failpoint::fired(crate::failpoint::FUTURE_IDS_UNCHECKED, || txn_id.to_string()) {
+        return Ok(());
+    }
     let now = limits.clock.unix_now_ms();
     let ahead_ms = txn_id.created_unix_ms().saturating_sub(now);
     if ahead_ms > limits.txn_id_future_skew_ms {
@@ -149,7 +152,8 @@ impl OperatorDecideRequest {
                 request.reason.len()
             )));
         }
-        if decision == Decision::Commit && !request.force_commit {
+        let unchecked = || crate::failpoint::fired(crate::failpoint::OPERATOR_DECIDE_UNCHECKED, || txn_id.to_string());
+        if decision == Decision::Commit && !request.force_commit && !unchecked() {
             return Err(invalid(
                 "force_commit: an operator Commit must be forced (twopc txn decide ID commit --force): the log \
                  holds no votes for an undecided txn, and committing one whose branch voted NO applies it at some \

@@ -9,16 +9,19 @@
 //! checker's safety part ([`crate::checker::check_safety`]: I1, I2) runs on
 //! the state of the moment; at the end every fault heals, the system
 //! settles, and the whole checker ([`crate::checker::check`]) judges the
-//! final state against I1, I2, I4, I7 and I8. A failing seed's report prints the
+//! final state against I1, I2, I4, I6, I7 and I8. Adversaries ([`actors`],
+//! membership churn) run beside the clients. A failing seed's report prints the
 //! command that replays it (exactly, in a deterministic run).
 //!
 //! # Layout
 //! - [`world`]: the system under test, its client history, heal, settle, observe.
+//! - [`actors`]: adversaries beside the clients: an operator deciding random txns, a stray client.
 //! - [`bank`]: a crashable bank over a real store.
 //! - [`schedule`]: fault mixes, seeded schedules, and carrying a fault out.
 //! - [`deterministic`]: the same runs on one thread under virtual time, replayed exactly.
 //! - [`network`], [`pipe`]: the in-memory network deterministic runs use, with latency.
 
+pub mod actors;
 pub mod bank;
 pub mod deterministic;
 pub mod network;
@@ -29,6 +32,7 @@ pub mod world;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt as _;
@@ -72,6 +76,10 @@ pub struct SimConfig {
     pub amount_max_minor: i64,
     /// The test binary whose command replays this seed.
     pub replay_test: &'static str,
+    /// Adversaries run beside the clients: an operator deciding random
+    /// txns, a stray client ([`actors`]), and membership churn
+    /// ([`schedule::churn`]).
+    pub adversaries: bool,
 }
 
 impl SimConfig {
@@ -92,6 +100,7 @@ impl SimConfig {
             window_ms: 2_000,
             amount_max_minor: 450,
             replay_test: "simulation",
+            adversaries: true,
         }
     }
 
@@ -165,7 +174,10 @@ impl fmt::Display for SeedReport {
 pub async fn run(config: SimConfig) -> anyhow::Result<SeedReport> {
     let started = Instant::now();
     let c = &config;
-    let schedule = schedule::schedule(c.seed, c.mix, c.world.coordinators, c.world.banks, c.window_ms);
+    let mut schedule = schedule::schedule(c.seed, c.mix, c.world.coordinators, c.world.banks, c.window_ms);
+    if c.adversaries {
+        schedule = schedule::merge(schedule, schedule::churn(c.seed, c.world.coordinators, c.window_ms));
+    }
     let mut world = World::start(c.world.clone()).await?;
     let accounts = world.accounts();
     let clients: Vec<_> = (0..c.clients)
@@ -175,6 +187,15 @@ pub async fn run(config: SimConfig) -> anyhow::Result<SeedReport> {
             tokio::spawn(client(teller, accounts.clone(), seed, c.transfers_per_client, c.amount_max_minor))
         })
         .collect();
+    let clients_done = Arc::new(AtomicBool::new(false));
+    let mut adversaries = Vec::new();
+    if c.adversaries {
+        let seed = c.seed.wrapping_mul(1_000).wrapping_add(900);
+        let (teller, done) = (world.teller.clone(), clients_done.clone());
+        let client = actors::client(world.cluster.addrs())?;
+        let retention_ms = c.world.retention_ms;
+        adversaries.push(tokio::spawn(actors::run(teller, client, accounts.clone(), retention_ms, seed, done)));
+    }
     let mut rng = StdRng::seed_from_u64(c.seed ^ 0x5eed);
     let mut applied = Vec::new();
     let mut mid_run = Vec::new();
@@ -206,8 +227,19 @@ pub async fn run(config: SimConfig) -> anyhow::Result<SeedReport> {
             () = tokio::time::sleep(SAMPLE_INTERVAL) => world.sample_leaders(),
         }
     }
+    // The adversaries stop with the clients, before the heal: what they were
+    // told is then complete when the checker reads it.
+    clients_done.store(true, Ordering::Relaxed);
+    let mut adversaries = futures::future::join_all(adversaries);
+    let tallies = loop {
+        tokio::select! {
+            joined = &mut adversaries => break joined.into_iter().collect::<Result<Vec<_>, _>>()?.concat(),
+            () = tokio::time::sleep(SAMPLE_INTERVAL) => world.sample_leaders(),
+        }
+    };
     let verdict = world.heal_and_check().await;
     let history = world.teller.history();
+    let told = world.teller.told();
     let raft_trace = world.raft_trace();
     let checked_at = started.elapsed();
     world.stop().await;
@@ -222,6 +254,8 @@ pub async fn run(config: SimConfig) -> anyhow::Result<SeedReport> {
             });
             format!("txn {} {movement}: {:?}", t.txn_id, t.outcome)
         }))
+        .chain(told.iter().map(|t| format!("told {} {:?}: {}", t.txn_id, t.hearer, t.decision)))
+        .chain(tallies)
         .chain(raft_trace)
         .chain([format!("settled after {:?}, checked {checked_at:?} into the run", verdict.settled_after)])
         .collect();

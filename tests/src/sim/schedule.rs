@@ -12,6 +12,8 @@ use rand::{Rng as _, SeedableRng as _};
 use twopc_coordinator::config::EngineConfig;
 use twopc_coordinator::transport::LinkFault;
 
+use twopc_coordinator::node::Membership;
+
 use crate::gate::CallChaos;
 use crate::sim::world::World;
 
@@ -60,6 +62,20 @@ pub enum Fault {
         /// How far, in milliseconds.
         by_ms: i64,
     },
+    /// An operator asks the leader for a
+    /// membership change that cannot succeed and must be refused before it
+    /// is logged (docs/PROTOCOL.md §4.6); then the node asked crashes and
+    /// restarts, replaying whatever it logged.
+    RefusedMembership(Refused),
+}
+
+/// A membership change the cluster must refuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Remove a node id that is no member.
+    RemoveNonMember(u64),
+    /// Remove the leader itself (it must hand leadership on first).
+    RemoveLeader,
 }
 
 /// Whose clock a [`Fault::ClockJump`] steps.
@@ -260,6 +276,32 @@ pub fn schedule(seed: u64, mix: FaultMix, coordinators: u64, banks: usize, windo
     steps
 }
 
+/// The membership churn of a run with adversaries: one or two refused
+/// changes, each followed by a restart of the node asked, at random offsets
+/// within `window_ms`. Drawn from its own generator, so the faults of
+/// [`schedule`] stay those of the seed without adversaries.
+pub fn churn(seed: u64, coordinators: u64, window_ms: u64) -> Vec<Step> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0xc4u64.rotate_left(56));
+    (0..rng.random_range(1..=2))
+        .map(|_| {
+            let at_ms = rng.random_range(50..window_ms.max(51));
+            let refused = if rng.random_bool(0.5) {
+                Refused::RemoveLeader
+            } else {
+                Refused::RemoveNonMember(coordinators + rng.random_range(1..=5))
+            };
+            Step { at_ms, fault: Fault::RefusedMembership(refused) }
+        })
+        .collect()
+}
+
+/// `faults` and `churn` in one schedule, by time (a fault before churn at the same offset).
+pub fn merge(faults: Vec<Step>, churn: Vec<Step>) -> Vec<Step> {
+    let mut all: Vec<Step> = faults.into_iter().chain(churn).collect();
+    all.sort_by_key(|s| s.at_ms);
+    all
+}
+
 /// Carries out `fault` on `world` and says what it did (the leader it
 /// struck, say). `rng` picks a node where the schedule left it open.
 ///
@@ -362,6 +404,7 @@ pub async fn apply(world: &mut World, fault: &Fault, rng: &mut StdRng) -> anyhow
                 None => format!("{whose} has no clock to jump"),
             }
         }
+        Fault::RefusedMembership(refused) => refuse_membership(world, *refused).await?,
         Fault::TransferLeader => match world.leader() {
             Some(leader) => {
                 let others: Vec<u64> = world.cluster.running().into_iter().filter(|id| *id != leader).collect();
@@ -377,4 +420,35 @@ pub async fn apply(world: &mut World, fault: &Fault, rng: &mut StdRng) -> anyhow
         },
     };
     Ok(done)
+}
+
+/// Asks the leader (`NodeHandle::change_membership`, what `Admin.RemoveNode`
+/// calls) for a change it must refuse, notes it for the checker if
+/// it was not refused, then crashes and restarts the node asked (a node that
+/// logged a change raft rejects must still start, docs/PROTOCOL.md §4.6).
+async fn refuse_membership(world: &mut World, refused: Refused) -> anyhow::Result<String> {
+    let Some(leader) = world.leader() else {
+        return Ok(format!("{refused:?}: no leader to ask"));
+    };
+    let id = match refused {
+        Refused::RemoveNonMember(id) => id,
+        Refused::RemoveLeader => leader,
+    };
+    // Straight to the leader's node, not through a leader-following client:
+    // were leadership to move on the way, removing the old leader would be
+    // a change the cluster may accept.
+    let answer = match world.cluster.node(leader).change_membership(Membership::Remove { id }).await {
+        Ok(()) => {
+            let what = format!("removing node {id} ({refused:?}, leader {leader}) was accepted; it had to be refused");
+            world.membership_accepted(what);
+            "accepted".to_owned()
+        }
+        Err(err) => format!("refused: {err}"),
+    };
+    let lost = world.kill(leader).await?;
+    world.restart(leader).await?;
+    Ok(format!(
+        "asked to remove node {id} ({refused:?}): {answer}; restarted node {leader} (its log lost {} unsynced changes)",
+        lost.changes
+    ))
 }

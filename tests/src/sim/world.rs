@@ -12,13 +12,16 @@ use tempfile::TempDir;
 use tokio::time::Instant;
 use twopc_bank::{AccountStore as _, Transfer};
 use twopc_coordinator::client::{ClientConfig, ClusterClient};
+use twopc_coordinator::config::EngineConfig;
 use twopc_coordinator::lossy_disk::CrashReport;
 use twopc_coordinator::node::Role;
 use twopc_participant::ParticipantConfig;
 use twopc_proto::txn_id::unix_now_ms;
-use twopc_proto::{Clock, TxnId, pb};
+use twopc_proto::{Clock, Decision, TxnId, pb};
 
-use crate::checker::{self, AccountRef, ClientOutcome, ClientTxn, Liveness, Movement, Observation, ParticipantView};
+use crate::checker::{
+    self, AccountRef, ClientOutcome, ClientTxn, Hearer, Liveness, Movement, Observation, ParticipantView, Told,
+};
 use crate::cluster::Cluster;
 use crate::sim::bank::{BankDisk, SimBank};
 
@@ -46,6 +49,11 @@ pub struct WorldConfig {
     /// Seeds every coordinator's election timeouts (node `id` gets
     /// `election_seed ^ id`), so the same seed replays the same elections.
     pub election_seed: u64,
+    /// How long coordinators keep finished txns (`EngineConfig::retention_ms`).
+    /// A run lasts seconds, so only a much shorter retention than the
+    /// default 60 s forgets txns in the middle of one (or a clock jump past
+    /// it); the deadlines a Submit may carry shrink with it.
+    pub retention_ms: u64,
     /// A broken protocol, to show the checker bites: every bank's store
     /// skips its fsync, so it votes YES and acknowledges decisions before
     /// anything is durable (against I3), and a crash takes back what it said.
@@ -65,6 +73,7 @@ impl Default for WorldConfig {
             client_retry_budget_ms: 1_500,
             settle_bound: Duration::from_secs(20),
             election_seed: 0,
+            retention_ms: EngineConfig::default().retention_ms,
             banks_skip_fsync: false,
         }
     }
@@ -84,6 +93,8 @@ pub struct World {
     leaders: Mutex<BTreeMap<u64, BTreeSet<u64>>>,
     /// Each coordinator's wall clock, which clock-jump faults step.
     clocks: BTreeMap<u64, Clock>,
+    /// Membership changes the cluster had to refuse and applied instead.
+    membership_accepted: Vec<String>,
     _dir: TempDir,
 }
 
@@ -101,7 +112,13 @@ pub struct Verdict {
 /// workload's client tasks.
 pub struct Teller {
     client: ClusterClient,
+    /// How far ahead of now each Submit's deadline is.
+    deadline_ms: u64,
     history: Mutex<Vec<ClientTxn>>,
+    /// Txns whose Submit is under way, with the movement each asks for.
+    running: Mutex<BTreeMap<TxnId, Movement>>,
+    /// Decisions told to others than a txn's client (operator, Resolves, retries).
+    told: Mutex<Vec<Told>>,
 }
 
 impl Teller {
@@ -124,14 +141,42 @@ impl Teller {
         to: &AccountRef,
         amount_minor: i64,
     ) -> ClientOutcome {
+        self.submit(txn_id, from, to, amount_minor, false).await.unwrap_or(ClientOutcome::Unknown)
+    }
+
+    /// [`Teller::transfer_as`] for a Submit that must be refused (an id from
+    /// the far future): a refusal (`INVALID_ARGUMENT`) is returned and not
+    /// recorded, since nothing ran; any other answer is recorded as usual.
+    ///
+    /// # Errors
+    /// The refusal.
+    pub async fn transfer_refused(
+        &self,
+        txn_id: TxnId,
+        from: &AccountRef,
+        to: &AccountRef,
+        amount_minor: i64,
+    ) -> Result<ClientOutcome, tonic::Status> {
+        self.submit(txn_id, from, to, amount_minor, true).await
+    }
+
+    async fn submit(
+        &self,
+        txn_id: TxnId,
+        from: &AccountRef,
+        to: &AccountRef,
+        amount_minor: i64,
+        refusal_expected: bool,
+    ) -> Result<ClientOutcome, tonic::Status> {
         let address = |a: &AccountRef| format!("{}@{}", a.account, a.bank).parse().expect("a valid account address");
         let transfer = Transfer::new(address(from), address(to), amount_minor).expect("a valid transfer");
         let participants: Vec<String> = transfer.branches().iter().map(|(bank, _)| bank.to_string()).collect();
         let request = pb::SubmitRequest {
             txn_id: txn_id.to_string(),
             branches: transfer.submit_branches(),
-            deadline_unix_ms: unix_now_ms() + 3_000,
+            deadline_unix_ms: unix_now_ms() + self.deadline_ms,
         };
+        self.running.lock().insert(txn_id, Movement { from: from.clone(), to: to.clone(), amount_minor });
         let answer = self
             .client
             .coordinator(|mut c| {
@@ -139,9 +184,11 @@ impl Teller {
                 async move { c.submit(request).await }
             })
             .await;
+        self.running.lock().remove(&txn_id);
         let outcome = match answer {
             Ok(r) if r.decision == pb::Decision::Commit as i32 => ClientOutcome::Committed,
             Ok(r) if r.decision == pb::Decision::Abort as i32 => ClientOutcome::Aborted,
+            Err(refused) if refusal_expected && refused.code() == tonic::Code::InvalidArgument => return Err(refused),
             Ok(_) | Err(_) => ClientOutcome::Unknown,
         };
         let movement = Movement { from: from.clone(), to: to.clone(), amount_minor };
@@ -151,13 +198,47 @@ impl Teller {
         if !history.iter().any(|t| t.txn_id == txn_id) {
             history.push(ClientTxn { txn_id, participants, movement: Some(movement), outcome });
         }
-        outcome
+        Ok(outcome)
     }
 
     /// What the client was told so far.
     pub fn history(&self) -> Vec<ClientTxn> {
         self.history.lock().clone()
     }
+
+    /// Txns whose Submit is under way, with their movements.
+    pub fn running(&self) -> Vec<(TxnId, Movement)> {
+        self.running.lock().iter().map(|(id, m)| (*id, m.clone())).collect()
+    }
+
+    /// Notes that `hearer` was told `decision` for `txn_id`.
+    pub fn heard(&self, txn_id: TxnId, hearer: Hearer, decision: Decision) {
+        self.told.lock().push(Told { txn_id, hearer, decision });
+    }
+
+    /// What others than the txns' clients were told so far.
+    pub fn told(&self) -> Vec<Told> {
+        self.told.lock().clone()
+    }
+
+    /// How far ahead of now a Submit's deadline is set.
+    pub fn deadline_ms(&self) -> u64 {
+        self.deadline_ms
+    }
+
+    /// The leader-following client the transfers go through.
+    pub fn client(&self) -> &ClusterClient {
+        &self.client
+    }
+}
+
+/// How far ahead of now the clients set a Submit's deadline, at most.
+const CLIENT_DEADLINE_MS: u64 = 3_000;
+
+/// The furthest deadline coordinators accept with retention `retention_ms`
+/// (which must exceed it): the default, or less for a short retention.
+fn deadline_max_ms(retention_ms: u64) -> u64 {
+    EngineConfig::default().deadline_max_ms.min(retention_ms.saturating_sub(retention_ms / 10))
 }
 
 /// The name of bank `index`: bank-a, bank-b, ...
@@ -174,6 +255,8 @@ impl World {
     pub async fn start(config: WorldConfig) -> anyhow::Result<Self> {
         let tick = config.tick_interval_ms;
         let election_seed = config.election_seed;
+        let retention_ms = config.retention_ms;
+        let deadline_max_ms = deadline_max_ms(retention_ms);
         let clocks: BTreeMap<u64, Clock> = (1..=config.coordinators).map(|id| (id, Clock::system())).collect();
         let node_clocks = clocks.clone();
         let cluster = Cluster::start_with(
@@ -191,6 +274,9 @@ impl World {
                 c.engine.delivery_backoff_min_ms = 10;
                 c.engine.delivery_backoff_max_ms = 300;
                 c.engine.participant_connect_timeout_ms = 300;
+                c.engine.retention_ms = retention_ms;
+                c.engine.deadline_max_ms = deadline_max_ms;
+                c.engine.gc_interval_ms = c.engine.gc_interval_ms.min(retention_ms / 10).max(1);
             }),
         )
         .await?;
@@ -229,8 +315,15 @@ impl World {
             banks,
             config,
             openings,
-            teller: Arc::new(Teller { client, history: Mutex::default() }),
+            teller: Arc::new(Teller {
+                client,
+                deadline_ms: CLIENT_DEADLINE_MS.min(deadline_max_ms / 2),
+                history: Mutex::default(),
+                running: Mutex::default(),
+                told: Mutex::default(),
+            }),
             clocks,
+            membership_accepted: Vec::new(),
             down: BTreeSet::new(),
             leaders: Mutex::default(),
             _dir: dir,
@@ -286,6 +379,12 @@ impl World {
     /// Coordinator `id`'s wall clock (deadlines, txn-id ages, retention).
     pub fn coordinator_clock(&self, id: u64) -> Option<&Clock> {
         self.clocks.get(&id)
+    }
+
+    /// Records a membership change the cluster had to refuse and applied
+    /// instead, for the checker.
+    pub fn membership_accepted(&mut self, what: String) {
+        self.membership_accepted.push(what);
     }
 
     /// Coordinator ids that are down.
@@ -396,7 +495,9 @@ impl World {
     pub async fn observe(&self, liveness: Option<Liveness>) -> anyhow::Result<Observation> {
         let coordinators = self.cluster.states();
         let history = self.teller.history();
+        let told = self.teller.told();
         let mut txns: BTreeSet<TxnId> = history.iter().map(|t| t.txn_id).collect();
+        txns.extend(told.iter().map(|t| t.txn_id));
         for sm in coordinators.values() {
             let all = sm.list(twopc_coordinator::state_machine::ListFilter::All, u64::MAX, None, usize::MAX);
             txns.extend(all.into_iter().map(|r| r.txn_id));
@@ -416,7 +517,17 @@ impl World {
         }
         let leaders = self.leaders.lock().clone();
         let openings = self.openings.clone();
-        Ok(Observation { coordinators, participants, history, openings, liveness, leaders, reported: BTreeMap::new() })
+        Ok(Observation {
+            coordinators,
+            participants,
+            history,
+            openings,
+            liveness,
+            leaders,
+            reported: BTreeMap::new(),
+            told,
+            membership_accepted: self.membership_accepted.clone(),
+        })
     }
 
     /// Heals everything, waits for the system to settle, and runs the checker.
