@@ -55,6 +55,8 @@ pub fn client(addrs: Vec<String>) -> Result<ClusterClient, Status> {
         connect_timeout_ms: 300,
         backoff_min_ms: 10,
         backoff_max_ms: 100,
+        // The simulation runs plaintext (docs/SECURITY.md).
+        ..ClientConfig::default()
     };
     ClusterClient::new(addrs, config)
 }
