@@ -150,16 +150,48 @@ pub fn write_pair(dir: &Path, stem: &str, pem: &Pem) -> Result<(), TlsError> {
     let write = |path: PathBuf, text: &str, private: bool| {
         std::fs::create_dir_all(dir).map_err(|error| TlsError::Read { path: dir.to_owned(), error })?;
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text).map_err(|error| TlsError::Read { path: tmp.clone(), error })?;
+        let failed = |error| TlsError::Read { path: tmp.clone(), error };
+        // A stale temporary file from an interrupted run may have any mode: start afresh.
+        match std::fs::remove_file(&tmp) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(failed(error)),
+            _ => {}
+        }
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        // A private key is created readable by its owner only: set after
+        // writing, another local user could open it in between.
         #[cfg(unix)]
         if private {
-            use std::os::unix::fs::PermissionsExt as _;
-            let mode = std::fs::Permissions::from_mode(0o600);
-            std::fs::set_permissions(&tmp, mode).map_err(|error| TlsError::Read { path: tmp.clone(), error })?;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            options.mode(0o600);
         }
+        let mut file = options.open(&tmp).map_err(failed)?;
+        std::io::Write::write_all(&mut file, text.as_bytes()).map_err(failed)?;
         // A rename, so a process reloading on SIGHUP never reads half a file.
         std::fs::rename(&tmp, &path).map_err(|error| TlsError::Read { path, error })
     };
     write(dir.join(format!("{stem}.key")), &pem.key, true)?;
     write(dir.join(format!("{stem}.pem")), &pem.cert, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A private key is never readable by others, not even for a moment: it is
+    // created with mode 0600, over a stale temporary file of any mode.
+    #[cfg(unix)]
+    #[test]
+    fn a_private_key_is_written_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("node-1.tmp"), "stale").expect("a stale temporary file");
+        let pem = Pem { cert: "CERT".into(), key: "KEY".into() };
+        write_pair(dir.path(), "node-1", &pem).expect("written");
+        let mode = |name: &str| std::fs::metadata(dir.path().join(name)).expect("written").permissions().mode() & 0o777;
+        assert_eq!(mode("node-1.key"), 0o600);
+        assert_eq!(std::fs::read_to_string(dir.path().join("node-1.key")).expect("read"), "KEY");
+        assert_eq!(std::fs::read_to_string(dir.path().join("node-1.pem")).expect("read"), "CERT");
+        assert!(!dir.path().join("node-1.tmp").exists());
+    }
 }

@@ -259,7 +259,7 @@ async fn participant_a_may_not_resolve_or_register_for_b() -> anyhow::Result<()>
 }
 
 #[tokio::test]
-async fn a_non_node_certificate_on_raft_peer_is_denied() -> anyhow::Result<()> {
+async fn raft_peer_is_denied_to_non_nodes_and_to_a_node_sending_as_another() -> anyhow::Result<()> {
     let s = setup().await?;
     for who in [Identity::admin("ops"), Identity::participant("a"), Identity::client("app")] {
         let channel = channel_as(s.dir.path(), &who, &s.cluster.addr(1))?;
@@ -270,6 +270,15 @@ async fn a_non_node_certificate_on_raft_peer_is_denied() -> anyhow::Result<()> {
             .expect_err("a non-node on RaftPeer");
         assert_denied(&status, "needs role node");
     }
+    // A node's certificate speaks for that node only: node 3's key cannot
+    // send node 2's votes or appends.
+    let channel = channel_as(s.dir.path(), &Identity::node(3), &s.cluster.addr(1))?;
+    let batch = pb::RaftBatch { from: 2, messages: Vec::new() };
+    let status = RaftPeerClient::new(channel)
+        .stream(futures::stream::iter(vec![batch]))
+        .await
+        .expect_err("node 3 sending as node 2");
+    assert_denied(&status, "a node sends only its own messages");
     s.cluster.stop().await
 }
 

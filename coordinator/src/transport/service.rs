@@ -58,6 +58,12 @@ struct PeerService {
 #[tonic::async_trait]
 impl RaftPeer for PeerService {
     async fn stream(&self, request: Request<Streaming<RaftBatch>>) -> Result<Response<RaftStreamEnd>, Status> {
+        // Over TLS the role table let in any node certificate; this stream may
+        // carry only the messages of the node that certificate names, or one
+        // node's key would let it vote and append as every other (docs/SECURITY.md).
+        let certified_node = twopc_proto::net::PeerInfo::of(&request)
+            .and_then(|peer| peer.identity.as_ref())
+            .map(|identity| identity.name.clone());
         let mut batches = request.into_inner();
         loop {
             let batch = tokio::select! {
@@ -67,6 +73,12 @@ impl RaftPeer for PeerService {
             let Some(batch) = batch else {
                 return Ok(Response::new(RaftStreamEnd {}));
             };
+            if let Some(node) = certified_node.as_deref().filter(|node| *node != batch.from.to_string()) {
+                return Err(Status::permission_denied(format!(
+                    "a batch from node {} on a connection certified as node:{node}: a node sends only its own messages",
+                    batch.from
+                )));
+            }
             self.deliver(batch)?;
         }
     }
