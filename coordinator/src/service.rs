@@ -131,25 +131,6 @@ fn optional_participant(name: &str) -> Result<Option<ParticipantId>, Status> {
     name.parse().map(Some).map_err(|e| twopc_proto::status::invalid("participant", e))
 }
 
-impl<P: ParticipantClient> CoordinatorService<P> {
-    /// Over TLS a participant learns the decision only of txns it has a
-    /// branch in (an unknown txn, or one presumed aborted without branches,
-    /// tells it nothing of others').
-    async fn require_branch_of(&self, txn_id: twopc_proto::TxnId, asker: &ParticipantId) -> Result<(), Status> {
-        let participants: Vec<ParticipantId> = match self.engine.transaction(txn_id).await {
-            Ok(TxnView::Logged(record)) => record.branches.into_iter().map(|b| b.participant).collect(),
-            Ok(TxnView::Preparing { participants, .. }) => participants,
-            Err(_) => return Ok(()),
-        };
-        if participants.is_empty() || participants.contains(asker) {
-            return Ok(());
-        }
-        Err(Status::permission_denied(format!(
-            "participant {asker} has no branch in txn {txn_id}: it may not resolve it"
-        )))
-    }
-}
-
 #[tonic::async_trait]
 impl<P: ParticipantClient> pb::coordinator_server::Coordinator for CoordinatorService<P> {
     #[tracing::instrument(skip_all, fields(txn_id = %request.get_ref().txn_id))]
@@ -163,15 +144,11 @@ impl<P: ParticipantClient> pb::coordinator_server::Coordinator for CoordinatorSe
     async fn resolve(&self, request: Request<pb::ResolveRequest>) -> Result<Response<pb::ResolveResponse>, Status> {
         // Over TLS a participant asks only as itself (docs/SECURITY.md).
         twopc_proto::auth::participant_acts_as_itself(&request, &request.get_ref().participant)?;
-        let by_participant = twopc_proto::net::PeerInfo::of(&request)
-            .and_then(|p| p.identity.as_ref())
-            .is_some_and(|id| id.role == twopc_proto::tls::Role::Participant);
         let request = request.into_inner();
         let txn_id = parse_txn_id(&request.txn_id)?;
+        // The asker learns only the decision for its own branch: Abort for a
+        // txn whose record names other participants only (§6).
         let asker = optional_participant(&request.participant)?;
-        if let Some(asker) = asker.as_ref().filter(|_| by_participant) {
-            self.require_branch_of(txn_id, asker).await?;
-        }
         let decision = self.engine.resolve(txn_id, asker.as_ref()).await?;
         Ok(Response::new(pb::ResolveResponse { decision: decision.into() }))
     }

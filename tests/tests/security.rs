@@ -239,15 +239,21 @@ async fn participant_a_may_not_resolve_or_register_for_b() -> anyhow::Result<()>
     let own = pb::ResolveRequest { txn_id: TxnId::new().to_string(), participant: "a".into() };
     let answer = CoordinatorClient::new(as_a.clone()).resolve(own).await?.into_inner();
     assert_eq!(answer.decision, i32::from(pb::Decision::Abort));
-    // Nor may it learn the decision of b's txn by asking as itself.
+    // Nor does it learn the decision of b's txn by asking as itself: its own
+    // branch of that txn, if it held one, would abort (§6); b's commits.
     let app = client(&s.cluster, Some(load(s.dir.path(), &Identity::client("app"))?))?;
     let txn = TxnId::new();
     let mut only_b = transfer(txn);
     only_b.branches.remove(0);
     submit(&app, only_b).await?;
     let peek = pb::ResolveRequest { txn_id: txn.to_string(), participant: "a".into() };
-    let status = CoordinatorClient::new(as_a.clone()).resolve(peek).await.expect_err("a resolving b's txn");
-    assert_denied(&status, "has no branch");
+    let answer = CoordinatorClient::new(as_a.clone()).resolve(peek).await?.into_inner();
+    assert_eq!(answer.decision, i32::from(pb::Decision::Abort), "a asking about b's txn");
+    let logged = app.coordinator(|mut c| {
+        let request = pb::GetTransactionRequest { txn_id: txn.to_string() };
+        async move { c.get_transaction(request).await }
+    });
+    assert_eq!(logged.await?.decision, i32::from(pb::Decision::Commit), "b's txn committed all the same");
     // Joining (registering) under b's name, pointing b's traffic at a: refused.
     let join = pb::RegisterParticipantRequest { name: "b".into(), addr: s.a.addr.to_string() };
     let status = twopc_proto::pb::admin_client::AdminClient::new(as_a.clone())

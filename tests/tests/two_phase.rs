@@ -675,3 +675,21 @@ async fn a_retried_submit_with_other_branches_is_refused() -> anyhow::Result<()>
     assert_eq!(s.a.resource.prepare_calls(txn), 1);
     s.cluster.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_not_named_in_the_decided_record_aborts_its_branch() -> anyhow::Result<()> {
+    // I1 and §6: a client reusing a txn id with another branch set across a leader change can
+    // leave a branch prepared at a participant the decided record does not name. That branch
+    // belongs to a Submit that was never decided: Resolve answers that participant Abort, never
+    // the record's Commit; a participant the record names gets the record's decision.
+    let s = setup(120_000, Box::new(|_| {})).await?;
+    s.cluster.wait_for_leader().await?;
+    let (only_b, both) = (TxnId::new(), TxnId::new());
+    let committed = submit(&s.client, request(only_b, &[("bank-b", "credit")])).await?;
+    assert_eq!(committed.decision, pb::Decision::Commit as i32);
+    let committed = submit(&s.client, request(both, &[("bank-a", "debit"), ("bank-b", "credit")])).await?;
+    assert_eq!(committed.decision, pb::Decision::Commit as i32);
+    assert_eq!(resolve(&s.client, only_b).await?.decision, pb::Decision::Abort as i32, "bank-a is not named");
+    assert_eq!(resolve(&s.client, both).await?.decision, pb::Decision::Commit as i32, "bank-a is named");
+    s.cluster.stop().await
+}

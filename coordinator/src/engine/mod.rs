@@ -140,6 +140,21 @@ fn forgotten(txn_id: TxnId) -> Error {
     ))
 }
 
+/// The decision a participant asking about `record` must carry out for its
+/// branch (docs/PROTOCOL.md §6): the logged one, unless the record names
+/// branches and not this participant. Then its branch came from a Submit of
+/// the same txn id with another branch set (a client reusing the id across a
+/// leader change) that was never decided: nobody will commit it, and the
+/// decided record's Commit must not be applied to it (I1).
+fn decision_for(record: &TxnRecord, asker: Option<&ParticipantId>) -> Decision {
+    match asker {
+        Some(asker) if !record.branches.is_empty() && !record.branches.iter().any(|b| &b.participant == asker) => {
+            Decision::Abort
+        }
+        _ => record.decision,
+    }
+}
+
 /// A Submit naming other participants than the txn's running or logged branches.
 fn other_branches(txn_id: TxnId, known: &[ParticipantId], asked: &[ParticipantId]) -> Option<Error> {
     let sorted = |names: &[ParticipantId]| {
@@ -495,13 +510,10 @@ impl<P: ParticipantClient> Engine<P> {
     }
 
     async fn resolve_inner(&self, txn_id: TxnId, asker: Option<&ParticipantId>) -> Result<Decision> {
-        let (logged, was_forgotten) = self
-            .inner
-            .node
-            .linearizable_read(|sm| (sm.txn(&txn_id).map(|r| r.decision), sm.may_have_forgotten(&txn_id)))
-            .await?;
-        if let Some(decision) = logged {
-            return Ok(decision);
+        let (logged, was_forgotten) =
+            self.inner.node.linearizable_read(|sm| (sm.txn(&txn_id).cloned(), sm.may_have_forgotten(&txn_id))).await?;
+        if let Some(record) = logged {
+            return Ok(decision_for(&record, asker));
         }
         // No presumed abort here: the forgotten outcome may have been Commit (I2).
         if was_forgotten && !failpoint::fired(failpoint::FORGOTTEN_UNCHECKED, || txn_id.to_string()) {
@@ -511,7 +523,7 @@ impl<P: ParticipantClient> Engine<P> {
         let running = self.inner.inflight.lock().get(&txn_id).map(|i| i.outcome.clone());
         if let Some(outcome) = running {
             // A txn this leader is still preparing is not aborted by a Resolve.
-            return wait_outcome(outcome).await.map(|r| r.decision);
+            return wait_outcome(outcome).await.map(|record| decision_for(&record, asker));
         }
         let reason = match asker {
             Some(p) => format!("presumed abort: {p} asked and no decision was logged"),
