@@ -520,13 +520,6 @@ mod tests {
         Proposal { proposed_unix_ms, ..decide(txn_id, Decision::Abort, &[]) }
     }
 
-    /// A valid UUIDv7 created at `created_unix_ms`.
-    fn txn_created_at(created_unix_ms: u64) -> TxnId {
-        let mut bytes = TxnId::new().to_bytes();
-        bytes[..6].copy_from_slice(&created_unix_ms.to_be_bytes()[2..]);
-        TxnId::from_bytes(bytes).expect("still a v7 id")
-    }
-
     // I2 across a retention horizon, by the log alone: once a Forget is applied, no entry (a
     // Resolve's presumed abort, an operator's decision, a leader whose clock is behind) can give
     // an id created before its horizon a first decision, so a forgotten Commit cannot become an
@@ -536,7 +529,7 @@ mod tests {
         let mut sm = StateMachine::default();
         let kept = TxnId::new();
         sm.apply(1, &decide(kept, Decision::Commit, &["a"]));
-        let forgotten = txn_created_at(kept.created_unix_ms() - 10);
+        let forgotten = TxnId::created_at(kept.created_unix_ms() - 10);
         let horizon = kept.created_unix_ms();
         sm.apply(2, &Proposal { command: Command::Forget { horizon_unix_ms: horizon }, proposed_unix_ms: horizon });
         let before = sm.clone();
@@ -554,7 +547,7 @@ mod tests {
     fn an_unacknowledged_txn_keeps_only_itself_from_being_forgotten() {
         let mut sm = StateMachine::default();
         let now = unix_now_ms();
-        let (stuck, done, young) = (txn_created_at(now - 30), txn_created_at(now - 20), txn_created_at(now));
+        let (stuck, done, young) = (TxnId::created_at(now - 30), TxnId::created_at(now - 20), TxnId::created_at(now));
         sm.apply(1, &decide(stuck, Decision::Commit, &["a"]));
         sm.apply(2, &decide(done, Decision::Commit, &["a"]));
         sm.apply(3, &decide(young, Decision::Commit, &["a"]));
@@ -575,7 +568,7 @@ mod tests {
     fn retention_keeps_an_operators_branchless_commit() {
         let mut sm = StateMachine::default();
         let now = unix_now_ms();
-        let (forced, presumed) = (txn_created_at(now - 30), txn_created_at(now - 20));
+        let (forced, presumed) = (TxnId::created_at(now - 30), TxnId::created_at(now - 20));
         sm.apply(1, &decide(forced, Decision::Commit, &[]));
         sm.apply(2, &decide(presumed, Decision::Abort, &[]));
         let forget = Proposal { command: Command::Forget { horizon_unix_ms: now }, proposed_unix_ms: now };
@@ -592,11 +585,11 @@ mod tests {
     fn a_decide_for_an_id_from_the_future_is_refused_and_leaves_no_record() {
         let mut sm = StateMachine::default();
         let now = unix_now_ms();
-        let far = txn_created_at(now + TXN_ID_AHEAD_OF_PROPOSER_MAX_MS + 1);
+        let far = TxnId::created_at(now + TXN_ID_AHEAD_OF_PROPOSER_MAX_MS + 1);
         let refused = sm.apply(1, &decide_at(far, now));
         assert_eq!(refused, Applied::DecideRefused { txn_id: far, refusal: DecideRefusal::FromTheFuture });
         assert_eq!(sm.txn_count(), 0);
-        let near = txn_created_at(now + TXN_ID_AHEAD_OF_PROPOSER_MAX_MS);
+        let near = TxnId::created_at(now + TXN_ID_AHEAD_OF_PROPOSER_MAX_MS);
         assert!(matches!(sm.apply(2, &decide_at(near, now)), Applied::Decided { first: true, .. }));
     }
 

@@ -16,20 +16,10 @@ use twopc_coordinator::engine::{ListRequest, SubmitRequest, parse_txn_id};
 use twopc_coordinator::state_machine::StateMachine;
 use twopc_proto::{Decision, ParticipantId, TxnId, Vote, pb};
 
-/// A UUIDv7 created at `created_unix_ms` with these random bits.
-fn txn_id_at(created_unix_ms: u64, random: [u8; 10]) -> TxnId {
-    let mut bytes = [0u8; 16];
-    bytes[..6].copy_from_slice(&created_unix_ms.to_be_bytes()[2..]);
-    bytes[6..].copy_from_slice(&random);
-    bytes[6] = 0x70 | (bytes[6] & 0x0f);
-    bytes[8] = 0x80 | (bytes[8] & 0x3f);
-    TxnId::from_bytes(bytes).expect("version 7")
-}
-
 fn txn_id() -> impl Strategy<Value = TxnId> {
     // A few creation times, so that sequences of entries meet the same txn again.
     (prop_oneof![Just(1_000u64), Just(2_000), 0u64..(1 << 48)], any::<[u8; 10]>().prop_map(|r| [r[0] & 1; 10]))
-        .prop_map(|(ms, random)| txn_id_at(ms, random))
+        .prop_map(|(ms, random)| TxnId::from_parts(ms, random))
 }
 
 fn participant() -> impl Strategy<Value = ParticipantId> {

@@ -40,10 +40,25 @@ impl TxnId {
     pub fn new() -> Self {
         if crate::host::is_simulated() {
             let random: [u8; 10] = crate::host::with_rng(rand::Rng::random);
-            Self(uuid::Builder::from_unix_timestamp_millis(crate::host::unix_now_ms(), &random).into_uuid())
+            Self::from_parts(crate::host::unix_now_ms(), random)
         } else {
             Self(Uuid::now_v7())
         }
+    }
+
+    /// An id stamped `created_unix_ms` instead of now, with random bits drawn
+    /// as [`TxnId::new`] draws them (seeded in a simulation): an id of a given
+    /// age, for tests and for a simulation's adversaries.
+    pub fn created_at(created_unix_ms: u64) -> Self {
+        let random: [u8; 10] =
+            if crate::host::is_simulated() { crate::host::with_rng(rand::Rng::random) } else { rand::random() };
+        Self::from_parts(created_unix_ms, random)
+    }
+
+    /// The UUIDv7 with this creation time (its low 48 bits) and these random
+    /// bits (less the version and variant bits it sets).
+    pub fn from_parts(created_unix_ms: u64, random: [u8; 10]) -> Self {
+        Self(uuid::Builder::from_unix_timestamp_millis(created_unix_ms, &random).into_uuid())
     }
 
     /// The raw 16 bytes, big-endian (the order that sorts by time).

@@ -431,14 +431,7 @@ async fn listing_filters_unacknowledged_and_undecided_txns() -> anyhow::Result<(
 
 /// A valid UUIDv7 txn id created `age_ms` ago.
 fn txn_id_aged(age_ms: u64) -> TxnId {
-    txn_id_created_at(unix_now_ms() - age_ms)
-}
-
-/// A valid UUIDv7 txn id created at `created_unix_ms`.
-fn txn_id_created_at(created_unix_ms: u64) -> TxnId {
-    let mut bytes = TxnId::new().to_bytes();
-    bytes[..6].copy_from_slice(&created_unix_ms.to_be_bytes()[2..]);
-    TxnId::from_bytes(bytes).expect("still a v7 id")
+    TxnId::created_at(unix_now_ms() - age_ms)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -552,7 +545,7 @@ async fn txn_ids_from_the_future_are_refused_at_every_entry_point() -> anyhow::R
     // node records it (a Resolve used to log a presumed abort that stayed for good). An id
     // within txn_id_future_skew_ms of the clock is accepted.
     let s = setup(5_000, Box::new(|_| {})).await?;
-    let future = txn_id_created_at(unix_now_ms() + 10 * 365 * 24 * 3600 * 1000);
+    let future = TxnId::created_at(unix_now_ms() + 10 * 365 * 24 * 3600 * 1000);
     let submitted = submit(&s.client, request(future, &[("bank-a", "x"), ("bank-b", "y")])).await;
     let resolved = resolve(&s.client, future).await.map(drop);
     let decided = operator_decide(&s.client, future, pb::Decision::Abort, "clean up", false).await.map(drop);
@@ -572,7 +565,7 @@ async fn txn_ids_from_the_future_are_refused_at_every_entry_point() -> anyhow::R
     s.cluster.wait_applied(applied).await?;
     assert!(s.cluster.states().values().all(|sm| sm.txn(&future).is_none()), "no node records the id");
     assert_eq!(s.a.resource.prepare_calls(future), 0);
-    let near = txn_id_created_at(unix_now_ms() + 5_000);
+    let near = TxnId::created_at(unix_now_ms() + 5_000);
     let ok = submit(&s.client, request(near, &[("bank-a", "x"), ("bank-b", "y")])).await?;
     assert_eq!(ok.decision, pb::Decision::Commit as i32);
     s.cluster.stop().await

@@ -85,13 +85,6 @@ impl Tally {
     }
 }
 
-/// An id made at `created_unix_ms` (a UUIDv7 with that time and random bits).
-pub fn txn_created_at(created_unix_ms: u64) -> TxnId {
-    let mut bytes = TxnId::new().to_bytes();
-    bytes[..6].copy_from_slice(&created_unix_ms.to_be_bytes()[2..]);
-    TxnId::from_bytes(bytes).unwrap_or_else(|_| TxnId::new())
-}
-
 fn decision_of(answer: i32) -> Option<Decision> {
     Decision::try_from(answer).ok()
 }
@@ -204,7 +197,7 @@ async fn stray_step(
         }
         3 => {
             let before = unix_now_ms().saturating_sub(retention_ms + rng.random_range(1_000..600_000));
-            resolve(teller, client, tally, "resolve before retention", txn_created_at(before)).await;
+            resolve(teller, client, tally, "resolve before retention", TxnId::created_at(before)).await;
         }
         4 => {
             if let Some(running) = running_txn(teller, rng).await {
@@ -213,13 +206,13 @@ async fn stray_step(
         }
         5 => resolve(teller, client, tally, "resolve fresh", TxnId::new()).await,
         6 => {
-            let future = txn_created_at(unix_now_ms().saturating_add(rng.random_range(FUTURE_MS)));
+            let future = TxnId::created_at(unix_now_ms().saturating_add(rng.random_range(FUTURE_MS)));
             resolve(teller, client, tally, "resolve far future", future).await;
         }
         7 => {
             // Through the teller, so money moved by a Submit that should
             // have been refused is in the history the checker balances.
-            let future = txn_created_at(unix_now_ms().saturating_add(rng.random_range(FUTURE_MS)));
+            let future = TxnId::created_at(unix_now_ms().saturating_add(rng.random_range(FUTURE_MS)));
             let Some((from, to)) = two_accounts(accounts, rng) else { return };
             let answer = teller.transfer_refused(future, &from, &to, rng.random_range(1..=100)).await;
             let answer = answer.and_then(|outcome| match outcome {
@@ -242,12 +235,7 @@ async fn stray_step(
                 branches: transfer.submit_branches(),
                 deadline_unix_ms: unix_now_ms() + teller.deadline_ms(),
             };
-            let answer = client
-                .coordinator(|mut c| {
-                    let request = request.clone();
-                    async move { c.submit(request).await }
-                })
-                .await;
+            let answer = submit_call(client, request).await;
             tally.note("submit again with other branches", &answer);
             if let Some(told) = answer.ok().and_then(|r| decision_of(r.decision)) {
                 teller.heard(txn.txn_id, Hearer::Retrier, told);
@@ -258,12 +246,7 @@ async fn stray_step(
 
 async fn resolve(teller: &Teller, client: &ClusterClient, tally: &mut Tally, call: &str, txn_id: TxnId) {
     let request = pb::ResolveRequest { txn_id: txn_id.to_string(), participant: String::new() };
-    let answer = client
-        .coordinator(|mut c| {
-            let request = request.clone();
-            async move { c.resolve(request).await }
-        })
-        .await;
+    let answer = resolve_call(client, request).await;
     tally.note(call, &answer);
     if let Some(told) = answer.ok().and_then(|r| decision_of(r.decision)) {
         teller.heard(txn_id, Hearer::Resolver, told);
@@ -278,23 +261,13 @@ async fn malformed(client: &ClusterClient, tally: &mut Tally, rng: &mut StdRng, 
     match rng.random_range(0..3) {
         0 => {
             let request = pb::ResolveRequest { txn_id: id, participant: String::new() };
-            let answer = client
-                .coordinator(|mut c| {
-                    let request = request.clone();
-                    async move { c.resolve(request).await }
-                })
-                .await;
+            let answer = resolve_call(client, request).await;
             tally.note("resolve malformed", &answer);
         }
         1 => {
             let request =
                 pb::SubmitRequest { txn_id: id, branches: Vec::new(), deadline_unix_ms: unix_now_ms() + deadline_ms };
-            let answer = client
-                .coordinator(|mut c| {
-                    let request = request.clone();
-                    async move { c.submit(request).await }
-                })
-                .await;
+            let answer = submit_call(client, request).await;
             tally.note("submit malformed", &answer);
         }
         _ => {
@@ -335,4 +308,24 @@ fn other_branches(movement: &Movement, accounts: &[AccountRef], rng: &mut StdRng
         accounts.iter().filter(|a| **a != movement.from && (a.bank == movement.from.bank) != one_bank).collect();
     let to = (*candidates.choose(rng)?).clone();
     Some(Movement { from: movement.from.clone(), to, amount_minor: movement.amount_minor })
+}
+
+/// One Submit through the leader-following client.
+async fn submit_call(client: &ClusterClient, request: pb::SubmitRequest) -> Result<pb::SubmitResponse, Status> {
+    client
+        .coordinator(|mut c| {
+            let request = request.clone();
+            async move { c.submit(request).await }
+        })
+        .await
+}
+
+/// One Resolve through the leader-following client.
+async fn resolve_call(client: &ClusterClient, request: pb::ResolveRequest) -> Result<pb::ResolveResponse, Status> {
+    client
+        .coordinator(|mut c| {
+            let request = request.clone();
+            async move { c.resolve(request).await }
+        })
+        .await
 }
