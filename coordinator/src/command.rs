@@ -55,18 +55,9 @@ pub struct DecideCmd {
 /// one is cut ([`DecideCmd::cap_reasons`]) rather than kept whole (I6).
 pub const REASON_MAX_BYTES: usize = 512;
 
-/// `text` cut to at most `max_bytes`, on a char boundary.
-pub fn truncate_on_char_boundary(text: &str, max_bytes: usize) -> &str {
-    if text.len() <= max_bytes {
-        return text;
-    }
-    let end = (0..=max_bytes).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
-    &text[..end]
-}
-
+/// Cuts `text` to at most [`REASON_MAX_BYTES`], on a char boundary.
 fn cap(text: &mut String) {
-    let end = truncate_on_char_boundary(text, REASON_MAX_BYTES).len();
-    text.truncate(end);
+    text.truncate(text.floor_char_boundary(REASON_MAX_BYTES));
 }
 
 impl DecideCmd {
@@ -313,8 +304,11 @@ mod tests {
     // I6: reasons are cut on a char boundary, never mid-character, and short ones are kept whole.
     #[test]
     fn reasons_are_capped_on_a_char_boundary() {
-        assert_eq!(truncate_on_char_boundary("abc", 5), "abc");
-        assert_eq!(truncate_on_char_boundary("héllo", 2), "h", "é is two bytes and is not split");
+        let (mut short, mut split) = ("abc".to_owned(), format!("h{}", "é".repeat(REASON_MAX_BYTES / 2)));
+        cap(&mut short);
+        cap(&mut split);
+        assert_eq!(short, "abc");
+        assert_eq!(split, format!("h{}", "é".repeat(REASON_MAX_BYTES / 2 - 1)), "é is two bytes and is not split");
         let mut cmd = DecideCmd {
             txn_id: TxnId::new(),
             decision: Decision::Abort,

@@ -542,10 +542,10 @@ impl<P: ParticipantClient> Engine<P> {
     /// # Errors
     /// [`Error::FailedPrecondition`] if the log already holds another
     /// decision or this leader is still preparing the txn; [`Error::Forgotten`]
-    /// if the txn is forgotten; [`Error::InvalidArgument`] for an id from the future.
+    /// if the txn is forgotten. (An id from the future is refused by
+    /// [`OperatorDecideRequest::from_pb`], as Submit's by [`SubmitRequest::from_pb`].)
     pub async fn operator_decide(&self, request: OperatorDecideRequest) -> Result<TxnRecord> {
         let OperatorDecideRequest { txn_id, decision, reason } = request;
-        check_not_from_the_future(txn_id, &self.inner.config)?;
         self.require_leader()?;
         if failpoint::fired(failpoint::OPERATOR_DECIDE_UNCHECKED, || txn_id.to_string()) {
             let reason = format!("{OPERATOR_REASON_PREFIX}{reason}");
