@@ -234,12 +234,8 @@ impl<R: Resource> Engine<R> {
                 // (a lost reply to PREPARE TRANSACTION), so it may hold locks.
                 // Forgetting it would leave them until a restart; instead it
                 // stays in doubt and the resolver settles it (docs/PROTOCOL.md §3.3).
-                let due = Instant::now() + Duration::from_millis(self.config.in_doubt_timeout_ms);
-                {
-                    let mut outcomes = self.outcomes.lock();
-                    outcomes.set_unbounded(txn, Outcome::MaybePrepared { due }, Instant::now());
-                    self.metrics.set_in_doubt(outcomes.prepared_len());
-                }
+                let now = Instant::now();
+                self.record_prepare_outcome(txn, Outcome::MaybePrepared { due: self.in_doubt_from(now) }, now);
                 warn!(error = %e, "resource failed to prepare; the branch may be staged and stays in doubt");
                 return Err(prepare_error(e));
             }
@@ -255,18 +251,26 @@ impl<R: Resource> Engine<R> {
         // vote may be recorded and sent now.
         let now = Instant::now();
         let outcome = match &vote {
-            Vote::Yes => Outcome::Prepared { due: now + Duration::from_millis(self.config.in_doubt_timeout_ms) },
+            Vote::Yes => Outcome::Prepared { due: self.in_doubt_from(now) },
             Vote::No { reason } => Outcome::Refused { reason: reason.clone() },
         };
-        {
-            let mut outcomes = self.outcomes.lock();
-            // The Preparing entry reserved the room, so this cannot be refused.
-            outcomes.set_unbounded(txn, outcome, now);
-            self.metrics.set_in_doubt(outcomes.prepared_len());
-        }
+        self.record_prepare_outcome(txn, outcome, now);
         self.metrics.vote(vote.is_yes());
         debug!(yes = vote.is_yes(), "voted");
         Ok(vote)
+    }
+
+    /// When a branch staged at `now` and still undecided counts as in doubt.
+    fn in_doubt_from(&self, now: Instant) -> Instant {
+        now + Duration::from_millis(self.config.in_doubt_timeout_ms)
+    }
+
+    /// Records what a Prepare left, in the room its `Preparing` entry
+    /// reserved (so it cannot be refused), and the in-doubt gauge.
+    fn record_prepare_outcome(&self, txn: TxnId, outcome: Outcome, now: Instant) {
+        let mut outcomes = self.outcomes.lock();
+        outcomes.set_unbounded(txn, outcome, now);
+        self.metrics.set_in_doubt(outcomes.prepared_len());
     }
 
     #[instrument(skip_all, fields(txn_id = %txn, %decision, ?origin))]
