@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use twopc_bank::{AccountStore, RedbStore, Transfer, server};
-use twopc_coordinator::client::ClusterClient;
+use twopc_client::ClusterClient;
 use twopc_participant::ParticipantConfig;
 use twopc_proto::txn_id::unix_now_ms;
 use twopc_proto::{TxnId, pb};

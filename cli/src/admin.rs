@@ -91,9 +91,9 @@ async fn status(cluster: &ClusterArgs) -> anyhow::Result<u8> {
     let mut values = Vec::new();
     for addr in &cluster.coordinators {
         let one = ClusterArgs { coordinators: vec![addr.clone()], json: cluster.json };
-        let client = twopc_coordinator::client::ClusterClient::new(
+        let client = twopc_client::ClusterClient::new(
             one.coordinators.clone(),
-            twopc_coordinator::client::ClientConfig {
+            twopc_client::ClientConfig {
                 tls: super::certs::cli_tls()?,
                 retry_budget_ms: 0,
                 attempt_timeout_ms: 2_000,

@@ -15,7 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use parking_lot::Mutex;
 use rand::Rng as _;
 use twopc_bank::{AccountAddress, Transfer, format_minor, parse_balance};
-use twopc_coordinator::client::{ClientConfig, ClusterClient};
+use twopc_client::{ClientConfig, ClusterClient};
 use twopc_proto::{TxnId, pb};
 
 use super::local_cluster::{LocalCluster, Spec, bank_client, leader, wait_until};

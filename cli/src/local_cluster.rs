@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tokio::process::{Child, Command};
-use twopc_coordinator::client::ClusterClient;
+use twopc_client::ClusterClient;
 use twopc_proto::pb;
 use twopc_proto::pb::bank_client::BankClient;
 

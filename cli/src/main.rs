@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use twopc_coordinator::client::{ClientConfig, ClusterClient};
+use twopc_client::{ClientConfig, ClusterClient};
 
 /// Success; for `transfer`, committed.
 pub const EXIT_OK: u8 = 0;

@@ -9,7 +9,7 @@ use clap::Args;
 use serde_json::json;
 use tonic::transport::{Channel, Endpoint};
 use twopc_bank::{AccountAddress, Transfer, format_minor, parse_amount, parse_balance};
-use twopc_coordinator::client::ClusterClient;
+use twopc_client::ClusterClient;
 use twopc_proto::pb::bank_client::BankClient;
 use twopc_proto::txn_id::unix_now_ms;
 use twopc_proto::{TxnId, pb};

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Args;
 use tokio::net::TcpListener;
-use twopc_coordinator::client::{ClientConfig, ClusterClient};
+use twopc_client::{ClientConfig, ClusterClient};
 use twopc_coordinator::config::NodeConfig;
 use twopc_proto::pb;
 

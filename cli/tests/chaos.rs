@@ -25,7 +25,7 @@ use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use tokio::time::Instant;
 use twopc_bank::Transfer;
-use twopc_coordinator::client::{ClientConfig, ClusterClient};
+use twopc_client::{ClientConfig, ClusterClient};
 use twopc_proto::pb::coordinator_client::CoordinatorClient;
 use twopc_proto::txn_id::unix_now_ms;
 use twopc_proto::{Decision, TxnId, pb};

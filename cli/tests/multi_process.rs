@@ -71,7 +71,7 @@ async fn a_bank_killed_after_voting_yes_settles_its_branch_after_restart() {
     };
     let addrs = p.coordinator_addrs.clone();
     let submit = tokio::spawn(async move {
-        let client = twopc_coordinator::client::ClusterClient::new(addrs, Default::default()).expect("client");
+        let client = twopc_client::ClusterClient::new(addrs, Default::default()).expect("client");
         client
             .coordinator(|mut c: CoordinatorClient<_>| {
                 let request = request.clone();

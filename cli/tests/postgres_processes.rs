@@ -78,7 +78,7 @@ impl PgCluster {
         let request = pb::SubmitRequest { txn_id: txn.to_string(), branches, deadline_unix_ms: unix_now_ms() + 20_000 };
         let addrs = self.p.coordinator_addrs.clone();
         tokio::spawn(async move {
-            let client = twopc_coordinator::client::ClusterClient::new(addrs, Default::default()).expect("client");
+            let client = twopc_client::ClusterClient::new(addrs, Default::default()).expect("client");
             client
                 .coordinator(|mut c: CoordinatorClient<_>| {
                     let request = request.clone();

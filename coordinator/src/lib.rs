@@ -8,7 +8,6 @@
 //! - [`state_machine`]: the applied state: txn table, participant registry, members. Pure.
 //! - [`engine`]: the 2PC driver: Submit, Resolve, operator decisions, phase-2 delivery, retention GC.
 //! - [`failpoint`]: names of the test failpoints (feature `failpoints`) at the protocol's dangerous points.
-//! - [`client`]: [`client::ClusterClient`], a leader-following client of the cluster's APIs.
 //! - [`participant_client`]: the seam to participants and its gRPC implementation.
 //! - [`prepare_batch`]: Prepares to one participant gathered into `PrepareBatch` calls under load.
 //! - [`metrics`]: phase latency histograms, the Prometheus rendering and its HTTP endpoint.
@@ -22,7 +21,6 @@
 //! - [`transport`]: the peer gRPC service and per-peer outbound streams; a fault filter for tests.
 #![deny(missing_docs)]
 
-pub mod client;
 pub mod command;
 pub mod config;
 mod election_timeout;

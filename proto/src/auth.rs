@@ -27,6 +27,7 @@ pub const COORDINATOR: Policy = Policy(&[
     ("/twopc.v1.Admin/", &[Role::Admin]),
     // Each participant only for its own branches (checked in the handler).
     ("/twopc.v1.Coordinator/Resolve", &[Role::Participant]),
+    ("/twopc.v1.Coordinator/Join", &[Role::Participant]),
     ("/twopc.v1.Coordinator/", &[Role::Client, Role::Admin]),
 ]);
 

@@ -9,6 +9,7 @@
 //! - [`txn_id`]: [`TxnId`], a time-ordered UUIDv7 whose creation time can be read back.
 //! - [`participant_id`]: [`ParticipantId`], a validated participant name.
 //! - [`vote`]: [`Vote`] and [`Decision`], the two answers of the protocol.
+//! - [`context`]: [`TxnContext`], an interactive txn's id and deadline in the `twopc-txn` metadata entry.
 //! - [`status`]: building and reading gRPC statuses: invalid arguments, leader hints.
 //! - [`clock`]: [`Clock`], the wall clock a node reads (tests step one node's clock).
 //! - [`host`]: what twopc takes from the machine (network, wall clock, randomness,
@@ -22,6 +23,7 @@
 pub mod auth;
 pub mod certs;
 pub mod clock;
+pub mod context;
 pub mod host;
 pub mod net;
 pub mod participant_id;
@@ -31,6 +33,7 @@ pub mod txn_id;
 pub mod vote;
 
 pub use clock::Clock;
+pub use context::TxnContext;
 pub use participant_id::ParticipantId;
 pub use txn_id::TxnId;
 pub use vote::{Decision, Vote};

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tempfile::TempDir;
-use twopc_coordinator::client::{ClientConfig, ClusterClient};
+use twopc_client::{ClientConfig, ClusterClient};
 use twopc_coordinator::config::NodeConfig;
 use twopc_coordinator::lossy_disk::{CrashReport, LossyDisk};
 use twopc_coordinator::node::{NodeHandle, Role};

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use tonic::Code;
-use twopc_coordinator::client::ClusterClient;
+use twopc_client::ClusterClient;
 use twopc_participant::memory::MemoryResource;
 use twopc_proto::pb::coordinator_client::CoordinatorClient;
 use twopc_proto::txn_id::unix_now_ms;

@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 use rand::rngs::SmallRng;
 use rand::{Rng as _, SeedableRng as _};
 use twopc_bank::{AccountName, BranchPayload, parse_balance};
-use twopc_coordinator::client::{ClientConfig, ClusterClient};
+use twopc_client::{ClientConfig, ClusterClient};
 use twopc_proto::txn_id::unix_now_ms;
 use twopc_proto::{TxnId, pb};
 

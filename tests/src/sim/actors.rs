@@ -23,7 +23,7 @@ use rand::seq::IndexedRandom as _;
 use rand::{Rng as _, SeedableRng as _};
 use tonic::Status;
 use twopc_bank::Transfer;
-use twopc_coordinator::client::{ClientConfig, ClusterClient};
+use twopc_client::{ClientConfig, ClusterClient};
 use twopc_proto::txn_id::unix_now_ms;
 use twopc_proto::{Decision, TxnId, pb};
 

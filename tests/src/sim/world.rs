@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use tempfile::TempDir;
 use tokio::time::Instant;
 use twopc_bank::{AccountStore as _, Transfer};
-use twopc_coordinator::client::{ClientConfig, ClusterClient};
+use twopc_client::{ClientConfig, ClusterClient};
 use twopc_coordinator::config::EngineConfig;
 use twopc_coordinator::lossy_disk::CrashReport;
 use twopc_coordinator::node::Role;
