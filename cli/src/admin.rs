@@ -368,7 +368,8 @@ pub async fn txn(command: TxnCommand) -> anyhow::Result<u8> {
                             decision_text(t.decision).into(),
                             branches,
                             ago(t.created_unix_ms),
-                            deadline(t.deadline_unix_ms),
+                            // The deadline matters while the txn is open; a decided one keeps it in `txn show`.
+                            if joined(t) { deadline(t.deadline_unix_ms) } else { "-".into() },
                             t.reason.clone(),
                         ]
                     })
