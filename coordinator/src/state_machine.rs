@@ -32,6 +32,10 @@ pub struct TxnRecord {
     pub decision_log_index: u64,
     /// When the last branch acknowledged (proposer's clock), if all have.
     pub finished_unix_ms: Option<u64>,
+    /// The deadline of a txn that was begun interactively (docs/PROTOCOL.md
+    /// §12); None for a one-shot txn (Submit, a presumed abort, an operator's
+    /// decision of a txn never begun).
+    pub deadline_unix_ms: Option<u64>,
 }
 
 impl TxnRecord {
@@ -40,12 +44,22 @@ impl TxnRecord {
         self.finished_unix_ms.is_some()
     }
 
-    /// A Commit that names no branch: only an operator's forced Commit
-    /// (docs/PROTOCOL.md §6.1). Retention never forgets one, so every
-    /// forgotten txn is one that no in-doubt branch can belong to unless it
-    /// aborted (§7.2): its participant may abort the branch.
+    /// A Commit of a txn never begun that names no branch: only an
+    /// operator's forced Commit (docs/PROTOCOL.md §6.1). Retention never
+    /// forgets one, so every forgotten txn is one that no in-doubt branch can
+    /// belong to unless it aborted (§7.2): its participant may abort the
+    /// branch. An interactive record is not one, even when it names no branch:
+    /// every branch of a begun txn is named by its record (joined before the
+    /// decision, or one-shot), and a participant it does not name is answered
+    /// Abort (§6, §12.5). So retention forgets it, and a client cannot grow
+    /// the table with Begin and an empty Commit (§12.6).
     pub fn is_branchless_commit(&self) -> bool {
-        self.decision == Decision::Commit && self.branches.is_empty()
+        self.decision == Decision::Commit && self.branches.is_empty() && self.deadline_unix_ms.is_none()
+    }
+
+    /// Whether the record names `participant`'s branch.
+    pub fn names(&self, participant: &ParticipantId) -> bool {
+        self.branches.iter().any(|b| &b.participant == participant)
     }
 }
 
@@ -58,6 +72,32 @@ pub struct BranchRecord {
     pub vote: Option<Vote>,
     /// Whether it acknowledged carrying out the decision.
     pub acknowledged: bool,
+    /// Whether it joined a begun txn (docs/PROTOCOL.md §12.3) rather than
+    /// being prepared by the coordinator as a one-shot branch.
+    pub joined: bool,
+}
+
+/// An interactive txn that is begun and not decided (docs/PROTOCOL.md §12).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BegunTxn {
+    /// The transaction.
+    pub txn_id: TxnId,
+    /// Unix milliseconds from which it is over: no branch joins it, a Commit
+    /// proposed then is applied as Abort, and the leader logs its timeout.
+    pub deadline_unix_ms: u64,
+    /// The proposer's clock when the Begin entry was proposed.
+    pub begun_unix_ms: u64,
+    /// The log index of the Begin entry.
+    pub begun_log_index: u64,
+    /// The participants that joined, in the order their Join entries were applied.
+    pub joined: Vec<ParticipantId>,
+}
+
+impl BegunTxn {
+    /// Whether the txn is past its deadline at `now_unix_ms`.
+    pub fn is_expired(&self, now_unix_ms: u64) -> bool {
+        now_unix_ms >= self.deadline_unix_ms
+    }
 }
 
 /// The result of applying one entry, handed back to its proposer.
@@ -94,7 +134,105 @@ pub enum Applied {
         /// Why.
         refusal: DecideRefusal,
     },
+    /// The txn is begun: by this entry (`first`) or an earlier one, whose
+    /// deadline stands (first writer wins, docs/PROTOCOL.md §12.1).
+    Begun {
+        /// The txn as the log now holds it.
+        begun: BegunTxn,
+        /// Whether this entry began it.
+        first: bool,
+    },
+    /// A Begin entry was refused and changed nothing.
+    BeginRefused {
+        /// The txn named by the entry.
+        txn_id: TxnId,
+        /// Why.
+        refusal: BeginRefusal,
+    },
+    /// The participant's branch is part of the txn: joined by this entry
+    /// (`first`), or named already (an earlier Join, or the decided record).
+    Joined {
+        /// The txn's deadline (for a decided one-shot record that names the
+        /// participant, its decision time: it is decided by then).
+        deadline_unix_ms: u64,
+        /// Whether this entry joined it.
+        first: bool,
+    },
+    /// A Join entry was refused and changed nothing: the participant must
+    /// abort its branch (docs/PROTOCOL.md §12.3).
+    JoinRefused {
+        /// The txn named by the entry.
+        txn_id: TxnId,
+        /// Why.
+        refusal: JoinRefusal,
+    },
 }
+
+/// Why the state machine refused a Begin entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BeginRefusal {
+    /// The log has already decided the txn (a presumed abort or a one-shot
+    /// Submit used the id; or it was begun and is over).
+    Decided(Decision),
+    /// The id was created before the log's retention horizon (§7.2).
+    Forgotten,
+    /// The id was created more than [`TXN_ID_AHEAD_OF_PROPOSER_MAX_MS`] after
+    /// the proposer's clock (§7.4).
+    FromTheFuture,
+}
+
+/// Why the state machine refused a Join entry (docs/PROTOCOL.md §12.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinRefusal {
+    /// The txn is decided and its record does not name the participant.
+    Decided(Decision),
+    /// The txn is begun, but the entry's proposer time is at or past its deadline.
+    PastDeadline,
+    /// The log holds no Begin for the txn.
+    Unknown,
+    /// The id was created before the log's retention horizon (§7.2).
+    Forgotten,
+    /// The txn already holds [`JOINED_BRANCHES_MAX`] joined branches.
+    TooManyBranches,
+}
+
+impl JoinRefusal {
+    /// The state a refused Join names in the `twopc-txn-state` metadata entry.
+    pub fn state(&self) -> &'static str {
+        match self {
+            Self::Decided(Decision::Commit) => TXN_STATE_DECIDED_COMMIT,
+            Self::Decided(Decision::Abort) => TXN_STATE_DECIDED_ABORT,
+            Self::PastDeadline => TXN_STATE_TIMED_OUT,
+            Self::Unknown => TXN_STATE_UNKNOWN,
+            Self::Forgotten => TXN_STATE_FORGOTTEN,
+            Self::TooManyBranches => TXN_STATE_BEGUN,
+        }
+    }
+}
+
+/// `twopc-txn-state` of a txn that is begun and open.
+pub const TXN_STATE_BEGUN: &str = "BEGUN";
+/// `twopc-txn-state` of a txn whose logged decision is Commit.
+pub const TXN_STATE_DECIDED_COMMIT: &str = "DECIDED COMMIT";
+/// `twopc-txn-state` of a txn whose logged decision is Abort.
+pub const TXN_STATE_DECIDED_ABORT: &str = "DECIDED ABORT";
+/// `twopc-txn-state` of a begun txn past its deadline (its Abort may not be logged yet).
+pub const TXN_STATE_TIMED_OUT: &str = "TIMED OUT";
+/// `twopc-txn-state` of a txn the log never began.
+pub const TXN_STATE_UNKNOWN: &str = "UNKNOWN";
+/// `twopc-txn-state` of a txn id created before the log's retention horizon.
+pub const TXN_STATE_FORGOTTEN: &str = "FORGOTTEN";
+
+/// The reason logged with the Abort of a begun txn that reached its deadline
+/// undecided, and with a Commit the log applies as Abort because its
+/// proposer time was past the deadline (docs/PROTOCOL.md §12.4, §12.5).
+pub const TIMED_OUT_REASON: &str = "timed out";
+
+/// The most branches the log lets join one txn: its own guard (I6), whatever
+/// a proposer checked. The engine's `branches_per_txn_max` must not exceed it
+/// (checked at start-up); concurrent Joins that each passed the engine's
+/// check are stopped here.
+pub const JOINED_BRANCHES_MAX: usize = 256;
 
 /// Why the state machine refused a first decision for a txn id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +273,11 @@ pub struct StateMachine {
     /// The highest horizon a `Forget` entry applied: txns created before it
     /// may have been decided and forgotten (docs/PROTOCOL.md §7.2).
     forgotten_before_unix_ms: u64,
+    /// Begun, undecided txns (docs/PROTOCOL.md §12). A txn is here or in
+    /// `txns`, never both.
+    begun: BTreeMap<TxnId, BegunTxn>,
+    /// `begun` by deadline, so the leader finds expired txns without a scan.
+    begun_by_deadline: BTreeSet<(u64, TxnId)>,
 }
 
 impl StateMachine {
@@ -182,13 +325,72 @@ impl StateMachine {
             Command::RemoveParticipant { name } => {
                 Applied::Registry { existed: self.participants.remove(name).is_some() }
             }
+            Command::Begin { txn_id, deadline_unix_ms } => self.begin(index, now, *txn_id, *deadline_unix_ms),
+            Command::Join { txn_id, participant } => self.join(now, *txn_id, participant),
         }
+    }
+
+    fn begin(&mut self, index: u64, now: u64, txn_id: TxnId, deadline_unix_ms: u64) -> Applied {
+        if let Some(record) = self.txns.get(&txn_id) {
+            return Applied::BeginRefused { txn_id, refusal: BeginRefusal::Decided(record.decision) };
+        }
+        // First writer wins: a repeat answers the logged deadline (I5).
+        if let Some(begun) = self.begun.get(&txn_id) {
+            return Applied::Begun { begun: begun.clone(), first: false };
+        }
+        // As for a Decide (§7.2, §7.4): a begun record outlives no horizon it
+        // should not, and an id that may have been decided is never begun.
+        if self.may_have_forgotten(&txn_id) {
+            return Applied::BeginRefused { txn_id, refusal: BeginRefusal::Forgotten };
+        }
+        if txn_id.created_unix_ms() > now.saturating_add(TXN_ID_AHEAD_OF_PROPOSER_MAX_MS) {
+            return Applied::BeginRefused { txn_id, refusal: BeginRefusal::FromTheFuture };
+        }
+        let begun =
+            BegunTxn { txn_id, deadline_unix_ms, begun_unix_ms: now, begun_log_index: index, joined: Vec::new() };
+        self.begun_by_deadline.insert((deadline_unix_ms, txn_id));
+        self.begun.insert(txn_id, begun.clone());
+        Applied::Begun { begun, first: true }
+    }
+
+    fn join(&mut self, now: u64, txn_id: TxnId, participant: &ParticipantId) -> Applied {
+        if let Some(record) = self.txns.get(&txn_id) {
+            // A participant the decided record names already is part of the
+            // txn (its Join was applied before the decision, and this is a
+            // retry): it must carry out the record's decision, never abort on
+            // its own (I1, I5).
+            if record.names(participant) {
+                let deadline_unix_ms = record.deadline_unix_ms.unwrap_or(record.decided_unix_ms);
+                return Applied::Joined { deadline_unix_ms, first: false };
+            }
+            return Applied::JoinRefused { txn_id, refusal: JoinRefusal::Decided(record.decision) };
+        }
+        let Some(begun) = self.begun.get_mut(&txn_id) else {
+            let refusal = if self.may_have_forgotten(&txn_id) { JoinRefusal::Forgotten } else { JoinRefusal::Unknown };
+            return Applied::JoinRefused { txn_id, refusal };
+        };
+        if begun.joined.contains(participant) {
+            return Applied::Joined { deadline_unix_ms: begun.deadline_unix_ms, first: false };
+        }
+        // By the entry's proposer time, so every replica agrees (§7.3).
+        if begun.is_expired(now) {
+            return Applied::JoinRefused { txn_id, refusal: JoinRefusal::PastDeadline };
+        }
+        if begun.joined.len() >= JOINED_BRANCHES_MAX {
+            return Applied::JoinRefused { txn_id, refusal: JoinRefusal::TooManyBranches };
+        }
+        begun.joined.push(participant.clone());
+        Applied::Joined { deadline_unix_ms: begun.deadline_unix_ms, first: true }
     }
 
     fn decide(&mut self, index: u64, now: u64, cmd: &DecideCmd) -> Applied {
         // I2: the first decision entry for a txn id wins; later ones are ignored.
         if let Some(record) = self.txns.get(&cmd.txn_id) {
             return Applied::Decided { record: record.clone(), first: false };
+        }
+        if let Some(begun) = self.begun.remove(&cmd.txn_id) {
+            self.begun_by_deadline.remove(&(begun.deadline_unix_ms, begun.txn_id));
+            return self.decide_begun(index, now, cmd, begun);
         }
         // Decided here, from the entry and the applied state alone, so no
         // proposer (a leader whose clock is behind, a Resolve, an operator)
@@ -211,22 +413,75 @@ impl StateMachine {
                 // A branch that voted NO holds nothing and already knows the
                 // outcome: there is nothing to deliver to it.
                 acknowledged: matches!(vote, Some(Vote::No { .. })),
+                joined: false,
             })
             .collect();
-        let finished_unix_ms = branches.iter().all(|b| b.acknowledged).then_some(now);
-        let record = TxnRecord {
+        self.record_first(TxnRecord {
             txn_id: cmd.txn_id,
             decision: cmd.decision,
             reason: cmd.reason.clone(),
             branches,
             decided_unix_ms: now,
             decision_log_index: index,
-            finished_unix_ms,
-        };
-        if !record.is_finished() {
-            self.unacknowledged.insert(cmd.txn_id);
+            finished_unix_ms: None,
+            deadline_unix_ms: None,
+        })
+    }
+
+    /// The first decision of a begun txn (docs/PROTOCOL.md §12.4). No horizon
+    /// or future check: the begun record proves the log still knows the txn.
+    /// Its branches are fixed here, from the log alone: the entry's one-shot
+    /// branches and every branch joined before it (each voted YES by joining);
+    /// a Join applied later is refused, so no joined branch is missed (I1).
+    fn decide_begun(&mut self, index: u64, now: u64, cmd: &DecideCmd, begun: BegunTxn) -> Applied {
+        let mut branches: Vec<BranchRecord> = Vec::with_capacity(cmd.branches.len() + begun.joined.len());
+        for (participant, vote) in &cmd.branches {
+            if branches.iter().any(|b| &b.participant == participant) {
+                continue;
+            }
+            let joined = begun.joined.contains(participant);
+            branches.push(BranchRecord {
+                participant: participant.clone(),
+                vote: vote.clone(),
+                // A branch that also joined holds a prepared branch whatever
+                // its one-shot vote says: it must be told the decision.
+                acknowledged: !joined && matches!(vote, Some(Vote::No { .. })),
+                joined,
+            });
         }
-        self.txns.insert(cmd.txn_id, record.clone());
+        let expired = begun.is_expired(now);
+        for participant in begun.joined {
+            if !branches.iter().any(|b| b.participant == participant) {
+                branches.push(BranchRecord { participant, vote: Some(Vote::Yes), acknowledged: false, joined: true });
+            }
+        }
+        // The deadline binds by the log: a Commit proposed at or after it
+        // loses to the timeout whoever proposed it.
+        let (decision, reason) = if cmd.decision == Decision::Commit && expired {
+            (Decision::Abort, TIMED_OUT_REASON.to_owned())
+        } else {
+            (cmd.decision, cmd.reason.clone())
+        };
+        self.record_first(TxnRecord {
+            txn_id: cmd.txn_id,
+            decision,
+            reason,
+            branches,
+            decided_unix_ms: now,
+            decision_log_index: index,
+            finished_unix_ms: None,
+            deadline_unix_ms: Some(begun.deadline_unix_ms),
+        })
+    }
+
+    /// Stores a txn's first decision (I2).
+    fn record_first(&mut self, mut record: TxnRecord) -> Applied {
+        if record.branches.iter().all(|b| b.acknowledged) {
+            record.finished_unix_ms = Some(record.decided_unix_ms);
+        } else {
+            self.unacknowledged.insert(record.txn_id);
+        }
+        self.txns.insert(record.txn_id, record.clone());
         Applied::Decided { record, first: true }
     }
 
@@ -334,6 +589,44 @@ impl StateMachine {
             .collect()
     }
 
+    /// A begun, undecided txn.
+    pub fn begun(&self, txn_id: &TxnId) -> Option<&BegunTxn> {
+        self.begun.get(txn_id)
+    }
+
+    /// Whether a txn is begun and undecided (one map lookup: Submit's check).
+    pub fn is_begun(&self, txn_id: &TxnId) -> bool {
+        self.begun.contains_key(txn_id)
+    }
+
+    /// How many txns are begun and undecided.
+    pub fn begun_count(&self) -> usize {
+        self.begun.len()
+    }
+
+    /// Up to `max` begun txns whose deadline is at or before `now_unix_ms`,
+    /// earliest deadline first (the leader's timeout scan, §12.5).
+    pub fn expired_begun(&self, now_unix_ms: u64, max: usize) -> Vec<TxnId> {
+        self.begun_by_deadline
+            .iter()
+            .take_while(|(deadline, _)| *deadline <= now_unix_ms)
+            .take(max)
+            .map(|(_, id)| *id)
+            .collect()
+    }
+
+    /// A page of begun txns in id (creation) order after `after`, created
+    /// before `created_before_unix_ms`.
+    pub fn list_begun(&self, created_before_unix_ms: u64, after: Option<TxnId>, limit: usize) -> Vec<&BegunTxn> {
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.begun
+            .range((start, Bound::Unbounded))
+            .map(|(_, begun)| begun)
+            .take_while(|b| b.txn_id.created_unix_ms() < created_before_unix_ms)
+            .take(limit)
+            .collect()
+    }
+
     /// A participant's registered address.
     pub fn participant_addr(&self, name: &ParticipantId) -> Option<&str> {
         self.participants.get(name).map(String::as_str)
@@ -356,6 +649,7 @@ impl StateMachine {
                 .collect(),
             members: self.members.iter().map(|(id, addr)| wire::Member { id: *id, addr: addr.clone() }).collect(),
             forgotten_before_unix_ms: self.forgotten_before_unix_ms,
+            begun: self.begun.values().map(wire::Begun::from).collect(),
         };
         snap.encode_to_vec()
     }
@@ -383,6 +677,18 @@ impl StateMachine {
             }
             sm.txns.insert(record.txn_id, record);
         }
+        for begun in snap.begun {
+            let begun = BegunTxn::try_from(begun)?;
+            // A txn is begun or decided, never both, and begun once.
+            if sm.txns.contains_key(&begun.txn_id) || sm.begun.contains_key(&begun.txn_id) {
+                return Err(Error::Corrupt(format!(
+                    "snapshot: txn {} is begun twice or begun and decided",
+                    begun.txn_id
+                )));
+            }
+            sm.begun_by_deadline.insert((begun.deadline_unix_ms, begun.txn_id));
+            sm.begun.insert(begun.txn_id, begun);
+        }
         for p in snap.participants {
             sm.participants.insert(participant_from_wire(&p.name)?, p.addr);
         }
@@ -406,6 +712,22 @@ mod wire {
         pub members: Vec<Member>,
         #[prost(uint64, tag = "5")]
         pub forgotten_before_unix_ms: u64,
+        #[prost(message, repeated, tag = "6")]
+        pub begun: Vec<Begun>,
+    }
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct Begun {
+        #[prost(bytes = "vec", tag = "1")]
+        pub txn_id: Vec<u8>,
+        #[prost(uint64, tag = "2")]
+        pub deadline_unix_ms: u64,
+        #[prost(uint64, tag = "3")]
+        pub begun_unix_ms: u64,
+        #[prost(uint64, tag = "4")]
+        pub begun_log_index: u64,
+        #[prost(string, repeated, tag = "5")]
+        pub joined: Vec<String>,
     }
 
     #[derive(Clone, PartialEq, Message)]
@@ -424,6 +746,8 @@ mod wire {
         pub decision_log_index: u64,
         #[prost(uint64, optional, tag = "7")]
         pub finished_unix_ms: Option<u64>,
+        #[prost(uint64, optional, tag = "8")]
+        pub deadline_unix_ms: Option<u64>,
     }
 
     #[derive(Clone, PartialEq, Message)]
@@ -436,6 +760,8 @@ mod wire {
         pub reason: String,
         #[prost(bool, tag = "4")]
         pub acknowledged: bool,
+        #[prost(bool, tag = "5")]
+        pub joined: bool,
     }
 
     #[derive(Clone, PartialEq, Message)]
@@ -458,13 +784,53 @@ impl From<&TxnRecord> for wire::Txn {
                 .iter()
                 .map(|b| {
                     let (vote, reason) = vote_to_wire(b.vote.as_ref());
-                    wire::Branch { participant: b.participant.to_string(), vote, reason, acknowledged: b.acknowledged }
+                    wire::Branch {
+                        participant: b.participant.to_string(),
+                        vote,
+                        reason,
+                        acknowledged: b.acknowledged,
+                        joined: b.joined,
+                    }
                 })
                 .collect(),
             decided_unix_ms: r.decided_unix_ms,
             decision_log_index: r.decision_log_index,
             finished_unix_ms: r.finished_unix_ms,
+            deadline_unix_ms: r.deadline_unix_ms,
         }
+    }
+}
+
+impl From<&BegunTxn> for wire::Begun {
+    fn from(b: &BegunTxn) -> Self {
+        Self {
+            txn_id: b.txn_id.to_bytes().to_vec(),
+            deadline_unix_ms: b.deadline_unix_ms,
+            begun_unix_ms: b.begun_unix_ms,
+            begun_log_index: b.begun_log_index,
+            joined: b.joined.iter().map(ToString::to_string).collect(),
+        }
+    }
+}
+
+impl TryFrom<wire::Begun> for BegunTxn {
+    type Error = Error;
+
+    fn try_from(b: wire::Begun) -> Result<Self> {
+        let txn_id = txn_id_from_wire(&b.txn_id)?;
+        let joined: Vec<ParticipantId> = b.joined.iter().map(|p| participant_from_wire(p)).collect::<Result<_>>()?;
+        // The log joins a participant once and at most JOINED_BRANCHES_MAX.
+        let distinct: BTreeSet<&ParticipantId> = joined.iter().collect();
+        if distinct.len() != joined.len() || joined.len() > JOINED_BRANCHES_MAX {
+            return Err(Error::Corrupt(format!("snapshot: begun txn {txn_id} has a bad joined list")));
+        }
+        Ok(Self {
+            txn_id,
+            deadline_unix_ms: b.deadline_unix_ms,
+            begun_unix_ms: b.begun_unix_ms,
+            begun_log_index: b.begun_log_index,
+            joined,
+        })
     }
 }
 
@@ -484,12 +850,14 @@ impl TryFrom<wire::Txn> for TxnRecord {
                         participant: participant_from_wire(&b.participant)?,
                         vote: vote_from_wire(b.vote, &b.reason)?,
                         acknowledged: b.acknowledged,
+                        joined: b.joined,
                     })
                 })
                 .collect::<Result<_>>()?,
             decided_unix_ms: t.decided_unix_ms,
             decision_log_index: t.decision_log_index,
             finished_unix_ms: t.finished_unix_ms,
+            deadline_unix_ms: t.deadline_unix_ms,
         })
     }
 }
