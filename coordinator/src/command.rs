@@ -357,6 +357,24 @@ mod tests {
         }
     }
 
+    // Tags are forever: a Begin is field 7 of the entry, a Join field 8, whatever a later
+    // version adds, so a log written today replays under every later binary.
+    #[test]
+    fn begin_and_join_keep_their_log_tags() {
+        let txn = TxnId::from_parts(1, [0; 10]);
+        let begin = Proposal { command: Command::Begin { txn_id: txn, deadline_unix_ms: 2 }, proposed_unix_ms: 3 };
+        // proposed_unix_ms (field 1, varint 3), then field 7 (length-delimited): txn id (field 1), deadline (field 2).
+        let mut expected = vec![0x08, 3, 0x3a, 20, 0x0a, 16];
+        expected.extend(txn.to_bytes());
+        expected.extend([0x10, 2]);
+        assert_eq!(begin.encode(), expected);
+        let join = Proposal { command: Command::Join { txn_id: txn, participant: pid("a") }, proposed_unix_ms: 3 };
+        let mut expected = vec![0x08, 3, 0x42, 21, 0x0a, 16];
+        expected.extend(txn.to_bytes());
+        expected.extend([0x12, 1, b'a']);
+        assert_eq!(join.encode(), expected);
+    }
+
     // I6: reasons are cut on a char boundary, never mid-character, and short ones are kept whole.
     #[test]
     fn reasons_are_capped_on_a_char_boundary() {

@@ -1009,6 +1009,275 @@ mod tests {
         assert!(sm.may_have_forgotten(&older), "a later, lower horizon never lowers it");
     }
 
+    fn at(command: Command, proposed_unix_ms: u64) -> Proposal {
+        Proposal { command, proposed_unix_ms }
+    }
+
+    fn begin(txn_id: TxnId, deadline_unix_ms: u64, now: u64) -> Proposal {
+        at(Command::Begin { txn_id, deadline_unix_ms }, now)
+    }
+
+    fn join(txn_id: TxnId, participant: &str, now: u64) -> Proposal {
+        at(Command::Join { txn_id, participant: pid(participant) }, now)
+    }
+
+    fn decide_with(txn_id: TxnId, decision: Decision, one_shot: &[(&str, Option<Vote>)], now: u64) -> Proposal {
+        let branches = one_shot.iter().map(|(p, v)| (pid(p), v.clone())).collect();
+        at(Command::Decide(DecideCmd { txn_id, decision, reason: String::new(), branches }), now)
+    }
+
+    fn record(applied: Applied) -> TxnRecord {
+        match applied {
+            Applied::Decided { record, first: true } => record,
+            other => panic!("expected a first decision, got {other:?}"),
+        }
+    }
+
+    // §12.1, I5: the first Begin wins; a repeat (another deadline) answers the logged one.
+    #[test]
+    fn the_first_begin_wins_and_a_repeat_answers_its_deadline() {
+        let mut sm = StateMachine::default();
+        let now = unix_now_ms();
+        let txn = TxnId::created_at(now);
+        let first = sm.apply(1, &begin(txn, now + 1000, now));
+        assert!(matches!(first, Applied::Begun { first: true, ref begun } if begun.deadline_unix_ms == now + 1000));
+        let again = sm.apply(2, &begin(txn, now + 5000, now + 1));
+        let Applied::Begun { begun, first: false } = again else { panic!("{again:?}") };
+        assert_eq!((begun.deadline_unix_ms, begun.begun_log_index, begun.begun_unix_ms), (now + 1000, 1, now));
+        assert_eq!(sm.begun_count(), 1);
+    }
+
+    // §12.1: a txn the log decided (a presumed abort got there first, a Submit used the id), an id
+    // below the retention horizon, or one from the future is never begun, and the entry changes nothing.
+    #[test]
+    fn a_begin_is_refused_for_a_decided_forgotten_or_future_txn() {
+        let mut sm = StateMachine::default();
+        let now = unix_now_ms();
+        let decided = TxnId::created_at(now);
+        sm.apply(1, &decide_at(decided, now));
+        let forgotten = TxnId::created_at(now - 100);
+        sm.apply(2, &at(Command::Forget { horizon_unix_ms: now - 50 }, now));
+        let future = TxnId::created_at(now + TXN_ID_AHEAD_OF_PROPOSER_MAX_MS + 1);
+        let before = sm.clone();
+        let cases = [
+            (decided, BeginRefusal::Decided(Decision::Abort)),
+            (forgotten, BeginRefusal::Forgotten),
+            (future, BeginRefusal::FromTheFuture),
+        ];
+        for (index, (txn_id, refusal)) in (3..).zip(cases) {
+            assert_eq!(sm.apply(index, &begin(txn_id, now + 1000, now)), Applied::BeginRefused { txn_id, refusal });
+        }
+        assert_eq!(StateMachine { applied_index: 2, ..sm.clone() }, before, "refused entries change nothing");
+    }
+
+    // §12.3, I5: a Join joins a begun txn once, in log order; a repeat succeeds and changes nothing.
+    #[test]
+    fn a_join_joins_a_begun_txn_once() {
+        let mut sm = StateMachine::default();
+        let now = unix_now_ms();
+        let txn = TxnId::created_at(now);
+        sm.apply(1, &begin(txn, now + 1000, now));
+        assert_eq!(sm.apply(2, &join(txn, "b", now)), Applied::Joined { deadline_unix_ms: now + 1000, first: true });
+        assert_eq!(sm.apply(3, &join(txn, "a", now)), Applied::Joined { deadline_unix_ms: now + 1000, first: true });
+        assert_eq!(sm.apply(4, &join(txn, "b", now)), Applied::Joined { deadline_unix_ms: now + 1000, first: false });
+        assert_eq!(sm.begun(&txn).map(|b| b.joined.clone()), Some(vec![pid("b"), pid("a")]));
+    }
+
+    // §12.3: a Join is refused, changing nothing, when the txn is decided without the branch, past
+    // its deadline by the entry's proposer time, never begun, or below the retention horizon, and
+    // when the txn already holds JOINED_BRANCHES_MAX joined branches (the log's own bound, I6).
+    #[test]
+    fn a_join_is_refused_with_the_txns_state() {
+        let mut sm = StateMachine::default();
+        let now = unix_now_ms();
+        let (decided, expired, full) = (TxnId::created_at(now), TxnId::created_at(now), TxnId::created_at(now));
+        sm.apply(1, &decide(decided, Decision::Commit, &["a"]));
+        sm.apply(2, &begin(expired, now + 10, now));
+        sm.apply(3, &begin(full, now + 1000, now));
+        let mut index = 4;
+        for i in 0..JOINED_BRANCHES_MAX {
+            assert!(matches!(sm.apply(index, &join(full, &format!("p{i}"), now)), Applied::Joined { first: true, .. }));
+            index += 1;
+        }
+        sm.apply(index, &at(Command::Forget { horizon_unix_ms: now - 50 }, now));
+        let before = sm.clone();
+        let never = TxnId::created_at(now);
+        let forgotten = TxnId::created_at(now - 100);
+        let cases = [
+            (join(decided, "b", now), decided, JoinRefusal::Decided(Decision::Commit), TXN_STATE_DECIDED_COMMIT),
+            (join(expired, "b", now + 10), expired, JoinRefusal::PastDeadline, TXN_STATE_TIMED_OUT),
+            (join(never, "b", now), never, JoinRefusal::Unknown, TXN_STATE_UNKNOWN),
+            (join(forgotten, "b", now), forgotten, JoinRefusal::Forgotten, TXN_STATE_FORGOTTEN),
+            (join(full, "one-more", now), full, JoinRefusal::TooManyBranches, TXN_STATE_BEGUN),
+        ];
+        for (proposal, txn_id, refusal, state) in cases {
+            index += 1;
+            assert_eq!(sm.apply(index, &proposal), Applied::JoinRefused { txn_id, refusal });
+            assert_eq!(refusal.state(), state);
+        }
+        assert_eq!(StateMachine { applied_index: before.applied_index, ..sm.clone() }, before);
+        // Just before the deadline, by the proposer's clock, the branch joins.
+        let late = join(expired, "c", now + 9);
+        assert!(matches!(sm.apply(index + 1, &late), Applied::Joined { first: true, .. }));
+    }
+
+    // I1, I5: a Join retried after the decision, by a participant the record names (its first
+    // Join was applied before the Decide), succeeds: refusing it would make the participant abort
+    // a branch the record commits.
+    #[test]
+    fn a_join_retried_after_the_decision_by_a_named_branch_succeeds() {
+        let mut sm = StateMachine::default();
+        let now = unix_now_ms();
+        let txn = TxnId::created_at(now);
+        sm.apply(1, &begin(txn, now + 1000, now));
+        sm.apply(2, &join(txn, "a", now));
+        sm.apply(3, &decide_with(txn, Decision::Commit, &[], now));
+        assert_eq!(sm.apply(4, &join(txn, "a", now)), Applied::Joined { deadline_unix_ms: now + 1000, first: false });
+        let refused = sm.apply(5, &join(txn, "b", now));
+        assert_eq!(refused, Applied::JoinRefused { txn_id: txn, refusal: JoinRefusal::Decided(Decision::Commit) });
+    }
+
+    // §12.4, I1: the decision of a begun txn names the entry's one-shot branches and every branch
+    // joined before it (vote YES, joined, to be delivered), each once; the txn leaves the begun table.
+    #[test]
+    fn the_decision_of_a_begun_txn_names_its_joined_and_one_shot_branches() {
+        let mut sm = StateMachine::default();
+        let now = unix_now_ms();
+        let txn = TxnId::created_at(now);
+        sm.apply(1, &begin(txn, now + 1000, now));
+        sm.apply(2, &join(txn, "a", now));
+        sm.apply(3, &join(txn, "both", now));
+        let one_shot = [("c", Some(Vote::Yes)), ("both", Some(Vote::no("x")))];
+        let r = record(sm.apply(4, &decide_with(txn, Decision::Abort, &one_shot, now)));
+        let summary: Vec<(String, Option<Vote>, bool, bool)> =
+            r.branches.iter().map(|b| (b.participant.to_string(), b.vote.clone(), b.joined, b.acknowledged)).collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("c".into(), Some(Vote::Yes), false, false),
+                // It joined, so it holds a prepared branch whatever its one-shot vote: Abort is delivered.
+                ("both".into(), Some(Vote::no("x")), true, false),
+                ("a".into(), Some(Vote::Yes), true, false),
+            ]
+        );
+        assert_eq!(r.deadline_unix_ms, Some(now + 1000));
+        assert!(!sm.is_begun(&txn) && sm.expired_begun(u64::MAX, 10).is_empty(), "decided: no longer begun");
+        assert_eq!(sm.unacknowledged().count(), 1);
+    }
+
+    // §12.4: a Join racing the decision: the record names the branch iff the Join entry was
+    // applied first; a Join applied after it is refused (so the participant aborts, I1).
+    #[test]
+    fn a_join_racing_the_decision_is_named_iff_applied_first() {
+        let now = unix_now_ms();
+        for join_first in [true, false] {
+            let mut sm = StateMachine::default();
+            let txn = TxnId::created_at(now);
+            sm.apply(1, &begin(txn, now + 1000, now));
+            sm.apply(2, &join(txn, "a", now));
+            let (commit, late_join) = (decide_with(txn, Decision::Commit, &[], now), join(txn, "b", now));
+            let (second, third) = if join_first { (&late_join, &commit) } else { (&commit, &late_join) };
+            let applied = [sm.apply(3, second), sm.apply(4, third)];
+            let r = sm.txn(&txn).cloned().expect("decided");
+            assert_eq!(r.decision, Decision::Commit);
+            assert_eq!(r.names(&pid("b")), join_first, "{applied:?}");
+            let join_applied = if join_first { &applied[0] } else { &applied[1] };
+            assert_eq!(matches!(join_applied, Applied::Joined { .. }), join_first, "{join_applied:?}");
+        }
+    }
+
+    // §12.4: the deadline binds by the log: a Commit proposed at or after it is applied as Abort
+    // ("timed out"); one proposed before it commits.
+    #[test]
+    fn a_commit_proposed_past_the_deadline_is_applied_as_a_timeout_abort() {
+        let now = unix_now_ms();
+        for (proposed, expect) in [(now + 999, Decision::Commit), (now + 1000, Decision::Abort)] {
+            let mut sm = StateMachine::default();
+            let txn = TxnId::created_at(now);
+            sm.apply(1, &begin(txn, now + 1000, now));
+            sm.apply(2, &join(txn, "a", now));
+            let r = record(sm.apply(3, &decide_with(txn, Decision::Commit, &[], proposed)));
+            assert_eq!(r.decision, expect);
+            let reason = if expect == Decision::Abort { TIMED_OUT_REASON } else { "" };
+            assert_eq!(r.reason, reason);
+            assert_eq!(r.branches.len(), 1, "the joined branch is told the outcome either way");
+        }
+    }
+
+    // §12.6: a begun txn is never forgotten while undecided, and its decision is applied even
+    // after the horizon passed its id: the begun record proves the log still knows it.
+    #[test]
+    fn a_begun_txn_outlives_the_horizon_until_decided() {
+        let mut sm = StateMachine::default();
+        let now = unix_now_ms();
+        let txn = TxnId::created_at(now - 100);
+        sm.apply(1, &begin(txn, now, now - 100));
+        sm.apply(2, &at(Command::Forget { horizon_unix_ms: now }, now));
+        assert!(sm.is_begun(&txn) && sm.may_have_forgotten(&txn));
+        let r = record(sm.apply(3, &decide_with(txn, Decision::Abort, &[], now)));
+        assert_eq!(r.deadline_unix_ms, Some(now));
+    }
+
+    // §7.2, §12.6: an interactive Commit that names no branch is not a branchless (operator's)
+    // Commit: retention forgets it, so Begin and empty Commits cannot grow the table for good.
+    #[test]
+    fn retention_forgets_an_interactive_commit_without_branches() {
+        let mut sm = StateMachine::default();
+        let now = unix_now_ms();
+        let txn = TxnId::created_at(now - 30);
+        sm.apply(1, &begin(txn, now, now - 30));
+        let r = record(sm.apply(2, &decide_with(txn, Decision::Commit, &[], now - 20)));
+        assert!(r.is_finished() && !r.is_branchless_commit());
+        assert_eq!(sm.apply(3, &at(Command::Forget { horizon_unix_ms: now }, now)), Applied::Forgotten { removed: 1 });
+    }
+
+    // §12.5: the leader finds expired begun txns from the deadline index, earliest first, bounded.
+    #[test]
+    fn expired_begun_txns_are_found_by_deadline_and_bounded() {
+        let mut sm = StateMachine::default();
+        let now = unix_now_ms();
+        let ids: Vec<TxnId> = (0..4).map(|_| TxnId::created_at(now)).collect();
+        for (i, (index, txn)) in (1..).zip(&ids).enumerate() {
+            sm.apply(index, &begin(*txn, now + 40 - 10 * i as u64, now));
+        }
+        assert_eq!(sm.expired_begun(now + 20, 10), vec![ids[3], ids[2]]);
+        assert_eq!(sm.expired_begun(now + 40, 1), vec![ids[3]]);
+        assert!(sm.expired_begun(now, 10).is_empty());
+        assert_eq!(sm.list_begun(u64::MAX, None, 10).len(), 4);
+    }
+
+    #[test]
+    fn a_snapshot_keeps_begun_txns_their_joins_and_interactive_records() {
+        let mut sm = StateMachine::default();
+        let now = unix_now_ms();
+        let (open, done) = (TxnId::created_at(now), TxnId::created_at(now));
+        sm.apply(1, &begin(open, now + 1000, now));
+        sm.apply(2, &join(open, "a", now));
+        sm.apply(3, &begin(done, now + 1000, now));
+        sm.apply(4, &join(done, "b", now));
+        sm.apply(5, &decide_with(done, Decision::Commit, &[("c", Some(Vote::Yes))], now));
+        let restored = StateMachine::from_snapshot(&sm.to_snapshot()).expect("decodes");
+        assert_eq!(restored, sm);
+        assert_eq!(restored.expired_begun(now + 1000, 10), vec![open], "the deadline index is rebuilt");
+        let r = restored.txn(&done).expect("kept");
+        assert_eq!(r.deadline_unix_ms, Some(now + 1000));
+        assert!(r.branches.iter().any(|b| b.participant == pid("b") && b.joined));
+    }
+
+    // A snapshot holding a txn both begun and decided (bad bytes that parse) is refused.
+    #[test]
+    fn a_snapshot_with_a_txn_begun_and_decided_is_corrupt() {
+        let mut sm = StateMachine::default();
+        let now = unix_now_ms();
+        let txn = TxnId::created_at(now);
+        sm.apply(1, &begin(txn, now + 1000, now));
+        let mut bytes = sm.to_snapshot();
+        let mut decided = StateMachine::default();
+        decided.apply(1, &decide_at(txn, now));
+        bytes.extend(decided.to_snapshot());
+        assert!(matches!(StateMachine::from_snapshot(&bytes), Err(Error::Corrupt(_))));
+    }
+
     #[test]
     fn snapshot_round_trips_the_whole_state() {
         let mut sm = StateMachine::new(BTreeMap::from([(1, "127.0.0.1:1".to_owned())]));
