@@ -181,6 +181,25 @@ pub enum BeginRefusal {
     FromTheFuture,
 }
 
+/// What a Join entry would be applied as ([`StateMachine::join_verdict`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinVerdict {
+    /// The txn's record, or its joined list, names the participant already: a repeat.
+    Named {
+        /// The txn's deadline (a decided one-shot record's decision time).
+        deadline_unix_ms: u64,
+    },
+    /// The txn is begun and open: the entry joins the branch.
+    Joinable {
+        /// The txn's deadline.
+        deadline_unix_ms: u64,
+        /// How many branches joined it so far.
+        joined: usize,
+    },
+    /// The entry is refused and changes nothing.
+    Refused(JoinRefusal),
+}
+
 /// Why the state machine refused a Join entry (docs/PROTOCOL.md §12.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JoinRefusal {
@@ -354,33 +373,49 @@ impl StateMachine {
     }
 
     fn join(&mut self, now: u64, txn_id: TxnId, participant: &ParticipantId) -> Applied {
+        match self.join_verdict(now, txn_id, participant) {
+            JoinVerdict::Named { deadline_unix_ms } => Applied::Joined { deadline_unix_ms, first: false },
+            JoinVerdict::Refused(refusal) => Applied::JoinRefused { txn_id, refusal },
+            JoinVerdict::Joinable { deadline_unix_ms, .. } => {
+                if let Some(begun) = self.begun.get_mut(&txn_id) {
+                    begun.joined.push(participant.clone());
+                }
+                Applied::Joined { deadline_unix_ms, first: true }
+            }
+        }
+    }
+
+    /// What a Join entry of `participant` for `txn_id`, proposed at
+    /// `now_unix_ms`, is applied as in this state (docs/PROTOCOL.md §12.3).
+    /// The leader asks it first, to answer a repeat or refuse without a log entry.
+    pub fn join_verdict(&self, now_unix_ms: u64, txn_id: TxnId, participant: &ParticipantId) -> JoinVerdict {
         if let Some(record) = self.txns.get(&txn_id) {
             // A participant the decided record names already is part of the
             // txn (its Join was applied before the decision, and this is a
             // retry): it must carry out the record's decision, never abort on
             // its own (I1, I5).
             if record.names(participant) {
-                let deadline_unix_ms = record.deadline_unix_ms.unwrap_or(record.decided_unix_ms);
-                return Applied::Joined { deadline_unix_ms, first: false };
+                return JoinVerdict::Named {
+                    deadline_unix_ms: record.deadline_unix_ms.unwrap_or(record.decided_unix_ms),
+                };
             }
-            return Applied::JoinRefused { txn_id, refusal: JoinRefusal::Decided(record.decision) };
+            return JoinVerdict::Refused(JoinRefusal::Decided(record.decision));
         }
-        let Some(begun) = self.begun.get_mut(&txn_id) else {
-            let refusal = if self.may_have_forgotten(&txn_id) { JoinRefusal::Forgotten } else { JoinRefusal::Unknown };
-            return Applied::JoinRefused { txn_id, refusal };
+        let Some(begun) = self.begun.get(&txn_id) else {
+            let forgotten = self.may_have_forgotten(&txn_id);
+            return JoinVerdict::Refused(if forgotten { JoinRefusal::Forgotten } else { JoinRefusal::Unknown });
         };
         if begun.joined.contains(participant) {
-            return Applied::Joined { deadline_unix_ms: begun.deadline_unix_ms, first: false };
+            return JoinVerdict::Named { deadline_unix_ms: begun.deadline_unix_ms };
         }
         // By the entry's proposer time, so every replica agrees (§7.3).
-        if begun.is_expired(now) {
-            return Applied::JoinRefused { txn_id, refusal: JoinRefusal::PastDeadline };
+        if begun.is_expired(now_unix_ms) {
+            return JoinVerdict::Refused(JoinRefusal::PastDeadline);
         }
         if begun.joined.len() >= JOINED_BRANCHES_MAX {
-            return Applied::JoinRefused { txn_id, refusal: JoinRefusal::TooManyBranches };
+            return JoinVerdict::Refused(JoinRefusal::TooManyBranches);
         }
-        begun.joined.push(participant.clone());
-        Applied::Joined { deadline_unix_ms: begun.deadline_unix_ms, first: true }
+        JoinVerdict::Joinable { deadline_unix_ms: begun.deadline_unix_ms, joined: begun.joined.len() }
     }
 
     fn decide(&mut self, index: u64, now: u64, cmd: &DecideCmd) -> Applied {

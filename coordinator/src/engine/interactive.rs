@@ -23,7 +23,7 @@ use crate::command::{Command, DecideCmd};
 use crate::error::{Error, Result};
 use crate::participant_client::ParticipantClient;
 use crate::state_machine::{
-    Applied, BeginRefusal, JoinRefusal, TIMED_OUT_REASON, TXN_ID_AHEAD_OF_PROPOSER_MAX_MS, TxnRecord,
+    Applied, BeginRefusal, JoinRefusal, JoinVerdict, TIMED_OUT_REASON, TXN_ID_AHEAD_OF_PROPOSER_MAX_MS, TxnRecord,
 };
 
 /// Begun txns past their deadline that one scan logs the Abort of, at most;
@@ -111,35 +111,19 @@ impl<P: ParticipantClient> Engine<P> {
                      (twopc participants register {participant} HOST:PORT)"
                 )));
             }
-            if let Some(record) = sm.txn(&txn_id) {
-                // Final either way: named (a retried Join), or refused.
-                let applied = if record.names(&participant) {
-                    Applied::Joined {
-                        deadline_unix_ms: record.deadline_unix_ms.unwrap_or(record.decided_unix_ms),
-                        first: false,
-                    }
-                } else {
-                    Applied::JoinRefused { txn_id, refusal: JoinRefusal::Decided(record.decision) }
-                };
-                return Ok(Some(applied));
-            }
-            let Some(begun) = sm.begun(&txn_id) else {
+            Ok(match sm.join_verdict(now, txn_id, &participant) {
+                // A repeat, answered from applied state (I5).
+                JoinVerdict::Named { deadline_unix_ms } => Some(Applied::Joined { deadline_unix_ms, first: false }),
                 // The log decides: the Begin may be applied there and not here yet.
-                return Ok(None);
-            };
-            if begun.joined.contains(&participant) {
-                return Ok(Some(Applied::Joined { deadline_unix_ms: begun.deadline_unix_ms, first: false }));
-            }
-            if begun.is_expired(now) {
-                return Ok(Some(Applied::JoinRefused { txn_id, refusal: JoinRefusal::PastDeadline }));
-            }
-            if begun.joined.len() >= self.inner.config.branches_per_txn_max {
-                return Err(Error::Overloaded(format!(
-                    "txn {txn_id} already holds {} joined branches (branches_per_txn_max)",
-                    begun.joined.len()
-                )));
-            }
-            Ok(None)
+                JoinVerdict::Refused(JoinRefusal::Unknown | JoinRefusal::Forgotten) => None,
+                JoinVerdict::Refused(refusal) => Some(Applied::JoinRefused { txn_id, refusal }),
+                JoinVerdict::Joinable { joined, .. } if joined >= self.inner.config.branches_per_txn_max => {
+                    return Err(Error::Overloaded(format!(
+                        "txn {txn_id} already holds {joined} joined branches (branches_per_txn_max)"
+                    )));
+                }
+                JoinVerdict::Joinable { .. } => None,
+            })
         })?;
         let applied = match local {
             Some(applied) => applied,

@@ -469,15 +469,6 @@ impl<P: ParticipantClient> Engine<P> {
         request: &SubmitRequest,
         targets: Vec<(Target, bytes::Bytes)>,
     ) -> Result<TxnRecord> {
-        self.prepare_and_decide_first(request, targets).await.map(|(record, _)| record)
-    }
-
-    /// [`Engine::prepare_and_decide`], telling whether its entry made the decision.
-    async fn prepare_and_decide_first(
-        &self,
-        request: &SubmitRequest,
-        targets: Vec<(Target, bytes::Bytes)>,
-    ) -> Result<(TxnRecord, bool)> {
         let txn_id = request.txn_id;
         let started = Instant::now();
         let (votes, abort_reason) = self.prepare_all(request, &targets).await;
@@ -490,7 +481,7 @@ impl<P: ParticipantClient> Engine<P> {
             targets.iter().map(|(t, _)| (t.participant.clone(), votes.get(&t.participant).cloned())).collect();
         let cmd = DecideCmd { txn_id, decision, reason: abort_reason.unwrap_or_default(), branches };
         // I3: nothing is sent to participants before the decision is applied.
-        let (record, first) = self.decide_first(cmd).await?;
+        let record = self.decide(cmd).await?;
         if failpoint::fired(failpoint::DECIDE_AFTER_APPLIED, || txn_id.to_string()) {
             return Err(Error::Retryable(format!(
                 "failpoint {}: stopped before phase 2",
@@ -501,7 +492,7 @@ impl<P: ParticipantClient> Engine<P> {
             self.inner.metrics.committed.fetch_add(1, Ordering::Relaxed);
         }
         self.deliver(&record);
-        Ok((record, first))
+        Ok(record)
     }
 
     /// Sends Prepare to every branch in parallel; stops at the first refusal.
