@@ -27,6 +27,8 @@
 //! # Layout
 //! - [`resource`]: the [`Resource`] trait a service implements, and its contract.
 //! - [`server`]: [`run`] and [`Participant`]: the gRPC Participant service plus the resolver.
+//! - [`join`]: [`Joiner`], how the service's own handlers join interactive txns (docs/PROTOCOL.md §12).
+//! - [`context`]: reading a txn's context in the service's handlers (a tonic interceptor and helpers).
 //! - [`config`]: [`ParticipantConfig`], every limit and timeout with its default.
 //! - [`error`]: the crate's [`Error`] and [`Result`], and the one mapping to gRPC statuses.
 //! - [`metrics`]: [`Metrics`], counters readable through a handle.
@@ -35,8 +37,9 @@
 //! - `engine`: the per-txn-locked path shared by the server and the resolver.
 //! - `outcomes`: the bounded outcome memory (votes, decisions, tombstones).
 //! - `resolver`: asks the coordinator cluster about branches left in doubt.
+//! - `cluster`: the coordinator nodes as the resolver and the joiner call them (leader hints, lazy channels).
 //! - `conformance` (feature `testing`): the suite every [`Resource`] implementation runs.
-//! - `fake_coordinator` (feature `testing`): a scriptable Resolve-only coordinator.
+//! - `fake_coordinator` (feature `testing`): a scriptable coordinator (Resolve, Begin, Join, Commit, Rollback).
 //! - [`postgres`] (feature `postgres`): [`postgres::PostgresResource`], branches as PostgreSQL prepared transactions.
 //! - `postgres_testing` (features `postgres` and `testing`): a test server or a reason to skip, throwaway schemas.
 //!
@@ -68,10 +71,13 @@
 //! The mapping lives in one place, `impl From<Error> for tonic::Status`.
 #![deny(missing_docs)]
 
+mod cluster;
 pub mod config;
+pub mod context;
 mod engine;
 pub mod error;
 pub mod failpoint;
+pub mod join;
 pub mod memory;
 pub mod metrics;
 mod outcomes;
@@ -90,8 +96,10 @@ pub mod postgres_testing;
 
 pub use config::ParticipantConfig;
 pub use error::{Error, Result};
+pub use join::{Joined, Joiner};
 pub use memory::MemoryResource;
 pub use metrics::{Metrics, MetricsSnapshot};
 pub use resource::{Resource, ResourceError};
 pub use server::{Participant, run};
+pub use twopc_proto::context::TxnContext;
 pub use twopc_proto::{Decision, ParticipantId, TxnId, Vote};
