@@ -45,6 +45,7 @@ pub async fn dead_addr() -> anyhow::Result<String> {
 
 /// A participant serving in the background.
 pub struct Running {
+    pub addr: std::net::SocketAddr,
     pub client: ParticipantClient<Channel>,
     pub metrics: Metrics,
     stop: Option<oneshot::Sender<()>>,
@@ -53,18 +54,29 @@ pub struct Running {
 
 /// Serves `resource` on 127.0.0.1:0 with `config` and connects a client.
 pub async fn start<R: Resource>(resource: Arc<R>, config: ParticipantConfig) -> anyhow::Result<Running> {
+    start_with(resource, config, |_| tonic::service::Routes::default()).await
+}
+
+/// [`start`], also serving the services `routes` builds (given the
+/// participant, to take its joiner) on the same port.
+pub async fn start_with<R: Resource>(
+    resource: Arc<R>,
+    config: ParticipantConfig,
+    routes: impl FnOnce(&Participant<R>) -> tonic::service::Routes,
+) -> anyhow::Result<Running> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let participant = Participant::new(resource, config)?;
     let metrics = participant.metrics();
+    let routes = routes(&participant);
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(participant.serve(listener, async {
+    let task = tokio::spawn(participant.serve_with(listener, routes, async {
         let _ = stopped.await;
     }));
     // The listener is bound already, so the connection is accepted once the
     // server starts; no waiting for a port.
     let client = ParticipantClient::connect(format!("http://{addr}")).await.context("connecting to the participant")?;
-    Ok(Running { client, metrics, stop: Some(stop), task })
+    Ok(Running { addr, client, metrics, stop: Some(stop), task })
 }
 
 impl Running {
