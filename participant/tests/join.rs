@@ -11,17 +11,15 @@ mod common;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use common::{ID, Running, config, start_with, vote, wait_until, within};
-use tonic::service::Routes;
+use common::{ID, Running, config, start_joining, vote, wait_until, within};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
-use twopc_participant::context::{TXN_CONTEXT_METADATA_KEY, read_txn_context, require_txn_context};
+use twopc_participant::context::TXN_CONTEXT_METADATA_KEY;
 use twopc_participant::fake_coordinator::{FakeCoordinator, JoinAnswer, RunningFake};
 use twopc_participant::{Decision, Error, Joiner, MemoryResource, ParticipantConfig, TxnContext, TxnId};
 use twopc_proto::context::TXN_STATE_METADATA_KEY;
 use twopc_proto::pb::bank_client::BankClient;
-use twopc_proto::pb::bank_server::{Bank, BankServer};
-use twopc_proto::pb::{self, MoveRequest, MoveResponse};
+use twopc_proto::pb::{MoveRequest, MoveResponse};
 use twopc_proto::txn_id::unix_now_ms;
 
 /// A participant on a [`MemoryResource`] serving the test service below,
@@ -40,15 +38,7 @@ async fn setup_with(tune: impl FnOnce(&mut ParticipantConfig)) -> anyhow::Result
     let node = fake.start().await?;
     let mut config = config(vec![node.addr().to_string()]);
     tune(&mut config);
-    let mut joiner = None;
-    let p = start_with(Arc::clone(&resource), config, |participant| {
-        let j = participant.joiner();
-        joiner = Some(j.clone());
-        let service = BankServer::with_interceptor(JoiningService { joiner: j }, read_txn_context);
-        Routes::new(service)
-    })
-    .await?;
-    let joiner = joiner.ok_or_else(|| anyhow::anyhow!("the routes were not built"))?;
+    let (p, joiner) = start_joining(Arc::clone(&resource), config).await?;
     Ok(Setup { resource, fake, _node: node, joiner, p })
 }
 
@@ -266,52 +256,6 @@ async fn the_resolver_waits_out_an_undecided_txn_and_settles_it_once_decided() -
     wait_until("the branch is committed", || s.resource.commit_count(ctx.txn_id) == 1).await?;
     wait_until("the resolve is counted", || s.p.metrics.snapshot().resolves == 1).await?;
     s.p.stop().await
-}
-
-/// A service whose `Debit` joins the txn with its account name as the
-/// payload (so `no:...` votes NO): the handler's side of §12.
-struct JoiningService {
-    joiner: Joiner<MemoryResource>,
-}
-
-fn unimplemented<T>() -> Result<Response<T>, Status> {
-    Err(Status::unimplemented("not part of this test service"))
-}
-
-#[tonic::async_trait]
-impl Bank for JoiningService {
-    async fn debit(&self, request: Request<MoveRequest>) -> Result<Response<MoveResponse>, Status> {
-        let ctx = require_txn_context(&request, "Debit")?;
-        let payload = Bytes::from(request.into_inner().account);
-        let joined = self.joiner.join(&ctx, payload).await?;
-        Ok(Response::new(MoveResponse { deadline_unix_ms: joined.deadline_unix_ms }))
-    }
-
-    async fn credit(&self, _: Request<MoveRequest>) -> Result<Response<MoveResponse>, Status> {
-        unimplemented()
-    }
-
-    async fn create_account(
-        &self,
-        _: Request<pb::CreateAccountRequest>,
-    ) -> Result<Response<pb::CreateAccountResponse>, Status> {
-        unimplemented()
-    }
-
-    async fn balance(&self, _: Request<pb::BalanceRequest>) -> Result<Response<pb::BalanceResponse>, Status> {
-        unimplemented()
-    }
-
-    async fn list_accounts(
-        &self,
-        _: Request<pb::ListAccountsRequest>,
-    ) -> Result<Response<pb::ListAccountsResponse>, Status> {
-        unimplemented()
-    }
-
-    async fn total(&self, _: Request<pb::TotalRequest>) -> Result<Response<pb::TotalResponse>, Status> {
-        unimplemented()
-    }
 }
 
 async fn debit(client: &mut BankClient<Channel>, header: Option<&str>, account: &str) -> Result<MoveResponse, Status> {
