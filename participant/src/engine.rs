@@ -412,11 +412,12 @@ fn recorded_vote(outcome: &Outcome) -> Option<Vote> {
     }
 }
 
-/// `prepare` has no business returning decision errors; they mean the
-/// resource broke its contract.
+/// A failed `prepare` as the caller sees it. `prepare` has no business
+/// returning decision errors; they mean the resource broke its contract.
 fn prepare_error(e: ResourceError) -> Error {
     match e {
         ResourceError::Unavailable(why) => Error::Unavailable(why),
+        ResourceError::Fatal(why) => Error::Fatal(why),
         other => Error::Fatal(format!("prepare returned {other}, which its contract rules out")),
     }
 }

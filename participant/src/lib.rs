@@ -68,6 +68,21 @@
 //! | both | the resource reports a transient failure (retry the same call) | `UNAVAILABLE` |
 //! | both | the resource fails otherwise | `INTERNAL` |
 //!
+//!
+//! A service's own calls that join interactive txns (docs/PROTOCOL.md §12),
+//! through [`context`] and [`Joiner`]:
+//!
+//! | Call | Condition | Code |
+//! |---|---|---|
+//! | any, behind [`context::read_txn_context`] | the `twopc-txn` entry is malformed, repeated or not ASCII | `INVALID_ARGUMENT` |
+//! | [`context::require_txn_context`] | no `twopc-txn` entry: begin a txn first | `FAILED_PRECONDITION` |
+//! | join | this participant already has a record of the txn (one branch per participant per txn); nothing staged | `FAILED_PRECONDITION` |
+//! | join | the branch voted NO (the resource's reason, or "deadline passed"); nothing staged or joined | `FAILED_PRECONDITION` |
+//! | join | the coordinator refused the Join (the txn decided, timed out, unknown, forgotten; its state in `twopc-txn-state`); the branch is aborted, or if the state may name it, left to the resolver | `FAILED_PRECONDITION` |
+//! | join | the coordinator answered with another error retrying will not fix (not registered, not the caller over TLS, `branches_per_txn_max`); the branch stays prepared for the resolver | `FAILED_PRECONDITION` |
+//! | join | no coordinator answered by the deadline (at most `join_retry_max_ms`); the branch stays prepared and in doubt for the resolver | `UNAVAILABLE` |
+//! | join | as a Prepare: `prepare_inflight_max`, `outcome_memory_max`, a resource failure | as for Prepare above |
+//!
 //! The mapping lives in one place, `impl From<Error> for tonic::Status`.
 #![deny(missing_docs)]
 
