@@ -146,10 +146,9 @@ async fn a_second_move_in_the_same_txn_is_refused() {
     let header = ctx.header_value();
     bank.debit(move_request(Some(&header), "alice", 30)).await.expect("first debit");
 
-    for second in
-        [bank.debit(move_request(Some(&header), "alice", 50)), bank.credit(move_request(Some(&header), "bob", 5))]
-    {
-        let status = second.await.expect_err("one branch per txn");
+    let again = bank.debit(move_request(Some(&header), "alice", 50)).await.expect_err("one branch per txn");
+    let credit = bank.credit(move_request(Some(&header), "bob", 5)).await.expect_err("one branch per txn");
+    for status in [again, credit] {
         assert_eq!(status.code(), Code::FailedPrecondition);
         assert!(status.message().contains("one branch per"), "{}", status.message());
     }
