@@ -28,7 +28,9 @@
 //!
 //! The context's deadline is not trusted (it is not a credential): the
 //! coordinator checks the txn against its log, and the deadline only bounds
-//! how long this participant waits.
+//! how long this participant waits. A caller that goes away mid-join (its
+//! future dropped) leaves the branch as step 5 does: prepared, in doubt,
+//! settled by the resolver once the txn is decided.
 
 use std::future::Future;
 use std::sync::Arc;
