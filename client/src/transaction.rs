@@ -18,9 +18,11 @@ use twopc_proto::{Decision, TxnContext, TxnId, status};
 
 use crate::ClusterClient;
 
-/// The longest rollback reason the coordinator keeps (docs/PROTOCOL.md §12.4);
-/// longer ones are cut here at a character boundary rather than refused.
-pub const ROLLBACK_REASON_MAX_BYTES: usize = 502;
+/// The longest rollback reason the coordinator accepts (docs/PROTOCOL.md §12.4:
+/// `rolled back: ` and it fit the log's reason limit uncut; a longer one is
+/// `INVALID_ARGUMENT` there). [`Transaction::rollback`] cuts longer ones at a
+/// character boundary, so a rollback is never refused for its reason.
+pub const ROLLBACK_REASON_MAX_BYTES: usize = 499;
 
 /// An interactive txn that has been begun: its context, and the calls that end it.
 ///
@@ -425,7 +427,7 @@ mod tests {
         let outcome = other.rollback(&"é".repeat(400)).await.expect("rolled back");
         assert_eq!(outcome.decision, Decision::Abort);
         let kept = outcome.reason.strip_prefix("rolled back: ").expect("the coordinator's prefix");
-        assert_eq!(kept.len(), 502, "cut to the limit at a character boundary");
+        assert_eq!(kept.len(), 498, "cut to the limit (499) at a character boundary (é is 2 bytes)");
         let outcome = other.commit().await.expect("the logged Abort");
         assert_eq!(outcome.decision, Decision::Abort);
         assert!(!outcome.is_commit());

@@ -81,6 +81,19 @@ impl Outcome {
     pub(crate) fn awaits_decision(&self) -> bool {
         matches!(self, Self::Prepared { .. } | Self::MaybePrepared { .. })
     }
+
+    /// The state in words, for messages to callers.
+    pub(crate) fn describe(&self) -> &'static str {
+        match self {
+            Self::Preparing => "being prepared",
+            Self::Prepared { .. } => "prepared",
+            Self::MaybePrepared { .. } => "maybe prepared (its prepare failed; the resolver settles it)",
+            Self::Refused { .. } => "voted NO",
+            Self::Committed => "committed",
+            Self::Aborted => "aborted",
+            Self::Tombstone => "aborted before prepare (tombstone)",
+        }
+    }
 }
 
 /// No room for another entry.
@@ -135,6 +148,17 @@ impl Outcomes {
     pub(crate) fn set_unbounded(&mut self, txn: TxnId, outcome: Outcome, now: Instant) {
         self.evict_expired(now);
         self.put(txn, outcome, now);
+    }
+
+    /// Makes a branch awaiting its decision due for the resolver at `now`;
+    /// anything else is left alone.
+    pub(crate) fn hasten(&mut self, txn: TxnId, now: Instant) {
+        let hastened = match self.get(txn) {
+            Some(Outcome::Prepared { due }) if *due > now => Outcome::Prepared { due: now },
+            Some(Outcome::MaybePrepared { due }) if *due > now => Outcome::MaybePrepared { due: now },
+            _ => return,
+        };
+        self.put(txn, hastened, now);
     }
 
     /// Drops what is known about `txn` (a Prepare that failed).
@@ -234,6 +258,22 @@ mod tests {
 
     fn prepared(now: Instant) -> Outcome {
         Outcome::Prepared { due: now }
+    }
+
+    // I7: a hastened branch is due at once; a decided one is left alone.
+    #[test]
+    fn hastening_makes_a_prepared_branch_due_now_and_leaves_others() {
+        let mut memory = Outcomes::new(8, RETENTION);
+        let now = Instant::now();
+        let (waiting, done) = (TxnId::new(), TxnId::new());
+        assert_eq!(memory.set(waiting, Outcome::Prepared { due: now + RETENTION }, now), Ok(()));
+        assert_eq!(memory.set(done, Outcome::Committed, now), Ok(()));
+        assert!(memory.in_doubt(now, 8, |_| false).is_empty());
+        memory.hasten(waiting, now);
+        memory.hasten(done, now);
+        assert_eq!(memory.in_doubt(now, 8, |_| false), vec![waiting]);
+        assert_eq!(memory.get(done), Some(&Outcome::Committed));
+        assert_eq!(memory.prepared_len(), 1);
     }
 
     // I6 (bounded): the memory never holds more than its limit of entries;
