@@ -255,6 +255,8 @@ struct Counters {
     retried: AtomicU64,
     /// --interactive: transfers run as Begin, Debit, Credit, Commit.
     joined: AtomicU64,
+    /// --interactive: of those, the ones that committed.
+    joined_committed: AtomicU64,
     /// --interactive: transfers within one bank, run as Begin and a Commit with one one-shot branch.
     one_shot_branch: AtomicU64,
 }
@@ -320,6 +322,9 @@ async fn run_transfers(
                 match outcome {
                     Outcome::Committed => {
                         counters.committed.fetch_add(1, Ordering::Relaxed);
+                        if args.interactive && Shape::of(&transfer) == Shape::Joined {
+                            counters.joined_committed.fetch_add(1, Ordering::Relaxed);
+                        }
                         break true;
                     }
                     Outcome::Aborted(reason) if reason.contains("insufficient funds") => {
@@ -453,9 +458,10 @@ async fn report(
     println!("{}", counters.line());
     if args.interactive {
         println!(
-            "interactive: {} transfers across banks ran as Begin, Debit, Credit, Commit; {} within one bank as \
-             Begin and a Commit with one one-shot branch (a bank holds one branch per txn)",
+            "interactive: {} transfers across banks ran as Begin, Debit, Credit, Commit ({} committed); {} within \
+             one bank as Begin and a Commit with one one-shot branch (a bank holds one branch per txn)",
             counters.joined.load(Ordering::Relaxed),
+            counters.joined_committed.load(Ordering::Relaxed),
             counters.one_shot_branch.load(Ordering::Relaxed),
         );
     }

@@ -222,5 +222,10 @@ async fn the_interactive_chaos_demo_conserves_money() {
     .await;
     assert!(stdout.contains("transfers run as interactive txns"), "{stdout}");
     assert!(stdout.contains("SIGKILL"), "nothing was killed:\n{stdout}");
-    assert!(stdout.contains("ran as Begin, Debit, Credit, Commit"), "{stdout}");
+    // Money is conserved if every cross-bank transfer aborts, too: some must have committed.
+    let committed = stdout
+        .split_once("ran as Begin, Debit, Credit, Commit (")
+        .and_then(|(_, rest)| rest.split_once(" committed)"))
+        .and_then(|(count, _)| count.parse::<u64>().ok());
+    assert!(committed.is_some_and(|c| c > 0), "no transfer across banks committed:\n{stdout}");
 }
