@@ -37,6 +37,8 @@ const TXN_LOCK_STRIPES: usize = 1024;
 pub(crate) const DEADLINE_PASSED: &str = "deadline passed";
 /// The NO reason given when an Abort arrived before the Prepare (I4).
 pub(crate) const ABORTED_BEFORE_PREPARE: &str = "aborted before prepare (tombstone)";
+/// The NO reason given to a one-shot Prepare of a branch staged for a join (§12.3).
+pub(crate) const PREPARED_FOR_JOIN: &str = "this participant's branch of the txn was staged for an interactive join; a one-shot branch of the same txn is refused";
 /// The NO reason given for a Prepare repeated after the txn was aborted.
 pub(crate) const ALREADY_ABORTED: &str = "txn already aborted";
 
@@ -143,7 +145,9 @@ impl<R: Resource> Engine<R> {
         let now = Instant::now();
         let mut outcomes = self.outcomes.lock();
         for txn in &txns {
-            outcomes.set_unbounded(*txn, Outcome::Prepared { due: now }, now);
+            // After a restart nobody knows which branch was staged for a join:
+            // the coordinator's record settles it (§12.3).
+            outcomes.set_unbounded(*txn, Outcome::Prepared { due: now, for_join: false }, now);
         }
         if outcomes.len() > self.config.outcome_memory_max {
             warn!(
@@ -251,6 +255,17 @@ impl<R: Resource> Engine<R> {
             debug!(state = known.describe(), "join of a txn already known here refused");
             return Err(Error::BranchExists { txn, state: known.describe() });
         }
+        if let Some(Outcome::Prepared { for_join: true, .. }) = &known {
+            // §12.3: the coordinator never prepares a joined participant's
+            // branch (it refuses such a Commit), so this Prepare comes from a
+            // Submit or Commit reusing the txn id with a one-shot branch here.
+            // Its YES would be the joined work's; and if the join is then
+            // refused (the id was never begun), this branch aborts while that
+            // Submit could log Commit for it (I1). Voting NO makes it abort.
+            info!("one-shot prepare of a branch staged for a join; voting no");
+            self.metrics.vote(false);
+            return Ok(Vote::no(PREPARED_FOR_JOIN));
+        }
         if let Some(vote) = known.as_ref().and_then(recorded_vote) {
             debug!(yes = vote.is_yes(), "repeated prepare answered from memory");
             return Ok(vote);
@@ -305,7 +320,7 @@ impl<R: Resource> Engine<R> {
         // vote may be recorded and sent now.
         let now = Instant::now();
         let outcome = match &vote {
-            Vote::Yes => Outcome::Prepared { due: self.in_doubt_from(now) },
+            Vote::Yes => Outcome::Prepared { due: self.in_doubt_from(now), for_join: asker == Asker::Joiner },
             Vote::No { reason } => Outcome::Refused { reason: reason.clone() },
         };
         self.record_prepare_outcome(txn, outcome, now);

@@ -31,6 +31,9 @@ pub(crate) enum Outcome {
     Prepared {
         /// When the branch counts as in doubt.
         due: Instant,
+        /// Staged for a join (§12.3), not for the coordinator's Prepare: a
+        /// one-shot Prepare of the same txn must not be answered with its YES.
+        for_join: bool,
     },
     /// The resource's `prepare` failed after it may have staged the branch
     /// (a lost reply to `PREPARE TRANSACTION`, a write whose fsync failed):
@@ -154,7 +157,9 @@ impl Outcomes {
     /// anything else is left alone.
     pub(crate) fn hasten(&mut self, txn: TxnId, now: Instant) {
         let hastened = match self.get(txn) {
-            Some(Outcome::Prepared { due }) if *due > now => Outcome::Prepared { due: now },
+            Some(Outcome::Prepared { due, for_join }) if *due > now => {
+                Outcome::Prepared { due: now, for_join: *for_join }
+            }
             Some(Outcome::MaybePrepared { due }) if *due > now => Outcome::MaybePrepared { due: now },
             _ => return,
         };
@@ -188,7 +193,7 @@ impl Outcomes {
         let seq = self.next_seq;
         self.next_seq += 1;
         match &outcome {
-            Outcome::Prepared { due } | Outcome::MaybePrepared { due } => {
+            Outcome::Prepared { due, .. } | Outcome::MaybePrepared { due } => {
                 self.in_doubt.insert((*due, txn));
             }
             _ => self.expiry.push_back((now, seq, txn)),
@@ -198,7 +203,7 @@ impl Outcomes {
     }
 
     fn unindex(&mut self, txn: TxnId, outcome: &Outcome) {
-        if let Outcome::Prepared { due } | Outcome::MaybePrepared { due } = outcome {
+        if let Outcome::Prepared { due, .. } | Outcome::MaybePrepared { due } = outcome {
             let removed = self.in_doubt.remove(&(*due, txn));
             assert!(removed, "every prepared entry is indexed by its due time");
         }
@@ -257,7 +262,7 @@ mod tests {
     const RETENTION: Duration = Duration::from_secs(10);
 
     fn prepared(now: Instant) -> Outcome {
-        Outcome::Prepared { due: now }
+        Outcome::Prepared { due: now, for_join: false }
     }
 
     // I7: a hastened branch is due at once; a decided one is left alone.
@@ -266,7 +271,7 @@ mod tests {
         let mut memory = Outcomes::new(8, RETENTION);
         let now = Instant::now();
         let (waiting, done) = (TxnId::new(), TxnId::new());
-        assert_eq!(memory.set(waiting, Outcome::Prepared { due: now + RETENTION }, now), Ok(()));
+        assert_eq!(memory.set(waiting, Outcome::Prepared { due: now + RETENTION, for_join: false }, now), Ok(()));
         assert_eq!(memory.set(done, Outcome::Committed, now), Ok(()));
         assert!(memory.in_doubt(now, 8, |_| false).is_empty());
         memory.hasten(waiting, now);
@@ -345,7 +350,7 @@ mod tests {
         let start = Instant::now();
         let mut memory = Outcomes::new(10, RETENTION);
         let (first, second, later, done) = (TxnId::new(), TxnId::new(), TxnId::new(), TxnId::new());
-        let due = |ms| Outcome::Prepared { due: start + Duration::from_millis(ms) };
+        let due = |ms| Outcome::Prepared { due: start + Duration::from_millis(ms), for_join: false };
         assert_eq!(memory.set(second, due(20), start), Ok(()));
         assert_eq!(memory.set(first, due(10), start), Ok(()));
         assert_eq!(memory.set(later, due(1_000), start), Ok(()));

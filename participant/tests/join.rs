@@ -204,6 +204,26 @@ async fn an_unanswered_join_stays_in_doubt_and_the_resolver_aborts_it() -> anyho
     s.p.stop().await
 }
 
+// I1: a one-shot Prepare of a txn whose branch here was staged for a join (a Submit
+// reusing an id that was never begun) votes NO, not the joined work's YES: that join
+// is refused as unknown and aborts, so a Commit the Submit logged would reach an
+// aborted branch.
+#[tokio::test]
+async fn a_one_shot_prepare_of_a_branch_staged_for_a_join_votes_no() -> anyhow::Result<()> {
+    let s = setup().await?;
+    let ctx = begun(&s.fake, 5_000);
+    s.fake.set_join_answer(JoinAnswer::Unavailable);
+    s.fake.fail_next(u32::MAX);
+    s.joiner.join(&ctx, Bytes::from_static(b"ok")).await.expect_err("no coordinator answers");
+    assert!(s.resource.is_prepared(ctx.txn_id));
+
+    let answer = s.p.prepare(ctx.txn_id, b"ok").await?;
+    assert!(!vote(&answer)?.is_yes(), "a one-shot Prepare got the joined branch's YES: {answer:?}");
+    assert!(answer.reason.contains("staged for an interactive join"), "{}", answer.reason);
+    assert!(s.resource.is_prepared(ctx.txn_id), "the NO must not release the joined branch");
+    s.p.stop().await
+}
+
 // I1 and I7: a join logged whose answer never came is named by the Commit the application
 // then logged before the deadline; the resolver learns that and commits the branch (nothing
 // local decided it either way).
