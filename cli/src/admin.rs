@@ -300,15 +300,15 @@ fn vote_text(value: i32) -> &'static str {
     }
 }
 
-/// Whether a branch of `t` joined (docs/PROTOCOL.md §12.3): every branch of a
-/// begun txn did, and it voted yes by joining.
-fn joined(t: &pb::TransactionInfo) -> bool {
+/// Whether `t` is begun and undecided (docs/PROTOCOL.md §12): its branches
+/// have all joined and none has a decision to acknowledge yet.
+fn open(t: &pb::TransactionInfo) -> bool {
     t.state == pb::TxnState::Begun as i32
 }
 
-/// A branch's vote as shown: a joined branch's says so.
-fn branch_vote_text(t: &pb::TransactionInfo, b: &pb::BranchInfo) -> String {
-    if joined(t) { "yes (joined)".into() } else { vote_text(b.vote).into() }
+/// A branch's vote as shown: a joined branch's says so (it voted yes by joining, §12.3).
+fn branch_vote_text(b: &pb::BranchInfo) -> String {
+    if b.joined { "yes (joined)".into() } else { vote_text(b.vote).into() }
 }
 
 fn txn_json(t: &pb::TransactionInfo) -> serde_json::Value {
@@ -318,7 +318,7 @@ fn txn_json(t: &pb::TransactionInfo) -> serde_json::Value {
         "finished_unix_ms": t.finished_unix_ms, "decision_log_index": t.decision_log_index,
         "deadline_unix_ms": t.deadline_unix_ms, "interactive": t.deadline_unix_ms != 0,
         "branches": t.branches.iter().map(|b| json!({
-            "participant": b.participant, "vote": vote_text(b.vote), "joined": joined(t), "reason": b.reason,
+            "participant": b.participant, "vote": vote_text(b.vote), "joined": b.joined, "reason": b.reason,
             "acknowledged": b.acknowledged,
         })).collect::<Vec<_>>(),
     })
@@ -356,7 +356,7 @@ pub async fn txn(command: TxnCommand) -> anyhow::Result<u8> {
                     .iter()
                     .map(|t| {
                         // A begun txn's branches have joined; none has a decision to acknowledge yet.
-                        let branches = if joined(t) {
+                        let branches = if open(t) {
                             format!("{} joined", t.branches.len())
                         } else {
                             let acked = t.branches.iter().filter(|b| b.acknowledged).count();
@@ -369,7 +369,7 @@ pub async fn txn(command: TxnCommand) -> anyhow::Result<u8> {
                             branches,
                             ago(t.created_unix_ms),
                             // The deadline matters while the txn is open; a decided one keeps it in `txn show`.
-                            if joined(t) { deadline(t.deadline_unix_ms) } else { "-".into() },
+                            if open(t) { deadline(t.deadline_unix_ms) } else { "-".into() },
                             t.reason.clone(),
                         ]
                     })
@@ -412,7 +412,7 @@ pub async fn txn(command: TxnCommand) -> anyhow::Result<u8> {
                     .map(|b| {
                         vec![
                             b.participant.clone(),
-                            branch_vote_text(&t, b),
+                            branch_vote_text(b),
                             if b.acknowledged { "yes".into() } else { "no".into() },
                             b.reason.clone(),
                         ]

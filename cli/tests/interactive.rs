@@ -116,6 +116,7 @@ async fn a_bank_killed_after_its_join_settles_the_commit_after_its_restart() {
     let info = txn_info(&p, &txn).await;
     let names: Vec<&str> = info.branches.iter().map(|b| b.participant.as_str()).collect();
     assert_eq!(names.len(), 2, "the record names both joined branches: {info:?}");
+    assert!(info.branches.iter().all(|b| b.joined), "the decided record marks them joined: {info:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,6 +154,8 @@ async fn a_client_that_never_commits_is_aborted_at_the_deadline_and_every_hold_i
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(shown["decision"], "abort", "{shown}");
     assert_eq!(shown["reason"], "timed out", "{shown}");
+    let joined = shown["branches"].as_array().map(|b| b.iter().filter(|b| b["joined"] == true).count());
+    assert_eq!(joined, Some(2), "the decided record still marks both branches joined: {shown}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

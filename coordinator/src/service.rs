@@ -75,6 +75,7 @@ fn txn_to_pb(view: &TxnView) -> pb::TransactionInfo {
                 .map(|p| pb::BranchInfo {
                     participant: p.to_string(),
                     vote: pb::VoteKind::Yes.into(),
+                    joined: true,
                     ..pb::BranchInfo::default()
                 })
                 .collect(),
@@ -97,6 +98,7 @@ fn txn_to_pb(view: &TxnView) -> pb::TransactionInfo {
                         vote: vote.vote,
                         reason: vote.reason,
                         acknowledged: b.acknowledged,
+                        joined: b.joined,
                     }
                 })
                 .collect(),

@@ -263,9 +263,10 @@ async fn participant_a_may_not_resolve_register_or_join_for_b() -> anyhow::Resul
     assert_denied(&status, "may not act for participant \"b\"");
     // Joining b's branch into a begun txn (§12.3): refused; as itself, a joins; and a
     // client may not join at all (Join is a participant's call).
-    let begun = app.coordinator(|mut c| async move {
-        c.begin(pb::BeginRequest { txn_id: String::new(), timeout_ms: 5_000 }).await
-    });
+    let begun =
+        app.coordinator(
+            |mut c| async move { c.begin(pb::BeginRequest { txn_id: String::new(), timeout_ms: 5_000 }).await },
+        );
     let txn_id = begun.await?.context.map(|c| c.txn_id).unwrap_or_default();
     let join = |participant: &str| pb::JoinRequest { txn_id: txn_id.clone(), participant: participant.into() };
     let status = CoordinatorClient::new(as_a.clone()).join(join("b")).await.expect_err("a joining as b");
