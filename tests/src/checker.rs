@@ -586,7 +586,12 @@ fn check_i1(obs: &Observation, log: &BTreeMap<TxnId, (Decision, u64)>, moment: M
         let branches: Vec<(&String, BranchView)> =
             obs.participants.iter().filter_map(|(p, v)| v.branches.get(&txn).map(|b| (p, *b))).collect();
         for (p, _) in branches.iter().filter(|(p, b)| !in_record(p) && *b == BranchView::Committed) {
-            violation(out, Invariant::I1, Some(txn), format!("{p} committed a branch its decided record does not name"));
+            violation(
+                out,
+                Invariant::I1,
+                Some(txn),
+                format!("{p} committed a branch its decided record does not name"),
+            );
         }
         let branches: Vec<(&String, BranchView)> = branches.into_iter().filter(|(p, _)| in_record(p)).collect();
         let committed: Vec<&String> =
@@ -805,7 +810,12 @@ fn check_i8(obs: &Observation, log: &BTreeMap<TxnId, (Decision, u64)>, out: &mut
 /// I8 for a txn its client never committed (rolled back unanswered, or
 /// vanished): nobody asked for Commit, so the log never holds it and no
 /// branch applies it.
-fn check_abandoned(obs: &Observation, log: &BTreeMap<TxnId, (Decision, u64)>, txn: &ClientTxn, out: &mut Vec<Violation>) {
+fn check_abandoned(
+    obs: &Observation,
+    log: &BTreeMap<TxnId, (Decision, u64)>,
+    txn: &ClientTxn,
+    out: &mut Vec<Violation>,
+) {
     if log.get(&txn.txn_id).is_some_and(|(d, _)| *d == Decision::Commit) {
         violation(out, Invariant::I8, Some(txn.txn_id), "its client never committed it; the log holds Commit".into());
     }

@@ -411,7 +411,10 @@ fn expect<T>(
             Ok(_) => "OK".to_owned(),
             Err(status) => format!("{:?} {}", status.code(), status.message()),
         };
-        teller.misanswered(format!("{call}: answered {answered}; documented: {codes:?}{}", if ok { " or OK" } else { "" }));
+        teller.misanswered(format!(
+            "{call}: answered {answered}; documented: {codes:?}{}",
+            if ok { " or OK" } else { "" }
+        ));
     }
 }
 
@@ -538,7 +541,12 @@ async fn begin_own(
 }
 
 /// One leg of a misuser's txn at the movement's payer (`Debit`) or payee (`Credit`).
-async fn leg(teller: &Teller, context: TxnContext, movement: &Movement, kind: Move) -> Result<pb::MoveResponse, Status> {
+async fn leg(
+    teller: &Teller,
+    context: TxnContext,
+    movement: &Movement,
+    kind: Move,
+) -> Result<pb::MoveResponse, Status> {
     let account = if kind == Move::Debit { &movement.from } else { &movement.to };
     let Some(bank) = teller.bank(&account.bank) else {
         return Err(Status::not_found(format!("no bank {}", account.bank)));
@@ -547,7 +555,13 @@ async fn leg(teller: &Teller, context: TxnContext, movement: &Movement, kind: Mo
 }
 
 /// Records a misuser's txn in the history.
-fn record(teller: &Teller, txn_id: TxnId, movement: Option<Movement>, outcome: ClientOutcome, interactive: InteractiveTxn) {
+fn record(
+    teller: &Teller,
+    txn_id: TxnId,
+    movement: Option<Movement>,
+    outcome: ClientOutcome,
+    interactive: InteractiveTxn,
+) {
     let participants = interactive.joined.iter().cloned().collect();
     teller.record_interactive(ClientTxn { txn_id, participants, movement, outcome }, interactive);
 }
@@ -569,7 +583,13 @@ fn commit_outcome(
 }
 
 /// Rolls back a misuser's own txn; Aborted when answered so.
-async fn roll_back_own(teller: &Teller, client: &ClusterClient, tally: &mut Tally, call: &str, txn_id: TxnId) -> ClientOutcome {
+async fn roll_back_own(
+    teller: &Teller,
+    client: &ClusterClient,
+    tally: &mut Tally,
+    call: &str,
+    txn_id: TxnId,
+) -> ClientOutcome {
     let answer = interactive::rollback(client, txn_id, "sim misuser").await;
     expect(teller, tally, call, &answer, true, &[], true);
     match answer.map(|r| decision_of(r.decision)) {
@@ -658,7 +678,8 @@ async fn both_legs(
     for kind in [Move::Debit, Move::Credit] {
         let answer = leg(teller, context, movement, kind).await;
         tally.note(&format!("{call}: {kind:?}"), &answer);
-        if interactive::joining(teller, &format!("{call}: {kind:?} in {}", context.txn_id), &answer) != Joining::Joined {
+        if interactive::joining(teller, &format!("{call}: {kind:?} in {}", context.txn_id), &answer) != Joining::Joined
+        {
             return None;
         }
     }
@@ -689,7 +710,15 @@ async fn submit_reusing_a_begun_id(
     };
     let answer = submit_call(client, request).await;
     let told = answer.as_ref().ok().and_then(|r| decision_of(r.decision));
-    expect(teller, tally, "submit reusing a begun id", &answer, told == Some(Decision::Abort), &[Code::FailedPrecondition], true);
+    expect(
+        teller,
+        tally,
+        "submit reusing a begun id",
+        &answer,
+        told == Some(Decision::Abort),
+        &[Code::FailedPrecondition],
+        true,
+    );
     if let Some(told) = told {
         teller.heard(txn_id, Hearer::Retrier, told);
     }
@@ -707,7 +736,8 @@ async fn submit_reusing_a_begun_id(
 async fn resolve_before_the_deadline(teller: &Teller, client: &ClusterClient, rng: &mut StdRng, tally: &mut Tally) {
     let Some(context) = begin_own(teller, client, rng, tally, "resolve before the deadline").await else { return };
     let txn_id = context.txn_id;
-    let participant = if rng.random_bool(0.5) { teller.bank_names().choose(rng).cloned().unwrap_or_default() } else { String::new() };
+    let participant =
+        if rng.random_bool(0.5) { teller.bank_names().choose(rng).cloned().unwrap_or_default() } else { String::new() };
     let request = pb::ResolveRequest { txn_id: txn_id.to_string(), participant };
     let answer = resolve_call(client, request).await;
     note_resolve(teller, tally, "resolve before the deadline", txn_id, &answer);
@@ -824,7 +854,8 @@ async fn commit_racing_a_join(
         return record(teller, txn_id, Some(movement), outcome, InteractiveTxn::default());
     }
     let mut joined: BTreeSet<String> = [movement.from.bank.clone()].into();
-    let (credit, committed) = tokio::join!(leg(teller, context, &movement, Move::Credit), interactive::commit(client, txn_id));
+    let (credit, committed) =
+        tokio::join!(leg(teller, context, &movement, Move::Credit), interactive::commit(client, txn_id));
     tally.note("commit racing a join: credit", &credit);
     if interactive::joining(teller, &format!("Credit racing Commit in {txn_id}"), &credit) == Joining::Joined {
         joined.insert(movement.to.bank.clone());

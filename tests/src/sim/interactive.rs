@@ -382,13 +382,10 @@ pub async fn roll_back(teller: &Teller, txn_id: TxnId, reason: &str) -> ClientOu
         // FAILED_PRECONDITION is Rollback's answer for a committed txn, which
         // the checker then finds committed without its client's word.
         Err(status) => {
-            let documented = transient(&status) || status.code() == Code::FailedPrecondition || excused(teller, &status, true);
+            let documented =
+                transient(&status) || status.code() == Code::FailedPrecondition || excused(teller, &status, true);
             if !documented {
-                teller.misanswered(format!(
-                    "Rollback of begun txn {txn_id}: {:?} {}",
-                    status.code(),
-                    status.message()
-                ));
+                teller.misanswered(format!("Rollback of begun txn {txn_id}: {:?} {}", status.code(), status.message()));
             }
             ClientOutcome::Abandoned
         }

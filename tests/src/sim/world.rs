@@ -557,8 +557,8 @@ impl World {
     pub async fn settle(&self) -> Liveness {
         let started = Instant::now();
         let behind_ms = self.clocks.values().map(Clock::offset_ms).min().unwrap_or(0).min(0).unsigned_abs();
-        let bound =
-            self.config.settle_bound + Duration::from_millis(super::interactive::TIMEOUT_MAX_MS.saturating_add(behind_ms));
+        let bound = self.config.settle_bound
+            + Duration::from_millis(super::interactive::TIMEOUT_MAX_MS.saturating_add(behind_ms));
         loop {
             self.sample_leaders();
             if self.is_settled().await {
