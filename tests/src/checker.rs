@@ -1038,6 +1038,97 @@ mod tests {
         assert_eq!(invariants(&check(&obs)), [Invariant::Membership].into_iter().collect());
     }
 
+    // I1 over interactive txns (§12.4): a bank that answered its Debit or
+    // Credit (so joined) must be named by the decided record; a record that
+    // leaves it out, while the bank aborts its branch as an unnamed one
+    // (§6), is an atomicity violation, not a quirk of the interleaving.
+    #[test]
+    fn a_joined_branch_the_decided_record_leaves_out_is_an_atomicity_violation() {
+        let t = TxnId::new();
+        let mut named_a_only = transfer(t, 30, ClientOutcome::Committed);
+        named_a_only.participants = vec!["bank-a".into()];
+        let mut obs = observation(
+            bank(&[(t, BranchView::Committed)], &[("alice", 70)]),
+            bank(&[(t, BranchView::Aborted)], &[("bob", 100)]),
+            vec![named_a_only],
+        );
+        obs.history[0].participants = vec!["bank-a".into(), "bank-b".into()];
+        let joined = ["bank-a".to_owned(), "bank-b".to_owned()].into_iter().collect();
+        obs.interactive.insert(t, InteractiveTxn { joined, eager: false });
+        let violations = check_safety(&obs);
+        assert!(
+            violations.iter().any(|v| v.invariant == Invariant::I1 && v.detail.contains("bank-b answered")),
+            "{violations:?}"
+        );
+    }
+
+    // I1 and I8 over an eager client (§12.3): its Credit lost the race with
+    // its Commit, was refused, and bank-b aborted the branch the record does
+    // not name. One side alone applied, by the client's doing: no violation.
+    // The same half-applied movement from a client that waited is I8.
+    #[test]
+    fn a_refused_join_after_an_eager_commit_is_no_violation() {
+        let t = TxnId::new();
+        let mut history = vec![transfer(t, 30, ClientOutcome::Committed)];
+        history[0].participants = vec!["bank-a".into()];
+        let mut obs = observation(
+            bank(&[(t, BranchView::Committed)], &[("alice", 70)]),
+            bank(&[(t, BranchView::Tombstone)], &[("bob", 100)]),
+            history,
+        );
+        obs.interactive.insert(t, InteractiveTxn { joined: ["bank-a".to_owned()].into_iter().collect(), eager: true });
+        assert_eq!(check(&obs), vec![]);
+        obs.interactive.get_mut(&t).expect("t").eager = false;
+        let violations = check(&obs);
+        assert_eq!(invariants(&violations), [Invariant::I8].into_iter().collect(), "{violations:?}");
+    }
+
+    // I8: a txn whose client never committed (vanished, or rolled back
+    // without an answer) must apply nothing, whatever the log holds.
+    #[test]
+    fn an_abandoned_txn_that_commits_is_a_money_violation() {
+        let t = TxnId::new();
+        let obs = observation(
+            bank(&[(t, BranchView::Committed)], &[("alice", 70)]),
+            bank(&[(t, BranchView::Committed)], &[("bob", 130)]),
+            vec![transfer(t, 30, ClientOutcome::Abandoned)],
+        );
+        let violations = check(&obs);
+        assert_eq!(invariants(&violations), [Invariant::I8].into_iter().collect(), "{violations:?}");
+        assert_eq!(violations.len(), 3, "the log's Commit and both banks: {violations:?}");
+    }
+
+    // I4 and I8 through the banks' own Total RPC: a hold or staged credit
+    // left, or totals that do not add up to the money minted; I7 when a
+    // settled bank does not answer.
+    #[test]
+    fn a_hold_or_a_sum_off_in_a_banks_total_is_reported() {
+        let t = TxnId::new();
+        let mut a = bank(&[(t, BranchView::Committed)], &[("alice", 70)]);
+        let mut b = bank(&[(t, BranchView::Committed)], &[("bob", 130)]);
+        a.totals = Some(Ok(BankTotals { balance_minor: 70, held_minor: 0, incoming_minor: 0 }));
+        b.totals = Some(Ok(BankTotals { balance_minor: 130, held_minor: 0, incoming_minor: 0 }));
+        let history = vec![transfer(t, 30, ClientOutcome::Committed)];
+        assert_eq!(check(&observation(a.clone(), b.clone(), history.clone())), vec![]);
+        b.totals = Some(Ok(BankTotals { balance_minor: 130, held_minor: 5, incoming_minor: 7 }));
+        let violations = check(&observation(a.clone(), b.clone(), history.clone()));
+        assert_eq!(invariants(&violations), [Invariant::I4].into_iter().collect(), "{violations:?}");
+        b.totals = Some(Ok(BankTotals { balance_minor: 131, held_minor: 0, incoming_minor: 0 }));
+        let violations = check(&observation(a.clone(), b.clone(), history.clone()));
+        assert_eq!(invariants(&violations), [Invariant::I8].into_iter().collect(), "{violations:?}");
+        b.totals = Some(Err("unavailable".into()));
+        let violations = check(&observation(a, b, history));
+        assert_eq!(invariants(&violations), [Invariant::I7].into_iter().collect(), "{violations:?}");
+    }
+
+    // Documented statuses: a call answered otherwise is reported at once.
+    #[test]
+    fn a_call_answered_otherwise_than_documented_is_reported() {
+        let mut obs = observation(bank(&[], &[("alice", 100)]), bank(&[], &[("bob", 100)]), vec![]);
+        obs.misanswered.push("Join of a decided txn answered OK".into());
+        assert_eq!(invariants(&check_safety(&obs)), [Invariant::Status].into_iter().collect());
+    }
+
     // I7: not settling within the bound is a liveness violation.
     #[test]
     fn not_settling_is_a_liveness_violation() {
