@@ -635,8 +635,26 @@ fn check_i1(obs: &Observation, log: &BTreeMap<TxnId, (Decision, u64)>, moment: M
 }
 
 /// I4: nothing is left prepared or held, by the store's accounts and by
-/// the bank's own `Total` RPC.
+/// the bank's own `Total` RPC; and no txn is left begun and undecided, as
+/// every begun txn ends at its deadline at the latest (§12.5).
 fn check_i4(obs: &Observation, out: &mut Vec<Violation>) {
+    let mut seen = BTreeSet::new();
+    for (node, sm) in &obs.coordinators {
+        for begun in sm.list_begun(u64::MAX, None, usize::MAX) {
+            if seen.insert(begun.txn_id) {
+                violation(
+                    out,
+                    Invariant::I4,
+                    Some(begun.txn_id),
+                    format!(
+                        "node {node} holds it begun and undecided at quiescence (deadline {}, joined {:?})",
+                        begun.deadline_unix_ms,
+                        begun.joined.iter().map(ToString::to_string).collect::<Vec<_>>()
+                    ),
+                );
+            }
+        }
+    }
     for (p, view) in &obs.participants {
         for (txn, _) in view.branches.iter().filter(|(_, b)| **b == BranchView::Prepared) {
             violation(out, Invariant::I4, Some(*txn), format!("{p} still holds its branch prepared"));
@@ -1119,6 +1137,23 @@ mod tests {
         b.totals = Some(Err("unavailable".into()));
         let violations = check(&observation(a, b, history));
         assert_eq!(invariants(&violations), [Invariant::I7].into_iter().collect(), "{violations:?}");
+    }
+
+    // I4 (§12.5): a txn left begun and undecided at quiescence is hanging,
+    // whatever its branches (a deadline that never ended it).
+    #[test]
+    fn a_txn_left_begun_at_quiescence_is_hanging() {
+        let t = TxnId::new();
+        let mut obs = observation(bank(&[], &[("alice", 100)]), bank(&[], &[("bob", 100)]), vec![]);
+        assert_eq!(check(&obs), vec![]);
+        let begin = Command::Begin { txn_id: t, deadline_unix_ms: t.created_unix_ms() + 1_000 };
+        for sm in obs.coordinators.values_mut() {
+            let proposed_unix_ms = t.created_unix_ms();
+            sm.apply(sm.applied_index() + 1, &Proposal { command: begin.clone(), proposed_unix_ms });
+        }
+        let violations = check(&obs);
+        assert_eq!(invariants(&violations), [Invariant::I4].into_iter().collect(), "{violations:?}");
+        assert_eq!(violations[0].txn_id, Some(t));
     }
 
     // Documented statuses: a call answered otherwise is reported at once.

@@ -581,7 +581,10 @@ impl World {
             .running()
             .into_iter()
             .all(|id| self.cluster.node(id).status().applied_index == status.raft_committed_index);
-        if !applied_everywhere || self.cluster.node(leader).local_read(|sm| sm.unacknowledged_count()) > 0 {
+        // A begun txn ends by its client's word or its deadline (§12.5); until
+        // then its joined branches are rightly held.
+        let pending = self.cluster.node(leader).local_read(|sm| sm.unacknowledged_count() + sm.begun_count());
+        if !applied_everywhere || pending > 0 {
             return false;
         }
         for bank in &self.banks {
