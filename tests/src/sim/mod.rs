@@ -33,7 +33,7 @@ pub mod pipe;
 pub mod schedule;
 pub mod world;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,6 +44,7 @@ use rand::rngs::StdRng;
 use rand::seq::IndexedRandom as _;
 use rand::{Rng as _, SeedableRng as _};
 use tokio::time::Instant;
+use twopc_proto::TxnId;
 
 use crate::checker::{self, AccountRef, ClientOutcome, Violation};
 use schedule::{FaultMix, Step};
@@ -162,17 +163,23 @@ pub struct Outcomes {
     pub abandoned: usize,
     /// Of all these, the interactive ones.
     pub interactive: usize,
+    /// Of the interactive ones, those told Commit.
+    pub interactive_committed: usize,
 }
 
 impl Outcomes {
-    fn of(history: &[checker::ClientTxn], interactive: usize) -> Self {
+    fn of(history: &[checker::ClientTxn], interactive: &BTreeMap<TxnId, checker::InteractiveTxn>) -> Self {
         let count = |o| history.iter().filter(|t| t.outcome == o).count();
         Self {
             committed: count(ClientOutcome::Committed),
             aborted: count(ClientOutcome::Aborted),
             unknown: count(ClientOutcome::Unknown),
             abandoned: count(ClientOutcome::Abandoned),
-            interactive,
+            interactive: interactive.len(),
+            interactive_committed: history
+                .iter()
+                .filter(|t| t.outcome == ClientOutcome::Committed && interactive.contains_key(&t.txn_id))
+                .count(),
         }
     }
 
@@ -183,6 +190,7 @@ impl Outcomes {
             unknown: self.unknown + other.unknown,
             abandoned: self.abandoned + other.abandoned,
             interactive: self.interactive + other.interactive,
+            interactive_committed: self.interactive_committed + other.interactive_committed,
         }
     }
 }
@@ -197,11 +205,12 @@ impl SeedReport {
 impl fmt::Display for SeedReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = &self.config;
-        let Outcomes { committed, aborted, unknown, abandoned, interactive } = self.outcomes;
+        let Outcomes { committed, aborted, unknown, abandoned, interactive, interactive_committed } = self.outcomes;
         writeln!(
             f,
             "seed {} ({:?}, {} coordinators): {committed} committed, {aborted} aborted, {unknown} unknown, \
-             {abandoned} abandoned ({interactive} interactive); settled after {:?}; {:?}",
+             {abandoned} abandoned ({interactive} interactive, {interactive_committed} of them committed); \
+             settled after {:?}; {:?}",
             c.seed, c.mix, c.world.coordinators, self.settled_after, self.elapsed
         )?;
         for (step, applied) in self.schedule.iter().zip(self.applied.iter().map(Some).chain(std::iter::repeat(None))) {
@@ -299,7 +308,7 @@ pub async fn run(config: SimConfig) -> anyhow::Result<SeedReport> {
     let checked_at = started.elapsed();
     world.stop().await;
     let verdict = verdict?;
-    let outcomes = Outcomes::of(&history, interactive.len());
+    let outcomes = Outcomes::of(&history, &interactive);
     let trace = applied
         .iter()
         .map(|fault| format!("fault: {fault}"))
@@ -475,8 +484,10 @@ pub async fn run_many(
 /// Totals per fault mix over a set of runs: what the clients saw and how
 /// long settling took, so a CI log shows the faults did something.
 pub fn summary(results: &[(u64, anyhow::Result<SeedReport>)]) -> String {
-    let mut lines =
-        vec!["mix            seeds  committed  aborted  unknown  abandoned  interactive  slowest settle".to_owned()];
+    let mut lines = vec![
+        "mix            seeds  committed  aborted  unknown  abandoned  interactive (committed)  slowest settle"
+            .to_owned(),
+    ];
     for mix in FaultMix::ALL {
         let reports: Vec<&SeedReport> =
             results.iter().filter_map(|(_, r)| r.as_ref().ok()).filter(|r| r.config.mix == mix).collect();
@@ -486,7 +497,7 @@ pub fn summary(results: &[(u64, anyhow::Result<SeedReport>)]) -> String {
         let sum = reports.iter().fold(Outcomes::default(), |sum, r| sum.add(r.outcomes));
         let slowest = reports.iter().filter_map(|r| r.settled_after).max().unwrap_or_default();
         lines.push(format!(
-            "{:<14} {:>5}  {:>9}  {:>7}  {:>7}  {:>9}  {:>11}  {:?}",
+            "{:<14} {:>5}  {:>9}  {:>7}  {:>7}  {:>9}  {:>11} {:>11}  {:?}",
             format!("{mix:?}"),
             reports.len(),
             sum.committed,
@@ -494,8 +505,28 @@ pub fn summary(results: &[(u64, anyhow::Result<SeedReport>)]) -> String {
             sum.unknown,
             sum.abandoned,
             sum.interactive,
+            format!("({})", sum.interactive_committed),
             slowest
         ));
     }
     lines.join("\n")
 }
+
+/// The fault mixes of `results` (those run on at least [`COVERAGE_SEEDS_MIN`]
+/// seeds) in which no interactive txn committed or none was abandoned: a
+/// smoke whose workload lost its interactive txns, or whose faults stopped
+/// every one, would pass without checking them.
+pub fn interactive_uncovered(results: &[(u64, anyhow::Result<SeedReport>)]) -> Vec<FaultMix> {
+    FaultMix::ALL
+        .into_iter()
+        .filter(|mix| {
+            let reports: Vec<&SeedReport> =
+                results.iter().filter_map(|(_, r)| r.as_ref().ok()).filter(|r| r.config.mix == *mix).collect();
+            let sum = reports.iter().fold(Outcomes::default(), |sum, r| sum.add(r.outcomes));
+            reports.len() >= COVERAGE_SEEDS_MIN && (sum.interactive_committed == 0 || sum.abandoned == 0)
+        })
+        .collect()
+}
+
+/// How many seeds of a mix [`interactive_uncovered`] needs to judge it.
+pub const COVERAGE_SEEDS_MIN: usize = 5;
