@@ -534,9 +534,12 @@ async fn begin_own(
     tally: &mut Tally,
     call: &str,
 ) -> Option<TxnContext> {
-    let answer = interactive::begin(client, Some(TxnId::new()), rng.random_range(MISUSE_TIMEOUT_MS)).await;
-    // A fresh id's Begin: refused only as from the future or too old, with a clock far off.
-    expect(teller, tally, &format!("{call}: begin"), &answer, true, &[], false);
+    let timeout_ms = rng.random_range(MISUSE_TIMEOUT_MS).min(teller.deadline_max_ms());
+    let answer = interactive::begin(client, Some(TxnId::new()), timeout_ms).await;
+    // A fresh id is refused only when older than the Submit window by the
+    // leader's clock (§12.1: a slow Begin under a short retention) or, with
+    // a clock far off, as from the future.
+    expect(teller, tally, &format!("{call}: begin"), &answer, true, &[Code::FailedPrecondition], false);
     answer.ok()
 }
 
