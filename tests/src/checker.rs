@@ -581,11 +581,22 @@ fn check_i1(obs: &Observation, log: &BTreeMap<TxnId, (Decision, u64)>, moment: M
         .filter_map(|t| t.movement.as_ref().map(|m| (t.txn_id, [m.from.bank.clone(), m.to.bank.clone()].into())))
         .collect();
     for txn in txns {
-        let named = named_branches(obs, &txn).or_else(|| moved.get(&txn).cloned());
+        let recorded = named_branches(obs, &txn);
+        let eager = obs.interactive.get(&txn).filter(|i| i.eager);
+        // Whether a branch outside `named` is known not to be named.
+        let outside_known = recorded.is_some() || eager.is_none();
+        // With no record left, an eager client's record named the branches
+        // it saw join and maybe others (a Join whose answer was lost); one it
+        // did not see join may have lost the race and aborted.
+        let named = match (recorded, eager) {
+            (Some(named), _) => Some(named),
+            (None, Some(eager)) => Some(eager.joined.clone()),
+            (None, None) => moved.get(&txn).cloned(),
+        };
         let in_record = |p: &String| named.as_ref().is_none_or(|n| n.contains(p));
         let branches: Vec<(&String, BranchView)> =
             obs.participants.iter().filter_map(|(p, v)| v.branches.get(&txn).map(|b| (p, *b))).collect();
-        for (p, _) in branches.iter().filter(|(p, b)| !in_record(p) && *b == BranchView::Committed) {
+        for (p, _) in branches.iter().filter(|(p, b)| outside_known && !in_record(p) && *b == BranchView::Committed) {
             violation(
                 out,
                 Invariant::I1,
@@ -1096,6 +1107,13 @@ mod tests {
         );
         obs.interactive.insert(t, InteractiveTxn { joined: ["bank-a".to_owned()].into_iter().collect(), eager: true });
         assert_eq!(check(&obs), vec![]);
+        // Forgotten by retention: the branches it saw join stand for the record.
+        let mut forgotten = obs.clone();
+        for sm in forgotten.coordinators.values_mut() {
+            let command = Command::Forget { horizon_unix_ms: t.created_unix_ms() + 1 };
+            sm.apply(sm.applied_index() + 1, &Proposal { command, proposed_unix_ms: 3 });
+        }
+        assert_eq!(check(&forgotten), vec![]);
         obs.interactive.get_mut(&t).expect("t").eager = false;
         let violations = check(&obs);
         assert_eq!(invariants(&violations), [Invariant::I8].into_iter().collect(), "{violations:?}");

@@ -430,19 +430,26 @@ async fn misuse_step(
 ) {
     let banks = teller.bank_names();
     let Some(bank) = banks.choose(rng).cloned() else { return };
-    let decided: Vec<TxnId> = teller
+    // Decided txns, each with the banks its record may name.
+    let decided: Vec<(TxnId, Vec<String>)> = teller
         .history()
         .iter()
         .filter(|t| matches!(t.outcome, ClientOutcome::Committed | ClientOutcome::Aborted))
-        .map(|t| t.txn_id)
+        .map(|t| {
+            (t.txn_id, t.movement.as_ref().map_or_else(Vec::new, |m| vec![m.from.bank.clone(), m.to.bank.clone()]))
+        })
         .collect();
     let future = || TxnId::created_at(unix_now_ms().saturating_add(FUTURE_MS.start().saturating_mul(2)));
     let fp = [Code::FailedPrecondition];
     match rng.random_range(0..15) {
         0 => {
-            let Some(txn) = decided.choose(rng) else { return };
+            let Some((txn, banks)) = decided.choose(rng) else { return };
             let answer = interactive::join(client, &txn.to_string(), &bank).await;
-            expect(teller, tally, "join decided", &answer, false, &fp, true);
+            // A participant the decided record names joins again as a repeat
+            // would (I5: it must carry out the record's decision); any other
+            // is refused.
+            let may_be_named = banks.contains(&bank);
+            expect(teller, tally, "join decided", &answer, may_be_named, &fp, true);
         }
         1 => {
             let answer = interactive::join(client, &TxnId::new().to_string(), &bank).await;
@@ -454,7 +461,7 @@ async fn misuse_step(
             expect(teller, tally, "join far future", &answer, false, &codes, false);
         }
         3 => {
-            let txn = decided.choose(rng).copied().unwrap_or_else(TxnId::new);
+            let txn = decided.choose(rng).map_or_else(TxnId::new, |(txn, _)| *txn);
             let answer = interactive::join(client, &txn.to_string(), UNREGISTERED).await;
             let codes = [Code::NotFound, Code::FailedPrecondition];
             expect(teller, tally, "join unregistered", &answer, false, &codes, true);
@@ -485,9 +492,14 @@ async fn misuse_step(
         11 => second_call_at_one_bank(teller, client, accounts, rng, tally).await,
         12 => commit_racing_a_join(teller, client, accounts, rng, tally).await,
         13 => {
-            let Some(txn) = decided.choose(rng).copied() else { return };
-            let answer = move_under(teller, txn, &bank, accounts, rng).await;
-            expect(teller, tally, "debit under a decided txn", &answer, false, &fp, true);
+            let Some((txn, banks)) = decided.choose(rng) else { return };
+            let answer = move_under(teller, *txn, &bank, accounts, rng).await;
+            // Refused: the bank holds a record of the txn already (one branch
+            // per txn), or its Join finds the txn decided. A bank the record
+            // names but that never prepared (its vote lost in a crash: the
+            // txn aborted) joins as a repeat, and the Abort reaches it.
+            let may_be_named = banks.contains(&bank);
+            expect(teller, tally, "debit under a decided txn", &answer, may_be_named, &fp, true);
         }
         _ => {
             let (txn, call, codes) = if rng.random_bool(0.5) {
