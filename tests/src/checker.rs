@@ -471,9 +471,13 @@ fn check_told(obs: &Observation, log: &BTreeMap<TxnId, (Decision, u64)>, moment:
             ),
             Some(_) => {}
             None if forgotten(obs, &txn) => {
+                // A branch outside the record's scope (a call refused after
+                // the decision) aborted whatever the decision was.
+                let (named, _) = scope(obs, &txn);
                 let contradicting: Vec<&String> = obs
                     .participants
                     .iter()
+                    .filter(|(p, _)| named.as_ref().is_none_or(|n| n.contains(*p)))
                     .filter(|(_, v)| {
                         v.branches.get(&txn).is_some_and(|b| match first {
                             Decision::Commit => b.is_abort(),
@@ -562,6 +566,23 @@ fn named_branches(obs: &Observation, txn: &TxnId) -> Option<BTreeSet<String>> {
     Some(record.branches.iter().map(|b| b.participant.to_string()).collect())
 }
 
+/// The participants whose branches must carry out `txn`'s decision: those
+/// its decided record names; with no record left (forgotten), the banks its
+/// movement touches, or for an eager client's txn those it saw join; None
+/// when nothing says. And whether a branch outside them is known to be
+/// left out of the record (not for a forgotten eager txn: a Join whose
+/// answer was lost may have been named).
+fn scope(obs: &Observation, txn: &TxnId) -> (Option<BTreeSet<String>>, bool) {
+    if let Some(named) = named_branches(obs, txn) {
+        return (Some(named), true);
+    }
+    if let Some(eager) = obs.interactive.get(txn).filter(|i| i.eager) {
+        return (Some(eager.joined.clone()), false);
+    }
+    let moved = obs.history.iter().find(|t| t.txn_id == *txn).and_then(|t| t.movement.as_ref());
+    (moved.map(|m| [m.from.bank.clone(), m.to.bank.clone()].into()), true)
+}
+
 /// I1: the branches a txn's decided record names all applied its decision
 /// (none committed without one); a branch the record does not name never
 /// commits; and every branch seen to join an interactive txn is named.
@@ -575,24 +596,8 @@ fn check_i1(obs: &Observation, log: &BTreeMap<TxnId, (Decision, u64)>, moment: M
     for view in obs.participants.values() {
         txns.extend(view.branches.keys().copied());
     }
-    let moved: BTreeMap<TxnId, BTreeSet<String>> = obs
-        .history
-        .iter()
-        .filter_map(|t| t.movement.as_ref().map(|m| (t.txn_id, [m.from.bank.clone(), m.to.bank.clone()].into())))
-        .collect();
     for txn in txns {
-        let recorded = named_branches(obs, &txn);
-        let eager = obs.interactive.get(&txn).filter(|i| i.eager);
-        // Whether a branch outside `named` is known not to be named.
-        let outside_known = recorded.is_some() || eager.is_none();
-        // With no record left, an eager client's record named the branches
-        // it saw join and maybe others (a Join whose answer was lost); one it
-        // did not see join may have lost the race and aborted.
-        let named = match (recorded, eager) {
-            (Some(named), _) => Some(named),
-            (None, Some(eager)) => Some(eager.joined.clone()),
-            (None, None) => moved.get(&txn).cloned(),
-        };
+        let (named, outside_known) = scope(obs, &txn);
         let in_record = |p: &String| named.as_ref().is_none_or(|n| n.contains(p));
         let branches: Vec<(&String, BranchView)> =
             obs.participants.iter().filter_map(|(p, v)| v.branches.get(&txn).map(|b| (p, *b))).collect();
@@ -1117,6 +1122,37 @@ mod tests {
         obs.interactive.get_mut(&t).expect("t").eager = false;
         let violations = check(&obs);
         assert_eq!(invariants(&violations), [Invariant::I8].into_iter().collect(), "{violations:?}");
+    }
+
+    // I1 and I2 (§12.3): a Debit under a decided txn's context at a bank its
+    // record does not name is refused and its branch aborted; that is no
+    // atomicity violation, with the record or after retention forgot it,
+    // and no contradiction of the Commit anyone was told. Such a branch that
+    // commits is one.
+    #[test]
+    fn a_branch_refused_after_the_decision_is_outside_the_txn() {
+        let t = TxnId::new();
+        let mut within_a = transfer(t, 30, ClientOutcome::Committed);
+        within_a.participants = vec!["bank-a".into()];
+        within_a.movement =
+            Some(Movement { from: acct("bank-a", "alice"), to: acct("bank-a", "carol"), amount_minor: 30 });
+        let mut obs = observation(
+            bank(&[(t, BranchView::Committed)], &[("alice", 70), ("carol", 130)]),
+            bank(&[(t, BranchView::Tombstone)], &[("bob", 100)]),
+            vec![within_a],
+        );
+        obs.openings.insert(acct("bank-a", "carol"), 100);
+        obs.told.push(Told { txn_id: t, hearer: Hearer::Resolver, decision: Decision::Commit });
+        assert_eq!(check(&obs), vec![]);
+        let mut forgotten = obs.clone();
+        for sm in forgotten.coordinators.values_mut() {
+            let command = Command::Forget { horizon_unix_ms: t.created_unix_ms() + 1 };
+            sm.apply(sm.applied_index() + 1, &Proposal { command, proposed_unix_ms: 3 });
+        }
+        assert_eq!(check(&forgotten), vec![]);
+        obs.participants.get_mut("bank-b").expect("bank-b").branches.insert(t, BranchView::Committed);
+        let violations = check_safety(&obs);
+        assert!(violations.iter().any(|v| v.detail.contains("does not name")), "{violations:?}");
     }
 
     // I8: a txn whose client never committed (vanished, or rolled back
