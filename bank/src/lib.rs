@@ -38,7 +38,7 @@
 //! - [`redb_store`]: [`RedbStore`], the embedded store: one redb file, one group-committing writer thread.
 //! - [`pg_store`]: [`PgStore`], the store on PostgreSQL: branches are prepared transactions, holds as in redb.
 //! - [`resource`]: [`BankResource`], the participant library's `Resource` over any store.
-//! - [`service`]: [`BankService`], the gRPC `twopc.v1.Bank` API (create, balance, list, total).
+//! - [`service`]: [`BankService`], the gRPC `twopc.v1.Bank` API (create, balance, list, total; Debit and Credit inside interactive txns).
 //! - [`server`]: [`server::run`], one port serving the Participant and Bank APIs.
 //! - [`config`]: [`BankConfig`] and [`StoreConfig`], every setting with its default.
 //! - [`error`]: the crate's [`Error`] and [`Result`], and the one mapping to gRPC statuses.
@@ -51,6 +51,13 @@
 //! | CreateAccount | `initial_balance_minor` negative | `INVALID_ARGUMENT` |
 //! | CreateAccount | the name is taken | `ALREADY_EXISTS` |
 //! | Balance | no such account | `NOT_FOUND` |
+//! | all | the `twopc-txn` metadata entry is present but malformed | `INVALID_ARGUMENT` |
+//! | Debit, Credit | no `twopc-txn` entry ("Debit needs a txn context ... begin a txn first") | `FAILED_PRECONDITION` |
+//! | Debit, Credit | `account` not a valid account name, `amount_minor` not above 0 | `INVALID_ARGUMENT` |
+//! | Debit, Credit | the bank votes NO: insufficient funds, unknown account, "deadline passed" (the reason in the message); nothing is held or joined | `FAILED_PRECONDITION` |
+//! | Debit, Credit | this bank already has a branch of the txn (one per bank per txn); nothing more is held | `FAILED_PRECONDITION` |
+//! | Debit, Credit | the coordinator refused the join (the txn decided, timed out, unknown; its state in `twopc-txn-state`); the hold is released | `FAILED_PRECONDITION` |
+//! | Debit, Credit | no coordinator answered the join before the deadline; the hold stays until the resolver learns the txn's outcome | `UNAVAILABLE` |
 //! | all | the store's write queue is full (`store.queue_max`) | `RESOURCE_EXHAUSTED` |
 //! | all | transient storage failure, or the store reopening its file after an I/O error (a full disk); the message starts `bank store unavailable:` | `UNAVAILABLE` |
 //! | all | corrupt storage | `INTERNAL` |

@@ -1,13 +1,18 @@
 //! Running a bank: [`run`] opens the store and serves the Participant and
 //! Bank gRPC services on one listener until the shutdown signal; [`serve`]
-//! does the same over a store the caller opened (any [`AccountStore`]).
+//! does the same over a store the caller opened (any [`AccountStore`]: the
+//! embedded one or PostgreSQL). The Bank service's Debit and Credit join
+//! interactive txns through the participant's joiner, behind the
+//! participant library's txn context interceptor.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::service::Routes;
+use tonic::service::interceptor::InterceptedService;
 use tracing::{info, warn};
+use twopc_participant::context::read_txn_context;
 use twopc_participant::{Participant, ParticipantConfig};
 use twopc_proto::MAX_MESSAGE_BYTES;
 use twopc_proto::net::Listener;
@@ -65,9 +70,12 @@ pub async fn serve<S: AccountStore>(
     let id = participant.id.clone();
     let resource = Arc::new(BankResource::new(Arc::clone(&store)));
     let participant = Participant::new(resource, participant)?;
-    let bank = BankServer::new(BankService::new(store))
+    // Debit and Credit join txns through the participant serving beside them.
+    let bank = BankServer::new(BankService::new(store, participant.joiner()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // Every Bank call's twopc-txn entry is checked before its handler runs.
+    let bank = InterceptedService::new(bank, read_txn_context);
     info!(bank = %id, addr = ?listener.local_addr().ok(), "bank serving");
     participant.serve_with(listener, Routes::new(bank), shutdown).await?;
     info!(bank = %id, "bank stopped");

@@ -1,17 +1,30 @@
 //! The gRPC `twopc.v1.Bank` service: create accounts, read balances, list
-//! accounts, total the bank. Handlers convert and check the wire request
-//! first thing; bad input is `INVALID_ARGUMENT` with a message a person can
-//! act on, an unknown account `NOT_FOUND`, a taken name `ALREADY_EXISTS`.
+//! accounts, total the bank, and move funds inside interactive txns (Debit,
+//! Credit; docs/PROTOCOL.md §12). Handlers convert and check the wire
+//! request first thing; bad input is `INVALID_ARGUMENT` with a message a
+//! person can act on, an unknown account `NOT_FOUND`, a taken name
+//! `ALREADY_EXISTS`.
+//!
+//! Debit and Credit run only under a txn context (the `twopc-txn` metadata
+//! entry, read by the participant library's interceptor, which
+//! [`crate::server`] installs): each builds the branch a one-shot transfer
+//! would carry ([`BranchPayload`]), prepares it durably and joins the txn
+//! through the participant's [`Joiner`], so the hold (or the incoming
+//! credit) is in place and logged before the caller hears OK.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
-use tracing::{info, instrument};
+use tracing::{Span, field, info, instrument};
+use twopc_participant::Joiner;
+use twopc_participant::context::require_txn_context;
 use twopc_proto::pb::{self, bank_server};
 
 use crate::address::AccountName;
 use crate::error::{Error, Result};
 use crate::money::format_minor;
+use crate::payload::BranchPayload;
+use crate::resource::BankResource;
 use crate::store::{AccountBalance, AccountStore, Totals};
 
 /// The page size of `ListAccounts` when the request gives none.
@@ -22,12 +35,53 @@ pub const LIST_PAGE_MAX: usize = 1000;
 /// The Bank API over a store (shared with the participant's resource).
 pub struct BankService<S> {
     store: Arc<S>,
+    joiner: Joiner<BankResource<S>>,
+}
+
+/// Which way a Debit or Credit moves funds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Move {
+    Debit,
+    Credit,
 }
 
 impl<S: AccountStore> BankService<S> {
-    /// The service over `store`.
-    pub fn new(store: Arc<S>) -> Self {
-        Self { store }
+    /// The service over `store`, joining txns through `joiner` (the
+    /// participant's, whose resource is a [`BankResource`] over the same
+    /// store).
+    pub fn new(store: Arc<S>, joiner: Joiner<BankResource<S>>) -> Self {
+        Self { store, joiner }
+    }
+
+    /// Debit or Credit: context, then account and amount, then the branch
+    /// is prepared and joined.
+    async fn move_funds(&self, request: Request<pb::MoveRequest>, how: Move) -> Result<pb::MoveResponse, Status> {
+        let call = match how {
+            Move::Debit => "Debit",
+            Move::Credit => "Credit",
+        };
+        let ctx = require_txn_context(&request, call)?;
+        Span::current().record("txn_id", field::display(ctx.txn_id));
+        let request = request.into_inner();
+        let account = account_name("account", &request.account)?;
+        let amount_minor = request.amount_minor;
+        if amount_minor <= 0 {
+            return Err(Error::Invalid {
+                field: "amount_minor",
+                why: format!("{amount_minor} is not more than 0; move a positive amount in minor units (cents)"),
+            }
+            .into());
+        }
+        let payload = match how {
+            Move::Debit => BranchPayload::debit(account, amount_minor),
+            Move::Credit => BranchPayload::credit(account, amount_minor),
+        }
+        .map_err(|e| Error::Invalid { field: "amount_minor", why: e.to_string() })?;
+        // A NO vote (insufficient funds, unknown account) is FAILED_PRECONDITION
+        // with the reason; a refused join names the txn's state.
+        let joined = self.joiner.join(&ctx, payload.encode()).await.map_err(Error::from)?;
+        info!(amount_minor, "branch prepared and joined");
+        Ok(pb::MoveResponse { deadline_unix_ms: joined.deadline_unix_ms })
     }
 }
 
@@ -115,5 +169,15 @@ impl<S: AccountStore> bank_server::Bank for BankService<S> {
     async fn total(&self, _request: Request<pb::TotalRequest>) -> Result<Response<pb::TotalResponse>, Status> {
         let totals = self.store.totals().await?;
         Ok(Response::new(totals_to_pb(totals)?))
+    }
+
+    #[instrument(skip_all, fields(account = %request.get_ref().account, txn_id = field::Empty))]
+    async fn debit(&self, request: Request<pb::MoveRequest>) -> Result<Response<pb::MoveResponse>, Status> {
+        Ok(Response::new(self.move_funds(request, Move::Debit).await?))
+    }
+
+    #[instrument(skip_all, fields(account = %request.get_ref().account, txn_id = field::Empty))]
+    async fn credit(&self, request: Request<pb::MoveRequest>) -> Result<Response<pb::MoveResponse>, Status> {
+        Ok(Response::new(self.move_funds(request, Move::Credit).await?))
     }
 }

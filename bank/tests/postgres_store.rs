@@ -223,3 +223,39 @@ async fn concurrent_transfers_on_hot_accounts_conserve_money() {
     assert_eq!(store.holds().await.expect("holds"), 0);
     assert!(store.prepared().await.expect("prepared").is_empty());
 }
+
+// §12.3 on PostgreSQL (the payload path through PgStore): a Debit under a txn context holds the
+// funds in a prepared branch before it answers, a second move in the txn is refused, and the
+// Commit takes the funds; a Debit whose join is refused releases its hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_debit_joins_a_txn_on_postgres() {
+    let Some(db) = postgres_testing::database("a_debit_joins_a_txn_on_postgres").await else { return };
+    let bank = Bank::new(&db);
+    let store = Arc::new(bank.open().await);
+    common::create(&*store, "alice", 100).await;
+    let fake = twopc_participant::fake_coordinator::FakeCoordinator::new();
+    let node = fake.start().await.expect("fake coordinator");
+    let serving = common::Serving::start(Arc::clone(&store), vec![node.addr().to_string()]).await;
+    let mut client = serving.bank().await;
+
+    let ctx = twopc_participant::TxnContext {
+        txn_id: TxnId::new(),
+        deadline_unix_ms: twopc_proto::txn_id::unix_now_ms() + 60_000,
+    };
+    fake.begin(ctx.txn_id, ctx.deadline_unix_ms);
+    let header = ctx.header_value();
+    client.debit(common::move_request(Some(&header), "alice", 30)).await.expect("debit");
+    assert_eq!(common::row(&*store, "alice").await, (100, 30, 0));
+    assert_eq!(store.branch_state(ctx.txn_id).await.expect("state"), Some(twopc_bank::BranchState::Prepared));
+    let again = client.credit(common::move_request(Some(&header), "alice", 5)).await.expect_err("second move");
+    assert_eq!(again.code(), tonic::Code::FailedPrecondition);
+    serving.decide(ctx.txn_id, twopc_proto::pb::Decision::Commit).await;
+    assert_eq!(common::row(&*store, "alice").await, (70, 0, 0));
+
+    let unknown = twopc_participant::TxnContext { txn_id: TxnId::new(), ..ctx };
+    let refused = client.debit(common::move_request(Some(&unknown.header_value()), "alice", 10)).await;
+    assert_eq!(refused.expect_err("never begun").code(), tonic::Code::FailedPrecondition);
+    assert_eq!(common::row(&*store, "alice").await, (70, 0, 0), "the refused debit still holds funds");
+    assert_eq!(store.holds().await.expect("holds"), 0);
+    serving.stop().await;
+}

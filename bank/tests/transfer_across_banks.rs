@@ -1,6 +1,8 @@
 //! I1, I8 end to end: transfers between two banks through an in-process
 //! 3-node coordinator cluster commit at both banks or at neither; an
-//! overdraft aborts with its reason; the total is unchanged.
+//! overdraft aborts with its reason; the total is unchanged. Also as
+//! interactive txns (docs/PROTOCOL.md §12): Begin, Debit at one bank and
+//! Credit at the other under the txn's context, then Commit or Rollback.
 
 mod common;
 
@@ -108,6 +110,67 @@ async fn transfers_across_two_banks() -> anyhow::Result<()> {
     let total = a.store.totals().await?.balance_minor + b.store.totals().await?.balance_minor;
     assert_eq!(total, 10_500, "I8: money was created or destroyed");
     let _ = (a.addr, b.addr);
+    drop((a, b));
+    cluster.stop().await
+}
+
+async fn begin(client: &ClusterClient, timeout_ms: u64) -> anyhow::Result<twopc_participant::TxnContext> {
+    let begun = client
+        .coordinator(|mut c| async move { c.begin(pb::BeginRequest { txn_id: String::new(), timeout_ms }).await })
+        .await?;
+    let ctx = begun.context.ok_or_else(|| anyhow::anyhow!("Begin answered no context"))?;
+    Ok(twopc_participant::TxnContext { txn_id: ctx.txn_id.parse()?, deadline_unix_ms: ctx.deadline_unix_ms })
+}
+
+// I1 + I8 + I3 for interactive txns: the banks' own Debit and Credit join the begun txn (holding
+// the funds before they answer); Commit applies both branches, Rollback releases both, and a
+// Debit the bank refuses is not joined, so the txn can only be rolled back; the total holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interactive_transfers_across_two_banks() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3).await?;
+    cluster.wait_for_leader().await?;
+    let a = Bank::start("bank-a", &cluster).await?;
+    let b = Bank::start("bank-b", &cluster).await?;
+    common::create(a.store.as_ref(), "alice", 10_000).await;
+    common::create(b.store.as_ref(), "bob", 500).await;
+    let client = cluster.client()?;
+    let mut bank_a = pb::bank_client::BankClient::connect(format!("http://{}", a.addr)).await?;
+    let mut bank_b = pb::bank_client::BankClient::connect(format!("http://{}", b.addr)).await?;
+
+    let ctx = begin(&client, 10_000).await?;
+    bank_a.debit(common::move_request(Some(&ctx.header_value()), "alice", 1_250)).await?;
+    bank_b.credit(common::move_request(Some(&ctx.header_value()), "bob", 1_250)).await?;
+    assert_eq!(common::row(a.store.as_ref(), "alice").await, (10_000, 1_250, 0), "the debit holds nothing");
+    let txn_id = ctx.txn_id.to_string();
+    let done = client
+        .coordinator(|mut c| {
+            let txn_id = txn_id.clone();
+            async move { c.commit(pb::CommitRequest { txn_id, branches: Vec::new() }).await }
+        })
+        .await?;
+    assert_eq!(done.decision, pb::Decision::Commit as i32, "{done:?}");
+
+    let rolled = begin(&client, 10_000).await?;
+    bank_a.debit(common::move_request(Some(&rolled.header_value()), "alice", 100)).await?;
+    let poor = bank_b.debit(common::move_request(Some(&rolled.header_value()), "bob", 1_000_000)).await;
+    assert_eq!(poor.expect_err("overdraft").code(), tonic::Code::FailedPrecondition);
+    let txn_id = rolled.txn_id.to_string();
+    client
+        .coordinator(|mut c| {
+            let txn_id = txn_id.clone();
+            async move { c.rollback(pb::RollbackRequest { txn_id, reason: "bob is short".into() }).await }
+        })
+        .await?;
+
+    wait::until("every branch decided at both banks", Duration::from_secs(20), || async {
+        let idle = a.store.prepared().await.ok()?.is_empty() && b.store.prepared().await.ok()?.is_empty();
+        idle.then_some(())
+    })
+    .await?;
+    assert_eq!(common::row(a.store.as_ref(), "alice").await, (10_000 - 1_250, 0, 0));
+    assert_eq!(common::row(b.store.as_ref(), "bob").await, (500 + 1_250, 0, 0));
+    let total = a.store.totals().await?.balance_minor + b.store.totals().await?.balance_minor;
+    assert_eq!(total, 10_500, "I8: money was created or destroyed");
     drop((a, b));
     cluster.stop().await
 }

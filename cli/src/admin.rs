@@ -5,7 +5,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 use twopc_proto::pb;
 
-use super::output::{ago, json, table};
+use super::output::{ago, deadline, json, table};
 use super::{ClusterArgs, EXIT_OK};
 
 #[derive(Debug, Subcommand)]
@@ -216,10 +216,13 @@ pub async fn participants(command: ParticipantsCommand) -> anyhow::Result<u8> {
 
 #[derive(Debug, Subcommand)]
 pub enum TxnCommand {
-    /// List txns: all, undecided (being prepared), or not yet acknowledged.
-    #[command(after_help = "Examples:\n  twopc txn list\n  twopc txn list --unacknowledged --older-than-ms 10000")]
+    /// List txns: all, undecided (being prepared, or begun interactively and still open), or not yet
+    /// acknowledged.
+    #[command(after_help = "Examples:\n  twopc txn list\n  twopc txn list --undecided\n  \
+                      twopc txn list --unacknowledged --older-than-ms 10000")]
     List(ListArgs),
-    /// Show one txn: its decision, each branch's vote and acknowledgement.
+    /// Show one txn: its state and decision, an interactive txn's deadline, each branch's vote (joined
+    /// branches voted yes by joining) and acknowledgement.
     #[command(after_help = "Example:\n  twopc txn show 019a2b3c-4d5e-7f60-8a1b-2c3d4e5f6a7b")]
     Show {
         /// The txn id.
@@ -254,7 +257,8 @@ pub enum TxnCommand {
 
 #[derive(Debug, Args)]
 pub struct ListArgs {
-    /// Only txns being prepared (nothing logged yet).
+    /// Only undecided txns: being prepared (nothing logged yet), or begun interactively and neither
+    /// committed, rolled back nor timed out yet.
     #[arg(long, conflicts_with = "unacknowledged")]
     pub undecided: bool,
     /// Only decided txns some participant has not acknowledged.
@@ -283,6 +287,7 @@ fn state_text(value: i32) -> &'static str {
         Ok(pb::TxnState::Preparing) => "preparing",
         Ok(pb::TxnState::Decided) => "decided",
         Ok(pb::TxnState::Finished) => "finished",
+        Ok(pb::TxnState::Begun) => "begun",
         _ => "unknown",
     }
 }
@@ -295,13 +300,26 @@ fn vote_text(value: i32) -> &'static str {
     }
 }
 
+/// Whether `t` is begun and undecided (docs/PROTOCOL.md §12): its branches
+/// have all joined and none has a decision to acknowledge yet.
+fn open(t: &pb::TransactionInfo) -> bool {
+    t.state == pb::TxnState::Begun as i32
+}
+
+/// A branch's vote as shown: a joined branch's says so (it voted yes by joining, §12.3).
+fn branch_vote_text(b: &pb::BranchInfo) -> String {
+    if b.joined { "yes (joined)".into() } else { vote_text(b.vote).into() }
+}
+
 fn txn_json(t: &pb::TransactionInfo) -> serde_json::Value {
     json!({
         "txn_id": t.txn_id, "state": state_text(t.state), "decision": decision_text(t.decision), "reason": t.reason,
         "created_unix_ms": t.created_unix_ms, "decided_unix_ms": t.decided_unix_ms,
         "finished_unix_ms": t.finished_unix_ms, "decision_log_index": t.decision_log_index,
+        "deadline_unix_ms": t.deadline_unix_ms, "interactive": t.deadline_unix_ms != 0,
         "branches": t.branches.iter().map(|b| json!({
-            "participant": b.participant, "vote": vote_text(b.vote), "reason": b.reason, "acknowledged": b.acknowledged,
+            "participant": b.participant, "vote": vote_text(b.vote), "joined": b.joined, "reason": b.reason,
+            "acknowledged": b.acknowledged,
         })).collect::<Vec<_>>(),
     })
 }
@@ -337,18 +355,26 @@ pub async fn txn(command: TxnCommand) -> anyhow::Result<u8> {
                     .transactions
                     .iter()
                     .map(|t| {
-                        let acked = t.branches.iter().filter(|b| b.acknowledged).count();
+                        // A begun txn's branches have joined; none has a decision to acknowledge yet.
+                        let branches = if open(t) {
+                            format!("{} joined", t.branches.len())
+                        } else {
+                            let acked = t.branches.iter().filter(|b| b.acknowledged).count();
+                            format!("{acked}/{} acked", t.branches.len())
+                        };
                         vec![
                             t.txn_id.clone(),
                             state_text(t.state).into(),
                             decision_text(t.decision).into(),
-                            format!("{acked}/{}", t.branches.len()),
+                            branches,
                             ago(t.created_unix_ms),
+                            // The deadline matters while the txn is open; a decided one keeps it in `txn show`.
+                            if open(t) { deadline(t.deadline_unix_ms) } else { "-".into() },
                             t.reason.clone(),
                         ]
                     })
                     .collect();
-                table(&["TXN", "STATE", "DECISION", " ACKED", " CREATED", "REASON"], &rows);
+                table(&["TXN", "STATE", "DECISION", " BRANCHES", " CREATED", " DEADLINE", "REASON"], &rows);
             }
         }
         TxnCommand::Show { txn_id, cluster } => {
@@ -371,6 +397,12 @@ pub async fn txn(command: TxnCommand) -> anyhow::Result<u8> {
                     if t.reason.is_empty() { String::new() } else { format!(" ({})", t.reason) }
                 );
                 println!("created   {}", ago(t.created_unix_ms));
+                if t.deadline_unix_ms != 0 {
+                    println!(
+                        "deadline  {}  (interactive: aborted as timed out if not committed by then)",
+                        deadline(t.deadline_unix_ms)
+                    );
+                }
                 println!("decided   {}  (log index {})", ago(t.decided_unix_ms), t.decision_log_index);
                 println!("finished  {}", ago(t.finished_unix_ms));
                 println!();
@@ -380,7 +412,7 @@ pub async fn txn(command: TxnCommand) -> anyhow::Result<u8> {
                     .map(|b| {
                         vec![
                             b.participant.clone(),
-                            vote_text(b.vote).into(),
+                            branch_vote_text(b),
                             if b.acknowledged { "yes".into() } else { "no".into() },
                             b.reason.clone(),
                         ]

@@ -1,7 +1,9 @@
 //! `twopc demo`: 3 coordinators and 2 banks as child processes of this one,
 //! accounts seeded, random transfers with live counters, the balance table
 //! and the conservation check (I8). `--chaos` SIGKILLs the coordinator leader
-//! and a bank mid-run, restarts them, and prints a timeline.
+//! and a bank mid-run, restarts them, and prints a timeline. `--interactive`
+//! runs each transfer as an interactive txn (docs/PROTOCOL.md §12): Begin,
+//! Debit and Credit at the banks with the txn's context, Commit.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use twopc_bank::{AccountAddress, Transfer, format_minor, parse_balance};
 use twopc_client::{ClientConfig, ClusterClient};
 use twopc_proto::{TxnId, pb};
 
+use super::interactive::{self, Banks, Calls, Shape};
 use super::local_cluster::{LocalCluster, Spec, bank_client, leader, wait_until};
 use super::money::{Outcome, submit_transfer};
 use super::output::table;
@@ -46,6 +49,11 @@ pub struct DemoArgs {
     /// Kill and restart the coordinator leader and a bank mid-run.
     #[arg(long)]
     pub chaos: bool,
+    /// Run each transfer as an interactive txn: Begin, Debit at the payer's bank and Credit at the payee's
+    /// with the txn's context, Commit (a refused call rolls it back). A transfer within one bank is begun
+    /// and committed with one one-shot branch holding both moves; the summary counts each kind.
+    #[arg(long)]
+    pub interactive: bool,
     /// Run bank-b on PostgreSQL at this URL (such as postgres://postgres@127.0.0.1:5432/test) instead of
     /// the embedded store, in a schema of its own: dropped at the end, or kept with --dir.
     #[arg(long, value_name = "URL", alias = "pg-bank")]
@@ -98,6 +106,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
     println!("twopc demo: {COORDINATORS} coordinators and {} banks in {}", BANKS.len(), dir.display());
     if let Some(pg) = &postgres {
         println!("{} keeps its accounts on PostgreSQL, schema {}", BANKS[PG_BANK], pg.schema);
+    }
+    if args.interactive {
+        println!("transfers run as interactive txns: Begin, Debit and Credit at the banks, Commit");
     }
     if args.tls {
         println!("every conversation on mutual TLS; certificates in {}", dir.join("tls").display());
@@ -213,7 +224,7 @@ async fn run_demo(demo: &Demo, args: &DemoArgs, opening: i64) -> anyhow::Result<
     bar.finish_with_message(counters.line());
     chaos?;
     let undecided = transfers?;
-    report(demo, &accounts, before, undecided, &counters, args.chaos).await
+    report(demo, &accounts, before, undecided, &counters, args).await
 }
 
 async fn seed(demo: &Demo, per_bank: u32, opening: i64) -> anyhow::Result<Vec<AccountAddress>> {
@@ -242,6 +253,12 @@ struct Counters {
     insufficient: AtomicU64,
     aborted_other: AtomicU64,
     retried: AtomicU64,
+    /// --interactive: transfers run as Begin, Debit, Credit, Commit.
+    joined: AtomicU64,
+    /// --interactive: of those, the ones that committed.
+    joined_committed: AtomicU64,
+    /// --interactive: transfers within one bank, run as Begin and a Commit with one one-shot branch.
+    one_shot_branch: AtomicU64,
 }
 
 impl Counters {
@@ -271,16 +288,43 @@ async fn run_transfers(
     counters: &Counters,
     bar: &ProgressBar,
 ) -> anyhow::Result<u64> {
+    let banks = if args.interactive {
+        let names = demo.cluster.bank_names.iter().cloned();
+        Some(Banks::new(&names.zip(demo.cluster.bank_addrs.iter().cloned()).collect::<Vec<_>>())?)
+    } else {
+        None
+    };
+    let banks = banks.as_ref();
     let outcomes: Vec<anyhow::Result<bool>> = futures::stream::iter(0..args.transfers)
         .map(|_| async {
             let transfer = random_transfer(accounts)?;
             let txn_id = TxnId::new();
             let mut attempts = 0;
+            if args.interactive {
+                match Shape::of(&transfer) {
+                    Shape::Joined => counters.joined.fetch_add(1, Ordering::Relaxed),
+                    Shape::OneShotBranch => counters.one_shot_branch.fetch_add(1, Ordering::Relaxed),
+                };
+            }
             let decided = loop {
-                // A retry keeps the txn id: the cluster answers it once (I5).
-                match submit_transfer(client, &transfer, txn_id, Duration::from_secs(10)).await? {
+                // A retry keeps the txn id: the cluster answers it once (I5). An
+                // interactive retry resumes the txn: only the calls whose bank has
+                // not joined are made again before the Commit.
+                let outcome = match banks {
+                    Some(banks) => {
+                        let timeout = Duration::from_secs(10);
+                        let resume = attempts > 0;
+                        interactive::transfer(client, banks, &transfer, txn_id, timeout, Calls::Sequential, resume)
+                            .await?
+                    }
+                    None => submit_transfer(client, &transfer, txn_id, Duration::from_secs(10)).await?,
+                };
+                match outcome {
                     Outcome::Committed => {
                         counters.committed.fetch_add(1, Ordering::Relaxed);
+                        if args.interactive && Shape::of(&transfer) == Shape::Joined {
+                            counters.joined_committed.fetch_add(1, Ordering::Relaxed);
+                        }
                         break true;
                     }
                     Outcome::Aborted(reason) if reason.contains("insufficient funds") => {
@@ -391,7 +435,7 @@ async fn report(
     before: i64,
     unknown: u64,
     counters: &Counters,
-    chaos: bool,
+    args: &DemoArgs,
 ) -> anyhow::Result<u8> {
     // Decisions reach banks asynchronously (phase 2); wait until none is in doubt.
     let settled = wait_until("every prepared branch to be decided", || async {
@@ -412,7 +456,16 @@ async fn report(
     table(&["ACCOUNT", " BALANCE"], &rows);
     println!();
     println!("{}", counters.line());
-    if chaos {
+    if args.interactive {
+        println!(
+            "interactive: {} transfers across banks ran as Begin, Debit, Credit, Commit ({} committed); {} within \
+             one bank as Begin and a Commit with one one-shot branch (a bank holds one branch per txn)",
+            counters.joined.load(Ordering::Relaxed),
+            counters.joined_committed.load(Ordering::Relaxed),
+            counters.one_shot_branch.load(Ordering::Relaxed),
+        );
+    }
+    if args.chaos {
         println!("\ntimeline:");
         for (at, what) in demo.timeline.lock().iter() {
             println!("  {:>6.2}s  {what}", at.as_secs_f64());

@@ -11,6 +11,8 @@
 //! - [`servers`]: `twopc coordinator` and `twopc bank`: run a node in the foreground.
 //! - [`admin`]: `cluster`, `participants` and `txn`: inspect and settle through the cluster.
 //! - [`money`]: `transfer`, `balance`, `accounts`.
+//! - [`interactive`]: interactive transfers (Begin, Debit and Credit with the txn's context, Commit) for
+//!   `transfer --interactive`, `demo --interactive` and `bench --mode interactive`.
 //! - [`demo`]: `twopc demo`: a local cluster of child processes, random transfers, the conservation check.
 //! - [`local_cluster`]: coordinators and banks as child processes on loopback, for `demo` and `bench --local`.
 //! - [`bench`]: `twopc bench`: a load generator; throughput, latency percentiles, a per-second timeline.
@@ -21,6 +23,7 @@ mod admin;
 mod bench;
 mod certs;
 mod demo;
+mod interactive;
 mod local_cluster;
 mod money;
 mod output;
@@ -84,7 +87,8 @@ pub enum Command {
         --coordinators 127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003 --register")]
     Bank(servers::BankArgs),
     /// Move money between two accounts, atomically.
-    #[command(after_help = "Example:\n  twopc transfer --from alice@bank-a --to bob@bank-b --amount 12.50\n\n\
+    #[command(after_help = "Examples:\n  twopc transfer --from alice@bank-a --to bob@bank-b --amount 12.50\n  \
+        twopc transfer --interactive --from alice@bank-a --to bob@bank-b --amount 12.50\n\n\
         Exit code: 0 committed, 3 aborted (the reason is printed), 4 outcome unknown, 1 error.")]
     Transfer(money::TransferArgs),
     /// Show one account's balance.
@@ -105,11 +109,13 @@ pub enum Command {
     #[command(subcommand)]
     Participants(admin::ParticipantsCommand),
     /// Start a local cluster (3 coordinators, 2 banks), run random transfers, check that money is conserved.
-    #[command(after_help = "Examples:\n  twopc demo\n  twopc demo --tls\n  twopc demo --chaos --transfers 2000")]
+    #[command(after_help = "Examples:\n  twopc demo\n  twopc demo --tls\n  twopc demo --chaos --transfers 2000\n  \
+        twopc demo --interactive --chaos")]
     Demo(demo::DemoArgs),
     /// Load-test a cluster (or a local one): throughput, latency percentiles, a per-second timeline.
     #[command(after_help = "Examples:\n  twopc bench --local --concurrency 64 --duration 10\n  \
         twopc bench --local --kill-leader-at 5 --duration 15\n  \
+        twopc bench --local --mode interactive --concurrency 64\n  \
         twopc bench --coordinators 127.0.0.1:7001 --json")]
     Bench(bench::BenchArgs),
     /// Make and inspect the certificates of a mutual-TLS cluster (docs/SECURITY.md).

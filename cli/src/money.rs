@@ -14,6 +14,7 @@ use twopc_proto::pb::bank_client::BankClient;
 use twopc_proto::txn_id::unix_now_ms;
 use twopc_proto::{TxnId, pb};
 
+use super::interactive;
 use super::output::{json, table};
 use super::{ClusterArgs, EXIT_ABORTED, EXIT_ERROR, EXIT_OK, EXIT_UNKNOWN};
 
@@ -28,12 +29,21 @@ pub struct TransferArgs {
     /// The amount, such as 12.50 (at most two decimals).
     #[arg(long, allow_hyphen_values = true)]
     pub amount: String,
-    /// Reuse a txn id to retry a transfer whose outcome was unknown (safe: same id, same outcome).
+    /// Reuse a txn id to retry a transfer whose outcome was unknown (safe: same id, same outcome). With
+    /// --interactive: a decided txn reports its outcome; an open one gets the calls its banks have not
+    /// joined yet, then the Commit.
     #[arg(long)]
     pub txn_id: Option<String>,
-    /// Give up preparing after this long (ms); at most the cluster's deadline_max_ms.
+    /// Give up preparing after this long (ms); at most the cluster's deadline_max_ms. With --interactive,
+    /// the txn's timeout: the cluster aborts it ("timed out") if it is not committed by then.
     #[arg(long, default_value_t = 10_000)]
     pub timeout_ms: u64,
+    /// Run it as an interactive txn (docs/PROTOCOL.md §12), the way an application would: Begin, Debit at
+    /// the payer's bank and Credit at the payee's, each with the txn's context, then Commit. A refused or
+    /// failed call rolls the txn back and prints why. Payer and payee at one bank (which holds one branch
+    /// per txn): Begin, then Commit with one one-shot branch holding both moves.
+    #[arg(long)]
+    pub interactive: bool,
     #[command(flatten)]
     pub cluster: ClusterArgs,
 }
@@ -97,7 +107,16 @@ pub async fn transfer(args: TransferArgs) -> anyhow::Result<u8> {
         None => TxnId::new(),
     };
     let client = args.cluster.client()?;
-    let outcome = submit_transfer(&client, &transfer, txn_id, Duration::from_millis(args.timeout_ms)).await?;
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let outcome = if args.interactive {
+        let banks = registered(&client, &[transfer.from().bank.to_string(), transfer.to().bank.to_string()]).await?;
+        let banks = interactive::Banks::new(&banks)?;
+        let resume = args.txn_id.is_some();
+        interactive::transfer(&client, &banks, &transfer, txn_id, timeout, interactive::Calls::Sequential, resume)
+            .await?
+    } else {
+        submit_transfer(&client, &transfer, txn_id, timeout).await?
+    };
     let (word, reason, code) = match &outcome {
         Outcome::Committed => ("committed", String::new(), EXIT_OK),
         Outcome::Aborted(reason) => ("aborted", reason.clone(), EXIT_ABORTED),
@@ -106,6 +125,7 @@ pub async fn transfer(args: TransferArgs) -> anyhow::Result<u8> {
     if args.cluster.json {
         json(&json!({
             "txn_id": txn_id.to_string(), "outcome": word, "reason": reason,
+            "mode": if args.interactive { "interactive" } else { "one-shot" },
             "from": transfer.from().to_string(), "to": transfer.to().to_string(),
             "amount": format_minor(transfer.amount_minor()),
         }));
@@ -119,6 +139,25 @@ pub async fn transfer(args: TransferArgs) -> anyhow::Result<u8> {
         ),
     }
     Ok(code)
+}
+
+/// The registered (name, address) of each of `wanted` (repeats once).
+async fn registered(client: &ClusterClient, wanted: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    let list = client.admin(|mut c| async move { c.list_participants(pb::ListParticipantsRequest {}).await }).await?;
+    let mut found: Vec<(String, String)> = Vec::new();
+    for bank in wanted {
+        if found.iter().any(|(name, _)| name == bank) {
+            continue;
+        }
+        let addr = list
+            .participants
+            .iter()
+            .find(|p| &p.name == bank)
+            .map(|p| p.addr.clone())
+            .with_context(|| format!("no bank named {bank} is registered (see `twopc participants list`)"))?;
+        found.push((bank.clone(), addr));
+    }
+    Ok(found)
 }
 
 /// A client of `bank`'s Bank API, at `addr` or at the address the cluster's registry holds.

@@ -39,6 +39,18 @@ pub fn ago(unix_ms: u64) -> String {
         return "-".into();
     }
     let now = twopc_proto::txn_id::unix_now_ms();
-    let ms = now.saturating_sub(unix_ms);
-    if ms < 10_000 { format!("{:.1}s ago", ms as f64 / 1000.0) } else { format!("{}s ago", ms / 1000) }
+    format!("{} ago", seconds(now.saturating_sub(unix_ms)))
+}
+
+/// A deadline in Unix milliseconds as "in 4.2s" (still ahead) or "passed 3.0s ago", or "-" for 0.
+pub fn deadline(unix_ms: u64) -> String {
+    if unix_ms == 0 {
+        return "-".into();
+    }
+    let now = twopc_proto::txn_id::unix_now_ms();
+    if unix_ms > now { format!("in {}", seconds(unix_ms - now)) } else { format!("passed {}", ago(unix_ms)) }
+}
+
+fn seconds(ms: u64) -> String {
+    if ms < 10_000 { format!("{:.1}s", ms as f64 / 1000.0) } else { format!("{}s", ms / 1000) }
 }

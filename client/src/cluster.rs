@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -45,8 +46,14 @@ impl Default for ClientConfig {
     }
 }
 
-/// A leader-following client of a coordinator cluster. Cheap to share.
+/// A leader-following client of a coordinator cluster. Cheap to clone:
+/// clones share their connections and their idea of the leader.
+#[derive(Clone)]
 pub struct ClusterClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     addrs: Vec<String>,
     config: ClientConfig,
     channels: Mutex<HashMap<String, Channel>>,
@@ -66,13 +73,55 @@ impl ClusterClient {
                 "no coordinator address: pass --coordinators HOST:PORT[,HOST:PORT...] or set TWOPC_COORDINATORS",
             ));
         }
-        let client = Self { addrs, config, channels: Mutex::default(), preferred: Mutex::default() };
-        for addr in &client.addrs {
-            client.channel(addr)?;
+        let inner = Inner { addrs, config, channels: Mutex::default(), preferred: Mutex::default() };
+        for addr in &inner.addrs {
+            inner.channel(addr)?;
         }
-        Ok(client)
+        Ok(Self { inner: Arc::new(inner) })
     }
 
+    /// Calls the client API, following leader hints and retrying retryable failures.
+    ///
+    /// # Errors
+    /// The first non-retryable status, or the last one once the retry budget is spent.
+    pub async fn coordinator<T, F, Fut>(&self, call: F) -> Result<T, Status>
+    where
+        F: Fn(CoordinatorClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.inner
+            .with_retries(|channel| {
+                call(
+                    CoordinatorClient::new(channel)
+                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                )
+            })
+            .await
+    }
+
+    /// Calls the admin API, following leader hints and retrying retryable failures.
+    ///
+    /// # Errors
+    /// As [`ClusterClient::coordinator`].
+    pub async fn admin<T, F, Fut>(&self, call: F) -> Result<T, Status>
+    where
+        F: Fn(AdminClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.inner
+            .with_retries(|channel| {
+                call(
+                    AdminClient::new(channel)
+                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                )
+            })
+            .await
+    }
+}
+
+impl Inner {
     fn channel(&self, addr: &str) -> Result<Channel, Status> {
         let mut channels = self.channels.lock();
         if let Some(channel) = channels.get(addr) {
@@ -91,44 +140,6 @@ impl ClusterClient {
         let channel = twopc_proto::net::lazy_channel_with(&endpoint, dial);
         channels.insert(addr.to_owned(), channel.clone());
         Ok(channel)
-    }
-
-    /// Calls the client API, following leader hints and retrying retryable failures.
-    ///
-    /// # Errors
-    /// The first non-retryable status, or the last one once the retry budget is spent.
-    pub async fn coordinator<T, F, Fut>(&self, call: F) -> Result<T, Status>
-    where
-        F: Fn(CoordinatorClient<Channel>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
-    {
-        self.with_retries(|channel| {
-            call(
-                CoordinatorClient::new(channel)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            )
-        })
-        .await
-    }
-
-    /// Calls the admin API, following leader hints and retrying retryable failures.
-    ///
-    /// # Errors
-    /// As [`ClusterClient::coordinator`].
-    pub async fn admin<T, F, Fut>(&self, call: F) -> Result<T, Status>
-    where
-        F: Fn(AdminClient<Channel>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
-    {
-        self.with_retries(|channel| {
-            call(
-                AdminClient::new(channel)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            )
-        })
-        .await
     }
 
     async fn with_retries<T, F, Fut>(&self, call: F) -> Result<T, Status>

@@ -34,6 +34,25 @@ pub enum Command {
         /// The participant's name.
         name: ParticipantId,
     },
+    /// Log an interactive txn as begun, with its deadline (docs/PROTOCOL.md
+    /// §12.1). The first one applied for a txn id wins; a txn the log has
+    /// decided is never begun.
+    Begin {
+        /// The transaction.
+        txn_id: TxnId,
+        /// Unix milliseconds from which the txn is over: no branch joins, and
+        /// a Commit proposed then is applied as Abort ("timed out").
+        deadline_unix_ms: u64,
+    },
+    /// Join a participant's durably prepared branch to a begun txn (§12.3).
+    /// Applied only while the txn is begun, undecided and, by the entry's
+    /// proposer time, before its deadline.
+    Join {
+        /// The transaction.
+        txn_id: TxnId,
+        /// The participant whose branch joins.
+        participant: ParticipantId,
+    },
 }
 
 /// The content of a [`Command::Decide`].
@@ -142,7 +161,7 @@ pub(crate) mod wire {
     pub struct Entry {
         #[prost(uint64, tag = "1")]
         pub proposed_unix_ms: u64,
-        #[prost(oneof = "Kind", tags = "2, 3, 4, 5, 6")]
+        #[prost(oneof = "Kind", tags = "2, 3, 4, 5, 6, 7, 8")]
         pub kind: Option<Kind>,
     }
 
@@ -158,6 +177,26 @@ pub(crate) mod wire {
         RegisterParticipant(Participant),
         #[prost(string, tag = "6")]
         RemoveParticipant(String),
+        #[prost(message, tag = "7")]
+        Begin(Begin),
+        #[prost(message, tag = "8")]
+        Join(Join),
+    }
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct Begin {
+        #[prost(bytes = "vec", tag = "1")]
+        pub txn_id: Vec<u8>,
+        #[prost(uint64, tag = "2")]
+        pub deadline_unix_ms: u64,
+    }
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct Join {
+        #[prost(bytes = "vec", tag = "1")]
+        pub txn_id: Vec<u8>,
+        #[prost(string, tag = "2")]
+        pub participant: String,
     }
 
     #[derive(Clone, PartialEq, Message)]
@@ -232,6 +271,14 @@ impl From<&Proposal> for wire::Entry {
                 wire::Kind::RegisterParticipant(wire::Participant { name: name.to_string(), addr: addr.clone() })
             }
             Command::RemoveParticipant { name } => wire::Kind::RemoveParticipant(name.to_string()),
+            Command::Begin { txn_id, deadline_unix_ms } => wire::Kind::Begin(wire::Begin {
+                txn_id: txn_id.to_bytes().to_vec(),
+                deadline_unix_ms: *deadline_unix_ms,
+            }),
+            Command::Join { txn_id, participant } => wire::Kind::Join(wire::Join {
+                txn_id: txn_id.to_bytes().to_vec(),
+                participant: participant.to_string(),
+            }),
         };
         Self { proposed_unix_ms: p.proposed_unix_ms, kind: Some(kind) }
     }
@@ -263,6 +310,13 @@ impl TryFrom<wire::Entry> for Proposal {
                 Command::RegisterParticipant { name: participant_from_wire(&p.name)?, addr: p.addr }
             }
             wire::Kind::RemoveParticipant(name) => Command::RemoveParticipant { name: participant_from_wire(&name)? },
+            wire::Kind::Begin(b) => {
+                Command::Begin { txn_id: txn_id_from_wire(&b.txn_id)?, deadline_unix_ms: b.deadline_unix_ms }
+            }
+            wire::Kind::Join(j) => Command::Join {
+                txn_id: txn_id_from_wire(&j.txn_id)?,
+                participant: participant_from_wire(&j.participant)?,
+            },
         };
         Ok(Self { command, proposed_unix_ms: entry.proposed_unix_ms })
     }
@@ -294,11 +348,31 @@ mod tests {
             Command::Forget { horizon_unix_ms: 42 },
             Command::RegisterParticipant { name: pid("bank-a"), addr: "127.0.0.1:1".into() },
             Command::RemoveParticipant { name: pid("bank-a") },
+            Command::Begin { txn_id: txn, deadline_unix_ms: 1_764_786_000_000 },
+            Command::Join { txn_id: txn, participant: pid("bank-b") },
         ];
         for command in commands {
             let proposal = Proposal { command, proposed_unix_ms: 7 };
             assert_eq!(Proposal::decode(&proposal.encode()).expect("decodes"), proposal);
         }
+    }
+
+    // Tags are forever: a Begin is field 7 of the entry, a Join field 8, whatever a later
+    // version adds, so a log written today replays under every later binary.
+    #[test]
+    fn begin_and_join_keep_their_log_tags() {
+        let txn = TxnId::from_parts(1, [0; 10]);
+        let begin = Proposal { command: Command::Begin { txn_id: txn, deadline_unix_ms: 2 }, proposed_unix_ms: 3 };
+        // proposed_unix_ms (field 1, varint 3), then field 7 (length-delimited): txn id (field 1), deadline (field 2).
+        let mut expected = vec![0x08, 3, 0x3a, 20, 0x0a, 16];
+        expected.extend(txn.to_bytes());
+        expected.extend([0x10, 2]);
+        assert_eq!(begin.encode(), expected);
+        let join = Proposal { command: Command::Join { txn_id: txn, participant: pid("a") }, proposed_unix_ms: 3 };
+        let mut expected = vec![0x08, 3, 0x42, 21, 0x0a, 16];
+        expected.extend(txn.to_bytes());
+        expected.extend([0x12, 1, b'a']);
+        assert_eq!(join.encode(), expected);
     }
 
     // I6: reasons are cut on a char boundary, never mid-character, and short ones are kept whole.

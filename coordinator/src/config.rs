@@ -132,7 +132,9 @@ pub struct EngineConfig {
     /// Txns being prepared at once on the leader; more get ResourceExhausted.
     /// Default: 10000.
     pub txn_inflight_max: usize,
-    /// Branches in one txn. Default: 16.
+    /// Branches in one txn: a Submit's, a Commit's one-shot branches, and the
+    /// branches that may join an interactive txn (each; at most
+    /// `state_machine::JOINED_BRANCHES_MAX`, 256). Default: 16.
     pub branches_per_txn_max: usize,
     /// Payload bytes of one branch. Default: 65536.
     pub payload_max_bytes: usize,
@@ -180,6 +182,15 @@ pub struct EngineConfig {
     pub unacknowledged_max: usize,
     /// Connect timeout for participant channels. Default: 1000 ms.
     pub participant_connect_timeout_ms: u64,
+    /// Interactive txns (docs/PROTOCOL.md §12) begun and not decided at once;
+    /// past it Begin gets ResourceExhausted. Each is a record in the state
+    /// machine and every snapshot until it is decided, which its deadline
+    /// (at most `deadline_max_ms` away) guarantees. Default: 10000.
+    pub begun_max: usize,
+    /// How often the leader looks for begun txns past their deadline and logs
+    /// their Abort ("timed out", §12.5); a txn outlives its deadline by up to
+    /// this long plus one log round trip. Default: 100 ms.
+    pub begun_scan_interval_ms: u64,
     /// The wall clock read for deadlines, txn-id ages and retention.
     /// Default: the system clock (tests step one node's clock to model a
     /// clock jump).
@@ -206,6 +217,8 @@ impl Default for EngineConfig {
             txn_id_future_skew_ms: 60_000,
             unacknowledged_max: 100_000,
             participant_connect_timeout_ms: 1_000,
+            begun_max: 10_000,
+            begun_scan_interval_ms: 100,
             clock: Clock::system(),
         }
     }
@@ -242,6 +255,8 @@ impl EngineConfig {
             ("txn_id_future_skew_ms", self.txn_id_future_skew_ms),
             ("unacknowledged_max", self.unacknowledged_max as u64),
             ("participant_connect_timeout_ms", self.participant_connect_timeout_ms),
+            ("begun_max", self.begun_max as u64),
+            ("begun_scan_interval_ms", self.begun_scan_interval_ms),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return bad(format!("{name} must be greater than zero"));
@@ -261,6 +276,13 @@ impl EngineConfig {
                 "txn_id_future_skew_ms ({}) must be below {log_limit_ms} ms, the furthest ahead of its proposer \
                  the log accepts a txn id",
                 self.txn_id_future_skew_ms
+            ));
+        }
+        let joined_max = crate::state_machine::JOINED_BRANCHES_MAX;
+        if self.branches_per_txn_max > joined_max {
+            return bad(format!(
+                "branches_per_txn_max ({}) must be at most {joined_max}, the most branches the log lets join one txn",
+                self.branches_per_txn_max
             ));
         }
         if self.payload_max_bytes * self.branches_per_txn_max >= twopc_proto::MAX_MESSAGE_BYTES {

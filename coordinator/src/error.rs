@@ -4,7 +4,10 @@
 //! (retry here, same txn id), and fatal (a bug or a broken disk: stop).
 
 use tonic::Status;
+use tonic::metadata::MetadataValue;
+use twopc_proto::context::TXN_STATE_METADATA_KEY;
 
+use crate::state_machine::TXN_STATE_FORGOTTEN;
 use crate::storage::StorageError;
 
 /// Result with the coordinator's [`Error`].
@@ -40,6 +43,15 @@ pub enum Error {
     /// (docs/PROTOCOL.md §7.2): its outcome is no longer kept.
     #[error("forgotten: {0}")]
     Forgotten(String),
+    /// A valid request that the txn's state refuses, naming the state (the
+    /// `twopc-txn-state` metadata entry, docs/PROTOCOL.md §12.3): a refused Join.
+    #[error("failed precondition ({state}): {message}")]
+    TxnState {
+        /// `DECIDED COMMIT`, `DECIDED ABORT`, `TIMED OUT`, `UNKNOWN`.
+        state: &'static str,
+        /// What happened and what to do.
+        message: String,
+    },
     /// The thing asked for does not exist.
     #[error("not found: {0}")]
     NotFound(String),
@@ -76,7 +88,16 @@ impl From<Error> for Status {
             Error::Overloaded(msg) => Status::resource_exhausted(msg),
             Error::InvalidArgument(msg) => Status::invalid_argument(msg),
             Error::FailedPrecondition(msg) => Status::failed_precondition(msg),
-            Error::Forgotten(msg) => twopc_proto::status::forgotten(msg),
+            Error::TxnState { state, message } => {
+                let mut status = Status::failed_precondition(message);
+                status.metadata_mut().insert(TXN_STATE_METADATA_KEY, MetadataValue::from_static(state));
+                status
+            }
+            Error::Forgotten(msg) => {
+                let mut status = twopc_proto::status::forgotten(msg);
+                status.metadata_mut().insert(TXN_STATE_METADATA_KEY, MetadataValue::from_static(TXN_STATE_FORGOTTEN));
+                status
+            }
             Error::NotFound(msg) => Status::not_found(msg),
             Error::Stopped => Status::unavailable("this coordinator node is shutting down; try another"),
             other @ (Error::Raft(_) | Error::Storage(_) | Error::Corrupt(_) | Error::Io(_)) => {

@@ -78,8 +78,17 @@ fn summary(out: &mut String, name: &str, help: &str, latency: &Latency) {
     let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
 }
 
+/// Gauges read from the applied state when the metrics are rendered.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TxnGauges {
+    /// Decided txns some participant has not acknowledged.
+    pub unacknowledged: usize,
+    /// Interactive txns begun and not decided.
+    pub begun: usize,
+}
+
 /// Renders the node's metrics in the Prometheus text format.
-pub fn render(status: &NodeStatus, engine: &EngineMetrics, phases: &PhaseLatencies, unacknowledged: usize) -> String {
+pub fn render(status: &NodeStatus, engine: &EngineMetrics, phases: &PhaseLatencies, gauges: TxnGauges) -> String {
     let mut out = String::with_capacity(4096);
     let c = |m: &std::sync::atomic::AtomicU64| m.load(Ordering::Relaxed);
     counter(&mut out, "twopc_txns_submitted_total", "Txns started by Submit on this node.", c(&engine.submitted));
@@ -91,9 +100,30 @@ pub fn render(status: &NodeStatus, engine: &EngineMetrics, phases: &PhaseLatenci
         ("no_answer", c(&engine.aborted_no_answer)),
         ("deadline", c(&engine.aborted_deadline)),
         ("presumed", c(&engine.presumed_aborts)),
+        ("timed_out", c(&engine.timed_out)),
+        ("rolled_back", c(&engine.rolled_back)),
     ] {
         let _ = writeln!(out, "twopc_txns_aborted_total{{cause=\"{cause}\"}} {value}");
     }
+    counter(&mut out, "twopc_txns_begun_total", "Interactive txns begun on this node.", c(&engine.begun));
+    counter(
+        &mut out,
+        "twopc_txns_interactive_committed_total",
+        "Interactive txns whose decision, logged by this node, is Commit.",
+        c(&engine.interactive_committed),
+    );
+    counter(
+        &mut out,
+        "twopc_branches_joined_total",
+        "Branches joined to interactive txns on this node.",
+        c(&engine.joined),
+    );
+    counter(
+        &mut out,
+        "twopc_joins_refused_total",
+        "Joins refused (txn decided, past its deadline, unknown, forgotten, or full).",
+        c(&engine.join_refused),
+    );
     counter(&mut out, "twopc_resolves_total", "Resolve calls answered.", c(&engine.resolved));
     counter(
         &mut out,
@@ -111,8 +141,9 @@ pub fn render(status: &NodeStatus, engine: &EngineMetrics, phases: &PhaseLatenci
         &mut out,
         "twopc_txns_in_doubt",
         "Decided txns some participant has not acknowledged.",
-        unacknowledged as u64,
+        gauges.unacknowledged as u64,
     );
+    gauge(&mut out, "twopc_txns_begun", "Interactive txns begun and not decided.", gauges.begun as u64);
     gauge(&mut out, "twopc_raft_term", "Current raft term.", status.term);
     gauge(&mut out, "twopc_raft_is_leader", "1 on the leader.", u64::from(status.role == Role::Leader));
     gauge(&mut out, "twopc_raft_committed_index", "Raft committed index.", status.raft_committed_index);
@@ -187,10 +218,15 @@ mod tests {
     fn renders_counters_and_quantiles_in_prometheus_text() {
         let engine = EngineMetrics::default();
         engine.committed.fetch_add(3, Ordering::Relaxed);
+        engine.timed_out.fetch_add(2, Ordering::Relaxed);
+        engine.joined.fetch_add(5, Ordering::Relaxed);
         let phases = PhaseLatencies::default();
         phases.submit.record(Duration::from_millis(2));
-        let text = render(&NodeStatus::default(), &engine, &phases, 0);
+        let text = render(&NodeStatus::default(), &engine, &phases, TxnGauges { unacknowledged: 0, begun: 4 });
         assert!(text.contains("twopc_txns_committed_total 3"));
+        assert!(text.contains("twopc_txns_aborted_total{cause=\"timed_out\"} 2"));
+        assert!(text.contains("twopc_branches_joined_total 5"));
+        assert!(text.contains("twopc_txns_begun 4"));
         assert!(text.contains("twopc_submit_seconds_count 1"));
         assert!(text.contains("twopc_txns_aborted_total{cause=\"vote_no\"} 0"));
     }

@@ -9,7 +9,8 @@ use prost::Message as _;
 use twopc_proto::{ParticipantId, Vote};
 
 use crate::engine::{
-    Engine, LIST_PAGE_MAX_BYTES, ListRequest, OperatorDecideRequest, SubmitRequest, TxnView, parse_txn_id,
+    BeginRequest, CommitRequest, Engine, JoinRequest, LIST_PAGE_MAX_BYTES, ListRequest, OperatorDecideRequest,
+    Resolution, RollbackRequest, SubmitRequest, TxnView, parse_txn_id,
 };
 use crate::node::{Membership, NodeHandle, NodeStatus, Role};
 use crate::participant_client::ParticipantClient;
@@ -64,6 +65,24 @@ fn txn_to_pb(view: &TxnView) -> pb::TransactionInfo {
             created_unix_ms: txn_id.created_unix_ms(),
             ..pb::TransactionInfo::default()
         },
+        TxnView::Begun(b) => pb::TransactionInfo {
+            txn_id: b.txn_id.to_string(),
+            state: pb::TxnState::Begun.into(),
+            // Each joined branch voted YES by joining (§12.3).
+            branches: b
+                .joined
+                .iter()
+                .map(|p| pb::BranchInfo {
+                    participant: p.to_string(),
+                    vote: pb::VoteKind::Yes.into(),
+                    joined: true,
+                    ..pb::BranchInfo::default()
+                })
+                .collect(),
+            created_unix_ms: b.txn_id.created_unix_ms(),
+            deadline_unix_ms: b.deadline_unix_ms,
+            ..pb::TransactionInfo::default()
+        },
         TxnView::Logged(r) => pb::TransactionInfo {
             txn_id: r.txn_id.to_string(),
             state: if r.is_finished() { pb::TxnState::Finished } else { pb::TxnState::Decided }.into(),
@@ -79,6 +98,7 @@ fn txn_to_pb(view: &TxnView) -> pb::TransactionInfo {
                         vote: vote.vote,
                         reason: vote.reason,
                         acknowledged: b.acknowledged,
+                        joined: b.joined,
                     }
                 })
                 .collect(),
@@ -86,6 +106,7 @@ fn txn_to_pb(view: &TxnView) -> pb::TransactionInfo {
             decided_unix_ms: r.decided_unix_ms,
             finished_unix_ms: r.finished_unix_ms.unwrap_or(0),
             decision_log_index: r.decision_log_index,
+            deadline_unix_ms: r.deadline_unix_ms.unwrap_or(0),
         },
     }
 }
@@ -149,8 +170,14 @@ impl<P: ParticipantClient> pb::coordinator_server::Coordinator for CoordinatorSe
         // The asker learns only the decision for its own branch: Abort for a
         // txn whose record names other participants only (§6).
         let asker = optional_participant(&request.participant)?;
-        let decision = self.engine.resolve(txn_id, asker.as_ref()).await?;
-        Ok(Response::new(pb::ResolveResponse { decision: decision.into() }))
+        let response = match self.engine.resolve(txn_id, asker.as_ref()).await? {
+            Resolution::Decided(decision) => pb::ResolveResponse { decision: decision.into(), ..Default::default() },
+            // A begun txn before its deadline: nothing is presumed (§12.5).
+            Resolution::Undecided { retry_after_ms } => {
+                pb::ResolveResponse { decision: pb::Decision::Unspecified.into(), undecided: true, retry_after_ms }
+            }
+        };
+        Ok(Response::new(response))
     }
 
     async fn get_transaction(
@@ -181,6 +208,41 @@ impl<P: ParticipantClient> pb::coordinator_server::Coordinator for CoordinatorSe
         _: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         Ok(Response::new(status_to_pb(&self.engine.node().status())))
+    }
+
+    #[tracing::instrument(skip_all, fields(txn_id = %request.get_ref().txn_id))]
+    async fn begin(&self, request: Request<pb::BeginRequest>) -> Result<Response<pb::BeginResponse>, Status> {
+        let begin = BeginRequest::from_pb(request.get_ref(), self.engine.config())?;
+        let context = self.engine.begin(begin).await?;
+        Ok(Response::new(pb::BeginResponse {
+            context: Some(pb::TxnContext {
+                txn_id: context.txn_id.to_string(),
+                deadline_unix_ms: context.deadline_unix_ms,
+            }),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(txn_id = %request.get_ref().txn_id, participant = %request.get_ref().participant))]
+    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+        // Over TLS a participant joins only its own branch (docs/SECURITY.md).
+        twopc_proto::auth::participant_acts_as_itself(&request, &request.get_ref().participant)?;
+        let join = JoinRequest::from_pb(request.get_ref(), self.engine.config())?;
+        let deadline_unix_ms = self.engine.join(join).await?;
+        Ok(Response::new(pb::JoinResponse { deadline_unix_ms }))
+    }
+
+    #[tracing::instrument(skip_all, fields(txn_id = %request.get_ref().txn_id))]
+    async fn commit(&self, request: Request<pb::CommitRequest>) -> Result<Response<pb::SubmitResponse>, Status> {
+        let commit = CommitRequest::from_pb(request.into_inner(), self.engine.config())?;
+        let record = self.engine.commit(commit).await?;
+        Ok(Response::new(submit_to_pb(&record)))
+    }
+
+    #[tracing::instrument(skip_all, fields(txn_id = %request.get_ref().txn_id))]
+    async fn rollback(&self, request: Request<pb::RollbackRequest>) -> Result<Response<pb::RollbackResponse>, Status> {
+        let rollback = RollbackRequest::from_pb(request.get_ref(), self.engine.config())?;
+        let record = self.engine.rollback(rollback).await?;
+        Ok(Response::new(pb::RollbackResponse { decision: record.decision.into(), reason: record.reason }))
     }
 }
 
@@ -311,13 +373,15 @@ mod tests {
                 BranchRecord {
                     participant,
                     vote: Some(Vote::no("n".repeat(REASON_MAX_BYTES))),
-                    acknowledged: true
+                    acknowledged: true,
+                    joined: false,
                 };
                 16
             ],
             decided_unix_ms: 1,
             decision_log_index: 1,
             finished_unix_ms: Some(1),
+            deadline_unix_ms: Some(1),
         })
     }
 

@@ -32,6 +32,10 @@ pub struct TxnRecord {
     pub decision_log_index: u64,
     /// When the last branch acknowledged (proposer's clock), if all have.
     pub finished_unix_ms: Option<u64>,
+    /// The deadline of a txn that was begun interactively (docs/PROTOCOL.md
+    /// §12); None for a one-shot txn (Submit, a presumed abort, an operator's
+    /// decision of a txn never begun).
+    pub deadline_unix_ms: Option<u64>,
 }
 
 impl TxnRecord {
@@ -40,12 +44,22 @@ impl TxnRecord {
         self.finished_unix_ms.is_some()
     }
 
-    /// A Commit that names no branch: only an operator's forced Commit
-    /// (docs/PROTOCOL.md §6.1). Retention never forgets one, so every
-    /// forgotten txn is one that no in-doubt branch can belong to unless it
-    /// aborted (§7.2): its participant may abort the branch.
+    /// A Commit of a txn never begun that names no branch: only an
+    /// operator's forced Commit (docs/PROTOCOL.md §6.1). Retention never
+    /// forgets one, so every forgotten txn is one that no in-doubt branch can
+    /// belong to unless it aborted (§7.2): its participant may abort the
+    /// branch. An interactive record is not one, even when it names no branch:
+    /// every branch of a begun txn is named by its record (joined before the
+    /// decision, or one-shot), and a participant it does not name is answered
+    /// Abort (§6, §12.5). So retention forgets it, and a client cannot grow
+    /// the table with Begin and an empty Commit (§12.6).
     pub fn is_branchless_commit(&self) -> bool {
-        self.decision == Decision::Commit && self.branches.is_empty()
+        self.decision == Decision::Commit && self.branches.is_empty() && self.deadline_unix_ms.is_none()
+    }
+
+    /// Whether the record names `participant`'s branch.
+    pub fn names(&self, participant: &ParticipantId) -> bool {
+        self.branches.iter().any(|b| &b.participant == participant)
     }
 }
 
@@ -58,6 +72,32 @@ pub struct BranchRecord {
     pub vote: Option<Vote>,
     /// Whether it acknowledged carrying out the decision.
     pub acknowledged: bool,
+    /// Whether it joined a begun txn (docs/PROTOCOL.md §12.3) rather than
+    /// being prepared by the coordinator as a one-shot branch.
+    pub joined: bool,
+}
+
+/// An interactive txn that is begun and not decided (docs/PROTOCOL.md §12).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BegunTxn {
+    /// The transaction.
+    pub txn_id: TxnId,
+    /// Unix milliseconds from which it is over: no branch joins it, a Commit
+    /// proposed then is applied as Abort, and the leader logs its timeout.
+    pub deadline_unix_ms: u64,
+    /// The proposer's clock when the Begin entry was proposed.
+    pub begun_unix_ms: u64,
+    /// The log index of the Begin entry.
+    pub begun_log_index: u64,
+    /// The participants that joined, in the order their Join entries were applied.
+    pub joined: Vec<ParticipantId>,
+}
+
+impl BegunTxn {
+    /// Whether the txn is past its deadline at `now_unix_ms`.
+    pub fn is_expired(&self, now_unix_ms: u64) -> bool {
+        now_unix_ms >= self.deadline_unix_ms
+    }
 }
 
 /// The result of applying one entry, handed back to its proposer.
@@ -94,7 +134,124 @@ pub enum Applied {
         /// Why.
         refusal: DecideRefusal,
     },
+    /// The txn is begun: by this entry (`first`) or an earlier one, whose
+    /// deadline stands (first writer wins, docs/PROTOCOL.md §12.1).
+    Begun {
+        /// The txn as the log now holds it.
+        begun: BegunTxn,
+        /// Whether this entry began it.
+        first: bool,
+    },
+    /// A Begin entry was refused and changed nothing.
+    BeginRefused {
+        /// The txn named by the entry.
+        txn_id: TxnId,
+        /// Why.
+        refusal: BeginRefusal,
+    },
+    /// The participant's branch is part of the txn: joined by this entry
+    /// (`first`), or named already (an earlier Join, or the decided record).
+    Joined {
+        /// The txn's deadline (for a decided one-shot record that names the
+        /// participant, its decision time: it is decided by then).
+        deadline_unix_ms: u64,
+        /// Whether this entry joined it.
+        first: bool,
+    },
+    /// A Join entry was refused and changed nothing: the participant must
+    /// abort its branch (docs/PROTOCOL.md §12.3).
+    JoinRefused {
+        /// The txn named by the entry.
+        txn_id: TxnId,
+        /// Why.
+        refusal: JoinRefusal,
+    },
 }
+
+/// Why the state machine refused a Begin entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BeginRefusal {
+    /// The log has already decided the txn (a presumed abort or a one-shot
+    /// Submit used the id; or it was begun and is over).
+    Decided(Decision),
+    /// The id was created before the log's retention horizon (§7.2).
+    Forgotten,
+    /// The id was created more than [`TXN_ID_AHEAD_OF_PROPOSER_MAX_MS`] after
+    /// the proposer's clock (§7.4).
+    FromTheFuture,
+}
+
+/// What a Join entry would be applied as ([`StateMachine::join_verdict`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinVerdict {
+    /// The txn's record, or its joined list, names the participant already: a repeat.
+    Named {
+        /// The txn's deadline (a decided one-shot record's decision time).
+        deadline_unix_ms: u64,
+    },
+    /// The txn is begun and open: the entry joins the branch.
+    Joinable {
+        /// The txn's deadline.
+        deadline_unix_ms: u64,
+        /// How many branches joined it so far.
+        joined: usize,
+    },
+    /// The entry is refused and changes nothing.
+    Refused(JoinRefusal),
+}
+
+/// Why the state machine refused a Join entry (docs/PROTOCOL.md §12.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinRefusal {
+    /// The txn is decided and its record does not name the participant.
+    Decided(Decision),
+    /// The txn is begun, but the entry's proposer time is at or past its deadline.
+    PastDeadline,
+    /// The log holds no Begin for the txn.
+    Unknown,
+    /// The id was created before the log's retention horizon (§7.2).
+    Forgotten,
+    /// The txn already holds [`JOINED_BRANCHES_MAX`] joined branches.
+    TooManyBranches,
+}
+
+impl JoinRefusal {
+    /// The state a refused Join names in the `twopc-txn-state` metadata entry.
+    pub fn state(&self) -> &'static str {
+        match self {
+            Self::Decided(Decision::Commit) => TXN_STATE_DECIDED_COMMIT,
+            Self::Decided(Decision::Abort) => TXN_STATE_DECIDED_ABORT,
+            Self::PastDeadline => TXN_STATE_TIMED_OUT,
+            Self::Unknown => TXN_STATE_UNKNOWN,
+            Self::Forgotten => TXN_STATE_FORGOTTEN,
+            Self::TooManyBranches => TXN_STATE_BEGUN,
+        }
+    }
+}
+
+/// `twopc-txn-state` of a txn that is begun and open.
+pub const TXN_STATE_BEGUN: &str = "BEGUN";
+/// `twopc-txn-state` of a txn whose logged decision is Commit.
+pub const TXN_STATE_DECIDED_COMMIT: &str = "DECIDED COMMIT";
+/// `twopc-txn-state` of a txn whose logged decision is Abort.
+pub const TXN_STATE_DECIDED_ABORT: &str = "DECIDED ABORT";
+/// `twopc-txn-state` of a begun txn past its deadline (its Abort may not be logged yet).
+pub const TXN_STATE_TIMED_OUT: &str = "TIMED OUT";
+/// `twopc-txn-state` of a txn the log never began.
+pub const TXN_STATE_UNKNOWN: &str = "UNKNOWN";
+/// `twopc-txn-state` of a txn id created before the log's retention horizon.
+pub const TXN_STATE_FORGOTTEN: &str = "FORGOTTEN";
+
+/// The reason logged with the Abort of a begun txn that reached its deadline
+/// undecided, and with a Commit the log applies as Abort because its
+/// proposer time was past the deadline (docs/PROTOCOL.md §12.4, §12.5).
+pub const TIMED_OUT_REASON: &str = "timed out";
+
+/// The most branches the log lets join one txn: its own guard (I6), whatever
+/// a proposer checked. The engine's `branches_per_txn_max` must not exceed it
+/// (checked at start-up); concurrent Joins that each passed the engine's
+/// check are stopped here.
+pub const JOINED_BRANCHES_MAX: usize = 256;
 
 /// Why the state machine refused a first decision for a txn id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +292,11 @@ pub struct StateMachine {
     /// The highest horizon a `Forget` entry applied: txns created before it
     /// may have been decided and forgotten (docs/PROTOCOL.md §7.2).
     forgotten_before_unix_ms: u64,
+    /// Begun, undecided txns (docs/PROTOCOL.md §12). A txn is here or in
+    /// `txns`, never both.
+    begun: BTreeMap<TxnId, BegunTxn>,
+    /// `begun` by deadline, so the leader finds expired txns without a scan.
+    begun_by_deadline: BTreeSet<(u64, TxnId)>,
 }
 
 impl StateMachine {
@@ -182,13 +344,88 @@ impl StateMachine {
             Command::RemoveParticipant { name } => {
                 Applied::Registry { existed: self.participants.remove(name).is_some() }
             }
+            Command::Begin { txn_id, deadline_unix_ms } => self.begin(index, now, *txn_id, *deadline_unix_ms),
+            Command::Join { txn_id, participant } => self.join(now, *txn_id, participant),
         }
+    }
+
+    fn begin(&mut self, index: u64, now: u64, txn_id: TxnId, deadline_unix_ms: u64) -> Applied {
+        if let Some(record) = self.txns.get(&txn_id) {
+            return Applied::BeginRefused { txn_id, refusal: BeginRefusal::Decided(record.decision) };
+        }
+        // First writer wins: a repeat answers the logged deadline (I5).
+        if let Some(begun) = self.begun.get(&txn_id) {
+            return Applied::Begun { begun: begun.clone(), first: false };
+        }
+        // As for a Decide (§7.2, §7.4): a begun record outlives no horizon it
+        // should not, and an id that may have been decided is never begun.
+        if self.may_have_forgotten(&txn_id) {
+            return Applied::BeginRefused { txn_id, refusal: BeginRefusal::Forgotten };
+        }
+        if txn_id.created_unix_ms() > now.saturating_add(TXN_ID_AHEAD_OF_PROPOSER_MAX_MS) {
+            return Applied::BeginRefused { txn_id, refusal: BeginRefusal::FromTheFuture };
+        }
+        let begun =
+            BegunTxn { txn_id, deadline_unix_ms, begun_unix_ms: now, begun_log_index: index, joined: Vec::new() };
+        self.begun_by_deadline.insert((deadline_unix_ms, txn_id));
+        self.begun.insert(txn_id, begun.clone());
+        Applied::Begun { begun, first: true }
+    }
+
+    fn join(&mut self, now: u64, txn_id: TxnId, participant: &ParticipantId) -> Applied {
+        match self.join_verdict(now, txn_id, participant) {
+            JoinVerdict::Named { deadline_unix_ms } => Applied::Joined { deadline_unix_ms, first: false },
+            JoinVerdict::Refused(refusal) => Applied::JoinRefused { txn_id, refusal },
+            JoinVerdict::Joinable { deadline_unix_ms, .. } => {
+                if let Some(begun) = self.begun.get_mut(&txn_id) {
+                    begun.joined.push(participant.clone());
+                }
+                Applied::Joined { deadline_unix_ms, first: true }
+            }
+        }
+    }
+
+    /// What a Join entry of `participant` for `txn_id`, proposed at
+    /// `now_unix_ms`, is applied as in this state (docs/PROTOCOL.md §12.3).
+    /// The leader asks it first, to answer a repeat or refuse without a log entry.
+    pub fn join_verdict(&self, now_unix_ms: u64, txn_id: TxnId, participant: &ParticipantId) -> JoinVerdict {
+        if let Some(record) = self.txns.get(&txn_id) {
+            // A participant the decided record names already is part of the
+            // txn (its Join was applied before the decision, and this is a
+            // retry): it must carry out the record's decision, never abort on
+            // its own (I1, I5).
+            if record.names(participant) {
+                return JoinVerdict::Named {
+                    deadline_unix_ms: record.deadline_unix_ms.unwrap_or(record.decided_unix_ms),
+                };
+            }
+            return JoinVerdict::Refused(JoinRefusal::Decided(record.decision));
+        }
+        let Some(begun) = self.begun.get(&txn_id) else {
+            let forgotten = self.may_have_forgotten(&txn_id);
+            return JoinVerdict::Refused(if forgotten { JoinRefusal::Forgotten } else { JoinRefusal::Unknown });
+        };
+        if begun.joined.contains(participant) {
+            return JoinVerdict::Named { deadline_unix_ms: begun.deadline_unix_ms };
+        }
+        // By the entry's proposer time, so every replica agrees (§7.3).
+        if begun.is_expired(now_unix_ms) {
+            return JoinVerdict::Refused(JoinRefusal::PastDeadline);
+        }
+        if begun.joined.len() >= JOINED_BRANCHES_MAX {
+            return JoinVerdict::Refused(JoinRefusal::TooManyBranches);
+        }
+        JoinVerdict::Joinable { deadline_unix_ms: begun.deadline_unix_ms, joined: begun.joined.len() }
     }
 
     fn decide(&mut self, index: u64, now: u64, cmd: &DecideCmd) -> Applied {
         // I2: the first decision entry for a txn id wins; later ones are ignored.
         if let Some(record) = self.txns.get(&cmd.txn_id) {
             return Applied::Decided { record: record.clone(), first: false };
+        }
+        if let Some(begun) = self.begun.remove(&cmd.txn_id) {
+            self.begun_by_deadline.remove(&(begun.deadline_unix_ms, begun.txn_id));
+            return self.decide_begun(index, now, cmd, begun);
         }
         // Decided here, from the entry and the applied state alone, so no
         // proposer (a leader whose clock is behind, a Resolve, an operator)
@@ -211,22 +448,75 @@ impl StateMachine {
                 // A branch that voted NO holds nothing and already knows the
                 // outcome: there is nothing to deliver to it.
                 acknowledged: matches!(vote, Some(Vote::No { .. })),
+                joined: false,
             })
             .collect();
-        let finished_unix_ms = branches.iter().all(|b| b.acknowledged).then_some(now);
-        let record = TxnRecord {
+        self.record_first(TxnRecord {
             txn_id: cmd.txn_id,
             decision: cmd.decision,
             reason: cmd.reason.clone(),
             branches,
             decided_unix_ms: now,
             decision_log_index: index,
-            finished_unix_ms,
-        };
-        if !record.is_finished() {
-            self.unacknowledged.insert(cmd.txn_id);
+            finished_unix_ms: None,
+            deadline_unix_ms: None,
+        })
+    }
+
+    /// The first decision of a begun txn (docs/PROTOCOL.md §12.4). No horizon
+    /// or future check: the begun record proves the log still knows the txn.
+    /// Its branches are fixed here, from the log alone: the entry's one-shot
+    /// branches and every branch joined before it (each voted YES by joining);
+    /// a Join applied later is refused, so no joined branch is missed (I1).
+    fn decide_begun(&mut self, index: u64, now: u64, cmd: &DecideCmd, begun: BegunTxn) -> Applied {
+        let mut branches: Vec<BranchRecord> = Vec::with_capacity(cmd.branches.len() + begun.joined.len());
+        for (participant, vote) in &cmd.branches {
+            if branches.iter().any(|b| &b.participant == participant) {
+                continue;
+            }
+            let joined = begun.joined.contains(participant);
+            branches.push(BranchRecord {
+                participant: participant.clone(),
+                vote: vote.clone(),
+                // A branch that also joined holds a prepared branch whatever
+                // its one-shot vote says: it must be told the decision.
+                acknowledged: !joined && matches!(vote, Some(Vote::No { .. })),
+                joined,
+            });
         }
-        self.txns.insert(cmd.txn_id, record.clone());
+        let expired = begun.is_expired(now);
+        for participant in begun.joined {
+            if !branches.iter().any(|b| b.participant == participant) {
+                branches.push(BranchRecord { participant, vote: Some(Vote::Yes), acknowledged: false, joined: true });
+            }
+        }
+        // The deadline binds by the log: a Commit proposed at or after it
+        // loses to the timeout whoever proposed it.
+        let (decision, reason) = if cmd.decision == Decision::Commit && expired {
+            (Decision::Abort, TIMED_OUT_REASON.to_owned())
+        } else {
+            (cmd.decision, cmd.reason.clone())
+        };
+        self.record_first(TxnRecord {
+            txn_id: cmd.txn_id,
+            decision,
+            reason,
+            branches,
+            decided_unix_ms: now,
+            decision_log_index: index,
+            finished_unix_ms: None,
+            deadline_unix_ms: Some(begun.deadline_unix_ms),
+        })
+    }
+
+    /// Stores a txn's first decision (I2).
+    fn record_first(&mut self, mut record: TxnRecord) -> Applied {
+        if record.branches.iter().all(|b| b.acknowledged) {
+            record.finished_unix_ms = Some(record.decided_unix_ms);
+        } else {
+            self.unacknowledged.insert(record.txn_id);
+        }
+        self.txns.insert(record.txn_id, record.clone());
         Applied::Decided { record, first: true }
     }
 
@@ -334,6 +624,44 @@ impl StateMachine {
             .collect()
     }
 
+    /// A begun, undecided txn.
+    pub fn begun(&self, txn_id: &TxnId) -> Option<&BegunTxn> {
+        self.begun.get(txn_id)
+    }
+
+    /// Whether a txn is begun and undecided (one map lookup: Submit's check).
+    pub fn is_begun(&self, txn_id: &TxnId) -> bool {
+        self.begun.contains_key(txn_id)
+    }
+
+    /// How many txns are begun and undecided.
+    pub fn begun_count(&self) -> usize {
+        self.begun.len()
+    }
+
+    /// Up to `max` begun txns whose deadline is at or before `now_unix_ms`,
+    /// earliest deadline first (the leader's timeout scan, §12.5).
+    pub fn expired_begun(&self, now_unix_ms: u64, max: usize) -> Vec<TxnId> {
+        self.begun_by_deadline
+            .iter()
+            .take_while(|(deadline, _)| *deadline <= now_unix_ms)
+            .take(max)
+            .map(|(_, id)| *id)
+            .collect()
+    }
+
+    /// A page of begun txns in id (creation) order after `after`, created
+    /// before `created_before_unix_ms`.
+    pub fn list_begun(&self, created_before_unix_ms: u64, after: Option<TxnId>, limit: usize) -> Vec<&BegunTxn> {
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.begun
+            .range((start, Bound::Unbounded))
+            .map(|(_, begun)| begun)
+            .take_while(|b| b.txn_id.created_unix_ms() < created_before_unix_ms)
+            .take(limit)
+            .collect()
+    }
+
     /// A participant's registered address.
     pub fn participant_addr(&self, name: &ParticipantId) -> Option<&str> {
         self.participants.get(name).map(String::as_str)
@@ -356,6 +684,7 @@ impl StateMachine {
                 .collect(),
             members: self.members.iter().map(|(id, addr)| wire::Member { id: *id, addr: addr.clone() }).collect(),
             forgotten_before_unix_ms: self.forgotten_before_unix_ms,
+            begun: self.begun.values().map(wire::Begun::from).collect(),
         };
         snap.encode_to_vec()
     }
@@ -383,6 +712,18 @@ impl StateMachine {
             }
             sm.txns.insert(record.txn_id, record);
         }
+        for begun in snap.begun {
+            let begun = BegunTxn::try_from(begun)?;
+            // A txn is begun or decided, never both, and begun once.
+            if sm.txns.contains_key(&begun.txn_id) || sm.begun.contains_key(&begun.txn_id) {
+                return Err(Error::Corrupt(format!(
+                    "snapshot: txn {} is begun twice or begun and decided",
+                    begun.txn_id
+                )));
+            }
+            sm.begun_by_deadline.insert((begun.deadline_unix_ms, begun.txn_id));
+            sm.begun.insert(begun.txn_id, begun);
+        }
         for p in snap.participants {
             sm.participants.insert(participant_from_wire(&p.name)?, p.addr);
         }
@@ -406,6 +747,22 @@ mod wire {
         pub members: Vec<Member>,
         #[prost(uint64, tag = "5")]
         pub forgotten_before_unix_ms: u64,
+        #[prost(message, repeated, tag = "6")]
+        pub begun: Vec<Begun>,
+    }
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct Begun {
+        #[prost(bytes = "vec", tag = "1")]
+        pub txn_id: Vec<u8>,
+        #[prost(uint64, tag = "2")]
+        pub deadline_unix_ms: u64,
+        #[prost(uint64, tag = "3")]
+        pub begun_unix_ms: u64,
+        #[prost(uint64, tag = "4")]
+        pub begun_log_index: u64,
+        #[prost(string, repeated, tag = "5")]
+        pub joined: Vec<String>,
     }
 
     #[derive(Clone, PartialEq, Message)]
@@ -424,6 +781,8 @@ mod wire {
         pub decision_log_index: u64,
         #[prost(uint64, optional, tag = "7")]
         pub finished_unix_ms: Option<u64>,
+        #[prost(uint64, optional, tag = "8")]
+        pub deadline_unix_ms: Option<u64>,
     }
 
     #[derive(Clone, PartialEq, Message)]
@@ -436,6 +795,8 @@ mod wire {
         pub reason: String,
         #[prost(bool, tag = "4")]
         pub acknowledged: bool,
+        #[prost(bool, tag = "5")]
+        pub joined: bool,
     }
 
     #[derive(Clone, PartialEq, Message)]
@@ -458,13 +819,53 @@ impl From<&TxnRecord> for wire::Txn {
                 .iter()
                 .map(|b| {
                     let (vote, reason) = vote_to_wire(b.vote.as_ref());
-                    wire::Branch { participant: b.participant.to_string(), vote, reason, acknowledged: b.acknowledged }
+                    wire::Branch {
+                        participant: b.participant.to_string(),
+                        vote,
+                        reason,
+                        acknowledged: b.acknowledged,
+                        joined: b.joined,
+                    }
                 })
                 .collect(),
             decided_unix_ms: r.decided_unix_ms,
             decision_log_index: r.decision_log_index,
             finished_unix_ms: r.finished_unix_ms,
+            deadline_unix_ms: r.deadline_unix_ms,
         }
+    }
+}
+
+impl From<&BegunTxn> for wire::Begun {
+    fn from(b: &BegunTxn) -> Self {
+        Self {
+            txn_id: b.txn_id.to_bytes().to_vec(),
+            deadline_unix_ms: b.deadline_unix_ms,
+            begun_unix_ms: b.begun_unix_ms,
+            begun_log_index: b.begun_log_index,
+            joined: b.joined.iter().map(ToString::to_string).collect(),
+        }
+    }
+}
+
+impl TryFrom<wire::Begun> for BegunTxn {
+    type Error = Error;
+
+    fn try_from(b: wire::Begun) -> Result<Self> {
+        let txn_id = txn_id_from_wire(&b.txn_id)?;
+        let joined: Vec<ParticipantId> = b.joined.iter().map(|p| participant_from_wire(p)).collect::<Result<_>>()?;
+        // The log joins a participant once and at most JOINED_BRANCHES_MAX.
+        let distinct: BTreeSet<&ParticipantId> = joined.iter().collect();
+        if distinct.len() != joined.len() || joined.len() > JOINED_BRANCHES_MAX {
+            return Err(Error::Corrupt(format!("snapshot: begun txn {txn_id} has a bad joined list")));
+        }
+        Ok(Self {
+            txn_id,
+            deadline_unix_ms: b.deadline_unix_ms,
+            begun_unix_ms: b.begun_unix_ms,
+            begun_log_index: b.begun_log_index,
+            joined,
+        })
     }
 }
 
@@ -484,12 +885,14 @@ impl TryFrom<wire::Txn> for TxnRecord {
                         participant: participant_from_wire(&b.participant)?,
                         vote: vote_from_wire(b.vote, &b.reason)?,
                         acknowledged: b.acknowledged,
+                        joined: b.joined,
                     })
                 })
                 .collect::<Result<_>>()?,
             decided_unix_ms: t.decided_unix_ms,
             decision_log_index: t.decision_log_index,
             finished_unix_ms: t.finished_unix_ms,
+            deadline_unix_ms: t.deadline_unix_ms,
         })
     }
 }
@@ -639,6 +1042,275 @@ mod tests {
         let lower = horizon - 1;
         sm.apply(2, &Proposal { command: Command::Forget { horizon_unix_ms: lower }, proposed_unix_ms: 3 });
         assert!(sm.may_have_forgotten(&older), "a later, lower horizon never lowers it");
+    }
+
+    fn at(command: Command, proposed_unix_ms: u64) -> Proposal {
+        Proposal { command, proposed_unix_ms }
+    }
+
+    fn begin(txn_id: TxnId, deadline_unix_ms: u64, now: u64) -> Proposal {
+        at(Command::Begin { txn_id, deadline_unix_ms }, now)
+    }
+
+    fn join(txn_id: TxnId, participant: &str, now: u64) -> Proposal {
+        at(Command::Join { txn_id, participant: pid(participant) }, now)
+    }
+
+    fn decide_with(txn_id: TxnId, decision: Decision, one_shot: &[(&str, Option<Vote>)], now: u64) -> Proposal {
+        let branches = one_shot.iter().map(|(p, v)| (pid(p), v.clone())).collect();
+        at(Command::Decide(DecideCmd { txn_id, decision, reason: String::new(), branches }), now)
+    }
+
+    fn record(applied: Applied) -> TxnRecord {
+        match applied {
+            Applied::Decided { record, first: true } => record,
+            other => panic!("expected a first decision, got {other:?}"),
+        }
+    }
+
+    // §12.1, I5: the first Begin wins; a repeat (another deadline) answers the logged one.
+    #[test]
+    fn the_first_begin_wins_and_a_repeat_answers_its_deadline() {
+        let mut sm = StateMachine::default();
+        let now = unix_now_ms();
+        let txn = TxnId::created_at(now);
+        let first = sm.apply(1, &begin(txn, now + 1000, now));
+        assert!(matches!(first, Applied::Begun { first: true, ref begun } if begun.deadline_unix_ms == now + 1000));
+        let again = sm.apply(2, &begin(txn, now + 5000, now + 1));
+        let Applied::Begun { begun, first: false } = again else { panic!("{again:?}") };
+        assert_eq!((begun.deadline_unix_ms, begun.begun_log_index, begun.begun_unix_ms), (now + 1000, 1, now));
+        assert_eq!(sm.begun_count(), 1);
+    }
+
+    // §12.1: a txn the log decided (a presumed abort got there first, a Submit used the id), an id
+    // below the retention horizon, or one from the future is never begun, and the entry changes nothing.
+    #[test]
+    fn a_begin_is_refused_for_a_decided_forgotten_or_future_txn() {
+        let mut sm = StateMachine::default();
+        let now = unix_now_ms();
+        let decided = TxnId::created_at(now);
+        sm.apply(1, &decide_at(decided, now));
+        let forgotten = TxnId::created_at(now - 100);
+        sm.apply(2, &at(Command::Forget { horizon_unix_ms: now - 50 }, now));
+        let future = TxnId::created_at(now + TXN_ID_AHEAD_OF_PROPOSER_MAX_MS + 1);
+        let before = sm.clone();
+        let cases = [
+            (decided, BeginRefusal::Decided(Decision::Abort)),
+            (forgotten, BeginRefusal::Forgotten),
+            (future, BeginRefusal::FromTheFuture),
+        ];
+        for (index, (txn_id, refusal)) in (3..).zip(cases) {
+            assert_eq!(sm.apply(index, &begin(txn_id, now + 1000, now)), Applied::BeginRefused { txn_id, refusal });
+        }
+        assert_eq!(StateMachine { applied_index: 2, ..sm.clone() }, before, "refused entries change nothing");
+    }
+
+    // §12.3, I5: a Join joins a begun txn once, in log order; a repeat succeeds and changes nothing.
+    #[test]
+    fn a_join_joins_a_begun_txn_once() {
+        let mut sm = StateMachine::default();
+        let now = unix_now_ms();
+        let txn = TxnId::created_at(now);
+        sm.apply(1, &begin(txn, now + 1000, now));
+        assert_eq!(sm.apply(2, &join(txn, "b", now)), Applied::Joined { deadline_unix_ms: now + 1000, first: true });
+        assert_eq!(sm.apply(3, &join(txn, "a", now)), Applied::Joined { deadline_unix_ms: now + 1000, first: true });
+        assert_eq!(sm.apply(4, &join(txn, "b", now)), Applied::Joined { deadline_unix_ms: now + 1000, first: false });
+        assert_eq!(sm.begun(&txn).map(|b| b.joined.clone()), Some(vec![pid("b"), pid("a")]));
+    }
+
+    // §12.3: a Join is refused, changing nothing, when the txn is decided without the branch, past
+    // its deadline by the entry's proposer time, never begun, or below the retention horizon, and
+    // when the txn already holds JOINED_BRANCHES_MAX joined branches (the log's own bound, I6).
+    #[test]
+    fn a_join_is_refused_with_the_txns_state() {
+        let mut sm = StateMachine::default();
+        let now = unix_now_ms();
+        let (decided, expired, full) = (TxnId::created_at(now), TxnId::created_at(now), TxnId::created_at(now));
+        sm.apply(1, &decide(decided, Decision::Commit, &["a"]));
+        sm.apply(2, &begin(expired, now + 10, now));
+        sm.apply(3, &begin(full, now + 1000, now));
+        let mut index = 4;
+        for i in 0..JOINED_BRANCHES_MAX {
+            assert!(matches!(sm.apply(index, &join(full, &format!("p{i}"), now)), Applied::Joined { first: true, .. }));
+            index += 1;
+        }
+        sm.apply(index, &at(Command::Forget { horizon_unix_ms: now - 50 }, now));
+        let before = sm.clone();
+        let never = TxnId::created_at(now);
+        let forgotten = TxnId::created_at(now - 100);
+        let cases = [
+            (join(decided, "b", now), decided, JoinRefusal::Decided(Decision::Commit), TXN_STATE_DECIDED_COMMIT),
+            (join(expired, "b", now + 10), expired, JoinRefusal::PastDeadline, TXN_STATE_TIMED_OUT),
+            (join(never, "b", now), never, JoinRefusal::Unknown, TXN_STATE_UNKNOWN),
+            (join(forgotten, "b", now), forgotten, JoinRefusal::Forgotten, TXN_STATE_FORGOTTEN),
+            (join(full, "one-more", now), full, JoinRefusal::TooManyBranches, TXN_STATE_BEGUN),
+        ];
+        for (proposal, txn_id, refusal, state) in cases {
+            index += 1;
+            assert_eq!(sm.apply(index, &proposal), Applied::JoinRefused { txn_id, refusal });
+            assert_eq!(refusal.state(), state);
+        }
+        assert_eq!(StateMachine { applied_index: before.applied_index, ..sm.clone() }, before);
+        // Just before the deadline, by the proposer's clock, the branch joins.
+        let late = join(expired, "c", now + 9);
+        assert!(matches!(sm.apply(index + 1, &late), Applied::Joined { first: true, .. }));
+    }
+
+    // I1, I5: a Join retried after the decision, by a participant the record names (its first
+    // Join was applied before the Decide), succeeds: refusing it would make the participant abort
+    // a branch the record commits.
+    #[test]
+    fn a_join_retried_after_the_decision_by_a_named_branch_succeeds() {
+        let mut sm = StateMachine::default();
+        let now = unix_now_ms();
+        let txn = TxnId::created_at(now);
+        sm.apply(1, &begin(txn, now + 1000, now));
+        sm.apply(2, &join(txn, "a", now));
+        sm.apply(3, &decide_with(txn, Decision::Commit, &[], now));
+        assert_eq!(sm.apply(4, &join(txn, "a", now)), Applied::Joined { deadline_unix_ms: now + 1000, first: false });
+        let refused = sm.apply(5, &join(txn, "b", now));
+        assert_eq!(refused, Applied::JoinRefused { txn_id: txn, refusal: JoinRefusal::Decided(Decision::Commit) });
+    }
+
+    // §12.4, I1: the decision of a begun txn names the entry's one-shot branches and every branch
+    // joined before it (vote YES, joined, to be delivered), each once; the txn leaves the begun table.
+    #[test]
+    fn the_decision_of_a_begun_txn_names_its_joined_and_one_shot_branches() {
+        let mut sm = StateMachine::default();
+        let now = unix_now_ms();
+        let txn = TxnId::created_at(now);
+        sm.apply(1, &begin(txn, now + 1000, now));
+        sm.apply(2, &join(txn, "a", now));
+        sm.apply(3, &join(txn, "both", now));
+        let one_shot = [("c", Some(Vote::Yes)), ("both", Some(Vote::no("x")))];
+        let r = record(sm.apply(4, &decide_with(txn, Decision::Abort, &one_shot, now)));
+        let summary: Vec<(String, Option<Vote>, bool, bool)> =
+            r.branches.iter().map(|b| (b.participant.to_string(), b.vote.clone(), b.joined, b.acknowledged)).collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("c".into(), Some(Vote::Yes), false, false),
+                // It joined, so it holds a prepared branch whatever its one-shot vote: Abort is delivered.
+                ("both".into(), Some(Vote::no("x")), true, false),
+                ("a".into(), Some(Vote::Yes), true, false),
+            ]
+        );
+        assert_eq!(r.deadline_unix_ms, Some(now + 1000));
+        assert!(!sm.is_begun(&txn) && sm.expired_begun(u64::MAX, 10).is_empty(), "decided: no longer begun");
+        assert_eq!(sm.unacknowledged().count(), 1);
+    }
+
+    // §12.4: a Join racing the decision: the record names the branch iff the Join entry was
+    // applied first; a Join applied after it is refused (so the participant aborts, I1).
+    #[test]
+    fn a_join_racing_the_decision_is_named_iff_applied_first() {
+        let now = unix_now_ms();
+        for join_first in [true, false] {
+            let mut sm = StateMachine::default();
+            let txn = TxnId::created_at(now);
+            sm.apply(1, &begin(txn, now + 1000, now));
+            sm.apply(2, &join(txn, "a", now));
+            let (commit, late_join) = (decide_with(txn, Decision::Commit, &[], now), join(txn, "b", now));
+            let (second, third) = if join_first { (&late_join, &commit) } else { (&commit, &late_join) };
+            let applied = [sm.apply(3, second), sm.apply(4, third)];
+            let r = sm.txn(&txn).cloned().expect("decided");
+            assert_eq!(r.decision, Decision::Commit);
+            assert_eq!(r.names(&pid("b")), join_first, "{applied:?}");
+            let join_applied = if join_first { &applied[0] } else { &applied[1] };
+            assert_eq!(matches!(join_applied, Applied::Joined { .. }), join_first, "{join_applied:?}");
+        }
+    }
+
+    // §12.4: the deadline binds by the log: a Commit proposed at or after it is applied as Abort
+    // ("timed out"); one proposed before it commits.
+    #[test]
+    fn a_commit_proposed_past_the_deadline_is_applied_as_a_timeout_abort() {
+        let now = unix_now_ms();
+        for (proposed, expect) in [(now + 999, Decision::Commit), (now + 1000, Decision::Abort)] {
+            let mut sm = StateMachine::default();
+            let txn = TxnId::created_at(now);
+            sm.apply(1, &begin(txn, now + 1000, now));
+            sm.apply(2, &join(txn, "a", now));
+            let r = record(sm.apply(3, &decide_with(txn, Decision::Commit, &[], proposed)));
+            assert_eq!(r.decision, expect);
+            let reason = if expect == Decision::Abort { TIMED_OUT_REASON } else { "" };
+            assert_eq!(r.reason, reason);
+            assert_eq!(r.branches.len(), 1, "the joined branch is told the outcome either way");
+        }
+    }
+
+    // §12.6: a begun txn is never forgotten while undecided, and its decision is applied even
+    // after the horizon passed its id: the begun record proves the log still knows it.
+    #[test]
+    fn a_begun_txn_outlives_the_horizon_until_decided() {
+        let mut sm = StateMachine::default();
+        let now = unix_now_ms();
+        let txn = TxnId::created_at(now - 100);
+        sm.apply(1, &begin(txn, now, now - 100));
+        sm.apply(2, &at(Command::Forget { horizon_unix_ms: now }, now));
+        assert!(sm.is_begun(&txn) && sm.may_have_forgotten(&txn));
+        let r = record(sm.apply(3, &decide_with(txn, Decision::Abort, &[], now)));
+        assert_eq!(r.deadline_unix_ms, Some(now));
+    }
+
+    // §7.2, §12.6: an interactive Commit that names no branch is not a branchless (operator's)
+    // Commit: retention forgets it, so Begin and empty Commits cannot grow the table for good.
+    #[test]
+    fn retention_forgets_an_interactive_commit_without_branches() {
+        let mut sm = StateMachine::default();
+        let now = unix_now_ms();
+        let txn = TxnId::created_at(now - 30);
+        sm.apply(1, &begin(txn, now, now - 30));
+        let r = record(sm.apply(2, &decide_with(txn, Decision::Commit, &[], now - 20)));
+        assert!(r.is_finished() && !r.is_branchless_commit());
+        assert_eq!(sm.apply(3, &at(Command::Forget { horizon_unix_ms: now }, now)), Applied::Forgotten { removed: 1 });
+    }
+
+    // §12.5: the leader finds expired begun txns from the deadline index, earliest first, bounded.
+    #[test]
+    fn expired_begun_txns_are_found_by_deadline_and_bounded() {
+        let mut sm = StateMachine::default();
+        let now = unix_now_ms();
+        let ids: Vec<TxnId> = (0..4).map(|_| TxnId::created_at(now)).collect();
+        for (i, (index, txn)) in (1..).zip(&ids).enumerate() {
+            sm.apply(index, &begin(*txn, now + 40 - 10 * i as u64, now));
+        }
+        assert_eq!(sm.expired_begun(now + 20, 10), vec![ids[3], ids[2]]);
+        assert_eq!(sm.expired_begun(now + 40, 1), vec![ids[3]]);
+        assert!(sm.expired_begun(now, 10).is_empty());
+        assert_eq!(sm.list_begun(u64::MAX, None, 10).len(), 4);
+    }
+
+    #[test]
+    fn a_snapshot_keeps_begun_txns_their_joins_and_interactive_records() {
+        let mut sm = StateMachine::default();
+        let now = unix_now_ms();
+        let (open, done) = (TxnId::created_at(now), TxnId::created_at(now));
+        sm.apply(1, &begin(open, now + 1000, now));
+        sm.apply(2, &join(open, "a", now));
+        sm.apply(3, &begin(done, now + 1000, now));
+        sm.apply(4, &join(done, "b", now));
+        sm.apply(5, &decide_with(done, Decision::Commit, &[("c", Some(Vote::Yes))], now));
+        let restored = StateMachine::from_snapshot(&sm.to_snapshot()).expect("decodes");
+        assert_eq!(restored, sm);
+        assert_eq!(restored.expired_begun(now + 1000, 10), vec![open], "the deadline index is rebuilt");
+        let r = restored.txn(&done).expect("kept");
+        assert_eq!(r.deadline_unix_ms, Some(now + 1000));
+        assert!(r.branches.iter().any(|b| b.participant == pid("b") && b.joined));
+    }
+
+    // A snapshot holding a txn both begun and decided (bad bytes that parse) is refused.
+    #[test]
+    fn a_snapshot_with_a_txn_begun_and_decided_is_corrupt() {
+        let mut sm = StateMachine::default();
+        let now = unix_now_ms();
+        let txn = TxnId::created_at(now);
+        sm.apply(1, &begin(txn, now + 1000, now));
+        let mut bytes = sm.to_snapshot();
+        let mut decided = StateMachine::default();
+        decided.apply(1, &decide_at(txn, now));
+        bytes.extend(decided.to_snapshot());
+        assert!(matches!(StateMachine::from_snapshot(&bytes), Err(Error::Corrupt(_))));
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! The coordinator's wire boundary under arbitrary input (I6, docs/PROTOCOL.md
 //! §10): a log entry or a snapshot decodes any bytes to a value or an error,
 //! never a panic; a value that encodes decodes to the same value; a snapshot
-//! that decodes re-encodes to one that decodes to the same state; the client
-//! API's request conversions answer any request with a value or
-//! `InvalidArgument`.
+//! that decodes re-encodes to one that decodes to the same state (interactive
+//! txns, begun and joined, included); the client API's request conversions
+//! (Submit, Begin, Join, Commit, Rollback, listings) answer any request with a
+//! value or `InvalidArgument`.
 
 use std::collections::BTreeMap;
 
@@ -12,7 +13,9 @@ use proptest::prelude::*;
 use twopc_coordinator::Error;
 use twopc_coordinator::command::{Command, DecideCmd, Proposal};
 use twopc_coordinator::config::EngineConfig;
-use twopc_coordinator::engine::{ListRequest, SubmitRequest, parse_txn_id};
+use twopc_coordinator::engine::{
+    BeginRequest, CommitRequest, JoinRequest, ListRequest, RollbackRequest, SubmitRequest, parse_txn_id,
+};
 use twopc_coordinator::state_machine::StateMachine;
 use twopc_proto::{Decision, ParticipantId, TxnId, Vote, pb};
 
@@ -44,11 +47,16 @@ fn command() -> impl Strategy<Value = Command> {
         1 => any::<u64>().prop_map(|horizon_unix_ms| Command::Forget { horizon_unix_ms }),
         1 => (participant(), "[a-z0-9.:]{0,30}").prop_map(|(name, addr)| Command::RegisterParticipant { name, addr }),
         1 => participant().prop_map(|name| Command::RemoveParticipant { name }),
+        // Deadlines near the few creation times, so Joins and Decides meet them before and after.
+        2 => (txn_id(), prop_oneof![Just(1_500u64), Just(2_500), any::<u64>()])
+            .prop_map(|(txn_id, deadline_unix_ms)| Command::Begin { txn_id, deadline_unix_ms }),
+        3 => (txn_id(), participant()).prop_map(|(txn_id, participant)| Command::Join { txn_id, participant }),
     ]
 }
 
 fn proposal() -> impl Strategy<Value = Proposal> {
-    (command(), any::<u64>()).prop_map(|(command, proposed_unix_ms)| Proposal { command, proposed_unix_ms })
+    let proposed = prop_oneof![Just(1_000u64), Just(2_000), Just(3_000), any::<u64>()];
+    (command(), proposed).prop_map(|(command, proposed_unix_ms)| Proposal { command, proposed_unix_ms })
 }
 
 /// The state after applying `proposals` from index 1, as every replica would.
@@ -121,12 +129,26 @@ fn wire_txn_id() -> impl Strategy<Value = String> {
     prop_oneof![3 => txn_id().prop_map(|id| id.to_string()), 1 => ".{0,48}"]
 }
 
+fn wire_participant() -> impl Strategy<Value = String> {
+    prop_oneof![3 => "[a-z0-9][a-z0-9._-]{0,12}", 1 => ".{0,80}"]
+}
+
+fn wire_branches() -> impl Strategy<Value = Vec<pb::Branch>> {
+    let branch = (wire_participant(), proptest::collection::vec(any::<u8>(), 0..64))
+        .prop_map(|(participant, payload)| pb::Branch { participant, payload: Bytes::from(payload) });
+    proptest::collection::vec(branch, 0..20)
+}
+
 fn submit_request() -> impl Strategy<Value = pb::SubmitRequest> {
-    let branch =
-        (prop_oneof![3 => "[a-z0-9][a-z0-9._-]{0,12}", 1 => ".{0,80}"], proptest::collection::vec(any::<u8>(), 0..64))
-            .prop_map(|(participant, payload)| pb::Branch { participant, payload: Bytes::from(payload) });
-    (wire_txn_id(), proptest::collection::vec(branch, 0..20), any::<u64>())
-        .prop_map(|(txn_id, branches, deadline_unix_ms)| pb::SubmitRequest { txn_id, branches, deadline_unix_ms })
+    (wire_txn_id(), wire_branches(), any::<u64>()).prop_map(|(txn_id, branches, deadline_unix_ms)| pb::SubmitRequest {
+        txn_id,
+        branches,
+        deadline_unix_ms,
+    })
+}
+
+fn timeout_ms() -> impl Strategy<Value = u64> {
+    prop_oneof![Just(0u64), 1u64..60_000, any::<u64>()]
 }
 
 proptest! {
@@ -135,6 +157,43 @@ proptest! {
         let limits = EngineConfig::default();
         if let Err(err) = SubmitRequest::from_pb(request.clone(), &limits) {
             prop_assert!(matches!(err, Error::InvalidArgument(_)), "{request:?} gave {err:?}");
+        }
+    }
+
+    #[test]
+    fn a_begin_converts_or_is_refused_as_invalid(
+        txn_id in prop_oneof![Just(String::new()), wire_txn_id()],
+        timeout_ms in timeout_ms(),
+    ) {
+        let request = pb::BeginRequest { txn_id, timeout_ms };
+        if let Err(err) = BeginRequest::from_pb(&request, &EngineConfig::default()) {
+            prop_assert!(matches!(err, Error::InvalidArgument(_)), "{request:?} gave {err:?}");
+        }
+    }
+
+    #[test]
+    fn a_join_converts_or_is_refused_as_invalid(txn_id in wire_txn_id(), participant in wire_participant()) {
+        let request = pb::JoinRequest { txn_id, participant };
+        if let Err(err) = JoinRequest::from_pb(&request, &EngineConfig::default()) {
+            prop_assert!(matches!(err, Error::InvalidArgument(_)), "{request:?} gave {err:?}");
+        }
+    }
+
+    #[test]
+    fn a_commit_converts_or_is_refused_as_invalid(txn_id in wire_txn_id(), branches in wire_branches()) {
+        let request = pb::CommitRequest { txn_id, branches };
+        if let Err(err) = CommitRequest::from_pb(request.clone(), &EngineConfig::default()) {
+            prop_assert!(matches!(err, Error::InvalidArgument(_)), "{request:?} gave {err:?}");
+        }
+    }
+
+    #[test]
+    fn a_rollback_converts_or_is_refused_as_invalid(txn_id in wire_txn_id(), reason in ".{0,600}") {
+        let request = pb::RollbackRequest { txn_id, reason };
+        match RollbackRequest::from_pb(&request, &EngineConfig::default()) {
+            // The logged reason is never cut (§10).
+            Ok(rollback) => prop_assert!(rollback.reason.len() <= twopc_coordinator::command::REASON_MAX_BYTES),
+            Err(err) => prop_assert!(matches!(err, Error::InvalidArgument(_)), "{request:?} gave {err:?}"),
         }
     }
 

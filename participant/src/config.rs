@@ -49,6 +49,14 @@ pub struct ParticipantConfig {
     ///
     /// Default: 10000.
     pub resolve_timeout_ms: u64,
+    /// The longest a join ([`crate::join::Joiner`]) keeps retrying the
+    /// coordinator's Join, whatever deadline the txn's context claims (the
+    /// context is not a credential). Within it, retries stop at the
+    /// context's deadline. Keep it at or above the coordinators'
+    /// `deadline_max_ms`.
+    ///
+    /// Default: 30000.
+    pub join_retry_max_ms: u64,
     /// How long to wait for a TCP connection to a coordinator node.
     ///
     /// Default: 1000.
@@ -122,6 +130,7 @@ impl ParticipantConfig {
             resolve_backoff_max_ms: 5_000,
             resolve_concurrency_max: 16,
             resolve_timeout_ms: 10_000,
+            join_retry_max_ms: 30_000,
             connect_timeout_ms: 1_000,
             prepare_inflight_max: 1024,
             payload_max_bytes: 64 * 1024,
@@ -154,6 +163,7 @@ impl ParticipantConfig {
             ("resolve_backoff_min_ms", self.resolve_backoff_min_ms),
             ("resolve_backoff_max_ms", self.resolve_backoff_max_ms),
             ("resolve_timeout_ms", self.resolve_timeout_ms),
+            ("join_retry_max_ms", self.join_retry_max_ms),
             ("connect_timeout_ms", self.connect_timeout_ms),
             ("tombstone_retention_ms", self.tombstone_retention_ms),
         ];
@@ -237,11 +247,12 @@ mod tests {
     #[test]
     fn zero_limits_are_rejected() {
         type Zero = fn(&mut ParticipantConfig);
-        let zeroes: [(&str, Zero); 13] = [
+        let zeroes: [(&str, Zero); 14] = [
             ("in_doubt_timeout_ms", |c| c.in_doubt_timeout_ms = 0),
             ("resolve_backoff_min_ms", |c| c.resolve_backoff_min_ms = 0),
             ("resolve_backoff_max_ms", |c| c.resolve_backoff_max_ms = 0),
             ("resolve_timeout_ms", |c| c.resolve_timeout_ms = 0),
+            ("join_retry_max_ms", |c| c.join_retry_max_ms = 0),
             ("connect_timeout_ms", |c| c.connect_timeout_ms = 0),
             ("tombstone_retention_ms", |c| c.tombstone_retention_ms = 0),
             ("resolve_concurrency_max", |c| c.resolve_concurrency_max = 0),

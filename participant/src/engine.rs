@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -36,6 +37,8 @@ const TXN_LOCK_STRIPES: usize = 1024;
 pub(crate) const DEADLINE_PASSED: &str = "deadline passed";
 /// The NO reason given when an Abort arrived before the Prepare (I4).
 pub(crate) const ABORTED_BEFORE_PREPARE: &str = "aborted before prepare (tombstone)";
+/// The NO reason given to a one-shot Prepare of a branch staged for a join (§12.3).
+pub(crate) const PREPARED_FOR_JOIN: &str = "this participant's branch of the txn was staged for an interactive join; a one-shot branch of the same txn is refused";
 /// The NO reason given for a Prepare repeated after the txn was aborted.
 pub(crate) const ALREADY_ABORTED: &str = "txn already aborted";
 
@@ -46,6 +49,31 @@ pub(crate) enum Origin {
     Coordinator,
     /// The resolver, from a Resolve answer.
     Resolver,
+    /// A join the coordinator refused (§12.3): the branch aborts itself.
+    JoinRefused,
+}
+
+/// The service's own code staging a branch (`Joiner::join_with`), in place
+/// of [`Resource::prepare`]; it is given the txn id.
+pub(crate) type ServicePrepare = Box<dyn FnOnce(TxnId) -> BoxFuture<'static, Result<Vote, ResourceError>> + Send>;
+
+/// How a branch is staged.
+pub(crate) enum Staging {
+    /// [`Resource::prepare`] with this payload.
+    Payload(Bytes),
+    /// The service's own code.
+    Service(ServicePrepare),
+}
+
+/// Who asks for a Prepare, which decides what a txn already known here means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Asker {
+    /// The coordinator's Prepare: a repeat is answered from memory (I5).
+    Coordinator,
+    /// A service joining the txn (§12.3): one branch per participant per
+    /// txn, so any record of the txn refuses the join before anything is
+    /// staged.
+    Joiner,
 }
 
 /// What a decision did.
@@ -117,7 +145,9 @@ impl<R: Resource> Engine<R> {
         let now = Instant::now();
         let mut outcomes = self.outcomes.lock();
         for txn in &txns {
-            outcomes.set_unbounded(*txn, Outcome::Prepared { due: now }, now);
+            // After a restart nobody knows which branch was staged for a join:
+            // the coordinator's record settles it (§12.3).
+            outcomes.set_unbounded(*txn, Outcome::Prepared { due: now, for_join: false }, now);
         }
         if outcomes.len() > self.config.outcome_memory_max {
             warn!(
@@ -138,6 +168,21 @@ impl<R: Resource> Engine<R> {
     /// [`Error::PrepareInflightFull`], [`Error::OutcomeMemoryFull`], or the
     /// resource's failure.
     pub(crate) async fn prepare(self: &Arc<Self>, txn: TxnId, payload: Bytes, deadline_unix_ms: u64) -> Result<Vote> {
+        self.prepare_as(Asker::Coordinator, txn, Staging::Payload(payload), deadline_unix_ms).await
+    }
+
+    /// [`Engine::prepare`] for `asker`, staging with `staging`.
+    ///
+    /// # Errors
+    /// As [`Engine::prepare`], and [`Error::BranchExists`] for a joiner
+    /// when the txn is known here already.
+    pub(crate) async fn prepare_as(
+        self: &Arc<Self>,
+        asker: Asker,
+        txn: TxnId,
+        staging: Staging,
+        deadline_unix_ms: u64,
+    ) -> Result<Vote> {
         let permit = Arc::clone(&self.prepare_permits)
             .try_acquire_owned()
             .map_err(|_| Error::PrepareInflightFull { max: self.config.prepare_inflight_max })?;
@@ -146,7 +191,7 @@ impl<R: Resource> Engine<R> {
         let task = tokio::spawn(async move {
             let _permit = permit;
             let _txn_lock = engine.stripe(txn).lock().await;
-            engine.prepare_locked(txn, payload, deadline_unix_ms).await
+            engine.prepare_locked(asker, txn, staging, deadline_unix_ms).await
         });
         task.await.map_err(|e| Error::Internal(format!("prepare task for txn {txn}: {e}")))?
     }
@@ -199,8 +244,28 @@ impl<R: Resource> Engine<R> {
     }
 
     #[instrument(skip_all, fields(txn_id = %txn))]
-    async fn prepare_locked(&self, txn: TxnId, payload: Bytes, deadline_unix_ms: u64) -> Result<Vote> {
+    async fn prepare_locked(&self, asker: Asker, txn: TxnId, staging: Staging, deadline_unix_ms: u64) -> Result<Vote> {
         let known = self.outcomes.lock().get(txn).cloned();
+        if asker == Asker::Joiner
+            && let Some(known) = &known
+        {
+            // §12.3: a second join of the txn here (a second Debit at one
+            // bank) must not be answered as a repeated Prepare: its work
+            // would be dropped while the caller is told it is done.
+            debug!(state = known.describe(), "join of a txn already known here refused");
+            return Err(Error::BranchExists { txn, state: known.describe() });
+        }
+        if let Some(Outcome::Prepared { for_join: true, .. }) = &known {
+            // §12.3: the coordinator never prepares a joined participant's
+            // branch (it refuses such a Commit), so this Prepare comes from a
+            // Submit or Commit reusing the txn id with a one-shot branch here.
+            // Its YES would be the joined work's; and if the join is then
+            // refused (the id was never begun), this branch aborts while that
+            // Submit could log Commit for it (I1). Voting NO makes it abort.
+            info!("one-shot prepare of a branch staged for a join; voting no");
+            self.metrics.vote(false);
+            return Ok(Vote::no(PREPARED_FOR_JOIN));
+        }
         if let Some(vote) = known.as_ref().and_then(recorded_vote) {
             debug!(yes = vote.is_yes(), "repeated prepare answered from memory");
             return Ok(vote);
@@ -227,7 +292,11 @@ impl<R: Resource> Engine<R> {
             .set(txn, Outcome::Preparing, Instant::now())
             .map_err(|_| Error::OutcomeMemoryFull { max: self.config.outcome_memory_max })?;
 
-        let vote = match self.resource.prepare(txn, payload).await {
+        let staged = match staging {
+            Staging::Payload(payload) => self.resource.prepare(txn, payload).await,
+            Staging::Service(prepare) => prepare(txn).await,
+        };
+        let vote = match staged {
             Ok(vote) => vote,
             Err(e) => {
                 // I7: the failure may have come after the branch was staged
@@ -251,13 +320,19 @@ impl<R: Resource> Engine<R> {
         // vote may be recorded and sent now.
         let now = Instant::now();
         let outcome = match &vote {
-            Vote::Yes => Outcome::Prepared { due: self.in_doubt_from(now) },
+            Vote::Yes => Outcome::Prepared { due: self.in_doubt_from(now), for_join: asker == Asker::Joiner },
             Vote::No { reason } => Outcome::Refused { reason: reason.clone() },
         };
         self.record_prepare_outcome(txn, outcome, now);
         self.metrics.vote(vote.is_yes());
         debug!(yes = vote.is_yes(), "voted");
         Ok(vote)
+    }
+
+    /// Makes `txn`, if it still awaits its decision, due for the resolver
+    /// now (a join whose outcome the coordinator's answer left unclear).
+    pub(crate) fn resolve_soon(&self, txn: TxnId) {
+        self.outcomes.lock().hasten(txn, Instant::now());
     }
 
     /// When a branch staged at `now` and still undecided counts as in doubt.
@@ -352,11 +427,12 @@ fn recorded_vote(outcome: &Outcome) -> Option<Vote> {
     }
 }
 
-/// `prepare` has no business returning decision errors; they mean the
-/// resource broke its contract.
+/// A failed `prepare` as the caller sees it. `prepare` has no business
+/// returning decision errors; they mean the resource broke its contract.
 fn prepare_error(e: ResourceError) -> Error {
     match e {
         ResourceError::Unavailable(why) => Error::Unavailable(why),
+        ResourceError::Fatal(why) => Error::Fatal(why),
         other => Error::Fatal(format!("prepare returned {other}, which its contract rules out")),
     }
 }

@@ -2,6 +2,7 @@
 //! become gRPC statuses (see the status table in the crate docs).
 
 use tonic::Status;
+use twopc_proto::context::TXN_STATE_METADATA_KEY;
 use twopc_proto::{Decision, ParticipantId, TxnId};
 
 use crate::resource::ResourceError;
@@ -13,7 +14,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 ///
 /// Three kinds matter to callers: bad input ([`Error::Invalid`],
 /// [`Error::WrongParticipant`]), protocol refusals that retrying will not fix
-/// ([`Error::NotPrepared`], [`Error::Conflict`]), and retryable conditions
+/// ([`Error::NotPrepared`], [`Error::Conflict`], and for joins
+/// [`Error::VotedNo`], [`Error::BranchExists`], [`Error::JoinRefused`],
+/// [`Error::JoinFailed`], [`Error::JoinInDoubt`]), and retryable conditions
 /// ([`Error::PrepareInflightFull`], [`Error::OutcomeMemoryFull`],
 /// [`Error::Unavailable`]). [`Error::is_retryable`] tells them apart.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +53,84 @@ pub enum Error {
         recorded: Decision,
         /// The contradicting decision that was refused.
         requested: Decision,
+    },
+    /// A call that only makes sense inside a txn carries no `twopc-txn`
+    /// context (docs/PROTOCOL.md §12.2).
+    #[error(
+        "{call} needs a txn context (the twopc-txn metadata entry, <txn id>;deadline=<Unix ms>): begin a txn \
+         first (Coordinator.Begin) and send its context with the call"
+    )]
+    NoTxnContext {
+        /// The call, such as `Debit`.
+        call: String,
+    },
+    /// A join's branch voted NO (docs/PROTOCOL.md §12.3): nothing is staged
+    /// and nothing joined; the reason is the resource's (or "deadline passed").
+    #[error("txn {txn}: this participant refused the branch: {reason}")]
+    VotedNo {
+        /// The txn.
+        txn: TxnId,
+        /// Why, as the resource said.
+        reason: String,
+    },
+    /// A join of a txn this participant already has a record of: one branch
+    /// per participant per txn (docs/PROTOCOL.md §12.3). Nothing was staged.
+    #[error(
+        "txn {txn} already has a branch at this participant ({state}); a txn has one branch per \
+         participant, so do all of this participant's work for the txn in one call"
+    )]
+    BranchExists {
+        /// The txn.
+        txn: TxnId,
+        /// What this participant knows of it.
+        state: &'static str,
+    },
+    /// The coordinator refused the join (`FAILED_PRECONDITION`): the txn is
+    /// decided, past its deadline, unknown or forgotten (docs/PROTOCOL.md
+    /// §12.3). The status carries `state` in `twopc-txn-state`.
+    #[error(
+        "the coordinator refused to join txn {txn} (state {state}): {message}; {}",
+        if *aborted { "the branch was aborted" } else { "the branch stays prepared until the resolver learns its outcome" }
+    )]
+    JoinRefused {
+        /// The txn.
+        txn: TxnId,
+        /// The txn's state as the coordinator named it, or `UNSTATED`.
+        state: String,
+        /// The coordinator's message.
+        message: String,
+        /// Whether the branch was aborted here (else the resolver settles it).
+        aborted: bool,
+    },
+    /// The coordinator answered the join with an error other than a refusal
+    /// and that retrying will not fix (this participant is not registered,
+    /// or over TLS is not who it claims). The branch stays prepared; the
+    /// resolver settles it by the txn's deadline.
+    #[error(
+        "the coordinator did not join txn {txn}: {code:?}: {message}; the branch stays prepared until the \
+         resolver learns the txn's outcome (an abort, by its deadline); roll the txn back"
+    )]
+    JoinFailed {
+        /// The txn.
+        txn: TxnId,
+        /// The coordinator's status code.
+        code: tonic::Code,
+        /// The coordinator's message.
+        message: String,
+    },
+    /// No coordinator answered the join before the txn's deadline (or
+    /// `join_retry_max_ms`). The join may or may not be logged: the branch
+    /// stays prepared and in doubt, and the resolver applies the txn's
+    /// outcome to it.
+    #[error(
+        "no coordinator answered the join of txn {txn} in time ({why}); the branch stays prepared and in \
+         doubt until the resolver learns the txn's outcome; roll the txn back"
+    )]
+    JoinInDoubt {
+        /// The txn.
+        txn: TxnId,
+        /// The last failure seen.
+        why: String,
     },
     /// `prepare_inflight_max` Prepares are already running.
     #[error("{max} prepares are already in flight (prepare_inflight_max); retry shortly")]
@@ -107,9 +188,21 @@ impl From<Error> for Status {
         let message = e.to_string();
         match e {
             Error::Invalid { field, why } => twopc_proto::status::invalid(field, why),
-            Error::WrongParticipant { .. } | Error::NotPrepared { .. } | Error::Conflict { .. } => {
-                Status::failed_precondition(message)
+            Error::WrongParticipant { .. }
+            | Error::NotPrepared { .. }
+            | Error::Conflict { .. }
+            | Error::NoTxnContext { .. }
+            | Error::VotedNo { .. }
+            | Error::BranchExists { .. }
+            | Error::JoinFailed { .. } => Status::failed_precondition(message),
+            Error::JoinRefused { state, .. } => {
+                let mut status = Status::failed_precondition(message);
+                if let Ok(value) = state.parse() {
+                    status.metadata_mut().insert(TXN_STATE_METADATA_KEY, value);
+                }
+                status
             }
+            Error::JoinInDoubt { .. } => Status::unavailable(message),
             Error::PrepareInflightFull { .. } | Error::OutcomeMemoryFull { .. } => Status::resource_exhausted(message),
             Error::Unavailable(_) => Status::unavailable(message),
             Error::Fatal(_) | Error::Config(_) | Error::Transport(_) | Error::Internal(_) => Status::internal(message),
@@ -134,9 +227,32 @@ mod tests {
             (Error::OutcomeMemoryFull { max: 1 }, Code::ResourceExhausted),
             (Error::Unavailable("disk busy".into()), Code::Unavailable),
             (Error::Fatal("corrupt".into()), Code::Internal),
+            (Error::VotedNo { txn, reason: "insufficient funds".into() }, Code::FailedPrecondition),
+            (Error::BranchExists { txn, state: "prepared" }, Code::FailedPrecondition),
+            (
+                Error::JoinRefused { txn, state: "TIMED OUT".into(), message: "late".into(), aborted: true },
+                Code::FailedPrecondition,
+            ),
+            (Error::JoinFailed { txn, code: Code::NotFound, message: "who".into() }, Code::FailedPrecondition),
+            (Error::JoinInDoubt { txn, why: "no leader".into() }, Code::Unavailable),
         ];
         for (error, code) in cases {
             assert_eq!(Status::from(error).code(), code);
         }
+    }
+
+    // §12.3: a refused join names the txn's state in the status's metadata.
+    #[test]
+    fn a_refused_join_carries_the_txn_state() {
+        let txn = TxnId::new();
+        let status = Status::from(Error::JoinRefused {
+            txn,
+            state: "DECIDED ABORT".into(),
+            message: "txn decided".into(),
+            aborted: true,
+        });
+        let state = status.metadata().get(TXN_STATE_METADATA_KEY).and_then(|v| v.to_str().ok());
+        assert_eq!(state, Some("DECIDED ABORT"));
+        assert!(status.message().contains("the branch was aborted"), "{}", status.message());
     }
 }

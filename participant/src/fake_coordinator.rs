@@ -1,13 +1,21 @@
 //! A scriptable fake coordinator (feature `testing`): a real tonic
-//! `twopc.v1.Coordinator` server that implements only Resolve, so the
-//! resolver can be tested without the Raft cluster.
+//! `twopc.v1.Coordinator` server implementing Resolve and the interactive
+//! calls (Begin, Join, Commit, Rollback, docs/PROTOCOL.md §12) over an
+//! in-memory table, so the resolver and the joiner can be tested without the
+//! Raft cluster.
 //!
 //! Script it to answer from a decision table (presumed abort for unknown
 //! txns, which is then recorded like the real leader logs it), to act as a
 //! follower that answers UNAVAILABLE with a leader hint, or to be unavailable
-//! for its first N calls. It counts Resolve calls per txn.
+//! for its next N Resolve calls. Begun txns are kept as the leader keeps
+//! them: Resolve of one that is undecided before its deadline answers
+//! `undecided` (after it, a timeout Abort is recorded), and Join logs the
+//! branch or refuses with the txn's state in `twopc-txn-state`, unless
+//! [`FakeCoordinator::set_join_answer`] scripts another answer. It counts
+//! Resolve and Join calls per txn. Phase 2 is not sent: tests deliver
+//! decisions themselves.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,13 +25,45 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
+use twopc_proto::context::TXN_STATE_METADATA_KEY;
 use twopc_proto::pb::coordinator_server::{Coordinator, CoordinatorServer};
 use twopc_proto::pb::{
-    ClusterStatusRequest, ClusterStatusResponse, GetTransactionRequest, ListTransactionsRequest,
-    ListTransactionsResponse, ResolveRequest, ResolveResponse, SubmitRequest, SubmitResponse, TransactionInfo,
+    BeginRequest, BeginResponse, ClusterStatusRequest, ClusterStatusResponse, CommitRequest, GetTransactionRequest,
+    JoinRequest, JoinResponse, ListTransactionsRequest, ListTransactionsResponse, ResolveRequest, ResolveResponse,
+    RollbackRequest, RollbackResponse, SubmitRequest, SubmitResponse, TransactionInfo, TxnContext,
 };
 use twopc_proto::status::not_leader;
+use twopc_proto::txn_id::unix_now_ms;
 use twopc_proto::{Decision, MAX_MESSAGE_BYTES, TxnId};
+
+/// The `retry_after_ms` an undecided Resolve answer gives unless scripted
+/// otherwise (the real leader gives at most 1 s).
+pub const UNDECIDED_RETRY_DEFAULT_MS: u64 = 20;
+
+/// How the fake answers Join calls.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum JoinAnswer {
+    /// As the leader does: logs the branch into a begun, undecided txn
+    /// before its deadline, else refuses naming the state (`DECIDED
+    /// COMMIT`, `DECIDED ABORT`, `TIMED OUT`, `UNKNOWN`, or forgotten).
+    #[default]
+    AsLeader,
+    /// Refuses every Join with `FAILED_PRECONDITION` and this state in
+    /// `twopc-txn-state`, logging nothing.
+    Refuse(String),
+    /// Fails every Join with `UNAVAILABLE`, as a cluster without a leader.
+    Unavailable,
+    /// Logs the branch as [`JoinAnswer::AsLeader`] would, then fails the
+    /// call with `UNAVAILABLE`, as when the answer is lost.
+    LogThenUnavailable,
+}
+
+/// A begun txn (§12.1).
+#[derive(Debug, Clone)]
+struct Begun {
+    deadline_unix_ms: u64,
+    joined: BTreeSet<String>,
+}
 
 /// A fake coordinator node; clones share one script and one set of counters.
 #[derive(Debug, Clone, Default)]
@@ -41,6 +81,11 @@ struct Script {
     unavailable_left: u32,
     calls: HashMap<TxnId, u32>,
     total_calls: u64,
+    begun: HashMap<TxnId, Begun>,
+    join_answer: JoinAnswer,
+    join_calls: HashMap<TxnId, u32>,
+    /// `None`: [`UNDECIDED_RETRY_DEFAULT_MS`].
+    undecided_retry_ms: Option<u64>,
 }
 
 impl FakeCoordinator {
@@ -87,6 +132,31 @@ impl FakeCoordinator {
         self.script.lock().calls.get(&txn).copied().unwrap_or(0)
     }
 
+    /// Logs `txn` as begun with `deadline_unix_ms` (as a Begin would).
+    pub fn begin(&self, txn: TxnId, deadline_unix_ms: u64) {
+        self.script.lock().begun.entry(txn).or_insert(Begun { deadline_unix_ms, joined: BTreeSet::new() });
+    }
+
+    /// The participants joined to `txn`, in name order.
+    pub fn joined(&self, txn: TxnId) -> Vec<String> {
+        self.script.lock().begun.get(&txn).map(|b| b.joined.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Scripts how Join calls are answered from now on.
+    pub fn set_join_answer(&self, answer: JoinAnswer) {
+        self.script.lock().join_answer = answer;
+    }
+
+    /// Join calls received for `txn`, whatever they were answered.
+    pub fn join_calls(&self, txn: TxnId) -> u32 {
+        self.script.lock().join_calls.get(&txn).copied().unwrap_or(0)
+    }
+
+    /// The `retry_after_ms` of undecided Resolve answers.
+    pub fn set_undecided_retry_ms(&self, retry_after_ms: u64) {
+        self.script.lock().undecided_retry_ms = Some(retry_after_ms);
+    }
+
     /// Resolve calls received in all.
     pub fn total_calls(&self) -> u64 {
         self.script.lock().total_calls
@@ -130,7 +200,7 @@ impl FakeCoordinator {
         Ok(RunningFake { addr, stop: Some(stop), task })
     }
 
-    fn answer(&self, request: &ResolveRequest) -> Result<Decision, Status> {
+    fn answer(&self, request: &ResolveRequest) -> Result<ResolveResponse, Status> {
         let txn: TxnId = request.txn_id.parse().map_err(|e| twopc_proto::status::invalid("txn_id", e))?;
         let mut script = self.script.lock();
         script.total_calls += 1;
@@ -147,9 +217,101 @@ impl FakeCoordinator {
                 "txn {txn} is forgotten; its outcome is no longer kept"
             )));
         }
+        let decided = |decision: Decision| ResolveResponse { decision: decision.into(), ..ResolveResponse::default() };
+        if let Some(begun) = script.begun.get(&txn).cloned() {
+            let now = unix_now_ms();
+            match script.decisions.get(&txn).copied() {
+                // §6: a participant not named by a begun txn's record is answered Abort.
+                Some(Decision::Commit) if !begun.joined.contains(&request.participant) => {
+                    return Ok(decided(Decision::Abort));
+                }
+                Some(decision) => return Ok(decided(decision)),
+                None if now > begun.deadline_unix_ms => {
+                    // §12.5: past its deadline the leader logs the timeout Abort.
+                    script.decisions.insert(txn, Decision::Abort);
+                    return Ok(decided(Decision::Abort));
+                }
+                None => {
+                    let retry = script.undecided_retry_ms.unwrap_or(UNDECIDED_RETRY_DEFAULT_MS);
+                    let retry_after_ms = retry.min(begun.deadline_unix_ms - now);
+                    return Ok(ResolveResponse { undecided: true, retry_after_ms, ..ResolveResponse::default() });
+                }
+            }
+        }
         // Presumed abort: an unknown txn is aborted, and that is recorded.
-        Ok(*script.decisions.entry(txn).or_insert(Decision::Abort))
+        Ok(decided(*script.decisions.entry(txn).or_insert(Decision::Abort)))
     }
+
+    fn join_call(&self, request: &JoinRequest) -> Result<JoinResponse, Status> {
+        let txn: TxnId = request.txn_id.parse().map_err(|e| twopc_proto::status::invalid("txn_id", e))?;
+        let mut script = self.script.lock();
+        *script.join_calls.entry(txn).or_default() += 1;
+        if let Some(leader) = &script.follower_of {
+            return Err(not_leader(leader.as_deref()));
+        }
+        let log_then_fail = match &script.join_answer {
+            JoinAnswer::AsLeader => false,
+            JoinAnswer::LogThenUnavailable => true,
+            JoinAnswer::Refuse(state) => return Err(refusal(txn, state)),
+            JoinAnswer::Unavailable => return Err(Status::unavailable("fake coordinator: no leader")),
+        };
+        if script.forgotten.contains(&txn) {
+            return Err(twopc_proto::status::forgotten(format!("txn {txn} is forgotten")));
+        }
+        if let Some(decision) = script.decisions.get(&txn) {
+            return Err(refusal(txn, &format!("DECIDED {}", decision.to_string().to_uppercase())));
+        }
+        let Some(begun) = script.begun.get_mut(&txn) else {
+            return Err(refusal(txn, "UNKNOWN"));
+        };
+        if unix_now_ms() > begun.deadline_unix_ms {
+            return Err(refusal(txn, "TIMED OUT"));
+        }
+        begun.joined.insert(request.participant.clone());
+        if log_then_fail {
+            return Err(Status::unavailable("fake coordinator: the join was logged but its answer is lost"));
+        }
+        Ok(JoinResponse { deadline_unix_ms: begun.deadline_unix_ms })
+    }
+
+    fn begin_call(&self, request: &BeginRequest) -> Result<BeginResponse, Status> {
+        let txn: TxnId = match request.txn_id.as_str() {
+            "" => TxnId::new(),
+            id => id.parse().map_err(|e| twopc_proto::status::invalid("txn_id", e))?,
+        };
+        if request.timeout_ms == 0 {
+            return Err(twopc_proto::status::invalid("timeout_ms", "is 0"));
+        }
+        let mut script = self.script.lock();
+        if let Some(decision) = script.decisions.get(&txn) {
+            return Err(refusal(txn, &format!("DECIDED {}", decision.to_string().to_uppercase())));
+        }
+        let deadline = unix_now_ms().saturating_add(request.timeout_ms);
+        let begun = script.begun.entry(txn).or_insert(Begun { deadline_unix_ms: deadline, joined: BTreeSet::new() });
+        let context = TxnContext { txn_id: txn.to_string(), deadline_unix_ms: begun.deadline_unix_ms };
+        Ok(BeginResponse { context: Some(context) })
+    }
+
+    /// Logs `decision` for a begun txn (a Commit past its deadline becomes
+    /// an Abort, §12.4) and answers the recorded one.
+    fn end(&self, txn_id: &str, decision: Decision) -> Result<Decision, Status> {
+        let txn: TxnId = txn_id.parse().map_err(|e| twopc_proto::status::invalid("txn_id", e))?;
+        let mut script = self.script.lock();
+        let Some(begun) = script.begun.get(&txn) else {
+            return Err(Status::not_found(format!("txn {txn} was never begun")));
+        };
+        let decision = if unix_now_ms() > begun.deadline_unix_ms { Decision::Abort } else { decision };
+        Ok(*script.decisions.entry(txn).or_insert(decision))
+    }
+}
+
+/// A refused Join, naming the txn's state.
+fn refusal(txn: TxnId, state: &str) -> Status {
+    let mut status = Status::failed_precondition(format!("fake coordinator: txn {txn} is {state}; not joined"));
+    if let Ok(value) = state.parse() {
+        status.metadata_mut().insert(TXN_STATE_METADATA_KEY, value);
+    }
+    status
 }
 
 /// A [`FakeCoordinator`] serving in the background; stops when dropped.
@@ -177,7 +339,7 @@ impl Drop for RunningFake {
 }
 
 fn unimplemented(call: &str) -> Status {
-    Status::unimplemented(format!("the fake coordinator implements only Resolve, not {call}"))
+    Status::unimplemented(format!("the fake coordinator does not implement {call}"))
 }
 
 #[tonic::async_trait]
@@ -187,8 +349,32 @@ impl Coordinator for FakeCoordinator {
     }
 
     async fn resolve(&self, request: Request<ResolveRequest>) -> Result<Response<ResolveResponse>, Status> {
-        let decision = self.answer(request.get_ref())?;
-        Ok(Response::new(ResolveResponse { decision: decision.into() }))
+        Ok(Response::new(self.answer(request.get_ref())?))
+    }
+
+    async fn begin(&self, request: Request<BeginRequest>) -> Result<Response<BeginResponse>, Status> {
+        Ok(Response::new(self.begin_call(request.get_ref())?))
+    }
+
+    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        Ok(Response::new(self.join_call(request.get_ref())?))
+    }
+
+    async fn commit(&self, request: Request<CommitRequest>) -> Result<Response<SubmitResponse>, Status> {
+        if !request.get_ref().branches.is_empty() {
+            return Err(unimplemented("Commit with one-shot branches"));
+        }
+        let decision = self.end(&request.get_ref().txn_id, Decision::Commit)?;
+        let reason = if decision == Decision::Abort { "timed out".to_owned() } else { String::new() };
+        Ok(Response::new(SubmitResponse { decision: decision.into(), votes: Vec::new(), reason }))
+    }
+
+    async fn rollback(&self, request: Request<RollbackRequest>) -> Result<Response<RollbackResponse>, Status> {
+        let decision = self.end(&request.get_ref().txn_id, Decision::Abort)?;
+        if decision != Decision::Abort {
+            return Err(Status::failed_precondition("fake coordinator: the txn committed"));
+        }
+        Ok(Response::new(RollbackResponse { decision: decision.into(), reason: "rolled back".into() }))
     }
 
     async fn get_transaction(

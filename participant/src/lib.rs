@@ -27,6 +27,8 @@
 //! # Layout
 //! - [`resource`]: the [`Resource`] trait a service implements, and its contract.
 //! - [`server`]: [`run`] and [`Participant`]: the gRPC Participant service plus the resolver.
+//! - [`join`]: [`Joiner`], how the service's own handlers join interactive txns (docs/PROTOCOL.md §12).
+//! - [`context`]: reading a txn's context in the service's handlers (a tonic interceptor and helpers).
 //! - [`config`]: [`ParticipantConfig`], every limit and timeout with its default.
 //! - [`error`]: the crate's [`Error`] and [`Result`], and the one mapping to gRPC statuses.
 //! - [`metrics`]: [`Metrics`], counters readable through a handle.
@@ -35,8 +37,9 @@
 //! - `engine`: the per-txn-locked path shared by the server and the resolver.
 //! - `outcomes`: the bounded outcome memory (votes, decisions, tombstones).
 //! - `resolver`: asks the coordinator cluster about branches left in doubt.
+//! - `cluster`: the coordinator nodes as the resolver and the joiner call them (leader hints, lazy channels).
 //! - `conformance` (feature `testing`): the suite every [`Resource`] implementation runs.
-//! - `fake_coordinator` (feature `testing`): a scriptable Resolve-only coordinator.
+//! - `fake_coordinator` (feature `testing`): a scriptable coordinator (Resolve, Begin, Join, Commit, Rollback).
 //! - [`postgres`] (feature `postgres`): [`postgres::PostgresResource`], branches as PostgreSQL prepared transactions.
 //! - `postgres_testing` (features `postgres` and `testing`): a test server or a reason to skip, throwaway schemas.
 //!
@@ -65,13 +68,31 @@
 //! | both | the resource reports a transient failure (retry the same call) | `UNAVAILABLE` |
 //! | both | the resource fails otherwise | `INTERNAL` |
 //!
+//!
+//! A service's own calls that join interactive txns (docs/PROTOCOL.md §12),
+//! through [`context`] and [`Joiner`]:
+//!
+//! | Call | Condition | Code |
+//! |---|---|---|
+//! | any, behind [`context::read_txn_context`] | the `twopc-txn` entry is malformed, repeated or not ASCII | `INVALID_ARGUMENT` |
+//! | [`context::require_txn_context`] | no `twopc-txn` entry: begin a txn first | `FAILED_PRECONDITION` |
+//! | join | this participant already has a record of the txn (one branch per participant per txn); nothing staged | `FAILED_PRECONDITION` |
+//! | join | the branch voted NO (the resource's reason, or "deadline passed"); nothing staged or joined | `FAILED_PRECONDITION` |
+//! | join | the coordinator refused the Join (the txn decided, timed out, unknown, forgotten; its state in `twopc-txn-state`); the branch is aborted, or if the state may name it, left to the resolver | `FAILED_PRECONDITION` |
+//! | join | the coordinator answered with another error retrying will not fix (not registered, not the caller over TLS, `branches_per_txn_max`); the branch stays prepared for the resolver | `FAILED_PRECONDITION` |
+//! | join | no coordinator answered by the deadline (at most `join_retry_max_ms`); the branch stays prepared and in doubt for the resolver | `UNAVAILABLE` |
+//! | join | as a Prepare: `prepare_inflight_max`, `outcome_memory_max`, a resource failure | as for Prepare above |
+//!
 //! The mapping lives in one place, `impl From<Error> for tonic::Status`.
 #![deny(missing_docs)]
 
+mod cluster;
 pub mod config;
+pub mod context;
 mod engine;
 pub mod error;
 pub mod failpoint;
+pub mod join;
 pub mod memory;
 pub mod metrics;
 mod outcomes;
@@ -90,8 +111,10 @@ pub mod postgres_testing;
 
 pub use config::ParticipantConfig;
 pub use error::{Error, Result};
+pub use join::{Joined, Joiner};
 pub use memory::MemoryResource;
 pub use metrics::{Metrics, MetricsSnapshot};
 pub use resource::{Resource, ResourceError};
 pub use server::{Participant, run};
+pub use twopc_proto::context::TxnContext;
 pub use twopc_proto::{Decision, ParticipantId, TxnId, Vote};

@@ -21,6 +21,8 @@ struct Counters {
     commits: AtomicU64,
     aborts: AtomicU64,
     resolves: AtomicU64,
+    joins: AtomicU64,
+    join_refusals: AtomicU64,
     in_doubt_now: AtomicU64,
 }
 
@@ -41,6 +43,11 @@ pub struct MetricsSnapshot {
     pub aborts: u64,
     /// In-doubt branches settled by asking the coordinator.
     pub resolves: u64,
+    /// Branches joined to interactive txns (the coordinator logged the Join).
+    pub joins: u64,
+    /// Joins the coordinator refused (`FAILED_PRECONDITION`: the txn was
+    /// decided, past its deadline, unknown or forgotten).
+    pub join_refusals: u64,
     /// Branches that voted YES, or may be staged after a failed Prepare, and
     /// await their decision right now.
     pub in_doubt_now: u64,
@@ -58,6 +65,8 @@ impl Metrics {
             commits: read(&c.commits),
             aborts: read(&c.aborts),
             resolves: read(&c.resolves),
+            joins: read(&c.joins),
+            join_refusals: read(&c.join_refusals),
             in_doubt_now: read(&c.in_doubt_now),
         }
     }
@@ -81,6 +90,14 @@ impl Metrics {
 
     pub(crate) fn resolved(&self) {
         self.inner.resolves.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn joined(&self) {
+        self.inner.joins.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn join_refused(&self) {
+        self.inner.join_refusals.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn set_in_doubt(&self, n: usize) {

@@ -31,6 +31,9 @@ pub(crate) enum Outcome {
     Prepared {
         /// When the branch counts as in doubt.
         due: Instant,
+        /// Staged for a join (§12.3), not for the coordinator's Prepare: a
+        /// one-shot Prepare of the same txn must not be answered with its YES.
+        for_join: bool,
     },
     /// The resource's `prepare` failed after it may have staged the branch
     /// (a lost reply to `PREPARE TRANSACTION`, a write whose fsync failed):
@@ -80,6 +83,19 @@ impl Outcome {
     /// Whether the branch may hold what it staged until a decision arrives.
     pub(crate) fn awaits_decision(&self) -> bool {
         matches!(self, Self::Prepared { .. } | Self::MaybePrepared { .. })
+    }
+
+    /// The state in words, for messages to callers.
+    pub(crate) fn describe(&self) -> &'static str {
+        match self {
+            Self::Preparing => "being prepared",
+            Self::Prepared { .. } => "prepared",
+            Self::MaybePrepared { .. } => "maybe prepared (its prepare failed; the resolver settles it)",
+            Self::Refused { .. } => "voted NO",
+            Self::Committed => "committed",
+            Self::Aborted => "aborted",
+            Self::Tombstone => "aborted before prepare (tombstone)",
+        }
     }
 }
 
@@ -137,6 +153,19 @@ impl Outcomes {
         self.put(txn, outcome, now);
     }
 
+    /// Makes a branch awaiting its decision due for the resolver at `now`;
+    /// anything else is left alone.
+    pub(crate) fn hasten(&mut self, txn: TxnId, now: Instant) {
+        let hastened = match self.get(txn) {
+            Some(Outcome::Prepared { due, for_join }) if *due > now => {
+                Outcome::Prepared { due: now, for_join: *for_join }
+            }
+            Some(Outcome::MaybePrepared { due }) if *due > now => Outcome::MaybePrepared { due: now },
+            _ => return,
+        };
+        self.put(txn, hastened, now);
+    }
+
     /// Drops what is known about `txn` (a Prepare that failed).
     pub(crate) fn forget(&mut self, txn: TxnId) {
         if let Some(old) = self.entries.remove(&txn) {
@@ -164,7 +193,7 @@ impl Outcomes {
         let seq = self.next_seq;
         self.next_seq += 1;
         match &outcome {
-            Outcome::Prepared { due } | Outcome::MaybePrepared { due } => {
+            Outcome::Prepared { due, .. } | Outcome::MaybePrepared { due } => {
                 self.in_doubt.insert((*due, txn));
             }
             _ => self.expiry.push_back((now, seq, txn)),
@@ -174,7 +203,7 @@ impl Outcomes {
     }
 
     fn unindex(&mut self, txn: TxnId, outcome: &Outcome) {
-        if let Outcome::Prepared { due } | Outcome::MaybePrepared { due } = outcome {
+        if let Outcome::Prepared { due, .. } | Outcome::MaybePrepared { due } = outcome {
             let removed = self.in_doubt.remove(&(*due, txn));
             assert!(removed, "every prepared entry is indexed by its due time");
         }
@@ -233,7 +262,23 @@ mod tests {
     const RETENTION: Duration = Duration::from_secs(10);
 
     fn prepared(now: Instant) -> Outcome {
-        Outcome::Prepared { due: now }
+        Outcome::Prepared { due: now, for_join: false }
+    }
+
+    // I7: a hastened branch is due at once; a decided one is left alone.
+    #[test]
+    fn hastening_makes_a_prepared_branch_due_now_and_leaves_others() {
+        let mut memory = Outcomes::new(8, RETENTION);
+        let now = Instant::now();
+        let (waiting, done) = (TxnId::new(), TxnId::new());
+        assert_eq!(memory.set(waiting, Outcome::Prepared { due: now + RETENTION, for_join: false }, now), Ok(()));
+        assert_eq!(memory.set(done, Outcome::Committed, now), Ok(()));
+        assert!(memory.in_doubt(now, 8, |_| false).is_empty());
+        memory.hasten(waiting, now);
+        memory.hasten(done, now);
+        assert_eq!(memory.in_doubt(now, 8, |_| false), vec![waiting]);
+        assert_eq!(memory.get(done), Some(&Outcome::Committed));
+        assert_eq!(memory.prepared_len(), 1);
     }
 
     // I6 (bounded): the memory never holds more than its limit of entries;
@@ -305,7 +350,7 @@ mod tests {
         let start = Instant::now();
         let mut memory = Outcomes::new(10, RETENTION);
         let (first, second, later, done) = (TxnId::new(), TxnId::new(), TxnId::new(), TxnId::new());
-        let due = |ms| Outcome::Prepared { due: start + Duration::from_millis(ms) };
+        let due = |ms| Outcome::Prepared { due: start + Duration::from_millis(ms), for_join: false };
         assert_eq!(memory.set(second, due(20), start), Ok(()));
         assert_eq!(memory.set(first, due(10), start), Ok(()));
         assert_eq!(memory.set(later, due(1_000), start), Ok(()));

@@ -24,6 +24,12 @@
 //!    settled, so it happens exactly once. Settling is redone from the table
 //!    after a crash, so it commits without waiting for its own fsync.
 //!
+//! A service whose handlers join interactive txns (docs/PROTOCOL.md §12)
+//! may instead fill the branch transaction with its own SQL:
+//! [`PostgresResource::prepare_with`] claims the row (no reserve step), runs
+//! the service's closure in place of `stage`, and prepares, with the same
+//! durability and failure contract; decisions and settling are as above.
+//!
 //! The gid is `twopc:<participant>:<txn id>`; gids are server-wide in
 //! PostgreSQL, so participant names must be unique per PostgreSQL server.
 //! Recovery ([`Resource::prepared`]) lists the gids in `pg_prepared_xacts`
@@ -79,6 +85,7 @@ use twopc_proto::{Decision, ParticipantId, TxnId, Vote};
 use crate::resource::{Resource, ResourceError};
 
 pub use deadpool_postgres;
+pub use futures::future::BoxFuture;
 pub use tokio_postgres;
 
 /// The NO reason for a Prepare after the txn was aborted here (I4).
@@ -269,8 +276,11 @@ impl std::ops::Deref for BranchTx<'_> {
 ///   must be given back or applied by `settle`.
 /// - `settle` runs once per txn that passed `reserve`, after the decision
 ///   (or after a restart, or for a reserve abandoned by a crash, with
-///   [`Decision::Abort`]). It must take its locks in the same order as
-///   `reserve` (for example by account name), so the two never deadlock.
+///   [`Decision::Abort`]). It also runs for a txn staged with
+///   [`PostgresResource::prepare_with`], whose reserve step never ran: it
+///   must then find nothing to settle. It must take its locks in the same
+///   order as `reserve` (for example by account name), so the two never
+///   deadlock.
 ///
 /// # Errors
 /// A method returns [`ResourceError::Unavailable`] for a transient failure
@@ -319,6 +329,19 @@ pub trait PostgresBranch: Send + Sync + 'static {
         let _ = (tx, txn, decision);
         async { Ok(()) }
     }
+}
+
+/// The service's own SQL for a branch, run in the open branch transaction
+/// by [`PostgresResource::prepare_with`]; it returns the vote.
+pub type StageWith<'a> =
+    Box<dyn for<'t> FnOnce(&'t BranchTx<'t>) -> BoxFuture<'t, Result<Vote, ResourceError>> + Send + 'a>;
+
+/// How a branch transaction is filled.
+enum Staging<'a> {
+    /// [`PostgresBranch::reserve`] and [`PostgresBranch::stage`] with the payload.
+    Payload(&'a [u8]),
+    /// The service's own SQL, with no reserve step.
+    Service(StageWith<'a>),
 }
 
 /// Where a txn stands in `twopc_branches` (see the module docs).
@@ -599,6 +622,52 @@ impl<B: PostgresBranch> PostgresResource<B> {
         self.inner.lookup(&session, &self.gid(txn)).await
     }
 
+    /// Prepares `txn`'s branch with the service's own SQL: `stage` runs in
+    /// the branch transaction (after the library marks its row), and on YES
+    /// the library runs `PREPARE TRANSACTION`, durable before the YES is
+    /// returned (I3), exactly as for [`Resource::prepare`]. Use it with the
+    /// participant's `Joiner::join_with`, so a service handler does its
+    /// writes inside the branch that joins the txn:
+    ///
+    /// ```no_run
+    /// # use twopc_participant::postgres::{PostgresBranch, PostgresResource};
+    /// # use twopc_participant::{Joiner, TxnContext, Vote};
+    /// # async fn handler<B: PostgresBranch>(joiner: Joiner<PostgresResource<B>>, pg: PostgresResource<B>, ctx: TxnContext)
+    /// # -> twopc_participant::Result<()> {
+    /// joiner
+    ///     .join_with(&ctx, move |txn| async move {
+    ///         pg.prepare_with(txn, |tx| {
+    ///             Box::pin(async move {
+    ///                 tx.execute("UPDATE stock SET reserved = reserved + 1 WHERE sku = 'x'", &[]).await?;
+    ///                 Ok(Vote::Yes)
+    ///             })
+    ///         })
+    ///         .await
+    ///     })
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// There is no reserve step: the rows `stage` writes stay locked until
+    /// the decision (the XA way), so it should touch rows no concurrent
+    /// branch needs. [`PostgresBranch::settle`] still runs after the
+    /// decision and must find nothing to do for such a txn. A txn that has
+    /// a row already keeps its vote and `stage` is not called (I5); a NO
+    /// from `stage` rolls its writes back and is recorded; an error rolls
+    /// them back too, but may come after the branch was prepared (a lost
+    /// reply), so the caller keeps the txn in doubt and the decision settles
+    /// it, as after a failed [`Resource::prepare`].
+    ///
+    /// # Errors
+    /// As [`Resource::prepare`], and whatever `stage` returns.
+    pub async fn prepare_with<F>(&self, txn: TxnId, stage: F) -> Result<Vote, ResourceError>
+    where
+        F: for<'t> FnOnce(&'t BranchTx<'t>) -> BoxFuture<'t, Result<Vote, ResourceError>> + Send,
+    {
+        self.inner.prepare(txn, Staging::Service(Box::new(stage))).await
+    }
+
     /// Records a NO vote with `reason` for `txn` without asking the service
     /// (for a payload the service could not read), unless the txn has a
     /// row already, whose vote is returned.
@@ -867,13 +936,14 @@ impl<B: PostgresBranch> Inner<B> {
         }
     }
 
-    /// Steps 1 and 2 for a txn with no row.
+    /// Steps 1 and 2 for a txn with no row. A branch the service stages
+    /// itself has no reserve step: its row is claimed and committed alone.
     async fn prepare_new(
         &self,
         session: &mut Session,
         txn: TxnId,
         gid: &str,
-        payload: &[u8],
+        staging: Staging<'_>,
     ) -> Result<Vote, ResourceError> {
         let now = now_ms();
         let tx = session.begin(false).await?;
@@ -884,12 +954,14 @@ impl<B: PostgresBranch> Inner<B> {
                 ResourceError::Unavailable(format!("{gid}: its row vanished while claiming it; retry"))
             });
         }
-        match self.branch.reserve(&tx, txn, payload).await? {
-            Vote::No { reason } => {
-                session.rollback().await?;
-                return self.record(session, txn, gid, "refused", &reason).await;
+        if let Staging::Payload(payload) = &staging {
+            match self.branch.reserve(&tx, txn, payload).await? {
+                Vote::No { reason } => {
+                    session.rollback().await?;
+                    return self.record(session, txn, gid, "refused", &reason).await;
+                }
+                Vote::Yes => {}
             }
-            Vote::Yes => {}
         }
         // The reserve commits without waiting for its flush: PREPARE
         // TRANSACTION below flushes the WAL past it, and a reserve lost
@@ -901,7 +973,11 @@ impl<B: PostgresBranch> Inner<B> {
         if marked != 1 {
             return Err(ResourceError::Fatal(format!("{gid}: its reserved row is gone")));
         }
-        match self.branch.stage(&tx, txn, payload).await? {
+        let vote = match staging {
+            Staging::Payload(payload) => self.branch.stage(&tx, txn, payload).await?,
+            Staging::Service(stage) => stage(&tx).await?,
+        };
+        match vote {
             Vote::No { reason } => {
                 session.rollback().await?;
                 self.finish_abort(session, txn, gid, "refused", &reason).await?;
@@ -915,6 +991,30 @@ impl<B: PostgresBranch> Inner<B> {
                 Ok(Vote::Yes)
             }
         }
+    }
+
+    /// A Prepare: a txn with a row keeps its vote; otherwise steps 1 and 2.
+    async fn prepare(&self, txn: TxnId, staging: Staging<'_>) -> Result<Vote, ResourceError> {
+        let gid = self.gid(txn);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.pool_wait_timeout_ms);
+        // A slot before a connection: waiting Prepares never hold the
+        // connections that decisions need.
+        let _slot = tokio::time::timeout_at(deadline, self.prepare_slots.acquire())
+            .await
+            .map_err(|_| self.busy())?
+            .map_err(|_| ResourceError::Fatal("prepare slots closed".into()))?;
+        let mut session = self.session().await?;
+        // I5: a txn with a row keeps its vote, whatever this payload says.
+        if let Some(vote) = self.repeat_vote(&mut session, txn, &gid).await? {
+            return Ok(vote);
+        }
+        self.wait_for_room(&session, deadline).await?;
+        let result = self.prepare_new(&mut session, txn, &gid, staging).await;
+        if result.is_err() {
+            drop(session);
+            self.forget(txn, &gid).await;
+        }
+        result
     }
 
     fn busy(&self) -> ResourceError {
@@ -983,27 +1083,7 @@ fn now_ms() -> i64 {
 
 impl<B: PostgresBranch> Resource for PostgresResource<B> {
     async fn prepare(&self, txn: TxnId, payload: Bytes) -> Result<Vote, ResourceError> {
-        let inner = &self.inner;
-        let gid = inner.gid(txn);
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(inner.config.pool_wait_timeout_ms);
-        // A slot before a connection: waiting Prepares never hold the
-        // connections that decisions need.
-        let _slot = tokio::time::timeout_at(deadline, inner.prepare_slots.acquire())
-            .await
-            .map_err(|_| inner.busy())?
-            .map_err(|_| ResourceError::Fatal("prepare slots closed".into()))?;
-        let mut session = inner.session().await?;
-        // I5: a txn with a row keeps its vote, whatever this payload says.
-        if let Some(vote) = inner.repeat_vote(&mut session, txn, &gid).await? {
-            return Ok(vote);
-        }
-        inner.wait_for_room(&session, deadline).await?;
-        let result = inner.prepare_new(&mut session, txn, &gid, &payload).await;
-        if result.is_err() {
-            drop(session);
-            inner.forget(txn, &gid).await;
-        }
-        result
+        self.inner.prepare(txn, Staging::Payload(&payload)).await
     }
 
     async fn commit(&self, txn: TxnId) -> Result<(), ResourceError> {

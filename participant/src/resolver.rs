@@ -5,46 +5,43 @@
 //!
 //! It never decides on its own and never gives up: it asks any configured
 //! node, follows leader hints (even to addresses not configured), moves to the
-//! next node when one is unreachable, and after a round without an answer
-//! waits a capped, jittered, exponentially growing pause. The decision it gets
-//! goes through the same per-txn-locked path as the coordinator's Decide, so
-//! it is applied exactly once even when both arrive together.
+//! next node when one is unreachable (see [`crate::cluster`]), and after a
+//! round without an answer waits a capped, jittered, exponentially growing
+//! pause. A txn that is begun and not yet decided (an interactive txn before
+//! its deadline, §12.5) is answered `undecided`: the resolver asks again after
+//! the `retry_after_ms` it is given (at least [`UNDECIDED_RETRY_MIN_MS`], at
+//! most `resolve_backoff_max_ms`), and that answer is not a failed round. The
+//! decision it gets goes through the same per-txn-locked path as the
+//! coordinator's Decide, so it is applied exactly once even when both arrive
+//! together.
 //!
 //! Bounded (I6): at most `resolve_concurrency_max` txns are resolved at once;
 //! the waiting ones are simply the oldest prepared entries of the outcome
-//! memory, so there is no separate queue to overflow. Channels are created
-//! lazily and cached, at most [`CHANNEL_CACHE_MAX`] of them.
+//! memory, so there is no separate queue to overflow.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
-use rand::Rng;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, instrument, warn};
-use twopc_proto::pb::ResolveRequest;
-use twopc_proto::pb::coordinator_client::CoordinatorClient;
-use twopc_proto::status::{is_forgotten, leader_hint};
-use twopc_proto::{Decision, MAX_MESSAGE_BYTES, TxnId};
+use twopc_proto::pb::{ResolveRequest, ResolveResponse};
+use twopc_proto::status::is_forgotten;
+use twopc_proto::{Decision, TxnId};
 
-use crate::config::endpoint_uri;
+use crate::cluster::{Backoff, Cluster, NoAnswer};
 use crate::engine::{Engine, Origin};
 use crate::failpoint::{self, fired};
 use crate::resource::Resource;
 
-/// The most coordinator channels kept; past it the cache starts afresh.
-pub const CHANNEL_CACHE_MAX: usize = 64;
-
-/// How many leader hints one round may follow beyond the configured nodes,
-/// so nodes pointing at each other cannot keep a round going for ever.
-const HINTS_PER_ROUND_MAX: usize = 4;
+/// The shortest pause before asking again about an undecided txn, whatever
+/// `retry_after_ms` the coordinator gives, so a coordinator answering 0
+/// cannot make the resolver spin.
+pub const UNDECIDED_RETRY_MIN_MS: u64 = 10;
 
 /// Runs until dropped: finds in-doubt branches and resolves them.
-pub(crate) async fn run<R: Resource>(engine: Arc<Engine<R>>) {
-    let cluster = Arc::new(Cluster::new(&engine));
+pub(crate) async fn run<R: Resource>(engine: Arc<Engine<R>>, cluster: Arc<Cluster>) {
     let concurrency_max = engine.config().resolve_concurrency_max;
     let mut tick = tokio::time::interval(engine.config().in_doubt_scan_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -89,174 +86,79 @@ async fn resolve<R: Resource>(engine: Arc<Engine<R>>, cluster: Arc<Cluster>, txn
             let _ = engine.decide(txn, Decision::Abort, Origin::Resolver).await;
             return;
         }
-        if let Some(decision) = cluster.resolve_round(txn).await {
-            match engine.decide(txn, decision, Origin::Resolver).await {
+        match ask(&cluster, txn).await {
+            Some(Answer::Decided(decision)) => match engine.decide(txn, decision, Origin::Resolver).await {
                 Ok(_) => {
                     engine.metrics().resolved();
                     info!(%decision, "in-doubt branch resolved");
                     return;
                 }
                 Err(e) => warn!(error = %e, "could not apply the resolved decision; retrying"),
+            },
+            Some(Answer::Undecided { retry_after_ms }) => {
+                // §12.5: the txn is begun and its deadline has not passed;
+                // nothing may be presumed. The cluster answered, so this is
+                // no failed round: ask again when told, not after a backoff.
+                backoff.reset();
+                let pause = Duration::from_millis(retry_after_ms.max(UNDECIDED_RETRY_MIN_MS)).min(backoff.cap());
+                debug!(retry_after_ms, "the txn is begun and undecided; asking again later");
+                tokio::time::sleep(pause).await;
+                continue;
             }
+            None => {}
         }
         tokio::time::sleep(backoff.next()).await;
     }
     debug!("settled by a decision from the coordinator");
 }
 
-/// Capped exponential backoff with jitter: each pause is drawn from the upper
-/// half of the current step, and the step doubles up to the cap.
-struct Backoff {
-    min_ms: u64,
-    max_ms: u64,
-    step_ms: u64,
+/// What the cluster said about a txn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// Its decision for this branch.
+    Decided(Decision),
+    /// Begun and not decided yet (§12.5): ask again after `retry_after_ms`.
+    Undecided { retry_after_ms: u64 },
 }
 
-impl Backoff {
-    fn new(min_ms: u64, max_ms: u64) -> Self {
-        assert!(min_ms <= max_ms, "validated by ParticipantConfig::validate");
-        Self { min_ms, max_ms, step_ms: min_ms }
-    }
-
-    fn next(&mut self) -> Duration {
-        let low = (self.step_ms / 2).max(self.min_ms);
-        let pause_ms = twopc_proto::host::with_rng(|rng| rng.random_range(low..=self.step_ms.max(low)));
-        self.step_ms = self.step_ms.saturating_mul(2).min(self.max_ms);
-        Duration::from_millis(pause_ms)
-    }
-}
-
-/// The coordinator nodes, a cached guess at the leader, and lazy channels.
-struct Cluster {
-    participant: String,
-    nodes: Vec<String>,
-    connect_timeout: Duration,
-    request_timeout: Duration,
-    leader: Mutex<Option<String>>,
-    channels: Mutex<HashMap<String, Channel>>,
-    tls: Option<twopc_proto::tls::Tls>,
-}
-
-impl Cluster {
-    fn new<R: Resource>(engine: &Engine<R>) -> Self {
-        let config = engine.config();
-        Self {
-            participant: config.id.to_string(),
-            nodes: config.coordinators.clone(),
-            connect_timeout: Duration::from_millis(config.connect_timeout_ms),
-            request_timeout: Duration::from_millis(config.resolve_timeout_ms),
-            leader: Mutex::new(None),
-            channels: Mutex::new(HashMap::new()),
-            tls: config.tls.clone(),
+impl Answer {
+    fn from_pb(response: &ResolveResponse) -> Result<Self, tonic::Status> {
+        if response.undecided {
+            return Ok(Self::Undecided { retry_after_ms: response.retry_after_ms });
         }
-    }
-
-    /// One pass over the cluster: the believed leader first, then every
-    /// configured node, each hint followed as soon as it is given.
-    async fn resolve_round(&self, txn: TxnId) -> Option<Decision> {
-        let leader = self.leader.lock().clone();
-        let mut queue: VecDeque<String> = leader.into_iter().chain(self.nodes.clone()).collect();
-        let mut tried = HashSet::new();
-        let mut hints_followed = 0;
-        while let Some(addr) = queue.pop_front() {
-            if !tried.insert(addr.clone()) {
-                continue;
-            }
-            match self.ask(&addr, txn).await {
-                Ok(decision) => {
-                    *self.leader.lock() = Some(addr);
-                    return Some(decision);
-                }
-                Err(status) if is_forgotten(&status) => {
-                    // The coordinator forgot the txn after retention. Retention never
-                    // forgets a Commit that names no branch, and a branch named in a
-                    // kept decision acknowledged it before it could be forgotten, so a
-                    // branch still prepared here belongs to an aborted txn
-                    // (docs/PROTOCOL.md §7.2): abort it rather than ask for ever (I7).
-                    warn!(%addr, "the coordinator forgot this txn after retention; aborting the branch");
-                    return Some(Decision::Abort);
-                }
-                Err(status) => {
-                    self.forget_leader(&addr);
-                    let hint = leader_hint(&status).filter(|h| !tried.contains(h));
-                    debug!(%addr, code = ?status.code(), message = status.message(), ?hint, "resolve failed");
-                    if let Some(hint) = hint
-                        && hints_followed < HINTS_PER_ROUND_MAX
-                    {
-                        hints_followed += 1;
-                        queue.push_front(hint);
-                    }
-                }
-            }
-        }
-        warn!(nodes = tried.len(), "no coordinator answered this round; backing off");
-        None
-    }
-
-    async fn ask(&self, addr: &str, txn: TxnId) -> Result<Decision, tonic::Status> {
-        let channel = self.channel(addr)?;
-        let mut client = CoordinatorClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let mut request =
-            tonic::Request::new(ResolveRequest { txn_id: txn.to_string(), participant: self.participant.clone() });
-        request.set_timeout(self.request_timeout);
-        let response = client.resolve(request).await?.into_inner();
         // Never decide on our own: an answer without a decision is no answer.
         Decision::try_from(response.decision)
-            .map_err(|e| tonic::Status::internal(format!("coordinator at {addr} answered: {e}")))
-    }
-
-    fn forget_leader(&self, addr: &str) {
-        let mut leader = self.leader.lock();
-        if leader.as_deref() == Some(addr) {
-            *leader = None;
-        }
-    }
-
-    /// A lazily connecting channel to `addr`; nothing is dialled until a call.
-    fn channel(&self, addr: &str) -> Result<Channel, tonic::Status> {
-        let mut channels = self.channels.lock();
-        if let Some(channel) = channels.get(addr) {
-            return Ok(channel.clone());
-        }
-        let uri = endpoint_uri(addr).map_err(tonic::Status::invalid_argument)?;
-        let endpoint = Endpoint::from_shared(uri)
-            .map_err(|e| tonic::Status::invalid_argument(format!("{addr}: {e}")))?
-            .connect_timeout(self.connect_timeout)
-            .timeout(self.request_timeout);
-        let dial = match &self.tls {
-            Some(tls) => Some(
-                tls.dial(twopc_proto::tls::ANY_NODE_DNS).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?,
-            ),
-            None => None,
-        };
-        let channel = twopc_proto::net::lazy_channel_with(&endpoint, dial);
-        if channels.len() >= CHANNEL_CACHE_MAX {
-            channels.clear();
-        }
-        channels.insert(addr.to_owned(), channel.clone());
-        Ok(channel)
+            .map(Self::Decided)
+            .map_err(|e| tonic::Status::internal(format!("the coordinator answered: {e}")))
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    // I7 (liveness) and I6 (bounded retry): pauses stay within [min, max] and grow to the cap.
-    #[test]
-    fn backoff_grows_to_the_cap_and_stays_within_bounds() {
-        let mut backoff = Backoff::new(10, 200);
-        let pauses: Vec<u64> = (0..20).map(|_| u64::try_from(backoff.next().as_millis()).unwrap_or(u64::MAX)).collect();
-        assert!(pauses.iter().all(|p| (10..=200).contains(p)), "{pauses:?}");
-        assert!(pauses[..2].iter().all(|p| *p <= 20), "{pauses:?}");
-        assert!(pauses[10..].iter().all(|p| *p >= 100), "{pauses:?}");
-    }
-
-    #[test]
-    fn backoff_with_equal_bounds_is_constant() {
-        let mut backoff = Backoff::new(50, 50);
-        assert!((0..5).all(|_| backoff.next() == Duration::from_millis(50)));
+/// One round of Resolve calls; None when no node answered.
+async fn ask(cluster: &Cluster, txn: TxnId) -> Option<Answer> {
+    let request = ResolveRequest { txn_id: txn.to_string(), participant: cluster.participant.clone() };
+    let timeout = cluster.request_timeout();
+    let answered = cluster
+        .round(is_forgotten, |mut client| {
+            let mut request = tonic::Request::new(request.clone());
+            request.set_timeout(timeout);
+            async move { Answer::from_pb(&client.resolve(request).await?.into_inner()) }
+        })
+        .await;
+    match answered {
+        Ok(answer) => Some(answer),
+        Err(NoAnswer::Final(status)) => {
+            // The coordinator forgot the txn after retention. Retention never
+            // forgets a Commit that names no branch, and a branch named in a
+            // kept decision acknowledged it before it could be forgotten, so a
+            // branch still prepared here belongs to an aborted txn
+            // (docs/PROTOCOL.md §7.2): abort it rather than ask for ever (I7).
+            warn!(message = status.message(), "the coordinator forgot this txn after retention; aborting the branch");
+            Some(Answer::Decided(Decision::Abort))
+        }
+        Err(NoAnswer::Exhausted(last)) => {
+            let last = last.map(|s| format!("{:?}: {}", s.code(), s.message()));
+            warn!(nodes = cluster.node_count(), ?last, "no coordinator answered this round; backing off");
+            None
+        }
     }
 }

@@ -21,9 +21,11 @@ use twopc_proto::pb::{
 };
 use twopc_proto::{Decision, MAX_MESSAGE_BYTES, TxnId};
 
+use crate::cluster::Cluster;
 use crate::config::ParticipantConfig;
 use crate::engine::{Engine, Origin};
 use crate::error::{Error, Result};
+use crate::join::Joiner;
 use crate::metrics::Metrics;
 use crate::resolver;
 use crate::resource::Resource;
@@ -51,6 +53,7 @@ pub async fn run<R: Resource>(
 /// A participant ready to serve: the resource, its config and its counters.
 pub struct Participant<R> {
     engine: Arc<Engine<R>>,
+    cluster: Arc<Cluster>,
 }
 
 impl<R: Resource> Participant<R> {
@@ -60,8 +63,19 @@ impl<R: Resource> Participant<R> {
     /// [`Error::Config`] naming the invalid field.
     pub fn new(resource: Arc<R>, config: ParticipantConfig) -> Result<Self> {
         config.validate()?;
+        let cluster = Arc::new(Cluster::new(&config));
         let engine = Engine::new(resource, config, Metrics::default());
-        Ok(Self { engine: Arc::new(engine) })
+        Ok(Self { engine: Arc::new(engine), cluster })
+    }
+
+    /// A handle by which the service's own gRPC handlers join interactive
+    /// txns ([`Joiner::join`], docs/PROTOCOL.md §12.3). Take it before
+    /// [`Participant::serve`] or [`Participant::serve_with`] and give it to
+    /// the services in their `routes`; it shares this participant's outcome
+    /// memory, locks, limits, metrics and coordinator connections, and the
+    /// resolver serving with it settles what a join leaves in doubt.
+    pub fn joiner(&self) -> Joiner<R> {
+        Joiner::new(Arc::clone(&self.engine), Arc::clone(&self.cluster))
     }
 
     /// A handle on the counters; stays valid after [`Participant::serve`] ends.
@@ -107,7 +121,7 @@ impl<R: Resource> Participant<R> {
             recovered,
             "participant serving"
         );
-        let resolver = AbortOnDrop(tokio::spawn(resolver::run(Arc::clone(&self.engine))));
+        let resolver = AbortOnDrop(tokio::spawn(resolver::run(Arc::clone(&self.engine), self.cluster)));
         let service = ParticipantServer::new(Service { engine: self.engine })
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);

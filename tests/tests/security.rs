@@ -228,7 +228,7 @@ async fn a_client_certificate_calling_a_participants_prepare_is_denied() -> anyh
 }
 
 #[tokio::test]
-async fn participant_a_may_not_resolve_or_register_for_b() -> anyhow::Result<()> {
+async fn participant_a_may_not_resolve_register_or_join_for_b() -> anyhow::Result<()> {
     let s = setup().await?;
     let leader = s.cluster.addr(s.cluster.wait_for_leader().await?);
     let as_a = channel_as(s.dir.path(), &Identity::participant("a"), &leader)?;
@@ -261,6 +261,20 @@ async fn participant_a_may_not_resolve_or_register_for_b() -> anyhow::Result<()>
         .await
         .expect_err("a registering as b");
     assert_denied(&status, "may not act for participant \"b\"");
+    // Joining b's branch into a begun txn (§12.3): refused; as itself, a joins; and a
+    // client may not join at all (Join is a participant's call).
+    let begun =
+        app.coordinator(
+            |mut c| async move { c.begin(pb::BeginRequest { txn_id: String::new(), timeout_ms: 5_000 }).await },
+        );
+    let txn_id = begun.await?.context.map(|c| c.txn_id).unwrap_or_default();
+    let join = |participant: &str| pb::JoinRequest { txn_id: txn_id.clone(), participant: participant.into() };
+    let status = CoordinatorClient::new(as_a.clone()).join(join("b")).await.expect_err("a joining as b");
+    assert_denied(&status, "may not act for participant \"b\"");
+    CoordinatorClient::new(as_a.clone()).join(join("a")).await?;
+    let as_app = channel_as(s.dir.path(), &Identity::client("app"), &leader)?;
+    let status = CoordinatorClient::new(as_app).join(join("b")).await.expect_err("a client joining");
+    assert_denied(&status, "needs role participant");
     s.cluster.stop().await
 }
 

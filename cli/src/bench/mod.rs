@@ -5,6 +5,9 @@
 //! reports committed and aborted counts, throughput, latency percentiles from
 //! an HDR histogram, a per-second timeline, and with `--local` the processes'
 //! memory and disk at the end (and every `--sample-every` seconds).
+//! `--mode interactive` makes each transfer an interactive txn instead of a
+//! one-shot Submit (docs/PROTOCOL.md §12): Begin, the Debit and the Credits at
+//! their banks at once with the txn's context, Commit.
 //! `--kill-leader-at` SIGKILLs the coordinator leader mid-run to show
 //! failover in the timeline; `--baseline-json` reads another system's figures
 //! (bench/etcd.sh) and prints the ratio.
@@ -30,6 +33,7 @@ use twopc_proto::{TxnId, pb};
 
 mod report;
 
+use super::interactive::{self, Banks, Calls, Move};
 use super::local_cluster::{LocalCluster, Spec, bank_client, leader, wait_until};
 use super::money::{Outcome, submit};
 use super::output::json;
@@ -81,6 +85,10 @@ pub struct BenchArgs {
     /// Banks per transfer: one debit branch and branches-1 credit branches, each at a different bank.
     #[arg(long, default_value_t = 2)]
     pub branches: usize,
+    /// How each transfer runs: one Submit with every branch (one-shot), or an interactive txn: Begin, the
+    /// Debit and the Credits at their banks at once with the txn's context, then Commit.
+    #[arg(long, value_enum, default_value_t = Mode::OneShot)]
+    pub mode: Mode,
     /// Each account's opening balance; large, so that no transfer aborts for lack of funds unless asked.
     #[arg(long, default_value = "1000000000.00")]
     pub opening_balance: String,
@@ -112,6 +120,23 @@ pub struct BenchArgs {
     /// size of its data directory (printed as a table; "samples" in --json).
     #[arg(long, requires = "local", value_parser = clap::value_parser!(u64).range(1..))]
     pub sample_every: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// One Submit per transfer, naming every branch and its payload.
+    OneShot,
+    /// Begin, Debit and Credit calls at the banks (each prepares and joins), Commit.
+    Interactive,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::OneShot => "one-shot",
+            Self::Interactive => "interactive",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -240,9 +265,16 @@ async fn run_against(args: &BenchArgs, coordinators: Vec<String>, local: Option<
             ClusterClient::new(coordinators.clone(), config).map(Arc::new)
         })
         .collect::<Result<_, _>>()?;
+    // Interactive transfers call the banks too, over as many connections to each.
+    let bank_channels: Vec<Arc<Banks>> = match args.mode {
+        Mode::OneShot => Vec::new(),
+        Mode::Interactive => {
+            (0..args.connections).map(|_| Banks::new(&banks).map(Arc::new)).collect::<Result<_, _>>()?
+        }
+    };
     let run = Arc::new(Run::new(args));
     let bar = progress_bar(args);
-    let load = drive(args, &run, &clients, &workload, &bar);
+    let load = drive(args, &run, &clients, &bank_channels, &workload, &bar);
     let chaos = async {
         match (args.kill_leader_at, local) {
             (Some(at), Some(cluster)) => kill_leader(&run, cluster, &admin, at, &bar).await,
@@ -346,6 +378,9 @@ struct Workload {
     debits: Vec<Bytes>,
     /// `credits[a]`: account a receives amount.
     credits: Vec<Bytes>,
+    /// The minor units a credit moves, and a debit (branches-1 credits).
+    amount_minor: i64,
+    debit_minor: i64,
     branches: usize,
     timeout_ms: u64,
 }
@@ -371,19 +406,26 @@ impl Workload {
                 Contention::Hot => args.hot_accounts as usize,
             },
             account_names,
+            amount_minor: amount,
+            debit_minor: debit_amount,
             branches: args.branches,
             timeout_ms: args.timeout_ms,
         })
     }
 
-    /// A random transfer: `branches` distinct banks, the first pays, the others receive.
-    fn request(&self, rng: &mut SmallRng) -> pb::SubmitRequest {
+    /// A random transfer's (bank, account) pairs: `branches` distinct banks, the first pays, the others receive.
+    fn pick(&self, rng: &mut SmallRng) -> Vec<(usize, usize)> {
         let banks = rand::seq::index::sample(rng, self.banks.len(), self.branches);
-        let branches = banks
-            .iter()
+        banks.iter().map(|bank| (bank, rng.random_range(0..self.pick_from))).collect()
+    }
+
+    /// A random transfer as one Submit.
+    fn request(&self, rng: &mut SmallRng) -> pb::SubmitRequest {
+        let branches = self
+            .pick(rng)
+            .into_iter()
             .enumerate()
-            .map(|(i, bank)| {
-                let account = rng.random_range(0..self.pick_from);
+            .map(|(i, (bank, account))| {
                 let payload = if i == 0 { &self.debits[account] } else { &self.credits[account] };
                 pb::Branch { participant: self.banks[bank].clone(), payload: payload.clone() }
             })
@@ -393,6 +435,22 @@ impl Workload {
             branches,
             deadline_unix_ms: unix_now_ms() + self.timeout_ms,
         }
+    }
+
+    /// A random transfer as the Debit and Credit calls of an interactive txn.
+    fn moves(&self, rng: &mut SmallRng) -> Vec<Move> {
+        self.pick(rng)
+            .into_iter()
+            .enumerate()
+            .map(|(i, (bank, account))| {
+                let (bank, account) = (&self.banks[bank], self.account_names[account].as_str());
+                if i == 0 {
+                    Move::debit(bank, account, self.debit_minor)
+                } else {
+                    Move::credit(bank, account, self.amount_minor)
+                }
+            })
+            .collect()
     }
 }
 
@@ -552,11 +610,15 @@ async fn drive(
     args: &BenchArgs,
     run: &Arc<Run>,
     clients: &[Arc<ClusterClient>],
+    bank_channels: &[Arc<Banks>],
     workload: &Arc<Workload>,
     bar: &ProgressBar,
 ) {
     let workers: Vec<_> = (0..args.concurrency)
-        .map(|i| tokio::spawn(client_loop(run.clone(), clients[i % clients.len()].clone(), workload.clone())))
+        .map(|i| {
+            let banks = bank_channels.get(i % clients.len()).cloned();
+            tokio::spawn(client_loop(run.clone(), clients[i % clients.len()].clone(), banks, workload.clone()))
+        })
         .collect();
     bar.set_message("warming up");
     let mut ticker = tokio::time::interval(Duration::from_millis(250));
@@ -600,13 +662,25 @@ async fn drive(
     }
 }
 
-/// One client: a transfer at a time, until told to stop.
-async fn client_loop(run: Arc<Run>, client: Arc<ClusterClient>, workload: Arc<Workload>) {
+/// One client: a transfer at a time, until told to stop. With `banks`,
+/// each transfer is an interactive txn; otherwise one Submit.
+async fn client_loop(run: Arc<Run>, client: Arc<ClusterClient>, banks: Option<Arc<Banks>>, workload: Arc<Workload>) {
     let mut rng = SmallRng::from_rng(&mut rand::rng());
+    let timeout = Duration::from_millis(workload.timeout_ms);
     while let Some(measured) = run.next() {
-        let request = workload.request(&mut rng);
-        let began = Instant::now();
-        let result = submit(&client, request).await;
+        let began;
+        let result = match &banks {
+            None => {
+                let request = workload.request(&mut rng);
+                began = Instant::now();
+                submit(&client, request).await
+            }
+            Some(banks) => {
+                let moves = workload.moves(&mut rng);
+                began = Instant::now();
+                interactive::begin_and_run(&client, banks, &moves, timeout, Calls::Concurrent).await
+            }
+        };
         let latency = began.elapsed();
         let (ended, reason) = match &result {
             Ok(Outcome::Committed) => (Ended::Committed, None),

@@ -130,7 +130,8 @@ impl Report {
             Contention::Hot => format!("hot ({} accounts per bank)", args.hot_accounts),
         };
         let title = format!(
-            "{} banks, {} branches per transfer, {} clients, {}, {} accounts per bank, {contention}",
+            "{} transfers, {} banks, {} branches per transfer, {} clients, {}, {} accounts per bank, {contention}",
+            args.mode.name(),
             banks.len(),
             args.branches,
             args.concurrency,
@@ -141,7 +142,7 @@ impl Report {
             args.accounts,
         );
         let config = json!({
-            "local": args.local,
+            "mode": args.mode.name(), "local": args.local,
             "coordinators": if args.local { json!(args.coordinators_count) } else { json!(args.cluster.coordinators) },
             "banks": banks.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
             "branches": args.branches, "concurrency": args.concurrency, "duration_s": args.duration,

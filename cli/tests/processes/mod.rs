@@ -216,6 +216,11 @@ impl Processes {
 
     /// A Bank API client of bank `index` (0 = bank-a).
     pub async fn bank(&self, index: usize) -> Option<BankClient<tonic::transport::Channel>> {
+        self.bank_channel(index).await.map(BankClient::new)
+    }
+
+    /// A connected channel to bank `index` (0 = bank-a), over TLS if the cluster runs it.
+    pub async fn bank_channel(&self, index: usize) -> Option<tonic::transport::Channel> {
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", self.bank_addrs[index])).ok()?;
         let dial = match &self.tls_dir {
             Some(dir) => {
@@ -225,7 +230,23 @@ impl Processes {
             }
             None => None,
         };
-        twopc_proto::net::connect_with(&endpoint, dial).await.ok().map(BankClient::new)
+        twopc_proto::net::connect_with(&endpoint, dial).await.ok()
+    }
+
+    /// A leader-following client of the cluster, as an application would hold.
+    pub fn cluster_client(&self) -> twopc_client::ClusterClient {
+        let config = twopc_client::ClientConfig { tls: self.client_tls(), ..Default::default() };
+        twopc_client::ClusterClient::new(self.coordinator_addrs.clone(), config).expect("a cluster client")
+    }
+
+    /// The id of the coordinator that leads now (1-based, as `--id`).
+    pub async fn leader(&self) -> Option<u64> {
+        let client = self.cluster_client();
+        let status = client
+            .coordinator(|mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await })
+            .await
+            .ok()?;
+        (status.leader_id != 0).then_some(status.leader_id)
     }
 
     /// (balance, held + incoming) summed over both banks.

@@ -1,12 +1,14 @@
-//! The two-phase commit driver (docs/PROTOCOL.md §5–§8): Submit, Resolve,
-//! operator decisions, and the leader's background duties (phase-2 delivery,
-//! retention GC), all on top of a [`NodeHandle`].
+//! The two-phase commit driver (docs/PROTOCOL.md §5–§8, §12): Submit,
+//! Resolve, operator decisions, interactive txns (Begin, Join, Commit,
+//! Rollback), and the leader's background duties (phase-2 delivery, retention
+//! GC, timing out begun txns), all on top of a [`NodeHandle`].
 //!
 //! Outcomes are always read from applied state (I2): a Submit answers with the
 //! record its Decide entry produced when applied, which is the first decision
 //! logged for the txn, whoever logged it.
 
 mod delivery;
+mod interactive;
 mod request;
 
 use std::collections::HashMap;
@@ -30,12 +32,16 @@ use crate::failpoint;
 use crate::metrics::PhaseLatencies;
 use crate::node::NodeHandle;
 use crate::participant_client::{ParticipantClient, Target};
-use crate::state_machine::{Applied, DecideRefusal, ListFilter, TXN_ID_AHEAD_OF_PROPOSER_MAX_MS, TxnRecord};
+use crate::state_machine::{
+    Applied, BegunTxn, DecideRefusal, ListFilter, TIMED_OUT_REASON, TXN_ID_AHEAD_OF_PROPOSER_MAX_MS, TxnRecord,
+};
 
 use delivery::Delivery;
 pub use request::{
-    LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, LIST_PAGE_MAX_BYTES, ListRequest, OPERATOR_REASON_MAX_BYTES,
-    OPERATOR_REASON_PREFIX, OperatorDecideRequest, SubmitRequest, check_not_from_the_future, parse_txn_id,
+    BeginRequest, CommitRequest, JoinRequest, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, LIST_PAGE_MAX_BYTES, ListRequest,
+    OPERATOR_REASON_MAX_BYTES, OPERATOR_REASON_PREFIX, OperatorDecideRequest, ROLLBACK_REASON_DEFAULT,
+    ROLLBACK_REASON_MAX_BYTES, ROLLBACK_REASON_PREFIX, RollbackRequest, SubmitRequest, check_not_from_the_future,
+    parse_txn_id,
 };
 
 /// What a caller learns about a txn.
@@ -48,9 +54,41 @@ pub enum TxnView {
         /// Its branches' participants.
         participants: Vec<ParticipantId>,
     },
+    /// Begun interactively and not decided (docs/PROTOCOL.md §12): the log
+    /// holds its deadline and the branches joined so far.
+    Begun(BegunTxn),
     /// The log holds its decision.
     Logged(TxnRecord),
 }
+
+impl TxnView {
+    /// The txn it is about.
+    pub fn txn_id(&self) -> TxnId {
+        match self {
+            Self::Preparing { txn_id, .. } => *txn_id,
+            Self::Begun(begun) => begun.txn_id,
+            Self::Logged(record) => record.txn_id,
+        }
+    }
+}
+
+/// What Resolve answers (docs/PROTOCOL.md §6, §12.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// The decision the asker must carry out.
+    Decided(Decision),
+    /// The txn is begun, undecided and before its deadline: nothing is
+    /// presumed; ask again after this long.
+    Undecided {
+        /// At most the time to the deadline, and at most [`RESOLVE_RETRY_AFTER_MAX_MS`].
+        retry_after_ms: u64,
+    },
+}
+
+/// The longest `retry_after_ms` an undecided Resolve answers (§12.5): a
+/// participant asks again at least this often, so it learns a decision soon
+/// after it is logged even if phase 2 does not reach it.
+pub const RESOLVE_RETRY_AFTER_MAX_MS: u64 = 1000;
 
 /// Counters for the admin endpoint and the logs.
 #[derive(Debug, Default)]
@@ -73,6 +111,18 @@ pub struct EngineMetrics {
     pub delivered: AtomicU64,
     /// Failed Decide calls that will be retried.
     pub delivery_retries: AtomicU64,
+    /// Interactive txns begun (Begin entries that began a txn).
+    pub begun: AtomicU64,
+    /// Branches joined to begun txns (Join entries that joined one).
+    pub joined: AtomicU64,
+    /// Joins refused (decided, past the deadline, unknown, forgotten, too many).
+    pub join_refused: AtomicU64,
+    /// Begun txns aborted at their deadline ("timed out").
+    pub timed_out: AtomicU64,
+    /// Begun txns aborted by Rollback.
+    pub rolled_back: AtomicU64,
+    /// Begun txns whose logged decision is Commit.
+    pub interactive_committed: AtomicU64,
 }
 
 /// The outcome a running Submit shares with Submits and Resolves that joined it.
@@ -85,8 +135,10 @@ enum SharedError {
     Timeout(String),
     /// The log refused the decision: every waiter gets the same answer.
     FailedPrecondition(String),
+    TxnState(&'static str, String),
     Forgotten(String),
     InvalidArgument(String),
+    NotFound(String),
     Other(String),
 }
 
@@ -96,8 +148,10 @@ impl From<&Error> for SharedError {
             Error::NotLeader { leader_addr } => Self::NotLeader(leader_addr.clone()),
             Error::Timeout(m) => Self::Timeout(m.clone()),
             Error::FailedPrecondition(m) => Self::FailedPrecondition(m.clone()),
+            Error::TxnState { state, message } => Self::TxnState(state, message.clone()),
             Error::Forgotten(m) => Self::Forgotten(m.clone()),
             Error::InvalidArgument(m) => Self::InvalidArgument(m.clone()),
+            Error::NotFound(m) => Self::NotFound(m.clone()),
             other => Self::Other(other.to_string()),
         }
     }
@@ -109,8 +163,10 @@ impl From<&SharedError> for Error {
             SharedError::NotLeader(leader_addr) => Self::NotLeader { leader_addr: leader_addr.clone() },
             SharedError::Timeout(m) => Self::Timeout(m.clone()),
             SharedError::FailedPrecondition(m) => Self::FailedPrecondition(m.clone()),
+            SharedError::TxnState(state, message) => Self::TxnState { state, message: message.clone() },
             SharedError::Forgotten(m) => Self::Forgotten(m.clone()),
             SharedError::InvalidArgument(m) => Self::InvalidArgument(m.clone()),
+            SharedError::NotFound(m) => Self::NotFound(m.clone()),
             SharedError::Other(m) => Self::Retryable(format!("{m}; outcome unknown")),
         }
     }
@@ -130,6 +186,13 @@ enum Driver {
     /// An operator's Decide being logged: a Submit that arrives meanwhile
     /// waits for that decision instead of preparing (docs/PROTOCOL.md §6.1).
     Operator,
+    /// A Commit of a begun txn preparing its one-shot branches and logging
+    /// its decision (§12.4).
+    Commit,
+    /// A Rollback of a begun txn logging its Abort (§12.4).
+    Rollback,
+    /// The leader logging the Abort of a begun txn past its deadline (§12.5).
+    Timeout,
 }
 
 /// The answer for a txn id the log may have decided and then forgotten.
@@ -146,16 +209,30 @@ fn forgotten(txn_id: TxnId) -> Error {
 /// the same txn id with another branch set (a client reusing the id across a
 /// leader change) that was never decided: nobody will commit it, and the
 /// decided record's Commit must not be applied to it (I1).
+///
+/// A record of a begun txn names every branch of the txn (joined before the
+/// decision, or one-shot), so a participant it does not name is answered
+/// Abort even when it names none: its Join was refused or never applied
+/// (§12.5).
 fn decision_for(record: &TxnRecord, asker: Option<&ParticipantId>) -> Decision {
     match asker {
-        Some(asker) if !record.branches.is_empty() && !record.branches.iter().any(|b| &b.participant == asker) => {
+        Some(asker) if (record.deadline_unix_ms.is_some() || !record.branches.is_empty()) && !record.names(asker) => {
             Decision::Abort
         }
         _ => record.decision,
     }
 }
 
-/// A Submit naming other participants than the txn's running or logged branches.
+/// A new txn (Submit, Begin) for an id created before the log's retention
+/// horizon: it may have been decided and forgotten (§7.2).
+fn past_horizon(txn_id: TxnId) -> Error {
+    Error::FailedPrecondition(format!(
+        "txn id {txn_id} was created before the log's retention horizon: it may have been decided and forgotten; \
+         use a new txn id"
+    ))
+}
+
+/// A Submit (or a Commit, of its one-shot branches) naming other participants than the txn's running or logged ones.
 fn other_branches(txn_id: TxnId, known: &[ParticipantId], asked: &[ParticipantId]) -> Option<Error> {
     let sorted = |names: &[ParticipantId]| {
         let mut names: Vec<String> = names.iter().map(ToString::to_string).collect();
@@ -165,7 +242,7 @@ fn other_branches(txn_id: TxnId, known: &[ParticipantId], asked: &[ParticipantId
     let (known, asked) = (sorted(known), sorted(asked));
     (known != asked).then(|| {
         Error::FailedPrecondition(format!(
-            "txn {txn_id} has branches [{}], but this Submit names [{}]: retry with the same branches, or use \
+            "txn {txn_id} has branches [{}], but this call names [{}]: retry with the same branches, or use \
              a new txn id for other work",
             known.join(", "),
             asked.join(", ")
@@ -193,6 +270,8 @@ struct Inner<P> {
     delivery: Mutex<Option<Arc<Delivery<P>>>>,
     metrics: EngineMetrics,
     phases: PhaseLatencies,
+    /// Set while a scan for begun txns past their deadline runs, so scans never overlap.
+    timeout_scan_running: std::sync::atomic::AtomicBool,
 }
 
 impl<P: ParticipantClient> Engine<P> {
@@ -212,6 +291,7 @@ impl<P: ParticipantClient> Engine<P> {
                 delivery: Mutex::default(),
                 metrics: EngineMetrics::default(),
                 phases: PhaseLatencies::default(),
+                timeout_scan_running: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -223,8 +303,9 @@ impl<P: ParticipantClient> Engine<P> {
 
     /// The node's metrics in the Prometheus text format.
     pub fn render_metrics(&self) -> String {
-        let unacknowledged = self.inner.node.local_read(|sm| sm.unacknowledged_count());
-        crate::metrics::render(&self.inner.node.status(), &self.inner.metrics, &self.inner.phases, unacknowledged)
+        let (unacknowledged, begun) = self.inner.node.local_read(|sm| (sm.unacknowledged_count(), sm.begun_count()));
+        let gauges = crate::metrics::TxnGauges { unacknowledged, begun };
+        crate::metrics::render(&self.inner.node.status(), &self.inner.metrics, &self.inner.phases, gauges)
     }
 
     /// The node this engine drives.
@@ -262,8 +343,10 @@ impl<P: ParticipantClient> Engine<P> {
         let txn_id = request.txn_id;
         self.require_leader()?;
         // A decided txn answers from the applied log (I5).
-        let (record, forgotten) =
-            self.inner.node.local_read(|sm| (sm.txn(&txn_id).cloned(), sm.may_have_forgotten(&txn_id)));
+        let (record, forgotten, begun) = self
+            .inner
+            .node
+            .local_read(|sm| (sm.txn(&txn_id).cloned(), sm.may_have_forgotten(&txn_id), sm.is_begun(&txn_id)));
         let asked: Vec<ParticipantId> = request.branches.iter().map(|(p, _)| p.clone()).collect();
         if let Some(record) = record {
             // A presumed abort or an operator's decision logs no branches:
@@ -274,23 +357,14 @@ impl<P: ParticipantClient> Engine<P> {
             }
             return Ok(record);
         }
-        // By the log, not the local clock: a leader whose clock is behind
-        // must not run again a txn another leader decided and forgot.
-        if forgotten {
+        if begun {
             return Err(Error::FailedPrecondition(format!(
-                "txn id {txn_id} was created before the log's retention horizon: it may have been decided \
-                 and forgotten; use a new txn id"
+                "txn {txn_id} is begun (interactive, docs/PROTOCOL.md §12): finish it with Commit or Rollback, \
+                 not Submit"
             )));
         }
-        let accept_window_ms = self.inner.config.retention_ms - self.inner.config.deadline_max_ms;
-        if self.inner.config.clock.age_ms(txn_id) > accept_window_ms {
-            return Err(Error::FailedPrecondition(format!(
-                "txn id {txn_id} was created {} ms ago, past the {accept_window_ms} ms window in which a txn \
-                 id may be submitted; use a new txn id",
-                self.inner.config.clock.age_ms(txn_id)
-            )));
-        }
-        let targets = self.targets(&request)?;
+        self.check_new_txn_id(txn_id, forgotten)?;
+        let targets = self.targets(&request.branches)?;
         let participants = targets.iter().map(|(t, _)| t.participant.clone()).collect();
         let outcome = match self.join_or_register(txn_id, participants, Driver::Submit)? {
             Joined::Existing(running) => {
@@ -322,7 +396,26 @@ impl<P: ParticipantClient> Engine<P> {
         wait_outcome(waiter).await
     }
 
-    fn targets(&self, request: &SubmitRequest) -> Result<Vec<(Target, bytes::Bytes)>> {
+    /// Whether a txn id the log holds nothing for may start a txn (docs/PROTOCOL.md
+    /// §5 step 6, §7.2): Submit's check, and Begin's.
+    fn check_new_txn_id(&self, txn_id: TxnId, forgotten: bool) -> Result<()> {
+        // By the log, not the local clock: a leader whose clock is behind
+        // must not run again a txn another leader decided and forgot.
+        if forgotten {
+            return Err(past_horizon(txn_id));
+        }
+        let accept_window_ms = self.inner.config.retention_ms - self.inner.config.deadline_max_ms;
+        if self.inner.config.clock.age_ms(txn_id) > accept_window_ms {
+            return Err(Error::FailedPrecondition(format!(
+                "txn id {txn_id} was created {} ms ago, past the {accept_window_ms} ms window in which a txn \
+                 id may be used; use a new txn id",
+                self.inner.config.clock.age_ms(txn_id)
+            )));
+        }
+        Ok(())
+    }
+
+    fn targets(&self, branches: &[(ParticipantId, bytes::Bytes)]) -> Result<Vec<(Target, bytes::Bytes)>> {
         let unacknowledged = self.inner.node.local_read(|sm| sm.unacknowledged_count());
         if unacknowledged >= self.inner.config.unacknowledged_max {
             return Err(Error::Overloaded(format!(
@@ -331,8 +424,7 @@ impl<P: ParticipantClient> Engine<P> {
             )));
         }
         self.inner.node.local_read(|sm| {
-            request
-                .branches
+            branches
                 .iter()
                 .map(|(participant, payload)| {
                     let addr = sm.participant_addr(participant).ok_or_else(|| {
@@ -469,7 +561,12 @@ impl<P: ParticipantClient> Engine<P> {
     /// As [`NodeHandle::propose`]; [`Error::Forgotten`] when the log
     /// refused the first decision of a forgotten txn (§7.2),
     /// [`Error::InvalidArgument`] when it refused an id from the future (§7.4).
-    async fn decide(&self, mut cmd: DecideCmd) -> Result<TxnRecord> {
+    async fn decide(&self, cmd: DecideCmd) -> Result<TxnRecord> {
+        self.decide_first(cmd).await.map(|(record, _)| record)
+    }
+
+    /// [`Engine::decide`], telling whether this entry made the decision.
+    async fn decide_first(&self, mut cmd: DecideCmd) -> Result<(TxnRecord, bool)> {
         // I6: reasons come from participants and operators; the log keeps them in every snapshot.
         cmd.cap_reasons();
         let proposal = Proposal { command: Command::Decide(cmd), proposed_unix_ms: self.now_ms() };
@@ -477,7 +574,12 @@ impl<P: ParticipantClient> Engine<P> {
         let applied = self.inner.node.propose(&proposal).await;
         self.inner.phases.decide.record(started.elapsed());
         match applied? {
-            Applied::Decided { record, .. } => Ok(record),
+            Applied::Decided { record, first } => {
+                if first {
+                    self.count_interactive_decision(&record);
+                }
+                Ok((record, first))
+            }
             Applied::DecideRefused { txn_id, refusal: DecideRefusal::Forgotten } => Err(forgotten(txn_id)),
             Applied::DecideRefused { txn_id, refusal: DecideRefusal::FromTheFuture } => {
                 Err(Error::InvalidArgument(format!(
@@ -489,6 +591,39 @@ impl<P: ParticipantClient> Engine<P> {
         }
     }
 
+    /// Counts the first decision of a begun txn by how it ended.
+    fn count_interactive_decision(&self, record: &TxnRecord) {
+        if record.deadline_unix_ms.is_none() {
+            return;
+        }
+        let metrics = &self.inner.metrics;
+        let counter = match record.decision {
+            Decision::Commit => &metrics.interactive_committed,
+            Decision::Abort if record.reason == TIMED_OUT_REASON => &metrics.timed_out,
+            Decision::Abort
+                if record.reason == ROLLBACK_REASON_DEFAULT || record.reason.starts_with(ROLLBACK_REASON_PREFIX) =>
+            {
+                &metrics.rolled_back
+            }
+            Decision::Abort => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Logs a decision and hands it to phase 2 in a task of its own, so a
+    /// caller that goes away between the two cannot leave the decision
+    /// undelivered until the next leader re-drives it.
+    async fn decide_and_deliver(&self, cmd: DecideCmd) -> Result<(TxnRecord, bool)> {
+        let engine = self.clone();
+        let task = tokio::spawn(async move {
+            let (record, first) = engine.decide_first(cmd).await?;
+            engine.deliver(&record);
+            Ok((record, first))
+        });
+        task.await
+            .unwrap_or_else(|e| Err(Error::Retryable(format!("the decision's task failed: {e}; outcome unknown"))))
+    }
+
     /// Hands a decided record to the current term's phase-2 delivery, if this
     /// node is a ready leader; otherwise the next ready leader re-drives it.
     fn deliver(&self, record: &TxnRecord) {
@@ -497,43 +632,72 @@ impl<P: ParticipantClient> Engine<P> {
         }
     }
 
-    /// Answers a participant's in-doubt question (docs/PROTOCOL.md §6).
+    /// Answers a participant's in-doubt question (docs/PROTOCOL.md §6,
+    /// §12.5): the decision for its branch, or, for a begun txn before its
+    /// deadline, "undecided, ask again later".
     ///
     /// # Errors
-    /// [`Error::NotLeader`] when the txn is unknown here and this node is not
-    /// the leader; errors of [`NodeHandle::linearizable_read`] and of proposing.
-    pub async fn resolve(&self, txn_id: TxnId, asker: Option<&ParticipantId>) -> Result<Decision> {
+    /// [`Error::NotLeader`] when the txn is unknown here (or begun and past
+    /// its deadline) and this node is not the leader; errors of
+    /// [`NodeHandle::linearizable_read`] and of proposing.
+    pub async fn resolve(&self, txn_id: TxnId, asker: Option<&ParticipantId>) -> Result<Resolution> {
         check_not_from_the_future(txn_id, &self.inner.config)?;
-        let decision = self.resolve_inner(txn_id, asker).await?;
+        let resolution = self.resolve_inner(txn_id, asker).await?;
         self.inner.metrics.resolved.fetch_add(1, Ordering::Relaxed);
-        Ok(decision)
+        Ok(resolution)
     }
 
-    async fn resolve_inner(&self, txn_id: TxnId, asker: Option<&ParticipantId>) -> Result<Decision> {
-        let (logged, was_forgotten) =
-            self.inner.node.linearizable_read(|sm| (sm.txn(&txn_id).cloned(), sm.may_have_forgotten(&txn_id))).await?;
+    async fn resolve_inner(&self, txn_id: TxnId, asker: Option<&ParticipantId>) -> Result<Resolution> {
+        let (logged, begun_deadline, was_forgotten) = self
+            .inner
+            .node
+            .linearizable_read(|sm| {
+                let begun_deadline = sm.begun(&txn_id).map(|b| b.deadline_unix_ms);
+                (sm.txn(&txn_id).cloned(), begun_deadline, sm.may_have_forgotten(&txn_id))
+            })
+            .await?;
         if let Some(record) = logged {
-            return Ok(decision_for(&record, asker));
+            return Ok(Resolution::Decided(decision_for(&record, asker)));
         }
-        // No presumed abort here: the forgotten outcome may have been Commit (I2).
-        if was_forgotten && !failpoint::fired(failpoint::FORGOTTEN_UNCHECKED, || txn_id.to_string()) {
+        if let Some(deadline) = begun_deadline {
+            // Nothing is presumed of a begun txn before its deadline: its
+            // application may still commit it (§12.5).
+            let now = self.now_ms();
+            if now < deadline {
+                return Ok(Resolution::Undecided { retry_after_ms: (deadline - now).min(RESOLVE_RETRY_AFTER_MAX_MS) });
+            }
+        } else if was_forgotten && !failpoint::fired(failpoint::FORGOTTEN_UNCHECKED, || txn_id.to_string()) {
+            // No presumed abort here: the forgotten outcome may have been Commit (I2).
             return Err(forgotten(txn_id));
         }
         self.require_leader()?;
         let running = self.inner.inflight.lock().get(&txn_id).map(|i| i.outcome.clone());
         if let Some(outcome) = running {
             // A txn this leader is still preparing is not aborted by a Resolve.
-            return wait_outcome(outcome).await.map(|record| decision_for(&record, asker));
+            return wait_outcome(outcome).await.map(|record| Resolution::Decided(decision_for(&record, asker)));
+        }
+        if begun_deadline.is_some() {
+            // Past its deadline: the timeout the leader's scan would log (§12.5).
+            let cmd = DecideCmd {
+                txn_id,
+                decision: Decision::Abort,
+                reason: TIMED_OUT_REASON.to_owned(),
+                branches: Vec::new(),
+            };
+            let (record, _) = self.decide_and_deliver(cmd).await?;
+            return Ok(Resolution::Decided(decision_for(&record, asker)));
         }
         let reason = match asker {
             Some(p) => format!("presumed abort: {p} asked and no decision was logged"),
             None => "presumed abort: no decision was logged".to_owned(),
         };
-        let record = self.decide(DecideCmd { txn_id, decision: Decision::Abort, reason, branches: Vec::new() }).await?;
+        let (record, _) = self
+            .decide_and_deliver(DecideCmd { txn_id, decision: Decision::Abort, reason, branches: Vec::new() })
+            .await?;
         if record.decision == Decision::Abort && record.branches.is_empty() {
             self.inner.metrics.presumed_aborts.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(record.decision)
+        Ok(Resolution::Decided(decision_for(&record, asker)))
     }
 
     /// An operator's decision for an undecided txn (first writer wins,
@@ -566,9 +730,10 @@ impl<P: ParticipantClient> Engine<P> {
         // waits for this decision instead of preparing.
         let guard = InflightGuard { inner: self.inner.clone(), txn_id, outcome: Some(outcome) };
         let reason = format!("{OPERATOR_REASON_PREFIX}{reason}");
-        let result = self.decide(DecideCmd { txn_id, decision, reason, branches: Vec::new() }).await;
-        guard.finish(result.as_ref());
-        let record = result?;
+        // Delivered: a begun txn's record names the branches that joined it.
+        let result = self.decide_and_deliver(DecideCmd { txn_id, decision, reason, branches: Vec::new() }).await;
+        guard.finish(result.as_ref().map(|(record, _)| record));
+        let (record, _) = result?;
         if record.decision != decision || !record.reason.starts_with(OPERATOR_REASON_PREFIX) {
             return Err(Error::FailedPrecondition(format!(
                 "txn {txn_id} is already decided: {} ({})",
@@ -584,10 +749,18 @@ impl<P: ParticipantClient> Engine<P> {
     /// [`Error::NotFound`] when neither knows it.
     pub async fn transaction(&self, txn_id: TxnId) -> Result<TxnView> {
         check_not_from_the_future(txn_id, &self.inner.config)?;
-        let (record, was_forgotten) =
-            self.inner.node.linearizable_read(|sm| (sm.txn(&txn_id).cloned(), sm.may_have_forgotten(&txn_id))).await?;
+        let (record, begun, was_forgotten) = self
+            .inner
+            .node
+            .linearizable_read(|sm| {
+                (sm.txn(&txn_id).cloned(), sm.begun(&txn_id).cloned(), sm.may_have_forgotten(&txn_id))
+            })
+            .await?;
         if let Some(record) = record {
             return Ok(TxnView::Logged(record));
+        }
+        if let Some(begun) = begun {
+            return Ok(TxnView::Begun(begun));
         }
         if let Some(running) = self.inner.inflight.lock().get(&txn_id) {
             return Ok(TxnView::Preparing { txn_id, participants: running.participants.clone() });
@@ -595,39 +768,61 @@ impl<P: ParticipantClient> Engine<P> {
         if was_forgotten {
             return Err(forgotten(txn_id));
         }
-        Err(Error::NotFound(format!("no record of txn {txn_id} (never submitted, or not decided yet)")))
+        Err(Error::NotFound(format!("no record of txn {txn_id} (never submitted or begun, or not decided yet)")))
     }
 
-    /// A page of txns.
+    /// A page of txns in id order: decided and begun ones, or the undecided
+    /// (begun, and being prepared by this leader), or the unacknowledged.
     ///
     /// # Errors
     /// Errors of [`NodeHandle::linearizable_read`].
     pub async fn list(&self, request: &ListRequest) -> Result<Vec<TxnView>> {
         let created_before = self.now_ms().saturating_sub(request.older_than_ms);
-        if request.undecided {
-            let inflight = self.inner.inflight.lock();
-            let mut views: Vec<TxnView> = inflight
+        let (after, limit) = (request.after, request.limit);
+        let mut views: Vec<TxnView> = if request.undecided {
+            let begun: Vec<TxnView> = self
+                .inner
+                .node
+                .linearizable_read(|sm| {
+                    sm.list_begun(created_before, after, limit).into_iter().map(|b| TxnView::Begun(b.clone())).collect()
+                })
+                .await?;
+            let running: Vec<(TxnId, Vec<ParticipantId>)> = self
+                .inner
+                .inflight
+                .lock()
                 .iter()
-                .filter(|(id, _)| id.created_unix_ms() < created_before && request.after.is_none_or(|a| **id > a))
-                .map(|(id, i)| TxnView::Preparing { txn_id: *id, participants: i.participants.clone() })
+                .filter(|(id, _)| id.created_unix_ms() < created_before && after.is_none_or(|a| **id > a))
+                .map(|(id, i)| (*id, i.participants.clone()))
                 .collect();
-            views.sort_by_key(|v| match v {
-                TxnView::Preparing { txn_id, .. } => *txn_id,
-                TxnView::Logged(r) => r.txn_id,
-            });
-            views.truncate(request.limit);
-            return Ok(views);
-        }
-        let filter = if request.unacknowledged { ListFilter::Unacknowledged } else { ListFilter::All };
-        self.inner
-            .node
-            .linearizable_read(|sm| {
-                sm.list(filter, created_before, request.after, request.limit)
+            // A begun txn being committed is listed once, as begun.
+            let preparing: Vec<TxnView> = self.inner.node.local_read(|sm| {
+                running
                     .into_iter()
-                    .map(|r| TxnView::Logged(r.clone()))
+                    .filter(|(id, _)| !sm.is_begun(id) && !begun.iter().any(|b| b.txn_id() == *id))
+                    .map(|(txn_id, participants)| TxnView::Preparing { txn_id, participants })
                     .collect()
-            })
-            .await
+            });
+            begun.into_iter().chain(preparing).collect()
+        } else {
+            let filter = if request.unacknowledged { ListFilter::Unacknowledged } else { ListFilter::All };
+            self.inner
+                .node
+                .linearizable_read(|sm| {
+                    let decided =
+                        sm.list(filter, created_before, after, limit).into_iter().map(|r| TxnView::Logged(r.clone()));
+                    if filter == ListFilter::Unacknowledged {
+                        return decided.collect();
+                    }
+                    let begun =
+                        sm.list_begun(created_before, after, limit).into_iter().map(|b| TxnView::Begun(b.clone()));
+                    decided.chain(begun).collect()
+                })
+                .await?
+        };
+        views.sort_by_key(TxnView::txn_id);
+        views.truncate(limit);
+        Ok(views)
     }
 
     /// Names (or moves) a participant.
@@ -669,11 +864,14 @@ impl<P: ParticipantClient> Engine<P> {
     /// The leader's background duties, for as long as the node runs: on
     /// becoming a ready leader (docs/PROTOCOL.md §4.4), re-drive every decided
     /// txn not fully acknowledged and keep delivering; on stepping down, stop
-    /// (§8). Also proposes retention GC.
+    /// (§8). Also proposes retention GC, and the Abort of begun txns past
+    /// their deadline (§12.5).
     pub async fn run_leader_duties(self) {
         let mut status = self.inner.node.watch_status();
         let mut gc = tokio::time::interval(Duration::from_millis(self.inner.config.gc_interval_ms));
         gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut begun_scan = tokio::time::interval(Duration::from_millis(self.inner.config.begun_scan_interval_ms));
+        begun_scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let (ready, term) = {
                 let s = status.borrow_and_update();
@@ -683,6 +881,7 @@ impl<P: ParticipantClient> Engine<P> {
             tokio::select! {
                 changed = status.changed() => if changed.is_err() { break },
                 _ = gc.tick() => if ready { self.collect_garbage().await },
+                _ = begun_scan.tick() => if ready { self.start_timeout_scan() },
             }
         }
         self.on_leadership(false, 0);

@@ -75,32 +75,7 @@ impl SubmitRequest {
         if request.branches.is_empty() {
             return Err(invalid("branches: a txn needs at least one branch".into()));
         }
-        if request.branches.len() > limits.branches_per_txn_max {
-            return Err(invalid(format!(
-                "branches: {} branches, more than the limit of {} (branches_per_txn_max)",
-                request.branches.len(),
-                limits.branches_per_txn_max
-            )));
-        }
-        let mut seen = HashSet::new();
-        let mut branches = Vec::with_capacity(request.branches.len());
-        for (i, branch) in request.branches.into_iter().enumerate() {
-            let participant: ParticipantId =
-                branch.participant.parse().map_err(|e| invalid(format!("branches[{i}].participant: {e}")))?;
-            if !seen.insert(participant.clone()) {
-                return Err(invalid(format!(
-                    "branches[{i}].participant: {participant} appears twice; merge its work into one branch"
-                )));
-            }
-            if branch.payload.len() > limits.payload_max_bytes {
-                return Err(invalid(format!(
-                    "branches[{i}].payload: {} bytes, more than the limit of {} (payload_max_bytes)",
-                    branch.payload.len(),
-                    limits.payload_max_bytes
-                )));
-            }
-            branches.push((participant, branch.payload));
-        }
+        let branches = branches_from_pb(request.branches, limits)?;
         let now = limits.clock.unix_now_ms();
         let deadline = request.deadline_unix_ms;
         if deadline == 0 {
@@ -117,6 +92,168 @@ impl SubmitRequest {
             )));
         }
         Ok(Self { txn_id, branches, deadline_unix_ms: deadline })
+    }
+}
+
+/// Checks a request's branches: at most `branches_per_txn_max`, each a valid
+/// participant name named once, with a payload within `payload_max_bytes`.
+fn branches_from_pb(branches: Vec<pb::Branch>, limits: &EngineConfig) -> Result<Vec<(ParticipantId, Bytes)>> {
+    if branches.len() > limits.branches_per_txn_max {
+        return Err(invalid(format!(
+            "branches: {} branches, more than the limit of {} (branches_per_txn_max)",
+            branches.len(),
+            limits.branches_per_txn_max
+        )));
+    }
+    let mut seen = HashSet::new();
+    let mut checked = Vec::with_capacity(branches.len());
+    for (i, branch) in branches.into_iter().enumerate() {
+        let participant: ParticipantId =
+            branch.participant.parse().map_err(|e| invalid(format!("branches[{i}].participant: {e}")))?;
+        if !seen.insert(participant.clone()) {
+            return Err(invalid(format!(
+                "branches[{i}].participant: {participant} appears twice; merge its work into one branch"
+            )));
+        }
+        if branch.payload.len() > limits.payload_max_bytes {
+            return Err(invalid(format!(
+                "branches[{i}].payload: {} bytes, more than the limit of {} (payload_max_bytes)",
+                branch.payload.len(),
+                limits.payload_max_bytes
+            )));
+        }
+        checked.push((participant, branch.payload));
+    }
+    Ok(checked)
+}
+
+/// A validated Begin (docs/PROTOCOL.md §12.1).
+#[derive(Debug, Clone)]
+pub struct BeginRequest {
+    /// The client's txn id; None to let the coordinator choose one.
+    pub txn_id: Option<TxnId>,
+    /// How long the txn may stay open, from the leader's clock.
+    pub timeout_ms: u64,
+}
+
+impl BeginRequest {
+    /// Checks a wire Begin.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a malformed txn id or one from the
+    /// future, or a timeout of 0 or over `deadline_max_ms`.
+    pub fn from_pb(request: &pb::BeginRequest, limits: &EngineConfig) -> Result<Self> {
+        let txn_id = match request.txn_id.as_str() {
+            "" => None,
+            text => {
+                let txn_id = parse_txn_id(text)?;
+                check_not_from_the_future(txn_id, limits)?;
+                Some(txn_id)
+            }
+        };
+        if request.timeout_ms == 0 {
+            return Err(invalid(format!(
+                "timeout_ms: required: how long the txn may stay open, 1 to {} ms (deadline_max_ms)",
+                limits.deadline_max_ms
+            )));
+        }
+        if request.timeout_ms > limits.deadline_max_ms {
+            return Err(invalid(format!(
+                "timeout_ms: {} ms, more than the limit of {} ms (deadline_max_ms)",
+                request.timeout_ms, limits.deadline_max_ms
+            )));
+        }
+        Ok(Self { txn_id, timeout_ms: request.timeout_ms })
+    }
+}
+
+/// A validated Join (docs/PROTOCOL.md §12.3).
+#[derive(Debug, Clone)]
+pub struct JoinRequest {
+    /// The begun txn.
+    pub txn_id: TxnId,
+    /// The participant whose prepared branch joins.
+    pub participant: ParticipantId,
+}
+
+impl JoinRequest {
+    /// Checks a wire Join.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a malformed txn id or one from the
+    /// future, or a bad participant name.
+    pub fn from_pb(request: &pb::JoinRequest, limits: &EngineConfig) -> Result<Self> {
+        let txn_id = parse_txn_id(&request.txn_id)?;
+        check_not_from_the_future(txn_id, limits)?;
+        let participant = request.participant.parse().map_err(|e| invalid(format!("participant: {e}")))?;
+        Ok(Self { txn_id, participant })
+    }
+}
+
+/// A validated Commit (docs/PROTOCOL.md §12.4).
+#[derive(Debug, Clone)]
+pub struct CommitRequest {
+    /// The begun txn.
+    pub txn_id: TxnId,
+    /// One-shot branches to prepare now, as Submit does; may be empty.
+    pub branches: Vec<(ParticipantId, Bytes)>,
+}
+
+impl CommitRequest {
+    /// Checks a wire Commit.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a malformed txn id or one from the
+    /// future, or branches a Submit would refuse (too many, a bad or repeated
+    /// participant name, an oversize payload).
+    pub fn from_pb(request: pb::CommitRequest, limits: &EngineConfig) -> Result<Self> {
+        let txn_id = parse_txn_id(&request.txn_id)?;
+        check_not_from_the_future(txn_id, limits)?;
+        let branches = branches_from_pb(request.branches, limits)?;
+        Ok(Self { txn_id, branches })
+    }
+}
+
+/// What the log's reason for a Rollback starts with.
+pub const ROLLBACK_REASON_PREFIX: &str = "rolled back: ";
+
+/// The log's reason for a Rollback that gives none.
+pub const ROLLBACK_REASON_DEFAULT: &str = "rolled back";
+
+/// The longest reason a Rollback may give, in bytes: with
+/// [`ROLLBACK_REASON_PREFIX`] it fits [`REASON_MAX_BYTES`] uncut.
+pub const ROLLBACK_REASON_MAX_BYTES: usize = REASON_MAX_BYTES - ROLLBACK_REASON_PREFIX.len();
+
+/// A validated Rollback (docs/PROTOCOL.md §12.4).
+#[derive(Debug, Clone)]
+pub struct RollbackRequest {
+    /// The begun txn.
+    pub txn_id: TxnId,
+    /// The reason as the log keeps it (`rolled back: <reason>`).
+    pub reason: String,
+}
+
+impl RollbackRequest {
+    /// Checks a wire Rollback.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a malformed txn id or one from the
+    /// future, or a reason over [`ROLLBACK_REASON_MAX_BYTES`].
+    pub fn from_pb(request: &pb::RollbackRequest, limits: &EngineConfig) -> Result<Self> {
+        let txn_id = parse_txn_id(&request.txn_id)?;
+        check_not_from_the_future(txn_id, limits)?;
+        if request.reason.len() > ROLLBACK_REASON_MAX_BYTES {
+            return Err(invalid(format!(
+                "reason: {} bytes, more than the limit of {ROLLBACK_REASON_MAX_BYTES}; the log keeps it in every \
+                 snapshot, so say it shorter",
+                request.reason.len()
+            )));
+        }
+        let reason = match request.reason.trim() {
+            "" => ROLLBACK_REASON_DEFAULT.to_owned(),
+            _ => format!("{ROLLBACK_REASON_PREFIX}{}", request.reason),
+        };
+        Ok(Self { txn_id, reason })
     }
 }
 

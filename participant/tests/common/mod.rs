@@ -16,6 +16,7 @@ use twopc_participant::{
     Decision, MemoryResource, Metrics, Participant, ParticipantConfig, Resource, ResourceError, TxnId, Vote,
 };
 use twopc_proto::pb::participant_client::ParticipantClient;
+use twopc_proto::pb::{self, MoveRequest, MoveResponse};
 use twopc_proto::pb::{
     DecideBatchRequest, DecisionItem, DecisionRequest, DecisionResult, PrepareRequest, PrepareResponse,
 };
@@ -45,6 +46,7 @@ pub async fn dead_addr() -> anyhow::Result<String> {
 
 /// A participant serving in the background.
 pub struct Running {
+    pub addr: std::net::SocketAddr,
     pub client: ParticipantClient<Channel>,
     pub metrics: Metrics,
     stop: Option<oneshot::Sender<()>>,
@@ -53,18 +55,29 @@ pub struct Running {
 
 /// Serves `resource` on 127.0.0.1:0 with `config` and connects a client.
 pub async fn start<R: Resource>(resource: Arc<R>, config: ParticipantConfig) -> anyhow::Result<Running> {
+    start_with(resource, config, |_| tonic::service::Routes::default()).await
+}
+
+/// [`start`], also serving the services `routes` builds (given the
+/// participant, to take its joiner) on the same port.
+pub async fn start_with<R: Resource>(
+    resource: Arc<R>,
+    config: ParticipantConfig,
+    routes: impl FnOnce(&Participant<R>) -> tonic::service::Routes,
+) -> anyhow::Result<Running> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let participant = Participant::new(resource, config)?;
     let metrics = participant.metrics();
+    let routes = routes(&participant);
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(participant.serve(listener, async {
+    let task = tokio::spawn(participant.serve_with(listener, routes, async {
         let _ = stopped.await;
     }));
     // The listener is bound already, so the connection is accepted once the
     // server starts; no waiting for a port.
     let client = ParticipantClient::connect(format!("http://{addr}")).await.context("connecting to the participant")?;
-    Ok(Running { client, metrics, stop: Some(stop), task })
+    Ok(Running { addr, client, metrics, stop: Some(stop), task })
 }
 
 impl Running {
@@ -278,5 +291,86 @@ impl<R: Resource> Resource for FailingPrepares<R> {
 
     async fn prepared(&self) -> Result<Vec<TxnId>, ResourceError> {
         self.inner.prepared().await
+    }
+}
+
+/// Serves `resource` with [`JoiningService`] (behind the context
+/// interceptor) on the same port, and returns the participant's joiner too.
+pub async fn start_joining(
+    resource: Arc<MemoryResource>,
+    config: ParticipantConfig,
+) -> anyhow::Result<(Running, twopc_participant::Joiner<MemoryResource>)> {
+    let mut joiner = None;
+    let running = start_with(resource, config, |participant| {
+        let j = participant.joiner();
+        joiner = Some(j.clone());
+        let service = twopc_proto::pb::bank_server::BankServer::with_interceptor(
+            JoiningService::new(j),
+            twopc_participant::context::read_txn_context,
+        );
+        tonic::service::Routes::new(service)
+    })
+    .await?;
+    Ok((running, joiner.context("the routes were not built")?))
+}
+
+/// A service whose `Debit` joins the txn with its account name as the
+/// payload (so `no:...` votes NO): the handler's side of §12.
+pub struct JoiningService {
+    joiner: twopc_participant::Joiner<MemoryResource>,
+}
+
+impl JoiningService {
+    pub fn new(joiner: twopc_participant::Joiner<MemoryResource>) -> Self {
+        Self { joiner }
+    }
+}
+
+fn unimplemented<T>() -> Result<tonic::Response<T>, tonic::Status> {
+    Err(tonic::Status::unimplemented("not part of this test service"))
+}
+
+#[tonic::async_trait]
+impl twopc_proto::pb::bank_server::Bank for JoiningService {
+    async fn debit(
+        &self,
+        request: tonic::Request<MoveRequest>,
+    ) -> Result<tonic::Response<MoveResponse>, tonic::Status> {
+        let ctx = twopc_participant::context::require_txn_context(&request, "Debit")?;
+        let payload = Bytes::from(request.into_inner().account);
+        let joined = self.joiner.join(&ctx, payload).await?;
+        Ok(tonic::Response::new(MoveResponse { deadline_unix_ms: joined.deadline_unix_ms }))
+    }
+
+    async fn credit(&self, _: tonic::Request<MoveRequest>) -> Result<tonic::Response<MoveResponse>, tonic::Status> {
+        unimplemented()
+    }
+
+    async fn create_account(
+        &self,
+        _: tonic::Request<pb::CreateAccountRequest>,
+    ) -> Result<tonic::Response<pb::CreateAccountResponse>, tonic::Status> {
+        unimplemented()
+    }
+
+    async fn balance(
+        &self,
+        _: tonic::Request<pb::BalanceRequest>,
+    ) -> Result<tonic::Response<pb::BalanceResponse>, tonic::Status> {
+        unimplemented()
+    }
+
+    async fn list_accounts(
+        &self,
+        _: tonic::Request<pb::ListAccountsRequest>,
+    ) -> Result<tonic::Response<pb::ListAccountsResponse>, tonic::Status> {
+        unimplemented()
+    }
+
+    async fn total(
+        &self,
+        _: tonic::Request<pb::TotalRequest>,
+    ) -> Result<tonic::Response<pb::TotalResponse>, tonic::Status> {
+        unimplemented()
     }
 }

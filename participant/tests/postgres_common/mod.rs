@@ -86,3 +86,39 @@ impl PostgresBranch for CountingBranch {
         Ok(())
     }
 }
+
+/// The resource of a service that stages every branch with its own SQL
+/// (`PostgresResource::prepare_with`, through `Joiner::join_with`).
+pub type Notes = PostgresResource<NotesBranch>;
+
+/// A service whose handlers write `notes(txn, note)` rows inside the branch
+/// transaction; it has no reserve step and nothing to settle, and it never
+/// stages a payload.
+pub struct NotesBranch {
+    /// `"<schema>".notes`.
+    pub notes: String,
+}
+
+/// Opens the notes service's resource for `participant` on `config`.
+pub async fn open_notes(participant: &ParticipantId, config: PostgresConfig) -> Notes {
+    let branch = NotesBranch { notes: format!("\"{}\".notes", config.schema) };
+    PostgresResource::open(participant, config, branch).await.expect("open the postgres resource")
+}
+
+/// The note `txn` wrote, if it is visible (committed).
+pub async fn note(resource: &Notes, txn: TxnId) -> Option<String> {
+    let client = resource.pool().get().await.expect("a connection");
+    let sql = format!("SELECT note FROM {} WHERE txn = $1", resource.branch().notes);
+    client.query_opt(&sql, &[&txn.to_string()]).await.expect("read notes").map(|row| row.get(0))
+}
+
+impl PostgresBranch for NotesBranch {
+    async fn setup(&self, tx: &BranchTx<'_>) -> Result<(), ResourceError> {
+        tx.batch_execute(&format!("CREATE TABLE {} (txn text PRIMARY KEY, note text NOT NULL)", self.notes)).await?;
+        Ok(())
+    }
+
+    async fn stage(&self, _tx: &BranchTx<'_>, txn: TxnId, _payload: &[u8]) -> Result<Vote, ResourceError> {
+        Ok(Vote::no(format!("txn {txn}: this service stages its branches with its own SQL, not a payload")))
+    }
+}
