@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use tonic::{Code, Status};
 use twopc_client::ClusterClient;
-use twopc_participant::memory::MemoryResource;
 use twopc_proto::context::TXN_STATE_METADATA_KEY;
 use twopc_proto::pb::coordinator_client::CoordinatorClient;
 use twopc_proto::pb::participant_client::ParticipantClient;
@@ -155,16 +154,6 @@ async fn submit(
         .await
 }
 
-async fn transaction(client: &ClusterClient, txn_id: TxnId) -> Result<pb::TransactionInfo, Status> {
-    let request = pb::GetTransactionRequest { txn_id: txn_id.to_string() };
-    client
-        .coordinator(|mut c| {
-            let request = request.clone();
-            async move { c.get_transaction(request).await }
-        })
-        .await
-}
-
 async fn list(client: &ClusterClient, filter: pb::TxnFilter) -> Result<Vec<pb::TransactionInfo>, Status> {
     let request = pb::ListTransactionsRequest { filter: filter.into(), ..Default::default() };
     let response = client
@@ -174,22 +163,6 @@ async fn list(client: &ClusterClient, filter: pb::TxnFilter) -> Result<Vec<pb::T
         })
         .await?;
     Ok(response.transactions)
-}
-
-/// Waits until every branch of `txn_id` acknowledged the decision.
-async fn wait_finished(client: &ClusterClient, txn_id: TxnId) -> anyhow::Result<pb::TransactionInfo> {
-    wait::until("every branch to acknowledge", SETTLE, || async {
-        transaction(client, txn_id).await.ok().filter(|t| t.state == pb::TxnState::Finished as i32)
-    })
-    .await
-}
-
-async fn wait_resource(
-    what: &str,
-    resource: &MemoryResource,
-    check: impl Fn(&MemoryResource) -> bool,
-) -> anyhow::Result<()> {
-    wait::until(what, SETTLE, || async { check(resource).then_some(()) }).await
 }
 
 /// The code of a call that must be refused.
@@ -219,7 +192,7 @@ async fn two_joined_branches_commit_exactly_once_each() -> anyhow::Result<()> {
         let joined = prepare_and_join(&s.client, participant, &context).await??;
         assert_eq!(joined.deadline_unix_ms, context.deadline_unix_ms);
     }
-    let begun = transaction(&s.client, txn).await?;
+    let begun = wait::transaction(&s.client, txn).await?;
     assert_eq!(begun.state, pb::TxnState::Begun as i32);
     assert_eq!(begun.deadline_unix_ms, context.deadline_unix_ms);
     assert_eq!(branch_names(&begun), ["bank-a", "bank-b"]);
@@ -233,7 +206,7 @@ async fn two_joined_branches_commit_exactly_once_each() -> anyhow::Result<()> {
     let mut voted: Vec<&str> = committed.votes.iter().map(|v| v.participant.as_str()).collect();
     voted.sort_unstable();
     assert_eq!(voted, ["bank-a", "bank-b"]);
-    let finished = wait_finished(&s.client, txn).await?;
+    let finished = wait::finished(&s.client, txn, SETTLE).await?;
     assert_eq!(finished.deadline_unix_ms, context.deadline_unix_ms, "a decided interactive record keeps its deadline");
     assert_eq!(s.a.resource.commit_count(txn), 1);
     assert_eq!(s.b.resource.commit_count(txn), 1);
@@ -258,7 +231,7 @@ async fn a_commit_prepares_one_shot_branches_beside_the_joined_ones() -> anyhow:
         let response = commit(&s.client, txn, &[("bank-b", payload)]).await?;
         assert_eq!(response.decision, expect as i32, "{}", response.reason);
         assert_eq!(response.votes.len(), 2, "{response:?}");
-        wait_finished(&s.client, txn).await?;
+        wait::finished(&s.client, txn, SETTLE).await?;
         let committed = u32::from(expect == pb::Decision::Commit);
         assert_eq!(s.a.resource.commit_count(txn), committed);
         assert_eq!(s.b.resource.commit_count(txn), committed);
@@ -284,9 +257,9 @@ async fn rollback_releases_both_joined_branches_and_refuses_later_joins() -> any
     let rolled = rollback(&s.client, txn_of(&other), "the customer cancelled").await?;
     assert_eq!(rolled.decision, pb::Decision::Abort as i32);
     assert_eq!(rolled.reason, "rolled back: the customer cancelled");
-    wait_resource("bank-a to release", &s.a.resource, |r| r.is_aborted(txn_of(&other))).await?;
-    wait_resource("bank-b to release", &s.b.resource, |r| r.is_aborted(txn_of(&other))).await?;
-    wait_finished(&s.client, txn_of(&other)).await?;
+    wait::resource("bank-a to release", &s.a.resource, SETTLE, |r| r.is_aborted(txn_of(&other))).await?;
+    wait::resource("bank-b to release", &s.b.resource, SETTLE, |r| r.is_aborted(txn_of(&other))).await?;
+    wait::finished(&s.client, txn_of(&other), SETTLE).await?;
 
     // The first txn: rolled back with bank-a joined, then bank-b's Join is refused.
     assert_eq!(rollback(&s.client, txn, "").await?.reason, "rolled back");
@@ -298,7 +271,7 @@ async fn rollback_releases_both_joined_branches_and_refuses_later_joins() -> any
     // The refused branch is in no record: its resolver is told Abort (§6).
     let answer = resolve(&s.client, txn, "bank-b").await?;
     assert_eq!(answer.decision, pb::Decision::Abort as i32);
-    wait_resource("bank-a to release", &s.a.resource, |r| r.is_aborted(txn)).await?;
+    wait::resource("bank-a to release", &s.a.resource, SETTLE, |r| r.is_aborted(txn)).await?;
     assert_eq!(s.a.resource.commit_count(txn), 0);
     s.cluster.stop().await
 }
@@ -313,16 +286,16 @@ async fn a_txn_never_committed_is_aborted_at_its_deadline() -> anyhow::Result<()
     prepare_and_join(&s.client, &s.a, &context).await??;
     prepare_and_join(&s.client, &s.b, &context).await??;
     let decided = wait::until("the timeout to be logged", SETTLE, || async {
-        transaction(&s.client, txn).await.ok().filter(|t| t.state != pb::TxnState::Begun as i32)
+        wait::transaction(&s.client, txn).await.ok().filter(|t| t.state != pb::TxnState::Begun as i32)
     })
     .await?;
     assert_eq!(decided.decision, pb::Decision::Abort as i32);
     assert_eq!(decided.reason, "timed out");
     assert!(decided.decided_unix_ms >= context.deadline_unix_ms, "not before the deadline");
     assert_eq!(branch_names(&decided), ["bank-a", "bank-b"]);
-    wait_resource("bank-a to release", &s.a.resource, |r| r.is_aborted(txn)).await?;
-    wait_resource("bank-b to release", &s.b.resource, |r| r.is_aborted(txn)).await?;
-    wait_finished(&s.client, txn).await?;
+    wait::resource("bank-a to release", &s.a.resource, SETTLE, |r| r.is_aborted(txn)).await?;
+    wait::resource("bank-b to release", &s.b.resource, SETTLE, |r| r.is_aborted(txn)).await?;
+    wait::finished(&s.client, txn, SETTLE).await?;
     // The client that comes back too late learns the logged Abort.
     let late = commit(&s.client, txn, &[]).await?;
     assert_eq!((late.decision, late.reason.as_str()), (pb::Decision::Abort as i32, "timed out"));
@@ -348,13 +321,13 @@ async fn past_the_deadline_joins_are_refused_and_resolve_or_commit_log_the_timeo
         let (decision, reason) = if late_call == "resolve" {
             let answer = resolve(&s.client, txn, "bank-a").await?;
             assert!(!answer.undecided);
-            (answer.decision, transaction(&s.client, txn).await?.reason)
+            (answer.decision, wait::transaction(&s.client, txn).await?.reason)
         } else {
             let answer = commit(&s.client, txn, &[]).await?;
             (answer.decision, answer.reason)
         };
         assert_eq!((decision, reason.as_str()), (pb::Decision::Abort as i32, "timed out"), "{late_call}");
-        wait_resource("bank-a to release", &s.a.resource, |r| r.is_aborted(txn)).await?;
+        wait::resource("bank-a to release", &s.a.resource, SETTLE, |r| r.is_aborted(txn)).await?;
     }
     s.cluster.stop().await
 }
@@ -372,9 +345,9 @@ async fn a_resolve_before_the_deadline_answers_undecided_and_aborts_nothing() ->
         assert_eq!(answer.decision, pb::Decision::Unspecified as i32);
         assert!((1..=1000).contains(&answer.retry_after_ms), "{answer:?}");
     }
-    assert_eq!(transaction(&s.client, txn).await?.state, pb::TxnState::Begun as i32);
+    assert_eq!(wait::transaction(&s.client, txn).await?.state, pb::TxnState::Begun as i32);
     assert_eq!(commit(&s.client, txn, &[]).await?.decision, pb::Decision::Commit as i32);
-    wait_resource("bank-a to commit", &s.a.resource, |r| r.commit_count(txn) == 1).await?;
+    wait::resource("bank-a to commit", &s.a.resource, SETTLE, |r| r.commit_count(txn) == 1).await?;
     // Decided: the joined branch learns Commit, a participant it does not name Abort.
     assert_eq!(resolve(&s.client, txn, "bank-a").await?.decision, pb::Decision::Commit as i32);
     assert_eq!(resolve(&s.client, txn, "bank-b").await?.decision, pb::Decision::Abort as i32);
@@ -395,10 +368,10 @@ async fn a_retried_commit_commits_both_joined_branches_through_a_new_leader() ->
     s.cluster.kill(old).await?;
     let new = s.cluster.wait_for_leader().await?;
     assert_ne!(new, old);
-    assert_eq!(transaction(&s.client, txn).await?.state, pb::TxnState::Begun as i32);
+    assert_eq!(wait::transaction(&s.client, txn).await?.state, pb::TxnState::Begun as i32);
     let committed = commit(&s.client, txn, &[]).await?;
     assert_eq!(committed.decision, pb::Decision::Commit as i32, "{}", committed.reason);
-    wait_finished(&s.client, txn).await?;
+    wait::finished(&s.client, txn, SETTLE).await?;
     assert_eq!(s.a.resource.commit_count(txn), 1);
     assert_eq!(s.b.resource.commit_count(txn), 1);
     // The stopped node comes back and catches up to the same state.
@@ -457,7 +430,7 @@ async fn each_invalid_call_gets_its_documented_code() -> anyhow::Result<()> {
     assert_eq!(commit(&s.client, chosen, &[("bank-b", "credit")]).await?.decision, pb::Decision::Commit as i32);
     assert_eq!(code(commit(&s.client, chosen, &[]).await), Code::FailedPrecondition);
     assert_eq!(code(rollback(&s.client, chosen, "too late").await), Code::FailedPrecondition);
-    wait_finished(&s.client, chosen).await?;
+    wait::finished(&s.client, chosen, SETTLE).await?;
     assert_eq!(s.a.resource.commit_count(chosen), 1);
     assert_eq!(s.b.resource.commit_count(chosen), 1);
     s.cluster.stop().await

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use tonic::Code;
 use twopc_client::ClusterClient;
-use twopc_participant::memory::MemoryResource;
 use twopc_proto::pb::coordinator_client::CoordinatorClient;
 use twopc_proto::txn_id::unix_now_ms;
 use twopc_proto::{Decision, TxnId, pb};
@@ -93,32 +92,6 @@ fn operator_decide<'c>(
     }
 }
 
-async fn transaction(client: &ClusterClient, txn_id: TxnId) -> Result<pb::TransactionInfo, tonic::Status> {
-    let request = pb::GetTransactionRequest { txn_id: txn_id.to_string() };
-    client
-        .coordinator(|mut c| {
-            let request = request.clone();
-            async move { c.get_transaction(request).await }
-        })
-        .await
-}
-
-/// Waits until every branch of `txn_id` acknowledged the decision.
-async fn wait_finished(client: &ClusterClient, txn_id: TxnId) -> anyhow::Result<pb::TransactionInfo> {
-    wait::until("every branch to acknowledge", SETTLE, || async {
-        transaction(client, txn_id).await.ok().filter(|t| t.state == pb::TxnState::Finished as i32)
-    })
-    .await
-}
-
-async fn wait_resource(
-    what: &str,
-    resource: &MemoryResource,
-    check: impl Fn(&MemoryResource) -> bool,
-) -> anyhow::Result<()> {
-    wait::until(what, SETTLE, || async { check(resource).then_some(()) }).await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_yes_commits_every_branch_exactly_once() -> anyhow::Result<()> {
     // I1 + I5: every branch applies Commit, once.
@@ -127,7 +100,7 @@ async fn all_yes_commits_every_branch_exactly_once() -> anyhow::Result<()> {
     let response = submit(&s.client, request(txn, &[("bank-a", "debit"), ("bank-b", "credit")])).await?;
     assert_eq!(response.decision, pb::Decision::Commit as i32);
     assert!(response.votes.iter().all(|v| v.vote == pb::VoteKind::Yes as i32));
-    wait_finished(&s.client, txn).await?;
+    wait::finished(&s.client, txn, SETTLE).await?;
     assert_eq!(s.a.resource.commit_count(txn), 1);
     assert_eq!(s.b.resource.commit_count(txn), 1);
     // I5: a repeated Submit answers from the log and changes nothing.
@@ -152,7 +125,7 @@ async fn one_no_vote_aborts_every_branch_and_says_which_and_why() -> anyhow::Res
     let b_vote = response.votes.iter().find(|v| v.participant == "bank-b").expect("bank-b's vote");
     assert_eq!(b_vote.vote, pb::VoteKind::No as i32);
     assert_eq!(b_vote.reason, "insufficient funds");
-    wait_finished(&s.client, txn).await?;
+    wait::finished(&s.client, txn, SETTLE).await?;
     assert_eq!(s.a.resource.commit_count(txn), 0);
     assert!(!s.a.resource.is_prepared(txn), "bank-a released its branch");
     assert_eq!(s.b.resource.commit_count(txn), 0);
@@ -171,7 +144,7 @@ async fn a_participant_that_never_answers_aborts_the_txn_after_the_prepare_timeo
     assert_eq!(response.decision, pb::Decision::Abort as i32);
     assert!(response.reason.contains("bank-c"), "{}", response.reason);
     assert!(started.elapsed() < Duration::from_secs(5), "aborted after the prepare timeout, not the deadline");
-    wait_resource("bank-a to release its branch", &s.a.resource, |r| r.is_aborted(txn)).await?;
+    wait::resource("bank-a to release its branch", &s.a.resource, SETTLE, |r| r.is_aborted(txn)).await?;
     assert_eq!(s.a.resource.commit_count(txn), 0);
     s.cluster.stop().await
 }
@@ -190,9 +163,9 @@ async fn a_new_leader_delivers_a_decision_the_old_one_logged_but_never_sent() ->
     s.cluster.kill(leader).await?;
     s.cluster.gate.fail_decides(false);
     s.cluster.wait_for_leader().await?;
-    wait_resource("bank-a to commit", &s.a.resource, |r| r.commit_count(txn) == 1).await?;
-    wait_resource("bank-b to commit", &s.b.resource, |r| r.commit_count(txn) == 1).await?;
-    wait_finished(&s.client, txn).await?;
+    wait::resource("bank-a to commit", &s.a.resource, SETTLE, |r| r.commit_count(txn) == 1).await?;
+    wait::resource("bank-b to commit", &s.b.resource, SETTLE, |r| r.commit_count(txn) == 1).await?;
+    wait::finished(&s.client, txn, SETTLE).await?;
     // A Submit retried after the crash gets the single logged outcome.
     let retried = submit(&s.client, request(txn, &[("bank-a", "debit"), ("bank-b", "credit")])).await?;
     assert_eq!(retried.decision, pb::Decision::Commit as i32);
@@ -228,8 +201,8 @@ async fn a_leader_killed_before_logging_leaves_participants_to_resolve_to_abort(
     s.cluster.kill(leader).await?;
     s.cluster.gate.hold_after_prepare(false);
     assert!(pending.await?.is_err(), "the dead leader answered nothing");
-    wait_resource("bank-a to abort via Resolve", &s.a.resource, |r| r.is_aborted(txn)).await?;
-    wait_resource("bank-b to abort via Resolve", &s.b.resource, |r| r.is_aborted(txn)).await?;
+    wait::resource("bank-a to abort via Resolve", &s.a.resource, SETTLE, |r| r.is_aborted(txn)).await?;
+    wait::resource("bank-b to abort via Resolve", &s.b.resource, SETTLE, |r| r.is_aborted(txn)).await?;
     let retried = submit(&s.client, req).await?;
     assert_eq!(retried.decision, pb::Decision::Abort as i32);
     assert_eq!(s.a.resource.commit_count(txn) + s.b.resource.commit_count(txn), 0);
@@ -249,8 +222,8 @@ async fn a_deposed_leader_cut_off_in_a_minority_cannot_decide() -> anyhow::Resul
         .await?;
     s.cluster.faults.isolate(old_leader);
     // The majority elects a leader; the participants resolve there.
-    wait_resource("bank-a to abort via Resolve", &s.a.resource, |r| r.is_aborted(txn)).await?;
-    wait_resource("bank-b to abort via Resolve", &s.b.resource, |r| r.is_aborted(txn)).await?;
+    wait::resource("bank-a to abort via Resolve", &s.a.resource, SETTLE, |r| r.is_aborted(txn)).await?;
+    wait::resource("bank-b to abort via Resolve", &s.b.resource, SETTLE, |r| r.is_aborted(txn)).await?;
     // Now let the deposed leader try to log Commit.
     s.cluster.gate.hold_after_prepare(false);
     let outcome = pending.await?;
@@ -355,7 +328,7 @@ async fn an_operator_settles_an_undecided_txn_through_the_log_and_cannot_overrul
     assert!(unforced.message().contains("force"), "{}", unforced.message());
     let decided = decide(txn, pb::Decision::Commit, "bank-a confirmed the goods shipped").await?;
     assert_eq!(decided.decision, pb::Decision::Commit as i32);
-    let info = transaction(&s.client, txn).await?;
+    let info = wait::transaction(&s.client, txn).await?;
     assert!(info.reason.contains("bank-a confirmed the goods shipped"), "{}", info.reason);
     let refused = decide(txn, pb::Decision::Abort, "changed my mind").await.expect_err("already decided");
     assert_eq!(refused.code(), Code::FailedPrecondition);
@@ -402,7 +375,7 @@ async fn listing_filters_unacknowledged_and_undecided_txns() -> anyhow::Result<(
     };
     let finished = TxnId::new();
     submit(&s.client, request(finished, &[("bank-a", "x"), ("bank-b", "y")])).await?;
-    wait_finished(&s.client, finished).await?;
+    wait::finished(&s.client, finished, SETTLE).await?;
     s.cluster.gate.fail_decides(true);
     let stuck = TxnId::new();
     submit(&s.client, request(stuck, &[("bank-a", "x"), ("bank-b", "y")])).await?;
@@ -491,11 +464,11 @@ async fn a_txn_forgotten_by_a_leader_whose_clock_ran_ahead_is_never_run_again() 
     let mut first = request(txn, &[("bank-a", "x"), ("bank-b", "y")]);
     first.deadline_unix_ms = unix_now_ms() + 900;
     assert_eq!(submit(&s.client, first.clone()).await?.decision, pb::Decision::Commit as i32);
-    wait_finished(&s.client, txn).await?;
+    wait::finished(&s.client, txn, SETTLE).await?;
 
     clock.jump_ms(60_000);
     wait::until("the leader to forget the txn", SETTLE, || async {
-        let forgotten = transaction(&s.client, txn).await;
+        let forgotten = wait::transaction(&s.client, txn).await;
         matches!(forgotten, Err(status) if status.code() == Code::FailedPrecondition).then_some(())
     })
     .await?;
@@ -533,7 +506,7 @@ async fn an_operator_cannot_commit_a_txn_the_leader_is_still_preparing() -> anyh
     s.cluster.gate.hold_after_prepare(false);
     let response = pending.await??;
     assert_eq!(response.decision, pb::Decision::Abort as i32, "{}", response.reason);
-    wait_resource("bank-a to release its branch", &s.a.resource, |r| r.is_aborted(txn)).await?;
+    wait::resource("bank-a to release its branch", &s.a.resource, SETTLE, |r| r.is_aborted(txn)).await?;
     assert_eq!(s.a.resource.commit_count(txn) + s.b.resource.commit_count(txn), 0);
     s.cluster.stop().await
 }
@@ -549,7 +522,7 @@ async fn txn_ids_from_the_future_are_refused_at_every_entry_point() -> anyhow::R
     let submitted = submit(&s.client, request(future, &[("bank-a", "x"), ("bank-b", "y")])).await;
     let resolved = resolve(&s.client, future).await.map(drop);
     let decided = operator_decide(&s.client, future, pb::Decision::Abort, "clean up", false).await.map(drop);
-    let got = transaction(&s.client, future).await.map(drop);
+    let got = wait::transaction(&s.client, future).await.map(drop);
     for (what, answer) in [("submit", submitted.map(drop)), ("resolve", resolved), ("decide", decided), ("get", got)] {
         let err = answer.expect_err(what);
         assert_eq!(err.code(), Code::InvalidArgument, "{what}: {}", err.message());
@@ -590,14 +563,14 @@ async fn a_forgotten_txn_gets_no_second_outcome() -> anyhow::Result<()> {
     let mut first = request(txn, &[("bank-a", "debit"), ("bank-b", "credit")]);
     first.deadline_unix_ms = unix_now_ms() + 900;
     assert_eq!(submit(&s.client, first.clone()).await?.decision, pb::Decision::Commit as i32);
-    wait_finished(&s.client, txn).await?;
+    wait::finished(&s.client, txn, SETTLE).await?;
     wait::until("every node to forget the txn", SETTLE, || async {
         s.cluster.states().values().all(|sm| sm.txn(&txn).is_none() && sm.may_have_forgotten(&txn)).then_some(())
     })
     .await?;
     let resolved = resolve(&s.client, txn).await.map(drop);
     let decided = operator_decide(&s.client, txn, pb::Decision::Abort, "clean up", false).await.map(drop);
-    let got = transaction(&s.client, txn).await.map(drop);
+    let got = wait::transaction(&s.client, txn).await.map(drop);
     first.deadline_unix_ms = unix_now_ms() + 900;
     let submitted = submit(&s.client, first).await.map(drop);
     for (what, answer) in [("resolve", resolved), ("decide", decided), ("get", got), ("submit", submitted)] {
@@ -627,7 +600,7 @@ async fn reasons_are_capped_before_they_enter_the_log() -> anyhow::Result<()> {
     assert!(response.reason.len() <= max, "reason of {} bytes", response.reason.len());
     let b_vote = response.votes.iter().find(|v| v.participant == "bank-b").expect("bank-b's vote");
     assert_eq!(b_vote.reason, "é".repeat(max / 2), "cut on a char boundary");
-    let logged = transaction(&s.client, txn).await?;
+    let logged = wait::transaction(&s.client, txn).await?;
     assert!(logged.reason.len() <= max && logged.branches.iter().all(|b| b.reason.len() <= max));
 
     let longest = twopc_coordinator::engine::OPERATOR_REASON_MAX_BYTES;
@@ -636,7 +609,7 @@ async fn reasons_are_capped_before_they_enter_the_log() -> anyhow::Result<()> {
     assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
     let fits = TxnId::new();
     operator_decide(&s.client, fits, pb::Decision::Abort, &"x".repeat(longest), false).await?;
-    let info = transaction(&s.client, fits).await?;
+    let info = wait::transaction(&s.client, fits).await?;
     assert_eq!(info.reason, format!("operator: {}", "x".repeat(longest)), "kept whole");
     s.cluster.stop().await
 }
