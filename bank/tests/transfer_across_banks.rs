@@ -73,9 +73,8 @@ async fn transfer(client: &ClusterClient, from: &str, to: &str, minor: i64) -> a
         .await?)
 }
 
-// I1 + I8: committed transfers move money between banks, an overdraft aborts with "insufficient funds", the total holds.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transfers_across_two_banks() -> anyhow::Result<()> {
+/// A 3-node cluster with bank-a (alice, 100.00) and bank-b (bob, 5.00), and a client of it.
+async fn two_banks() -> anyhow::Result<(Cluster, Bank, Bank, ClusterClient)> {
     let cluster = Cluster::start(3).await?;
     cluster.wait_for_leader().await?;
     let a = Bank::start("bank-a", &cluster).await?;
@@ -83,6 +82,13 @@ async fn transfers_across_two_banks() -> anyhow::Result<()> {
     common::create(a.store.as_ref(), "alice", 10_000).await;
     common::create(b.store.as_ref(), "bob", 500).await;
     let client = cluster.client()?;
+    Ok((cluster, a, b, client))
+}
+
+// I1 + I8: committed transfers move money between banks, an overdraft aborts with "insufficient funds", the total holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfers_across_two_banks() -> anyhow::Result<()> {
+    let (cluster, a, b, client) = two_banks().await?;
 
     let done = transfer(&client, "alice@bank-a", "bob@bank-b", 1_250).await?;
     assert_eq!(done.decision, pb::Decision::Commit as i32, "{done:?}");
@@ -127,13 +133,7 @@ async fn begin(client: &ClusterClient, timeout_ms: u64) -> anyhow::Result<twopc_
 // Debit the bank refuses is not joined, so the txn can only be rolled back; the total holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interactive_transfers_across_two_banks() -> anyhow::Result<()> {
-    let cluster = Cluster::start(3).await?;
-    cluster.wait_for_leader().await?;
-    let a = Bank::start("bank-a", &cluster).await?;
-    let b = Bank::start("bank-b", &cluster).await?;
-    common::create(a.store.as_ref(), "alice", 10_000).await;
-    common::create(b.store.as_ref(), "bob", 500).await;
-    let client = cluster.client()?;
+    let (cluster, a, b, client) = two_banks().await?;
     let mut bank_a = pb::bank_client::BankClient::connect(format!("http://{}", a.addr)).await?;
     let mut bank_b = pb::bank_client::BankClient::connect(format!("http://{}", b.addr)).await?;
 
