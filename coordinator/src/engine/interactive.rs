@@ -17,14 +17,12 @@ use twopc_proto::{Decision, ParticipantId, TxnContext, TxnId};
 
 use super::{
     CommitRequest, Driver, Engine, InflightGuard, JoinRequest, Joined, RollbackRequest, SubmitRequest, forgotten,
-    other_branches, past_horizon, wait_outcome,
+    other_branches, past_horizon, refused_from_the_future, wait_outcome,
 };
 use crate::command::{Command, DecideCmd};
 use crate::error::{Error, Result};
 use crate::participant_client::ParticipantClient;
-use crate::state_machine::{
-    Applied, BeginRefusal, JoinRefusal, JoinVerdict, TIMED_OUT_REASON, TXN_ID_AHEAD_OF_PROPOSER_MAX_MS, TxnRecord,
-};
+use crate::state_machine::{Applied, BeginRefusal, JoinRefusal, JoinVerdict, TIMED_OUT_REASON, TxnRecord};
 
 /// Begun txns past their deadline that one scan logs the Abort of, at most;
 /// the rest wait for the next scan (I6). Their entries are proposed at once,
@@ -83,10 +81,7 @@ impl<P: ParticipantClient> Engine<P> {
                 Err(decided_before_begin(txn_id, decision, &reason.unwrap_or_default()))
             }
             Applied::BeginRefused { refusal: BeginRefusal::Forgotten, .. } => Err(past_horizon(txn_id)),
-            Applied::BeginRefused { refusal: BeginRefusal::FromTheFuture, .. } => Err(Error::InvalidArgument(format!(
-                "txn_id: {txn_id} was created more than {TXN_ID_AHEAD_OF_PROPOSER_MAX_MS} ms after the proposing \
-                 leader's clock; the log refuses it"
-            ))),
+            Applied::BeginRefused { refusal: BeginRefusal::FromTheFuture, .. } => Err(refused_from_the_future(txn_id)),
             other => Err(Error::Corrupt(format!("a Begin entry was applied as {other:?}"))),
         }
     }

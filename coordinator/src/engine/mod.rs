@@ -203,6 +203,15 @@ fn forgotten(txn_id: TxnId) -> Error {
     ))
 }
 
+/// The answer when the log refused an entry for a txn id created too far
+/// ahead of its proposer's clock (docs/PROTOCOL.md §7.4).
+fn refused_from_the_future(txn_id: TxnId) -> Error {
+    Error::InvalidArgument(format!(
+        "txn_id: {txn_id} was created more than {TXN_ID_AHEAD_OF_PROPOSER_MAX_MS} ms after the proposing leader's \
+         clock; the log refuses it"
+    ))
+}
+
 /// The decision a participant asking about `record` must carry out for its
 /// branch (docs/PROTOCOL.md §6): the logged one, unless the record names
 /// branches and not this participant. Then its branch came from a Submit of
@@ -582,10 +591,7 @@ impl<P: ParticipantClient> Engine<P> {
             }
             Applied::DecideRefused { txn_id, refusal: DecideRefusal::Forgotten } => Err(forgotten(txn_id)),
             Applied::DecideRefused { txn_id, refusal: DecideRefusal::FromTheFuture } => {
-                Err(Error::InvalidArgument(format!(
-                    "txn_id: {txn_id} was created more than {TXN_ID_AHEAD_OF_PROPOSER_MAX_MS} ms after the \
-                     proposing leader's clock; the log refuses it"
-                )))
+                Err(refused_from_the_future(txn_id))
             }
             other => Err(Error::Corrupt(format!("a Decide entry was applied as {other:?}"))),
         }
