@@ -57,6 +57,15 @@ pub struct ParticipantConfig {
     ///
     /// Default: 30000.
     pub join_retry_max_ms: u64,
+    /// How far ahead of this participant's clock a txn id may have been
+    /// created for a join to stage its branch. The coordinators refuse ids
+    /// past their own `txn_id_future_skew_ms` and never log anything for
+    /// them, so a branch staged for one could never be settled until the
+    /// clocks caught up: a join is refused before anything is staged
+    /// (docs/PROTOCOL.md §12.3). Keep it at the coordinators' value.
+    ///
+    /// Default: 60000.
+    pub txn_id_future_skew_ms: u64,
     /// How long to wait for a TCP connection to a coordinator node.
     ///
     /// Default: 1000.
@@ -131,6 +140,7 @@ impl ParticipantConfig {
             resolve_concurrency_max: 16,
             resolve_timeout_ms: 10_000,
             join_retry_max_ms: 30_000,
+            txn_id_future_skew_ms: 60_000,
             connect_timeout_ms: 1_000,
             prepare_inflight_max: 1024,
             payload_max_bytes: 64 * 1024,
@@ -164,6 +174,7 @@ impl ParticipantConfig {
             ("resolve_backoff_max_ms", self.resolve_backoff_max_ms),
             ("resolve_timeout_ms", self.resolve_timeout_ms),
             ("join_retry_max_ms", self.join_retry_max_ms),
+            ("txn_id_future_skew_ms", self.txn_id_future_skew_ms),
             ("connect_timeout_ms", self.connect_timeout_ms),
             ("tombstone_retention_ms", self.tombstone_retention_ms),
         ];
@@ -247,12 +258,13 @@ mod tests {
     #[test]
     fn zero_limits_are_rejected() {
         type Zero = fn(&mut ParticipantConfig);
-        let zeroes: [(&str, Zero); 14] = [
+        let zeroes: [(&str, Zero); 15] = [
             ("in_doubt_timeout_ms", |c| c.in_doubt_timeout_ms = 0),
             ("resolve_backoff_min_ms", |c| c.resolve_backoff_min_ms = 0),
             ("resolve_backoff_max_ms", |c| c.resolve_backoff_max_ms = 0),
             ("resolve_timeout_ms", |c| c.resolve_timeout_ms = 0),
             ("join_retry_max_ms", |c| c.join_retry_max_ms = 0),
+            ("txn_id_future_skew_ms", |c| c.txn_id_future_skew_ms = 0),
             ("connect_timeout_ms", |c| c.connect_timeout_ms = 0),
             ("tombstone_retention_ms", |c| c.tombstone_retention_ms = 0),
             ("resolve_concurrency_max", |c| c.resolve_concurrency_max = 0),

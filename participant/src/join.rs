@@ -6,6 +6,9 @@
 //! to [`Joiner::join`] (a payload for the resource) or [`Joiner::join_with`]
 //! (the service's own code), which:
 //!
+//! 0. refuses (`INVALID_ARGUMENT`, nothing staged) a txn id created more
+//!    than `txn_id_future_skew_ms` ahead of this participant's clock: the
+//!    coordinators would never log or settle it;
 //! 1. prepares the branch through the same per-txn-locked path as a
 //!    coordinator's Prepare (outcome memory, `prepare_inflight_max`, the
 //!    deadline check against the context's deadline), except that a txn this
@@ -135,6 +138,7 @@ impl<R: Resource> Joiner<R> {
     #[instrument(skip_all, fields(txn_id = %ctx.txn_id))]
     async fn join_staging(&self, ctx: &TxnContext, staging: Staging) -> Result<Joined> {
         let txn = ctx.txn_id;
+        self.refuse_from_the_future(txn)?;
         match self.engine.prepare_as(Asker::Joiner, txn, staging, ctx.deadline_unix_ms).await? {
             Vote::No { reason } => return Err(Error::VotedNo { txn, reason }),
             Vote::Yes => {}
@@ -165,6 +169,27 @@ impl<R: Resource> Joiner<R> {
                 Err(Error::JoinInDoubt { txn, why })
             }
         }
+    }
+
+    /// Refuses, before anything is staged, a txn id created further ahead of
+    /// this participant's clock than `txn_id_future_skew_ms`: the
+    /// coordinators would refuse its Join and every Resolve of it with
+    /// `INVALID_ARGUMENT` until their clocks caught up, and the branch would
+    /// hold its resources all that time (§12.3).
+    fn refuse_from_the_future(&self, txn: TxnId) -> Result<()> {
+        let config = self.engine.config();
+        let ahead_ms = txn.created_unix_ms().saturating_sub(config.clock.unix_now_ms());
+        if ahead_ms > config.txn_id_future_skew_ms {
+            return Err(Error::Invalid {
+                field: "twopc-txn",
+                why: format!(
+                    "txn id {txn} was created {ahead_ms} ms after this participant's clock, more than the {} ms \
+                     allowed (txn_id_future_skew_ms); begin the txn at the coordinators, whose ids follow their clocks",
+                    config.txn_id_future_skew_ms
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// When to stop retrying a Join: the context's deadline, but never later

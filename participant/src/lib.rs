@@ -76,6 +76,7 @@
 //! |---|---|---|
 //! | any, behind [`context::read_txn_context`] | the `twopc-txn` entry is malformed, repeated or not ASCII | `INVALID_ARGUMENT` |
 //! | [`context::require_txn_context`] | no `twopc-txn` entry: begin a txn first | `FAILED_PRECONDITION` |
+//! | join | the txn id was created more than `txn_id_future_skew_ms` after this participant's clock (the coordinators would never settle it); nothing staged | `INVALID_ARGUMENT` |
 //! | join | this participant already has a record of the txn (one branch per participant per txn); nothing staged | `FAILED_PRECONDITION` |
 //! | join | the branch voted NO (the resource's reason, or "deadline passed"); nothing staged or joined | `FAILED_PRECONDITION` |
 //! | join | the coordinator refused the Join (the txn decided, timed out, unknown, forgotten; its state in `twopc-txn-state`); the branch is aborted, or if the state may name it, left to the resolver | `FAILED_PRECONDITION` |

@@ -178,6 +178,33 @@ async fn a_join_past_its_deadline_is_refused_before_staging() -> anyhow::Result<
     s.p.stop().await
 }
 
+// I4 and §12.3: a context whose txn id was created far ahead of this participant's clock is
+// refused before anything is staged. The coordinators refuse such an id's Join and every
+// Resolve of it (INVALID_ARGUMENT, §7.4), so a branch staged for it would hold its resources
+// until their clocks caught up: a caller could lock accounts up with a context from next year.
+#[tokio::test]
+async fn a_join_of_a_txn_id_from_the_far_future_is_refused_before_staging() -> anyhow::Result<()> {
+    let s = setup().await?;
+    let next_year = unix_now_ms() + 365 * 24 * 3_600_000;
+    let ctx = TxnContext { txn_id: TxnId::created_at(next_year), deadline_unix_ms: next_year + 60_000 };
+    s.fake.begin(ctx.txn_id, ctx.deadline_unix_ms);
+
+    let refused = s.joiner.join(&ctx, Bytes::from_static(b"ok")).await.expect_err("an id from the future");
+    assert!(matches!(&refused, Error::Invalid { .. }), "{refused}");
+    assert!(refused.to_string().contains("txn_id_future_skew_ms"), "{refused}");
+    assert_eq!(Status::from(refused).code(), Code::InvalidArgument);
+    assert_eq!(s.resource.prepare_calls(ctx.txn_id), 0);
+    assert_eq!(s.fake.join_calls(ctx.txn_id), 0);
+
+    // Within the skew an id ahead of the clock joins as any other.
+    let ahead = unix_now_ms() + 30_000;
+    let near = TxnContext { txn_id: TxnId::created_at(ahead), deadline_unix_ms: ahead + 60_000 };
+    s.fake.begin(near.txn_id, near.deadline_unix_ms);
+    s.joiner.join(&near, Bytes::from_static(b"ok")).await?;
+    assert!(s.resource.is_prepared(near.txn_id));
+    s.p.stop().await
+}
+
 // I7 and I4: when no coordinator answers the join by the deadline, the branch stays prepared
 // and in doubt (UNAVAILABLE saying so); once the cluster answers, the resolver learns the txn
 // timed out and aborts it.

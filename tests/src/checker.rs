@@ -1,9 +1,10 @@
 //! The invariant checker (docs/PROTOCOL.md §9, docs/TESTING.md): given what a
 //! run left behind (every coordinator's applied state machine, every
-//! participant's branches and accounts) and what anyone was told (clients,
-//! an operator, a stray client's Resolves), it lists every violation of I1,
-//! I2, I4, I6, I7 and I8 it can see, and membership changes that had to be
-//! refused and were not.
+//! participant's branches, accounts and totals) and what anyone was told
+//! (clients, one-shot and interactive (§12), an operator, a stray client's
+//! Resolves), it lists every violation of I1, I2, I4, I6, I7 and I8 it can
+//! see, membership changes that had to be refused and were not, and calls
+//! answered otherwise than PROTOCOL.md documents.
 //!
 //! It reads final states only, so it is meant for quiescence: after every
 //! fault healed and the harness waited for in-doubt branches to settle. The
@@ -40,6 +41,11 @@ pub enum Invariant {
     /// (removing a non-member, the leader itself, the last voter) is refused
     /// before it is logged.
     Membership,
+    /// Documented answers (docs/PROTOCOL.md §12): a call that must be
+    /// refused with a given status (a Join of a decided txn, a Commit of an
+    /// unknown id, a malformed `twopc-txn` header...) got another answer
+    /// than that status or a transient failure.
+    Status,
 }
 
 impl fmt::Display for Invariant {
@@ -52,6 +58,7 @@ impl fmt::Display for Invariant {
             Self::I7 => "I7 liveness",
             Self::I8 => "I8 money",
             Self::Membership => "membership (§4.6)",
+            Self::Status => "documented status (§12)",
         };
         f.write_str(name)
     }
@@ -133,6 +140,20 @@ pub struct ParticipantView {
     pub commit_counts: BTreeMap<TxnId, u32>,
     /// Its accounts by name (banks only).
     pub accounts: BTreeMap<String, AccountView>,
+    /// What its `Bank.Total` RPC answered once the system settled (banks
+    /// only; None when not asked, as mid-run), or why it did not answer.
+    pub totals: Option<Result<BankTotals, String>>,
+}
+
+/// A bank's `Total` answer: sums over all its accounts, in minor units.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BankTotals {
+    /// Committed funds.
+    pub balance_minor: i64,
+    /// Held by prepared debits.
+    pub held_minor: i64,
+    /// Staged by prepared credits.
+    pub incoming_minor: i64,
 }
 
 /// What a client was told about a txn it submitted.
@@ -144,6 +165,25 @@ pub enum ClientOutcome {
     Aborted,
     /// No answer (timeout, unavailable, leader change): it may have gone either way.
     Unknown,
+    /// An interactive txn (docs/PROTOCOL.md §12) its client never asked to
+    /// commit: it rolled back without being answered Abort, or vanished
+    /// after a join or two. Nothing may apply; its deadline ends it.
+    Abandoned,
+}
+
+/// How an interactive txn (docs/PROTOCOL.md §12) went, beside its
+/// [`ClientTxn`]: which branches its client saw join.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InteractiveTxn {
+    /// Banks whose `Debit` or `Credit` in this txn was answered OK: the
+    /// branch is prepared and joined, so the decided record names it (§12.3,
+    /// §12.4), whatever leader decides and whenever.
+    pub joined: BTreeSet<String>,
+    /// Its client sent Commit before every call was answered (an adversary
+    /// racing a join): a branch whose Join lost the race is refused and
+    /// aborts while the others commit, so the movement may apply on one side
+    /// only. Money is then created or destroyed by the client's own doing.
+    pub eager: bool,
 }
 
 /// One end of a transfer.
@@ -186,8 +226,10 @@ pub enum Hearer {
     Operator,
     /// A client asking `Resolve` about ids it did not submit (old, forgotten, its own).
     Resolver,
-    /// A client retrying a txn's Submit with other branches.
+    /// A client retrying a txn's Submit with other branches, or reusing a begun txn's id.
     Retrier,
+    /// A client rolling back an interactive txn: Rollback's answer.
+    Rollback,
 }
 
 /// One decision someone other than the txn's own client was told.
@@ -235,6 +277,11 @@ pub struct Observation {
     pub told: Vec<Told>,
     /// Membership changes that had to be refused and were applied instead.
     pub membership_accepted: Vec<String>,
+    /// The interactive txns among the history's, by id.
+    pub interactive: BTreeMap<TxnId, InteractiveTxn>,
+    /// Calls answered otherwise than documented, each with what was asked
+    /// and answered.
+    pub misanswered: Vec<String>,
 }
 
 /// Checks every invariant on a quiescent system and returns the violations
@@ -246,21 +293,25 @@ pub fn check(obs: &Observation) -> Vec<Violation> {
     check_i4(obs, &mut out);
     check_i6(obs, &mut out);
     check_i7(obs, &mut out);
-    check_i8(obs, &mut out);
+    check_i8(obs, &log, &mut out);
     check_membership(obs, &mut out);
+    check_statuses(obs, &mut out);
     out
 }
 
 /// Checks what must hold at every moment, mid-run included: nodes agree on
 /// every decision they hold and on their states at equal indexes, one leader
 /// per term, nobody was told two decisions for one txn (I2); no branch
-/// contradicts another or the logged decision (I1).
+/// contradicts another or the logged decision, and the decided record names
+/// every branch that was seen to join (I1). Calls answered otherwise than
+/// documented are reported as soon as they are seen.
 /// What only holds at quiescence (delivery done, holds released, clients'
 /// answers in every node's log, balances) is left to [`check`].
 pub fn check_safety(obs: &Observation) -> Vec<Violation> {
     let mut out = Vec::new();
     let log = check_i2(obs, Moment::Running, &mut out);
     check_i1(obs, &log, Moment::Running, &mut out);
+    check_statuses(obs, &mut out);
     out
 }
 
@@ -352,7 +403,7 @@ fn check_i2(obs: &Observation, moment: Moment, out: &mut Vec<Violation>) -> BTre
         let told = match txn.outcome {
             ClientOutcome::Committed => Decision::Commit,
             ClientOutcome::Aborted => Decision::Abort,
-            ClientOutcome::Unknown => continue,
+            ClientOutcome::Unknown | ClientOutcome::Abandoned => continue,
         };
         if logged.is_none() && forgotten(obs, &txn.txn_id) {
             continue;
@@ -381,7 +432,7 @@ fn tellings(obs: &Observation) -> BTreeMap<TxnId, Vec<(String, Decision)>> {
         let decision = match txn.outcome {
             ClientOutcome::Committed => Decision::Commit,
             ClientOutcome::Aborted => Decision::Abort,
-            ClientOutcome::Unknown => continue,
+            ClientOutcome::Unknown | ClientOutcome::Abandoned => continue,
         };
         all.entry(txn.txn_id).or_default().push(("its client".to_owned(), decision));
     }
@@ -420,9 +471,13 @@ fn check_told(obs: &Observation, log: &BTreeMap<TxnId, (Decision, u64)>, moment:
             ),
             Some(_) => {}
             None if forgotten(obs, &txn) => {
+                // A branch outside the record's scope (a call refused after
+                // the decision) aborted whatever the decision was.
+                let (named, _) = scope(obs, &txn);
                 let contradicting: Vec<&String> = obs
                     .participants
                     .iter()
+                    .filter(|(p, _)| named.as_ref().is_none_or(|n| n.contains(*p)))
                     .filter(|(_, v)| {
                         v.branches.get(&txn).is_some_and(|b| match first {
                             Decision::Commit => b.is_abort(),
@@ -486,6 +541,13 @@ fn check_membership(obs: &Observation, out: &mut Vec<Violation>) {
     }
 }
 
+/// Calls answered otherwise than documented (§12).
+fn check_statuses(obs: &Observation, out: &mut Vec<Violation>) {
+    for what in &obs.misanswered {
+        violation(out, Invariant::Status, None, what.clone());
+    }
+}
+
 /// Whether the log may have decided `txn` and forgotten it since: a node
 /// applied a retention horizon above its creation time (docs/PROTOCOL.md
 /// §7.2; a leader whose clock runs ahead forgets early). Only finished txns
@@ -495,16 +557,59 @@ fn forgotten(obs: &Observation, txn: &TxnId) -> bool {
     obs.coordinators.values().any(|sm| sm.may_have_forgotten(txn))
 }
 
-/// I1: no txn is committed at one participant and aborted at another, and
-/// every branch's outcome is the logged decision (none committed without one).
+/// The participants the decided record of `txn` names, from the most
+/// advanced node holding it; None when no node holds it (undecided,
+/// forgotten) or the decisions came from an API that does not say
+/// ([`Observation::reported`]).
+fn named_branches(obs: &Observation, txn: &TxnId) -> Option<BTreeSet<String>> {
+    let record = obs.coordinators.values().filter_map(|sm| sm.txn(txn)).next()?;
+    Some(record.branches.iter().map(|b| b.participant.to_string()).collect())
+}
+
+/// The participants whose branches must carry out `txn`'s decision: those
+/// its decided record names; with no record left (forgotten), the banks its
+/// movement touches, or for an eager client's txn those it saw join; None
+/// when nothing says. And whether a branch outside them is known to be
+/// left out of the record (not for a forgotten eager txn: a Join whose
+/// answer was lost may have been named).
+fn scope(obs: &Observation, txn: &TxnId) -> (Option<BTreeSet<String>>, bool) {
+    if let Some(named) = named_branches(obs, txn) {
+        return (Some(named), true);
+    }
+    if let Some(eager) = obs.interactive.get(txn).filter(|i| i.eager) {
+        return (Some(eager.joined.clone()), false);
+    }
+    let moved = obs.history.iter().find(|t| t.txn_id == *txn).and_then(|t| t.movement.as_ref());
+    (moved.map(|m| [m.from.bank.clone(), m.to.bank.clone()].into()), true)
+}
+
+/// I1: the branches a txn's decided record names all applied its decision
+/// (none committed without one); a branch the record does not name never
+/// commits; and every branch seen to join an interactive txn is named.
+///
+/// A branch the record does not name comes from a call refused after the
+/// decision: a Debit under a decided txn's context, or a Join that lost
+/// its race with Commit (§12.3); the bank aborts it. When no record is
+/// left (forgotten, §7.2) the movement's banks stand for the record.
 fn check_i1(obs: &Observation, log: &BTreeMap<TxnId, (Decision, u64)>, moment: Moment, out: &mut Vec<Violation>) {
     let mut txns: BTreeSet<TxnId> = log.keys().copied().collect();
     for view in obs.participants.values() {
         txns.extend(view.branches.keys().copied());
     }
     for txn in txns {
+        let (named, outside_known) = scope(obs, &txn);
+        let in_record = |p: &String| named.as_ref().is_none_or(|n| n.contains(p));
         let branches: Vec<(&String, BranchView)> =
             obs.participants.iter().filter_map(|(p, v)| v.branches.get(&txn).map(|b| (p, *b))).collect();
+        for (p, _) in branches.iter().filter(|(p, b)| outside_known && !in_record(p) && *b == BranchView::Committed) {
+            violation(
+                out,
+                Invariant::I1,
+                Some(txn),
+                format!("{p} committed a branch its decided record does not name"),
+            );
+        }
+        let branches: Vec<(&String, BranchView)> = branches.into_iter().filter(|(p, _)| in_record(p)).collect();
         let committed: Vec<&String> =
             branches.iter().filter(|(_, b)| *b == BranchView::Committed).map(|(p, _)| *p).collect();
         let aborted: Vec<&String> = branches.iter().filter(|(_, b)| b.is_abort()).map(|(p, _)| *p).collect();
@@ -532,13 +637,55 @@ fn check_i1(obs: &Observation, log: &BTreeMap<TxnId, (Decision, u64)>, moment: M
             }
         }
     }
+    for (txn, interactive) in &obs.interactive {
+        let Some(named) = named_branches(obs, txn) else { continue };
+        for p in interactive.joined.iter().filter(|p| !named.contains(*p)) {
+            violation(
+                out,
+                Invariant::I1,
+                Some(*txn),
+                format!("{p} answered its call in the txn (joined), but the decided record names only {named:?}"),
+            );
+        }
+    }
 }
 
-/// I4: nothing is left prepared or held.
+/// I4: nothing is left prepared or held, by the store's accounts and by
+/// the bank's own `Total` RPC; and no txn is left begun and undecided, as
+/// every begun txn ends at its deadline at the latest (§12.5).
 fn check_i4(obs: &Observation, out: &mut Vec<Violation>) {
+    let mut seen = BTreeSet::new();
+    for (node, sm) in &obs.coordinators {
+        for begun in sm.list_begun(u64::MAX, None, usize::MAX) {
+            if seen.insert(begun.txn_id) {
+                violation(
+                    out,
+                    Invariant::I4,
+                    Some(begun.txn_id),
+                    format!(
+                        "node {node} holds it begun and undecided at quiescence (deadline {}, joined {:?})",
+                        begun.deadline_unix_ms,
+                        begun.joined.iter().map(ToString::to_string).collect::<Vec<_>>()
+                    ),
+                );
+            }
+        }
+    }
     for (p, view) in &obs.participants {
         for (txn, _) in view.branches.iter().filter(|(_, b)| **b == BranchView::Prepared) {
             violation(out, Invariant::I4, Some(*txn), format!("{p} still holds its branch prepared"));
+        }
+        match &view.totals {
+            Some(Ok(t)) if t.held_minor != 0 || t.incoming_minor != 0 => violation(
+                out,
+                Invariant::I4,
+                None,
+                format!("{p}'s Total answers {} held and {} incoming once settled", t.held_minor, t.incoming_minor),
+            ),
+            Some(Err(why)) => {
+                violation(out, Invariant::I7, None, format!("{p}'s Total did not answer once settled: {why}"));
+            }
+            Some(Ok(_)) | None => {}
         }
         for (name, account) in &view.accounts {
             if account.held_minor != 0 || account.incoming_minor != 0 {
@@ -590,8 +737,9 @@ fn check_i7(obs: &Observation, out: &mut Vec<Violation>) {
 }
 
 /// I8: money is conserved and every balance is explained by the committed
-/// branches; acknowledged transfers applied exactly once, aborted never.
-fn check_i8(obs: &Observation, out: &mut Vec<Violation>) {
+/// branches; acknowledged transfers applied exactly once, aborted and
+/// abandoned ones never.
+fn check_i8(obs: &Observation, log: &BTreeMap<TxnId, (Decision, u64)>, out: &mut Vec<Violation>) {
     for (p, view) in &obs.participants {
         for (txn, count) in view.commit_counts.iter().filter(|(_, c)| **c > 1) {
             violation(out, Invariant::I8, Some(*txn), format!("{p} applied the commit {count} times"));
@@ -619,18 +767,28 @@ fn check_i8(obs: &Observation, out: &mut Vec<Violation>) {
                 _ => {}
             }
         }
+        if txn.outcome == ClientOutcome::Abandoned {
+            check_abandoned(obs, log, txn, out);
+        }
     }
     if obs.openings.is_empty() {
         return;
     }
     let mut expected: BTreeMap<AccountRef, i64> = obs.openings.clone();
+    // Money a client's own eager Commit made or destroyed: one side of its
+    // movement applied alone, which the protocol allows (InteractiveTxn::eager).
+    let mut made_by_eager_clients: i128 = 0;
     for txn in &obs.history {
         let Some(m) = &txn.movement else { continue };
-        if committed_at(&m.from.bank, &txn.txn_id) {
+        let (debited, credited) = (committed_at(&m.from.bank, &txn.txn_id), committed_at(&m.to.bank, &txn.txn_id));
+        if debited {
             *expected.entry(m.from.clone()).or_default() -= m.amount_minor;
         }
-        if committed_at(&m.to.bank, &txn.txn_id) {
+        if credited {
             *expected.entry(m.to.clone()).or_default() += m.amount_minor;
+        }
+        if debited != credited && obs.interactive.get(&txn.txn_id).is_some_and(|i| i.eager) {
+            made_by_eager_clients += i128::from(if credited { m.amount_minor } else { -m.amount_minor });
         }
     }
     let mut actual: BTreeMap<AccountRef, i64> = BTreeMap::new();
@@ -639,10 +797,31 @@ fn check_i8(obs: &Observation, out: &mut Vec<Violation>) {
             actual.insert(AccountRef { bank: bank.clone(), account: account.clone() }, a.balance_minor);
         }
     }
-    let minted: i128 = obs.openings.values().map(|v| i128::from(*v)).sum();
+    let minted: i128 = obs.openings.values().map(|v| i128::from(*v)).sum::<i128>() + made_by_eager_clients;
     let total: i128 = actual.values().map(|v| i128::from(*v)).sum();
+    let eager = if made_by_eager_clients == 0 {
+        String::new()
+    } else {
+        format!(" ({made_by_eager_clients:+} by eager clients' half-applied txns)")
+    };
     if minted != total {
-        violation(out, Invariant::I8, None, format!("the balances sum to {total}, but {minted} was minted"));
+        violation(out, Invariant::I8, None, format!("the balances sum to {total}, but {minted} was minted{eager}"));
+    }
+    let reported: Option<i128> = obs
+        .participants
+        .values()
+        .map(|v| match &v.totals {
+            Some(Ok(t)) => Some(i128::from(t.balance_minor)),
+            _ => None,
+        })
+        .sum();
+    if let Some(reported) = reported.filter(|r| *r != minted) {
+        violation(
+            out,
+            Invariant::I8,
+            None,
+            format!("the banks' Total RPCs sum to {reported}, but {minted} was minted{eager}"),
+        );
     }
     let accounts: BTreeSet<&AccountRef> = expected.keys().chain(actual.keys()).collect();
     for account in accounts {
@@ -658,6 +837,25 @@ fn check_i8(obs: &Observation, out: &mut Vec<Violation>) {
                     account.account, account.bank
                 ),
             );
+        }
+    }
+}
+
+/// I8 for a txn its client never committed (rolled back unanswered, or
+/// vanished): nobody asked for Commit, so the log never holds it and no
+/// branch applies it.
+fn check_abandoned(
+    obs: &Observation,
+    log: &BTreeMap<TxnId, (Decision, u64)>,
+    txn: &ClientTxn,
+    out: &mut Vec<Violation>,
+) {
+    if log.get(&txn.txn_id).is_some_and(|(d, _)| *d == Decision::Commit) {
+        violation(out, Invariant::I8, Some(txn.txn_id), "its client never committed it; the log holds Commit".into());
+    }
+    for (p, view) in &obs.participants {
+        if view.branches.get(&txn.txn_id) == Some(&BranchView::Committed) {
+            violation(out, Invariant::I8, Some(txn.txn_id), format!("its client never committed it; {p} applied it"));
         }
     }
 }
@@ -683,6 +881,7 @@ mod tests {
                 .iter()
                 .map(|(n, b)| ((*n).to_owned(), AccountView { balance_minor: *b, ..AccountView::default() }))
                 .collect(),
+            totals: None,
         }
     }
 
@@ -723,6 +922,8 @@ mod tests {
             reported: BTreeMap::new(),
             told: Vec::new(),
             membership_accepted: Vec::new(),
+            interactive: BTreeMap::new(),
+            misanswered: Vec::new(),
         }
     }
 
@@ -869,6 +1070,152 @@ mod tests {
         let mut obs = observation(bank(&[], &[("alice", 100)]), bank(&[], &[("bob", 100)]), vec![]);
         obs.membership_accepted.push("removing node 9 was accepted".into());
         assert_eq!(invariants(&check(&obs)), [Invariant::Membership].into_iter().collect());
+    }
+
+    // I1 over interactive txns (§12.4): a bank that answered its Debit or
+    // Credit (so joined) must be named by the decided record; a record that
+    // leaves it out, while the bank aborts its branch as an unnamed one
+    // (§6), is an atomicity violation, not a quirk of the interleaving.
+    #[test]
+    fn a_joined_branch_the_decided_record_leaves_out_is_an_atomicity_violation() {
+        let t = TxnId::new();
+        let mut named_a_only = transfer(t, 30, ClientOutcome::Committed);
+        named_a_only.participants = vec!["bank-a".into()];
+        let mut obs = observation(
+            bank(&[(t, BranchView::Committed)], &[("alice", 70)]),
+            bank(&[(t, BranchView::Aborted)], &[("bob", 100)]),
+            vec![named_a_only],
+        );
+        obs.history[0].participants = vec!["bank-a".into(), "bank-b".into()];
+        let joined = ["bank-a".to_owned(), "bank-b".to_owned()].into_iter().collect();
+        obs.interactive.insert(t, InteractiveTxn { joined, eager: false });
+        let violations = check_safety(&obs);
+        assert!(
+            violations.iter().any(|v| v.invariant == Invariant::I1 && v.detail.contains("bank-b answered")),
+            "{violations:?}"
+        );
+    }
+
+    // I1 and I8 over an eager client (§12.3): its Credit lost the race with
+    // its Commit, was refused, and bank-b aborted the branch the record does
+    // not name. One side alone applied, by the client's doing: no violation.
+    // The same half-applied movement from a client that waited is I8.
+    #[test]
+    fn a_refused_join_after_an_eager_commit_is_no_violation() {
+        let t = TxnId::new();
+        let mut history = vec![transfer(t, 30, ClientOutcome::Committed)];
+        history[0].participants = vec!["bank-a".into()];
+        let mut obs = observation(
+            bank(&[(t, BranchView::Committed)], &[("alice", 70)]),
+            bank(&[(t, BranchView::Tombstone)], &[("bob", 100)]),
+            history,
+        );
+        obs.interactive.insert(t, InteractiveTxn { joined: ["bank-a".to_owned()].into_iter().collect(), eager: true });
+        assert_eq!(check(&obs), vec![]);
+        // Forgotten by retention: the branches it saw join stand for the record.
+        let mut forgotten = obs.clone();
+        for sm in forgotten.coordinators.values_mut() {
+            let command = Command::Forget { horizon_unix_ms: t.created_unix_ms() + 1 };
+            sm.apply(sm.applied_index() + 1, &Proposal { command, proposed_unix_ms: 3 });
+        }
+        assert_eq!(check(&forgotten), vec![]);
+        obs.interactive.get_mut(&t).expect("t").eager = false;
+        let violations = check(&obs);
+        assert_eq!(invariants(&violations), [Invariant::I8].into_iter().collect(), "{violations:?}");
+    }
+
+    // I1 and I2 (§12.3): a Debit under a decided txn's context at a bank its
+    // record does not name is refused and its branch aborted; that is no
+    // atomicity violation, with the record or after retention forgot it,
+    // and no contradiction of the Commit anyone was told. Such a branch that
+    // commits is one.
+    #[test]
+    fn a_branch_refused_after_the_decision_is_outside_the_txn() {
+        let t = TxnId::new();
+        let mut within_a = transfer(t, 30, ClientOutcome::Committed);
+        within_a.participants = vec!["bank-a".into()];
+        within_a.movement =
+            Some(Movement { from: acct("bank-a", "alice"), to: acct("bank-a", "carol"), amount_minor: 30 });
+        let mut obs = observation(
+            bank(&[(t, BranchView::Committed)], &[("alice", 70), ("carol", 130)]),
+            bank(&[(t, BranchView::Tombstone)], &[("bob", 100)]),
+            vec![within_a],
+        );
+        obs.openings.insert(acct("bank-a", "carol"), 100);
+        obs.told.push(Told { txn_id: t, hearer: Hearer::Resolver, decision: Decision::Commit });
+        assert_eq!(check(&obs), vec![]);
+        let mut forgotten = obs.clone();
+        for sm in forgotten.coordinators.values_mut() {
+            let command = Command::Forget { horizon_unix_ms: t.created_unix_ms() + 1 };
+            sm.apply(sm.applied_index() + 1, &Proposal { command, proposed_unix_ms: 3 });
+        }
+        assert_eq!(check(&forgotten), vec![]);
+        obs.participants.get_mut("bank-b").expect("bank-b").branches.insert(t, BranchView::Committed);
+        let violations = check_safety(&obs);
+        assert!(violations.iter().any(|v| v.detail.contains("does not name")), "{violations:?}");
+    }
+
+    // I8: a txn whose client never committed (vanished, or rolled back
+    // without an answer) must apply nothing, whatever the log holds.
+    #[test]
+    fn an_abandoned_txn_that_commits_is_a_money_violation() {
+        let t = TxnId::new();
+        let obs = observation(
+            bank(&[(t, BranchView::Committed)], &[("alice", 70)]),
+            bank(&[(t, BranchView::Committed)], &[("bob", 130)]),
+            vec![transfer(t, 30, ClientOutcome::Abandoned)],
+        );
+        let violations = check(&obs);
+        assert_eq!(invariants(&violations), [Invariant::I8].into_iter().collect(), "{violations:?}");
+        assert_eq!(violations.len(), 3, "the log's Commit and both banks: {violations:?}");
+    }
+
+    // I4 and I8 through the banks' own Total RPC: a hold or staged credit
+    // left, or totals that do not add up to the money minted; I7 when a
+    // settled bank does not answer.
+    #[test]
+    fn a_hold_or_a_sum_off_in_a_banks_total_is_reported() {
+        let t = TxnId::new();
+        let mut a = bank(&[(t, BranchView::Committed)], &[("alice", 70)]);
+        let mut b = bank(&[(t, BranchView::Committed)], &[("bob", 130)]);
+        a.totals = Some(Ok(BankTotals { balance_minor: 70, held_minor: 0, incoming_minor: 0 }));
+        b.totals = Some(Ok(BankTotals { balance_minor: 130, held_minor: 0, incoming_minor: 0 }));
+        let history = vec![transfer(t, 30, ClientOutcome::Committed)];
+        assert_eq!(check(&observation(a.clone(), b.clone(), history.clone())), vec![]);
+        b.totals = Some(Ok(BankTotals { balance_minor: 130, held_minor: 5, incoming_minor: 7 }));
+        let violations = check(&observation(a.clone(), b.clone(), history.clone()));
+        assert_eq!(invariants(&violations), [Invariant::I4].into_iter().collect(), "{violations:?}");
+        b.totals = Some(Ok(BankTotals { balance_minor: 131, held_minor: 0, incoming_minor: 0 }));
+        let violations = check(&observation(a.clone(), b.clone(), history.clone()));
+        assert_eq!(invariants(&violations), [Invariant::I8].into_iter().collect(), "{violations:?}");
+        b.totals = Some(Err("unavailable".into()));
+        let violations = check(&observation(a, b, history));
+        assert_eq!(invariants(&violations), [Invariant::I7].into_iter().collect(), "{violations:?}");
+    }
+
+    // I4 (§12.5): a txn left begun and undecided at quiescence is hanging,
+    // whatever its branches (a deadline that never ended it).
+    #[test]
+    fn a_txn_left_begun_at_quiescence_is_hanging() {
+        let t = TxnId::new();
+        let mut obs = observation(bank(&[], &[("alice", 100)]), bank(&[], &[("bob", 100)]), vec![]);
+        assert_eq!(check(&obs), vec![]);
+        let begin = Command::Begin { txn_id: t, deadline_unix_ms: t.created_unix_ms() + 1_000 };
+        for sm in obs.coordinators.values_mut() {
+            let proposed_unix_ms = t.created_unix_ms();
+            sm.apply(sm.applied_index() + 1, &Proposal { command: begin.clone(), proposed_unix_ms });
+        }
+        let violations = check(&obs);
+        assert_eq!(invariants(&violations), [Invariant::I4].into_iter().collect(), "{violations:?}");
+        assert_eq!(violations[0].txn_id, Some(t));
+    }
+
+    // Documented statuses: a call answered otherwise is reported at once.
+    #[test]
+    fn a_call_answered_otherwise_than_documented_is_reported() {
+        let mut obs = observation(bank(&[], &[("alice", 100)]), bank(&[], &[("bob", 100)]), vec![]);
+        obs.misanswered.push("Join of a decided txn answered OK".into());
+        assert_eq!(invariants(&check_safety(&obs)), [Invariant::Status].into_iter().collect());
     }
 
     // I7: not settling within the bound is a liveness violation.

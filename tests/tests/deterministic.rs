@@ -104,6 +104,8 @@ fn seeded_fault_schedules_keep_every_invariant_deterministically() {
     println!("{}", sim::summary(&results));
     println!("{} seeds ({} threads) in {:?}; failed: {failed:?}", seeds.len(), parallel, started.elapsed());
     assert!(failed.is_empty(), "seeds {failed:?} failed; their reports and replay commands are printed above");
+    let uncovered = sim::interactive_uncovered(&results);
+    assert!(uncovered.is_empty(), "no interactive txn committed, or none abandoned, under {uncovered:?}");
 }
 
 /// A retention short enough that txns are forgotten in the middle of a run.
@@ -168,14 +170,52 @@ fn the_checker_catches_a_bank_that_releases_holds_on_a_timer_deterministically()
 
 #[cfg(feature = "failpoints")]
 #[test]
+fn the_checker_catches_a_bank_that_releases_joined_branches_on_a_timer_deterministically() {
+    // The checker bites on interactive txns (I1, docs/PROTOCOL.md §12.5): a
+    // bank that aborts an in-doubt branch on its own, instead of asking,
+    // releases a joined branch while its client still thinks before its
+    // Commit, which the log then holds. No faults and no adversaries: only
+    // the interactive clients keep a branch undecided that long, and the
+    // same seed with every transfer one-shot passes.
+    use twopc_participant::failpoint::RESOLVE_RELEASE_ON_TIMER;
+    let _serial = one_at_a_time();
+    let _scenario = fail::FailScenario::setup();
+    twopc_tests::init_tracing();
+    fail::cfg(RESOLVE_RELEASE_ON_TIMER, "return").expect("a valid action");
+    let config = |seed, share| {
+        sim::bite_config(FaultMix::Calm, seed, &|c: &mut SimConfig| {
+            c.adversaries = false;
+            c.interactive_share = share;
+        })
+    };
+    let (seed, invariants) = (0..5)
+        .find_map(|seed| sim::violation_found(seed, deterministic::run(config(seed, INTERACTIVE_BITE_SHARE))))
+        .expect("the simulation reports joined branches released on a timer within 5 seeds");
+    assert!(invariants.contains(&Invariant::I1), "seed {seed} named {invariants:?}");
+    let one_shot = deterministic::run(config(seed, 0.0)).expect("the harness runs");
+    assert!(one_shot.passed(), "seed {seed} with one-shot transfers only:\n{one_shot}");
+}
+
+/// The share of interactive transfers in the bite tests that need them.
+#[cfg(feature = "failpoints")]
+const INTERACTIVE_BITE_SHARE: f64 = 0.5;
+
+#[cfg(feature = "failpoints")]
+#[test]
 fn the_checker_catches_an_operator_commit_of_a_txn_still_preparing_deterministically() {
     // The checker bites on issue 14's operator bug (I1): an operator's
     // Commit, unforced, logged while the leader still collects the votes of
     // a transfer whose debit is then refused. The adversary operator commits
     // running txns without force_commit, which the fixed coordinator refuses.
+    // Running txns include interactive ones (§12): an unforced Commit logged
+    // for a begun txn whose client then rolls back or vanishes is I8 (its
+    // client never committed it), or I1 when a branch is refused.
     let (seed, invariants) =
         first_violation_with(twopc_coordinator::failpoint::OPERATOR_DECIDE_UNCHECKED, FaultMix::Calm, 60, |_| {});
-    assert!(invariants.contains(&Invariant::I1), "seed {seed} named {invariants:?}");
+    assert!(
+        invariants.contains(&Invariant::I1) || invariants.contains(&Invariant::I8),
+        "seed {seed} named {invariants:?}"
+    );
 }
 
 #[cfg(feature = "failpoints")]

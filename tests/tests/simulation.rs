@@ -48,6 +48,8 @@ async fn seeded_fault_schedules_keep_every_invariant() {
     println!("{}", sim::summary(&results));
     println!("{} seeds ({} at a time) in {:?}; failed: {failed:?}", seeds.len(), parallel, started.elapsed());
     assert!(failed.is_empty(), "seeds {failed:?} failed; their reports and replay commands are printed above");
+    let uncovered = sim::interactive_uncovered(&results);
+    assert!(uncovered.is_empty(), "no interactive txn committed, or none abandoned, under {uncovered:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

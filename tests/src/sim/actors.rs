@@ -8,11 +8,18 @@
 //! - [`stray`]: `Resolve` and `Submit` for ids that are old, from before the
 //!   retention horizon, running, from the far future or malformed, and
 //!   Submits of finished txns again with other branches.
+//! - [`misuse`]: interactive txns (docs/PROTOCOL.md §12) used out of order:
+//!   Joins of decided, unknown and future ids and after a Rollback, Commit
+//!   and Rollback of unknown ids, a Commit racing a Rollback or a Join,
+//!   Begins with bad timeouts, a Submit reusing a begun id, a Resolve before
+//!   the deadline, malformed `twopc-txn` headers and a second call at one
+//!   bank in one txn. Each call must get its documented status; one that
+//!   does not is noted for the checker ([`Teller::misanswered`]).
 //!
 //! Membership churn needs the world itself (a restart), so it is a fault of
 //! the schedule ([`super::schedule::Fault::RefusedMembership`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,13 +28,14 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom as _;
 use rand::{Rng as _, SeedableRng as _};
-use tonic::Status;
+use tonic::{Code, Status};
 use twopc_bank::Transfer;
 use twopc_client::{ClientConfig, ClusterClient};
 use twopc_proto::txn_id::unix_now_ms;
-use twopc_proto::{Decision, TxnId, pb};
+use twopc_proto::{Decision, TxnContext, TxnId, pb};
 
-use crate::checker::{AccountRef, ClientOutcome, Hearer, Movement};
+use crate::checker::{AccountRef, ClientOutcome, ClientTxn, Hearer, InteractiveTxn, Movement};
+use crate::sim::interactive::{self, Header, Joining, Move};
 use crate::sim::world::Teller;
 
 /// A pause between two of an adversary's calls, in milliseconds.
@@ -72,6 +80,10 @@ impl Tally {
             Err(status) if status.message().contains("forgotten") => format!("{:?} (forgotten)", status.code()),
             Err(status) => format!("{:?}", status.code()),
         };
+        self.note_as(call, key);
+    }
+
+    fn note_as(&mut self, call: &str, key: String) {
         *self.0.entry(call.to_owned()).or_default().entry(key).or_default() += 1;
     }
 
@@ -105,11 +117,13 @@ async fn pause(rng: &mut StdRng) {
     tokio::time::sleep(Duration::from_millis(rng.random_range(PAUSE_MS))).await;
 }
 
-/// The adversaries until `done`: an [`operator_step`] or a [`stray_step`]
-/// at a time, drawn from the seed, with a short pause before each. One task
-/// and one call at a time: two adversaries with calls in flight at once made
-/// runs diverge on replay (tokio's `select!` polls from an unseeded start,
-/// docs/TESTING.md), each alone did not. Returns a tally line for each.
+/// The adversaries until `done`: an [`operator_step`], a [`stray_step`] or
+/// a [`misuse_step`] at a time, drawn from the seed, with a short pause
+/// before each. One task and one step at a time: two adversaries with calls
+/// in flight at once made runs diverge on replay (tokio's `select!` polls
+/// from an unseeded start, docs/TESTING.md), each alone did not. (A misuse
+/// step that races two calls joins them with `tokio::join!`, which polls in
+/// a fixed order.) Returns a tally line for each.
 pub async fn run(
     teller: Arc<Teller>,
     client: ClusterClient,
@@ -117,20 +131,21 @@ pub async fn run(
     retention_ms: u64,
     seed: u64,
     done: Arc<AtomicBool>,
-) -> [String; 2] {
+) -> [String; 3] {
     let mut turns = StdRng::seed_from_u64(seed);
     let (mut operator_rng, mut stray_rng) = (StdRng::seed_from_u64(seed ^ 1), StdRng::seed_from_u64(seed ^ 2));
-    let (mut operator, mut stray) = (Tally::default(), Tally::default());
+    let mut misuse_rng = StdRng::seed_from_u64(seed ^ 3);
+    let (mut operator, mut stray, mut misuse) = (Tally::default(), Tally::default(), Tally::default());
     let retention_ms = retention_ms.max(1);
     while !done.load(Ordering::Relaxed) {
         pause(&mut turns).await;
-        if turns.random_bool(0.5) {
-            operator_step(&teller, &client, &mut operator_rng, &mut operator).await;
-        } else {
-            stray_step(&teller, &client, &accounts, retention_ms, &mut stray_rng, &mut stray).await;
+        match turns.random_range(0..3) {
+            0 => operator_step(&teller, &client, &mut operator_rng, &mut operator).await,
+            1 => stray_step(&teller, &client, &accounts, retention_ms, &mut stray_rng, &mut stray).await,
+            _ => misuse_step(&teller, &client, &accounts, &mut misuse_rng, &mut misuse).await,
         }
     }
-    [operator.line("operator"), stray.line("stray client")]
+    [operator.line("operator"), stray.line("stray client"), misuse.line("interactive misuser")]
 }
 
 /// An operator's call: `Admin.Decide` for a random txn: one
@@ -247,11 +262,38 @@ async fn stray_step(
 async fn resolve(teller: &Teller, client: &ClusterClient, tally: &mut Tally, call: &str, txn_id: TxnId) {
     let request = pb::ResolveRequest { txn_id: txn_id.to_string(), participant: String::new() };
     let answer = resolve_call(client, request).await;
-    tally.note(call, &answer);
-    if let Some(told) = answer.ok().and_then(|r| decision_of(r.decision)) {
+    note_resolve(teller, tally, call, txn_id, &answer);
+}
+
+/// Tallies a Resolve's answer and notes the decision it told, if any; an
+/// `undecided` answer (a begun txn before its deadline, §12.5) must carry
+/// no decision and a retry hint of at most a second.
+fn note_resolve(
+    teller: &Teller,
+    tally: &mut Tally,
+    call: &str,
+    txn_id: TxnId,
+    answer: &Result<pb::ResolveResponse, Status>,
+) {
+    match answer {
+        Ok(r) if r.undecided => {
+            tally.note_as(call, "undecided".into());
+            if r.decision != pb::Decision::Unspecified as i32 || r.retry_after_ms > UNDECIDED_RETRY_AFTER_MAX_MS {
+                teller.misanswered(format!(
+                    "{call} {txn_id}: undecided with decision {} and retry_after_ms {}",
+                    r.decision, r.retry_after_ms
+                ));
+            }
+        }
+        answer => tally.note(call, answer),
+    }
+    if let Some(told) = answer.as_ref().ok().and_then(|r| decision_of(r.decision)) {
         teller.heard(txn_id, Hearer::Resolver, told);
     }
 }
+
+/// The longest retry hint an `undecided` Resolve may give (§12.5).
+const UNDECIDED_RETRY_AFTER_MAX_MS: u64 = 1_000;
 
 /// Resolve, Submit or Decide with an id that is no UUIDv7; anything but
 /// `INVALID_ARGUMENT` is tallied as what it was.
@@ -328,4 +370,511 @@ async fn resolve_call(client: &ClusterClient, request: pb::ResolveRequest) -> Re
             async move { c.resolve(request).await }
         })
         .await
+}
+
+/// How long the misuser's own txns may stay open: long enough for its
+/// calls, short enough that those it leaves end soon.
+const MISUSE_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 1_500..=3_000;
+
+/// The largest amount the misuser moves.
+const MISUSE_AMOUNT_MAX_MINOR: i64 = 100;
+
+/// A participant name no coordinator has registered.
+const UNREGISTERED: &str = "bank-zz";
+
+/// Holds an answer to the statuses PROTOCOL.md documents for the call:
+/// OK when `ok`, a refusal with one of `codes`, or a transient failure
+/// (no leader, a bank down); a call about a `known` txn may also find it
+/// forgotten, and with a coordinator's clock far off an id may be judged
+/// otherwise ([`interactive::excused`]). Anything else is noted for the
+/// checker. The answer is tallied either way.
+fn expect<T>(
+    teller: &Teller,
+    tally: &mut Tally,
+    call: &str,
+    answer: &Result<T, Status>,
+    ok: bool,
+    codes: &[Code],
+    known: bool,
+) {
+    tally.note(call, answer);
+    let documented = match answer {
+        Ok(_) => ok,
+        Err(status) => {
+            codes.contains(&status.code())
+                || interactive::transient(status)
+                || interactive::excused(teller, status, known)
+        }
+    };
+    if !documented {
+        let answered = match answer {
+            Ok(_) => "OK".to_owned(),
+            Err(status) => format!("{:?} {}", status.code(), status.message()),
+        };
+        teller.misanswered(format!(
+            "{call}: answered {answered}; documented: {codes:?}{}",
+            if ok { " or OK" } else { "" }
+        ));
+    }
+}
+
+/// A misuse of interactive txns (see the module doc), drawn from `rng`.
+/// The misuser's own txns move real money between real accounts and go
+/// into the history, so the checker balances them like any client's.
+async fn misuse_step(
+    teller: &Teller,
+    client: &ClusterClient,
+    accounts: &[AccountRef],
+    rng: &mut StdRng,
+    tally: &mut Tally,
+) {
+    let banks = teller.bank_names();
+    let Some(bank) = banks.choose(rng).cloned() else { return };
+    // Decided txns, each with the banks its record may name.
+    let decided: Vec<(TxnId, Vec<String>)> = teller
+        .history()
+        .iter()
+        .filter(|t| matches!(t.outcome, ClientOutcome::Committed | ClientOutcome::Aborted))
+        .map(|t| {
+            (t.txn_id, t.movement.as_ref().map_or_else(Vec::new, |m| vec![m.from.bank.clone(), m.to.bank.clone()]))
+        })
+        .collect();
+    let future = || TxnId::created_at(unix_now_ms().saturating_add(FUTURE_MS.start().saturating_mul(2)));
+    let fp = [Code::FailedPrecondition];
+    match rng.random_range(0..15) {
+        0 => {
+            let Some((txn, banks)) = decided.choose(rng) else { return };
+            let answer = interactive::join(client, &txn.to_string(), &bank).await;
+            // A participant the decided record names joins again as a repeat
+            // would (I5: it must carry out the record's decision); any other
+            // is refused.
+            let may_be_named = banks.contains(&bank);
+            expect(teller, tally, "join decided", &answer, may_be_named, &fp, true);
+        }
+        1 => {
+            let answer = interactive::join(client, &TxnId::new().to_string(), &bank).await;
+            expect(teller, tally, "join unknown", &answer, false, &fp, false);
+        }
+        2 => {
+            let answer = interactive::join(client, &future().to_string(), &bank).await;
+            let codes = [Code::FailedPrecondition, Code::InvalidArgument];
+            expect(teller, tally, "join far future", &answer, false, &codes, false);
+        }
+        3 => {
+            let txn = decided.choose(rng).map_or_else(TxnId::new, |(txn, _)| *txn);
+            let answer = interactive::join(client, &txn.to_string(), UNREGISTERED).await;
+            let codes = [Code::NotFound, Code::FailedPrecondition];
+            expect(teller, tally, "join unregistered", &answer, false, &codes, true);
+        }
+        4 => join_after_rollback(teller, client, accounts, rng, tally).await,
+        5 => {
+            let txn = TxnId::new();
+            let answer = interactive::commit(client, txn).await;
+            expect(teller, tally, "commit unknown", &answer, false, &[Code::NotFound], false);
+            let answer = interactive::rollback(client, txn, "sim misuser").await;
+            expect(teller, tally, "rollback unknown", &answer, false, &[Code::NotFound], false);
+        }
+        6 => commit_racing_rollback(teller, client, accounts, rng, tally).await,
+        7 => {
+            let max = teller.deadline_max_ms();
+            let timeout_ms = match rng.random_range(0..3) {
+                0 => 0,
+                1 => rng.random_range(max + 1..=max.saturating_mul(10)),
+                _ => u64::MAX,
+            };
+            let txn = rng.random_bool(0.5).then(TxnId::new);
+            let answer = interactive::begin(client, txn, timeout_ms).await;
+            expect(teller, tally, "begin bad timeout", &answer, false, &[Code::InvalidArgument], false);
+        }
+        8 => submit_reusing_a_begun_id(teller, client, accounts, rng, tally).await,
+        9 => resolve_before_the_deadline(teller, client, rng, tally).await,
+        10 => malformed_header(teller, &bank, accounts, rng, tally).await,
+        11 => second_call_at_one_bank(teller, client, accounts, rng, tally).await,
+        12 => commit_racing_a_join(teller, client, accounts, rng, tally).await,
+        13 => {
+            let Some((txn, banks)) = decided.choose(rng) else { return };
+            let answer = move_under(teller, *txn, &bank, accounts, rng).await;
+            // Refused: the bank holds a record of the txn already (one branch
+            // per txn), or its Join finds the txn decided. A bank the record
+            // names but that never prepared (its vote lost in a crash: the
+            // txn aborted) joins as a repeat, and the Abort reaches it.
+            let may_be_named = banks.contains(&bank);
+            expect(teller, tally, "debit under a decided txn", &answer, may_be_named, &fp, true);
+        }
+        _ => {
+            let (txn, call, codes) = if rng.random_bool(0.5) {
+                (TxnId::new(), "debit under an unknown txn", &fp[..])
+            } else {
+                (future(), "debit under a far-future txn", &[Code::FailedPrecondition, Code::InvalidArgument][..])
+            };
+            let answer = move_under(teller, txn, &bank, accounts, rng).await;
+            expect(teller, tally, call, &answer, false, codes, false);
+        }
+    }
+}
+
+/// A Debit at `bank` under a context naming `txn_id`, which the misuser never began.
+async fn move_under(
+    teller: &Teller,
+    txn_id: TxnId,
+    bank: &str,
+    accounts: &[AccountRef],
+    rng: &mut StdRng,
+) -> Result<pb::MoveResponse, Status> {
+    let at_bank: Vec<&AccountRef> = accounts.iter().filter(|a| a.bank == bank).collect();
+    let (Some(account), Some(client)) = (at_bank.choose(rng), teller.bank(bank)) else {
+        return Err(Status::not_found(format!("no account at {bank}")));
+    };
+    let context = TxnContext { txn_id, deadline_unix_ms: unix_now_ms() + teller.deadline_ms() };
+    let amount = rng.random_range(1..=MISUSE_AMOUNT_MAX_MINOR);
+    interactive::move_money(client, Move::Debit, &Header::Context(context), &account.account, amount).await
+}
+
+/// Two accounts at two banks (payer first) and an amount.
+fn cross_bank(accounts: &[AccountRef], rng: &mut StdRng) -> Option<Movement> {
+    let from = accounts.choose(rng)?.clone();
+    let others: Vec<&AccountRef> = accounts.iter().filter(|a| a.bank != from.bank).collect();
+    let to = (*others.choose(rng)?).clone();
+    Some(Movement { from, to, amount_minor: rng.random_range(1..=MISUSE_AMOUNT_MAX_MINOR) })
+}
+
+/// Begins a txn of the misuser's own; None (tallied) when Begin failed.
+async fn begin_own(
+    teller: &Teller,
+    client: &ClusterClient,
+    rng: &mut StdRng,
+    tally: &mut Tally,
+    call: &str,
+) -> Option<TxnContext> {
+    let timeout_ms = rng.random_range(MISUSE_TIMEOUT_MS).min(teller.deadline_max_ms());
+    let answer = interactive::begin(client, Some(TxnId::new()), timeout_ms).await;
+    // A fresh id is refused only when older than the Submit window by the
+    // leader's clock (§12.1: a slow Begin under a short retention) or, with
+    // a clock far off, as from the future.
+    expect(teller, tally, &format!("{call}: begin"), &answer, true, &[Code::FailedPrecondition], false);
+    answer.ok()
+}
+
+/// One leg of a misuser's txn at the movement's payer (`Debit`) or payee (`Credit`).
+async fn leg(
+    teller: &Teller,
+    context: TxnContext,
+    movement: &Movement,
+    kind: Move,
+) -> Result<pb::MoveResponse, Status> {
+    let account = if kind == Move::Debit { &movement.from } else { &movement.to };
+    let Some(bank) = teller.bank(&account.bank) else {
+        return Err(Status::not_found(format!("no bank {}", account.bank)));
+    };
+    interactive::move_money(bank, kind, &Header::Context(context), &account.account, movement.amount_minor).await
+}
+
+/// Records a misuser's txn in the history.
+fn record(
+    teller: &Teller,
+    txn_id: TxnId,
+    movement: Option<Movement>,
+    outcome: ClientOutcome,
+    interactive: InteractiveTxn,
+) {
+    let participants = interactive.joined.iter().cloned().collect();
+    teller.record_interactive(ClientTxn { txn_id, participants, movement, outcome }, interactive);
+}
+
+/// What a misuser's Commit tells it (a Commit of its own begun txn is
+/// answered a decision, a transient failure, or forgotten).
+fn commit_outcome(
+    teller: &Teller,
+    tally: &mut Tally,
+    call: &str,
+    answer: &Result<pb::SubmitResponse, Status>,
+) -> ClientOutcome {
+    expect(teller, tally, call, answer, true, &[], true);
+    match answer.as_ref().map(|r| decision_of(r.decision)) {
+        Ok(Some(Decision::Commit)) => ClientOutcome::Committed,
+        Ok(Some(Decision::Abort)) => ClientOutcome::Aborted,
+        Ok(None) | Err(_) => ClientOutcome::Unknown,
+    }
+}
+
+/// Rolls back a misuser's own txn; Aborted when answered so.
+async fn roll_back_own(
+    teller: &Teller,
+    client: &ClusterClient,
+    tally: &mut Tally,
+    call: &str,
+    txn_id: TxnId,
+) -> ClientOutcome {
+    let answer = interactive::rollback(client, txn_id, "sim misuser").await;
+    expect(teller, tally, call, &answer, true, &[], true);
+    match answer.map(|r| decision_of(r.decision)) {
+        Ok(Some(Decision::Abort)) => ClientOutcome::Aborted,
+        Ok(Some(Decision::Commit)) => {
+            teller.heard(txn_id, Hearer::Rollback, Decision::Commit);
+            teller.misanswered(format!("{call} of {txn_id}: answered Commit"));
+            ClientOutcome::Abandoned
+        }
+        Ok(None) | Err(_) => ClientOutcome::Abandoned,
+    }
+}
+
+/// Begin, Rollback, then a Join of the rolled-back txn: straight to the
+/// coordinator, or through a bank's Debit (which prepares, is refused the
+/// Join, and must abort its branch: nothing stays held).
+async fn join_after_rollback(
+    teller: &Teller,
+    client: &ClusterClient,
+    accounts: &[AccountRef],
+    rng: &mut StdRng,
+    tally: &mut Tally,
+) {
+    let Some(movement) = cross_bank(accounts, rng) else { return };
+    let Some(context) = begin_own(teller, client, rng, tally, "join after rollback").await else { return };
+    let txn_id = context.txn_id;
+    let outcome = roll_back_own(teller, client, tally, "join after rollback: rollback", txn_id).await;
+    let mut joined = BTreeSet::new();
+    if rng.random_bool(0.5) {
+        let answer = interactive::join(client, &txn_id.to_string(), &movement.from.bank).await;
+        // Refused if the Rollback was logged; with no answer to it, the Join may come first.
+        let ok = outcome == ClientOutcome::Abandoned;
+        expect(teller, tally, "join after rollback", &answer, ok, &[Code::FailedPrecondition], true);
+        if answer.is_ok() {
+            joined.insert(movement.from.bank.clone());
+        }
+        record(teller, txn_id, None, outcome, InteractiveTxn { joined, eager: false });
+    } else {
+        let answer = leg(teller, context, &movement, Move::Debit).await;
+        let ok = outcome == ClientOutcome::Abandoned;
+        expect(teller, tally, "debit after rollback", &answer, ok, &[Code::FailedPrecondition], true);
+        if answer.is_ok() {
+            joined.insert(movement.from.bank.clone());
+        }
+        record(teller, txn_id, Some(movement), outcome, InteractiveTxn { joined, eager: false });
+    }
+}
+
+/// Begin, Debit, Credit, then Commit and Rollback at once: exactly one
+/// wins, and both answers say which (Commit's decision; Rollback's Abort,
+/// or `FAILED_PRECONDITION` for a committed txn).
+async fn commit_racing_rollback(
+    teller: &Teller,
+    client: &ClusterClient,
+    accounts: &[AccountRef],
+    rng: &mut StdRng,
+    tally: &mut Tally,
+) {
+    let Some(movement) = cross_bank(accounts, rng) else { return };
+    let Some(context) = begin_own(teller, client, rng, tally, "commit racing rollback").await else { return };
+    let txn_id = context.txn_id;
+    let Some(joined) = both_legs(teller, context, &movement, tally, "commit racing rollback").await else {
+        let outcome = roll_back_own(teller, client, tally, "commit racing rollback: rollback", txn_id).await;
+        let joined = BTreeSet::new();
+        return record(teller, txn_id, Some(movement), outcome, InteractiveTxn { joined, eager: false });
+    };
+    let (committed, rolled_back) =
+        tokio::join!(interactive::commit(client, txn_id), interactive::rollback(client, txn_id, "sim misuser races"));
+    let outcome = commit_outcome(teller, tally, "commit racing rollback: commit", &committed);
+    expect(teller, tally, "commit racing rollback: rollback", &rolled_back, true, &[Code::FailedPrecondition], true);
+    if let Some(told) = rolled_back.as_ref().ok().and_then(|r| decision_of(r.decision)) {
+        teller.heard(txn_id, Hearer::Rollback, told);
+    }
+    record(teller, txn_id, Some(movement), outcome, InteractiveTxn { joined, eager: false });
+}
+
+/// Debit then Credit of `movement` under `context`; the banks that joined
+/// when both did, None (after tallying the answers) when either did not.
+async fn both_legs(
+    teller: &Teller,
+    context: TxnContext,
+    movement: &Movement,
+    tally: &mut Tally,
+    call: &str,
+) -> Option<BTreeSet<String>> {
+    for kind in [Move::Debit, Move::Credit] {
+        let answer = leg(teller, context, movement, kind).await;
+        tally.note(&format!("{call}: {kind:?}"), &answer);
+        if interactive::joining(teller, &format!("{call}: {kind:?} in {}", context.txn_id), &answer) != Joining::Joined
+        {
+            return None;
+        }
+    }
+    Some([movement.from.bank.clone(), movement.to.bank.clone()].into())
+}
+
+/// Begin, then a one-shot Submit with the begun txn's id: refused with
+/// `FAILED_PRECONDITION` (commit it instead), or, were the txn decided
+/// meanwhile, answered its logged Abort. Then a Rollback, or nothing.
+async fn submit_reusing_a_begun_id(
+    teller: &Teller,
+    client: &ClusterClient,
+    accounts: &[AccountRef],
+    rng: &mut StdRng,
+    tally: &mut Tally,
+) {
+    let Some((from, to)) = two_accounts(accounts, rng) else { return };
+    let movement = Movement { from, to, amount_minor: rng.random_range(1..=MISUSE_AMOUNT_MAX_MINOR) };
+    let Ok(transfer) = Transfer::new(address(&movement.from), address(&movement.to), movement.amount_minor) else {
+        return;
+    };
+    let Some(context) = begin_own(teller, client, rng, tally, "submit reusing a begun id").await else { return };
+    let txn_id = context.txn_id;
+    let request = pb::SubmitRequest {
+        txn_id: txn_id.to_string(),
+        branches: transfer.submit_branches(),
+        deadline_unix_ms: unix_now_ms() + teller.deadline_ms(),
+    };
+    let answer = submit_call(client, request).await;
+    let told = answer.as_ref().ok().and_then(|r| decision_of(r.decision));
+    expect(
+        teller,
+        tally,
+        "submit reusing a begun id",
+        &answer,
+        told == Some(Decision::Abort),
+        &[Code::FailedPrecondition],
+        true,
+    );
+    if let Some(told) = told {
+        teller.heard(txn_id, Hearer::Retrier, told);
+    }
+    let outcome = if rng.random_bool(0.5) {
+        roll_back_own(teller, client, tally, "submit reusing a begun id: rollback", txn_id).await
+    } else {
+        ClientOutcome::Abandoned
+    };
+    record(teller, txn_id, Some(movement), outcome, InteractiveTxn::default());
+}
+
+/// Begin, then Resolve before the deadline: `undecided` with a retry hint
+/// (§12.5), not a presumed abort, while the deadline is more than the
+/// longest hint away by the coordinators' clocks. Then a Rollback, or nothing.
+async fn resolve_before_the_deadline(teller: &Teller, client: &ClusterClient, rng: &mut StdRng, tally: &mut Tally) {
+    let Some(context) = begin_own(teller, client, rng, tally, "resolve before the deadline").await else { return };
+    let txn_id = context.txn_id;
+    let participant =
+        if rng.random_bool(0.5) { teller.bank_names().choose(rng).cloned().unwrap_or_default() } else { String::new() };
+    let request = pb::ResolveRequest { txn_id: txn_id.to_string(), participant };
+    let answer = resolve_call(client, request).await;
+    note_resolve(teller, tally, "resolve before the deadline", txn_id, &answer);
+    let time_left_ms = context.deadline_unix_ms.saturating_sub(unix_now_ms());
+    if let Ok(r) = &answer
+        && !r.undecided
+        && time_left_ms > UNDECIDED_RETRY_AFTER_MAX_MS
+        && !teller.clocks_off()
+    {
+        teller.misanswered(format!(
+            "resolve of begun txn {txn_id} {time_left_ms} ms before its deadline: decision {} instead of undecided",
+            r.decision
+        ));
+    }
+    let outcome = if rng.random_bool(0.5) {
+        roll_back_own(teller, client, tally, "resolve before the deadline: rollback", txn_id).await
+    } else {
+        ClientOutcome::Abandoned
+    };
+    record(teller, txn_id, None, outcome, InteractiveTxn::default());
+}
+
+/// A Debit or Credit at `bank` whose `twopc-txn` entry is malformed
+/// (`INVALID_ARGUMENT`: garbage, a UUIDv4, no deadline, a deadline of 0 or
+/// not a number, far too long, the entry twice) or missing
+/// (`FAILED_PRECONDITION`).
+async fn malformed_header(teller: &Teller, bank: &str, accounts: &[AccountRef], rng: &mut StdRng, tally: &mut Tally) {
+    let at_bank: Vec<&AccountRef> = accounts.iter().filter(|a| a.bank == bank).collect();
+    let (Some(account), Some(client)) = (at_bank.choose(rng), teller.bank(bank)) else { return };
+    let id = TxnId::new();
+    let deadline = unix_now_ms() + teller.deadline_ms();
+    let (header, what) = match rng.random_range(0..8) {
+        0 => (Header::Raw(vec!["garbage".into()]), "garbage"),
+        1 => (Header::Raw(vec![format!("6ba7b810-9dad-41d1-80b4-00c04fd430c8;deadline={deadline}")]), "a UUIDv4"),
+        2 => (Header::Raw(vec![id.to_string()]), "no deadline"),
+        3 => (Header::Raw(vec![format!("{id};deadline=0")]), "deadline 0"),
+        4 => (Header::Raw(vec![format!("{id};deadline=soon")]), "deadline not a number"),
+        5 => (Header::Raw(vec![format!("{id};deadline={}", "9".repeat(200))]), "too long"),
+        6 => {
+            let twice = format!("{id};deadline={deadline}");
+            (Header::Raw(vec![twice.clone(), twice]), "twice")
+        }
+        _ => (Header::Missing, "missing"),
+    };
+    let kind = if rng.random_bool(0.5) { Move::Debit } else { Move::Credit };
+    let answer = interactive::move_money(client, kind, &header, &account.account, rng.random_range(1..=100)).await;
+    let code = if matches!(header, Header::Missing) { Code::FailedPrecondition } else { Code::InvalidArgument };
+    expect(teller, tally, &format!("{kind:?} with header {what}"), &answer, false, &[code], false);
+}
+
+/// Begin, Debit at the payer's bank, then a second Debit or a Credit at the
+/// same bank in the same txn (refused before anything is staged: one branch
+/// per bank per txn), then the Credit at the payee's bank and Commit. The
+/// checker's balances show any second movement staged.
+async fn second_call_at_one_bank(
+    teller: &Teller,
+    client: &ClusterClient,
+    accounts: &[AccountRef],
+    rng: &mut StdRng,
+    tally: &mut Tally,
+) {
+    let Some(movement) = cross_bank(accounts, rng) else { return };
+    let Some(context) = begin_own(teller, client, rng, tally, "second call at one bank").await else { return };
+    let txn_id = context.txn_id;
+    let mut joined = BTreeSet::new();
+    let debit = leg(teller, context, &movement, Move::Debit).await;
+    tally.note("second call at one bank: first debit", &debit);
+    let mut all_joined = interactive::joining(teller, &format!("first Debit in {txn_id}"), &debit) == Joining::Joined;
+    if all_joined {
+        joined.insert(movement.from.bank.clone());
+        let same_bank: Vec<&AccountRef> = accounts.iter().filter(|a| a.bank == movement.from.bank).collect();
+        let kind = if rng.random_bool(0.5) { Move::Debit } else { Move::Credit };
+        if let (Some(account), Some(bank)) = (same_bank.choose(rng), teller.bank(&movement.from.bank)) {
+            let amount = rng.random_range(1..=MISUSE_AMOUNT_MAX_MINOR);
+            let again = interactive::move_money(bank, kind, &Header::Context(context), &account.account, amount).await;
+            let call = format!("second call at one bank: {kind:?}");
+            expect(teller, tally, &call, &again, false, &[Code::FailedPrecondition], true);
+        }
+        let credit = leg(teller, context, &movement, Move::Credit).await;
+        tally.note("second call at one bank: credit", &credit);
+        all_joined = interactive::joining(teller, &format!("Credit in {txn_id}"), &credit) == Joining::Joined;
+        if all_joined {
+            joined.insert(movement.to.bank.clone());
+        }
+    }
+    let outcome = if all_joined {
+        let answer = interactive::commit(client, txn_id).await;
+        commit_outcome(teller, tally, "second call at one bank: commit", &answer)
+    } else {
+        roll_back_own(teller, client, tally, "second call at one bank: rollback", txn_id).await
+    };
+    record(teller, txn_id, Some(movement), outcome, InteractiveTxn { joined, eager: false });
+}
+
+/// Begin and Debit, then the Credit and the Commit at once: the Credit's
+/// Join lands before the Commit's decision in the log (its branch commits
+/// with the debit) or after it (refused: the bank aborts its branch, and
+/// the debit commits alone, by this client's doing). Either way the
+/// record names exactly the branches joined before it (§12.4).
+async fn commit_racing_a_join(
+    teller: &Teller,
+    client: &ClusterClient,
+    accounts: &[AccountRef],
+    rng: &mut StdRng,
+    tally: &mut Tally,
+) {
+    let Some(movement) = cross_bank(accounts, rng) else { return };
+    let Some(context) = begin_own(teller, client, rng, tally, "commit racing a join").await else { return };
+    let txn_id = context.txn_id;
+    let debit = leg(teller, context, &movement, Move::Debit).await;
+    tally.note("commit racing a join: debit", &debit);
+    if interactive::joining(teller, &format!("Debit in {txn_id}"), &debit) != Joining::Joined {
+        let outcome = roll_back_own(teller, client, tally, "commit racing a join: rollback", txn_id).await;
+        return record(teller, txn_id, Some(movement), outcome, InteractiveTxn::default());
+    }
+    let mut joined: BTreeSet<String> = [movement.from.bank.clone()].into();
+    let (credit, committed) =
+        tokio::join!(leg(teller, context, &movement, Move::Credit), interactive::commit(client, txn_id));
+    tally.note("commit racing a join: credit", &credit);
+    if interactive::joining(teller, &format!("Credit racing Commit in {txn_id}"), &credit) == Joining::Joined {
+        joined.insert(movement.to.bank.clone());
+    }
+    let outcome = commit_outcome(teller, tally, "commit racing a join: commit", &committed);
+    record(teller, txn_id, Some(movement), outcome, InteractiveTxn { joined, eager: true });
 }

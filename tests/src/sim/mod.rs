@@ -4,7 +4,8 @@
 //! not turmoil or madsim).
 //!
 //! One seed is one run: a [`World`] (3 or 5 coordinators, 2 banks with
-//! accounts), concurrent clients moving money between random accounts, and a
+//! accounts), concurrent clients moving money between random accounts, one-shot
+//! or interactively ([`interactive`], a share drawn from the seed), and a
 //! fault schedule drawn from the seed ([`schedule`]). After every fault the
 //! checker's safety part ([`crate::checker::check_safety`]: I1, I2) runs on
 //! the state of the moment; at the end every fault heals, the system
@@ -15,7 +16,9 @@
 //!
 //! # Layout
 //! - [`world`]: the system under test, its client history, heal, settle, observe.
-//! - [`actors`]: adversaries beside the clients: an operator deciding random txns, a stray client.
+//! - [`interactive`]: interactive transfers (Begin, Debit, Credit, Commit or not), and their calls.
+//! - [`actors`]: adversaries beside the clients: an operator deciding random txns, a stray client,
+//!   a client misusing interactive txns.
 //! - [`bank`]: a crashable bank over a real store.
 //! - [`schedule`]: fault mixes, seeded schedules, and carrying a fault out.
 //! - [`deterministic`]: the same runs on one thread under virtual time, replayed exactly.
@@ -24,12 +27,13 @@
 pub mod actors;
 pub mod bank;
 pub mod deterministic;
+pub mod interactive;
 pub mod network;
 pub mod pipe;
 pub mod schedule;
 pub mod world;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,6 +44,7 @@ use rand::rngs::StdRng;
 use rand::seq::IndexedRandom as _;
 use rand::{Rng as _, SeedableRng as _};
 use tokio::time::Instant;
+use twopc_proto::TxnId;
 
 use crate::checker::{self, AccountRef, ClientOutcome, Violation};
 use schedule::{FaultMix, Step};
@@ -77,14 +82,21 @@ pub struct SimConfig {
     /// The test binary whose command replays this seed.
     pub replay_test: &'static str,
     /// Adversaries run beside the clients: an operator deciding random
-    /// txns, a stray client ([`actors`]), and membership churn
-    /// ([`schedule::churn`]).
+    /// txns, a stray client, a client misusing interactive txns
+    /// ([`actors`]), and membership churn ([`schedule::churn`]).
     pub adversaries: bool,
+    /// The share of the clients' transfers made interactively
+    /// ([`interactive`]); the rest are one-shot Submits.
+    pub interactive_share: f64,
 }
+
+/// The least and the most of a run's transfers made interactively.
+pub const INTERACTIVE_SHARE: std::ops::RangeInclusive<f64> = 0.2..=0.6;
 
 impl SimConfig {
     /// The config seed `seed` runs with: its mix cycles through
-    /// [`FaultMix::ALL`]; every fifth seed runs 5 coordinators.
+    /// [`FaultMix::ALL`]; every fifth seed runs 5 coordinators; the share
+    /// of interactive transfers is drawn from [`INTERACTIVE_SHARE`].
     pub fn for_seed(seed: u64) -> Self {
         let world = WorldConfig {
             coordinators: if seed % 5 == 4 { 5 } else { 3 },
@@ -101,6 +113,7 @@ impl SimConfig {
             amount_max_minor: 450,
             replay_test: "simulation",
             adversaries: true,
+            interactive_share: StdRng::seed_from_u64(seed ^ 0x1a7e_7ac7).random_range(INTERACTIVE_SHARE),
         }
     }
 
@@ -122,8 +135,8 @@ pub struct SeedReport {
     pub schedule: Vec<Step>,
     /// What each fault did when it struck (which leader, say).
     pub applied: Vec<String>,
-    /// Transfers the clients saw committed, aborted, or could not tell.
-    pub outcomes: (usize, usize, usize),
+    /// What the clients were told about their transfers.
+    pub outcomes: Outcomes,
     /// How long the system took to settle after the heal, if it did.
     pub settled_after: Option<Duration>,
     /// Everything the checker found.
@@ -137,6 +150,51 @@ pub struct SeedReport {
     pub trace: Vec<String>,
 }
 
+/// What a run's clients were told, counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Outcomes {
+    /// Told Commit.
+    pub committed: usize,
+    /// Told Abort.
+    pub aborted: usize,
+    /// Told nothing after asking to commit (or submitting).
+    pub unknown: usize,
+    /// Interactive txns never committed by their client: vanished, or rolled back unanswered.
+    pub abandoned: usize,
+    /// Of all these, the interactive ones.
+    pub interactive: usize,
+    /// Of the interactive ones, those told Commit.
+    pub interactive_committed: usize,
+}
+
+impl Outcomes {
+    fn of(history: &[checker::ClientTxn], interactive: &BTreeMap<TxnId, checker::InteractiveTxn>) -> Self {
+        let count = |o| history.iter().filter(|t| t.outcome == o).count();
+        Self {
+            committed: count(ClientOutcome::Committed),
+            aborted: count(ClientOutcome::Aborted),
+            unknown: count(ClientOutcome::Unknown),
+            abandoned: count(ClientOutcome::Abandoned),
+            interactive: interactive.len(),
+            interactive_committed: history
+                .iter()
+                .filter(|t| t.outcome == ClientOutcome::Committed && interactive.contains_key(&t.txn_id))
+                .count(),
+        }
+    }
+
+    fn add(self, other: Self) -> Self {
+        Self {
+            committed: self.committed + other.committed,
+            aborted: self.aborted + other.aborted,
+            unknown: self.unknown + other.unknown,
+            abandoned: self.abandoned + other.abandoned,
+            interactive: self.interactive + other.interactive,
+            interactive_committed: self.interactive_committed + other.interactive_committed,
+        }
+    }
+}
+
 impl SeedReport {
     /// Whether the checker found nothing.
     pub fn passed(&self) -> bool {
@@ -147,10 +205,11 @@ impl SeedReport {
 impl fmt::Display for SeedReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = &self.config;
-        let (committed, aborted, unknown) = self.outcomes;
+        let Outcomes { committed, aborted, unknown, abandoned, interactive, interactive_committed } = self.outcomes;
         writeln!(
             f,
-            "seed {} ({:?}, {} coordinators): {committed} committed, {aborted} aborted, {unknown} unknown; \
+            "seed {} ({:?}, {} coordinators): {committed} committed, {aborted} aborted, {unknown} unknown, \
+             {abandoned} abandoned ({interactive} interactive, {interactive_committed} of them committed); \
              settled after {:?}; {:?}",
             c.seed, c.mix, c.world.coordinators, self.settled_after, self.elapsed
         )?;
@@ -183,8 +242,12 @@ pub async fn run(config: SimConfig) -> anyhow::Result<SeedReport> {
     let clients: Vec<_> = (0..c.clients)
         .map(|i| {
             let seed = c.seed.wrapping_mul(1_000).wrapping_add(i as u64);
-            let teller = world.teller.clone();
-            tokio::spawn(client(teller, accounts.clone(), seed, c.transfers_per_client, c.amount_max_minor))
+            let workload = Workload {
+                transfers: c.transfers_per_client,
+                amount_max_minor: c.amount_max_minor,
+                interactive_share: c.interactive_share,
+            };
+            tokio::spawn(client(world.teller.clone(), accounts.clone(), seed, workload))
         })
         .collect();
     let clients_done = Arc::new(AtomicBool::new(false));
@@ -239,12 +302,13 @@ pub async fn run(config: SimConfig) -> anyhow::Result<SeedReport> {
     };
     let verdict = world.heal_and_check().await;
     let history = world.teller.history();
+    let interactive = world.teller.interactive();
     let told = world.teller.told();
     let raft_trace = world.raft_trace();
     let checked_at = started.elapsed();
     world.stop().await;
     let verdict = verdict?;
-    let count = |o| history.iter().filter(|t| t.outcome == o).count();
+    let outcomes = Outcomes::of(&history, &interactive);
     let trace = applied
         .iter()
         .map(|fault| format!("fault: {fault}"))
@@ -252,7 +316,10 @@ pub async fn run(config: SimConfig) -> anyhow::Result<SeedReport> {
             let movement = t.movement.as_ref().map_or_else(String::new, |m| {
                 format!("{}@{} -> {}@{} {}", m.from.account, m.from.bank, m.to.account, m.to.bank, m.amount_minor)
             });
-            format!("txn {} {movement}: {:?}", t.txn_id, t.outcome)
+            let joined = interactive.get(&t.txn_id).map_or_else(String::new, |i| {
+                format!(" (interactive{}, joined {:?})", if i.eager { ", eager" } else { "" }, i.joined)
+            });
+            format!("txn {} {movement}{joined}: {:?}", t.txn_id, t.outcome)
         }))
         .chain(told.iter().map(|t| format!("told {} {:?}: {}", t.txn_id, t.hearer, t.decision)))
         .chain(tallies)
@@ -261,7 +328,7 @@ pub async fn run(config: SimConfig) -> anyhow::Result<SeedReport> {
         .collect();
     Ok(SeedReport {
         trace,
-        outcomes: (count(ClientOutcome::Committed), count(ClientOutcome::Aborted), count(ClientOutcome::Unknown)),
+        outcomes,
         config,
         schedule,
         applied,
@@ -271,16 +338,35 @@ pub async fn run(config: SimConfig) -> anyhow::Result<SeedReport> {
     })
 }
 
-/// One client: `transfers` random transfers between distinct accounts, one
-/// after another, with short random pauses.
-async fn client(teller: Arc<Teller>, accounts: Vec<AccountRef>, seed: u64, transfers: usize, amount_max_minor: i64) {
+/// What one client does.
+#[derive(Debug, Clone, Copy)]
+struct Workload {
+    /// Transfers, one after another.
+    transfers: usize,
+    /// The largest amount.
+    amount_max_minor: i64,
+    /// The share made interactively.
+    interactive_share: f64,
+}
+
+/// One client: random transfers between distinct accounts, one after
+/// another, with short random pauses; a share of them interactive
+/// (between accounts at two banks: one branch per bank per txn).
+async fn client(teller: Arc<Teller>, accounts: Vec<AccountRef>, seed: u64, workload: Workload) {
     let mut rng = StdRng::seed_from_u64(seed);
-    for _ in 0..transfers {
+    for _ in 0..workload.transfers {
         let Some(from) = accounts.choose(&mut rng).cloned() else { return };
-        let others: Vec<&AccountRef> = accounts.iter().filter(|a| **a != from).collect();
-        let Some(to) = others.choose(&mut rng).map(|a| (*a).clone()) else { return };
-        let amount = rng.random_range(1..=amount_max_minor);
-        teller.transfer(&from, &to, amount).await;
+        let amount = rng.random_range(1..=workload.amount_max_minor);
+        if rng.random_bool(workload.interactive_share) {
+            let others: Vec<&AccountRef> = accounts.iter().filter(|a| a.bank != from.bank).collect();
+            let Some(to) = others.choose(&mut rng).map(|a| (*a).clone()) else { return };
+            let plan = interactive::Plan::draw(&mut rng, from, to, amount, teller.deadline_max_ms());
+            interactive::transfer(&teller, plan).await;
+        } else {
+            let others: Vec<&AccountRef> = accounts.iter().filter(|a| **a != from).collect();
+            let Some(to) = others.choose(&mut rng).map(|a| (*a).clone()) else { return };
+            teller.transfer(&from, &to, amount).await;
+        }
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..40))).await;
     }
 }
@@ -398,24 +484,49 @@ pub async fn run_many(
 /// Totals per fault mix over a set of runs: what the clients saw and how
 /// long settling took, so a CI log shows the faults did something.
 pub fn summary(results: &[(u64, anyhow::Result<SeedReport>)]) -> String {
-    let mut lines = vec!["mix            seeds  committed  aborted  unknown  slowest settle".to_owned()];
+    let mut lines = vec![
+        "mix            seeds  committed  aborted  unknown  abandoned  interactive (committed)  slowest settle"
+            .to_owned(),
+    ];
     for mix in FaultMix::ALL {
         let reports: Vec<&SeedReport> =
             results.iter().filter_map(|(_, r)| r.as_ref().ok()).filter(|r| r.config.mix == mix).collect();
         if reports.is_empty() {
             continue;
         }
-        let sum = |f: fn(&SeedReport) -> usize| reports.iter().map(|r| f(r)).sum::<usize>();
+        let sum = reports.iter().fold(Outcomes::default(), |sum, r| sum.add(r.outcomes));
         let slowest = reports.iter().filter_map(|r| r.settled_after).max().unwrap_or_default();
         lines.push(format!(
-            "{:<14} {:>5}  {:>9}  {:>7}  {:>7}  {:?}",
+            "{:<14} {:>5}  {:>9}  {:>7}  {:>7}  {:>9}  {:>11} {:>11}  {:?}",
             format!("{mix:?}"),
             reports.len(),
-            sum(|r| r.outcomes.0),
-            sum(|r| r.outcomes.1),
-            sum(|r| r.outcomes.2),
+            sum.committed,
+            sum.aborted,
+            sum.unknown,
+            sum.abandoned,
+            sum.interactive,
+            format!("({})", sum.interactive_committed),
             slowest
         ));
     }
     lines.join("\n")
 }
+
+/// The fault mixes of `results` (those run on at least [`COVERAGE_SEEDS_MIN`]
+/// seeds) in which no interactive txn committed or none was abandoned: a
+/// smoke whose workload lost its interactive txns, or whose faults stopped
+/// every one, would pass without checking them.
+pub fn interactive_uncovered(results: &[(u64, anyhow::Result<SeedReport>)]) -> Vec<FaultMix> {
+    FaultMix::ALL
+        .into_iter()
+        .filter(|mix| {
+            let reports: Vec<&SeedReport> =
+                results.iter().filter_map(|(_, r)| r.as_ref().ok()).filter(|r| r.config.mix == *mix).collect();
+            let sum = reports.iter().fold(Outcomes::default(), |sum, r| sum.add(r.outcomes));
+            reports.len() >= COVERAGE_SEEDS_MIN && (sum.interactive_committed == 0 || sum.abandoned == 0)
+        })
+        .collect()
+}
+
+/// How many seeds of a mix [`interactive_uncovered`] needs to judge it.
+pub const COVERAGE_SEEDS_MIN: usize = 5;

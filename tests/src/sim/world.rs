@@ -1,6 +1,7 @@
 //! A whole twopc system in this process: a coordinator [`Cluster`], real
 //! banks ([`SimBank`]) with accounts, and a client that records what it was
-//! told about every transfer. After faults it heals everything, waits for the
+//! told about every transfer, one-shot or interactive
+//! ([`super::interactive`]). After faults it heals everything, waits for the
 //! system to settle, and hands the final state to the checker.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,8 +20,12 @@ use twopc_participant::ParticipantConfig;
 use twopc_proto::txn_id::unix_now_ms;
 use twopc_proto::{Clock, Decision, TxnId, pb};
 
+use tonic::transport::{Channel, Endpoint};
+use twopc_proto::pb::bank_client::BankClient;
+
 use crate::checker::{
-    self, AccountRef, ClientOutcome, ClientTxn, Hearer, Liveness, Movement, Observation, ParticipantView, Told,
+    self, AccountRef, BankTotals, ClientOutcome, ClientTxn, Hearer, InteractiveTxn, Liveness, Movement, Observation,
+    ParticipantView, Told,
 };
 use crate::cluster::Cluster;
 use crate::sim::bank::{BankDisk, SimBank};
@@ -114,11 +119,23 @@ pub struct Teller {
     client: ClusterClient,
     /// How far ahead of now each Submit's deadline is.
     deadline_ms: u64,
+    /// The coordinators' `deadline_max_ms`: the longest Begin timeout.
+    deadline_max_ms: u64,
     history: Mutex<Vec<ClientTxn>>,
-    /// Txns whose Submit is under way, with the movement each asks for.
+    /// Txns whose Submit is under way, or begun and not yet committed or
+    /// rolled back by their client, with the movement each asks for.
     running: Mutex<BTreeMap<TxnId, Movement>>,
     /// Decisions told to others than a txn's client (operator, Resolves, retries).
     told: Mutex<Vec<Told>>,
+    /// The interactive txns of the history, with the branches seen to join.
+    interactive: Mutex<BTreeMap<TxnId, InteractiveTxn>>,
+    /// Calls answered otherwise than documented, for the checker.
+    misanswered: Mutex<Vec<String>>,
+    /// Each bank's own API (`Debit`, `Credit`, `Total`), by name; dialled
+    /// through `twopc_proto::net`, so a deterministic run's network carries it.
+    banks: BTreeMap<String, Channel>,
+    /// The coordinators' wall clocks, which clock-jump faults step.
+    clocks: Vec<Clock>,
 }
 
 impl Teller {
@@ -230,10 +247,77 @@ impl Teller {
     pub fn client(&self) -> &ClusterClient {
         &self.client
     }
+
+    /// The coordinators' `deadline_max_ms`: the longest timeout a Begin may ask for.
+    pub fn deadline_max_ms(&self) -> u64 {
+        self.deadline_max_ms
+    }
+
+    /// A client of bank `name`'s own API, if there is such a bank.
+    pub fn bank(&self, name: &str) -> Option<BankClient<Channel>> {
+        self.banks.get(name).map(|channel| BankClient::new(channel.clone()))
+    }
+
+    /// The banks' names.
+    pub fn bank_names(&self) -> Vec<String> {
+        self.banks.keys().cloned().collect()
+    }
+
+    /// Notes that a txn is under way (adversaries pick running txns from these).
+    pub fn start_running(&self, txn_id: TxnId, movement: Movement) {
+        self.running.lock().insert(txn_id, movement);
+    }
+
+    /// Notes that a txn's client is done with it.
+    pub fn stop_running(&self, txn_id: TxnId) {
+        self.running.lock().remove(&txn_id);
+    }
+
+    /// Records what the client of an interactive txn was told, and which of
+    /// its branches joined; a txn recorded again keeps the latest.
+    pub fn record_interactive(&self, txn: ClientTxn, interactive: InteractiveTxn) {
+        let mut history = self.history.lock();
+        history.retain(|t| t.txn_id != txn.txn_id);
+        self.interactive.lock().insert(txn.txn_id, interactive);
+        history.push(txn);
+    }
+
+    /// The interactive txns of the history, by id.
+    pub fn interactive(&self) -> BTreeMap<TxnId, InteractiveTxn> {
+        self.interactive.lock().clone()
+    }
+
+    /// Notes a call answered otherwise than documented (docs/PROTOCOL.md §12).
+    pub fn misanswered(&self, what: String) {
+        self.misanswered.lock().push(what);
+    }
+
+    /// The calls answered otherwise than documented so far.
+    pub fn misanswers(&self) -> Vec<String> {
+        self.misanswered.lock().clone()
+    }
+
+    /// Whether some coordinator's clock is off by more than
+    /// [`CLOCK_OFF_MS`]: its leader may then take a fresh txn id for one
+    /// from the future (`INVALID_ARGUMENT`), or from before its retention
+    /// horizon (forgotten), or a deadline for past.
+    pub fn clocks_off(&self) -> bool {
+        self.clocks.iter().any(|c| c.offset_ms().unsigned_abs() > CLOCK_OFF_MS)
+    }
 }
+
+/// How far a coordinator's clock may be off before a fresh txn id or a
+/// deadline may be judged otherwise than by the clients' clock
+/// ([`Teller::clocks_off`]).
+pub const CLOCK_OFF_MS: u64 = 1_000;
 
 /// How far ahead of now the clients set a Submit's deadline, at most.
 const CLIENT_DEADLINE_MS: u64 = 3_000;
+
+/// How many times a settled bank's `Total` is asked before it counts as not answering.
+const TOTAL_ATTEMPTS: usize = 5;
+/// How long one `Total` call may take.
+const TOTAL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The furthest deadline coordinators accept with retention `retention_ms`
 /// (which must exceed it): the default, or less for a short retention.
@@ -310,6 +394,13 @@ impl World {
             tls: None,
         };
         let client = ClusterClient::new(cluster.addrs(), client_config)?;
+        let mut bank_channels = BTreeMap::new();
+        for bank in &banks {
+            let endpoint = Endpoint::from_shared(format!("http://{}", bank.addr))?
+                .connect_timeout(Duration::from_millis(300))
+                .tcp_nodelay(true);
+            bank_channels.insert(bank.name.clone(), twopc_proto::net::lazy_channel(&endpoint));
+        }
         Ok(Self {
             cluster,
             banks,
@@ -318,9 +409,14 @@ impl World {
             teller: Arc::new(Teller {
                 client,
                 deadline_ms: CLIENT_DEADLINE_MS.min(deadline_max_ms / 2),
+                deadline_max_ms,
                 history: Mutex::default(),
                 running: Mutex::default(),
                 told: Mutex::default(),
+                interactive: Mutex::default(),
+                misanswered: Mutex::default(),
+                banks: bank_channels,
+                clocks: clocks.values().cloned().collect(),
             }),
             clocks,
             membership_accepted: Vec::new(),
@@ -452,9 +548,17 @@ impl World {
     /// Waits (up to the settle bound) until the system is quiescent: one
     /// ready leader everyone follows, every node applied everything, every
     /// decision acknowledged, no bank holding anything.
+    ///
+    /// The bound is the config's, plus what an interactive txn may
+    /// legitimately take: the longest Begin timeout the clients ask for
+    /// (a vanished client's txn holds its branches until its deadline), and
+    /// how far behind a coordinator's clock runs (a leader whose clock is
+    /// behind sees every deadline that much later).
     pub async fn settle(&self) -> Liveness {
         let started = Instant::now();
-        let bound = self.config.settle_bound;
+        let behind_ms = self.clocks.values().map(Clock::offset_ms).min().unwrap_or(0).min(0).unsigned_abs();
+        let bound = self.config.settle_bound
+            + Duration::from_millis(super::interactive::TIMEOUT_MAX_MS.saturating_add(behind_ms));
         loop {
             self.sample_leaders();
             if self.is_settled().await {
@@ -477,7 +581,10 @@ impl World {
             .running()
             .into_iter()
             .all(|id| self.cluster.node(id).status().applied_index == status.raft_committed_index);
-        if !applied_everywhere || self.cluster.node(leader).local_read(|sm| sm.unacknowledged_count()) > 0 {
+        // A begun txn ends by its client's word or its deadline (§12.5); until
+        // then its joined branches are rightly held.
+        let pending = self.cluster.node(leader).local_read(|sm| sm.unacknowledged_count() + sm.begun_count());
+        if !applied_everywhere || pending > 0 {
             return false;
         }
         for bank in &self.banks {
@@ -513,6 +620,10 @@ impl World {
                 }
             }
             view.accounts = bank.accounts().await?.into_iter().collect();
+            // Once settled, the bank's own API must say what its store says.
+            if liveness.is_some() {
+                view.totals = Some(self.bank_totals(&bank.name).await);
+            }
             participants.insert(bank.name.clone(), view);
         }
         let leaders = self.leaders.lock().clone();
@@ -527,7 +638,35 @@ impl World {
             reported: BTreeMap::new(),
             told,
             membership_accepted: self.membership_accepted.clone(),
+            interactive: self.teller.interactive(),
+            misanswered: self.teller.misanswers(),
         })
+    }
+
+    /// What bank `name`'s `Total` RPC answers (a few tries: a bank restarted
+    /// by the heal may still be starting), or why it did not.
+    async fn bank_totals(&self, name: &str) -> Result<BankTotals, String> {
+        let Some(mut bank) = self.teller.bank(name) else {
+            return Err(format!("no bank {name}"));
+        };
+        let mut last = String::new();
+        for _ in 0..TOTAL_ATTEMPTS {
+            let call = bank.total(twopc_proto::pb::TotalRequest {});
+            match tokio::time::timeout(TOTAL_TIMEOUT, call).await {
+                Ok(Ok(t)) => {
+                    let t = t.into_inner();
+                    return Ok(BankTotals {
+                        balance_minor: t.balance_total_minor,
+                        held_minor: t.held_total_minor,
+                        incoming_minor: t.incoming_total_minor,
+                    });
+                }
+                Ok(Err(status)) => last = format!("{:?}: {}", status.code(), status.message()),
+                Err(_) => last = format!("no answer within {TOTAL_TIMEOUT:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(last)
     }
 
     /// Heals everything, waits for the system to settle, and runs the checker.
