@@ -120,8 +120,8 @@ async fn pause(rng: &mut StdRng) {
 /// The adversaries until `done`: an [`operator_step`], a [`stray_step`] or
 /// a [`misuse_step`] at a time, drawn from the seed, with a short pause
 /// before each. One task and one step at a time: two adversaries with calls
-/// in flight at once made runs diverge on replay (tokio's `select!` polls
-/// from an unseeded start, docs/TESTING.md), each alone did not. (A misuse
+/// in flight at once made runs diverge on replay while tokio's `select!`
+/// polled from an unseeded start (docs/TESTING.md), each alone did not. (A misuse
 /// step that races two calls joins them with `tokio::join!`, which polls in
 /// a fixed order.) Returns a tally line for each.
 pub async fn run(
@@ -441,6 +441,8 @@ async fn misuse_step(
         .collect();
     let future = || TxnId::created_at(unix_now_ms().saturating_add(FUTURE_MS.start().saturating_mul(2)));
     let fp = [Code::FailedPrecondition];
+    // A bank refuses to stage a branch for a txn id from the future (§12.3).
+    let fp_or_invalid = [Code::FailedPrecondition, Code::InvalidArgument];
     match rng.random_range(0..15) {
         0 => {
             let Some((txn, banks)) = decided.choose(rng) else { return };
@@ -499,13 +501,16 @@ async fn misuse_step(
             // names but that never prepared (its vote lost in a crash: the
             // txn aborted) joins as a repeat, and the Abort reaches it.
             let may_be_named = banks.contains(&bank);
-            expect(teller, tally, "debit under a decided txn", &answer, may_be_named, &fp, true);
+            let codes = if teller.ahead_of_a_bank(*txn) { &fp_or_invalid[..] } else { &fp[..] };
+            expect(teller, tally, "debit under a decided txn", &answer, may_be_named, codes, true);
         }
         _ => {
             let (txn, call, codes) = if rng.random_bool(0.5) {
-                (TxnId::new(), "debit under an unknown txn", &fp[..])
+                let txn = TxnId::new();
+                let codes = if teller.ahead_of_a_bank(txn) { &fp_or_invalid[..] } else { &fp[..] };
+                (txn, "debit under an unknown txn", codes)
             } else {
-                (future(), "debit under a far-future txn", &[Code::FailedPrecondition, Code::InvalidArgument][..])
+                (future(), "debit under a far-future txn", &[Code::InvalidArgument][..])
             };
             let answer = move_under(teller, txn, &bank, accounts, rng).await;
             expect(teller, tally, call, &answer, false, codes, false);
@@ -693,7 +698,7 @@ async fn both_legs(
     for kind in [Move::Debit, Move::Credit] {
         let answer = leg(teller, context, movement, kind).await;
         tally.note(&format!("{call}: {kind:?}"), &answer);
-        if interactive::joining(teller, &format!("{call}: {kind:?} in {}", context.txn_id), &answer) != Joining::Joined
+        if interactive::joining(teller, context.txn_id, &format!("{call}: {kind:?} in {}", context.txn_id), &answer) != Joining::Joined
         {
             return None;
         }
@@ -820,7 +825,7 @@ async fn second_call_at_one_bank(
     let mut joined = BTreeSet::new();
     let debit = leg(teller, context, &movement, Move::Debit).await;
     tally.note("second call at one bank: first debit", &debit);
-    let mut all_joined = interactive::joining(teller, &format!("first Debit in {txn_id}"), &debit) == Joining::Joined;
+    let mut all_joined = interactive::joining(teller, txn_id, &format!("first Debit in {txn_id}"), &debit) == Joining::Joined;
     if all_joined {
         joined.insert(movement.from.bank.clone());
         let same_bank: Vec<&AccountRef> = accounts.iter().filter(|a| a.bank == movement.from.bank).collect();
@@ -833,7 +838,7 @@ async fn second_call_at_one_bank(
         }
         let credit = leg(teller, context, &movement, Move::Credit).await;
         tally.note("second call at one bank: credit", &credit);
-        all_joined = interactive::joining(teller, &format!("Credit in {txn_id}"), &credit) == Joining::Joined;
+        all_joined = interactive::joining(teller, txn_id, &format!("Credit in {txn_id}"), &credit) == Joining::Joined;
         if all_joined {
             joined.insert(movement.to.bank.clone());
         }
@@ -864,7 +869,7 @@ async fn commit_racing_a_join(
     let txn_id = context.txn_id;
     let debit = leg(teller, context, &movement, Move::Debit).await;
     tally.note("commit racing a join: debit", &debit);
-    if interactive::joining(teller, &format!("Debit in {txn_id}"), &debit) != Joining::Joined {
+    if interactive::joining(teller, txn_id, &format!("Debit in {txn_id}"), &debit) != Joining::Joined {
         let outcome = roll_back_own(teller, client, tally, "commit racing a join: rollback", txn_id).await;
         return record(teller, txn_id, Some(movement), outcome, InteractiveTxn::default());
     }
@@ -872,7 +877,7 @@ async fn commit_racing_a_join(
     let (credit, committed) =
         tokio::join!(leg(teller, context, &movement, Move::Credit), interactive::commit(client, txn_id));
     tally.note("commit racing a join: credit", &credit);
-    if interactive::joining(teller, &format!("Credit racing Commit in {txn_id}"), &credit) == Joining::Joined {
+    if interactive::joining(teller, txn_id, &format!("Credit racing Commit in {txn_id}"), &credit) == Joining::Joined {
         joined.insert(movement.to.bank.clone());
     }
     let outcome = commit_outcome(teller, tally, "commit racing a join: commit", &committed);

@@ -35,6 +35,14 @@ use super::schedule::FaultMix;
 use super::{SeedReport, SimConfig};
 use crate::checker::Invariant;
 
+// tokio lets a caller seed its generator only under this cfg; without the
+// seed, runs diverge on replay.
+#[cfg(not(tokio_unstable))]
+compile_error!(
+    "the deterministic simulation needs `--cfg tokio_unstable` (set in .cargo/config.toml; a RUSTFLAGS \
+     variable replaces it, so add the flag there too)"
+);
+
 /// Unix milliseconds at a run's start: 2026-01-01T00:00:00Z.
 const EPOCH_UNIX_MS: u64 = 1_767_225_600_000;
 
@@ -74,9 +82,8 @@ pub fn run(mut config: SimConfig) -> anyhow::Result<SeedReport> {
     config.replay_test = "deterministic";
     let mut builder = tokio::runtime::Builder::new_current_thread();
     builder.enable_time().start_paused(true);
-    // tokio::select! polls its branches from a random start; tokio seeds
-    // that draw only in builds with `--cfg tokio_unstable`.
-    #[cfg(tokio_unstable)]
+    // tokio's own draws (which select! branch first, which watch notifier a
+    // waiter parks on) come from this generator (docs/TESTING.md).
     builder.rng_seed(tokio::runtime::RngSeed::from_bytes(&config.seed.to_le_bytes()));
     let runtime = builder.build()?;
     // A panic anywhere in the system (all of it runs on this thread) is the

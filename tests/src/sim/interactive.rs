@@ -259,10 +259,11 @@ pub async fn move_money(
 /// What a well-formed `Debit` or `Credit` under a begun txn's context was
 /// answered, noting in `teller` an answer no documented outcome allows (a
 /// well-formed call is never `INVALID_ARGUMENT`, `NOT_FOUND`...).
-pub fn joining<T>(teller: &Teller, what: &str, answer: &Result<T, Status>) -> Joining {
+pub fn joining<T>(teller: &Teller, txn_id: TxnId, what: &str, answer: &Result<T, Status>) -> Joining {
     match answer {
         Ok(_) => Joining::Joined,
         Err(status) if status.code() == Code::FailedPrecondition => Joining::Refused,
+        Err(status) if status.code() == Code::InvalidArgument && teller.ahead_of_a_bank(txn_id) => Joining::Refused,
         Err(status) if transient(status) => Joining::Unknown,
         Err(status) => {
             teller.misanswered(format!("{what}: {:?} {}", status.code(), status.message()));
@@ -310,7 +311,7 @@ pub async fn transfer(teller: &Teller, plan: Plan) -> (Option<TxnId>, ClientOutc
         }
         let Some(bank) = teller.bank(&account.bank) else { break };
         let answer = move_money(bank, kind, &header, &account.account, plan.amount_minor).await;
-        match joining(teller, &format!("{kind:?} in begun txn {txn_id}"), &answer) {
+        match joining(teller, txn_id, &format!("{kind:?} in begun txn {txn_id}"), &answer) {
             Joining::Joined => {
                 joined.insert(account.bank.clone());
             }

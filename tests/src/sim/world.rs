@@ -136,6 +136,8 @@ pub struct Teller {
     banks: BTreeMap<String, Channel>,
     /// The coordinators' wall clocks, which clock-jump faults step.
     clocks: Vec<Clock>,
+    /// The banks' wall clocks, which clock-jump faults step too.
+    bank_clocks: Vec<Clock>,
 }
 
 impl Teller {
@@ -304,7 +306,24 @@ impl Teller {
     pub fn clocks_off(&self) -> bool {
         self.clocks.iter().any(|c| c.offset_ms().unsigned_abs() > CLOCK_OFF_MS)
     }
+
+    /// Whether some bank may refuse to join `txn_id` as created in the
+    /// future (`INVALID_ARGUMENT`, nothing staged, docs/PROTOCOL.md §12.3):
+    /// its clock stepped back, or a coordinator whose clock ran ahead picked
+    /// the id, puts the id more than the banks' `txn_id_future_skew_ms`
+    /// ahead of the bank's clock.
+    pub fn ahead_of_a_bank(&self, txn_id: TxnId) -> bool {
+        let created = txn_id.created_unix_ms().saturating_add(ANSWER_SLACK_MS);
+        self.bank_clocks.iter().any(|clock| created > clock.unix_now_ms().saturating_add(BANK_FUTURE_SKEW_MS))
+    }
 }
+
+/// The banks' `txn_id_future_skew_ms` (the participant library's default).
+const BANK_FUTURE_SKEW_MS: u64 = 60_000;
+
+/// How much virtual time may pass between a bank's check of an id and its
+/// caller seeing the answer (call chaos delays, a slow store).
+const ANSWER_SLACK_MS: u64 = 5_000;
 
 /// How far a coordinator's clock may be off before a fresh txn id or a
 /// deadline may be judged otherwise than by the clients' clock
@@ -394,6 +413,7 @@ impl World {
             tls: None,
         };
         let client = ClusterClient::new(cluster.addrs(), client_config)?;
+        let bank_clocks = banks.iter().map(|bank| bank.clock().clone()).collect();
         let mut bank_channels = BTreeMap::new();
         for bank in &banks {
             let endpoint = Endpoint::from_shared(format!("http://{}", bank.addr))?
@@ -417,6 +437,7 @@ impl World {
                 misanswered: Mutex::default(),
                 banks: bank_channels,
                 clocks: clocks.values().cloned().collect(),
+                bank_clocks,
             }),
             clocks,
             membership_accepted: Vec::new(),
