@@ -1,6 +1,7 @@
 //! Harnesses for twopc's whole-system tests.
 //!
 //! # Layout
+//! - [`calls`]: the coordinator's interactive-txn calls made raw, their statuses for the test to check.
 //! - [`checker`]: the invariant checker (I1, I2, I4, I6, I7, I8, membership) over a run's final state and what anyone was told.
 //! - [`cluster`]: an in-process coordinator cluster on 127.0.0.1 ephemeral
 //!   ports, with kill, crash (unsynced writes lost), restart and a shared fault filter.
@@ -10,6 +11,7 @@
 //! - [`wait`]: polling a condition with a bounded deadline (never a fixed sleep).
 #![deny(missing_docs)]
 
+pub mod calls;
 pub mod checker;
 pub mod cluster;
 pub mod gate;

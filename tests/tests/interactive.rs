@@ -11,7 +11,8 @@ use twopc_client::ClusterClient;
 use twopc_proto::context::TXN_STATE_METADATA_KEY;
 use twopc_proto::pb::coordinator_client::CoordinatorClient;
 use twopc_proto::pb::participant_client::ParticipantClient;
-use twopc_proto::{TxnId, pb};
+use twopc_proto::{TxnContext, TxnId, pb};
+use twopc_tests::calls;
 use twopc_tests::cluster::{Cluster, Tweak};
 use twopc_tests::participants::TestParticipant;
 use twopc_tests::wait;
@@ -41,27 +42,12 @@ async fn setup(tweak: Tweak) -> anyhow::Result<Setup> {
     Ok(Setup { cluster, a, b, client })
 }
 
-async fn begin(client: &ClusterClient, txn_id: Option<TxnId>, timeout_ms: u64) -> Result<pb::TxnContext, Status> {
-    let request = pb::BeginRequest { txn_id: txn_id.map(|t| t.to_string()).unwrap_or_default(), timeout_ms };
-    let response = client
-        .coordinator(|mut c| {
-            let request = request.clone();
-            async move { c.begin(request).await }
-        })
-        .await?;
-    response.context.ok_or_else(|| Status::internal("BeginResponse without a context"))
-}
-
-fn txn_of(context: &pb::TxnContext) -> TxnId {
-    context.txn_id.parse().expect("the coordinator answers a valid txn id")
-}
-
 /// Prepares `participant`'s branch of the txn at the participant (durable before its YES).
-async fn prepare_at(participant: &TestParticipant, context: &pb::TxnContext, payload: &str) -> anyhow::Result<()> {
+async fn prepare_at(participant: &TestParticipant, context: &TxnContext, payload: &str) -> anyhow::Result<()> {
     let mut client = ParticipantClient::connect(format!("http://{}", participant.addr)).await?;
     let vote = client
         .prepare(pb::PrepareRequest {
-            txn_id: context.txn_id.clone(),
+            txn_id: context.txn_id.to_string(),
             participant: participant.name.clone(),
             payload: bytes::Bytes::copy_from_slice(payload.as_bytes()),
             deadline_unix_ms: context.deadline_unix_ms,
@@ -72,24 +58,14 @@ async fn prepare_at(participant: &TestParticipant, context: &pb::TxnContext, pay
     Ok(())
 }
 
-async fn join_call(client: &ClusterClient, txn_id: &str, participant: &str) -> Result<pb::JoinResponse, Status> {
-    let request = pb::JoinRequest { txn_id: txn_id.to_owned(), participant: participant.to_owned() };
-    client
-        .coordinator(|mut c| {
-            let request = request.clone();
-            async move { c.join(request).await }
-        })
-        .await
-}
-
 /// What a participant's handler does: prepare the branch, then join it.
 async fn prepare_and_join(
     client: &ClusterClient,
     participant: &TestParticipant,
-    context: &pb::TxnContext,
+    context: &TxnContext,
 ) -> anyhow::Result<Result<pb::JoinResponse, Status>> {
     prepare_at(participant, context, "debit").await?;
-    Ok(join_call(client, &context.txn_id, &participant.name).await)
+    Ok(calls::join(client, &context.txn_id.to_string(), &participant.name).await)
 }
 
 fn one_shot(branches: &[(&str, &str)]) -> Vec<pb::Branch> {
@@ -102,28 +78,13 @@ fn one_shot(branches: &[(&str, &str)]) -> Vec<pb::Branch> {
         .collect()
 }
 
+/// `Commit` with the one-shot branches given as (participant, payload).
 async fn commit(
     client: &ClusterClient,
     txn_id: TxnId,
     branches: &[(&str, &str)],
 ) -> Result<pb::SubmitResponse, Status> {
-    let request = pb::CommitRequest { txn_id: txn_id.to_string(), branches: one_shot(branches) };
-    client
-        .coordinator(|mut c| {
-            let request = request.clone();
-            async move { c.commit(request).await }
-        })
-        .await
-}
-
-async fn rollback(client: &ClusterClient, txn_id: TxnId, reason: &str) -> Result<pb::RollbackResponse, Status> {
-    let request = pb::RollbackRequest { txn_id: txn_id.to_string(), reason: reason.to_owned() };
-    client
-        .coordinator(|mut c| {
-            let request = request.clone();
-            async move { c.rollback(request).await }
-        })
-        .await
+    calls::commit(client, txn_id, one_shot(branches)).await
 }
 
 async fn resolve(client: &ClusterClient, txn_id: TxnId, participant: &str) -> Result<pb::ResolveResponse, Status> {
@@ -186,8 +147,8 @@ async fn two_joined_branches_commit_exactly_once_each() -> anyhow::Result<()> {
     // §12.3-§12.4, I1, I5: branches that joined are named by the Commit's record (vote YES),
     // phase 2 commits each once, and a retried Commit or Join answers the logged outcome.
     let s = setup(Box::new(|_| {})).await?;
-    let context = begin(&s.client, None, 10_000).await?;
-    let txn = txn_of(&context);
+    let context = calls::begin(&s.client, None, 10_000).await?;
+    let txn = context.txn_id;
     for participant in [&s.a, &s.b] {
         let joined = prepare_and_join(&s.client, participant, &context).await??;
         assert_eq!(joined.deadline_unix_ms, context.deadline_unix_ms);
@@ -198,8 +159,8 @@ async fn two_joined_branches_commit_exactly_once_each() -> anyhow::Result<()> {
     assert_eq!(branch_names(&begun), ["bank-a", "bank-b"]);
     assert!(begun.branches.iter().all(|b| b.vote == pb::VoteKind::Yes as i32));
     let undecided = list(&s.client, pb::TxnFilter::Undecided).await?;
-    assert!(undecided.iter().any(|t| t.txn_id == context.txn_id && t.state == pb::TxnState::Begun as i32));
-    assert!(list(&s.client, pb::TxnFilter::All).await?.iter().any(|t| t.txn_id == context.txn_id));
+    assert!(undecided.iter().any(|t| t.txn_id == context.txn_id.to_string() && t.state == pb::TxnState::Begun as i32));
+    assert!(list(&s.client, pb::TxnFilter::All).await?.iter().any(|t| t.txn_id == context.txn_id.to_string()));
 
     let committed = commit(&s.client, txn, &[]).await?;
     assert_eq!(committed.decision, pb::Decision::Commit as i32, "{}", committed.reason);
@@ -213,7 +174,7 @@ async fn two_joined_branches_commit_exactly_once_each() -> anyhow::Result<()> {
 
     // I5: a retried Commit answers from the log; a retried Join of a named branch succeeds.
     assert_eq!(commit(&s.client, txn, &[]).await?.decision, pb::Decision::Commit as i32);
-    join_call(&s.client, &context.txn_id, "bank-a").await?;
+    calls::join(&s.client, &context.txn_id.to_string(), "bank-a").await?;
     assert_eq!(s.a.resource.commit_count(txn), 1);
     assert_eq!(s.b.resource.commit_count(txn), 1);
     s.cluster.stop().await
@@ -225,8 +186,8 @@ async fn a_commit_prepares_one_shot_branches_beside_the_joined_ones() -> anyhow:
     // them aborts the txn, and the joined branch is told Abort too (I1).
     let s = setup(Box::new(|_| {})).await?;
     for (payload, expect) in [("credit", pb::Decision::Commit), ("no:account closed", pb::Decision::Abort)] {
-        let context = begin(&s.client, None, 10_000).await?;
-        let txn = txn_of(&context);
+        let context = calls::begin(&s.client, None, 10_000).await?;
+        let txn = context.txn_id;
         prepare_and_join(&s.client, &s.a, &context).await??;
         let response = commit(&s.client, txn, &[("bank-b", payload)]).await?;
         assert_eq!(response.decision, expect as i32, "{}", response.reason);
@@ -248,22 +209,22 @@ async fn rollback_releases_both_joined_branches_and_refuses_later_joins() -> any
     // §12.4: Rollback logs Abort, delivered to every joined branch; it is idempotent, a Commit
     // after it answers the Abort, and a Join after it is refused naming the state (§12.3).
     let s = setup(Box::new(|_| {})).await?;
-    let context = begin(&s.client, None, 10_000).await?;
-    let txn = txn_of(&context);
+    let context = calls::begin(&s.client, None, 10_000).await?;
+    let txn = context.txn_id;
     prepare_and_join(&s.client, &s.a, &context).await??;
-    let other = begin(&s.client, None, 10_000).await?;
+    let other = calls::begin(&s.client, None, 10_000).await?;
     prepare_and_join(&s.client, &s.b, &other).await??;
     prepare_and_join(&s.client, &s.a, &other).await??;
-    let rolled = rollback(&s.client, txn_of(&other), "the customer cancelled").await?;
+    let rolled = calls::rollback(&s.client, other.txn_id, "the customer cancelled").await?;
     assert_eq!(rolled.decision, pb::Decision::Abort as i32);
     assert_eq!(rolled.reason, "rolled back: the customer cancelled");
-    wait::resource("bank-a to release", &s.a.resource, SETTLE, |r| r.is_aborted(txn_of(&other))).await?;
-    wait::resource("bank-b to release", &s.b.resource, SETTLE, |r| r.is_aborted(txn_of(&other))).await?;
-    wait::finished(&s.client, txn_of(&other), SETTLE).await?;
+    wait::resource("bank-a to release", &s.a.resource, SETTLE, |r| r.is_aborted(other.txn_id)).await?;
+    wait::resource("bank-b to release", &s.b.resource, SETTLE, |r| r.is_aborted(other.txn_id)).await?;
+    wait::finished(&s.client, other.txn_id, SETTLE).await?;
 
     // The first txn: rolled back with bank-a joined, then bank-b's Join is refused.
-    assert_eq!(rollback(&s.client, txn, "").await?.reason, "rolled back");
-    assert_eq!(rollback(&s.client, txn, "again").await?.reason, "rolled back", "I5: the logged outcome");
+    assert_eq!(calls::rollback(&s.client, txn, "").await?.reason, "rolled back");
+    assert_eq!(calls::rollback(&s.client, txn, "again").await?.reason, "rolled back", "I5: the logged outcome");
     assert_eq!(commit(&s.client, txn, &[]).await?.decision, pb::Decision::Abort as i32);
     let refused = prepare_and_join(&s.client, &s.b, &context).await?.expect_err("a Join after Rollback");
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
@@ -281,8 +242,8 @@ async fn a_txn_never_committed_is_aborted_at_its_deadline() -> anyhow::Result<()
     // §12.5, I4, I7: the leader logs Abort ("timed out") for a begun txn past its deadline and
     // phase 2 releases every joined branch; a Join afterwards is refused.
     let s = setup(Box::new(|c| c.engine.begun_scan_interval_ms = 50)).await?;
-    let context = begin(&s.client, None, 1_500).await?;
-    let txn = txn_of(&context);
+    let context = calls::begin(&s.client, None, 1_500).await?;
+    let txn = context.txn_id;
     prepare_and_join(&s.client, &s.a, &context).await??;
     prepare_and_join(&s.client, &s.b, &context).await??;
     let decided = wait::until("the timeout to be logged", SETTLE, || async {
@@ -308,14 +269,15 @@ async fn past_the_deadline_joins_are_refused_and_resolve_or_commit_log_the_timeo
     // refused as TIMED OUT, and a Resolve (or a late Commit) logs the timeout Abort itself.
     let s = setup(Box::new(|c| c.engine.begun_scan_interval_ms = 3_600_000)).await?;
     for late_call in ["resolve", "commit"] {
-        let context = begin(&s.client, None, 300).await?;
-        let txn = txn_of(&context);
+        let context = calls::begin(&s.client, None, 300).await?;
+        let txn = context.txn_id;
         prepare_and_join(&s.client, &s.a, &context).await??;
         wait::until("the deadline to pass", SETTLE, || async {
             (twopc_proto::txn_id::unix_now_ms() > context.deadline_unix_ms).then_some(())
         })
         .await?;
-        let refused = join_call(&s.client, &context.txn_id, "bank-b").await.expect_err("a Join past the deadline");
+        let refused =
+            calls::join(&s.client, &context.txn_id.to_string(), "bank-b").await.expect_err("a Join past the deadline");
         assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
         assert_eq!(txn_state(&refused), Some("TIMED OUT"), "{refused:?}");
         let (decision, reason) = if late_call == "resolve" {
@@ -336,8 +298,8 @@ async fn past_the_deadline_joins_are_refused_and_resolve_or_commit_log_the_timeo
 async fn a_resolve_before_the_deadline_answers_undecided_and_aborts_nothing() -> anyhow::Result<()> {
     // §12.5: no presumed abort for a begun txn before its deadline: "ask again later".
     let s = setup(Box::new(|_| {})).await?;
-    let context = begin(&s.client, None, 10_000).await?;
-    let txn = txn_of(&context);
+    let context = calls::begin(&s.client, None, 10_000).await?;
+    let txn = context.txn_id;
     prepare_and_join(&s.client, &s.a, &context).await??;
     for asker in ["bank-a", "bank-b"] {
         let answer = resolve(&s.client, txn, asker).await?;
@@ -360,8 +322,8 @@ async fn a_retried_commit_commits_both_joined_branches_through_a_new_leader() ->
     // entries here), so after the leader stops between the joins and the Commit, the client's
     // Commit with the same id commits both branches through the next leader.
     let mut s = setup(Box::new(|c| c.snapshot_interval_entries = 3)).await?;
-    let context = begin(&s.client, None, 15_000).await?;
-    let txn = txn_of(&context);
+    let context = calls::begin(&s.client, None, 15_000).await?;
+    let txn = context.txn_id;
     prepare_and_join(&s.client, &s.a, &context).await??;
     prepare_and_join(&s.client, &s.b, &context).await??;
     let old = s.cluster.wait_for_leader().await?;
@@ -392,36 +354,42 @@ async fn each_invalid_call_gets_its_documented_code() -> anyhow::Result<()> {
 
     // Begin: the timeout's bounds, a decided id, an id past the Submit window; a repeat answers
     // the first deadline (I5).
-    assert_eq!(code(begin(&s.client, None, 0).await), Code::InvalidArgument);
-    assert_eq!(code(begin(&s.client, None, max + 1).await), Code::InvalidArgument);
+    assert_eq!(code(calls::begin(&s.client, None, 0).await), Code::InvalidArgument);
+    assert_eq!(code(calls::begin(&s.client, None, max + 1).await), Code::InvalidArgument);
     let decided = TxnId::new();
     submit(&s.client, decided, &[("bank-a", "debit")]).await?;
-    assert_eq!(code(begin(&s.client, Some(decided), 1_000).await), Code::FailedPrecondition);
+    assert_eq!(code(calls::begin(&s.client, Some(decided), 1_000).await), Code::FailedPrecondition);
     let old = TxnId::created_at(twopc_proto::txn_id::unix_now_ms() - 10 * 60 * 1000);
-    assert_eq!(code(begin(&s.client, Some(old), 1_000).await), Code::FailedPrecondition);
+    assert_eq!(code(calls::begin(&s.client, Some(old), 1_000).await), Code::FailedPrecondition);
     let chosen = TxnId::new();
-    let first = begin(&s.client, Some(chosen), 10_000).await?;
-    let again = begin(&s.client, Some(chosen), 20_000).await?;
-    assert_eq!((first.txn_id.as_str(), again.deadline_unix_ms), (chosen.to_string().as_str(), first.deadline_unix_ms));
+    let first = calls::begin(&s.client, Some(chosen), 10_000).await?;
+    let again = calls::begin(&s.client, Some(chosen), 20_000).await?;
+    assert_eq!((first.txn_id, again.deadline_unix_ms), (chosen, first.deadline_unix_ms));
 
     // Submit of a begun id; Commit and Rollback of an id never begun.
     assert_eq!(code(submit(&s.client, chosen, &[("bank-a", "debit")]).await), Code::FailedPrecondition);
     assert_eq!(code(commit(&s.client, TxnId::new(), &[]).await), Code::NotFound);
-    assert_eq!(code(rollback(&s.client, TxnId::new(), "").await), Code::NotFound);
+    assert_eq!(code(calls::rollback(&s.client, TxnId::new(), "").await), Code::NotFound);
     assert_eq!(code(commit(&s.client, decided, &[]).await), Code::NotFound, "a one-shot txn was never begun");
+    // Submit of a decided interactive txn's id: one committed with nothing joined names no
+    // branches, and its record must not tell a Submit Commit for payloads nobody saw (I8).
+    let empty = calls::begin(&s.client, None, 10_000).await?;
+    assert_eq!(commit(&s.client, empty.txn_id, &[]).await?.decision, pb::Decision::Commit as i32);
+    let reused = submit(&s.client, empty.txn_id, &[("bank-a", "debit")]).await;
+    assert_eq!(code(reused), Code::FailedPrecondition, "a Submit reusing a decided interactive txn's id");
 
     // Join: malformed, unregistered, unknown, decided, over branches_per_txn_max.
-    assert_eq!(code(join_call(&s.client, "not-a-txn", "bank-a").await), Code::InvalidArgument);
-    assert_eq!(code(join_call(&s.client, &first.txn_id, "bank-z").await), Code::NotFound);
-    let unknown = join_call(&s.client, &TxnId::new().to_string(), "bank-a").await.expect_err("unknown");
+    assert_eq!(code(calls::join(&s.client, "not-a-txn", "bank-a").await), Code::InvalidArgument);
+    assert_eq!(code(calls::join(&s.client, &first.txn_id.to_string(), "bank-z").await), Code::NotFound);
+    let unknown = calls::join(&s.client, &TxnId::new().to_string(), "bank-a").await.expect_err("unknown");
     assert_eq!((unknown.code(), txn_state(&unknown)), (Code::FailedPrecondition, Some("UNKNOWN")));
-    let not_named = join_call(&s.client, &decided.to_string(), "bank-b").await.expect_err("decided");
+    let not_named = calls::join(&s.client, &decided.to_string(), "bank-b").await.expect_err("decided");
     assert_eq!((not_named.code(), txn_state(&not_named)), (Code::FailedPrecondition, Some("DECIDED COMMIT")));
     prepare_and_join(&s.client, &s.a, &first).await??;
     // Called at the leader directly: the cluster client retries RESOURCE_EXHAUSTED.
     let leader = s.cluster.addr(s.cluster.wait_for_leader().await?);
     let mut at_leader = CoordinatorClient::connect(format!("http://{leader}")).await?;
-    let request = pb::JoinRequest { txn_id: first.txn_id.clone(), participant: "bank-b".into() };
+    let request = pb::JoinRequest { txn_id: first.txn_id.to_string(), participant: "bank-b".into() };
     assert_eq!(code(at_leader.join(request).await), Code::ResourceExhausted);
 
     // Commit: a joined participant named as a one-shot branch; then a retry naming other
@@ -429,7 +397,7 @@ async fn each_invalid_call_gets_its_documented_code() -> anyhow::Result<()> {
     assert_eq!(code(commit(&s.client, chosen, &[("bank-a", "credit")]).await), Code::InvalidArgument);
     assert_eq!(commit(&s.client, chosen, &[("bank-b", "credit")]).await?.decision, pb::Decision::Commit as i32);
     assert_eq!(code(commit(&s.client, chosen, &[]).await), Code::FailedPrecondition);
-    assert_eq!(code(rollback(&s.client, chosen, "too late").await), Code::FailedPrecondition);
+    assert_eq!(code(calls::rollback(&s.client, chosen, "too late").await), Code::FailedPrecondition);
     wait::finished(&s.client, chosen, SETTLE).await?;
     assert_eq!(s.a.resource.commit_count(chosen), 1);
     assert_eq!(s.b.resource.commit_count(chosen), 1);

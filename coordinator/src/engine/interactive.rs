@@ -109,8 +109,14 @@ impl<P: ParticipantClient> Engine<P> {
             Ok(match sm.join_verdict(now, txn_id, &participant) {
                 // A repeat, answered from applied state (I5).
                 JoinVerdict::Named { deadline_unix_ms } => Some(Applied::Joined { deadline_unix_ms, first: false }),
-                // The log decides: the Begin may be applied there and not here yet.
-                JoinVerdict::Refused(JoinRefusal::Unknown | JoinRefusal::Forgotten) => None,
+                // The log decides: the Begin may be applied there and not here
+                // yet. So for the deadline: an earlier attempt of this very
+                // Join may be logged before the deadline and not applied here
+                // yet (a new leader, a slow apply), and a Commit after it then
+                // names this branch; a refusal from this node's clock would
+                // make the participant abort it (I1). The entry's own time
+                // decides, after every earlier entry.
+                JoinVerdict::Refused(JoinRefusal::Unknown | JoinRefusal::Forgotten | JoinRefusal::PastDeadline) => None,
                 JoinVerdict::Refused(refusal) => Some(Applied::JoinRefused { txn_id, refusal }),
                 JoinVerdict::Joinable { joined, .. } if joined >= self.inner.config.branches_per_txn_max => {
                     return Err(Error::Overloaded(format!(

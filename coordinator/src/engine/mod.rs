@@ -358,6 +358,16 @@ impl<P: ParticipantClient> Engine<P> {
             .local_read(|sm| (sm.txn(&txn_id).cloned(), sm.may_have_forgotten(&txn_id), sm.is_begun(&txn_id)));
         let asked: Vec<ParticipantId> = request.branches.iter().map(|(p, _)| p.clone()).collect();
         if let Some(record) = record {
+            // An interactive txn's record answers its own Commit, never a
+            // Submit: one naming no branches (nothing joined) would tell this
+            // client Commit for payloads no participant ever saw (I8).
+            if record.deadline_unix_ms.is_some() {
+                return Err(Error::FailedPrecondition(format!(
+                    "txn {txn_id} is an interactive txn (docs/PROTOCOL.md §12), already decided {}; a Submit \
+                     cannot reuse its id: submit under a new txn id",
+                    record.decision
+                )));
+            }
             // A presumed abort or an operator's decision logs no branches:
             // any retry of such a txn gets its outcome.
             let logged: Vec<ParticipantId> = record.branches.iter().map(|b| b.participant.clone()).collect();

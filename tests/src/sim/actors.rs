@@ -34,6 +34,7 @@ use twopc_client::{ClientConfig, ClusterClient};
 use twopc_proto::txn_id::unix_now_ms;
 use twopc_proto::{Decision, TxnContext, TxnId, pb};
 
+use crate::calls;
 use crate::checker::{AccountRef, ClientOutcome, ClientTxn, Hearer, InteractiveTxn, Movement};
 use crate::sim::interactive::{self, Header, Joining, Move};
 use crate::sim::world::Teller;
@@ -418,6 +419,17 @@ fn expect<T>(
     }
 }
 
+/// `codes`, and `INVALID_ARGUMENT` too when a bank's clock may take
+/// `txn_id` for an id from the future and refuse to stage its branch
+/// (docs/PROTOCOL.md §12.3, [`Teller::ahead_of_a_bank`]).
+fn at_a_bank(teller: &Teller, txn_id: TxnId, codes: &[Code]) -> Vec<Code> {
+    let mut codes = codes.to_vec();
+    if teller.ahead_of_a_bank(txn_id) {
+        codes.push(Code::InvalidArgument);
+    }
+    codes
+}
+
 /// A misuse of interactive txns (see the module doc), drawn from `rng`.
 /// The misuser's own txns move real money between real accounts and go
 /// into the history, so the checker balances them like any client's.
@@ -441,12 +453,10 @@ async fn misuse_step(
         .collect();
     let future = || TxnId::created_at(unix_now_ms().saturating_add(FUTURE_MS.start().saturating_mul(2)));
     let fp = [Code::FailedPrecondition];
-    // A bank refuses to stage a branch for a txn id from the future (§12.3).
-    let fp_or_invalid = [Code::FailedPrecondition, Code::InvalidArgument];
     match rng.random_range(0..15) {
         0 => {
             let Some((txn, banks)) = decided.choose(rng) else { return };
-            let answer = interactive::join(client, &txn.to_string(), &bank).await;
+            let answer = calls::join(client, &txn.to_string(), &bank).await;
             // A participant the decided record names joins again as a repeat
             // would (I5: it must carry out the record's decision); any other
             // is refused.
@@ -454,26 +464,26 @@ async fn misuse_step(
             expect(teller, tally, "join decided", &answer, may_be_named, &fp, true);
         }
         1 => {
-            let answer = interactive::join(client, &TxnId::new().to_string(), &bank).await;
+            let answer = calls::join(client, &TxnId::new().to_string(), &bank).await;
             expect(teller, tally, "join unknown", &answer, false, &fp, false);
         }
         2 => {
-            let answer = interactive::join(client, &future().to_string(), &bank).await;
+            let answer = calls::join(client, &future().to_string(), &bank).await;
             let codes = [Code::FailedPrecondition, Code::InvalidArgument];
             expect(teller, tally, "join far future", &answer, false, &codes, false);
         }
         3 => {
             let txn = decided.choose(rng).map_or_else(TxnId::new, |(txn, _)| *txn);
-            let answer = interactive::join(client, &txn.to_string(), UNREGISTERED).await;
+            let answer = calls::join(client, &txn.to_string(), UNREGISTERED).await;
             let codes = [Code::NotFound, Code::FailedPrecondition];
             expect(teller, tally, "join unregistered", &answer, false, &codes, true);
         }
         4 => join_after_rollback(teller, client, accounts, rng, tally).await,
         5 => {
             let txn = TxnId::new();
-            let answer = interactive::commit(client, txn).await;
+            let answer = calls::commit(client, txn, Vec::new()).await;
             expect(teller, tally, "commit unknown", &answer, false, &[Code::NotFound], false);
-            let answer = interactive::rollback(client, txn, "sim misuser").await;
+            let answer = calls::rollback(client, txn, "sim misuser").await;
             expect(teller, tally, "rollback unknown", &answer, false, &[Code::NotFound], false);
         }
         6 => commit_racing_rollback(teller, client, accounts, rng, tally).await,
@@ -485,7 +495,7 @@ async fn misuse_step(
                 _ => u64::MAX,
             };
             let txn = rng.random_bool(0.5).then(TxnId::new);
-            let answer = interactive::begin(client, txn, timeout_ms).await;
+            let answer = calls::begin(client, txn, timeout_ms).await;
             expect(teller, tally, "begin bad timeout", &answer, false, &[Code::InvalidArgument], false);
         }
         8 => submit_reusing_a_begun_id(teller, client, accounts, rng, tally).await,
@@ -501,19 +511,18 @@ async fn misuse_step(
             // names but that never prepared (its vote lost in a crash: the
             // txn aborted) joins as a repeat, and the Abort reaches it.
             let may_be_named = banks.contains(&bank);
-            let codes = if teller.ahead_of_a_bank(*txn) { &fp_or_invalid[..] } else { &fp[..] };
-            expect(teller, tally, "debit under a decided txn", &answer, may_be_named, codes, true);
+            let codes = at_a_bank(teller, *txn, &fp);
+            expect(teller, tally, "debit under a decided txn", &answer, may_be_named, &codes, true);
         }
         _ => {
             let (txn, call, codes) = if rng.random_bool(0.5) {
                 let txn = TxnId::new();
-                let codes = if teller.ahead_of_a_bank(txn) { &fp_or_invalid[..] } else { &fp[..] };
-                (txn, "debit under an unknown txn", codes)
+                (txn, "debit under an unknown txn", at_a_bank(teller, txn, &fp))
             } else {
-                (future(), "debit under a far-future txn", &[Code::InvalidArgument][..])
+                (future(), "debit under a far-future txn", vec![Code::InvalidArgument])
             };
             let answer = move_under(teller, txn, &bank, accounts, rng).await;
-            expect(teller, tally, call, &answer, false, codes, false);
+            expect(teller, tally, call, &answer, false, &codes, false);
         }
     }
 }
@@ -552,7 +561,7 @@ async fn begin_own(
     call: &str,
 ) -> Option<TxnContext> {
     let timeout_ms = rng.random_range(MISUSE_TIMEOUT_MS).min(teller.deadline_max_ms());
-    let answer = interactive::begin(client, Some(TxnId::new()), timeout_ms).await;
+    let answer = calls::begin(client, Some(TxnId::new()), timeout_ms).await;
     // A fresh id is refused only when older than the Submit window by the
     // leader's clock (§12.1: a slow Begin under a short retention) or, with
     // a clock far off, as from the future.
@@ -610,7 +619,7 @@ async fn roll_back_own(
     call: &str,
     txn_id: TxnId,
 ) -> ClientOutcome {
-    let answer = interactive::rollback(client, txn_id, "sim misuser").await;
+    let answer = calls::rollback(client, txn_id, "sim misuser").await;
     expect(teller, tally, call, &answer, true, &[], true);
     match answer.map(|r| decision_of(r.decision)) {
         Ok(Some(Decision::Abort)) => ClientOutcome::Aborted,
@@ -639,7 +648,7 @@ async fn join_after_rollback(
     let outcome = roll_back_own(teller, client, tally, "join after rollback: rollback", txn_id).await;
     let mut joined = BTreeSet::new();
     if rng.random_bool(0.5) {
-        let answer = interactive::join(client, &txn_id.to_string(), &movement.from.bank).await;
+        let answer = calls::join(client, &txn_id.to_string(), &movement.from.bank).await;
         // Refused if the Rollback was logged; with no answer to it, the Join may come first.
         let ok = outcome == ClientOutcome::Abandoned;
         expect(teller, tally, "join after rollback", &answer, ok, &[Code::FailedPrecondition], true);
@@ -650,7 +659,8 @@ async fn join_after_rollback(
     } else {
         let answer = leg(teller, context, &movement, Move::Debit).await;
         let ok = outcome == ClientOutcome::Abandoned;
-        expect(teller, tally, "debit after rollback", &answer, ok, &[Code::FailedPrecondition], true);
+        let codes = at_a_bank(teller, txn_id, &[Code::FailedPrecondition]);
+        expect(teller, tally, "debit after rollback", &answer, ok, &codes, true);
         if answer.is_ok() {
             joined.insert(movement.from.bank.clone());
         }
@@ -677,7 +687,7 @@ async fn commit_racing_rollback(
         return record(teller, txn_id, Some(movement), outcome, InteractiveTxn { joined, eager: false });
     };
     let (committed, rolled_back) =
-        tokio::join!(interactive::commit(client, txn_id), interactive::rollback(client, txn_id, "sim misuser races"));
+        tokio::join!(calls::commit(client, txn_id, Vec::new()), calls::rollback(client, txn_id, "sim misuser races"));
     let outcome = commit_outcome(teller, tally, "commit racing rollback: commit", &committed);
     expect(teller, tally, "commit racing rollback: rollback", &rolled_back, true, &[Code::FailedPrecondition], true);
     if let Some(told) = rolled_back.as_ref().ok().and_then(|r| decision_of(r.decision)) {
@@ -698,7 +708,8 @@ async fn both_legs(
     for kind in [Move::Debit, Move::Credit] {
         let answer = leg(teller, context, movement, kind).await;
         tally.note(&format!("{call}: {kind:?}"), &answer);
-        if interactive::joining(teller, context.txn_id, &format!("{call}: {kind:?} in {}", context.txn_id), &answer) != Joining::Joined
+        if interactive::joining(teller, context.txn_id, &format!("{call}: {kind:?} in {}", context.txn_id), &answer)
+            != Joining::Joined
         {
             return None;
         }
@@ -825,7 +836,8 @@ async fn second_call_at_one_bank(
     let mut joined = BTreeSet::new();
     let debit = leg(teller, context, &movement, Move::Debit).await;
     tally.note("second call at one bank: first debit", &debit);
-    let mut all_joined = interactive::joining(teller, txn_id, &format!("first Debit in {txn_id}"), &debit) == Joining::Joined;
+    let mut all_joined =
+        interactive::joining(teller, txn_id, &format!("first Debit in {txn_id}"), &debit) == Joining::Joined;
     if all_joined {
         joined.insert(movement.from.bank.clone());
         let same_bank: Vec<&AccountRef> = accounts.iter().filter(|a| a.bank == movement.from.bank).collect();
@@ -834,7 +846,8 @@ async fn second_call_at_one_bank(
             let amount = rng.random_range(1..=MISUSE_AMOUNT_MAX_MINOR);
             let again = interactive::move_money(bank, kind, &Header::Context(context), &account.account, amount).await;
             let call = format!("second call at one bank: {kind:?}");
-            expect(teller, tally, &call, &again, false, &[Code::FailedPrecondition], true);
+            let codes = at_a_bank(teller, txn_id, &[Code::FailedPrecondition]);
+            expect(teller, tally, &call, &again, false, &codes, true);
         }
         let credit = leg(teller, context, &movement, Move::Credit).await;
         tally.note("second call at one bank: credit", &credit);
@@ -844,7 +857,7 @@ async fn second_call_at_one_bank(
         }
     }
     let outcome = if all_joined {
-        let answer = interactive::commit(client, txn_id).await;
+        let answer = calls::commit(client, txn_id, Vec::new()).await;
         commit_outcome(teller, tally, "second call at one bank: commit", &answer)
     } else {
         roll_back_own(teller, client, tally, "second call at one bank: rollback", txn_id).await
@@ -875,7 +888,7 @@ async fn commit_racing_a_join(
     }
     let mut joined: BTreeSet<String> = [movement.from.bank.clone()].into();
     let (credit, committed) =
-        tokio::join!(leg(teller, context, &movement, Move::Credit), interactive::commit(client, txn_id));
+        tokio::join!(leg(teller, context, &movement, Move::Credit), calls::commit(client, txn_id, Vec::new()));
     tally.note("commit racing a join: credit", &credit);
     if interactive::joining(teller, txn_id, &format!("Credit racing Commit in {txn_id}"), &credit) == Joining::Joined {
         joined.insert(movement.to.bank.clone());

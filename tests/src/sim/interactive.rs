@@ -19,11 +19,11 @@ use rand::Rng as _;
 use rand::rngs::StdRng;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
-use twopc_client::ClusterClient;
 use twopc_proto::context::TXN_CONTEXT_METADATA_KEY;
 use twopc_proto::pb::bank_client::BankClient;
 use twopc_proto::{Decision, TxnContext, TxnId, pb};
 
+use crate::calls;
 use crate::checker::{AccountRef, ClientOutcome, ClientTxn, Hearer, InteractiveTxn, Movement};
 use crate::sim::world::Teller;
 
@@ -162,66 +162,6 @@ pub fn transient(status: &Status) -> bool {
     )
 }
 
-/// `Coordinator.Begin`: `txn_id` None lets the coordinator pick one.
-///
-/// # Errors
-/// The coordinator's refusal, or the last failure once the client's retry
-/// budget is spent; a context the answer lacks or garbles is `INTERNAL`.
-pub async fn begin(client: &ClusterClient, txn_id: Option<TxnId>, timeout_ms: u64) -> Result<TxnContext, Status> {
-    let request = pb::BeginRequest { txn_id: txn_id.map(|id| id.to_string()).unwrap_or_default(), timeout_ms };
-    let answer = client
-        .coordinator(|mut c| {
-            let request = request.clone();
-            async move { c.begin(request).await }
-        })
-        .await?;
-    let context = answer.context.ok_or_else(|| Status::internal("Begin answered no context"))?;
-    let txn_id = context.txn_id.parse().map_err(|e| Status::internal(format!("Begin answered a bad txn id: {e}")))?;
-    Ok(TxnContext { txn_id, deadline_unix_ms: context.deadline_unix_ms })
-}
-
-/// `Coordinator.Commit` with no one-shot branches.
-///
-/// # Errors
-/// As [`begin`].
-pub async fn commit(client: &ClusterClient, txn_id: TxnId) -> Result<pb::SubmitResponse, Status> {
-    let request = pb::CommitRequest { txn_id: txn_id.to_string(), branches: Vec::new() };
-    client
-        .coordinator(|mut c| {
-            let request = request.clone();
-            async move { c.commit(request).await }
-        })
-        .await
-}
-
-/// `Coordinator.Rollback`.
-///
-/// # Errors
-/// As [`begin`].
-pub async fn rollback(client: &ClusterClient, txn_id: TxnId, reason: &str) -> Result<pb::RollbackResponse, Status> {
-    let request = pb::RollbackRequest { txn_id: txn_id.to_string(), reason: reason.to_owned() };
-    client
-        .coordinator(|mut c| {
-            let request = request.clone();
-            async move { c.rollback(request).await }
-        })
-        .await
-}
-
-/// `Coordinator.Join`, as a participant calls it.
-///
-/// # Errors
-/// As [`begin`].
-pub async fn join(client: &ClusterClient, txn_id: &str, participant: &str) -> Result<pb::JoinResponse, Status> {
-    let request = pb::JoinRequest { txn_id: txn_id.to_owned(), participant: participant.to_owned() };
-    client
-        .coordinator(|mut c| {
-            let request = request.clone();
-            async move { c.join(request).await }
-        })
-        .await
-}
-
 /// `Bank.Debit` or `Bank.Credit` with `header`, waiting at most [`MOVE_TIMEOUT`].
 ///
 /// # Errors
@@ -283,7 +223,7 @@ pub async fn transfer(teller: &Teller, plan: Plan) -> (Option<TxnId>, ClientOutc
         // aborted first, and the Begin must then be refused.
         teller.start_running(txn_id, movement.clone());
     }
-    let context = match begin(teller.client(), asked, plan.timeout_ms).await {
+    let context = match calls::begin(teller.client(), asked, plan.timeout_ms).await {
         Ok(context) => context,
         Err(status) => {
             // Refused, or maybe begun with nothing joined: its deadline ends it.
@@ -346,7 +286,7 @@ fn record(teller: &Teller, txn_id: TxnId, movement: Movement, outcome: ClientOut
 pub async fn commit_asking_again(teller: &Teller, txn_id: TxnId, retries: u32) -> ClientOutcome {
     let mut asked = 0;
     loop {
-        let answer = commit(teller.client(), txn_id).await;
+        let answer = calls::commit(teller.client(), txn_id, Vec::new()).await;
         match answer {
             Ok(r) => return committed(teller, txn_id, "Commit", r.decision),
             Err(status) if transient(&status) && asked < retries => {
@@ -371,7 +311,7 @@ pub async fn commit_asking_again(teller: &Teller, txn_id: TxnId, retries: u32) -
 /// Rollback by the txn's own client: Aborted when answered Abort; else
 /// nothing was decided by its word, and nobody committed it (Abandoned).
 pub async fn roll_back(teller: &Teller, txn_id: TxnId, reason: &str) -> ClientOutcome {
-    match rollback(teller.client(), txn_id, reason).await {
+    match calls::rollback(teller.client(), txn_id, reason).await {
         Ok(r) if r.decision == pb::Decision::Abort as i32 => ClientOutcome::Aborted,
         Ok(r) => {
             if let Ok(told) = Decision::try_from(r.decision) {

@@ -396,13 +396,15 @@ pub async fn apply(world: &mut World, fault: &Fault, rng: &mut StdRng) -> anyhow
                     (bank.name.clone(), Some(bank.clock()))
                 }
             };
-            match jumped {
+            let struck = match jumped {
                 Some(c) => {
                     c.jump_ms(*by_ms);
                     format!("{whose}'s clock jumped {by_ms:+} ms (now {:+} ms off)", c.offset_ms())
                 }
                 None => format!("{whose} has no clock to jump"),
-            }
+            };
+            world.note_clock_ahead();
+            struck
         }
         Fault::RefusedMembership(refused) => refuse_membership(world, *refused).await?,
         Fault::TransferLeader => match world.leader() {

@@ -98,6 +98,9 @@ pub struct World {
     leaders: Mutex<BTreeMap<u64, BTreeSet<u64>>>,
     /// Each coordinator's wall clock, which clock-jump faults step.
     clocks: BTreeMap<u64, Clock>,
+    /// The furthest any coordinator's clock has run ahead in this run: a
+    /// leader then stamped Begin deadlines that much later (§12.1).
+    clock_ahead_max_ms: u64,
     /// Membership changes the cluster had to refuse and applied instead.
     membership_accepted: Vec<String>,
     _dir: TempDir,
@@ -440,6 +443,7 @@ impl World {
                 bank_clocks,
             }),
             clocks,
+            clock_ahead_max_ms: 0,
             membership_accepted: Vec::new(),
             down: BTreeSet::new(),
             leaders: Mutex::default(),
@@ -496,6 +500,13 @@ impl World {
     /// Coordinator `id`'s wall clock (deadlines, txn-id ages, retention).
     pub fn coordinator_clock(&self, id: u64) -> Option<&Clock> {
         self.clocks.get(&id)
+    }
+
+    /// Notes how far coordinator clocks run ahead after a clock jump, for
+    /// the settle bound ([`World::settle`]).
+    pub fn note_clock_ahead(&mut self) {
+        let ahead_ms = self.clocks.values().map(Clock::offset_ms).max().unwrap_or(0).max(0).unsigned_abs();
+        self.clock_ahead_max_ms = self.clock_ahead_max_ms.max(ahead_ms);
     }
 
     /// Records a membership change the cluster had to refuse and applied
@@ -572,14 +583,16 @@ impl World {
     ///
     /// The bound is the config's, plus what an interactive txn may
     /// legitimately take: the longest Begin timeout the clients ask for
-    /// (a vanished client's txn holds its branches until its deadline), and
-    /// how far behind a coordinator's clock runs (a leader whose clock is
-    /// behind sees every deadline that much later).
+    /// (a vanished client's txn holds its branches until its deadline), how
+    /// far behind a coordinator's clock runs (a leader whose clock is behind
+    /// sees every deadline that much later), and how far ahead one ever ran
+    /// (a leader whose clock was ahead stamped deadlines that much later).
     pub async fn settle(&self) -> Liveness {
         let started = Instant::now();
         let behind_ms = self.clocks.values().map(Clock::offset_ms).min().unwrap_or(0).min(0).unsigned_abs();
+        let late_ms = behind_ms.saturating_add(self.clock_ahead_max_ms);
         let bound = self.config.settle_bound
-            + Duration::from_millis(super::interactive::TIMEOUT_MAX_MS.saturating_add(behind_ms));
+            + Duration::from_millis(super::interactive::TIMEOUT_MAX_MS.saturating_add(late_ms));
         loop {
             self.sample_leaders();
             if self.is_settled().await {
