@@ -321,6 +321,10 @@ impl Teller {
     }
 }
 
+/// How late past its deadline a leader's timeout scan may log a begun txn's
+/// Abort (scans every 100 ms by default; a leader change delays it).
+const BEGUN_SCAN_SLACK_MS: u64 = 1_000;
+
 /// The banks' `txn_id_future_skew_ms` (the participant library's default).
 const BANK_FUTURE_SKEW_MS: u64 = 60_000;
 
@@ -502,6 +506,18 @@ impl World {
         self.clocks.get(&id)
     }
 
+    /// Begun txns with a deadline before this are overdue (I4): now, less
+    /// how far behind a coordinator's clock runs (such a leader sees every
+    /// deadline that much later) and a second for its timeout scan.
+    fn begun_overdue_before_unix_ms(&self) -> u64 {
+        twopc_proto::txn_id::unix_now_ms().saturating_sub(self.clock_behind_ms()).saturating_sub(BEGUN_SCAN_SLACK_MS)
+    }
+
+    /// How far behind the furthest-behind coordinator clock runs now.
+    fn clock_behind_ms(&self) -> u64 {
+        self.clocks.values().map(Clock::offset_ms).min().unwrap_or(0).min(0).unsigned_abs()
+    }
+
     /// Notes how far coordinator clocks run ahead after a clock jump, for
     /// the settle bound ([`World::settle`]).
     pub fn note_clock_ahead(&mut self) {
@@ -589,8 +605,7 @@ impl World {
     /// (a leader whose clock was ahead stamped deadlines that much later).
     pub async fn settle(&self) -> Liveness {
         let started = Instant::now();
-        let behind_ms = self.clocks.values().map(Clock::offset_ms).min().unwrap_or(0).min(0).unsigned_abs();
-        let late_ms = behind_ms.saturating_add(self.clock_ahead_max_ms);
+        let late_ms = self.clock_behind_ms().saturating_add(self.clock_ahead_max_ms);
         let bound = self.config.settle_bound
             + Duration::from_millis(super::interactive::TIMEOUT_MAX_MS.saturating_add(late_ms));
         loop {
@@ -674,6 +689,7 @@ impl World {
             membership_accepted: self.membership_accepted.clone(),
             interactive: self.teller.interactive(),
             misanswered: self.teller.misanswers(),
+            begun_overdue_before_unix_ms: self.begun_overdue_before_unix_ms(),
         })
     }
 
