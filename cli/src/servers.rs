@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::Args;
 use tokio::net::TcpListener;
 use twopc_client::{ClientConfig, ClusterClient};
-use twopc_coordinator::config::NodeConfig;
+use twopc_coordinator::config::{CommitProtocol, NodeConfig};
 use twopc_proto::pb;
 
 use twopc_proto::tls::Identity;
@@ -41,6 +41,14 @@ pub struct CoordinatorArgs {
     /// Applied entries between snapshots (after which the log is compacted).
     #[arg(long, default_value_t = 20_000)]
     pub snapshot_interval_entries: u64,
+    /// How one-shot txns commit: parallel (a Staged entry logged while the Prepares are out, one durable
+    /// round, docs/PROTOCOL.md §13) or sequential (the decision logged after the votes, §5).
+    #[arg(long, default_value_t = CommitProtocol::default(), value_parser = parse_commit_protocol)]
+    pub commit_protocol: CommitProtocol,
+}
+
+fn parse_commit_protocol(text: &str) -> Result<CommitProtocol, String> {
+    text.parse().map_err(|e: twopc_coordinator::Error| e.to_string())
 }
 
 fn parse_peer(text: &str) -> Result<(u64, String), String> {
@@ -98,6 +106,7 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<u8> {
     let mut config = NodeConfig::new(args.id, peers, args.data_dir);
     config.join = args.join;
     config.engine.retention_ms = args.retention_ms;
+    config.engine.commit_protocol = args.commit_protocol;
     config.snapshot_interval_entries = args.snapshot_interval_entries;
     config.tls = certs::server_tls(&Identity::node(args.id))?;
     config.validate()?;

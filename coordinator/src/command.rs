@@ -44,6 +44,24 @@ pub enum Command {
         /// a Commit proposed then is applied as Abort ("timed out").
         deadline_unix_ms: u64,
     },
+    /// Stage a one-shot txn under parallel commit (docs/PROTOCOL.md §13),
+    /// proposed while its Prepares are out. The txn is committed once this
+    /// is applied and every participant named has durably voted YES; its
+    /// Decide entry follows off the critical path. The first one applied for
+    /// a txn id wins; a txn the log has decided or begun is never staged.
+    Staged {
+        /// The transaction.
+        txn_id: TxnId,
+        /// Every branch's participant: status recovery asks each for its vote.
+        participants: Vec<ParticipantId>,
+        /// The txn's deadline, Unix milliseconds.
+        deadline_unix_ms: u64,
+    },
+    /// Many Decide entries' worth in one: the explicit decisions of staged
+    /// txns committed under parallel commit, logged together (§13.2), so
+    /// the log does not grow by an entry per txn for them. Each is applied
+    /// exactly as its own Decide entry would be.
+    Decisions(Vec<DecideCmd>),
     /// Join a participant's durably prepared branch to a begun txn (§12.3).
     /// Applied only while the txn is begun, undecided and, by the entry's
     /// proposer time, before its deadline.
@@ -161,7 +179,7 @@ pub(crate) mod wire {
     pub struct Entry {
         #[prost(uint64, tag = "1")]
         pub proposed_unix_ms: u64,
-        #[prost(oneof = "Kind", tags = "2, 3, 4, 5, 6, 7, 8")]
+        #[prost(oneof = "Kind", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10")]
         pub kind: Option<Kind>,
     }
 
@@ -181,6 +199,26 @@ pub(crate) mod wire {
         Begin(Begin),
         #[prost(message, tag = "8")]
         Join(Join),
+        #[prost(message, tag = "9")]
+        Staged(Staged),
+        #[prost(message, tag = "10")]
+        Decisions(Decisions),
+    }
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct Staged {
+        #[prost(bytes = "vec", tag = "1")]
+        pub txn_id: Vec<u8>,
+        #[prost(string, repeated, tag = "2")]
+        pub participants: Vec<String>,
+        #[prost(uint64, tag = "3")]
+        pub deadline_unix_ms: u64,
+    }
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct Decisions {
+        #[prost(message, repeated, tag = "1")]
+        pub decisions: Vec<Decide>,
     }
 
     #[derive(Clone, PartialEq, Message)]
@@ -244,21 +282,52 @@ pub(crate) mod wire {
     }
 }
 
+impl From<&DecideCmd> for wire::Decide {
+    fn from(d: &DecideCmd) -> Self {
+        Self {
+            txn_id: d.txn_id.to_bytes().to_vec(),
+            decision: d.decision.into(),
+            reason: d.reason.clone(),
+            branches: d
+                .branches
+                .iter()
+                .map(|(participant, vote)| {
+                    let (vote, reason) = vote_to_wire(vote.as_ref());
+                    wire::Branch { participant: participant.to_string(), vote, reason }
+                })
+                .collect(),
+        }
+    }
+}
+
+impl TryFrom<wire::Decide> for DecideCmd {
+    type Error = Error;
+
+    fn try_from(d: wire::Decide) -> Result<Self> {
+        Ok(Self {
+            txn_id: txn_id_from_wire(&d.txn_id)?,
+            decision: decision_from_wire(d.decision)?,
+            reason: d.reason,
+            branches: d
+                .branches
+                .into_iter()
+                .map(|b| Ok((participant_from_wire(&b.participant)?, vote_from_wire(b.vote, &b.reason)?)))
+                .collect::<Result<_>>()?,
+        })
+    }
+}
+
 impl From<&Proposal> for wire::Entry {
     fn from(p: &Proposal) -> Self {
         let kind = match &p.command {
-            Command::Decide(d) => wire::Kind::Decide(wire::Decide {
-                txn_id: d.txn_id.to_bytes().to_vec(),
-                decision: d.decision.into(),
-                reason: d.reason.clone(),
-                branches: d
-                    .branches
-                    .iter()
-                    .map(|(participant, vote)| {
-                        let (vote, reason) = vote_to_wire(vote.as_ref());
-                        wire::Branch { participant: participant.to_string(), vote, reason }
-                    })
-                    .collect(),
+            Command::Decide(d) => wire::Kind::Decide(d.into()),
+            Command::Decisions(ds) => {
+                wire::Kind::Decisions(wire::Decisions { decisions: ds.iter().map(Into::into).collect() })
+            }
+            Command::Staged { txn_id, participants, deadline_unix_ms } => wire::Kind::Staged(wire::Staged {
+                txn_id: txn_id.to_bytes().to_vec(),
+                participants: participants.iter().map(ToString::to_string).collect(),
+                deadline_unix_ms: *deadline_unix_ms,
             }),
             Command::Acknowledge(acks) => wire::Kind::Acknowledge(wire::Acknowledge {
                 acks: acks
@@ -289,16 +358,15 @@ impl TryFrom<wire::Entry> for Proposal {
 
     fn try_from(entry: wire::Entry) -> Result<Self> {
         let command = match entry.kind.ok_or_else(|| Error::Corrupt("log entry without a command".into()))? {
-            wire::Kind::Decide(d) => Command::Decide(DecideCmd {
-                txn_id: txn_id_from_wire(&d.txn_id)?,
-                decision: decision_from_wire(d.decision)?,
-                reason: d.reason,
-                branches: d
-                    .branches
-                    .into_iter()
-                    .map(|b| Ok((participant_from_wire(&b.participant)?, vote_from_wire(b.vote, &b.reason)?)))
-                    .collect::<Result<_>>()?,
-            }),
+            wire::Kind::Decide(d) => Command::Decide(d.try_into()?),
+            wire::Kind::Decisions(ds) => {
+                Command::Decisions(ds.decisions.into_iter().map(TryInto::try_into).collect::<Result<_>>()?)
+            }
+            wire::Kind::Staged(st) => Command::Staged {
+                txn_id: txn_id_from_wire(&st.txn_id)?,
+                participants: st.participants.iter().map(|p| participant_from_wire(p)).collect::<Result<_>>()?,
+                deadline_unix_ms: st.deadline_unix_ms,
+            },
             wire::Kind::Acknowledge(a) => Command::Acknowledge(
                 a.acks
                     .into_iter()
@@ -350,6 +418,16 @@ mod tests {
             Command::RemoveParticipant { name: pid("bank-a") },
             Command::Begin { txn_id: txn, deadline_unix_ms: 1_764_786_000_000 },
             Command::Join { txn_id: txn, participant: pid("bank-b") },
+            Command::Staged { txn_id: txn, participants: vec![pid("bank-a"), pid("bank-b")], deadline_unix_ms: 9 },
+            Command::Decisions(vec![
+                DecideCmd { txn_id: txn, decision: Decision::Commit, reason: String::new(), branches: vec![] },
+                DecideCmd {
+                    txn_id: TxnId::new(),
+                    decision: Decision::Abort,
+                    reason: "r".into(),
+                    branches: vec![(pid("a"), Some(Vote::Yes))],
+                },
+            ]),
         ];
         for command in commands {
             let proposal = Proposal { command, proposed_unix_ms: 7 };

@@ -191,6 +191,18 @@ pub struct EngineConfig {
     /// their Abort ("timed out", §12.5); a txn outlives its deadline by up to
     /// this long plus one log round trip. Default: 100 ms.
     pub begun_scan_interval_ms: u64,
+    /// How a one-shot txn commits (docs/PROTOCOL.md §13): `Parallel` logs a
+    /// Staged entry while the Prepares are out and answers Commit once both
+    /// are durable; `Sequential` logs the decision after the votes (§5).
+    /// Default: Parallel.
+    pub commit_protocol: CommitProtocol,
+    /// Explicit decisions of staged txns in one Decisions entry (more wait
+    /// for the next, proposed as soon as the previous is applied, §13.2).
+    /// Default: 1024.
+    pub decision_batch_max: usize,
+    /// Staged txns the leader settles by status recovery at once (§13.3);
+    /// more wait for the next scan. Default: 64.
+    pub staged_recovery_max: usize,
     /// The wall clock read for deadlines, txn-id ages and retention.
     /// Default: the system clock (tests step one node's clock to model a
     /// clock jump).
@@ -219,7 +231,50 @@ impl Default for EngineConfig {
             participant_connect_timeout_ms: 1_000,
             begun_max: 10_000,
             begun_scan_interval_ms: 100,
+            commit_protocol: CommitProtocol::Parallel,
+            decision_batch_max: 1024,
+            staged_recovery_max: 64,
             clock: Clock::system(),
+        }
+    }
+}
+
+/// How a one-shot txn commits (docs/PROTOCOL.md §5, §13).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CommitProtocol {
+    /// Prepare, then log the decision: two durable rounds one after the other (§5).
+    Sequential,
+    /// Log a Staged entry while the Prepares are out: one durable round (§13).
+    #[default]
+    Parallel,
+}
+
+impl CommitProtocol {
+    /// Its name in flags, metrics and `twopc bench` output.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Sequential => "sequential",
+            Self::Parallel => "parallel",
+        }
+    }
+}
+
+impl std::fmt::Display for CommitProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for CommitProtocol {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "sequential" => Ok(Self::Sequential),
+            "parallel" => Ok(Self::Parallel),
+            other => Err(Error::InvalidArgument(format!(
+                "commit protocol {other:?} is unknown; use sequential or parallel"
+            ))),
         }
     }
 }
@@ -257,6 +312,8 @@ impl EngineConfig {
             ("participant_connect_timeout_ms", self.participant_connect_timeout_ms),
             ("begun_max", self.begun_max as u64),
             ("begun_scan_interval_ms", self.begun_scan_interval_ms),
+            ("decision_batch_max", self.decision_batch_max as u64),
+            ("staged_recovery_max", self.staged_recovery_max as u64),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return bad(format!("{name} must be greater than zero"));

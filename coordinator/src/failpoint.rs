@@ -60,6 +60,31 @@ pub const FORGOTTEN_UNCHECKED: &str = "engine::forgotten::unchecked";
 /// the batch's first txn id.
 pub const ACKS_DROPPED_ON_FAILURE: &str = "delivery::acks::dropped_on_failure";
 
+/// Fires under parallel commit once the Staged entry is applied, before the
+/// leader confirms its term: the Submit fails as if the leader died there,
+/// and the staged txn is left to status recovery. Subject: the txn id.
+pub const PARALLEL_AFTER_STAGED: &str = "engine::parallel::after_staged";
+
+/// Fires under parallel commit once every vote is YES, the Staged entry is
+/// applied and the term is confirmed, before the answer: as if the leader
+/// died with the txn committed and nobody told. Subject: the txn id.
+pub const PARALLEL_BEFORE_ANSWER: &str = "engine::parallel::before_answer";
+
+/// Fires under parallel commit after the client is told Commit and before
+/// the Decide entry is logged: the leader stops there, and only status
+/// recovery can log the decision. Subject: the txn id.
+pub const PARALLEL_AFTER_ANSWER: &str = "engine::parallel::after_answer";
+
+/// Fires in status recovery after the votes are in and before the decision
+/// is logged: the recovery stops, and a later one must reach the same
+/// decision. Subject: the txn id.
+pub const RECOVERY_BEFORE_DECIDE: &str = "engine::recovery::before_decide";
+
+/// A deliberately broken parallel commit, for the checker's bite: Commit is
+/// answered once every vote is YES, before the Staged entry is known applied
+/// and the term confirmed. Subject: the txn id.
+pub const PARALLEL_ANSWER_BEFORE_STAGED: &str = "engine::parallel::answer_before_staged";
+
 /// Whether failpoint `name` fires for `subject` (computed only when the
 /// failpoint is armed).
 #[cfg(feature = "failpoints")]

@@ -124,6 +124,17 @@ pub fn render(status: &NodeStatus, engine: &EngineMetrics, phases: &PhaseLatenci
         "Joins refused (txn decided, past its deadline, unknown, forgotten, or full).",
         c(&engine.join_refused),
     );
+    counter(
+        &mut out,
+        "twopc_txns_parallel_committed_total",
+        "Txns this node answered Commit under parallel commit, before logging the decision.",
+        c(&engine.parallel_commits),
+    );
+    let _ = writeln!(out, "# HELP twopc_txns_recovered_total Staged txns this node settled by status recovery.");
+    let _ = writeln!(out, "# TYPE twopc_txns_recovered_total counter");
+    for (decision, value) in [("commit", c(&engine.recovered_commits)), ("abort", c(&engine.recovered_aborts))] {
+        let _ = writeln!(out, "twopc_txns_recovered_total{{decision=\"{decision}\"}} {value}");
+    }
     counter(&mut out, "twopc_resolves_total", "Resolve calls answered.", c(&engine.resolved));
     counter(
         &mut out,

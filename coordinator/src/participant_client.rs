@@ -56,6 +56,16 @@ pub trait ParticipantClient: Send + Sync + 'static {
         timeout: Duration,
     ) -> impl Future<Output = Result<Vote, CallError>> + Send;
 
+    /// Asks for the vote the participant gave for a staged txn (status
+    /// recovery, docs/PROTOCOL.md §13.3). A participant that holds no record
+    /// of the txn records a tombstone and answers NO.
+    fn recover_vote(
+        &self,
+        target: &Target,
+        txn_id: TxnId,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Vote, CallError>> + Send;
+
     /// Sends logged decisions in one call: one [`Acknowledgement`] per
     /// decision, in the order given.
     fn decide_batch(
@@ -196,6 +206,17 @@ impl ParticipantClient for GrpcParticipants {
             return Err(CallError::new(target, status_text(tonic::Code::from_i32(result.code), &result.message)));
         }
         Vote::from_pb(result.vote, &result.reason).map_err(|e| CallError::new(target, e.to_string()))
+    }
+
+    async fn recover_vote(&self, target: &Target, txn_id: TxnId, timeout: Duration) -> Result<Vote, CallError> {
+        let mut client = self.client(target)?;
+        let mut request = tonic::Request::new(pb::RecoverVoteRequest {
+            txn_id: txn_id.to_string(),
+            participant: target.participant.to_string(),
+        });
+        request.set_timeout(timeout);
+        let answer = bounded(target, timeout, client.recover_vote(request)).await?.into_inner();
+        Vote::from_pb(answer.vote, &answer.reason).map_err(|e| CallError::new(target, e.to_string()))
     }
 
     async fn decide_batch(

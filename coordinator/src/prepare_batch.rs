@@ -221,6 +221,13 @@ mod tests {
         ) -> Result<Response<pb::DecideBatchResponse>, Status> {
             Err(Status::unimplemented("prepares only"))
         }
+
+        async fn recover_vote(
+            &self,
+            _: Request<pb::RecoverVoteRequest>,
+        ) -> Result<Response<pb::RecoverVoteResponse>, Status> {
+            Err(Status::unimplemented("prepares only"))
+        }
     }
 
     async fn serve(recorder: Recorder) -> anyhow::Result<PbClient<Channel>> {

@@ -100,6 +100,27 @@ impl BegunTxn {
     }
 }
 
+/// A one-shot txn staged under parallel commit and not decided
+/// (docs/PROTOCOL.md §13). It is committed if every participant named
+/// durably voted YES; status recovery settles it by asking them (§13.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagedTxn {
+    /// The transaction.
+    pub txn_id: TxnId,
+    /// Every branch's participant.
+    pub participants: Vec<ParticipantId>,
+    /// The txn's deadline, Unix milliseconds.
+    pub deadline_unix_ms: u64,
+    /// The proposer's clock when the Staged entry was proposed.
+    pub staged_unix_ms: u64,
+}
+
+/// Whether two participant lists name the same set, in any order.
+fn same_participants(a: &[ParticipantId], b: &[ParticipantId]) -> bool {
+    let (a, b): (BTreeSet<&ParticipantId>, BTreeSet<&ParticipantId>) = (a.iter().collect(), b.iter().collect());
+    a == b
+}
+
 /// The result of applying one entry, handed back to its proposer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Applied {
@@ -142,6 +163,23 @@ pub enum Applied {
         /// Whether this entry began it.
         first: bool,
     },
+    /// The txn is staged: by this entry (`first`) or an earlier one naming
+    /// the same participants (docs/PROTOCOL.md §13.1).
+    Staged {
+        /// The txn as the log now holds it.
+        staged: StagedTxn,
+        /// Whether this entry staged it.
+        first: bool,
+    },
+    /// A Staged entry was refused and changed nothing.
+    StagedRefused {
+        /// The txn named by the entry.
+        txn_id: TxnId,
+        /// Why.
+        refusal: StagedRefusal,
+    },
+    /// What each decision of a Decisions entry was applied as, in order.
+    DecidedMany(Vec<Applied>),
     /// A Begin entry was refused and changed nothing.
     BeginRefused {
         /// The txn named by the entry.
@@ -168,9 +206,27 @@ pub enum Applied {
     },
 }
 
+/// Why the state machine refused a Staged entry (docs/PROTOCOL.md §13.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StagedRefusal {
+    /// The log has already decided the txn.
+    Decided(Decision),
+    /// The txn is begun (interactive, §12).
+    Begun,
+    /// The txn is staged already, with other participants.
+    OtherBranches,
+    /// The id was created before the log's retention horizon (§7.2).
+    Forgotten,
+    /// The id was created more than [`TXN_ID_AHEAD_OF_PROPOSER_MAX_MS`] after
+    /// the proposer's clock (§7.4).
+    FromTheFuture,
+}
+
 /// Why the state machine refused a Begin entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BeginRefusal {
+    /// The txn is staged under parallel commit (a one-shot Submit used the id, §13).
+    Staged,
     /// The log has already decided the txn (a presumed abort or a one-shot
     /// Submit used the id; or it was begun and is over).
     Decided(Decision),
@@ -262,6 +318,10 @@ pub enum DecideRefusal {
     /// The id was created more than [`TXN_ID_AHEAD_OF_PROPOSER_MAX_MS`] after
     /// the proposer's clock: it would never pass the retention horizon (I6).
     FromTheFuture,
+    /// The txn is staged (§13) and the entry names other branches than the
+    /// Staged entry: its record would drop a participant that may have voted
+    /// YES to a txn already answered Commit (I1).
+    OtherBranches,
 }
 
 /// How far a txn id's creation time may lie ahead of a Decide entry's
@@ -297,6 +357,9 @@ pub struct StateMachine {
     begun: BTreeMap<TxnId, BegunTxn>,
     /// `begun` by deadline, so the leader finds expired txns without a scan.
     begun_by_deadline: BTreeSet<(u64, TxnId)>,
+    /// Staged, undecided txns (docs/PROTOCOL.md §13). A txn is here, in
+    /// `begun` or in `txns`, never in two.
+    staged: BTreeMap<TxnId, StagedTxn>,
 }
 
 impl StateMachine {
@@ -335,6 +398,10 @@ impl StateMachine {
         let now = proposal.proposed_unix_ms;
         match &proposal.command {
             Command::Decide(cmd) => self.decide(index, now, cmd),
+            Command::Decisions(cmds) => Applied::DecidedMany(cmds.iter().map(|c| self.decide(index, now, c)).collect()),
+            Command::Staged { txn_id, participants, deadline_unix_ms } => {
+                self.stage(now, *txn_id, participants, *deadline_unix_ms)
+            }
             Command::Acknowledge(acks) => self.acknowledge(now, acks),
             Command::Forget { horizon_unix_ms } => self.forget(*horizon_unix_ms),
             Command::RegisterParticipant { name, addr } => {
@@ -349,9 +416,39 @@ impl StateMachine {
         }
     }
 
+    fn stage(&mut self, now: u64, txn_id: TxnId, participants: &[ParticipantId], deadline_unix_ms: u64) -> Applied {
+        let refused = |refusal| Applied::StagedRefused { txn_id, refusal };
+        if let Some(record) = self.txns.get(&txn_id) {
+            return refused(StagedRefusal::Decided(record.decision));
+        }
+        if self.begun.contains_key(&txn_id) {
+            return refused(StagedRefusal::Begun);
+        }
+        // First writer wins: a repeat (a retried Submit) stages nothing new.
+        if let Some(staged) = self.staged.get(&txn_id) {
+            if !same_participants(&staged.participants, participants) {
+                return refused(StagedRefusal::OtherBranches);
+            }
+            return Applied::Staged { staged: staged.clone(), first: false };
+        }
+        // As for a Decide (§7.2, §7.4).
+        if self.may_have_forgotten(&txn_id) {
+            return refused(StagedRefusal::Forgotten);
+        }
+        if txn_id.created_unix_ms() > now.saturating_add(TXN_ID_AHEAD_OF_PROPOSER_MAX_MS) {
+            return refused(StagedRefusal::FromTheFuture);
+        }
+        let staged = StagedTxn { txn_id, participants: participants.to_vec(), deadline_unix_ms, staged_unix_ms: now };
+        self.staged.insert(txn_id, staged.clone());
+        Applied::Staged { staged, first: true }
+    }
+
     fn begin(&mut self, index: u64, now: u64, txn_id: TxnId, deadline_unix_ms: u64) -> Applied {
         if let Some(record) = self.txns.get(&txn_id) {
             return Applied::BeginRefused { txn_id, refusal: BeginRefusal::Decided(record.decision) };
+        }
+        if self.staged.contains_key(&txn_id) {
+            return Applied::BeginRefused { txn_id, refusal: BeginRefusal::Staged };
         }
         // First writer wins: a repeat answers the logged deadline (I5).
         if let Some(begun) = self.begun.get(&txn_id) {
@@ -426,6 +523,10 @@ impl StateMachine {
         if let Some(begun) = self.begun.remove(&cmd.txn_id) {
             self.begun_by_deadline.remove(&(begun.deadline_unix_ms, begun.txn_id));
             return self.decide_begun(index, now, cmd, begun);
+        }
+        if let Some(staged) = self.staged.get(&cmd.txn_id) {
+            // No horizon or future check: the Staged entry passed them.
+            return self.decide_staged(index, now, cmd, staged.participants.clone());
         }
         // Decided here, from the entry and the applied state alone, so no
         // proposer (a leader whose clock is behind, a Resolve, an operator)
@@ -506,6 +607,42 @@ impl StateMachine {
             decision_log_index: index,
             finished_unix_ms: None,
             deadline_unix_ms: Some(begun.deadline_unix_ms),
+        })
+    }
+
+    /// The first decision of a staged txn (docs/PROTOCOL.md §13). Its record
+    /// names every participant of the Staged entry: one the entry gives no
+    /// vote for (a presumed abort, an operator's decision) gets none, and is
+    /// told the decision like the rest.
+    fn decide_staged(&mut self, index: u64, now: u64, cmd: &DecideCmd, participants: Vec<ParticipantId>) -> Applied {
+        let named: Vec<ParticipantId> = cmd.branches.iter().map(|(p, _)| p.clone()).collect();
+        if !cmd.branches.is_empty() && !same_participants(&named, &participants) {
+            return Applied::DecideRefused { txn_id: cmd.txn_id, refusal: DecideRefusal::OtherBranches };
+        }
+        self.staged.remove(&cmd.txn_id);
+        let branches = if cmd.branches.is_empty() {
+            participants.into_iter().map(|p| (p, None)).collect()
+        } else {
+            cmd.branches.clone()
+        };
+        let branches = branches
+            .into_iter()
+            .map(|(participant, vote)| BranchRecord {
+                acknowledged: matches!(vote, Some(Vote::No { .. })),
+                participant,
+                vote,
+                joined: false,
+            })
+            .collect();
+        self.record_first(TxnRecord {
+            txn_id: cmd.txn_id,
+            decision: cmd.decision,
+            reason: cmd.reason.clone(),
+            branches,
+            decided_unix_ms: now,
+            decision_log_index: index,
+            finished_unix_ms: None,
+            deadline_unix_ms: None,
         })
     }
 
@@ -629,6 +766,22 @@ impl StateMachine {
         self.begun.get(txn_id)
     }
 
+    /// A staged, undecided txn (docs/PROTOCOL.md §13).
+    pub fn staged(&self, txn_id: &TxnId) -> Option<&StagedTxn> {
+        self.staged.get(txn_id)
+    }
+
+    /// How many txns are staged and undecided.
+    pub fn staged_count(&self) -> usize {
+        self.staged.len()
+    }
+
+    /// Up to `max` staged, undecided txns, oldest id first, not in `skip`:
+    /// those a leader settles by status recovery (§13.3).
+    pub fn staged_txns(&self, max: usize, skip: impl Fn(&TxnId) -> bool) -> Vec<StagedTxn> {
+        self.staged.values().filter(|s| !skip(&s.txn_id)).take(max).cloned().collect()
+    }
+
     /// Whether a txn is begun and undecided (one map lookup: Submit's check).
     pub fn is_begun(&self, txn_id: &TxnId) -> bool {
         self.begun.contains_key(txn_id)
@@ -685,6 +838,7 @@ impl StateMachine {
             members: self.members.iter().map(|(id, addr)| wire::Member { id: *id, addr: addr.clone() }).collect(),
             forgotten_before_unix_ms: self.forgotten_before_unix_ms,
             begun: self.begun.values().map(wire::Begun::from).collect(),
+            staged: self.staged.values().map(wire::Staged::from).collect(),
         };
         snap.encode_to_vec()
     }
@@ -724,6 +878,14 @@ impl StateMachine {
             sm.begun_by_deadline.insert((begun.deadline_unix_ms, begun.txn_id));
             sm.begun.insert(begun.txn_id, begun);
         }
+        for staged in snap.staged {
+            let staged = StagedTxn::try_from(staged)?;
+            let id = staged.txn_id;
+            if sm.txns.contains_key(&id) || sm.begun.contains_key(&id) || sm.staged.contains_key(&id) {
+                return Err(Error::Corrupt(format!("snapshot: txn {id} is staged twice, or staged and begun or decided")));
+            }
+            sm.staged.insert(id, staged);
+        }
         for p in snap.participants {
             sm.participants.insert(participant_from_wire(&p.name)?, p.addr);
         }
@@ -749,6 +911,20 @@ mod wire {
         pub forgotten_before_unix_ms: u64,
         #[prost(message, repeated, tag = "6")]
         pub begun: Vec<Begun>,
+        #[prost(message, repeated, tag = "7")]
+        pub staged: Vec<Staged>,
+    }
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct Staged {
+        #[prost(bytes = "vec", tag = "1")]
+        pub txn_id: Vec<u8>,
+        #[prost(string, repeated, tag = "2")]
+        pub participants: Vec<String>,
+        #[prost(uint64, tag = "3")]
+        pub deadline_unix_ms: u64,
+        #[prost(uint64, tag = "4")]
+        pub staged_unix_ms: u64,
     }
 
     #[derive(Clone, PartialEq, Message)]
@@ -845,6 +1021,30 @@ impl From<&BegunTxn> for wire::Begun {
             begun_log_index: b.begun_log_index,
             joined: b.joined.iter().map(ToString::to_string).collect(),
         }
+    }
+}
+
+impl From<&StagedTxn> for wire::Staged {
+    fn from(s: &StagedTxn) -> Self {
+        Self {
+            txn_id: s.txn_id.to_bytes().to_vec(),
+            participants: s.participants.iter().map(ToString::to_string).collect(),
+            deadline_unix_ms: s.deadline_unix_ms,
+            staged_unix_ms: s.staged_unix_ms,
+        }
+    }
+}
+
+impl TryFrom<wire::Staged> for StagedTxn {
+    type Error = Error;
+
+    fn try_from(s: wire::Staged) -> Result<Self> {
+        Ok(Self {
+            txn_id: txn_id_from_wire(&s.txn_id)?,
+            participants: s.participants.iter().map(|p| participant_from_wire(p)).collect::<Result<_>>()?,
+            deadline_unix_ms: s.deadline_unix_ms,
+            staged_unix_ms: s.staged_unix_ms,
+        })
     }
 }
 

@@ -86,6 +86,7 @@ pub async fn run_all<H: Harness>(h: &H) {
     decisions_apply_after_restart(h).await;
     commit_of_unprepared_txn_is_not_prepared(h).await;
     conflicting_decision_is_refused(h).await;
+    recovered_votes_survive_restart(h).await;
 }
 
 async fn prepare<H: Harness>(r: &H::Resource, txn: TxnId, payload: Bytes, case: &str) -> Vote {
@@ -307,4 +308,44 @@ pub async fn conflicting_decision_is_refused<H: Harness>(h: &H) {
     refuse(r.commit(aborted).await, Decision::Abort, "commit after abort and restart");
     expect_applied(h, &r, committed, 1, CASE).await;
     expect_applied(h, &r, aborted, 0, CASE).await;
+}
+
+/// docs/PROTOCOL.md §13.3, through the participant library over this
+/// resource: after a restart, status recovery (`RecoverVote`) answers YES for
+/// a branch the resource holds prepared and NO for one it voted NO on; a txn
+/// never prepared here is answered NO and tombstoned, so its Prepare arriving
+/// later votes NO and stages nothing.
+pub async fn recovered_votes_survive_restart<H: Harness>(h: &H)
+where
+    H::Resource: 'static,
+{
+    use std::sync::Arc;
+
+    const CASE: &str = "recovered_votes_survive_restart";
+    let r = h.create().await;
+    let (yes, no, never) = (TxnId::new(), TxnId::new(), TxnId::new());
+    assert_eq!(prepare::<H>(&r, yes, h.yes_payload(yes), CASE).await, Vote::Yes, "{CASE}");
+    assert!(!prepare::<H>(&r, no, h.no_payload(no), CASE).await.is_yes(), "{CASE}");
+    let r = Arc::new(h.restart(r).await);
+    let id: twopc_proto::ParticipantId = "conformance".parse().expect("a valid participant name");
+    let config = crate::config::ParticipantConfig::new(id, vec!["127.0.0.1:1".into()]);
+    let engine = Arc::new(crate::engine::Engine::new(Arc::clone(&r), config, crate::metrics::Metrics::default()));
+    engine.recover().await.unwrap_or_else(|e| panic!("{CASE}: loading prepared branches failed: {e}"));
+    let recovered = |txn| {
+        let engine = Arc::clone(&engine);
+        async move { engine.recover_vote(txn).await.unwrap_or_else(|e| panic!("{CASE}: RecoverVote failed: {e}")) }
+    };
+    assert_eq!(recovered(yes).await, Vote::Yes, "{CASE}: the prepared branch's YES was not recovered");
+    assert!(!recovered(no).await.is_yes(), "{CASE}: a NO vote was recovered as YES");
+    assert!(!recovered(never).await.is_yes(), "{CASE}: a txn never prepared was recovered as YES");
+    let deadline = twopc_proto::txn_id::unix_now_ms() + 60_000;
+    let late = engine
+        .prepare(never, h.yes_payload(never), deadline)
+        .await
+        .unwrap_or_else(|e| panic!("{CASE}: prepare after recovery failed: {e}"));
+    assert!(!late.is_yes(), "{CASE}: a Prepare after RecoverVote's tombstone voted YES");
+    assert!(!listed::<H>(r.as_ref(), never, CASE).await, "{CASE}: the tombstoned txn was staged");
+    expect_applied(h, r.as_ref(), never, 0, CASE).await;
+    assert_eq!(recovered(yes).await, Vote::Yes, "{CASE}: a repeated RecoverVote changed its answer");
+    decide::<H>(r.as_ref(), yes, Decision::Abort, CASE).await;
 }

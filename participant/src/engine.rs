@@ -39,6 +39,12 @@ pub(crate) const DEADLINE_PASSED: &str = "deadline passed";
 pub(crate) const ABORTED_BEFORE_PREPARE: &str = "aborted before prepare (tombstone)";
 /// The NO reason given to a one-shot Prepare of a branch staged for a join (§12.3).
 pub(crate) const PREPARED_FOR_JOIN: &str = "this participant's branch of the txn was staged for an interactive join; a one-shot branch of the same txn is refused";
+/// The NO reason a vote recovery gives for a txn it found no record of, and
+/// left a tombstone for (docs/PROTOCOL.md §13.3).
+pub(crate) const NEVER_PREPARED: &str = "never prepared here; a tombstone now refuses its prepare";
+/// The NO reason a vote recovery gives for a branch whose prepare failed and
+/// may or may not have staged it (§3.1 step 5): it never voted YES.
+pub(crate) const PREPARE_FAILED: &str = "its prepare failed before voting";
 /// The NO reason given for a Prepare repeated after the txn was aborted.
 pub(crate) const ALREADY_ABORTED: &str = "txn already aborted";
 
@@ -235,6 +241,45 @@ impl<R: Resource> Engine<R> {
             engine.decide_locked(txn, decision, origin).await
         });
         task.await.map_err(|e| Error::Internal(format!("decision task for txn {txn}: {e}")))?
+    }
+
+    /// The vote this participant gave for `txn`, for a coordinator settling
+    /// a staged txn (docs/PROTOCOL.md §13.3). A txn it holds no record of
+    /// gets a tombstone first, so a Prepare arriving later votes NO.
+    ///
+    /// # Errors
+    /// [`Error::OutcomeMemoryFull`] when there is no room for the tombstone:
+    /// the coordinator asks again, and decides nothing without an answer.
+    pub(crate) async fn recover_vote(self: &Arc<Self>, txn: TxnId) -> Result<Vote> {
+        let engine = Arc::clone(self);
+        let task = tokio::spawn(async move {
+            let _txn_lock = engine.stripe(txn).lock().await;
+            engine.recover_vote_locked(txn)
+        });
+        task.await.map_err(|e| Error::Internal(format!("vote recovery task for txn {txn}: {e}")))?
+    }
+
+    #[instrument(skip_all, fields(txn_id = %txn))]
+    fn recover_vote_locked(&self, txn: TxnId) -> Result<Vote> {
+        let mut outcomes = self.outcomes.lock();
+        let vote = match outcomes.get(txn) {
+            // A branch staged for a join is not the one-shot branch the
+            // staged txn names (its Prepare was refused, §12.3).
+            Some(Outcome::Prepared { for_join: true, .. }) => Vote::no(PREPARED_FOR_JOIN),
+            // Seen only if a Prepare's task died, or after a failed prepare:
+            // either way no YES was sent. The branch stays in doubt, and the
+            // resolver aborts what it may hold.
+            Some(Outcome::Preparing | Outcome::MaybePrepared { .. }) => Vote::no(PREPARE_FAILED),
+            Some(known) => recorded_vote(known).unwrap_or_else(|| Vote::no(PREPARE_FAILED)),
+            None => {
+                outcomes
+                    .set(txn, Outcome::Tombstone, Instant::now())
+                    .map_err(|_| Error::OutcomeMemoryFull { max: self.config.outcome_memory_max })?;
+                Vote::no(NEVER_PREPARED)
+            }
+        };
+        info!(yes = vote.is_yes(), "vote recovered for a staged txn");
+        Ok(vote)
     }
 
     fn stripe(&self, txn: TxnId) -> &tokio::sync::Mutex<()> {

@@ -18,6 +18,7 @@ use twopc_proto::pb::participant_server::{self, ParticipantServer};
 use twopc_proto::pb::{
     DecideBatchRequest, DecideBatchResponse, DecisionItem, DecisionRequest, DecisionResponse, DecisionResult,
     PrepareBatchRequest, PrepareBatchResponse, PrepareItem, PrepareRequest, PrepareResponse, PrepareResult,
+    RecoverVoteRequest, RecoverVoteResponse,
 };
 use twopc_proto::{Decision, MAX_MESSAGE_BYTES, TxnId};
 
@@ -317,5 +318,18 @@ impl<R: Resource> participant_server::Participant for Service<R> {
         // gives them one fsync.
         let results = futures::future::join_all(request.decisions.into_iter().map(|item| self.decide_one(item))).await;
         Ok(Response::new(DecideBatchResponse { results }))
+    }
+
+    #[instrument(skip_all, fields(txn_id = field::Empty))]
+    async fn recover_vote(
+        &self,
+        request: Request<RecoverVoteRequest>,
+    ) -> Result<Response<RecoverVoteResponse>, Status> {
+        let request = request.into_inner();
+        self.check_participant(&request.participant)?;
+        let txn = Self::txn_id(&request.txn_id)?;
+        Span::current().record("txn_id", field::display(txn));
+        let pb = self.engine.recover_vote(txn).await?.to_pb();
+        Ok(Response::new(RecoverVoteResponse { vote: pb.vote, reason: pb.reason }))
     }
 }

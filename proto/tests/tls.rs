@@ -40,6 +40,12 @@ impl Participant for Yes {
     ) -> Result<Response<pb::DecideBatchResponse>, Status> {
         Ok(Response::new(pb::DecideBatchResponse::default()))
     }
+    async fn recover_vote(
+        &self,
+        _: Request<pb::RecoverVoteRequest>,
+    ) -> Result<Response<pb::RecoverVoteResponse>, Status> {
+        Ok(Response::new(pb::RecoverVoteResponse::default()))
+    }
 }
 
 struct Served {

@@ -143,6 +143,21 @@ impl ParticipantClient for GatedParticipants {
         vote
     }
 
+    async fn recover_vote(&self, target: &Target, txn_id: TxnId, timeout: Duration) -> Result<Vote, CallError> {
+        let (delay, fate) = self.gate.roll();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        if fate == Fate::LoseRequest {
+            return Err(lost(target, "vote recovery request"));
+        }
+        let vote = self.grpc.recover_vote(target, txn_id, timeout).await;
+        if fate == Fate::LoseAnswer {
+            return Err(lost(target, "vote recovery answer"));
+        }
+        vote
+    }
+
     async fn decide_batch(
         &self,
         target: &Target,

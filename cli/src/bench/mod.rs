@@ -89,6 +89,10 @@ pub struct BenchArgs {
     /// Debit and the Credits at their banks at once with the txn's context, then Commit.
     #[arg(long, value_enum, default_value_t = Mode::OneShot)]
     pub mode: Mode,
+    /// With --local: how the coordinators commit one-shot txns, parallel (one durable round) or sequential
+    /// (two, one after the other); the report names it. Against a running cluster, its own setting applies.
+    #[arg(long, requires = "local", value_parser = ["parallel", "sequential"])]
+    pub commit_protocol: Option<String>,
     /// Each account's opening balance; large, so that no transfer aborts for lack of funds unless asked.
     #[arg(long, default_value = "1000000000.00")]
     pub opening_balance: String,
@@ -185,7 +189,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
     let spec = Spec {
         coordinators: args.coordinators_count,
         banks: (0..banks).map(bank_name).collect(),
-        coordinator_args: Vec::new(),
+        coordinator_args: args
+            .commit_protocol
+            .iter()
+            .flat_map(|protocol| ["--commit-protocol".to_owned(), protocol.clone()])
+            .collect(),
         bank_args: args
             .bank_retention_ms
             .map(|ms| vec!["--finished-retention-ms".to_owned(), ms.to_string()])

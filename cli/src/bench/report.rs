@@ -129,8 +129,14 @@ impl Report {
             Contention::Uniform => "uniform".to_owned(),
             Contention::Hot => format!("hot ({} accounts per bank)", args.hot_accounts),
         };
+        // --local starts the coordinators with it; a running cluster's own setting is not known here.
+        let commit_protocol = match (&args.commit_protocol, args.local) {
+            (Some(protocol), _) => protocol.clone(),
+            (None, true) => twopc_coordinator::config::CommitProtocol::default().to_string(),
+            (None, false) => "the cluster's".to_owned(),
+        };
         let title = format!(
-            "{} transfers, {} banks, {} branches per transfer, {} clients, {}, {} accounts per bank, {contention}",
+            "{} transfers ({commit_protocol} commit), {} banks, {} branches per transfer, {} clients, {}, {} accounts per bank, {contention}",
             args.mode.name(),
             banks.len(),
             args.branches,
@@ -142,7 +148,7 @@ impl Report {
             args.accounts,
         );
         let config = json!({
-            "mode": args.mode.name(), "local": args.local,
+            "mode": args.mode.name(), "local": args.local, "commit_protocol": commit_protocol,
             "coordinators": if args.local { json!(args.coordinators_count) } else { json!(args.cluster.coordinators) },
             "banks": banks.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
             "branches": args.branches, "concurrency": args.concurrency, "duration_s": args.duration,

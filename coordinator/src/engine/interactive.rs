@@ -81,6 +81,10 @@ impl<P: ParticipantClient> Engine<P> {
                 Err(decided_before_begin(txn_id, decision, &reason.unwrap_or_default()))
             }
             Applied::BeginRefused { refusal: BeginRefusal::Forgotten, .. } => Err(past_horizon(txn_id)),
+            Applied::BeginRefused { refusal: BeginRefusal::Staged, .. } => Err(Error::FailedPrecondition(format!(
+                "txn {txn_id} is a one-shot txn staged by a Submit (docs/PROTOCOL.md §13); use a new txn id for an \
+                 interactive txn"
+            ))),
             Applied::BeginRefused { refusal: BeginRefusal::FromTheFuture, .. } => Err(refused_from_the_future(txn_id)),
             other => Err(Error::Corrupt(format!("a Begin entry was applied as {other:?}"))),
         }

@@ -9,6 +9,7 @@
 
 mod delivery;
 mod interactive;
+mod parallel;
 mod request;
 
 use std::collections::HashMap;
@@ -26,7 +27,7 @@ use tracing::Instrument as _;
 use twopc_proto::{Decision, ParticipantId, TxnId, Vote};
 
 use crate::command::{Command, DecideCmd, Proposal};
-use crate::config::EngineConfig;
+use crate::config::{CommitProtocol, EngineConfig};
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::metrics::PhaseLatencies;
@@ -37,6 +38,7 @@ use crate::state_machine::{
 };
 
 use delivery::Delivery;
+use parallel::DecisionBatcher;
 pub use request::{
     BeginRequest, CommitRequest, JoinRequest, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, LIST_PAGE_MAX_BYTES, ListRequest,
     OPERATOR_REASON_MAX_BYTES, OPERATOR_REASON_PREFIX, OperatorDecideRequest, ROLLBACK_REASON_DEFAULT,
@@ -123,6 +125,12 @@ pub struct EngineMetrics {
     pub rolled_back: AtomicU64,
     /// Begun txns whose logged decision is Commit.
     pub interactive_committed: AtomicU64,
+    /// Txns answered Commit under parallel commit, before their Decide entry (§13).
+    pub parallel_commits: AtomicU64,
+    /// Staged txns status recovery logged Commit for (§13.3).
+    pub recovered_commits: AtomicU64,
+    /// Staged txns status recovery logged Abort for (§13.3).
+    pub recovered_aborts: AtomicU64,
 }
 
 /// The outcome a running Submit shares with Submits and Resolves that joined it.
@@ -193,6 +201,8 @@ enum Driver {
     Rollback,
     /// The leader logging the Abort of a begun txn past its deadline (§12.5).
     Timeout,
+    /// Status recovery settling a staged txn (§13.3).
+    Recovery,
 }
 
 /// The answer for a txn id the log may have decided and then forgotten.
@@ -281,6 +291,10 @@ struct Inner<P> {
     phases: PhaseLatencies,
     /// Set while a scan for begun txns past their deadline runs, so scans never overlap.
     timeout_scan_running: std::sync::atomic::AtomicBool,
+    /// Set while a status-recovery scan of staged txns runs (§13.3).
+    staged_scan_running: std::sync::atomic::AtomicBool,
+    /// Logs parallel commits' explicit decisions in batches (§13.2).
+    decisions: Arc<DecisionBatcher>,
 }
 
 impl<P: ParticipantClient> Engine<P> {
@@ -291,6 +305,7 @@ impl<P: ParticipantClient> Engine<P> {
     /// An invalid config.
     pub fn new(node: NodeHandle, config: EngineConfig, client: P) -> Result<Self> {
         config.validate()?;
+        let decisions = DecisionBatcher::new(config.decision_batch_max, config.clock.clone());
         Ok(Self {
             inner: Arc::new(Inner {
                 node,
@@ -301,6 +316,8 @@ impl<P: ParticipantClient> Engine<P> {
                 metrics: EngineMetrics::default(),
                 phases: PhaseLatencies::default(),
                 timeout_scan_running: std::sync::atomic::AtomicBool::new(false),
+                staged_scan_running: std::sync::atomic::AtomicBool::new(false),
+                decisions,
             }),
         })
     }
@@ -350,12 +367,19 @@ impl<P: ParticipantClient> Engine<P> {
     /// when leadership changed mid-way (retry with the same txn id).
     pub async fn submit(&self, request: SubmitRequest) -> Result<TxnRecord> {
         let txn_id = request.txn_id;
-        self.require_leader()?;
+        // The term the Prepares go out in: a parallel commit answers only
+        // if this node still leads it after the votes (§13.2).
+        let term = self.inner.node.with_status(|status| {
+            if status.role != crate::node::Role::Leader {
+                return Err(Error::NotLeader { leader_addr: status.leader_addr.clone() });
+            }
+            Ok(status.term)
+        })?;
         // A decided txn answers from the applied log (I5).
-        let (record, forgotten, begun) = self
-            .inner
-            .node
-            .local_read(|sm| (sm.txn(&txn_id).cloned(), sm.may_have_forgotten(&txn_id), sm.is_begun(&txn_id)));
+        let (record, forgotten, begun, staged) = self.inner.node.local_read(|sm| {
+            let staged = sm.staged(&txn_id).map(|s| s.participants.clone());
+            (sm.txn(&txn_id).cloned(), sm.may_have_forgotten(&txn_id), sm.is_begun(&txn_id), staged)
+        });
         let asked: Vec<ParticipantId> = request.branches.iter().map(|(p, _)| p.clone()).collect();
         if let Some(record) = record {
             // An interactive txn's record answers its own Commit, never a
@@ -382,6 +406,11 @@ impl<P: ParticipantClient> Engine<P> {
                  not Submit"
             )));
         }
+        // A staged txn's retry runs it again (its Prepares are answered from
+        // the participants' memory); other work under its id is refused.
+        if let Some(err) = staged.and_then(|known| other_branches(txn_id, &known, &asked)) {
+            return Err(err);
+        }
         self.check_new_txn_id(txn_id, forgotten)?;
         let targets = self.targets(&request.branches)?;
         let participants = targets.iter().map(|(t, _)| t.participant.clone()).collect();
@@ -397,7 +426,7 @@ impl<P: ParticipantClient> Engine<P> {
             Joined::New(outcome) => outcome,
         };
         let waiter = outcome.subscribe();
-        let guard = InflightGuard { inner: self.inner.clone(), txn_id, outcome: Some(outcome) };
+        let mut guard = InflightGuard { inner: self.inner.clone(), txn_id, outcome: Some(outcome) };
         self.inner.metrics.submitted.fetch_add(1, Ordering::Relaxed);
         // The txn runs in its own task: a client that disconnects mid-way must
         // not abandon it between prepare and decision.
@@ -406,7 +435,12 @@ impl<P: ParticipantClient> Engine<P> {
         tokio::spawn(
             async move {
                 let started = Instant::now();
-                let result = engine.prepare_and_decide(&request, targets).await;
+                let result = match engine.inner.config.commit_protocol {
+                    CommitProtocol::Sequential => engine.prepare_and_decide(&request, targets).await,
+                    CommitProtocol::Parallel => {
+                        engine.prepare_and_commit_parallel(&request, targets, &mut guard, term).await
+                    }
+                };
                 engine.inner.phases.submit.record(started.elapsed());
                 guard.finish(result.as_ref());
             }
@@ -435,10 +469,11 @@ impl<P: ParticipantClient> Engine<P> {
     }
 
     fn targets(&self, branches: &[(ParticipantId, bytes::Bytes)]) -> Result<Vec<(Target, bytes::Bytes)>> {
-        let unacknowledged = self.inner.node.local_read(|sm| sm.unacknowledged_count());
+        // A staged txn is a decision waiting to be logged or recovered.
+        let unacknowledged = self.inner.node.local_read(|sm| sm.unacknowledged_count() + sm.staged_count());
         if unacknowledged >= self.inner.config.unacknowledged_max {
             return Err(Error::Overloaded(format!(
-                "{unacknowledged} decided txns wait for participants to acknowledge (unacknowledged_max); \
+                "{unacknowledged} decided or staged txns wait for participants (unacknowledged_max); \
                  is a participant down?"
             )));
         }
@@ -603,6 +638,12 @@ impl<P: ParticipantClient> Engine<P> {
             Applied::DecideRefused { txn_id, refusal: DecideRefusal::FromTheFuture } => {
                 Err(refused_from_the_future(txn_id))
             }
+            Applied::DecideRefused { txn_id, refusal: DecideRefusal::OtherBranches } => {
+                Err(Error::FailedPrecondition(format!(
+                    "txn {txn_id} is staged (docs/PROTOCOL.md §13) with other branches than this decision names; \
+                     retry with the same branches, or use a new txn id for other work"
+                )))
+            }
             other => Err(Error::Corrupt(format!("a Decide entry was applied as {other:?}"))),
         }
     }
@@ -664,15 +705,21 @@ impl<P: ParticipantClient> Engine<P> {
     }
 
     async fn resolve_inner(&self, txn_id: TxnId, asker: Option<&ParticipantId>) -> Result<Resolution> {
-        let (logged, begun_deadline, was_forgotten) = self
+        let (logged, begun_deadline, was_forgotten, staged) = self
             .inner
             .node
             .linearizable_read(|sm| {
                 let begun_deadline = sm.begun(&txn_id).map(|b| b.deadline_unix_ms);
-                (sm.txn(&txn_id).cloned(), begun_deadline, sm.may_have_forgotten(&txn_id))
+                (sm.txn(&txn_id).cloned(), begun_deadline, sm.may_have_forgotten(&txn_id), sm.staged(&txn_id).cloned())
             })
             .await?;
         if let Some(record) = logged {
+            return Ok(Resolution::Decided(decision_for(&record, asker)));
+        }
+        if let Some(staged) = staged {
+            // No presumed abort: the txn may be committed (§13.3). Waits for
+            // its driver here, if it has one.
+            let record = self.recover_staged(&staged).await?;
             return Ok(Resolution::Decided(decision_for(&record, asker)));
         }
         if let Some(deadline) = begun_deadline {
@@ -777,6 +824,10 @@ impl<P: ParticipantClient> Engine<P> {
         }
         if let Some(begun) = begun {
             return Ok(TxnView::Begun(begun));
+        }
+        if let Some(staged) = self.inner.node.local_read(|sm| sm.staged(&txn_id).cloned()) {
+            // Committed or not, status recovery tells (§13.3); until then it is undecided.
+            return Ok(TxnView::Preparing { txn_id, participants: staged.participants });
         }
         if let Some(running) = self.inner.inflight.lock().get(&txn_id) {
             return Ok(TxnView::Preparing { txn_id, participants: running.participants.clone() });
@@ -897,7 +948,10 @@ impl<P: ParticipantClient> Engine<P> {
             tokio::select! {
                 changed = status.changed() => if changed.is_err() { break },
                 _ = gc.tick() => if ready { self.collect_garbage().await },
-                _ = begun_scan.tick() => if ready { self.start_timeout_scan() },
+                _ = begun_scan.tick() => if ready {
+                    self.start_timeout_scan();
+                    self.start_staged_scan();
+                },
             }
         }
         self.on_leadership(false, 0);
@@ -975,6 +1029,13 @@ struct InflightGuard<P> {
 
 impl<P> InflightGuard<P> {
     fn finish(mut self, result: std::result::Result<&TxnRecord, &Error>) {
+        self.tell(result);
+    }
+
+    /// Tells every waiter the outcome now, while the driver keeps the txn
+    /// (a parallel commit answers before logging its decision, §13.2). Only
+    /// the first outcome told counts.
+    fn tell(&mut self, result: std::result::Result<&TxnRecord, &Error>) {
         if let Some(tx) = self.outcome.take() {
             let shared = match result {
                 Ok(record) => Ok(record.clone()),

@@ -1,0 +1,399 @@
+//! Parallel commit (docs/PROTOCOL.md §13): a one-shot txn pays one durable
+//! round. The leader proposes a Staged entry while the Prepares are out; the
+//! txn is committed once that entry is applied and every participant has
+//! durably voted YES, and its Decide entry follows off the critical path,
+//! logged with others in one Decisions entry ([`DecisionBatcher`]).
+//!
+//! A staged txn with no decision and no driver (its leader died, or stopped
+//! between answering and logging) is settled by status recovery: ask every
+//! participant of the Staged entry for its vote, which leaves a tombstone
+//! where there is none, and log Commit if all are YES, Abort otherwise.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use twopc_proto::{Decision, ParticipantId, TxnId, Vote};
+
+use super::{Driver, Engine, InflightGuard, Joined, forgotten, other_branches, refused_from_the_future, wait_outcome};
+use crate::command::{Command, DecideCmd, Proposal};
+use crate::error::{Error, Result};
+use crate::failpoint;
+use crate::node::{NodeHandle, Role};
+use crate::participant_client::{ParticipantClient, Target};
+use crate::state_machine::{Applied, DecideRefusal, StagedRefusal, StagedTxn, TxnRecord};
+
+use super::request::SubmitRequest;
+
+impl<P: ParticipantClient> Engine<P> {
+    /// Runs a one-shot txn under parallel commit and returns its outcome,
+    /// telling `guard`'s waiters as soon as it is known: a Commit before its
+    /// Decide entry is logged (§13.2).
+    pub(super) async fn prepare_and_commit_parallel(
+        &self,
+        request: &SubmitRequest,
+        targets: Vec<(Target, bytes::Bytes)>,
+        guard: &mut InflightGuard<P>,
+        term: u64,
+    ) -> Result<TxnRecord> {
+        let txn_id = request.txn_id;
+        let participants: Vec<ParticipantId> = targets.iter().map(|(t, _)| t.participant.clone()).collect();
+        let staged = Command::Staged {
+            txn_id,
+            participants: participants.clone(),
+            deadline_unix_ms: request.deadline_unix_ms,
+        };
+        // Proposed at once, in a task of its own: the Staged entry's durable
+        // round runs while the participants' do.
+        let engine = self.clone();
+        let staging = tokio::spawn(async move { engine.propose(staged).await });
+        let started = Instant::now();
+        let (votes, abort_reason) = self.prepare_all(request, &targets).await;
+        self.inner.phases.prepare.record(started.elapsed());
+        let branches: Vec<(ParticipantId, Option<Vote>)> =
+            participants.iter().map(|p| (p.clone(), votes.get(p).cloned())).collect();
+        if let Some(reason) = abort_reason {
+            // As §5: the Staged entry, if applied after this, is refused as decided.
+            let record = self.decide(DecideCmd { txn_id, decision: Decision::Abort, reason, branches }).await?;
+            self.deliver(&record);
+            return Ok(record);
+        }
+        let commit = DecideCmd { txn_id, decision: Decision::Commit, reason: String::new(), branches };
+        let implicit = implicit_commit(&commit, self.now_ms());
+        if failpoint::fired(failpoint::PARALLEL_ANSWER_BEFORE_STAGED, || txn_id.to_string()) {
+            // A broken protocol, for the checker's bite: Commit told before
+            // the Staged entry is known applied or the term confirmed.
+            guard.tell(Ok(&implicit));
+        }
+        let staged = staging.await.unwrap_or_else(|e| Err(Error::Retryable(format!("the Staged entry's task: {e}"))));
+        match staged {
+            Ok(Applied::Staged { .. }) => {}
+            Ok(Applied::StagedRefused { refusal, .. }) => return self.staged_refused(commit, &participants, refusal).await,
+            Ok(other) => return Err(Error::Corrupt(format!("a Staged entry was applied as {other:?}"))),
+            // Not known applied: log the decision as §5 does, which is safe
+            // whatever became of the Staged entry (the first decision wins).
+            Err(err) => {
+                tracing::debug!(%txn_id, error = %err, "Staged entry not confirmed; logging the decision instead");
+                return self.commit_sequentially(commit).await;
+            }
+        }
+        if failpoint::fired(failpoint::PARALLEL_AFTER_STAGED, || txn_id.to_string()) {
+            return Err(Error::Retryable(format!("failpoint {}: stopped after staging", failpoint::PARALLEL_AFTER_STAGED)));
+        }
+        // §13.2: no other leader may have recovered the txn before every vote
+        // was in. Still leading in the term the Prepares went out in, after
+        // a ReadIndex started after the last vote, proves it.
+        match self.confirm_term(txn_id, term).await {
+            Ok(None) => {}
+            Ok(Some(record)) => {
+                self.deliver(&record);
+                return Ok(record);
+            }
+            Err(err) => {
+                tracing::debug!(%txn_id, error = %err, "term not confirmed; logging the decision instead");
+                return self.commit_sequentially(commit).await;
+            }
+        }
+        if failpoint::fired(failpoint::PARALLEL_BEFORE_ANSWER, || txn_id.to_string()) {
+            return Err(Error::Retryable(format!("failpoint {}: stopped before answering", failpoint::PARALLEL_BEFORE_ANSWER)));
+        }
+        self.inner.metrics.committed.fetch_add(1, Ordering::Relaxed);
+        self.inner.metrics.parallel_commits.fetch_add(1, Ordering::Relaxed);
+        guard.tell(Ok(&implicit));
+        if failpoint::fired(failpoint::PARALLEL_AFTER_ANSWER, || txn_id.to_string()) {
+            // The staged txn is left for status recovery, as if this leader died here.
+            return Ok(implicit);
+        }
+        // Off the critical path: phase 2 waits for the explicit record, so
+        // no participant forgets its vote before the log holds the decision.
+        let started = Instant::now();
+        let record = self.inner.decisions.log(&self.inner.node, commit).await?;
+        self.inner.phases.decide.record(started.elapsed());
+        self.deliver(&record);
+        Ok(record)
+    }
+
+    /// The answer when the log refused the txn's Staged entry.
+    async fn staged_refused(
+        &self,
+        commit: DecideCmd,
+        participants: &[ParticipantId],
+        refusal: StagedRefusal,
+    ) -> Result<TxnRecord> {
+        let txn_id = commit.txn_id;
+        match refusal {
+            // Decided first (a presumed abort, an operator): the log's record
+            // answers, and a Commit proposed now changes nothing.
+            StagedRefusal::Decided(_) => self.commit_sequentially(commit).await,
+            // Never log a decision here: it could abort the staged txn another
+            // Submit of this id committed; this txn's branches are answered
+            // Abort by Resolve, as the record will not name them (§6).
+            StagedRefusal::OtherBranches => {
+                let known = self.inner.node.local_read(|sm| sm.staged(&txn_id).map(|s| s.participants.clone()));
+                Err(other_branches(txn_id, &known.unwrap_or_default(), participants).unwrap_or_else(|| {
+                    Error::FailedPrecondition(format!("txn {txn_id} is staged with other branches"))
+                }))
+            }
+            StagedRefusal::Begun => Err(Error::FailedPrecondition(format!(
+                "txn {txn_id} is begun (interactive, docs/PROTOCOL.md §12): finish it with Commit or Rollback, not \
+                 Submit"
+            ))),
+            StagedRefusal::Forgotten => Err(forgotten(txn_id)),
+            StagedRefusal::FromTheFuture => Err(refused_from_the_future(txn_id)),
+        }
+    }
+
+    /// Logs `commit` as §5 does, and answers with the record.
+    async fn commit_sequentially(&self, commit: DecideCmd) -> Result<TxnRecord> {
+        let record = self.decide(commit).await?;
+        if record.decision == Decision::Commit {
+            self.inner.metrics.committed.fetch_add(1, Ordering::Relaxed);
+        }
+        self.deliver(&record);
+        Ok(record)
+    }
+
+    /// Confirms this node led throughout `term` up to a ReadIndex started
+    /// now, and returns the txn's record if the log decided it meanwhile.
+    async fn confirm_term(&self, txn_id: TxnId, term: u64) -> Result<Option<TxnRecord>> {
+        let leading = |node: &NodeHandle| node.with_status(|s| s.role == Role::Leader && s.term == term);
+        if !leading(&self.inner.node) {
+            return Err(Error::Retryable(format!("no longer leading term {term}")));
+        }
+        let record = self.inner.node.linearizable_read(|sm| sm.txn(&txn_id).cloned()).await?;
+        if !leading(&self.inner.node) {
+            return Err(Error::Retryable(format!("no longer leading term {term}")));
+        }
+        Ok(record)
+    }
+
+    /// Settles a staged txn that has no decision (docs/PROTOCOL.md §13.3), or
+    /// waits for the driver it has on this leader.
+    ///
+    /// # Errors
+    /// [`Error::NotLeader`]; [`Error::Retryable`] while a participant's vote
+    /// cannot be had (nothing is decided without every vote but a NO).
+    pub(super) async fn recover_staged(&self, staged: &StagedTxn) -> Result<TxnRecord> {
+        self.require_leader()?;
+        let txn_id = staged.txn_id;
+        let outcome = match self.join_or_register(txn_id, staged.participants.clone(), Driver::Recovery)? {
+            Joined::Existing(running) => return wait_outcome(running.outcome).await,
+            Joined::New(outcome) => outcome,
+        };
+        let guard = InflightGuard { inner: self.inner.clone(), txn_id, outcome: Some(outcome) };
+        let result = self.recover_registered(txn_id).await;
+        guard.finish(result.as_ref());
+        result
+    }
+
+    async fn recover_registered(&self, txn_id: TxnId) -> Result<TxnRecord> {
+        // Read again as the txn's driver: it may have been decided meanwhile.
+        let (record, staged) =
+            self.inner.node.linearizable_read(|sm| (sm.txn(&txn_id).cloned(), sm.staged(&txn_id).cloned())).await?;
+        if let Some(record) = record {
+            return Ok(record);
+        }
+        let Some(staged) = staged else {
+            return Err(Error::Retryable(format!("txn {txn_id} is neither staged nor decided here; ask again")));
+        };
+        let timeout = Duration::from_millis(self.inner.config.prepare_timeout_ms);
+        let mut asks: FuturesUnordered<_> = staged
+            .participants
+            .iter()
+            .map(|participant| {
+                let client = self.inner.client.clone();
+                let addr = self.inner.node.local_read(|sm| sm.participant_addr(participant).map(str::to_owned));
+                let participant = participant.clone();
+                async move {
+                    let Some(addr) = addr else {
+                        let why = format!(
+                            "{participant} is not registered; register it again so its vote can be recovered"
+                        );
+                        return (participant, Err(why));
+                    };
+                    let target = Target { participant: participant.clone(), addr };
+                    let vote = client.recover_vote(&target, txn_id, timeout).await.map_err(|e| e.to_string());
+                    (participant, vote)
+                }
+            })
+            .collect();
+        let mut votes: Vec<(ParticipantId, Option<Vote>)> = Vec::with_capacity(staged.participants.len());
+        let (mut no, mut unanswered) = (None, None);
+        while let Some((participant, answer)) = asks.next().await {
+            match answer {
+                Ok(Vote::Yes) => votes.push((participant, Some(Vote::Yes))),
+                Ok(Vote::No { reason }) => {
+                    no.get_or_insert_with(|| format!("status recovery: {participant} did not vote YES: {reason}"));
+                    votes.push((participant, Some(Vote::No { reason })));
+                }
+                Err(why) => {
+                    unanswered.get_or_insert(why);
+                    votes.push((participant, None));
+                }
+            }
+        }
+        if failpoint::fired(failpoint::RECOVERY_BEFORE_DECIDE, || txn_id.to_string()) {
+            return Err(Error::Retryable(format!("failpoint {}: recovery stopped", failpoint::RECOVERY_BEFORE_DECIDE)));
+        }
+        let (decision, reason) = match (no, unanswered) {
+            (Some(reason), _) => (Decision::Abort, reason),
+            // A vote not had may be a YES the old leader answered Commit on.
+            (None, Some(why)) => {
+                return Err(Error::Retryable(format!(
+                    "status recovery of staged txn {txn_id} needs every participant's vote: {why}; retrying"
+                )));
+            }
+            (None, None) => (Decision::Commit, String::new()),
+        };
+        let counter = match decision {
+            Decision::Commit => &self.inner.metrics.recovered_commits,
+            Decision::Abort => &self.inner.metrics.recovered_aborts,
+        };
+        let (record, first) = self.decide_and_deliver(DecideCmd { txn_id, decision, reason, branches: votes }).await?;
+        if first {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::info!(%txn_id, decision = %record.decision, "staged txn settled by status recovery");
+        Ok(record)
+    }
+
+    /// Starts status recovery of the staged txns with no driver here, unless
+    /// a scan is running (docs/PROTOCOL.md §13.3).
+    pub(super) fn start_staged_scan(&self) {
+        if self.inner.staged_scan_running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let max = engine.inner.config.staged_recovery_max;
+            let orphans = {
+                let inflight = engine.inner.inflight.lock();
+                engine.inner.node.local_read(|sm| sm.staged_txns(max, |id| inflight.contains_key(id)))
+            };
+            let mut recoveries: FuturesUnordered<_> = orphans.iter().map(|staged| engine.recover_staged(staged)).collect();
+            while let Some(result) = recoveries.next().await {
+                if let Err(err) = result {
+                    tracing::debug!(error = %err, "staged txn not settled; the next scan retries");
+                }
+            }
+            engine.inner.staged_scan_running.store(false, Ordering::Release);
+        });
+    }
+}
+
+/// The record a parallel commit answers with before its Decide entry is
+/// logged: what that entry will record.
+fn implicit_commit(commit: &DecideCmd, now_unix_ms: u64) -> TxnRecord {
+    TxnRecord {
+        txn_id: commit.txn_id,
+        decision: Decision::Commit,
+        reason: String::new(),
+        branches: commit
+            .branches
+            .iter()
+            .map(|(participant, vote)| crate::state_machine::BranchRecord {
+                participant: participant.clone(),
+                vote: vote.clone(),
+                acknowledged: false,
+                joined: false,
+            })
+            .collect(),
+        decided_unix_ms: now_unix_ms,
+        decision_log_index: 0,
+        finished_unix_ms: None,
+        deadline_unix_ms: None,
+    }
+}
+
+/// What one waiter of a Decisions entry gets back.
+type DecisionAnswer = Result<TxnRecord>;
+
+/// Gathers the explicit decisions of committed staged txns into Decisions
+/// entries (§13.2): one is proposed at a time, and what arrives meanwhile goes
+/// in the next, up to `decision_batch_max`, the way acknowledgements are.
+pub(super) struct DecisionBatcher {
+    batch_max: usize,
+    clock: twopc_proto::Clock,
+    state: Mutex<BatcherState>,
+}
+
+#[derive(Default)]
+struct BatcherState {
+    waiting: Vec<(DecideCmd, oneshot::Sender<DecisionAnswer>)>,
+    proposing: bool,
+}
+
+impl DecisionBatcher {
+    pub(super) fn new(batch_max: usize, clock: twopc_proto::Clock) -> Arc<Self> {
+        Arc::new(Self { batch_max, clock, state: Mutex::default() })
+    }
+
+    /// Logs `cmd` in the next Decisions entry and returns the txn's record.
+    async fn log(self: &Arc<Self>, node: &NodeHandle, mut cmd: DecideCmd) -> Result<TxnRecord> {
+        cmd.cap_reasons();
+        let (reply, answer) = oneshot::channel();
+        let start = {
+            let mut state = self.state.lock();
+            state.waiting.push((cmd, reply));
+            !std::mem::replace(&mut state.proposing, true)
+        };
+        if start {
+            // A task of its own, so a caller going away strands no batch.
+            tokio::spawn(Arc::clone(self).propose_until_drained(node.clone()));
+        }
+        answer.await.unwrap_or_else(|_| Err(Error::Retryable("the decision batch was dropped; outcome unknown".into())))
+    }
+
+    async fn propose_until_drained(self: Arc<Self>, node: NodeHandle) {
+        loop {
+            let batch: Vec<(DecideCmd, oneshot::Sender<DecisionAnswer>)> = {
+                let mut state = self.state.lock();
+                if state.waiting.is_empty() {
+                    state.proposing = false;
+                    return;
+                }
+                let take = state.waiting.len().min(self.batch_max);
+                state.waiting.drain(..take).collect()
+            };
+            let (cmds, replies): (Vec<DecideCmd>, Vec<_>) = batch.into_iter().unzip();
+            let txn_ids: Vec<TxnId> = cmds.iter().map(|c| c.txn_id).collect();
+            let proposal = Proposal { command: Command::Decisions(cmds), proposed_unix_ms: self.clock.unix_now_ms() };
+            match node.propose(&proposal).await {
+                Ok(Applied::DecidedMany(applied)) if applied.len() == replies.len() => {
+                    for ((applied, reply), txn_id) in applied.into_iter().zip(replies).zip(txn_ids) {
+                        let _ = reply.send(decided(txn_id, applied));
+                    }
+                }
+                Ok(other) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(Error::Corrupt(format!("a Decisions entry was applied as {other:?}"))));
+                    }
+                }
+                Err(err) => {
+                    let message = format!("the decision was not logged: {err}; outcome unknown");
+                    for reply in replies {
+                        let _ = reply.send(Err(Error::Retryable(message.clone())));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One decision of a Decisions entry as its driver sees it.
+fn decided(txn_id: TxnId, applied: Applied) -> DecisionAnswer {
+    match applied {
+        Applied::Decided { record, .. } => Ok(record),
+        Applied::DecideRefused { refusal: DecideRefusal::Forgotten, .. } => Err(forgotten(txn_id)),
+        Applied::DecideRefused { refusal: DecideRefusal::FromTheFuture, .. } => Err(refused_from_the_future(txn_id)),
+        Applied::DecideRefused { refusal: DecideRefusal::OtherBranches, .. } => {
+            Err(Error::FailedPrecondition(format!("txn {txn_id} is staged with other branches")))
+        }
+        other => Err(Error::Corrupt(format!("a decision was applied as {other:?}"))),
+    }
+}
