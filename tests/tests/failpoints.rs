@@ -17,6 +17,7 @@ use fail::FailScenario;
 use twopc_bank::{AccountStore as _, BranchState};
 use twopc_coordinator::Error;
 use twopc_coordinator::command::{Command, DecideCmd, Proposal};
+use twopc_coordinator::config::CommitProtocol;
 use twopc_coordinator::failpoint as coordinator_fp;
 use twopc_coordinator::node::{Membership, Role};
 use twopc_participant::failpoint as participant_fp;
@@ -34,10 +35,16 @@ fn account(bank: &str) -> AccountRef {
     AccountRef { bank: bank.into(), account: "acct-0".into() }
 }
 
-/// A world whose banks resolve in-doubt branches after `in_doubt_timeout_ms`.
+/// A world whose banks resolve in-doubt branches after `in_doubt_timeout_ms`,
+/// committing by the default protocol (parallel, docs/PROTOCOL.md §13).
 async fn world(in_doubt_timeout_ms: u64) -> anyhow::Result<World> {
+    world_with(in_doubt_timeout_ms, CommitProtocol::default()).await
+}
+
+/// [`world`] committing by `commit_protocol`.
+async fn world_with(in_doubt_timeout_ms: u64, commit_protocol: CommitProtocol) -> anyhow::Result<World> {
     twopc_tests::init_tracing();
-    let config = WorldConfig { in_doubt_timeout_ms, ..WorldConfig::default() };
+    let config = WorldConfig { in_doubt_timeout_ms, commit_protocol, ..WorldConfig::default() };
     World::start(config).await
 }
 
@@ -128,7 +135,7 @@ async fn a_decision_applied_but_never_sent_is_resolved_by_the_banks() -> anyhow:
     // reach the banks from the next leader either. The banks' in-doubt
     // timeout fires and Resolve gives them the logged Commit.
     let _scenario = FailScenario::setup();
-    let mut world = world(300).await?;
+    let mut world = world_with(300, CommitProtocol::Sequential).await?;
     let txn = TxnId::new();
     fail::cfg(coordinator_fp::DECIDE_AFTER_APPLIED, &format!("return({txn})")).map_err(anyhow::Error::msg)?;
     let leader = world.leader().ok_or_else(|| anyhow::anyhow!("no leader"))?;
@@ -149,7 +156,7 @@ async fn a_decision_applied_but_never_sent_is_delivered_by_the_next_leader() -> 
     // timeout is far beyond the settle bound, so only the next leader's
     // re-drive of unacknowledged decisions can settle the branches.
     let _scenario = FailScenario::setup();
-    let mut world = world(120_000).await?;
+    let mut world = world_with(120_000, CommitProtocol::Sequential).await?;
     let txn = TxnId::new();
     fail::cfg(coordinator_fp::DECIDE_AFTER_APPLIED, &format!("return({txn})")).map_err(anyhow::Error::msg)?;
     let leader = world.leader().ok_or_else(|| anyhow::anyhow!("no leader"))?;
@@ -209,6 +216,136 @@ async fn an_acknowledgement_batch_whose_proposal_failed_is_proposed_again() -> a
     assert_invariants_hold(&mut world).await?;
     world.stop().await;
     Ok(())
+}
+
+/// Arms `failpoint` for `txn`, runs the transfer, then kills the leader and
+/// clears the failpoint: the next leader must settle the staged txn.
+async fn parallel_crash(world: &mut World, failpoint: &str, txn: TxnId) -> anyhow::Result<ClientOutcome> {
+    fail::cfg(failpoint, &format!("return({txn})")).map_err(anyhow::Error::msg)?;
+    let leader = world.leader().ok_or_else(|| anyhow::anyhow!("no leader"))?;
+    let outcome = world.teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 100).await;
+    world.kill(leader).await?;
+    fail::remove(failpoint);
+    Ok(outcome)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parallel_commit_whose_leader_stops_after_staging_is_committed_by_status_recovery() -> anyhow::Result<()> {
+    // §13.4: the Staged entry is applied and both banks voted YES, then the
+    // leader stops before answering (every retry of the client stops there
+    // too). Nobody was told; status recovery finds both YES and logs Commit,
+    // which both banks apply. The banks' in-doubt timeout is far beyond the
+    // settle bound, so only recovery by a leader can settle them.
+    let _scenario = FailScenario::setup();
+    let mut world = world(120_000).await?;
+    let txn = TxnId::new();
+    let outcome = parallel_crash(&mut world, coordinator_fp::PARALLEL_AFTER_STAGED, txn).await?;
+    assert_ne!(outcome, ClientOutcome::Aborted, "both banks voted YES");
+    wait_branch(&world, 0, txn, BranchState::Committed).await?;
+    wait_branch(&world, 1, txn, BranchState::Committed).await?;
+    assert_invariants_hold(&mut world).await?;
+    world.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parallel_commit_whose_leader_stops_before_answering_is_committed_by_status_recovery() -> anyhow::Result<()> {
+    // §13.4: committed (Staged applied, both YES, term confirmed) and nobody told.
+    let _scenario = FailScenario::setup();
+    let mut world = world(120_000).await?;
+    let txn = TxnId::new();
+    let outcome = parallel_crash(&mut world, coordinator_fp::PARALLEL_BEFORE_ANSWER, txn).await?;
+    assert_ne!(outcome, ClientOutcome::Aborted, "both banks voted YES");
+    wait_branch(&world, 0, txn, BranchState::Committed).await?;
+    wait_branch(&world, 1, txn, BranchState::Committed).await?;
+    assert_invariants_hold(&mut world).await?;
+    world.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parallel_commit_answered_but_never_logged_is_logged_commit_by_the_next_leader() -> anyhow::Result<()> {
+    // §13.4, the point that matters: the client was told Commit and the log
+    // holds only the Staged entry when the leader dies. The next leader's
+    // status recovery must log Commit (a presumed abort here would break I8).
+    let _scenario = FailScenario::setup();
+    let mut world = world(120_000).await?;
+    let txn = TxnId::new();
+    let outcome = parallel_crash(&mut world, coordinator_fp::PARALLEL_AFTER_ANSWER, txn).await?;
+    assert_eq!(outcome, ClientOutcome::Committed, "the answer came before the Decide entry");
+    wait::until("every node to hold Commit", SETTLE, || async {
+        let states = world.cluster.states();
+        states.values().all(|sm| sm.txn(&txn).is_some_and(|r| r.decision == Decision::Commit)).then_some(())
+    })
+    .await?;
+    wait_branch(&world, 0, txn, BranchState::Committed).await?;
+    wait_branch(&world, 1, txn, BranchState::Committed).await?;
+    assert_invariants_hold(&mut world).await?;
+    world.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_recovery_that_stops_before_deciding_is_redone_with_the_same_outcome() -> anyhow::Result<()> {
+    // §13.4 mid-recovery: the first recoveries stop after asking the banks;
+    // asking again gets the same votes, and the txn told Commit is logged Commit.
+    let _scenario = FailScenario::setup();
+    let mut world = world(120_000).await?;
+    let txn = TxnId::new();
+    fail::cfg(coordinator_fp::RECOVERY_BEFORE_DECIDE, &format!("3*return({txn})")).map_err(anyhow::Error::msg)?;
+    let outcome = parallel_crash(&mut world, coordinator_fp::PARALLEL_AFTER_ANSWER, txn).await?;
+    assert_eq!(outcome, ClientOutcome::Committed);
+    let settled = wait_branch(&world, 0, txn, BranchState::Committed).await;
+    fail::remove(coordinator_fp::RECOVERY_BEFORE_DECIDE);
+    settled?;
+    wait_branch(&world, 1, txn, BranchState::Committed).await?;
+    assert_invariants_hold(&mut world).await?;
+    world.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_txn_a_bank_never_prepared_is_aborted_and_its_late_prepare_refused() -> anyhow::Result<()> {
+    // §13.3: a Staged entry whose Prepares never arrived (its leader died at
+    // once). Status recovery asks both banks; each holds no record, leaves a
+    // tombstone and answers NO, so the log gets Abort, and a Submit of the
+    // same txn, prepared now, cannot commit it.
+    let _scenario = FailScenario::setup();
+    let mut world = world(120_000).await?;
+    let leader = world.leader().ok_or_else(|| anyhow::anyhow!("no leader"))?;
+    let txn = TxnId::new();
+    let staged = Command::Staged {
+        txn_id: txn,
+        participants: vec!["bank-a".parse()?, "bank-b".parse()?],
+        deadline_unix_ms: twopc_proto::txn_id::unix_now_ms() + 10_000,
+    };
+    let proposal = Proposal { command: staged, proposed_unix_ms: twopc_proto::txn_id::unix_now_ms() };
+    world.cluster.node(leader).propose(&proposal).await?;
+    let record = wait::until("status recovery to decide the txn", SETTLE, || async {
+        world.cluster.node(leader).local_read(|sm| sm.txn(&txn).cloned())
+    })
+    .await?;
+    assert_eq!(record.decision, Decision::Abort, "{record:?}");
+    assert!(record.reason.starts_with("status recovery"), "{record:?}");
+    let outcome = world.teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 100).await;
+    assert_eq!(outcome, ClientOutcome::Aborted);
+    assert_eq!(branch(&world, 0, txn).await, None, "bank-a staged nothing");
+    assert_invariants_hold(&mut world).await?;
+    world.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_catches_a_parallel_commit_answered_before_its_staged_entry() {
+    // The checker bites (I8): a leader that answers Commit once the votes are
+    // in, before its Staged entry is applied, tells clients Commit for txns a
+    // leader change then settles as Abort (no Staged entry: presumed abort).
+    let _scenario = FailScenario::setup();
+    twopc_tests::init_tracing();
+    fail::cfg(coordinator_fp::PARALLEL_ANSWER_BEFORE_STAGED, "return").expect("a valid action");
+    let found = sim::first_violation(FaultMix::Partitions, 40, |_| {}).await;
+    let (seed, invariants) = found.expect("the simulation reports the broken protocol within 40 seeds");
+    assert!(invariants.contains(&Invariant::I8) || invariants.contains(&Invariant::I2), "seed {seed} named {invariants:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

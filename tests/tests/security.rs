@@ -160,7 +160,11 @@ async fn transfers_commit_with_every_connection_over_mutual_tls() -> anyhow::Res
         let txn = TxnId::new();
         let response = submit(&app, transfer(txn)).await?;
         assert_eq!(response.decision, i32::from(pb::Decision::Commit), "{response:?}");
-        assert_eq!((s.a.resource.commit_count(txn), s.b.resource.commit_count(txn)), (1, 1));
+        // Phase 2 follows the answer (docs/PROTOCOL.md §5, §13.2).
+        twopc_tests::wait::until("both banks to commit", Duration::from_secs(20), || async {
+            ((s.a.resource.commit_count(txn), s.b.resource.commit_count(txn)) == (1, 1)).then_some(())
+        })
+        .await?;
     }
     s.cluster.stop().await
 }

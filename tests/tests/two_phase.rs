@@ -9,6 +9,7 @@ use twopc_client::ClusterClient;
 use twopc_proto::pb::coordinator_client::CoordinatorClient;
 use twopc_proto::txn_id::unix_now_ms;
 use twopc_proto::{Decision, TxnId, pb};
+use twopc_coordinator::config::CommitProtocol;
 use twopc_tests::cluster::Cluster;
 use twopc_tests::participants::{BlackHole, TestParticipant};
 use twopc_tests::wait;
@@ -190,7 +191,9 @@ fn submit_once(
 async fn a_leader_killed_before_logging_leaves_participants_to_resolve_to_abort() -> anyhow::Result<()> {
     // §6 presumed abort: prepared branches whose leader died undecided are
     // aborted through Resolve, and a retried Submit gets that single outcome.
-    let mut s = setup(300, Box::new(|_| {})).await?;
+    // (§5's protocol: under parallel commit the Staged entry makes it a
+    // Commit, tested below.)
+    let mut s = setup(300, sequential()).await?;
     let leader = s.cluster.wait_for_leader().await?;
     s.cluster.gate.hold_after_prepare(true);
     let txn = TxnId::new();
@@ -209,11 +212,83 @@ async fn a_leader_killed_before_logging_leaves_participants_to_resolve_to_abort(
     s.cluster.stop().await
 }
 
+/// Coordinators that commit by §5 (prepare, then log the decision).
+fn sequential() -> twopc_tests::cluster::Tweak {
+    Box::new(|c| c.engine.commit_protocol = CommitProtocol::Sequential)
+}
+
+/// Waits until every node has applied the txn's Staged entry (§13.1).
+async fn wait_staged(s: &Setup, txn: TxnId) -> anyhow::Result<()> {
+    wait::until("the Staged entry on every node", SETTLE, || async {
+        s.cluster.states().values().all(|sm| sm.staged(&txn).is_some() || sm.txn(&txn).is_some()).then_some(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_parallel_commit_whose_leader_died_after_both_votes_is_committed_by_the_next_leader() -> anyhow::Result<()> {
+    // §13.3: the Staged entry is applied and both banks voted YES, then the
+    // leader dies before answering. Whoever settles the txn next (the new
+    // leader's scan, or a bank's Resolve) runs status recovery: both YES, so
+    // Commit, which a retried Submit also gets. A presumed abort here would
+    // be wrong: the old leader might have answered Commit.
+    let mut s = setup(300, Box::new(|_| {})).await?;
+    let leader = s.cluster.wait_for_leader().await?;
+    s.cluster.gate.hold_after_prepare(true);
+    let txn = TxnId::new();
+    let req = request(txn, &[("bank-a", "debit"), ("bank-b", "credit")]);
+    let pending = submit_once(s.cluster.addr(leader), req.clone());
+    wait::until("both branches prepared", SETTLE, || async { (s.cluster.gate.prepares_answered() >= 2).then_some(()) })
+        .await?;
+    wait_staged(&s, txn).await?;
+    s.cluster.kill(leader).await?;
+    s.cluster.gate.hold_after_prepare(false);
+    assert!(pending.await?.is_err(), "the dead leader answered nothing");
+    wait::resource("bank-a to commit", &s.a.resource, SETTLE, |r| r.commit_count(txn) == 1).await?;
+    wait::resource("bank-b to commit", &s.b.resource, SETTLE, |r| r.commit_count(txn) == 1).await?;
+    let retried = submit(&s.client, req).await?;
+    assert_eq!(retried.decision, pb::Decision::Commit as i32);
+    s.cluster.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parallel_leader_cut_off_after_the_votes_cannot_answer_commit_against_the_majority() -> anyhow::Result<()> {
+    // §13.2: the leader is isolated with both YES votes in hand and its
+    // Staged entry applied. The majority's new leader settles the txn by
+    // status recovery; the old leader cannot confirm its term, so it never
+    // answers Commit on its own: whatever it answers is what the log holds.
+    let s = setup(300, Box::new(|_| {})).await?;
+    let old_leader = s.cluster.wait_for_leader().await?;
+    s.cluster.gate.hold_after_prepare(true);
+    let txn = TxnId::new();
+    let pending = submit_once(s.cluster.addr(old_leader), request(txn, &[("bank-a", "debit"), ("bank-b", "credit")]));
+    wait::until("both branches prepared", SETTLE, || async { (s.cluster.gate.prepares_answered() >= 2).then_some(()) })
+        .await?;
+    wait_staged(&s, txn).await?;
+    s.cluster.faults.isolate(old_leader);
+    wait::resource("bank-a to commit via recovery", &s.a.resource, SETTLE, |r| r.commit_count(txn) == 1).await?;
+    wait::resource("bank-b to commit via recovery", &s.b.resource, SETTLE, |r| r.commit_count(txn) == 1).await?;
+    s.cluster.gate.hold_after_prepare(false);
+    let outcome = pending.await?;
+    assert!(
+        outcome.as_ref().map_or(true, |r| r.decision == pb::Decision::Commit as i32),
+        "the isolated leader reported {outcome:?}"
+    );
+    s.cluster.faults.heal();
+    s.cluster.wait_for_leader().await?;
+    wait::until("every node to hold Commit", SETTLE, || async {
+        s.cluster.states().values().all(|sm| sm.txn(&txn).is_some_and(|r| r.decision == Decision::Commit)).then_some(())
+    })
+    .await?;
+    s.cluster.stop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deposed_leader_cut_off_in_a_minority_cannot_decide() -> anyhow::Result<()> {
     // I2: a leader isolated mid-txn cannot log its decision; the majority's
     // presumed abort is the only outcome, and every node ends up agreeing.
-    let s = setup(300, Box::new(|_| {})).await?;
+    // (§5's protocol; the parallel one is tested below.)
+    let s = setup(300, sequential()).await?;
     let old_leader = s.cluster.wait_for_leader().await?;
     s.cluster.gate.hold_after_prepare(true);
     let txn = TxnId::new();

@@ -57,6 +57,8 @@ impl<P: ParticipantClient> Engine<P> {
         self.inner.phases.prepare.record(started.elapsed());
         let branches: Vec<(ParticipantId, Option<Vote>)> =
             participants.iter().map(|p| (p.clone(), votes.get(p).cloned())).collect();
+        // A broken protocol, for tests of the invariant checker.
+        let abort_reason = abort_reason.filter(|_| !failpoint::fired(failpoint::PREPARE_IGNORE_VOTES, || txn_id.to_string()));
         if let Some(reason) = abort_reason {
             // As §5: the Staged entry, if applied after this, is refused as decided.
             let record = self.decide(DecideCmd { txn_id, decision: Decision::Abort, reason, branches }).await?;

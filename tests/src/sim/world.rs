@@ -13,7 +13,7 @@ use tempfile::TempDir;
 use tokio::time::Instant;
 use twopc_bank::{AccountStore as _, Transfer};
 use twopc_client::{ClientConfig, ClusterClient};
-use twopc_coordinator::config::EngineConfig;
+use twopc_coordinator::config::{CommitProtocol, EngineConfig};
 use twopc_coordinator::lossy_disk::CrashReport;
 use twopc_coordinator::node::Role;
 use twopc_participant::ParticipantConfig;
@@ -63,6 +63,9 @@ pub struct WorldConfig {
     /// skips its fsync, so it votes YES and acknowledges decisions before
     /// anything is durable (against I3), and a crash takes back what it said.
     pub banks_skip_fsync: bool,
+    /// How the coordinators commit one-shot txns (docs/PROTOCOL.md §5, §13).
+    /// Default: the engine's default, parallel.
+    pub commit_protocol: CommitProtocol,
 }
 
 impl Default for WorldConfig {
@@ -80,6 +83,7 @@ impl Default for WorldConfig {
             election_seed: 0,
             retention_ms: EngineConfig::default().retention_ms,
             banks_skip_fsync: false,
+            commit_protocol: CommitProtocol::default(),
         }
     }
 }
@@ -366,6 +370,7 @@ impl World {
         let tick = config.tick_interval_ms;
         let election_seed = config.election_seed;
         let retention_ms = config.retention_ms;
+        let commit_protocol = config.commit_protocol;
         let deadline_max_ms = deadline_max_ms(retention_ms);
         let clocks: BTreeMap<u64, Clock> = (1..=config.coordinators).map(|id| (id, Clock::system())).collect();
         let node_clocks = clocks.clone();
@@ -387,6 +392,7 @@ impl World {
                 c.engine.retention_ms = retention_ms;
                 c.engine.deadline_max_ms = deadline_max_ms;
                 c.engine.gc_interval_ms = c.engine.gc_interval_ms.min(retention_ms / 10).max(1);
+                c.engine.commit_protocol = commit_protocol;
             }),
         )
         .await?;
