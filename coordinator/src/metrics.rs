@@ -85,6 +85,8 @@ pub struct TxnGauges {
     pub unacknowledged: usize,
     /// Interactive txns begun and not decided.
     pub begun: usize,
+    /// One-shot txns staged under parallel commit and not decided (docs/PROTOCOL.md §13).
+    pub staged: usize,
 }
 
 /// Renders the node's metrics in the Prometheus text format.
@@ -155,6 +157,12 @@ pub fn render(status: &NodeStatus, engine: &EngineMetrics, phases: &PhaseLatenci
         gauges.unacknowledged as u64,
     );
     gauge(&mut out, "twopc_txns_begun", "Interactive txns begun and not decided.", gauges.begun as u64);
+    gauge(
+        &mut out,
+        "twopc_txns_staged",
+        "One-shot txns staged under parallel commit whose decision is not logged yet.",
+        gauges.staged as u64,
+    );
     gauge(&mut out, "twopc_raft_term", "Current raft term.", status.term);
     gauge(&mut out, "twopc_raft_is_leader", "1 on the leader.", u64::from(status.role == Role::Leader));
     gauge(&mut out, "twopc_raft_committed_index", "Raft committed index.", status.raft_committed_index);
@@ -233,7 +241,7 @@ mod tests {
         engine.joined.fetch_add(5, Ordering::Relaxed);
         let phases = PhaseLatencies::default();
         phases.submit.record(Duration::from_millis(2));
-        let text = render(&NodeStatus::default(), &engine, &phases, TxnGauges { unacknowledged: 0, begun: 4 });
+        let text = render(&NodeStatus::default(), &engine, &phases, TxnGauges { unacknowledged: 0, begun: 4, staged: 0 });
         assert!(text.contains("twopc_txns_committed_total 3"));
         assert!(text.contains("twopc_txns_aborted_total{cause=\"timed_out\"} 2"));
         assert!(text.contains("twopc_branches_joined_total 5"));

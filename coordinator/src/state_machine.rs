@@ -782,6 +782,17 @@ impl StateMachine {
         self.staged.values().filter(|s| !skip(&s.txn_id)).take(max).cloned().collect()
     }
 
+    /// Staged txns in id order after `after`, created before the given time, at most `limit`.
+    pub fn list_staged(&self, created_before_unix_ms: u64, after: Option<TxnId>, limit: usize) -> Vec<&StagedTxn> {
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.staged
+            .range((start, Bound::Unbounded))
+            .map(|(_, staged)| staged)
+            .take_while(|s| s.txn_id.created_unix_ms() < created_before_unix_ms)
+            .take(limit)
+            .collect()
+    }
+
     /// Whether a txn is begun and undecided (one map lookup: Submit's check).
     pub fn is_begun(&self, txn_id: &TxnId) -> bool {
         self.begun.contains_key(txn_id)

@@ -61,6 +61,10 @@
 //! | Decide | contradicts the recorded decision or a NO vote (logged as a protocol violation) | `FAILED_PRECONDITION` |
 //! | Decide | repeated | OK, nothing changes (I5) |
 //! | Decide | Abort for a txn never prepared here | OK, a tombstone is kept (I4) |
+//! | RecoverVote | the branch is prepared or committed here | OK, vote YES (docs/PROTOCOL.md §13.3) |
+//! | RecoverVote | voted NO, aborted, its prepare failed before voting, or staged for a join | OK, vote NO |
+//! | RecoverVote | no record of the txn | OK, vote NO; a tombstone is kept, so a later Prepare votes NO |
+//! | RecoverVote | no record, and the outcome memory is full of entries it may not evict | `RESOURCE_EXHAUSTED` |
 //! | PrepareBatch, DecideBatch | no items, or more than `prepare_batch_max` / `decide_batch_max` | `INVALID_ARGUMENT` |
 //! | PrepareBatch, DecideBatch | `participant` non-empty and not this participant's id | `FAILED_PRECONDITION` |
 //! | PrepareBatch, DecideBatch | otherwise | OK, one result per item: the code its own Prepare or Decide would return (0 for OK, with the vote) |

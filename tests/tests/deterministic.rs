@@ -156,6 +156,22 @@ fn the_checker_catches_a_leader_that_ignores_no_votes_deterministically() {
 
 #[cfg(feature = "failpoints")]
 #[test]
+fn the_checker_catches_a_parallel_commit_answered_before_its_staged_entry_deterministically() {
+    // The checker bites (I2 as the client heard it): a leader that answers
+    // Commit once the votes are in, before its Staged entry is applied and
+    // its term confirmed (docs/PROTOCOL.md §13.2), tells clients Commit for
+    // txns a partitioned-off leader never staged and the majority presumes aborted.
+    let (seed, invariants) = first_violation_with(
+        twopc_coordinator::failpoint::PARALLEL_ANSWER_BEFORE_STAGED,
+        FaultMix::Partitions,
+        40,
+        |_| {},
+    );
+    assert!(invariants.contains(&Invariant::I2) || invariants.contains(&Invariant::I8), "seed {seed}: {invariants:?}");
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
 fn the_checker_catches_a_bank_that_releases_holds_on_a_timer_deterministically() {
     // The checker bites (I4 broken, seen as I1): banks that abort in-doubt
     // branches on their own disagree with the logged Commit when phase 2 is slow.

@@ -329,8 +329,9 @@ impl<P: ParticipantClient> Engine<P> {
 
     /// The node's metrics in the Prometheus text format.
     pub fn render_metrics(&self) -> String {
-        let (unacknowledged, begun) = self.inner.node.local_read(|sm| (sm.unacknowledged_count(), sm.begun_count()));
-        let gauges = crate::metrics::TxnGauges { unacknowledged, begun };
+        let (unacknowledged, begun, staged) =
+            self.inner.node.local_read(|sm| (sm.unacknowledged_count(), sm.begun_count(), sm.staged_count()));
+        let gauges = crate::metrics::TxnGauges { unacknowledged, begun, staged };
         crate::metrics::render(&self.inner.node.status(), &self.inner.metrics, &self.inner.phases, gauges)
     }
 
@@ -847,11 +848,17 @@ impl<P: ParticipantClient> Engine<P> {
         let created_before = self.now_ms().saturating_sub(request.older_than_ms);
         let (after, limit) = (request.after, request.limit);
         let mut views: Vec<TxnView> = if request.undecided {
+            // Staged txns (§13) are undecided until their Decide entry: listed as preparing.
             let begun: Vec<TxnView> = self
                 .inner
                 .node
                 .linearizable_read(|sm| {
-                    sm.list_begun(created_before, after, limit).into_iter().map(|b| TxnView::Begun(b.clone())).collect()
+                    let begun = sm.list_begun(created_before, after, limit).into_iter().map(|b| TxnView::Begun(b.clone()));
+                    let staged = sm.list_staged(created_before, after, limit).into_iter().map(|s| TxnView::Preparing {
+                        txn_id: s.txn_id,
+                        participants: s.participants.clone(),
+                    });
+                    begun.chain(staged).collect()
                 })
                 .await?;
             let running: Vec<(TxnId, Vec<ParticipantId>)> = self

@@ -6,8 +6,10 @@
 //! - [`operator`]: `Admin.Decide` for random txns: ones a client is running
 //!   right now, decided ones, and fresh ids.
 //! - [`stray`]: `Resolve` and `Submit` for ids that are old, from before the
-//!   retention horizon, running, from the far future or malformed, and
-//!   Submits of finished txns again with other branches.
+//!   retention horizon, running, from the far future or malformed, Submits
+//!   of finished txns again with other branches, and a bank's `RecoverVote`
+//!   (status recovery, docs/PROTOCOL.md §13.3) for running txns and fresh
+//!   ids, as if some leader recovered them.
 //! - [`misuse`]: interactive txns (docs/PROTOCOL.md §12) used out of order:
 //!   Joins of decided, unknown and future ids and after a Rollback, Commit
 //!   and Rollback of unknown ids, a Commit racing a Rollback or a Join,
@@ -205,7 +207,8 @@ async fn stray_step(
     tally: &mut Tally,
 ) {
     let history = teller.history();
-    match rng.random_range(0..12) {
+    match rng.random_range(0..13) {
+        12 => recover_vote(teller, tally, rng).await,
         0..=2 => {
             if let Some(old) = history.choose(rng) {
                 resolve(teller, client, tally, "resolve old", old.txn_id).await;
@@ -258,6 +261,22 @@ async fn stray_step(
             }
         }
     }
+}
+
+/// A `RecoverVote` at a bank (docs/PROTOCOL.md §13.3) from a caller that is
+/// no recovering leader: for a txn a client runs right now (the bank then
+/// refuses its Prepare if it has not voted yet, and the txn aborts), or for
+/// a fresh id. Whatever it does to running txns, every invariant must hold.
+async fn recover_vote(teller: &Teller, tally: &mut Tally, rng: &mut StdRng) {
+    let Some(bank) = teller.bank_names().choose(rng).cloned() else { return };
+    let Some(mut participant) = teller.bank_participant(&bank) else { return };
+    let (txn_id, call) = match running_txn(teller, rng).await {
+        Some(running) if rng.random_bool(0.7) => (running, "recover vote of a running txn"),
+        _ => (TxnId::new(), "recover vote of a fresh id"),
+    };
+    let request = pb::RecoverVoteRequest { txn_id: txn_id.to_string(), participant: bank };
+    let answer = participant.recover_vote(request).await;
+    tally.note(call, &answer);
 }
 
 async fn resolve(teller: &Teller, client: &ClusterClient, tally: &mut Tally, call: &str, txn_id: TxnId) {

@@ -267,6 +267,15 @@ impl Teller {
         self.banks.get(name).map(|channel| BankClient::new(channel.clone()))
     }
 
+    /// A client of bank `name`'s participant API (Prepare, Decide,
+    /// RecoverVote), which it serves on the same port, if there is such a bank.
+    pub fn bank_participant(
+        &self,
+        name: &str,
+    ) -> Option<twopc_proto::pb::participant_client::ParticipantClient<Channel>> {
+        self.banks.get(name).map(|channel| twopc_proto::pb::participant_client::ParticipantClient::new(channel.clone()))
+    }
+
     /// The banks' names.
     pub fn bank_names(&self) -> Vec<String> {
         self.banks.keys().cloned().collect()
