@@ -59,6 +59,11 @@ pub struct PhaseLatencies {
     pub prepare: Latency,
     /// Decision proposed to decision applied (the Raft round trip and fsyncs).
     pub decide: Latency,
+    /// Parallel commit: Staged entry proposed to applied, in step with the
+    /// prepare phase (docs/PROTOCOL.md §13.2).
+    pub staged: Latency,
+    /// Parallel commit: the term confirmation (a ReadIndex) after the last vote.
+    pub confirm: Latency,
 }
 
 fn counter(out: &mut String, name: &str, help: &str, value: u64) {
@@ -171,6 +176,13 @@ pub fn render(status: &NodeStatus, engine: &EngineMetrics, phases: &PhaseLatenci
     summary(&mut out, "twopc_submit_seconds", "Submit latency on the leader.", &phases.submit);
     summary(&mut out, "twopc_prepare_seconds", "Prepare phase latency.", &phases.prepare);
     summary(&mut out, "twopc_decide_seconds", "Decision log latency (propose to applied).", &phases.decide);
+    summary(&mut out, "twopc_staged_seconds", "Parallel commit: Staged entry latency (propose to applied).", &phases.staged);
+    summary(
+        &mut out,
+        "twopc_confirm_seconds",
+        "Parallel commit: term confirmation (ReadIndex) after the last vote.",
+        &phases.confirm,
+    );
     out
 }
 

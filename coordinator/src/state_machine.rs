@@ -295,6 +295,9 @@ pub const TXN_STATE_DECIDED_ABORT: &str = "DECIDED ABORT";
 pub const TXN_STATE_TIMED_OUT: &str = "TIMED OUT";
 /// `twopc-txn-state` of a txn the log never began.
 pub const TXN_STATE_UNKNOWN: &str = "UNKNOWN";
+/// The state of a staged txn (parallel commit, docs/PROTOCOL.md §13) whose
+/// Decide entry was refused: status recovery decides it.
+pub const TXN_STATE_STAGED: &str = "STAGED";
 /// `twopc-txn-state` of a txn id created before the log's retention horizon.
 pub const TXN_STATE_FORGOTTEN: &str = "FORGOTTEN";
 
@@ -322,6 +325,11 @@ pub enum DecideRefusal {
     /// Staged entry: its record would drop a participant that may have voted
     /// YES to a txn already answered Commit (I1).
     OtherBranches,
+    /// The txn is staged (§13.1) and the entry is not a decision its votes
+    /// make: Commit without every vote YES, or Abort without a NO (a presumed
+    /// abort, an operator's decision, an Abort for a missing vote). Status
+    /// recovery decides it instead.
+    Staged,
 }
 
 /// How far a txn id's creation time may lie ahead of a Decide entry's
@@ -610,23 +618,31 @@ impl StateMachine {
         })
     }
 
-    /// The first decision of a staged txn (docs/PROTOCOL.md §13). Its record
-    /// names every participant of the Staged entry: one the entry gives no
-    /// vote for (a presumed abort, an operator's decision) gets none, and is
-    /// told the decision like the rest.
+    /// The first decision of a staged txn (docs/PROTOCOL.md §13.1). A staged
+    /// txn is decided by its votes alone: the entry must name exactly the
+    /// Staged entry's participants, and give Commit only with every vote YES,
+    /// Abort only with a NO among them. Anything else (a presumed abort, an
+    /// operator's decision, an Abort for a vote that never came) is refused:
+    /// some leader may have answered Commit on every participant's YES, and
+    /// only a NO, which no participant ever turns into a YES, rules that out.
     fn decide_staged(&mut self, index: u64, now: u64, cmd: &DecideCmd, participants: Vec<ParticipantId>) -> Applied {
         let named: Vec<ParticipantId> = cmd.branches.iter().map(|(p, _)| p.clone()).collect();
         if !cmd.branches.is_empty() && !same_participants(&named, &participants) {
             return Applied::DecideRefused { txn_id: cmd.txn_id, refusal: DecideRefusal::OtherBranches };
         }
-        self.staged.remove(&cmd.txn_id);
-        let branches = if cmd.branches.is_empty() {
-            participants.into_iter().map(|p| (p, None)).collect()
-        } else {
-            cmd.branches.clone()
+        let votes = cmd.branches.iter().map(|(_, vote)| vote);
+        let decided_by_votes = match cmd.decision {
+            Decision::Commit => !cmd.branches.is_empty() && votes.clone().all(|v| matches!(v, Some(Vote::Yes))),
+            Decision::Abort => votes.clone().any(|v| matches!(v, Some(Vote::No { .. }))),
         };
-        let branches = branches
-            .into_iter()
+        if !decided_by_votes {
+            return Applied::DecideRefused { txn_id: cmd.txn_id, refusal: DecideRefusal::Staged };
+        }
+        self.staged.remove(&cmd.txn_id);
+        let branches = cmd
+            .branches
+            .iter()
+            .cloned()
             .map(|(participant, vote)| BranchRecord {
                 acknowledged: matches!(vote, Some(Vote::No { .. })),
                 participant,
@@ -1537,5 +1553,65 @@ mod tests {
         );
         let restored = StateMachine::from_snapshot(&sm.to_snapshot()).expect("decodes");
         assert_eq!(restored, sm);
+    }
+
+    fn staged_entry(txn_id: TxnId) -> Proposal {
+        Proposal {
+            command: Command::Staged { txn_id, participants: vec![pid("a"), pid("b")], deadline_unix_ms: u64::MAX },
+            proposed_unix_ms: unix_now_ms(),
+        }
+    }
+
+    fn decide_votes(txn_id: TxnId, decision: Decision, votes: Vec<(&str, Option<Vote>)>) -> Proposal {
+        let branches = votes.into_iter().map(|(p, v)| (pid(p), v)).collect();
+        Proposal {
+            command: Command::Decide(DecideCmd { txn_id, decision, reason: "r".into(), branches }),
+            proposed_unix_ms: unix_now_ms(),
+        }
+    }
+
+    // §13.1: a staged txn is decided by its votes alone. A presumed abort, an
+    // operator's decision, an Abort for a vote that never came, a Commit
+    // without every YES and a decision naming other branches are refused and
+    // change nothing; an Abort with a NO, or a Commit with every YES, decides it.
+    #[test]
+    fn a_staged_txn_is_decided_only_by_its_votes() {
+        let mut sm = StateMachine::default();
+        let txn = TxnId::new();
+        assert!(matches!(sm.apply(1, &staged_entry(txn)), Applied::Staged { first: true, .. }));
+        assert!(matches!(sm.apply(2, &staged_entry(txn)), Applied::Staged { first: false, .. }));
+        let refused = |refusal| Applied::DecideRefused { txn_id: txn, refusal };
+        let staged = DecideRefusal::Staged;
+        assert_eq!(sm.apply(3, &decide_votes(txn, Decision::Abort, vec![])), refused(staged));
+        assert_eq!(sm.apply(4, &decide_votes(txn, Decision::Commit, vec![])), refused(staged));
+        let missing = vec![("a", Some(Vote::Yes)), ("b", None)];
+        assert_eq!(sm.apply(5, &decide_votes(txn, Decision::Abort, missing.clone())), refused(staged));
+        assert_eq!(sm.apply(6, &decide_votes(txn, Decision::Commit, missing)), refused(staged));
+        let other = vec![("a", Some(Vote::Yes)), ("c", Some(Vote::Yes))];
+        assert_eq!(sm.apply(7, &decide_votes(txn, Decision::Commit, other)), refused(DecideRefusal::OtherBranches));
+        assert!(sm.staged(&txn).is_some() && sm.txn(&txn).is_none(), "nothing changed");
+        let no = vec![("a", Some(Vote::Yes)), ("b", Some(Vote::no("insufficient funds")))];
+        assert!(matches!(sm.apply(8, &decide_votes(txn, Decision::Abort, no)), Applied::Decided { first: true, .. }));
+        assert!(sm.staged(&txn).is_none());
+        assert!(matches!(sm.apply(9, &staged_entry(txn)), Applied::StagedRefused { .. }), "decided: never staged again");
+
+        let committed = TxnId::new();
+        sm.apply(10, &staged_entry(committed));
+        let yes = vec![("b", Some(Vote::Yes)), ("a", Some(Vote::Yes))];
+        let applied = sm.apply(11, &decide_votes(committed, Decision::Commit, yes));
+        assert!(matches!(applied, Applied::Decided { first: true, ref record } if record.decision == Decision::Commit));
+        let restored = StateMachine::from_snapshot(&sm.to_snapshot()).expect("decodes");
+        assert_eq!(restored, sm);
+    }
+
+    #[test]
+    fn a_staged_txn_survives_a_snapshot_and_blocks_a_begin() {
+        let mut sm = StateMachine::default();
+        let txn = TxnId::new();
+        sm.apply(1, &staged_entry(txn));
+        let restored = StateMachine::from_snapshot(&sm.to_snapshot()).expect("decodes");
+        assert_eq!(restored.staged(&txn), sm.staged(&txn));
+        let begin = Proposal { command: Command::Begin { txn_id: txn, deadline_unix_ms: u64::MAX }, proposed_unix_ms: 1 };
+        assert!(matches!(sm.apply(2, &begin), Applied::BeginRefused { refusal: BeginRefusal::Staged, .. }));
     }
 }

@@ -34,7 +34,8 @@ use crate::metrics::PhaseLatencies;
 use crate::node::NodeHandle;
 use crate::participant_client::{ParticipantClient, Target};
 use crate::state_machine::{
-    Applied, BegunTxn, DecideRefusal, ListFilter, TIMED_OUT_REASON, TXN_ID_AHEAD_OF_PROPOSER_MAX_MS, TxnRecord,
+    Applied, BegunTxn, DecideRefusal, ListFilter, TIMED_OUT_REASON, TXN_ID_AHEAD_OF_PROPOSER_MAX_MS, TXN_STATE_STAGED,
+    TxnRecord,
 };
 
 use delivery::Delivery;
@@ -536,7 +537,7 @@ impl<P: ParticipantClient> Engine<P> {
             targets.iter().map(|(t, _)| (t.participant.clone(), votes.get(&t.participant).cloned())).collect();
         let cmd = DecideCmd { txn_id, decision, reason: abort_reason.unwrap_or_default(), branches };
         // I3: nothing is sent to participants before the decision is applied.
-        let record = self.decide(cmd).await?;
+        let record = self.or_recover(txn_id, self.decide(cmd).await).await?;
         if failpoint::fired(failpoint::DECIDE_AFTER_APPLIED, || txn_id.to_string()) {
             return Err(Error::Retryable(format!(
                 "failpoint {}: stopped before phase 2",
@@ -639,6 +640,13 @@ impl<P: ParticipantClient> Engine<P> {
             Applied::DecideRefused { txn_id, refusal: DecideRefusal::FromTheFuture } => {
                 Err(refused_from_the_future(txn_id))
             }
+            Applied::DecideRefused { txn_id, refusal: DecideRefusal::Staged } => Err(Error::TxnState {
+                state: TXN_STATE_STAGED,
+                message: format!(
+                    "txn {txn_id} is staged under parallel commit (docs/PROTOCOL.md §13.1): only its votes decide \
+                     it, and status recovery asks its participants for them"
+                ),
+            }),
             Applied::DecideRefused { txn_id, refusal: DecideRefusal::OtherBranches } => {
                 Err(Error::FailedPrecondition(format!(
                     "txn {txn_id} is staged (docs/PROTOCOL.md §13) with other branches than this decision names; \
@@ -646,6 +654,16 @@ impl<P: ParticipantClient> Engine<P> {
                 )))
             }
             other => Err(Error::Corrupt(format!("a Decide entry was applied as {other:?}"))),
+        }
+    }
+
+    /// `decided`, unless the log refused it because the txn is staged
+    /// (docs/PROTOCOL.md §13.1): then the txn's votes decide it, through
+    /// status recovery run by the caller, which drives the txn already.
+    async fn or_recover(&self, txn_id: TxnId, decided: Result<TxnRecord>) -> Result<TxnRecord> {
+        match decided {
+            Err(Error::TxnState { state: TXN_STATE_STAGED, .. }) => self.recover_registered(txn_id).await,
+            other => other,
         }
     }
 
@@ -748,16 +766,20 @@ impl<P: ParticipantClient> Engine<P> {
                 reason: TIMED_OUT_REASON.to_owned(),
                 branches: Vec::new(),
             };
-            let (record, _) = self.decide_and_deliver(cmd).await?;
+            let decided = self.decide_and_deliver(cmd).await.map(|(record, _)| record);
+            let record = self.or_recover(txn_id, decided).await?;
             return Ok(Resolution::Decided(decision_for(&record, asker)));
         }
         let reason = match asker {
             Some(p) => format!("presumed abort: {p} asked and no decision was logged"),
             None => "presumed abort: no decision was logged".to_owned(),
         };
-        let (record, _) = self
+        // A txn staged since the read above is not presumed aborted (§13.1).
+        let presumed = self
             .decide_and_deliver(DecideCmd { txn_id, decision: Decision::Abort, reason, branches: Vec::new() })
-            .await?;
+            .await
+            .map(|(record, _)| record);
+        let record = self.or_recover(txn_id, presumed).await?;
         if record.decision == Decision::Abort && record.branches.is_empty() {
             self.inner.metrics.presumed_aborts.fetch_add(1, Ordering::Relaxed);
         }
@@ -795,9 +817,12 @@ impl<P: ParticipantClient> Engine<P> {
         let guard = InflightGuard { inner: self.inner.clone(), txn_id, outcome: Some(outcome) };
         let reason = format!("{OPERATOR_REASON_PREFIX}{reason}");
         // Delivered: a begun txn's record names the branches that joined it.
-        let result = self.decide_and_deliver(DecideCmd { txn_id, decision, reason, branches: Vec::new() }).await;
-        guard.finish(result.as_ref().map(|(record, _)| record));
-        let (record, _) = result?;
+        // A staged txn is decided by its votes (§13.1): the operator's
+        // decision stands only if they make the same one.
+        let decided = self.decide_and_deliver(DecideCmd { txn_id, decision, reason, branches: Vec::new() }).await;
+        let result = self.or_recover(txn_id, decided.map(|(record, _)| record)).await;
+        guard.finish(result.as_ref());
+        let record = result?;
         if record.decision != decision || !record.reason.starts_with(OPERATOR_REASON_PREFIX) {
             return Err(Error::FailedPrecondition(format!(
                 "txn {txn_id} is already decided: {} ({})",

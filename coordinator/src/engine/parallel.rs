@@ -51,7 +51,12 @@ impl<P: ParticipantClient> Engine<P> {
         // Proposed at once, in a task of its own: the Staged entry's durable
         // round runs while the participants' do.
         let engine = self.clone();
-        let staging = tokio::spawn(async move { engine.propose(staged).await });
+        let staging = tokio::spawn(async move {
+            let started = Instant::now();
+            let applied = engine.propose(staged).await;
+            engine.inner.phases.staged.record(started.elapsed());
+            applied
+        });
         let started = Instant::now();
         let (votes, abort_reason) = self.prepare_all(request, &targets).await;
         self.inner.phases.prepare.record(started.elapsed());
@@ -60,8 +65,11 @@ impl<P: ParticipantClient> Engine<P> {
         // A broken protocol, for tests of the invariant checker.
         let abort_reason = abort_reason.filter(|_| !failpoint::fired(failpoint::PREPARE_IGNORE_VOTES, || txn_id.to_string()));
         if let Some(reason) = abort_reason {
-            // As §5: the Staged entry, if applied after this, is refused as decided.
-            let record = self.decide(DecideCmd { txn_id, decision: Decision::Abort, reason, branches }).await?;
+            // As §5: the Staged entry, if applied after this, is refused as
+            // decided. If it was applied first, only a NO decides Abort
+            // (§13.1): a vote that did not come leaves it to status recovery.
+            let aborted = self.decide(DecideCmd { txn_id, decision: Decision::Abort, reason, branches }).await;
+            let record = self.or_recover(txn_id, aborted).await?;
             self.deliver(&record);
             return Ok(record);
         }
@@ -90,7 +98,10 @@ impl<P: ParticipantClient> Engine<P> {
         // §13.2: no other leader may have recovered the txn before every vote
         // was in. Still leading in the term the Prepares went out in, after
         // a ReadIndex started after the last vote, proves it.
-        match self.confirm_term(txn_id, term).await {
+        let started = Instant::now();
+        let confirmed = self.confirm_term(txn_id, term).await;
+        self.inner.phases.confirm.record(started.elapsed());
+        match confirmed {
             Ok(None) => {}
             Ok(Some(record)) => {
                 self.deliver(&record);
@@ -193,7 +204,7 @@ impl<P: ParticipantClient> Engine<P> {
         result
     }
 
-    async fn recover_registered(&self, txn_id: TxnId) -> Result<TxnRecord> {
+    pub(super) async fn recover_registered(&self, txn_id: TxnId) -> Result<TxnRecord> {
         // Read again as the txn's driver: it may have been decided meanwhile.
         let (record, staged) =
             self.inner.node.linearizable_read(|sm| (sm.txn(&txn_id).cloned(), sm.staged(&txn_id).cloned())).await?;
@@ -393,8 +404,8 @@ fn decided(txn_id: TxnId, applied: Applied) -> DecisionAnswer {
         Applied::Decided { record, .. } => Ok(record),
         Applied::DecideRefused { refusal: DecideRefusal::Forgotten, .. } => Err(forgotten(txn_id)),
         Applied::DecideRefused { refusal: DecideRefusal::FromTheFuture, .. } => Err(refused_from_the_future(txn_id)),
-        Applied::DecideRefused { refusal: DecideRefusal::OtherBranches, .. } => {
-            Err(Error::FailedPrecondition(format!("txn {txn_id} is staged with other branches")))
+        Applied::DecideRefused { refusal: DecideRefusal::OtherBranches | DecideRefusal::Staged, .. } => {
+            Err(Error::FailedPrecondition(format!("txn {txn_id} is staged with other branches or votes")))
         }
         other => Err(Error::Corrupt(format!("a decision was applied as {other:?}"))),
     }
