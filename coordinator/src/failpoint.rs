@@ -60,15 +60,11 @@ pub const FORGOTTEN_UNCHECKED: &str = "engine::forgotten::unchecked";
 /// the batch's first txn id.
 pub const ACKS_DROPPED_ON_FAILURE: &str = "delivery::acks::dropped_on_failure";
 
-/// Fires under parallel commit once the Staged entry is applied, before the
-/// leader confirms its term: the Submit fails as if the leader died there,
-/// and the staged txn is left to status recovery. Subject: the txn id.
+/// Fires under parallel commit once the Staged entry is applied and every
+/// vote is YES, before the answer (the txn is committed and nobody told):
+/// the Submit fails as if the leader died there, and the staged txn is left
+/// to status recovery. Subject: the txn id.
 pub const PARALLEL_AFTER_STAGED: &str = "engine::parallel::after_staged";
-
-/// Fires under parallel commit once every vote is YES, the Staged entry is
-/// applied and the term is confirmed, before the answer: as if the leader
-/// died with the txn committed and nobody told. Subject: the txn id.
-pub const PARALLEL_BEFORE_ANSWER: &str = "engine::parallel::before_answer";
 
 /// Fires under parallel commit after the client is told Commit and before
 /// the Decide entry is logged: the leader stops there, and only status

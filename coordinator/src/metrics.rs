@@ -62,8 +62,6 @@ pub struct PhaseLatencies {
     /// Parallel commit: Staged entry proposed to applied, in step with the
     /// prepare phase (docs/PROTOCOL.md §13.2).
     pub staged: Latency,
-    /// Parallel commit: the term confirmation (a ReadIndex) after the last vote.
-    pub confirm: Latency,
 }
 
 fn counter(out: &mut String, name: &str, help: &str, value: u64) {
@@ -177,12 +175,6 @@ pub fn render(status: &NodeStatus, engine: &EngineMetrics, phases: &PhaseLatenci
     summary(&mut out, "twopc_prepare_seconds", "Prepare phase latency.", &phases.prepare);
     summary(&mut out, "twopc_decide_seconds", "Decision log latency (propose to applied).", &phases.decide);
     summary(&mut out, "twopc_staged_seconds", "Parallel commit: Staged entry latency (propose to applied).", &phases.staged);
-    summary(
-        &mut out,
-        "twopc_confirm_seconds",
-        "Parallel commit: term confirmation (ReadIndex) after the last vote.",
-        &phases.confirm,
-    );
     out
 }
 

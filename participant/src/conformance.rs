@@ -313,8 +313,9 @@ pub async fn conflicting_decision_is_refused<H: Harness>(h: &H) {
 /// docs/PROTOCOL.md §13.3, through the participant library over this
 /// resource: after a restart, status recovery (`RecoverVote`) answers YES for
 /// a branch the resource holds prepared and NO for one it voted NO on; a txn
-/// never prepared here is answered NO and tombstoned, so its Prepare arriving
-/// later votes NO and stages nothing.
+/// never prepared here is answered NO and tombstoned in the resource, so its
+/// Prepare, arriving later and after another restart, votes NO and stages
+/// nothing (§13.1: every NO is final).
 pub async fn recovered_votes_survive_restart<H: Harness>(h: &H)
 where
     H::Resource: 'static,
@@ -322,30 +323,39 @@ where
     use std::sync::Arc;
 
     const CASE: &str = "recovered_votes_survive_restart";
+    let engine_over = |r: &Arc<H::Resource>| {
+        let id: twopc_proto::ParticipantId = "conformance".parse().expect("a valid participant name");
+        let config = crate::config::ParticipantConfig::new(id, vec!["127.0.0.1:1".into()]);
+        Arc::new(crate::engine::Engine::new(Arc::clone(r), config, crate::metrics::Metrics::default()))
+    };
     let r = h.create().await;
     let (yes, no, never) = (TxnId::new(), TxnId::new(), TxnId::new());
     assert_eq!(prepare::<H>(&r, yes, h.yes_payload(yes), CASE).await, Vote::Yes, "{CASE}");
     assert!(!prepare::<H>(&r, no, h.no_payload(no), CASE).await.is_yes(), "{CASE}");
     let r = Arc::new(h.restart(r).await);
-    let id: twopc_proto::ParticipantId = "conformance".parse().expect("a valid participant name");
-    let config = crate::config::ParticipantConfig::new(id, vec!["127.0.0.1:1".into()]);
-    let engine = Arc::new(crate::engine::Engine::new(Arc::clone(&r), config, crate::metrics::Metrics::default()));
+    let engine = engine_over(&r);
     engine.recover().await.unwrap_or_else(|e| panic!("{CASE}: loading prepared branches failed: {e}"));
-    let recovered = |txn| {
-        let engine = Arc::clone(&engine);
+    let recovered = |engine: &Arc<crate::engine::Engine<H::Resource>>, txn| {
+        let engine = Arc::clone(engine);
         async move { engine.recover_vote(txn).await.unwrap_or_else(|e| panic!("{CASE}: RecoverVote failed: {e}")) }
     };
-    assert_eq!(recovered(yes).await, Vote::Yes, "{CASE}: the prepared branch's YES was not recovered");
-    assert!(!recovered(no).await.is_yes(), "{CASE}: a NO vote was recovered as YES");
-    assert!(!recovered(never).await.is_yes(), "{CASE}: a txn never prepared was recovered as YES");
+    assert_eq!(recovered(&engine, yes).await, Vote::Yes, "{CASE}: the prepared branch's YES was not recovered");
+    assert!(!recovered(&engine, no).await.is_yes(), "{CASE}: a NO vote was recovered as YES");
+    assert!(!recovered(&engine, never).await.is_yes(), "{CASE}: a txn never prepared was recovered as YES");
+    assert_eq!(recovered(&engine, yes).await, Vote::Yes, "{CASE}: a repeated RecoverVote changed its answer");
+    drop(engine);
+    let r = Arc::into_inner(r).unwrap_or_else(|| panic!("{CASE}: the resource is still shared"));
+    let r = Arc::new(h.restart(r).await);
+    let engine = engine_over(&r);
+    engine.recover().await.unwrap_or_else(|e| panic!("{CASE}: loading prepared branches failed: {e}"));
     let deadline = twopc_proto::txn_id::unix_now_ms() + 60_000;
     let late = engine
         .prepare(never, h.yes_payload(never), deadline)
         .await
         .unwrap_or_else(|e| panic!("{CASE}: prepare after recovery failed: {e}"));
-    assert!(!late.is_yes(), "{CASE}: a Prepare after RecoverVote's tombstone voted YES");
+    assert!(!late.is_yes(), "{CASE}: a Prepare after RecoverVote's NO and a restart voted YES");
     assert!(!listed::<H>(r.as_ref(), never, CASE).await, "{CASE}: the tombstoned txn was staged");
     expect_applied(h, r.as_ref(), never, 0, CASE).await;
-    assert_eq!(recovered(yes).await, Vote::Yes, "{CASE}: a repeated RecoverVote changed its answer");
+    assert!(!recovered(&engine, never).await.is_yes(), "{CASE}: the NO changed after a restart");
     decide::<H>(r.as_ref(), yes, Decision::Abort, CASE).await;
 }

@@ -244,38 +244,55 @@ impl<R: Resource> Engine<R> {
     }
 
     /// The vote this participant gave for `txn`, for a coordinator settling
-    /// a staged txn (docs/PROTOCOL.md §13.3). A txn it holds no record of
-    /// gets a tombstone first, so a Prepare arriving later votes NO.
+    /// a staged txn (docs/PROTOCOL.md §13.3). Every NO it answers is final:
+    /// a txn it holds no record of gets the resource's durable tombstone
+    /// first, and a branch whose Prepare failed before voting is aborted,
+    /// so no later Prepare, after a restart included, votes YES.
     ///
     /// # Errors
-    /// [`Error::OutcomeMemoryFull`] when there is no room for the tombstone:
-    /// the coordinator asks again, and decides nothing without an answer.
+    /// The resource's failure to record the tombstone or abort: the
+    /// coordinator asks again, and decides nothing without an answer.
     pub(crate) async fn recover_vote(self: &Arc<Self>, txn: TxnId) -> Result<Vote> {
         let engine = Arc::clone(self);
         let task = tokio::spawn(async move {
             let _txn_lock = engine.stripe(txn).lock().await;
-            engine.recover_vote_locked(txn)
+            engine.recover_vote_locked(txn).await
         });
         task.await.map_err(|e| Error::Internal(format!("vote recovery task for txn {txn}: {e}")))?
     }
 
     #[instrument(skip_all, fields(txn_id = %txn))]
-    fn recover_vote_locked(&self, txn: TxnId) -> Result<Vote> {
-        let mut outcomes = self.outcomes.lock();
-        let vote = match outcomes.get(txn) {
+    async fn recover_vote_locked(&self, txn: TxnId) -> Result<Vote> {
+        let known = self.outcomes.lock().get(txn).cloned();
+        let vote = match &known {
             // A branch staged for a join is not the one-shot branch the
             // staged txn names (its Prepare was refused, §12.3).
             Some(Outcome::Prepared { for_join: true, .. }) => Vote::no(PREPARED_FOR_JOIN),
-            // Seen only if a Prepare's task died, or after a failed prepare:
-            // either way no YES was sent. The branch stays in doubt, and the
-            // resolver aborts what it may hold.
-            Some(Outcome::Preparing | Outcome::MaybePrepared { .. }) => Vote::no(PREPARE_FAILED),
-            Some(known) => recorded_vote(known).unwrap_or_else(|| Vote::no(PREPARE_FAILED)),
-            None => {
-                outcomes
-                    .set(txn, Outcome::Tombstone, Instant::now())
-                    .map_err(|_| Error::OutcomeMemoryFull { max: self.config.outcome_memory_max })?;
-                Vote::no(NEVER_PREPARED)
+            Some(known @ (Outcome::Prepared { .. } | Outcome::Committed | Outcome::Refused { .. } | Outcome::Aborted | Outcome::Tombstone)) => {
+                recorded_vote(known).unwrap_or_else(|| Vote::no(PREPARE_FAILED))
+            }
+            // No record (or one whose memory was evicted), or a Prepare that
+            // failed before voting (seen only then, or if its task died):
+            // the resource settles it for good. Its abort leaves a tombstone
+            // for a txn never prepared, releases what a failed prepare may
+            // have staged, and is refused for a txn it committed.
+            None | Some(Outcome::Preparing | Outcome::MaybePrepared { .. }) => {
+                match self.resource.abort(txn).await.map_err(|e| Error::from_resource(txn, Decision::Abort, e)) {
+                    Ok(()) => {
+                        let outcome = if known.is_none() { Outcome::Tombstone } else { Outcome::Aborted };
+                        let mut outcomes = self.outcomes.lock();
+                        // The resource holds the tombstone; memory only saves a call.
+                        if outcomes.set(txn, outcome, Instant::now()).is_err() {
+                            debug!("outcome memory full; recovered NO not remembered");
+                        }
+                        self.metrics.set_in_doubt(outcomes.prepared_len());
+                        Vote::no(if known.is_none() { NEVER_PREPARED } else { PREPARE_FAILED })
+                    }
+                    // The resource's own record says it committed (memory
+                    // had evicted it): the vote was YES.
+                    Err(Error::Conflict { recorded: Decision::Commit, .. }) => Vote::Yes,
+                    Err(e) => return Err(e),
+                }
             }
         };
         info!(yes = vote.is_yes(), "vote recovered for a staged txn");
@@ -319,6 +336,23 @@ impl<R: Resource> Engine<R> {
         // docs/PROTOCOL.md §7.1: a Prepare after its deadline is refused, so a tombstone
         // need only outlive the deadline.
         if self.config.clock.unix_now_ms() > deadline_unix_ms {
+            // A NO must stay a NO (docs/PROTOCOL.md §13.1): a Submit retried
+            // with a later deadline must not find this txn preparable after a
+            // restart or an eviction. The resource's tombstone keeps it so.
+            if !matches!(known, Some(Outcome::MaybePrepared { .. })) {
+                match self.resource.abort(txn).await.map_err(|e| Error::from_resource(txn, Decision::Abort, e)) {
+                    Ok(()) => {}
+                    // Committed here, and evicted from memory since: a late
+                    // duplicate, answered with the vote the branch gave.
+                    Err(Error::Conflict { recorded: Decision::Commit, .. }) => {
+                        if self.outcomes.lock().set(txn, Outcome::Committed, Instant::now()).is_err() {
+                            debug!("outcome memory full; commit not remembered");
+                        }
+                        return Ok(Vote::Yes);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             let reason = DEADLINE_PASSED.to_owned();
             let refused = Outcome::Refused { reason: reason.clone() };
             let maybe_prepared = matches!(known, Some(Outcome::MaybePrepared { .. }));

@@ -51,7 +51,7 @@
 //! | both | `participant` non-empty and not this participant's id | `FAILED_PRECONDITION` |
 //! | Prepare | payload longer than `payload_max_bytes` (the message says the limit) | `INVALID_ARGUMENT` |
 //! | Prepare | `deadline_unix_ms` is 0 | `INVALID_ARGUMENT` |
-//! | Prepare | the deadline has passed | OK, vote NO "deadline passed" (remembered) |
+//! | Prepare | the deadline has passed | OK, vote NO "deadline passed" (remembered, and the resource keeps a tombstone) |
 //! | Prepare | an Abort for the txn came first (tombstone, I4) | OK, vote NO |
 //! | Prepare | repeated | OK, the recorded vote; the resource is not called again (I5) |
 //! | Prepare | `prepare_inflight_max` Prepares already running | `RESOURCE_EXHAUSTED` |
@@ -62,9 +62,9 @@
 //! | Decide | repeated | OK, nothing changes (I5) |
 //! | Decide | Abort for a txn never prepared here | OK, a tombstone is kept (I4) |
 //! | RecoverVote | the branch is prepared or committed here | OK, vote YES (docs/PROTOCOL.md §13.3) |
-//! | RecoverVote | voted NO, aborted, its prepare failed before voting, or staged for a join | OK, vote NO |
-//! | RecoverVote | no record of the txn | OK, vote NO; a tombstone is kept, so a later Prepare votes NO |
-//! | RecoverVote | no record, and the outcome memory is full of entries it may not evict | `RESOURCE_EXHAUSTED` |
+//! | RecoverVote | voted NO, aborted, or staged for a join | OK, vote NO |
+//! | RecoverVote | no record of the txn, or its prepare failed before voting | OK, vote NO, once the resource aborted it (a durable tombstone: no later Prepare votes YES) |
+//! | RecoverVote | the resource failed to abort it | `UNAVAILABLE` or `INTERNAL`; ask again |
 //! | PrepareBatch, DecideBatch | no items, or more than `prepare_batch_max` / `decide_batch_max` | `INVALID_ARGUMENT` |
 //! | PrepareBatch, DecideBatch | `participant` non-empty and not this participant's id | `FAILED_PRECONDITION` |
 //! | PrepareBatch, DecideBatch | otherwise | OK, one result per item: the code its own Prepare or Decide would return (0 for OK, with the vote) |

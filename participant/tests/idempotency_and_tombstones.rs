@@ -179,9 +179,10 @@ async fn a_decision_repeated_in_and_across_batches_is_applied_once() -> anyhow::
     p.stop().await
 }
 
-// I5 and I1: a committed txn forgotten by the outcome memory, then refused by a late duplicate
-// Prepare past its deadline, still takes its re-driven Commit: the refusal was the library's
-// own (the resource was never asked), so the resource's durable record of the commit answers.
+// I5 and I1: a committed txn forgotten by the outcome memory, then asked again by a late
+// duplicate Prepare past its deadline, still takes its re-driven Commit. The late Prepare has
+// the resource record its refusal (docs/PROTOCOL.md §13.1: every NO is final), and the
+// resource's durable record of the commit answers: YES, the vote the branch gave.
 #[tokio::test]
 async fn redriven_commit_after_a_late_refused_prepare_of_a_forgotten_commit_succeeds() -> anyhow::Result<()> {
     let resource = Arc::new(MemoryResource::new());
@@ -199,7 +200,7 @@ async fn redriven_commit_after_a_late_refused_prepare_of_a_forgotten_commit_succ
     let mut late = prepare_request(txn, b"ok");
     late.deadline_unix_ms = 1;
     let late = p.client.clone().prepare(late).await?.into_inner();
-    assert!(!vote(&late)?.is_yes(), "setup: the late prepare should be refused by its deadline");
+    assert!(vote(&late)?.is_yes(), "the late prepare is answered with the committed branch's vote");
 
     p.decide(txn, Decision::Commit).await?;
     assert_eq!(resource.commit_count(txn), 1, "the re-driven commit applied the branch again");

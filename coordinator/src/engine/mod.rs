@@ -369,14 +369,7 @@ impl<P: ParticipantClient> Engine<P> {
     /// when leadership changed mid-way (retry with the same txn id).
     pub async fn submit(&self, request: SubmitRequest) -> Result<TxnRecord> {
         let txn_id = request.txn_id;
-        // The term the Prepares go out in: a parallel commit answers only
-        // if this node still leads it after the votes (§13.2).
-        let term = self.inner.node.with_status(|status| {
-            if status.role != crate::node::Role::Leader {
-                return Err(Error::NotLeader { leader_addr: status.leader_addr.clone() });
-            }
-            Ok(status.term)
-        })?;
+        self.require_leader()?;
         // A decided txn answers from the applied log (I5).
         let (record, forgotten, begun, staged) = self.inner.node.local_read(|sm| {
             let staged = sm.staged(&txn_id).map(|s| s.participants.clone());
@@ -440,7 +433,7 @@ impl<P: ParticipantClient> Engine<P> {
                 let result = match engine.inner.config.commit_protocol {
                     CommitProtocol::Sequential => engine.prepare_and_decide(&request, targets).await,
                     CommitProtocol::Parallel => {
-                        engine.prepare_and_commit_parallel(&request, targets, &mut guard, term).await
+                        engine.prepare_and_commit_parallel(&request, targets, &mut guard).await
                     }
                 };
                 engine.inner.phases.submit.record(started.elapsed());

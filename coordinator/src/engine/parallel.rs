@@ -24,7 +24,7 @@ use super::{Driver, Engine, InflightGuard, Joined, forgotten, other_branches, re
 use crate::command::{Command, DecideCmd, Proposal};
 use crate::error::{Error, Result};
 use crate::failpoint;
-use crate::node::{NodeHandle, Role};
+use crate::node::NodeHandle;
 use crate::participant_client::{ParticipantClient, Target};
 use crate::state_machine::{Applied, DecideRefusal, StagedRefusal, StagedTxn, TxnRecord};
 
@@ -39,7 +39,6 @@ impl<P: ParticipantClient> Engine<P> {
         request: &SubmitRequest,
         targets: Vec<(Target, bytes::Bytes)>,
         guard: &mut InflightGuard<P>,
-        term: u64,
     ) -> Result<TxnRecord> {
         let txn_id = request.txn_id;
         let participants: Vec<ParticipantId> = targets.iter().map(|(t, _)| t.participant.clone()).collect();
@@ -77,7 +76,7 @@ impl<P: ParticipantClient> Engine<P> {
         let implicit = implicit_commit(&commit, self.now_ms());
         if failpoint::fired(failpoint::PARALLEL_ANSWER_BEFORE_STAGED, || txn_id.to_string()) {
             // A broken protocol, for the checker's bite: Commit told before
-            // the Staged entry is known applied or the term confirmed.
+            // the Staged entry is known applied.
             guard.tell(Ok(&implicit));
         }
         let staged = staging.await.unwrap_or_else(|e| Err(Error::Retryable(format!("the Staged entry's task: {e}"))));
@@ -92,28 +91,11 @@ impl<P: ParticipantClient> Engine<P> {
                 return self.commit_sequentially(commit).await;
             }
         }
+        // §13.2: committed. Every decision applied after the Staged entry
+        // must be one the votes make (§13.1), and every vote is a durable YES
+        // that no participant turns into a NO: Commit is the only one left.
         if failpoint::fired(failpoint::PARALLEL_AFTER_STAGED, || txn_id.to_string()) {
             return Err(Error::Retryable(format!("failpoint {}: stopped after staging", failpoint::PARALLEL_AFTER_STAGED)));
-        }
-        // §13.2: no other leader may have recovered the txn before every vote
-        // was in. Still leading in the term the Prepares went out in, after
-        // a ReadIndex started after the last vote, proves it.
-        let started = Instant::now();
-        let confirmed = self.confirm_term(txn_id, term).await;
-        self.inner.phases.confirm.record(started.elapsed());
-        match confirmed {
-            Ok(None) => {}
-            Ok(Some(record)) => {
-                self.deliver(&record);
-                return Ok(record);
-            }
-            Err(err) => {
-                tracing::debug!(%txn_id, error = %err, "term not confirmed; logging the decision instead");
-                return self.commit_sequentially(commit).await;
-            }
-        }
-        if failpoint::fired(failpoint::PARALLEL_BEFORE_ANSWER, || txn_id.to_string()) {
-            return Err(Error::Retryable(format!("failpoint {}: stopped before answering", failpoint::PARALLEL_BEFORE_ANSWER)));
         }
         self.inner.metrics.committed.fetch_add(1, Ordering::Relaxed);
         self.inner.metrics.parallel_commits.fetch_add(1, Ordering::Relaxed);
@@ -168,20 +150,6 @@ impl<P: ParticipantClient> Engine<P> {
             self.inner.metrics.committed.fetch_add(1, Ordering::Relaxed);
         }
         self.deliver(&record);
-        Ok(record)
-    }
-
-    /// Confirms this node led throughout `term` up to a ReadIndex started
-    /// now, and returns the txn's record if the log decided it meanwhile.
-    async fn confirm_term(&self, txn_id: TxnId, term: u64) -> Result<Option<TxnRecord>> {
-        let leading = |node: &NodeHandle| node.with_status(|s| s.role == Role::Leader && s.term == term);
-        if !leading(&self.inner.node) {
-            return Err(Error::Retryable(format!("no longer leading term {term}")));
-        }
-        let record = self.inner.node.linearizable_read(|sm| sm.txn(&txn_id).cloned()).await?;
-        if !leading(&self.inner.node) {
-            return Err(Error::Retryable(format!("no longer leading term {term}")));
-        }
         Ok(record)
     }
 
