@@ -44,18 +44,22 @@ pub enum Command {
         /// a Commit proposed then is applied as Abort ("timed out").
         deadline_unix_ms: u64,
     },
-    /// Stage a one-shot txn under parallel commit (docs/PROTOCOL.md §13),
-    /// proposed while its Prepares are out. The txn is committed once this
-    /// is applied and every participant named has durably voted YES; its
-    /// Decide entry follows off the critical path. The first one applied for
-    /// a txn id wins; a txn the log has decided or begun is never staged.
-    Staged {
-        /// The transaction.
-        txn_id: TxnId,
-        /// Every branch's participant: status recovery asks each for its vote.
-        participants: Vec<ParticipantId>,
-        /// The txn's deadline, Unix milliseconds.
-        deadline_unix_ms: u64,
+    /// Stage one-shot txns under parallel commit (docs/PROTOCOL.md §13.1),
+    /// each proposed while its Prepares are out; one entry carries those
+    /// whose leaders asked while the previous one was in flight. A txn is
+    /// committed once its Staged entry is applied and every participant named
+    /// has durably voted YES; its Decide entry follows off the critical path.
+    /// Each is applied exactly as an entry of its own would be.
+    Staged(Vec<StagedCmd>),
+    /// The Abort of a staged txn by the leader whose Staged entry staged it
+    /// (docs/PROTOCOL.md §13.1), which never answered Commit: applied as a
+    /// Decide entry, and for the staged txn without the NO vote any other
+    /// Abort of it needs. `staged_log_index` names that Staged entry.
+    AbortStaged {
+        /// The log index of the Staged entry that staged the txn.
+        staged_log_index: u64,
+        /// The Abort, its reason and the votes received.
+        decide: DecideCmd,
     },
     /// Many Decide entries' worth in one: the explicit decisions of staged
     /// txns committed under parallel commit, logged together (§13.2), so
@@ -71,6 +75,18 @@ pub enum Command {
         /// The participant whose branch joins.
         participant: ParticipantId,
     },
+}
+
+/// One txn of a [`Command::Staged`]: the first one applied for a txn id
+/// wins; a txn the log has decided or begun is never staged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StagedCmd {
+    /// The transaction.
+    pub txn_id: TxnId,
+    /// Every branch's participant: status recovery asks each for its vote.
+    pub participants: Vec<ParticipantId>,
+    /// The txn's deadline, Unix milliseconds.
+    pub deadline_unix_ms: u64,
 }
 
 /// The content of a [`Command::Decide`].
@@ -179,7 +195,7 @@ pub(crate) mod wire {
     pub struct Entry {
         #[prost(uint64, tag = "1")]
         pub proposed_unix_ms: u64,
-        #[prost(oneof = "Kind", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10")]
+        #[prost(oneof = "Kind", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11")]
         pub kind: Option<Kind>,
     }
 
@@ -200,9 +216,19 @@ pub(crate) mod wire {
         #[prost(message, tag = "8")]
         Join(Join),
         #[prost(message, tag = "9")]
-        Staged(Staged),
+        Staged(StagedBatch),
         #[prost(message, tag = "10")]
         Decisions(Decisions),
+        #[prost(message, tag = "11")]
+        AbortStaged(AbortStaged),
+    }
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct AbortStaged {
+        #[prost(uint64, tag = "1")]
+        pub staged_log_index: u64,
+        #[prost(message, optional, tag = "2")]
+        pub decide: Option<Decide>,
     }
 
     #[derive(Clone, PartialEq, Message)]
@@ -213,6 +239,12 @@ pub(crate) mod wire {
         pub participants: Vec<String>,
         #[prost(uint64, tag = "3")]
         pub deadline_unix_ms: u64,
+    }
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct StagedBatch {
+        #[prost(message, repeated, tag = "1")]
+        pub txns: Vec<Staged>,
     }
 
     #[derive(Clone, PartialEq, Message)]
@@ -324,10 +356,19 @@ impl From<&Proposal> for wire::Entry {
             Command::Decisions(ds) => {
                 wire::Kind::Decisions(wire::Decisions { decisions: ds.iter().map(Into::into).collect() })
             }
-            Command::Staged { txn_id, participants, deadline_unix_ms } => wire::Kind::Staged(wire::Staged {
-                txn_id: txn_id.to_bytes().to_vec(),
-                participants: participants.iter().map(ToString::to_string).collect(),
-                deadline_unix_ms: *deadline_unix_ms,
+            Command::AbortStaged { staged_log_index, decide } => wire::Kind::AbortStaged(wire::AbortStaged {
+                staged_log_index: *staged_log_index,
+                decide: Some(decide.into()),
+            }),
+            Command::Staged(txns) => wire::Kind::Staged(wire::StagedBatch {
+                txns: txns
+                    .iter()
+                    .map(|st| wire::Staged {
+                        txn_id: st.txn_id.to_bytes().to_vec(),
+                        participants: st.participants.iter().map(ToString::to_string).collect(),
+                        deadline_unix_ms: st.deadline_unix_ms,
+                    })
+                    .collect(),
             }),
             Command::Acknowledge(acks) => wire::Kind::Acknowledge(wire::Acknowledge {
                 acks: acks
@@ -359,14 +400,26 @@ impl TryFrom<wire::Entry> for Proposal {
     fn try_from(entry: wire::Entry) -> Result<Self> {
         let command = match entry.kind.ok_or_else(|| Error::Corrupt("log entry without a command".into()))? {
             wire::Kind::Decide(d) => Command::Decide(d.try_into()?),
+            wire::Kind::AbortStaged(a) => Command::AbortStaged {
+                staged_log_index: a.staged_log_index,
+                decide: a.decide.ok_or_else(|| Error::Corrupt("AbortStaged without its decision".into()))?.try_into()?,
+            },
             wire::Kind::Decisions(ds) => {
                 Command::Decisions(ds.decisions.into_iter().map(TryInto::try_into).collect::<Result<_>>()?)
             }
-            wire::Kind::Staged(st) => Command::Staged {
-                txn_id: txn_id_from_wire(&st.txn_id)?,
-                participants: st.participants.iter().map(|p| participant_from_wire(p)).collect::<Result<_>>()?,
-                deadline_unix_ms: st.deadline_unix_ms,
-            },
+            wire::Kind::Staged(batch) => Command::Staged(
+                batch
+                    .txns
+                    .into_iter()
+                    .map(|st| {
+                        Ok(StagedCmd {
+                            txn_id: txn_id_from_wire(&st.txn_id)?,
+                            participants: st.participants.iter().map(|p| participant_from_wire(p)).collect::<Result<_>>()?,
+                            deadline_unix_ms: st.deadline_unix_ms,
+                        })
+                    })
+                    .collect::<Result<_>>()?,
+            ),
             wire::Kind::Acknowledge(a) => Command::Acknowledge(
                 a.acks
                     .into_iter()
@@ -418,7 +471,20 @@ mod tests {
             Command::RemoveParticipant { name: pid("bank-a") },
             Command::Begin { txn_id: txn, deadline_unix_ms: 1_764_786_000_000 },
             Command::Join { txn_id: txn, participant: pid("bank-b") },
-            Command::Staged { txn_id: txn, participants: vec![pid("bank-a"), pid("bank-b")], deadline_unix_ms: 9 },
+            Command::Staged(vec![StagedCmd {
+                txn_id: txn,
+                participants: vec![pid("bank-a"), pid("bank-b")],
+                deadline_unix_ms: 9,
+            }]),
+            Command::AbortStaged {
+                staged_log_index: 12,
+                decide: DecideCmd {
+                    txn_id: txn,
+                    decision: Decision::Abort,
+                    reason: "b did not vote".into(),
+                    branches: vec![(pid("a"), Some(Vote::Yes)), (pid("b"), None)],
+                },
+            },
             Command::Decisions(vec![
                 DecideCmd { txn_id: txn, decision: Decision::Commit, reason: String::new(), branches: vec![] },
                 DecideCmd {

@@ -196,9 +196,9 @@ pub struct EngineConfig {
     /// are durable; `Sequential` logs the decision after the votes (§5).
     /// Default: Parallel.
     pub commit_protocol: CommitProtocol,
-    /// Explicit decisions of staged txns in one Decisions entry (more wait
-    /// for the next, proposed as soon as the previous is applied, §13.2).
-    /// Default: 1024.
+    /// Txns in one Staged entry, and explicit decisions of staged txns in
+    /// one Decisions entry (more wait for the next, proposed as soon as the
+    /// previous is applied, §13.2). Default: 1024.
     pub decision_batch_max: usize,
     /// Staged txns the leader settles by status recovery at once (§13.3);
     /// more wait for the next scan. Default: 64.

@@ -113,6 +113,9 @@ pub struct StagedTxn {
     pub deadline_unix_ms: u64,
     /// The proposer's clock when the Staged entry was proposed.
     pub staged_unix_ms: u64,
+    /// The log index of the Staged entry that staged it: its proposer owns
+    /// the txn (§13.1), and only it may answer Commit before the Decide entry.
+    pub staged_log_index: u64,
 }
 
 /// Whether two participant lists name the same set, in any order.
@@ -178,8 +181,8 @@ pub enum Applied {
         /// Why.
         refusal: StagedRefusal,
     },
-    /// What each decision of a Decisions entry was applied as, in order.
-    DecidedMany(Vec<Applied>),
+    /// What each txn of a Staged or Decisions entry was applied as, in order.
+    Many(Vec<Applied>),
     /// A Begin entry was refused and changed nothing.
     BeginRefused {
         /// The txn named by the entry.
@@ -405,11 +408,18 @@ impl StateMachine {
         self.advance(index);
         let now = proposal.proposed_unix_ms;
         match &proposal.command {
-            Command::Decide(cmd) => self.decide(index, now, cmd),
-            Command::Decisions(cmds) => Applied::DecidedMany(cmds.iter().map(|c| self.decide(index, now, c)).collect()),
-            Command::Staged { txn_id, participants, deadline_unix_ms } => {
-                self.stage(now, *txn_id, participants, *deadline_unix_ms)
+            Command::Decide(cmd) => self.decide(index, now, cmd, None),
+            Command::Decisions(cmds) => Applied::Many(cmds.iter().map(|c| self.decide(index, now, c, None)).collect()),
+            Command::AbortStaged { staged_log_index, decide } if decide.decision == Decision::Abort => {
+                self.decide(index, now, decide, Some(*staged_log_index))
             }
+            // Only ever an Abort; a Commit in one is a proposer's bug, refused.
+            Command::AbortStaged { decide, .. } => {
+                Applied::DecideRefused { txn_id: decide.txn_id, refusal: DecideRefusal::Staged }
+            }
+            Command::Staged(cmds) => Applied::Many(
+                cmds.iter().map(|c| self.stage(index, now, c.txn_id, &c.participants, c.deadline_unix_ms)).collect(),
+            ),
             Command::Acknowledge(acks) => self.acknowledge(now, acks),
             Command::Forget { horizon_unix_ms } => self.forget(*horizon_unix_ms),
             Command::RegisterParticipant { name, addr } => {
@@ -424,7 +434,14 @@ impl StateMachine {
         }
     }
 
-    fn stage(&mut self, now: u64, txn_id: TxnId, participants: &[ParticipantId], deadline_unix_ms: u64) -> Applied {
+    fn stage(
+        &mut self,
+        index: u64,
+        now: u64,
+        txn_id: TxnId,
+        participants: &[ParticipantId],
+        deadline_unix_ms: u64,
+    ) -> Applied {
         let refused = |refusal| Applied::StagedRefused { txn_id, refusal };
         if let Some(record) = self.txns.get(&txn_id) {
             return refused(StagedRefusal::Decided(record.decision));
@@ -446,7 +463,13 @@ impl StateMachine {
         if txn_id.created_unix_ms() > now.saturating_add(TXN_ID_AHEAD_OF_PROPOSER_MAX_MS) {
             return refused(StagedRefusal::FromTheFuture);
         }
-        let staged = StagedTxn { txn_id, participants: participants.to_vec(), deadline_unix_ms, staged_unix_ms: now };
+        let staged = StagedTxn {
+            txn_id,
+            participants: participants.to_vec(),
+            deadline_unix_ms,
+            staged_unix_ms: now,
+            staged_log_index: index,
+        };
         self.staged.insert(txn_id, staged.clone());
         Applied::Staged { staged, first: true }
     }
@@ -523,7 +546,9 @@ impl StateMachine {
         JoinVerdict::Joinable { deadline_unix_ms: begun.deadline_unix_ms, joined: begun.joined.len() }
     }
 
-    fn decide(&mut self, index: u64, now: u64, cmd: &DecideCmd) -> Applied {
+    /// `owner`: the log index of the Staged entry whose proposer logs this
+    /// Abort (a [`Command::AbortStaged`]).
+    fn decide(&mut self, index: u64, now: u64, cmd: &DecideCmd, owner: Option<u64>) -> Applied {
         // I2: the first decision entry for a txn id wins; later ones are ignored.
         if let Some(record) = self.txns.get(&cmd.txn_id) {
             return Applied::Decided { record: record.clone(), first: false };
@@ -534,7 +559,8 @@ impl StateMachine {
         }
         if let Some(staged) = self.staged.get(&cmd.txn_id) {
             // No horizon or future check: the Staged entry passed them.
-            return self.decide_staged(index, now, cmd, staged.participants.clone());
+            let owned = owner == Some(staged.staged_log_index);
+            return self.decide_staged(index, now, cmd, staged.participants.clone(), owned);
         }
         // Decided here, from the entry and the applied state alone, so no
         // proposer (a leader whose clock is behind, a Resolve, an operator)
@@ -619,13 +645,23 @@ impl StateMachine {
     }
 
     /// The first decision of a staged txn (docs/PROTOCOL.md §13.1). A staged
-    /// txn is decided by its votes alone: the entry must name exactly the
-    /// Staged entry's participants, and give Commit only with every vote YES,
-    /// Abort only with a NO among them. Anything else (a presumed abort, an
-    /// operator's decision, an Abort for a vote that never came) is refused:
-    /// some leader may have answered Commit on every participant's YES, and
-    /// only a NO, which no participant ever turns into a YES, rules that out.
-    fn decide_staged(&mut self, index: u64, now: u64, cmd: &DecideCmd, participants: Vec<ParticipantId>) -> Applied {
+    /// txn is decided by its votes: the entry must name exactly the Staged
+    /// entry's participants, and give Commit only with every vote YES, Abort
+    /// only with a NO among them, or from the txn's owner (`owned`: the
+    /// proposer of its Staged entry, the only one that answers Commit before
+    /// the Decide entry, and which never did for this txn). Anything else (a
+    /// presumed abort, an operator's decision, another driver's Abort for a
+    /// vote that never came) is refused: the owner may have answered Commit
+    /// on every participant's YES, and only a NO, which no participant ever
+    /// turns into a YES, rules that out.
+    fn decide_staged(
+        &mut self,
+        index: u64,
+        now: u64,
+        cmd: &DecideCmd,
+        participants: Vec<ParticipantId>,
+        owned: bool,
+    ) -> Applied {
         let named: Vec<ParticipantId> = cmd.branches.iter().map(|(p, _)| p.clone()).collect();
         if !cmd.branches.is_empty() && !same_participants(&named, &participants) {
             return Applied::DecideRefused { txn_id: cmd.txn_id, refusal: DecideRefusal::OtherBranches };
@@ -633,7 +669,7 @@ impl StateMachine {
         let votes = cmd.branches.iter().map(|(_, vote)| vote);
         let decided_by_votes = match cmd.decision {
             Decision::Commit => !cmd.branches.is_empty() && votes.clone().all(|v| matches!(v, Some(Vote::Yes))),
-            Decision::Abort => votes.clone().any(|v| matches!(v, Some(Vote::No { .. }))),
+            Decision::Abort => owned || votes.clone().any(|v| matches!(v, Some(Vote::No { .. }))),
         };
         if !decided_by_votes {
             return Applied::DecideRefused { txn_id: cmd.txn_id, refusal: DecideRefusal::Staged };
@@ -952,6 +988,8 @@ mod wire {
         pub deadline_unix_ms: u64,
         #[prost(uint64, tag = "4")]
         pub staged_unix_ms: u64,
+        #[prost(uint64, tag = "5")]
+        pub staged_log_index: u64,
     }
 
     #[derive(Clone, PartialEq, Message)]
@@ -1058,6 +1096,7 @@ impl From<&StagedTxn> for wire::Staged {
             participants: s.participants.iter().map(ToString::to_string).collect(),
             deadline_unix_ms: s.deadline_unix_ms,
             staged_unix_ms: s.staged_unix_ms,
+            staged_log_index: s.staged_log_index,
         }
     }
 }
@@ -1071,6 +1110,7 @@ impl TryFrom<wire::Staged> for StagedTxn {
             participants: s.participants.iter().map(|p| participant_from_wire(p)).collect::<Result<_>>()?,
             deadline_unix_ms: s.deadline_unix_ms,
             staged_unix_ms: s.staged_unix_ms,
+            staged_log_index: s.staged_log_index,
         })
     }
 }
@@ -1557,8 +1597,20 @@ mod tests {
 
     fn staged_entry(txn_id: TxnId) -> Proposal {
         Proposal {
-            command: Command::Staged { txn_id, participants: vec![pid("a"), pid("b")], deadline_unix_ms: u64::MAX },
+            command: Command::Staged(vec![crate::command::StagedCmd {
+                txn_id,
+                participants: vec![pid("a"), pid("b")],
+                deadline_unix_ms: u64::MAX,
+            }]),
             proposed_unix_ms: unix_now_ms(),
+        }
+    }
+
+    /// The one result of a one-txn Staged entry.
+    fn stage(sm: &mut StateMachine, index: u64, txn_id: TxnId) -> Applied {
+        match sm.apply(index, &staged_entry(txn_id)) {
+            Applied::Many(mut applied) if applied.len() == 1 => applied.remove(0),
+            other => panic!("a one-txn Staged entry was applied as {other:?}"),
         }
     }
 
@@ -1578,8 +1630,8 @@ mod tests {
     fn a_staged_txn_is_decided_only_by_its_votes() {
         let mut sm = StateMachine::default();
         let txn = TxnId::new();
-        assert!(matches!(sm.apply(1, &staged_entry(txn)), Applied::Staged { first: true, .. }));
-        assert!(matches!(sm.apply(2, &staged_entry(txn)), Applied::Staged { first: false, .. }));
+        assert!(matches!(stage(&mut sm, 1, txn), Applied::Staged { first: true, .. }));
+        assert!(matches!(stage(&mut sm, 2, txn), Applied::Staged { first: false, .. }));
         let refused = |refusal| Applied::DecideRefused { txn_id: txn, refusal };
         let staged = DecideRefusal::Staged;
         assert_eq!(sm.apply(3, &decide_votes(txn, Decision::Abort, vec![])), refused(staged));
@@ -1593,10 +1645,10 @@ mod tests {
         let no = vec![("a", Some(Vote::Yes)), ("b", Some(Vote::no("insufficient funds")))];
         assert!(matches!(sm.apply(8, &decide_votes(txn, Decision::Abort, no)), Applied::Decided { first: true, .. }));
         assert!(sm.staged(&txn).is_none());
-        assert!(matches!(sm.apply(9, &staged_entry(txn)), Applied::StagedRefused { .. }), "decided: never staged again");
+        assert!(matches!(stage(&mut sm, 9, txn), Applied::StagedRefused { .. }), "decided: never staged again");
 
         let committed = TxnId::new();
-        sm.apply(10, &staged_entry(committed));
+        stage(&mut sm, 10, committed);
         let yes = vec![("b", Some(Vote::Yes)), ("a", Some(Vote::Yes))];
         let applied = sm.apply(11, &decide_votes(committed, Decision::Commit, yes));
         assert!(matches!(applied, Applied::Decided { first: true, ref record } if record.decision == Decision::Commit));
@@ -1604,11 +1656,34 @@ mod tests {
         assert_eq!(restored, sm);
     }
 
+    // §13.1: the txn's owner (the proposer of the Staged entry that staged
+    // it) aborts it for a vote that never came; an Abort naming another
+    // Staged entry is anyone else's and needs a NO.
+    #[test]
+    fn only_the_owner_of_a_staged_txn_aborts_it_without_a_no() {
+        let mut sm = StateMachine::default();
+        let txn = TxnId::new();
+        assert!(matches!(stage(&mut sm, 5, txn), Applied::Staged { first: true, ref staged } if staged.staged_log_index == 5));
+        let missing = DecideCmd {
+            txn_id: txn,
+            decision: Decision::Abort,
+            reason: "b did not vote".into(),
+            branches: vec![(pid("a"), Some(Vote::Yes)), (pid("b"), None)],
+        };
+        let abort = |staged_log_index| Proposal {
+            command: Command::AbortStaged { staged_log_index, decide: missing.clone() },
+            proposed_unix_ms: unix_now_ms(),
+        };
+        assert_eq!(sm.apply(6, &abort(4)), Applied::DecideRefused { txn_id: txn, refusal: DecideRefusal::Staged });
+        let applied = sm.apply(7, &abort(5));
+        assert!(matches!(applied, Applied::Decided { first: true, ref record } if record.decision == Decision::Abort));
+    }
+
     #[test]
     fn a_staged_txn_survives_a_snapshot_and_blocks_a_begin() {
         let mut sm = StateMachine::default();
         let txn = TxnId::new();
-        sm.apply(1, &staged_entry(txn));
+        stage(&mut sm, 1, txn);
         let restored = StateMachine::from_snapshot(&sm.to_snapshot()).expect("decodes");
         assert_eq!(restored.staged(&txn), sm.staged(&txn));
         let begin = Proposal { command: Command::Begin { txn_id: txn, deadline_unix_ms: u64::MAX }, proposed_unix_ms: 1 };

@@ -243,7 +243,11 @@ async fn a_parallel_commit_whose_leader_died_after_both_votes_is_committed_by_th
     wait_staged(&s, txn).await?;
     s.cluster.kill(leader).await?;
     s.cluster.gate.hold_after_prepare(false);
-    assert!(pending.await?.is_err(), "the dead leader answered nothing");
+    // An in-process node's driver outlives its raft task: whatever it
+    // answers once the votes arrive must be the Commit recovery logs.
+    if let Ok(answered) = pending.await? {
+        assert_eq!(answered.decision, pb::Decision::Commit as i32, "{answered:?}");
+    }
     wait::resource("bank-a to commit", &s.a.resource, SETTLE, |r| r.commit_count(txn) == 1).await?;
     wait::resource("bank-b to commit", &s.b.resource, SETTLE, |r| r.commit_count(txn) == 1).await?;
     let retried = submit(&s.client, req).await?;

@@ -39,7 +39,7 @@ use crate::state_machine::{
 };
 
 use delivery::Delivery;
-use parallel::DecisionBatcher;
+use parallel::EntryBatcher;
 pub use request::{
     BeginRequest, CommitRequest, JoinRequest, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, LIST_PAGE_MAX_BYTES, ListRequest,
     OPERATOR_REASON_MAX_BYTES, OPERATOR_REASON_PREFIX, OperatorDecideRequest, ROLLBACK_REASON_DEFAULT,
@@ -294,8 +294,10 @@ struct Inner<P> {
     timeout_scan_running: std::sync::atomic::AtomicBool,
     /// Set while a status-recovery scan of staged txns runs (§13.3).
     staged_scan_running: std::sync::atomic::AtomicBool,
+    /// Logs parallel commits' Staged entries in batches (§13.2).
+    staging: Arc<EntryBatcher<crate::command::StagedCmd>>,
     /// Logs parallel commits' explicit decisions in batches (§13.2).
-    decisions: Arc<DecisionBatcher>,
+    decisions: Arc<EntryBatcher<DecideCmd>>,
 }
 
 impl<P: ParticipantClient> Engine<P> {
@@ -306,7 +308,9 @@ impl<P: ParticipantClient> Engine<P> {
     /// An invalid config.
     pub fn new(node: NodeHandle, config: EngineConfig, client: P) -> Result<Self> {
         config.validate()?;
-        let decisions = DecisionBatcher::new(config.decision_batch_max, config.clock.clone());
+        let batch_max = config.decision_batch_max;
+        let staging = EntryBatcher::new(batch_max, config.clock.clone(), Command::Staged);
+        let decisions = EntryBatcher::new(batch_max, config.clock.clone(), Command::Decisions);
         Ok(Self {
             inner: Arc::new(Inner {
                 node,
@@ -318,6 +322,7 @@ impl<P: ParticipantClient> Engine<P> {
                 phases: PhaseLatencies::default(),
                 timeout_scan_running: std::sync::atomic::AtomicBool::new(false),
                 staged_scan_running: std::sync::atomic::AtomicBool::new(false),
+                staging,
                 decisions,
             }),
         })
@@ -615,10 +620,17 @@ impl<P: ParticipantClient> Engine<P> {
     }
 
     /// [`Engine::decide`], telling whether this entry made the decision.
-    async fn decide_first(&self, mut cmd: DecideCmd) -> Result<(TxnRecord, bool)> {
+    async fn decide_first(&self, cmd: DecideCmd) -> Result<(TxnRecord, bool)> {
+        self.decide_entry(Command::Decide(cmd)).await
+    }
+
+    /// [`Engine::decide_first`] for a Decide or AbortStaged entry.
+    async fn decide_entry(&self, mut command: Command) -> Result<(TxnRecord, bool)> {
         // I6: reasons come from participants and operators; the log keeps them in every snapshot.
-        cmd.cap_reasons();
-        let proposal = Proposal { command: Command::Decide(cmd), proposed_unix_ms: self.now_ms() };
+        if let Command::Decide(cmd) | Command::AbortStaged { decide: cmd, .. } = &mut command {
+            cmd.cap_reasons();
+        }
+        let proposal = Proposal { command, proposed_unix_ms: self.now_ms() };
         let started = Instant::now();
         let applied = self.inner.node.propose(&proposal).await;
         self.inner.phases.decide.record(started.elapsed());

@@ -2,7 +2,8 @@
 //! round. The leader proposes a Staged entry while the Prepares are out; the
 //! txn is committed once that entry is applied and every participant has
 //! durably voted YES, and its Decide entry follows off the critical path,
-//! logged with others in one Decisions entry ([`DecisionBatcher`]).
+//! logged with others in one Decisions entry. Both entries gather many txns
+//! under load ([`EntryBatcher`]).
 //!
 //! A staged txn with no decision and no driver (its leader died, or stopped
 //! between answering and logging) is settled by status recovery: ask every
@@ -21,7 +22,7 @@ use tokio::time::Instant;
 use twopc_proto::{Decision, ParticipantId, TxnId, Vote};
 
 use super::{Driver, Engine, InflightGuard, Joined, forgotten, other_branches, refused_from_the_future, wait_outcome};
-use crate::command::{Command, DecideCmd, Proposal};
+use crate::command::{Command, DecideCmd, Proposal, StagedCmd};
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::node::NodeHandle;
@@ -42,17 +43,13 @@ impl<P: ParticipantClient> Engine<P> {
     ) -> Result<TxnRecord> {
         let txn_id = request.txn_id;
         let participants: Vec<ParticipantId> = targets.iter().map(|(t, _)| t.participant.clone()).collect();
-        let staged = Command::Staged {
-            txn_id,
-            participants: participants.clone(),
-            deadline_unix_ms: request.deadline_unix_ms,
-        };
+        let staged = StagedCmd { txn_id, participants: participants.clone(), deadline_unix_ms: request.deadline_unix_ms };
         // Proposed at once, in a task of its own: the Staged entry's durable
         // round runs while the participants' do.
         let engine = self.clone();
         let staging = tokio::spawn(async move {
             let started = Instant::now();
-            let applied = engine.propose(staged).await;
+            let applied = engine.inner.staging.propose(&engine.inner.node, staged).await;
             engine.inner.phases.staged.record(started.elapsed());
             applied
         });
@@ -63,11 +60,22 @@ impl<P: ParticipantClient> Engine<P> {
             participants.iter().map(|p| (p.clone(), votes.get(p).cloned())).collect();
         // A broken protocol, for tests of the invariant checker.
         let abort_reason = abort_reason.filter(|_| !failpoint::fired(failpoint::PREPARE_IGNORE_VOTES, || txn_id.to_string()));
+        let staged = async {
+            staging.await.unwrap_or_else(|e| Err(Error::Retryable(format!("the Staged entry's task: {e}"))))
+        };
         if let Some(reason) = abort_reason {
-            // As §5: the Staged entry, if applied after this, is refused as
-            // decided. If it was applied first, only a NO decides Abort
-            // (§13.1): a vote that did not come leaves it to status recovery.
-            let aborted = self.decide(DecideCmd { txn_id, decision: Decision::Abort, reason, branches }).await;
+            let abort = DecideCmd { txn_id, decision: Decision::Abort, reason, branches };
+            // §13.1: the owner of the txn (whose Staged entry staged it)
+            // aborts it on any missing vote; anyone else needs a NO, or
+            // status recovery decides. Without a Staged entry, as §5: one
+            // applied after this Abort is refused as decided.
+            let aborted = match staged.await {
+                Ok(Applied::Staged { first: true, staged }) => {
+                    let command = Command::AbortStaged { staged_log_index: staged.staged_log_index, decide: abort };
+                    self.decide_entry(command).await.map(|(record, _)| record)
+                }
+                _ => self.decide(abort).await,
+            };
             let record = self.or_recover(txn_id, aborted).await?;
             self.deliver(&record);
             return Ok(record);
@@ -79,9 +87,12 @@ impl<P: ParticipantClient> Engine<P> {
             // the Staged entry is known applied.
             guard.tell(Ok(&implicit));
         }
-        let staged = staging.await.unwrap_or_else(|e| Err(Error::Retryable(format!("the Staged entry's task: {e}"))));
-        match staged {
-            Ok(Applied::Staged { .. }) => {}
+        match staged.await {
+            // The owner: its entry staged the txn (§13.1).
+            Ok(Applied::Staged { first: true, .. }) => {}
+            // Staged by another Submit of this id (a client's retry on
+            // another leader): only the owner answers before the log does.
+            Ok(Applied::Staged { first: false, .. }) => return self.commit_sequentially(commit).await,
             Ok(Applied::StagedRefused { refusal, .. }) => return self.staged_refused(commit, &participants, refusal).await,
             Ok(other) => return Err(Error::Corrupt(format!("a Staged entry was applied as {other:?}"))),
             // Not known applied: log the decision as §5 does, which is safe
@@ -107,7 +118,7 @@ impl<P: ParticipantClient> Engine<P> {
         // Off the critical path: phase 2 waits for the explicit record, so
         // no participant forgets its vote before the log holds the decision.
         let started = Instant::now();
-        let record = self.inner.decisions.log(&self.inner.node, commit).await?;
+        let record = log_decision(&self.inner.decisions, &self.inner.node, commit).await?;
         self.inner.phases.decide.record(started.elapsed());
         self.deliver(&record);
         Ok(record)
@@ -291,48 +302,48 @@ fn implicit_commit(commit: &DecideCmd, now_unix_ms: u64) -> TxnRecord {
     }
 }
 
-/// What one waiter of a Decisions entry gets back.
-type DecisionAnswer = Result<TxnRecord>;
-
-/// Gathers the explicit decisions of committed staged txns into Decisions
-/// entries (§13.2): one is proposed at a time, and what arrives meanwhile goes
-/// in the next, up to `decision_batch_max`, the way acknowledgements are.
-pub(super) struct DecisionBatcher {
+/// Gathers many txns' commands into one log entry (docs/PROTOCOL.md §13.2):
+/// one entry is proposed at a time, and what arrives meanwhile goes in the
+/// next, up to `batch_max`, the way acknowledgements are. At one client each
+/// entry carries one txn and waits for nothing; under load the log grows by
+/// an entry per batch, not per txn. Used for Staged entries and for the
+/// explicit decisions (Decisions entries) of parallel commits.
+pub(super) struct EntryBatcher<I> {
     batch_max: usize,
     clock: twopc_proto::Clock,
-    state: Mutex<BatcherState>,
+    /// The entry for a batch of items.
+    entry: fn(Vec<I>) -> Command,
+    state: Mutex<BatcherState<I>>,
 }
 
-#[derive(Default)]
-struct BatcherState {
-    waiting: Vec<(DecideCmd, oneshot::Sender<DecisionAnswer>)>,
+struct BatcherState<I> {
+    waiting: Vec<(I, oneshot::Sender<Result<Applied>>)>,
     proposing: bool,
 }
 
-impl DecisionBatcher {
-    pub(super) fn new(batch_max: usize, clock: twopc_proto::Clock) -> Arc<Self> {
-        Arc::new(Self { batch_max, clock, state: Mutex::default() })
+impl<I: Send + 'static> EntryBatcher<I> {
+    pub(super) fn new(batch_max: usize, clock: twopc_proto::Clock, entry: fn(Vec<I>) -> Command) -> Arc<Self> {
+        Arc::new(Self { batch_max, clock, entry, state: Mutex::new(BatcherState { waiting: Vec::new(), proposing: false }) })
     }
 
-    /// Logs `cmd` in the next Decisions entry and returns the txn's record.
-    async fn log(self: &Arc<Self>, node: &NodeHandle, mut cmd: DecideCmd) -> Result<TxnRecord> {
-        cmd.cap_reasons();
+    /// Logs `item` in the next entry and returns what it was applied as.
+    async fn propose(self: &Arc<Self>, node: &NodeHandle, item: I) -> Result<Applied> {
         let (reply, answer) = oneshot::channel();
         let start = {
             let mut state = self.state.lock();
-            state.waiting.push((cmd, reply));
+            state.waiting.push((item, reply));
             !std::mem::replace(&mut state.proposing, true)
         };
         if start {
             // A task of its own, so a caller going away strands no batch.
             tokio::spawn(Arc::clone(self).propose_until_drained(node.clone()));
         }
-        answer.await.unwrap_or_else(|_| Err(Error::Retryable("the decision batch was dropped; outcome unknown".into())))
+        answer.await.unwrap_or_else(|_| Err(Error::Retryable("the batched entry was dropped; outcome unknown".into())))
     }
 
     async fn propose_until_drained(self: Arc<Self>, node: NodeHandle) {
         loop {
-            let batch: Vec<(DecideCmd, oneshot::Sender<DecisionAnswer>)> = {
+            let batch: Vec<(I, oneshot::Sender<Result<Applied>>)> = {
                 let mut state = self.state.lock();
                 if state.waiting.is_empty() {
                     state.proposing = false;
@@ -341,22 +352,21 @@ impl DecisionBatcher {
                 let take = state.waiting.len().min(self.batch_max);
                 state.waiting.drain(..take).collect()
             };
-            let (cmds, replies): (Vec<DecideCmd>, Vec<_>) = batch.into_iter().unzip();
-            let txn_ids: Vec<TxnId> = cmds.iter().map(|c| c.txn_id).collect();
-            let proposal = Proposal { command: Command::Decisions(cmds), proposed_unix_ms: self.clock.unix_now_ms() };
+            let (items, replies): (Vec<I>, Vec<_>) = batch.into_iter().unzip();
+            let proposal = Proposal { command: (self.entry)(items), proposed_unix_ms: self.clock.unix_now_ms() };
             match node.propose(&proposal).await {
-                Ok(Applied::DecidedMany(applied)) if applied.len() == replies.len() => {
-                    for ((applied, reply), txn_id) in applied.into_iter().zip(replies).zip(txn_ids) {
-                        let _ = reply.send(decided(txn_id, applied));
+                Ok(Applied::Many(applied)) if applied.len() == replies.len() => {
+                    for (applied, reply) in applied.into_iter().zip(replies) {
+                        let _ = reply.send(Ok(applied));
                     }
                 }
                 Ok(other) => {
                     for reply in replies {
-                        let _ = reply.send(Err(Error::Corrupt(format!("a Decisions entry was applied as {other:?}"))));
+                        let _ = reply.send(Err(Error::Corrupt(format!("a batched entry was applied as {other:?}"))));
                     }
                 }
                 Err(err) => {
-                    let message = format!("the decision was not logged: {err}; outcome unknown");
+                    let message = format!("the entry was not logged: {err}; outcome unknown");
                     for reply in replies {
                         let _ = reply.send(Err(Error::Retryable(message.clone())));
                     }
@@ -366,9 +376,11 @@ impl DecisionBatcher {
     }
 }
 
-/// One decision of a Decisions entry as its driver sees it.
-fn decided(txn_id: TxnId, applied: Applied) -> DecisionAnswer {
-    match applied {
+/// Logs `cmd` through the decisions batcher and returns the txn's record.
+async fn log_decision(batcher: &Arc<EntryBatcher<DecideCmd>>, node: &NodeHandle, mut cmd: DecideCmd) -> Result<TxnRecord> {
+    cmd.cap_reasons();
+    let txn_id = cmd.txn_id;
+    match batcher.propose(node, cmd).await? {
         Applied::Decided { record, .. } => Ok(record),
         Applied::DecideRefused { refusal: DecideRefusal::Forgotten, .. } => Err(forgotten(txn_id)),
         Applied::DecideRefused { refusal: DecideRefusal::FromTheFuture, .. } => Err(refused_from_the_future(txn_id)),
