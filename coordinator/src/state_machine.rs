@@ -118,6 +118,33 @@ pub struct StagedTxn {
     pub staged_log_index: u64,
 }
 
+/// The record a Decide entry makes for a one-shot txn (never begun): its
+/// branches and votes as the entry gives them, applied at `index`, `now`.
+pub(crate) fn one_shot_record(cmd: &DecideCmd, index: u64, now: u64) -> TxnRecord {
+    let branches = cmd
+        .branches
+        .iter()
+        .map(|(participant, vote)| BranchRecord {
+            participant: participant.clone(),
+            vote: vote.clone(),
+            // A branch that voted NO holds nothing and already knows the
+            // outcome: there is nothing to deliver to it.
+            acknowledged: matches!(vote, Some(Vote::No { .. })),
+            joined: false,
+        })
+        .collect();
+    TxnRecord {
+        txn_id: cmd.txn_id,
+        decision: cmd.decision,
+        reason: cmd.reason.clone(),
+        branches,
+        decided_unix_ms: now,
+        decision_log_index: index,
+        finished_unix_ms: None,
+        deadline_unix_ms: None,
+    }
+}
+
 /// Whether two participant lists name the same set, in any order.
 fn same_participants(a: &[ParticipantId], b: &[ParticipantId]) -> bool {
     let (a, b): (BTreeSet<&ParticipantId>, BTreeSet<&ParticipantId>) = (a.iter().collect(), b.iter().collect());
@@ -574,28 +601,7 @@ impl StateMachine {
         {
             return Applied::DecideRefused { txn_id: cmd.txn_id, refusal: DecideRefusal::FromTheFuture };
         }
-        let branches: Vec<BranchRecord> = cmd
-            .branches
-            .iter()
-            .map(|(participant, vote)| BranchRecord {
-                participant: participant.clone(),
-                vote: vote.clone(),
-                // A branch that voted NO holds nothing and already knows the
-                // outcome: there is nothing to deliver to it.
-                acknowledged: matches!(vote, Some(Vote::No { .. })),
-                joined: false,
-            })
-            .collect();
-        self.record_first(TxnRecord {
-            txn_id: cmd.txn_id,
-            decision: cmd.decision,
-            reason: cmd.reason.clone(),
-            branches,
-            decided_unix_ms: now,
-            decision_log_index: index,
-            finished_unix_ms: None,
-            deadline_unix_ms: None,
-        })
+        self.record_first(one_shot_record(cmd, index, now))
     }
 
     /// The first decision of a begun txn (docs/PROTOCOL.md §12.4). No horizon
@@ -675,27 +681,7 @@ impl StateMachine {
             return Applied::DecideRefused { txn_id: cmd.txn_id, refusal: DecideRefusal::Staged };
         }
         self.staged.remove(&cmd.txn_id);
-        let branches = cmd
-            .branches
-            .iter()
-            .cloned()
-            .map(|(participant, vote)| BranchRecord {
-                acknowledged: matches!(vote, Some(Vote::No { .. })),
-                participant,
-                vote,
-                joined: false,
-            })
-            .collect();
-        self.record_first(TxnRecord {
-            txn_id: cmd.txn_id,
-            decision: cmd.decision,
-            reason: cmd.reason.clone(),
-            branches,
-            decided_unix_ms: now,
-            decision_log_index: index,
-            finished_unix_ms: None,
-            deadline_unix_ms: None,
-        })
+        self.record_first(one_shot_record(cmd, index, now))
     }
 
     /// Stores a txn's first decision (I2).

@@ -187,6 +187,21 @@ fn submit_once(
     })
 }
 
+/// Submits a transfer from bank-a to bank-b to `leader` with the banks'
+/// answers held back from it, and waits until both banks have prepared.
+async fn submit_held(
+    s: &Setup,
+    leader: u64,
+    txn: TxnId,
+) -> anyhow::Result<(pb::SubmitRequest, tokio::task::JoinHandle<Result<pb::SubmitResponse, tonic::Status>>)> {
+    s.cluster.gate.hold_after_prepare(true);
+    let req = request(txn, &[("bank-a", "debit"), ("bank-b", "credit")]);
+    let pending = submit_once(s.cluster.addr(leader), req.clone());
+    wait::until("both branches prepared", SETTLE, || async { (s.cluster.gate.prepares_answered() >= 2).then_some(()) })
+        .await?;
+    Ok((req, pending))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_killed_before_logging_leaves_participants_to_resolve_to_abort() -> anyhow::Result<()> {
     // §6 presumed abort: prepared branches whose leader died undecided are
@@ -195,12 +210,8 @@ async fn a_leader_killed_before_logging_leaves_participants_to_resolve_to_abort(
     // Commit, tested below.)
     let mut s = setup(300, sequential()).await?;
     let leader = s.cluster.wait_for_leader().await?;
-    s.cluster.gate.hold_after_prepare(true);
     let txn = TxnId::new();
-    let req = request(txn, &[("bank-a", "debit"), ("bank-b", "credit")]);
-    let pending = submit_once(s.cluster.addr(leader), req.clone());
-    wait::until("both branches prepared", SETTLE, || async { (s.cluster.gate.prepares_answered() >= 2).then_some(()) })
-        .await?;
+    let (req, pending) = submit_held(&s, leader, txn).await?;
     s.cluster.kill(leader).await?;
     s.cluster.gate.hold_after_prepare(false);
     assert!(pending.await?.is_err(), "the dead leader answered nothing");
@@ -234,12 +245,8 @@ async fn a_parallel_commit_whose_leader_died_after_both_votes_is_committed_by_th
     // be wrong: the old leader might have answered Commit.
     let mut s = setup(300, Box::new(|_| {})).await?;
     let leader = s.cluster.wait_for_leader().await?;
-    s.cluster.gate.hold_after_prepare(true);
     let txn = TxnId::new();
-    let req = request(txn, &[("bank-a", "debit"), ("bank-b", "credit")]);
-    let pending = submit_once(s.cluster.addr(leader), req.clone());
-    wait::until("both branches prepared", SETTLE, || async { (s.cluster.gate.prepares_answered() >= 2).then_some(()) })
-        .await?;
+    let (req, pending) = submit_held(&s, leader, txn).await?;
     wait_staged(&s, txn).await?;
     s.cluster.kill(leader).await?;
     s.cluster.gate.hold_after_prepare(false);
@@ -259,15 +266,12 @@ async fn a_parallel_commit_whose_leader_died_after_both_votes_is_committed_by_th
 async fn a_parallel_leader_cut_off_after_the_votes_cannot_answer_commit_against_the_majority() -> anyhow::Result<()> {
     // §13.2: the leader is isolated with both YES votes in hand and its
     // Staged entry applied. The majority's new leader settles the txn by
-    // status recovery; the old leader cannot confirm its term, so it never
-    // answers Commit on its own: whatever it answers is what the log holds.
+    // status recovery, which finds both YES: whatever the old leader
+    // answers must be that Commit (§13.2).
     let s = setup(300, Box::new(|_| {})).await?;
     let old_leader = s.cluster.wait_for_leader().await?;
-    s.cluster.gate.hold_after_prepare(true);
     let txn = TxnId::new();
-    let pending = submit_once(s.cluster.addr(old_leader), request(txn, &[("bank-a", "debit"), ("bank-b", "credit")]));
-    wait::until("both branches prepared", SETTLE, || async { (s.cluster.gate.prepares_answered() >= 2).then_some(()) })
-        .await?;
+    let (_, pending) = submit_held(&s, old_leader, txn).await?;
     wait_staged(&s, txn).await?;
     s.cluster.faults.isolate(old_leader);
     wait::resource("bank-a to commit via recovery", &s.a.resource, SETTLE, |r| r.commit_count(txn) == 1).await?;
@@ -294,11 +298,8 @@ async fn a_deposed_leader_cut_off_in_a_minority_cannot_decide() -> anyhow::Resul
     // (§5's protocol; the parallel one is tested below.)
     let s = setup(300, sequential()).await?;
     let old_leader = s.cluster.wait_for_leader().await?;
-    s.cluster.gate.hold_after_prepare(true);
     let txn = TxnId::new();
-    let pending = submit_once(s.cluster.addr(old_leader), request(txn, &[("bank-a", "debit"), ("bank-b", "credit")]));
-    wait::until("both branches prepared", SETTLE, || async { (s.cluster.gate.prepares_answered() >= 2).then_some(()) })
-        .await?;
+    let (_, pending) = submit_held(&s, old_leader, txn).await?;
     s.cluster.faults.isolate(old_leader);
     // The majority elects a leader; the participants resolve there.
     wait::resource("bank-a to abort via Resolve", &s.a.resource, SETTLE, |r| r.is_aborted(txn)).await?;

@@ -279,27 +279,9 @@ impl<P: ParticipantClient> Engine<P> {
 }
 
 /// The record a parallel commit answers with before its Decide entry is
-/// logged: what that entry will record.
+/// logged: what that entry will record (its log index not known yet: 0).
 fn implicit_commit(commit: &DecideCmd, now_unix_ms: u64) -> TxnRecord {
-    TxnRecord {
-        txn_id: commit.txn_id,
-        decision: Decision::Commit,
-        reason: String::new(),
-        branches: commit
-            .branches
-            .iter()
-            .map(|(participant, vote)| crate::state_machine::BranchRecord {
-                participant: participant.clone(),
-                vote: vote.clone(),
-                acknowledged: false,
-                joined: false,
-            })
-            .collect(),
-        decided_unix_ms: now_unix_ms,
-        decision_log_index: 0,
-        finished_unix_ms: None,
-        deadline_unix_ms: None,
-    }
+    crate::state_machine::one_shot_record(commit, 0, now_unix_ms)
 }
 
 /// Gathers many txns' commands into one log entry (docs/PROTOCOL.md §13.2):
