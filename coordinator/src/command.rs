@@ -402,7 +402,10 @@ impl TryFrom<wire::Entry> for Proposal {
             wire::Kind::Decide(d) => Command::Decide(d.try_into()?),
             wire::Kind::AbortStaged(a) => Command::AbortStaged {
                 staged_log_index: a.staged_log_index,
-                decide: a.decide.ok_or_else(|| Error::Corrupt("AbortStaged without its decision".into()))?.try_into()?,
+                decide: a
+                    .decide
+                    .ok_or_else(|| Error::Corrupt("AbortStaged without its decision".into()))?
+                    .try_into()?,
             },
             wire::Kind::Decisions(ds) => {
                 Command::Decisions(ds.decisions.into_iter().map(TryInto::try_into).collect::<Result<_>>()?)
@@ -414,7 +417,11 @@ impl TryFrom<wire::Entry> for Proposal {
                     .map(|st| {
                         Ok(StagedCmd {
                             txn_id: txn_id_from_wire(&st.txn_id)?,
-                            participants: st.participants.iter().map(|p| participant_from_wire(p)).collect::<Result<_>>()?,
+                            participants: st
+                                .participants
+                                .iter()
+                                .map(|p| participant_from_wire(p))
+                                .collect::<Result<_>>()?,
                             deadline_unix_ms: st.deadline_unix_ms,
                         })
                     })

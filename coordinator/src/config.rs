@@ -272,9 +272,9 @@ impl std::str::FromStr for CommitProtocol {
         match s {
             "sequential" => Ok(Self::Sequential),
             "parallel" => Ok(Self::Parallel),
-            other => Err(Error::InvalidArgument(format!(
-                "commit protocol {other:?} is unknown; use sequential or parallel"
-            ))),
+            other => {
+                Err(Error::InvalidArgument(format!("commit protocol {other:?} is unknown; use sequential or parallel")))
+            }
         }
     }
 }

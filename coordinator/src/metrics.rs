@@ -174,7 +174,12 @@ pub fn render(status: &NodeStatus, engine: &EngineMetrics, phases: &PhaseLatenci
     summary(&mut out, "twopc_submit_seconds", "Submit latency on the leader.", &phases.submit);
     summary(&mut out, "twopc_prepare_seconds", "Prepare phase latency.", &phases.prepare);
     summary(&mut out, "twopc_decide_seconds", "Decision log latency (propose to applied).", &phases.decide);
-    summary(&mut out, "twopc_staged_seconds", "Parallel commit: Staged entry latency (propose to applied).", &phases.staged);
+    summary(
+        &mut out,
+        "twopc_staged_seconds",
+        "Parallel commit: Staged entry latency (propose to applied).",
+        &phases.staged,
+    );
     out
 }
 
@@ -245,7 +250,8 @@ mod tests {
         engine.joined.fetch_add(5, Ordering::Relaxed);
         let phases = PhaseLatencies::default();
         phases.submit.record(Duration::from_millis(2));
-        let text = render(&NodeStatus::default(), &engine, &phases, TxnGauges { unacknowledged: 0, begun: 4, staged: 0 });
+        let text =
+            render(&NodeStatus::default(), &engine, &phases, TxnGauges { unacknowledged: 0, begun: 4, staged: 0 });
         assert!(text.contains("twopc_txns_committed_total 3"));
         assert!(text.contains("twopc_txns_aborted_total{cause=\"timed_out\"} 2"));
         assert!(text.contains("twopc_branches_joined_total 5"));

@@ -931,7 +931,9 @@ impl StateMachine {
             let staged = StagedTxn::try_from(staged)?;
             let id = staged.txn_id;
             if sm.txns.contains_key(&id) || sm.begun.contains_key(&id) || sm.staged.contains_key(&id) {
-                return Err(Error::Corrupt(format!("snapshot: txn {id} is staged twice, or staged and begun or decided")));
+                return Err(Error::Corrupt(format!(
+                    "snapshot: txn {id} is staged twice, or staged and begun or decided"
+                )));
             }
             sm.staged.insert(id, staged);
         }
@@ -1649,7 +1651,9 @@ mod tests {
     fn only_the_owner_of_a_staged_txn_aborts_it_without_a_no() {
         let mut sm = StateMachine::default();
         let txn = TxnId::new();
-        assert!(matches!(stage(&mut sm, 5, txn), Applied::Staged { first: true, ref staged } if staged.staged_log_index == 5));
+        assert!(
+            matches!(stage(&mut sm, 5, txn), Applied::Staged { first: true, ref staged } if staged.staged_log_index == 5)
+        );
         let missing = DecideCmd {
             txn_id: txn,
             decision: Decision::Abort,
@@ -1672,7 +1676,8 @@ mod tests {
         stage(&mut sm, 1, txn);
         let restored = StateMachine::from_snapshot(&sm.to_snapshot()).expect("decodes");
         assert_eq!(restored.staged(&txn), sm.staged(&txn));
-        let begin = Proposal { command: Command::Begin { txn_id: txn, deadline_unix_ms: u64::MAX }, proposed_unix_ms: 1 };
+        let begin =
+            Proposal { command: Command::Begin { txn_id: txn, deadline_unix_ms: u64::MAX }, proposed_unix_ms: 1 };
         assert!(matches!(sm.apply(2, &begin), Applied::BeginRefused { refusal: BeginRefusal::Staged, .. }));
     }
 }

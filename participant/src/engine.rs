@@ -268,9 +268,13 @@ impl<R: Resource> Engine<R> {
             // A branch staged for a join is not the one-shot branch the
             // staged txn names (its Prepare was refused, §12.3).
             Some(Outcome::Prepared { for_join: true, .. }) => Vote::no(PREPARED_FOR_JOIN),
-            Some(known @ (Outcome::Prepared { .. } | Outcome::Committed | Outcome::Refused { .. } | Outcome::Aborted | Outcome::Tombstone)) => {
-                recorded_vote(known).unwrap_or_else(|| Vote::no(PREPARE_FAILED))
-            }
+            Some(
+                known @ (Outcome::Prepared { .. }
+                | Outcome::Committed
+                | Outcome::Refused { .. }
+                | Outcome::Aborted
+                | Outcome::Tombstone),
+            ) => recorded_vote(known).unwrap_or_else(|| Vote::no(PREPARE_FAILED)),
             // No record (or one whose memory was evicted), or a Prepare that
             // failed before voting (seen only then, or if its task died):
             // the resource settles it for good. Its abort leaves a tombstone

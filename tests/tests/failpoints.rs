@@ -330,7 +330,10 @@ async fn the_checker_catches_a_parallel_commit_answered_before_its_staged_entry(
     fail::cfg(coordinator_fp::PARALLEL_ANSWER_BEFORE_STAGED, "return").expect("a valid action");
     let found = sim::first_violation(FaultMix::Partitions, 40, |_| {}).await;
     let (seed, invariants) = found.expect("the simulation reports the broken protocol within 40 seeds");
-    assert!(invariants.contains(&Invariant::I8) || invariants.contains(&Invariant::I2), "seed {seed} named {invariants:?}");
+    assert!(
+        invariants.contains(&Invariant::I8) || invariants.contains(&Invariant::I2),
+        "seed {seed} named {invariants:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use tonic::Code;
 use twopc_client::ClusterClient;
+use twopc_coordinator::config::CommitProtocol;
 use twopc_proto::pb::coordinator_client::CoordinatorClient;
 use twopc_proto::txn_id::unix_now_ms;
 use twopc_proto::{Decision, TxnId, pb};
-use twopc_coordinator::config::CommitProtocol;
 use twopc_tests::cluster::Cluster;
 use twopc_tests::participants::{BlackHole, TestParticipant};
 use twopc_tests::wait;

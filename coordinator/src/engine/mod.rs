@@ -437,9 +437,7 @@ impl<P: ParticipantClient> Engine<P> {
                 let started = Instant::now();
                 let result = match engine.inner.config.commit_protocol {
                     CommitProtocol::Sequential => engine.prepare_and_decide(&request, targets).await,
-                    CommitProtocol::Parallel => {
-                        engine.prepare_and_commit_parallel(&request, targets, &mut guard).await
-                    }
+                    CommitProtocol::Parallel => engine.prepare_and_commit_parallel(&request, targets, &mut guard).await,
                 };
                 engine.inner.phases.submit.record(started.elapsed());
                 guard.finish(result.as_ref());
@@ -883,11 +881,12 @@ impl<P: ParticipantClient> Engine<P> {
                 .inner
                 .node
                 .linearizable_read(|sm| {
-                    let begun = sm.list_begun(created_before, after, limit).into_iter().map(|b| TxnView::Begun(b.clone()));
-                    let staged = sm.list_staged(created_before, after, limit).into_iter().map(|s| TxnView::Preparing {
-                        txn_id: s.txn_id,
-                        participants: s.participants.clone(),
-                    });
+                    let begun =
+                        sm.list_begun(created_before, after, limit).into_iter().map(|b| TxnView::Begun(b.clone()));
+                    let staged = sm
+                        .list_staged(created_before, after, limit)
+                        .into_iter()
+                        .map(|s| TxnView::Preparing { txn_id: s.txn_id, participants: s.participants.clone() });
                     begun.chain(staged).collect()
                 })
                 .await?;

@@ -43,7 +43,8 @@ impl<P: ParticipantClient> Engine<P> {
     ) -> Result<TxnRecord> {
         let txn_id = request.txn_id;
         let participants: Vec<ParticipantId> = targets.iter().map(|(t, _)| t.participant.clone()).collect();
-        let staged = StagedCmd { txn_id, participants: participants.clone(), deadline_unix_ms: request.deadline_unix_ms };
+        let staged =
+            StagedCmd { txn_id, participants: participants.clone(), deadline_unix_ms: request.deadline_unix_ms };
         // Proposed at once, in a task of its own: the Staged entry's durable
         // round runs while the participants' do.
         let engine = self.clone();
@@ -59,10 +60,10 @@ impl<P: ParticipantClient> Engine<P> {
         let branches: Vec<(ParticipantId, Option<Vote>)> =
             participants.iter().map(|p| (p.clone(), votes.get(p).cloned())).collect();
         // A broken protocol, for tests of the invariant checker.
-        let abort_reason = abort_reason.filter(|_| !failpoint::fired(failpoint::PREPARE_IGNORE_VOTES, || txn_id.to_string()));
-        let staged = async {
-            staging.await.unwrap_or_else(|e| Err(Error::Retryable(format!("the Staged entry's task: {e}"))))
-        };
+        let abort_reason =
+            abort_reason.filter(|_| !failpoint::fired(failpoint::PREPARE_IGNORE_VOTES, || txn_id.to_string()));
+        let staged =
+            async { staging.await.unwrap_or_else(|e| Err(Error::Retryable(format!("the Staged entry's task: {e}")))) };
         if let Some(reason) = abort_reason {
             let abort = DecideCmd { txn_id, decision: Decision::Abort, reason, branches };
             // §13.1: the owner of the txn (whose Staged entry staged it)
@@ -93,7 +94,9 @@ impl<P: ParticipantClient> Engine<P> {
             // Staged by another Submit of this id (a client's retry on
             // another leader): only the owner answers before the log does.
             Ok(Applied::Staged { first: false, .. }) => return self.commit_sequentially(commit).await,
-            Ok(Applied::StagedRefused { refusal, .. }) => return self.staged_refused(commit, &participants, refusal).await,
+            Ok(Applied::StagedRefused { refusal, .. }) => {
+                return self.staged_refused(commit, &participants, refusal).await;
+            }
             Ok(other) => return Err(Error::Corrupt(format!("a Staged entry was applied as {other:?}"))),
             // Not known applied: log the decision as §5 does, which is safe
             // whatever became of the Staged entry (the first decision wins).
@@ -106,7 +109,10 @@ impl<P: ParticipantClient> Engine<P> {
         // must be one the votes make (§13.1), and every vote is a durable YES
         // that no participant turns into a NO: Commit is the only one left.
         if failpoint::fired(failpoint::PARALLEL_AFTER_STAGED, || txn_id.to_string()) {
-            return Err(Error::Retryable(format!("failpoint {}: stopped after staging", failpoint::PARALLEL_AFTER_STAGED)));
+            return Err(Error::Retryable(format!(
+                "failpoint {}: stopped after staging",
+                failpoint::PARALLEL_AFTER_STAGED
+            )));
         }
         self.inner.metrics.committed.fetch_add(1, Ordering::Relaxed);
         self.inner.metrics.parallel_commits.fetch_add(1, Ordering::Relaxed);
@@ -203,9 +209,8 @@ impl<P: ParticipantClient> Engine<P> {
                 let participant = participant.clone();
                 async move {
                     let Some(addr) = addr else {
-                        let why = format!(
-                            "{participant} is not registered; register it again so its vote can be recovered"
-                        );
+                        let why =
+                            format!("{participant} is not registered; register it again so its vote can be recovered");
                         return (participant, Err(why));
                     };
                     let target = Target { participant: participant.clone(), addr };
@@ -267,7 +272,8 @@ impl<P: ParticipantClient> Engine<P> {
                 let inflight = engine.inner.inflight.lock();
                 engine.inner.node.local_read(|sm| sm.staged_txns(max, |id| inflight.contains_key(id)))
             };
-            let mut recoveries: FuturesUnordered<_> = orphans.iter().map(|staged| engine.recover_staged(staged)).collect();
+            let mut recoveries: FuturesUnordered<_> =
+                orphans.iter().map(|staged| engine.recover_staged(staged)).collect();
             while let Some(result) = recoveries.next().await {
                 if let Err(err) = result {
                     tracing::debug!(error = %err, "staged txn not settled; the next scan retries");
@@ -305,10 +311,18 @@ struct BatcherState<I> {
 
 impl<I: Send + 'static> EntryBatcher<I> {
     pub(super) fn new(batch_max: usize, clock: twopc_proto::Clock, entry: fn(Vec<I>) -> Command) -> Arc<Self> {
-        Arc::new(Self { batch_max, clock, entry, state: Mutex::new(BatcherState { waiting: Vec::new(), proposing: false }) })
+        Arc::new(Self {
+            batch_max,
+            clock,
+            entry,
+            state: Mutex::new(BatcherState { waiting: Vec::new(), proposing: false }),
+        })
     }
 
     /// Logs `item` in the next entry and returns what it was applied as.
+    /// The caller that finds no entry in flight proposes one itself, saving
+    /// a task hop at one client; what arrives meanwhile is proposed by a task
+    /// of its own. Callers are txn drivers, tasks nobody cancels.
     async fn propose(self: &Arc<Self>, node: &NodeHandle, item: I) -> Result<Applied> {
         let (reply, answer) = oneshot::channel();
         let start = {
@@ -316,50 +330,64 @@ impl<I: Send + 'static> EntryBatcher<I> {
             state.waiting.push((item, reply));
             !std::mem::replace(&mut state.proposing, true)
         };
-        if start {
-            // A task of its own, so a caller going away strands no batch.
+        if start && self.propose_batch(node).await {
             tokio::spawn(Arc::clone(self).propose_until_drained(node.clone()));
         }
         answer.await.unwrap_or_else(|_| Err(Error::Retryable("the batched entry was dropped; outcome unknown".into())))
     }
 
     async fn propose_until_drained(self: Arc<Self>, node: NodeHandle) {
-        loop {
-            let batch: Vec<(I, oneshot::Sender<Result<Applied>>)> = {
-                let mut state = self.state.lock();
-                if state.waiting.is_empty() {
-                    state.proposing = false;
-                    return;
+        while self.propose_batch(&node).await {}
+    }
+
+    /// Proposes the waiting items (up to `batch_max`) as one entry and
+    /// answers each. Returns whether more wait; when none do, the next
+    /// caller proposes.
+    async fn propose_batch(&self, node: &NodeHandle) -> bool {
+        let batch: Vec<(I, oneshot::Sender<Result<Applied>>)> = {
+            let mut state = self.state.lock();
+            if state.waiting.is_empty() {
+                state.proposing = false;
+                return false;
+            }
+            let take = state.waiting.len().min(self.batch_max);
+            state.waiting.drain(..take).collect()
+        };
+        let (items, replies): (Vec<I>, Vec<_>) = batch.into_iter().unzip();
+        let proposal = Proposal { command: (self.entry)(items), proposed_unix_ms: self.clock.unix_now_ms() };
+        match node.propose(&proposal).await {
+            Ok(Applied::Many(applied)) if applied.len() == replies.len() => {
+                for (applied, reply) in applied.into_iter().zip(replies) {
+                    let _ = reply.send(Ok(applied));
                 }
-                let take = state.waiting.len().min(self.batch_max);
-                state.waiting.drain(..take).collect()
-            };
-            let (items, replies): (Vec<I>, Vec<_>) = batch.into_iter().unzip();
-            let proposal = Proposal { command: (self.entry)(items), proposed_unix_ms: self.clock.unix_now_ms() };
-            match node.propose(&proposal).await {
-                Ok(Applied::Many(applied)) if applied.len() == replies.len() => {
-                    for (applied, reply) in applied.into_iter().zip(replies) {
-                        let _ = reply.send(Ok(applied));
-                    }
+            }
+            Ok(other) => {
+                for reply in replies {
+                    let _ = reply.send(Err(Error::Corrupt(format!("a batched entry was applied as {other:?}"))));
                 }
-                Ok(other) => {
-                    for reply in replies {
-                        let _ = reply.send(Err(Error::Corrupt(format!("a batched entry was applied as {other:?}"))));
-                    }
-                }
-                Err(err) => {
-                    let message = format!("the entry was not logged: {err}; outcome unknown");
-                    for reply in replies {
-                        let _ = reply.send(Err(Error::Retryable(message.clone())));
-                    }
+            }
+            Err(err) => {
+                let message = format!("the entry was not logged: {err}; outcome unknown");
+                for reply in replies {
+                    let _ = reply.send(Err(Error::Retryable(message.clone())));
                 }
             }
         }
+        let mut state = self.state.lock();
+        if state.waiting.is_empty() {
+            state.proposing = false;
+            return false;
+        }
+        true
     }
 }
 
 /// Logs `cmd` through the decisions batcher and returns the txn's record.
-async fn log_decision(batcher: &Arc<EntryBatcher<DecideCmd>>, node: &NodeHandle, mut cmd: DecideCmd) -> Result<TxnRecord> {
+async fn log_decision(
+    batcher: &Arc<EntryBatcher<DecideCmd>>,
+    node: &NodeHandle,
+    mut cmd: DecideCmd,
+) -> Result<TxnRecord> {
     cmd.cap_reasons();
     let txn_id = cmd.txn_id;
     match batcher.propose(node, cmd).await? {
