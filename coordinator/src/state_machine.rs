@@ -814,10 +814,15 @@ impl StateMachine {
         self.staged.len()
     }
 
-    /// Up to `max` staged, undecided txns, oldest id first, not in `skip`:
-    /// those a leader settles by status recovery (§13.3).
-    pub fn staged_txns(&self, max: usize, skip: impl Fn(&TxnId) -> bool) -> Vec<StagedTxn> {
-        self.staged.values().filter(|s| !skip(&s.txn_id)).take(max).cloned().collect()
+    /// Up to `max` staged, undecided txns not in `skip`, in id order from
+    /// just after `after` and round to the start: those a leader settles by
+    /// status recovery (§13.3), each scan going on where the last stopped.
+    pub fn staged_txns(&self, max: usize, after: Option<TxnId>, skip: impl Fn(&TxnId) -> bool) -> Vec<StagedTxn> {
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let from_cursor = self.staged.range((start, Bound::Unbounded));
+        let wrapped = self.staged.range((Bound::Unbounded, after.map_or(Bound::Unbounded, Bound::Included)));
+        let wrapped = wrapped.take_while(move |_| after.is_some());
+        from_cursor.chain(wrapped).map(|(_, s)| s).filter(|s| !skip(&s.txn_id)).take(max).cloned().collect()
     }
 
     /// Staged txns in id order after `after`, created before the given time, at most `limit`.
@@ -1667,6 +1672,25 @@ mod tests {
         assert_eq!(sm.apply(6, &abort(4)), Applied::DecideRefused { txn_id: txn, refusal: DecideRefusal::Staged });
         let applied = sm.apply(7, &abort(5));
         assert!(matches!(applied, Applied::Decided { first: true, ref record } if record.decision == Decision::Abort));
+    }
+
+    // §13.3: each status-recovery scan goes on after the last txn the
+    // previous one took, and round to the start, so stuck txns cannot keep
+    // the rest from ever being scanned.
+    #[test]
+    fn staged_scans_go_round_from_a_cursor() {
+        let mut sm = StateMachine::default();
+        let ids: Vec<TxnId> = (1..=5).map(|ms| TxnId::from_parts(ms, [0; 10])).collect();
+        for (i, id) in ids.iter().enumerate() {
+            stage(&mut sm, i as u64 + 1, *id);
+        }
+        let scan = |after, skip: &[TxnId]| -> Vec<TxnId> {
+            sm.staged_txns(2, after, |id| skip.contains(id)).into_iter().map(|s| s.txn_id).collect()
+        };
+        assert_eq!(scan(None, &[]), ids[..2]);
+        assert_eq!(scan(Some(ids[1]), &[]), ids[2..4]);
+        assert_eq!(scan(Some(ids[3]), &[]), vec![ids[4], ids[0]]);
+        assert_eq!(scan(Some(ids[4]), &[ids[0]]), ids[1..3]);
     }
 
     #[test]

@@ -343,27 +343,29 @@ impl<R: Resource> Engine<R> {
             // A NO must stay a NO (docs/PROTOCOL.md §13.1): a Submit retried
             // with a later deadline must not find this txn preparable after a
             // restart or an eviction. The resource's tombstone keeps it so.
-            if !matches!(known, Some(Outcome::MaybePrepared { .. })) {
-                match self.resource.abort(txn).await.map_err(|e| Error::from_resource(txn, Decision::Abort, e)) {
-                    Ok(()) => {}
-                    // Committed here, and evicted from memory since: a late
-                    // duplicate, answered with the vote the branch gave.
-                    Err(Error::Conflict { recorded: Decision::Commit, .. }) => {
-                        if self.outcomes.lock().set(txn, Outcome::Committed, Instant::now()).is_err() {
-                            debug!("outcome memory full; commit not remembered");
-                        }
-                        return Ok(Vote::Yes);
+            let maybe_prepared = matches!(known, Some(Outcome::MaybePrepared { .. }));
+            match self.resource.abort(txn).await.map_err(|e| Error::from_resource(txn, Decision::Abort, e)) {
+                Ok(()) => {}
+                // Committed here, and evicted from memory since: a late
+                // duplicate, answered with the vote the branch gave.
+                Err(Error::Conflict { recorded: Decision::Commit, .. }) => {
+                    if self.outcomes.lock().set(txn, Outcome::Committed, Instant::now()).is_err() {
+                        debug!("outcome memory full; commit not remembered");
                     }
-                    Err(e) => return Err(e),
+                    return Ok(Vote::Yes);
                 }
+                Err(e) => return Err(e),
             }
             let reason = DEADLINE_PASSED.to_owned();
-            let refused = Outcome::Refused { reason: reason.clone() };
-            let maybe_prepared = matches!(known, Some(Outcome::MaybePrepared { .. }));
-            // A branch that may be staged stays in doubt for the resolver
-            // (§3.3): the refusal must not hide it.
-            if !maybe_prepared && self.outcomes.lock().set(txn, refused, Instant::now()).is_err() {
-                debug!("outcome memory full; deadline refusal not remembered");
+            // A branch that may have been staged never voted YES: the abort
+            // above released what it held, and it is settled (§3.3).
+            let outcome = if maybe_prepared { Outcome::Aborted } else { Outcome::Refused { reason: reason.clone() } };
+            {
+                let mut outcomes = self.outcomes.lock();
+                if outcomes.set(txn, outcome, Instant::now()).is_err() {
+                    debug!("outcome memory full; deadline refusal not remembered");
+                }
+                self.metrics.set_in_doubt(outcomes.prepared_len());
             }
             self.metrics.vote(false);
             info!(deadline_unix_ms, "prepare arrived after its deadline; voting no");

@@ -243,6 +243,22 @@ fn decision_for(record: &TxnRecord, asker: Option<&ParticipantId>) -> Decision {
     }
 }
 
+/// The Resolve answer for the outcome a driver shared. A parallel commit's
+/// Commit, told before its Decide entry is applied (docs/PROTOCOL.md §13.2),
+/// is for its client only: a participant carries out only a logged decision
+/// (phase 2 waits for it too), or, were the leader to die before logging it,
+/// the participant could commit and then forget its vote before status
+/// recovery asks. So the participant is told to ask again shortly.
+fn logged_resolution(record: &TxnRecord, asker: Option<&ParticipantId>) -> Resolution {
+    if record.decision_log_index == 0 {
+        return Resolution::Undecided { retry_after_ms: IMPLICIT_COMMIT_RETRY_AFTER_MS };
+    }
+    Resolution::Decided(decision_for(record, asker))
+}
+
+/// How soon a participant asks again about a txn committed but not yet logged (§13.2).
+const IMPLICIT_COMMIT_RETRY_AFTER_MS: u64 = 100;
+
 /// A new txn (Submit, Begin) for an id created before the log's retention
 /// horizon: it may have been decided and forgotten (§7.2).
 fn past_horizon(txn_id: TxnId) -> Error {
@@ -294,6 +310,10 @@ struct Inner<P> {
     timeout_scan_running: std::sync::atomic::AtomicBool,
     /// Set while a status-recovery scan of staged txns runs (§13.3).
     staged_scan_running: std::sync::atomic::AtomicBool,
+    /// Where the next status-recovery scan starts: after the last txn the
+    /// previous one took, so txns whose votes cannot be had (a participant
+    /// down) do not keep the rest from being scanned.
+    staged_scan_cursor: Mutex<Option<TxnId>>,
     /// Logs parallel commits' Staged entries in batches (§13.2).
     staging: Arc<EntryBatcher<crate::command::StagedCmd>>,
     /// Logs parallel commits' explicit decisions in batches (§13.2).
@@ -322,6 +342,7 @@ impl<P: ParticipantClient> Engine<P> {
                 phases: PhaseLatencies::default(),
                 timeout_scan_running: std::sync::atomic::AtomicBool::new(false),
                 staged_scan_running: std::sync::atomic::AtomicBool::new(false),
+                staged_scan_cursor: Mutex::default(),
                 staging,
                 decisions,
             }),
@@ -408,10 +429,15 @@ impl<P: ParticipantClient> Engine<P> {
         }
         // A staged txn's retry runs it again (its Prepares are answered from
         // the participants' memory); other work under its id is refused.
-        if let Some(err) = staged.and_then(|known| other_branches(txn_id, &known, &asked)) {
-            return Err(err);
+        if let Some(known) = &staged {
+            if let Some(err) = other_branches(txn_id, known, &asked) {
+                return Err(err);
+            }
+        } else {
+            // A staged txn is live whatever its id's age: its retry must not
+            // be told to use a new id, which could run the transfer twice.
+            self.check_new_txn_id(txn_id, forgotten)?;
         }
-        self.check_new_txn_id(txn_id, forgotten)?;
         let targets = self.targets(&request.branches)?;
         let participants = targets.iter().map(|(t, _)| t.participant.clone()).collect();
         let outcome = match self.join_or_register(txn_id, participants, Driver::Submit)? {
@@ -742,7 +768,7 @@ impl<P: ParticipantClient> Engine<P> {
             // No presumed abort: the txn may be committed (§13.3). Waits for
             // its driver here, if it has one.
             let record = self.recover_staged(&staged).await?;
-            return Ok(Resolution::Decided(decision_for(&record, asker)));
+            return Ok(logged_resolution(&record, asker));
         }
         if let Some(deadline) = begun_deadline {
             // Nothing is presumed of a begun txn before its deadline: its
@@ -759,7 +785,7 @@ impl<P: ParticipantClient> Engine<P> {
         let running = self.inner.inflight.lock().get(&txn_id).map(|i| i.outcome.clone());
         if let Some(outcome) = running {
             // A txn this leader is still preparing is not aborted by a Resolve.
-            return wait_outcome(outcome).await.map(|record| Resolution::Decided(decision_for(&record, asker)));
+            return wait_outcome(outcome).await.map(|record| logged_resolution(&record, asker));
         }
         if begun_deadline.is_some() {
             // Past its deadline: the timeout the leader's scan would log (§12.5).
@@ -1088,5 +1114,28 @@ impl<P> Drop for InflightGuard<P> {
         if let Some(tx) = self.outcome.take() {
             tx.send_replace(Some(Err(SharedError::Other("the txn's driver stopped".into()))));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // §13.2: a participant's Resolve that joined a parallel commit's driver is
+    // not told the Commit its client was told until the Decide entry is
+    // applied: it asks again; a logged record answers as usual.
+    #[test]
+    fn a_resolve_is_answered_only_from_a_logged_decision() {
+        let cmd = DecideCmd {
+            txn_id: TxnId::new(),
+            decision: Decision::Commit,
+            reason: String::new(),
+            branches: vec![("a".parse().expect("a name"), Some(Vote::Yes))],
+        };
+        let asker: ParticipantId = "a".parse().expect("a name");
+        let implicit = crate::state_machine::one_shot_record(&cmd, 0, 1);
+        assert!(matches!(logged_resolution(&implicit, Some(&asker)), Resolution::Undecided { .. }));
+        let logged = crate::state_machine::one_shot_record(&cmd, 7, 1);
+        assert_eq!(logged_resolution(&logged, Some(&asker)), Resolution::Decided(Decision::Commit));
     }
 }

@@ -268,10 +268,12 @@ impl<P: ParticipantClient> Engine<P> {
         let engine = self.clone();
         tokio::spawn(async move {
             let max = engine.inner.config.staged_recovery_max;
+            let after = *engine.inner.staged_scan_cursor.lock();
             let orphans = {
                 let inflight = engine.inner.inflight.lock();
-                engine.inner.node.local_read(|sm| sm.staged_txns(max, |id| inflight.contains_key(id)))
+                engine.inner.node.local_read(|sm| sm.staged_txns(max, after, |id| inflight.contains_key(id)))
             };
+            *engine.inner.staged_scan_cursor.lock() = orphans.last().map(|s| s.txn_id);
             let mut recoveries: FuturesUnordered<_> =
                 orphans.iter().map(|staged| engine.recover_staged(staged)).collect();
             while let Some(result) = recoveries.next().await {
