@@ -6,7 +6,8 @@
 //! - [`error`]: the crate's [`Error`], and its one mapping to `tonic::Status`.
 //! - [`command`]: what the log holds ([`command::Command`]) and its binary encoding.
 //! - [`state_machine`]: the applied state: txn table, participant registry, members. Pure.
-//! - [`engine`]: the 2PC driver: Submit, Resolve, operator decisions, phase-2 delivery, retention GC.
+//! - [`engine`]: the 2PC driver: Submit (sequential, or parallel commit with status recovery,
+//!   docs/PROTOCOL.md §13), Resolve, operator decisions, phase-2 delivery, retention GC.
 //! - [`failpoint`]: names of the test failpoints (feature `failpoints`) at the protocol's dangerous points.
 //! - [`participant_client`]: the seam to participants and its gRPC implementation.
 //! - [`prepare_batch`]: Prepares to one participant gathered into `PrepareBatch` calls under load.

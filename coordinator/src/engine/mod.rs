@@ -1,11 +1,17 @@
-//! The two-phase commit driver (docs/PROTOCOL.md §5–§8, §12): Submit,
+//! The two-phase commit driver (docs/PROTOCOL.md §5–§8, §12, §13): Submit,
 //! Resolve, operator decisions, interactive txns (Begin, Join, Commit,
 //! Rollback), and the leader's background duties (phase-2 delivery, retention
 //! GC, timing out begun txns), all on top of a [`NodeHandle`].
 //!
-//! Outcomes are always read from applied state (I2): a Submit answers with the
+//! Outcomes are read from applied state (I2): a Submit answers with the
 //! record its Decide entry produced when applied, which is the first decision
-//! logged for the txn, whoever logged it.
+//! logged for the txn, whoever logged it. The one exception is a parallel
+//! commit's owner (`parallel`, §13.2), which answers Commit once its Staged
+//! entry is applied and every vote is YES: the only decision left to log.
+//!
+//! Modules: `delivery` (phase 2), `interactive` (§12), `parallel` (§13:
+//! Staged entries, status recovery, the entry batcher), `request` (validated
+//! requests).
 
 mod delivery;
 mod interactive;
