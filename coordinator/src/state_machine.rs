@@ -145,6 +145,18 @@ pub(crate) fn one_shot_record(cmd: &DecideCmd, index: u64, now: u64) -> TxnRecor
     }
 }
 
+/// A page of a table keyed by txn id: ids after `after`, created before the
+/// given time, at most `limit` (ids sort by creation time).
+fn page<V>(table: &BTreeMap<TxnId, V>, created_before_unix_ms: u64, after: Option<TxnId>, limit: usize) -> Vec<&V> {
+    let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+    table
+        .range((start, Bound::Unbounded))
+        .take_while(|(id, _)| id.created_unix_ms() < created_before_unix_ms)
+        .map(|(_, value)| value)
+        .take(limit)
+        .collect()
+}
+
 /// Whether two participant lists name the same set, in any order.
 fn same_participants(a: &[ParticipantId], b: &[ParticipantId]) -> bool {
     let (a, b): (BTreeSet<&ParticipantId>, BTreeSet<&ParticipantId>) = (a.iter().collect(), b.iter().collect());
@@ -827,13 +839,7 @@ impl StateMachine {
 
     /// Staged txns in id order after `after`, created before the given time, at most `limit`.
     pub fn list_staged(&self, created_before_unix_ms: u64, after: Option<TxnId>, limit: usize) -> Vec<&StagedTxn> {
-        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
-        self.staged
-            .range((start, Bound::Unbounded))
-            .map(|(_, staged)| staged)
-            .take_while(|s| s.txn_id.created_unix_ms() < created_before_unix_ms)
-            .take(limit)
-            .collect()
+        page(&self.staged, created_before_unix_ms, after, limit)
     }
 
     /// Whether a txn is begun and undecided (one map lookup: Submit's check).
@@ -860,13 +866,7 @@ impl StateMachine {
     /// A page of begun txns in id (creation) order after `after`, created
     /// before `created_before_unix_ms`.
     pub fn list_begun(&self, created_before_unix_ms: u64, after: Option<TxnId>, limit: usize) -> Vec<&BegunTxn> {
-        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
-        self.begun
-            .range((start, Bound::Unbounded))
-            .map(|(_, begun)| begun)
-            .take_while(|b| b.txn_id.created_unix_ms() < created_before_unix_ms)
-            .take(limit)
-            .collect()
+        page(&self.begun, created_before_unix_ms, after, limit)
     }
 
     /// A participant's registered address.

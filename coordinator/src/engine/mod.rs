@@ -265,6 +265,40 @@ fn logged_resolution(record: &TxnRecord, asker: Option<&ParticipantId>) -> Resol
 /// How soon a participant asks again about a txn committed but not yet logged (§13.2).
 const IMPLICIT_COMMIT_RETRY_AFTER_MS: u64 = 100;
 
+/// What a decision applied as (from a Decide, AbortStaged or Decisions
+/// entry) tells its proposer: the txn's record and whether this decision was
+/// the first, or why the log refused it.
+fn decided(applied: Applied) -> Result<(TxnRecord, bool)> {
+    match applied {
+        Applied::Decided { record, first } => Ok((record, first)),
+        Applied::DecideRefused { txn_id, refusal: DecideRefusal::Forgotten } => Err(forgotten(txn_id)),
+        Applied::DecideRefused { txn_id, refusal: DecideRefusal::FromTheFuture } => {
+            Err(refused_from_the_future(txn_id))
+        }
+        Applied::DecideRefused { txn_id, refusal: DecideRefusal::Staged } => Err(Error::TxnState {
+            state: TXN_STATE_STAGED,
+            message: format!(
+                "txn {txn_id} is staged under parallel commit (docs/PROTOCOL.md §13.1): only its votes decide \
+                 it, and status recovery asks its participants for them"
+            ),
+        }),
+        Applied::DecideRefused { txn_id, refusal: DecideRefusal::OtherBranches } => {
+            Err(Error::FailedPrecondition(format!(
+                "txn {txn_id} is staged (docs/PROTOCOL.md §13) with other branches than this decision names; \
+                 retry with the same branches, or use a new txn id for other work"
+            )))
+        }
+        other => Err(Error::Corrupt(format!("a Decide entry was applied as {other:?}"))),
+    }
+}
+
+/// A Submit for a txn begun interactively.
+fn begun_not_submit(txn_id: TxnId) -> Error {
+    Error::FailedPrecondition(format!(
+        "txn {txn_id} is begun (interactive, docs/PROTOCOL.md §12): finish it with Commit or Rollback, not Submit"
+    ))
+}
+
 /// A new txn (Submit, Begin) for an id created before the log's retention
 /// horizon: it may have been decided and forgotten (§7.2).
 fn past_horizon(txn_id: TxnId) -> Error {
@@ -428,10 +462,7 @@ impl<P: ParticipantClient> Engine<P> {
             return Ok(record);
         }
         if begun {
-            return Err(Error::FailedPrecondition(format!(
-                "txn {txn_id} is begun (interactive, docs/PROTOCOL.md §12): finish it with Commit or Rollback, \
-                 not Submit"
-            )));
+            return Err(begun_not_submit(txn_id));
         }
         // A staged txn's retry runs it again (its Prepares are answered from
         // the participants' memory); other work under its id is refused.
@@ -664,32 +695,11 @@ impl<P: ParticipantClient> Engine<P> {
         let started = Instant::now();
         let applied = self.inner.node.propose(&proposal).await;
         self.inner.phases.decide.record(started.elapsed());
-        match applied? {
-            Applied::Decided { record, first } => {
-                if first {
-                    self.count_interactive_decision(&record);
-                }
-                Ok((record, first))
-            }
-            Applied::DecideRefused { txn_id, refusal: DecideRefusal::Forgotten } => Err(forgotten(txn_id)),
-            Applied::DecideRefused { txn_id, refusal: DecideRefusal::FromTheFuture } => {
-                Err(refused_from_the_future(txn_id))
-            }
-            Applied::DecideRefused { txn_id, refusal: DecideRefusal::Staged } => Err(Error::TxnState {
-                state: TXN_STATE_STAGED,
-                message: format!(
-                    "txn {txn_id} is staged under parallel commit (docs/PROTOCOL.md §13.1): only its votes decide \
-                     it, and status recovery asks its participants for them"
-                ),
-            }),
-            Applied::DecideRefused { txn_id, refusal: DecideRefusal::OtherBranches } => {
-                Err(Error::FailedPrecondition(format!(
-                    "txn {txn_id} is staged (docs/PROTOCOL.md §13) with other branches than this decision names; \
-                     retry with the same branches, or use a new txn id for other work"
-                )))
-            }
-            other => Err(Error::Corrupt(format!("a Decide entry was applied as {other:?}"))),
+        let (record, first) = decided(applied?)?;
+        if first {
+            self.count_interactive_decision(&record);
         }
+        Ok((record, first))
     }
 
     /// `decided`, unless the log refused it because the txn is staged
@@ -801,8 +811,7 @@ impl<P: ParticipantClient> Engine<P> {
                 reason: TIMED_OUT_REASON.to_owned(),
                 branches: Vec::new(),
             };
-            let decided = self.decide_and_deliver(cmd).await.map(|(record, _)| record);
-            let record = self.or_recover(txn_id, decided).await?;
+            let (record, _) = self.decide_and_deliver(cmd).await?;
             return Ok(Resolution::Decided(decision_for(&record, asker)));
         }
         let reason = match asker {

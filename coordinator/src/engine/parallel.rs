@@ -21,13 +21,16 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use twopc_proto::{Decision, ParticipantId, TxnId, Vote};
 
-use super::{Driver, Engine, InflightGuard, Joined, forgotten, other_branches, refused_from_the_future, wait_outcome};
+use super::{
+    Driver, Engine, InflightGuard, Joined, begun_not_submit, decided, forgotten, other_branches,
+    refused_from_the_future, wait_outcome,
+};
 use crate::command::{Command, DecideCmd, Proposal, StagedCmd};
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::node::NodeHandle;
 use crate::participant_client::{ParticipantClient, Target};
-use crate::state_machine::{Applied, DecideRefusal, StagedRefusal, StagedTxn, TxnRecord};
+use crate::state_machine::{Applied, StagedRefusal, StagedTxn, TxnRecord};
 
 use super::request::SubmitRequest;
 
@@ -151,10 +154,7 @@ impl<P: ParticipantClient> Engine<P> {
                     Error::FailedPrecondition(format!("txn {txn_id} is staged with other branches"))
                 }))
             }
-            StagedRefusal::Begun => Err(Error::FailedPrecondition(format!(
-                "txn {txn_id} is begun (interactive, docs/PROTOCOL.md §12): finish it with Commit or Rollback, not \
-                 Submit"
-            ))),
+            StagedRefusal::Begun => Err(begun_not_submit(txn_id)),
             StagedRefusal::Forgotten => Err(forgotten(txn_id)),
             StagedRefusal::FromTheFuture => Err(refused_from_the_future(txn_id)),
         }
@@ -376,11 +376,8 @@ impl<I: Send + 'static> EntryBatcher<I> {
             }
         }
         let mut state = self.state.lock();
-        if state.waiting.is_empty() {
-            state.proposing = false;
-            return false;
-        }
-        true
+        state.proposing = !state.waiting.is_empty();
+        state.proposing
     }
 }
 
@@ -391,14 +388,5 @@ async fn log_decision(
     mut cmd: DecideCmd,
 ) -> Result<TxnRecord> {
     cmd.cap_reasons();
-    let txn_id = cmd.txn_id;
-    match batcher.propose(node, cmd).await? {
-        Applied::Decided { record, .. } => Ok(record),
-        Applied::DecideRefused { refusal: DecideRefusal::Forgotten, .. } => Err(forgotten(txn_id)),
-        Applied::DecideRefused { refusal: DecideRefusal::FromTheFuture, .. } => Err(refused_from_the_future(txn_id)),
-        Applied::DecideRefused { refusal: DecideRefusal::OtherBranches | DecideRefusal::Staged, .. } => {
-            Err(Error::FailedPrecondition(format!("txn {txn_id} is staged with other branches or votes")))
-        }
-        other => Err(Error::Corrupt(format!("a decision was applied as {other:?}"))),
-    }
+    decided(batcher.propose(node, cmd).await?).map(|(record, _)| record)
 }
