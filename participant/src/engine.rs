@@ -281,26 +281,52 @@ impl<R: Resource> Engine<R> {
             // for a txn never prepared, releases what a failed prepare may
             // have staged, and is refused for a txn it committed.
             None | Some(Outcome::Preparing | Outcome::MaybePrepared { .. }) => {
-                match self.resource.abort(txn).await.map_err(|e| Error::from_resource(txn, Decision::Abort, e)) {
-                    Ok(()) => {
-                        let outcome = if known.is_none() { Outcome::Tombstone } else { Outcome::Aborted };
-                        let mut outcomes = self.outcomes.lock();
-                        // The resource holds the tombstone; memory only saves a call.
-                        if outcomes.set(txn, outcome, Instant::now()).is_err() {
-                            debug!("outcome memory full; recovered NO not remembered");
-                        }
-                        self.metrics.set_in_doubt(outcomes.prepared_len());
-                        Vote::no(if known.is_none() { NEVER_PREPARED } else { PREPARE_FAILED })
-                    }
-                    // The resource's own record says it committed (memory
-                    // had evicted it): the vote was YES.
-                    Err(Error::Conflict { recorded: Decision::Commit, .. }) => Vote::Yes,
-                    Err(e) => return Err(e),
+                if !self.abort_for_good(txn).await? {
+                    return Ok(Vote::Yes);
+                }
+                if known.is_none() {
+                    self.remember_settled(txn, Outcome::Tombstone);
+                    Vote::no(NEVER_PREPARED)
+                } else {
+                    self.remember_settled(txn, Outcome::Aborted);
+                    Vote::no(PREPARE_FAILED)
                 }
             }
         };
         info!(yes = vote.is_yes(), "vote recovered for a staged txn");
         Ok(vote)
+    }
+
+    /// Has the resource abort `txn` for good, so a NO given for it stays a
+    /// NO (docs/PROTOCOL.md §13.1): a durable tombstone for a txn never
+    /// prepared here, a release of what a failed prepare may have staged.
+    /// Returns false, remembering the commit, when the resource's own record
+    /// says the branch committed (its memory here was evicted): its vote was
+    /// YES. Call it under the txn's lock.
+    ///
+    /// # Errors
+    /// The resource's failure to abort.
+    async fn abort_for_good(&self, txn: TxnId) -> Result<bool> {
+        match self.resource.abort(txn).await.map_err(|e| Error::from_resource(txn, Decision::Abort, e)) {
+            Ok(()) => Ok(true),
+            Err(Error::Conflict { recorded: Decision::Commit, .. }) => {
+                self.remember_settled(txn, Outcome::Committed);
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records the outcome of a txn the resource has settled, and the
+    /// in-doubt gauge. The resource holds the durable record (its contract),
+    /// so with the memory full a repeat is still answered correctly, by the
+    /// resource, at the cost of a call.
+    fn remember_settled(&self, txn: TxnId, outcome: Outcome) {
+        let mut outcomes = self.outcomes.lock();
+        if outcomes.set(txn, outcome, Instant::now()).is_err() {
+            debug!("outcome memory full; a settled txn is not remembered");
+        }
+        self.metrics.set_in_doubt(outcomes.prepared_len());
     }
 
     fn stripe(&self, txn: TxnId) -> &tokio::sync::Mutex<()> {
@@ -343,30 +369,17 @@ impl<R: Resource> Engine<R> {
             // A NO must stay a NO (docs/PROTOCOL.md §13.1): a Submit retried
             // with a later deadline must not find this txn preparable after a
             // restart or an eviction. The resource's tombstone keeps it so.
-            let maybe_prepared = matches!(known, Some(Outcome::MaybePrepared { .. }));
-            match self.resource.abort(txn).await.map_err(|e| Error::from_resource(txn, Decision::Abort, e)) {
-                Ok(()) => {}
-                // Committed here, and evicted from memory since: a late
-                // duplicate, answered with the vote the branch gave.
-                Err(Error::Conflict { recorded: Decision::Commit, .. }) => {
-                    if self.outcomes.lock().set(txn, Outcome::Committed, Instant::now()).is_err() {
-                        debug!("outcome memory full; commit not remembered");
-                    }
-                    return Ok(Vote::Yes);
-                }
-                Err(e) => return Err(e),
+            // A late duplicate of a branch committed here (and evicted from
+            // memory since) is answered with the vote the branch gave.
+            if !self.abort_for_good(txn).await? {
+                return Ok(Vote::Yes);
             }
             let reason = DEADLINE_PASSED.to_owned();
             // A branch that may have been staged never voted YES: the abort
             // above released what it held, and it is settled (§3.3).
+            let maybe_prepared = matches!(known, Some(Outcome::MaybePrepared { .. }));
             let outcome = if maybe_prepared { Outcome::Aborted } else { Outcome::Refused { reason: reason.clone() } };
-            {
-                let mut outcomes = self.outcomes.lock();
-                if outcomes.set(txn, outcome, Instant::now()).is_err() {
-                    debug!("outcome memory full; deadline refusal not remembered");
-                }
-                self.metrics.set_in_doubt(outcomes.prepared_len());
-            }
+            self.remember_settled(txn, outcome);
             self.metrics.vote(false);
             info!(deadline_unix_ms, "prepare arrived after its deadline; voting no");
             return Ok(Vote::No { reason });
@@ -476,15 +489,7 @@ impl<R: Resource> Engine<R> {
             (Decision::Abort, None | Some(Outcome::Preparing)) => Outcome::Tombstone,
             (Decision::Abort, _) => Outcome::Aborted,
         };
-        {
-            let mut outcomes = self.outcomes.lock();
-            if outcomes.set(txn, outcome, Instant::now()).is_err() {
-                // The resource holds the durable record (its contract), so a
-                // repeat is still answered correctly, by the resource.
-                debug!("outcome memory full; decision not remembered");
-            }
-            self.metrics.set_in_doubt(outcomes.prepared_len());
-        }
+        self.remember_settled(txn, outcome);
         self.metrics.decision_applied(decision);
         debug!("decision applied");
         Ok(Applied::Now)
