@@ -47,7 +47,7 @@ pub struct CoordinatorArgs {
     pub commit_protocol: CommitProtocol,
 }
 
-fn parse_commit_protocol(text: &str) -> Result<CommitProtocol, String> {
+pub(crate) fn parse_commit_protocol(text: &str) -> Result<CommitProtocol, String> {
     text.parse().map_err(|e: twopc_coordinator::Error| e.to_string())
 }
 

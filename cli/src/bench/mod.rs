@@ -91,8 +91,8 @@ pub struct BenchArgs {
     pub mode: Mode,
     /// With --local: how the coordinators commit one-shot txns, parallel (one durable round) or sequential
     /// (two, one after the other); the report names it. Against a running cluster, its own setting applies.
-    #[arg(long, requires = "local", value_parser = ["parallel", "sequential"])]
-    pub commit_protocol: Option<String>,
+    #[arg(long, requires = "local", value_parser = crate::servers::parse_commit_protocol)]
+    pub commit_protocol: Option<twopc_coordinator::config::CommitProtocol>,
     /// Each account's opening balance; large, so that no transfer aborts for lack of funds unless asked.
     #[arg(long, default_value = "1000000000.00")]
     pub opening_balance: String,
@@ -192,7 +192,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
         coordinator_args: args
             .commit_protocol
             .iter()
-            .flat_map(|protocol| ["--commit-protocol".to_owned(), protocol.clone()])
+            .flat_map(|protocol| ["--commit-protocol".to_owned(), protocol.to_string()])
             .collect(),
         bank_args: args
             .bank_retention_ms

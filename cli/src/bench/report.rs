@@ -130,10 +130,10 @@ impl Report {
             Contention::Hot => format!("hot ({} accounts per bank)", args.hot_accounts),
         };
         // --local starts the coordinators with it; a running cluster's own setting is not known here.
-        let commit_protocol = match (&args.commit_protocol, args.local) {
-            (Some(protocol), _) => protocol.clone(),
-            (None, true) => twopc_coordinator::config::CommitProtocol::default().to_string(),
-            (None, false) => "the cluster's".to_owned(),
+        let commit_protocol = match args.commit_protocol {
+            Some(protocol) => protocol.to_string(),
+            None if args.local => twopc_coordinator::config::CommitProtocol::default().to_string(),
+            None => "the cluster's".to_owned(),
         };
         let title = format!(
             "{} transfers ({commit_protocol} commit), {} banks, {} branches per transfer, {} clients, {}, {} accounts per bank, {contention}",
