@@ -42,6 +42,9 @@
 //! - `fake_coordinator` (feature `testing`): a scriptable coordinator (Resolve, Begin, Join, Commit, Rollback).
 //! - [`postgres`] (feature `postgres`): [`postgres::PostgresResource`], branches as PostgreSQL prepared transactions.
 //! - `postgres_testing` (features `postgres` and `testing`): a test server or a reason to skip, throwaway schemas.
+//! - [`outbox`] (feature `events`): the transactional outbox: events staged with a branch, published to NATS
+//!   JetStream iff it commits (the relay), shared redb tables, and `EventResource`, a participant that only publishes.
+//! - `nats_testing` (features `events` and `testing`): a test NATS server or a reason to skip, unique stream names.
 //!
 //! # Status codes
 //!
@@ -109,6 +112,10 @@ pub mod server;
 pub mod conformance;
 #[cfg(feature = "testing")]
 pub mod fake_coordinator;
+#[cfg(all(feature = "events", feature = "testing"))]
+pub mod nats_testing;
+#[cfg(feature = "events")]
+pub mod outbox;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(all(feature = "postgres", feature = "testing"))]

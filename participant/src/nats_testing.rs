@@ -1,0 +1,175 @@
+//! Helpers for tests against a real NATS server with JetStream (features
+//! `events` and `testing`): find the server or say why the test is skipped,
+//! name throwaway streams and subject prefixes uniquely, and clean up.
+//!
+//! The server is `TWOPC_NATS_URL` (default `nats://127.0.0.1:4222`) and must
+//! have JetStream enabled. Where it is unreachable or has no JetStream,
+//! [`server`] prints why and returns None, so the test passes as skipped,
+//! unless `TWOPC_REQUIRE_NATS=1` (set by `.ci/run`), when it panics.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream;
+
+/// The server tests use when `TWOPC_NATS_URL` is unset.
+pub const DEFAULT_URL: &str = "nats://127.0.0.1:4222";
+
+/// A reachable NATS server with JetStream.
+#[derive(Debug, Clone)]
+pub struct TestNats {
+    /// Its URL.
+    pub url: String,
+    /// A connected client.
+    pub client: async_nats::Client,
+    /// JetStream on that client.
+    pub jetstream: jetstream::Context,
+}
+
+/// The test server, or None (after printing why `test` is skipped) when
+/// there is none and `TWOPC_REQUIRE_NATS` is not `1`.
+///
+/// # Panics
+/// When `TWOPC_REQUIRE_NATS=1` and the server is unreachable or has no JetStream.
+pub async fn server(test: &str) -> Option<TestNats> {
+    let url = std::env::var("TWOPC_NATS_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
+    let required = std::env::var("TWOPC_REQUIRE_NATS").is_ok_and(|v| v == "1");
+    match check(&url).await {
+        Ok((client, jetstream)) => Some(TestNats { url, client, jetstream }),
+        Err(why) if required => panic!("{test}: NATS with JetStream is required (TWOPC_REQUIRE_NATS=1) but {why}"),
+        Err(why) => {
+            eprintln!("SKIPPED {test}: {why} (set TWOPC_REQUIRE_NATS=1 to fail instead)");
+            None
+        }
+    }
+}
+
+async fn check(url: &str) -> Result<(async_nats::Client, jetstream::Context), String> {
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(3))
+        .connect(url)
+        .await
+        .map_err(|e| format!("no NATS server answers at {url}: {e}"))?;
+    let jetstream = jetstream::new(client.clone());
+    // The raw account-info request: the client's typed answer expects
+    // fields newer servers send.
+    let info = client
+        .request("$JS.API.INFO", bytes::Bytes::new())
+        .await
+        .map_err(|e| format!("the NATS server at {url} has no JetStream (start it with -js): {e}"))?;
+    let info = String::from_utf8_lossy(&info.payload);
+    if info.contains("\"error\"") {
+        return Err(format!("the NATS server at {url} refuses JetStream: {info}"));
+    }
+    Ok((client, jetstream))
+}
+
+/// A name no other test (or earlier run) uses, of `[A-Za-z0-9_]`: for a
+/// stream name (`TEST_...`) or a subject prefix.
+pub fn unique_name(prefix: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{prefix}_{}_{nanos}_{n}", std::process::id())
+}
+
+impl TestNats {
+    /// Every message in `stream`, in stream order, as (Nats-Msg-Id, subject,
+    /// payload), read with an ephemeral consumer; waits up to `wait` for the
+    /// stream to hold at least `at_least` messages.
+    ///
+    /// # Panics
+    /// When the stream cannot be read, or holds fewer messages after `wait`.
+    pub async fn messages(&self, stream: &str, at_least: u64, wait: Duration) -> Vec<(String, String, bytes::Bytes)> {
+        let give_up = tokio::time::Instant::now() + wait;
+        let mut stream_handle = self.jetstream.get_stream(stream).await.expect("the stream exists");
+        loop {
+            let info = stream_handle.info().await.expect("stream info");
+            if info.state.messages >= at_least || tokio::time::Instant::now() >= give_up {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let count = stream_handle.info().await.expect("stream info").state.messages;
+        assert!(
+            count >= at_least,
+            "stream {stream} holds {count} messages after {wait:?}, expected at least {at_least}"
+        );
+        let mut out = Vec::with_capacity(count as usize);
+        for seq in 1..=stream_handle.info().await.expect("stream info").state.last_sequence {
+            let Ok(message) = stream_handle.get_raw_message(seq).await else { continue };
+            let id = message.headers.get("Nats-Msg-Id").map(|v| v.as_str().to_owned()).unwrap_or_default();
+            out.push((id, message.subject.to_string(), message.payload));
+        }
+        out
+    }
+
+    /// Deletes `stream`, ignoring a stream that is already gone.
+    pub async fn delete_stream(&self, stream: &str) {
+        let _ = self.jetstream.delete_stream(stream).await;
+    }
+}
+
+/// A TCP proxy in front of the NATS server that a test can cut and restore,
+/// so a client sees the server go away (every connection dropped, new ones
+/// closed at once) and come back, while the real server keeps running for
+/// every other test.
+pub struct NatsProxy {
+    /// The URL clients use, `nats://127.0.0.1:PORT`.
+    pub url: String,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    connections: std::sync::Arc<parking_lot::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl NatsProxy {
+    /// A proxy to `upstream` (host:port or `nats://host:port`), up.
+    ///
+    /// # Panics
+    /// When it cannot listen on loopback.
+    pub async fn start(upstream: &str) -> Self {
+        let upstream = upstream.trim_start_matches("nats://").to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("proxy listens");
+        let url = format!("nats://{}", listener.local_addr().expect("proxy address"));
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let connections = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let accept = tokio::spawn({
+            let (up, connections) = (up.clone(), connections.clone());
+            async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if !up.load(Ordering::SeqCst) {
+                        continue; // dropped: the client sees the connection close
+                    }
+                    let upstream = upstream.clone();
+                    let task = tokio::spawn(async move {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await {
+                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    connections.lock().push(task.abort_handle());
+                }
+            }
+        });
+        Self { url, up, connections, accept }
+    }
+
+    /// Drops every connection and refuses new ones until [`NatsProxy::restore`].
+    pub fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for connection in self.connections.lock().drain(..) {
+            connection.abort();
+        }
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for NatsProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}

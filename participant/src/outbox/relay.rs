@@ -1,0 +1,323 @@
+//! [`Relay`]: publishes a store's ready events to NATS JetStream, exactly
+//! once per event id, and removes each only after the stream acknowledged it.
+//!
+//! One task per store. It connects in the background (a NATS server that is
+//! down at start-up, or goes away later, only delays events), makes sure the
+//! stream exists, then loops: read up to `batch_max` ready events oldest
+//! first, publish them all with their ids as `Nats-Msg-Id`, wait for every
+//! PubAck (at most `ack_timeout_ms`), remove the acknowledged ones, and go
+//! again at once while there is more. When nothing is ready it waits for a
+//! [`RelayWake`] (the store wakes it after each commit that readied events)
+//! or `poll_interval_ms`. Failures back off from `retry_min_ms`, doubling to
+//! `retry_max_ms`; nothing is dropped. The store bounds what waits
+//! (`outbox_max`), which is the backpressure: a store past its bound votes
+//! NO rather than stage more.
+
+use std::future::{Future, IntoFuture};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, message::PublishMessage};
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::ReadyEvent;
+use crate::resource::ResourceError;
+
+/// Where a [`Relay`] reads ready events and records published ones: the
+/// store that holds the outbox tables.
+pub trait OutboxSource: Send + Sync + 'static {
+    /// Up to `max` ready events, oldest first.
+    ///
+    /// # Errors
+    /// When the store cannot be read; the relay retries after a pause.
+    fn ready(&self, max: usize) -> impl Future<Output = Result<Vec<ReadyEvent>, ResourceError>> + Send;
+
+    /// Removes the events numbered `seqs`, which the stream has acknowledged.
+    ///
+    /// # Errors
+    /// When the store cannot be written; the relay publishes them again (the
+    /// stream drops the repeats) and retries.
+    fn published(&self, seqs: Vec<u64>) -> impl Future<Output = Result<(), ResourceError>> + Send;
+}
+
+/// Wakes a relay when events become ready, so they go out at once rather
+/// than at the next poll. Cheap to clone; waking a relay that is busy makes
+/// it look again when it is done.
+#[derive(Debug, Clone, Default)]
+pub struct RelayWake(Arc<Notify>);
+
+impl RelayWake {
+    /// A wake that no relay listens to yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Tells the relay that events are ready.
+    pub fn wake(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// Where and how a [`Relay`] publishes. Every limit has a default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayConfig {
+    /// The NATS server, such as `nats://127.0.0.1:4222`.
+    pub nats_url: String,
+    /// The JetStream stream, created if missing (default `TWOPC`).
+    pub stream: String,
+    /// The stream's subjects when the relay creates it (default `twopc.>`);
+    /// every event's subject must match one.
+    pub subjects: Vec<String>,
+    /// The stream's de-duplication window when the relay creates it
+    /// (default 120 000 ms, JetStream's own default): a republish of an id
+    /// within it is dropped.
+    pub duplicate_window_ms: u64,
+    /// The most events published before waiting for their PubAcks (default 256).
+    pub batch_max: usize,
+    /// How long to wait for a batch's PubAcks (default 5 000 ms).
+    pub ack_timeout_ms: u64,
+    /// How often to look for ready events without a wake (default 1 000 ms).
+    pub poll_interval_ms: u64,
+    /// The first pause after a failure (default 100 ms), doubling ...
+    pub retry_min_ms: u64,
+    /// ... up to this (default 5 000 ms).
+    pub retry_max_ms: u64,
+}
+
+impl RelayConfig {
+    /// The defaults, publishing to the server at `nats_url`.
+    pub fn new(nats_url: impl Into<String>) -> Self {
+        Self {
+            nats_url: nats_url.into(),
+            stream: "TWOPC".into(),
+            subjects: vec!["twopc.>".into()],
+            duplicate_window_ms: 120_000,
+            batch_max: 256,
+            ack_timeout_ms: 5_000,
+            poll_interval_ms: 1_000,
+            retry_min_ms: 100,
+            retry_max_ms: 5_000,
+        }
+    }
+
+    /// Checks every limit.
+    ///
+    /// # Errors
+    /// A one-line reason naming the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("batch_max", self.batch_max as u64),
+            ("ack_timeout_ms", self.ack_timeout_ms),
+            ("poll_interval_ms", self.poll_interval_ms),
+            ("retry_min_ms", self.retry_min_ms),
+            ("duplicate_window_ms", self.duplicate_window_ms),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("events.{name} must be above 0"));
+        }
+        if self.batch_max > 10_000 {
+            return Err(format!("events.batch_max is {}; at most 10000", self.batch_max));
+        }
+        if self.retry_max_ms < self.retry_min_ms {
+            return Err("events.retry_max_ms must be at least events.retry_min_ms".into());
+        }
+        if self.stream.is_empty() || self.stream.contains(['.', ' ', '*', '>']) {
+            return Err(format!("events.stream {:?} must be a non-empty name without . * > or spaces", self.stream));
+        }
+        if self.subjects.is_empty() {
+            return Err("events.subjects must name at least one subject".into());
+        }
+        Ok(())
+    }
+}
+
+/// What a relay has done since it started.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Events the stream acknowledged as new.
+    pub published: AtomicU64,
+    /// Events the stream acknowledged as repeats (dropped by de-duplication).
+    pub duplicates: AtomicU64,
+    /// Batches that failed (no connection, a timeout, the store) and were retried.
+    pub failures: AtomicU64,
+    /// Whether the last attempt succeeded.
+    pub healthy: AtomicBool,
+    /// The last failure, for an operator.
+    pub last_error: Mutex<Option<String>>,
+}
+
+/// The publishing task of one store; stopped when dropped.
+pub struct Relay {
+    stats: Arc<RelayStats>,
+    task: JoinHandle<()>,
+}
+
+impl Relay {
+    /// Starts publishing `source`'s ready events, woken by `wake`.
+    ///
+    /// # Errors
+    /// An invalid `config` (see [`RelayConfig::validate`]).
+    pub fn spawn<S: OutboxSource>(source: Arc<S>, wake: RelayWake, config: RelayConfig) -> Result<Self, String> {
+        config.validate()?;
+        let stats = Arc::new(RelayStats::default());
+        let task = tokio::spawn(run(source, wake, config, Arc::clone(&stats)));
+        Ok(Self { stats, task })
+    }
+
+    /// Its counters.
+    pub fn stats(&self) -> &Arc<RelayStats> {
+        &self.stats
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn run<S: OutboxSource>(source: Arc<S>, wake: RelayWake, config: RelayConfig, stats: Arc<RelayStats>) {
+    let mut backoff = Backoff::new(&config);
+    // Connects in the background and reconnects forever: a server that is
+    // down only delays events.
+    let client = loop {
+        match async_nats::ConnectOptions::new()
+            .name("twopc-outbox-relay")
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connect(&config.nats_url)
+            .await
+        {
+            Ok(client) => break client,
+            Err(e) => backoff.failed(&stats, format!("connecting to NATS at {}: {e}", config.nats_url)).await,
+        }
+    };
+    let mut jetstream = jetstream::new(client);
+    jetstream.set_timeout(Duration::from_millis(config.ack_timeout_ms));
+    loop {
+        let stream = jetstream::stream::Config {
+            name: config.stream.clone(),
+            subjects: config.subjects.clone(),
+            duplicate_window: Duration::from_millis(config.duplicate_window_ms),
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        };
+        match jetstream.get_or_create_stream(stream).await {
+            Ok(_) => break,
+            Err(e) => {
+                backoff.failed(&stats, format!("creating stream {} at {}: {e}", config.stream, config.nats_url)).await
+            }
+        }
+    }
+    info!(stream = %config.stream, url = %config.nats_url, "outbox relay: publishing");
+    loop {
+        let batch = match source.ready(config.batch_max).await {
+            Ok(batch) => batch,
+            Err(e) => {
+                backoff.failed(&stats, format!("reading ready events: {e}")).await;
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            tokio::select! {
+                () = wake.0.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(config.poll_interval_ms)) => {}
+            }
+            continue;
+        }
+        let (acked, failure) = publish(&jetstream, batch, &config, &stats).await;
+        if !acked.is_empty()
+            && let Err(e) = source.published(acked).await
+        {
+            backoff.failed(&stats, format!("recording published events: {e}")).await;
+            continue;
+        }
+        match failure {
+            Some(why) => backoff.failed(&stats, why).await,
+            None => {
+                // Look again at once: a full batch may have more behind it,
+                // and an empty read waits for the next wake.
+                backoff.reset();
+                stats.healthy.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Publishes `batch` and waits for the PubAcks; returns the acknowledged
+/// events' numbers and, if any was not acknowledged, why.
+async fn publish(
+    jetstream: &jetstream::Context,
+    batch: Vec<ReadyEvent>,
+    config: &RelayConfig,
+    stats: &RelayStats,
+) -> (Vec<u64>, Option<String>) {
+    let deadline = Duration::from_millis(config.ack_timeout_ms);
+    let mut pending = Vec::with_capacity(batch.len());
+    let mut failure = None;
+    for event in batch {
+        let message = PublishMessage::build().payload(event.payload).message_id(&event.id);
+        match tokio::time::timeout(deadline, jetstream.send_publish(event.subject, message)).await {
+            Ok(Ok(ack)) => pending.push((event.seq, ack)),
+            Ok(Err(e)) => {
+                failure = Some(format!("publishing event {}: {e}", event.id));
+                break;
+            }
+            Err(_) => {
+                failure = Some(format!("publishing event {}: no room to send within {deadline:?}", event.id));
+                break;
+            }
+        }
+    }
+    let acks = futures::future::join_all(
+        pending
+            .into_iter()
+            .map(|(seq, ack)| async move { (seq, tokio::time::timeout(deadline, ack.into_future()).await) }),
+    )
+    .await;
+    let mut acked = Vec::with_capacity(acks.len());
+    for (seq, ack) in acks {
+        match ack {
+            Ok(Ok(ack)) => {
+                let counter = if ack.duplicate { &stats.duplicates } else { &stats.published };
+                counter.fetch_add(1, Ordering::Relaxed);
+                acked.push(seq);
+            }
+            Ok(Err(e)) => failure = failure.or(Some(format!("the stream did not acknowledge an event: {e}"))),
+            Err(_) => failure = failure.or(Some(format!("no PubAck within {deadline:?}"))),
+        }
+    }
+    debug!(acked = acked.len(), failed = failure.is_some(), "outbox relay: batch published");
+    (acked, failure)
+}
+
+/// The pause after a failure: doubling, capped, reset by a success.
+struct Backoff {
+    next: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(config: &RelayConfig) -> Self {
+        let min = Duration::from_millis(config.retry_min_ms);
+        Self { next: min, min, max: Duration::from_millis(config.retry_max_ms) }
+    }
+
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+
+    async fn failed(&mut self, stats: &RelayStats, why: String) {
+        stats.failures.fetch_add(1, Ordering::Relaxed);
+        stats.healthy.store(false, Ordering::Relaxed);
+        warn!(error = %why, retry_in_ms = self.next.as_millis(), "outbox relay: events wait");
+        *stats.last_error.lock() = Some(why);
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(self.max);
+    }
+}

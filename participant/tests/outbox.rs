@@ -1,0 +1,218 @@
+//! The transactional outbox (docs/PROTOCOL.md §14): [`EventResource`] passes
+//! the conformance suite, and against the real NATS server (see
+//! `nats_testing`) a committed branch's events reach the stream exactly
+//! once, an aborted branch's never, events committed while the relay was
+//! away go out after a restart, and a server that goes away only delays
+//! them, within the outbox's bound.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use twopc_participant::conformance::{self, Harness};
+use twopc_participant::nats_testing::{self, NatsProxy, TestNats};
+use twopc_participant::outbox::{
+    EventResource, EventResourceConfig, OutboxEvent, OutboxSource, Relay, RelayConfig, RelayWake, encode_staged,
+};
+use twopc_participant::{Resource, TxnId, Vote};
+
+struct EventHarness {
+    dirs: Mutex<Vec<tempfile::TempDir>>,
+}
+
+fn one_event(txn: TxnId) -> Bytes {
+    let event = OutboxEvent::new("test.conformance", Bytes::from(txn.to_string())).expect("subject");
+    encode_staged(&[event])
+}
+
+impl Harness for EventHarness {
+    type Resource = EventResource;
+
+    async fn create(&self) -> EventResource {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("events.redb");
+        self.dirs.lock().push(dir);
+        EventResource::open(path, EventResourceConfig::default(), RelayWake::new()).await.expect("open")
+    }
+
+    async fn restart(&self, resource: EventResource) -> EventResource {
+        let path = resource.path().to_owned();
+        drop(resource);
+        EventResource::open(path, EventResourceConfig::default(), RelayWake::new()).await.expect("reopen")
+    }
+
+    fn yes_payload(&self, txn: TxnId) -> Bytes {
+        one_event(txn)
+    }
+
+    fn no_payload(&self, _txn: TxnId) -> Bytes {
+        Bytes::from_static(b"\xff\xff not a StagedEvents message")
+    }
+
+    async fn applied_count(&self, resource: &EventResource, txn: TxnId) -> u64 {
+        let prefix = format!("{txn}:");
+        let ready = resource.ready(usize::MAX).await.expect("ready events");
+        ready.iter().filter(|e| e.id.starts_with(&prefix)).count() as u64
+    }
+}
+
+#[tokio::test]
+async fn event_resource_passes_the_conformance_suite() {
+    conformance::run_all(&EventHarness { dirs: Mutex::new(Vec::new()) }).await;
+}
+
+/// A throwaway stream and subject prefix on the test server.
+struct Stream {
+    nats: TestNats,
+    name: String,
+    prefix: String,
+}
+
+impl Stream {
+    async fn new(test: &str) -> Option<Self> {
+        let nats = nats_testing::server(test).await?;
+        Some(Self { nats, name: nats_testing::unique_name("TEST"), prefix: nats_testing::unique_name("t") })
+    }
+
+    fn relay_config(&self, url: &str) -> RelayConfig {
+        RelayConfig {
+            stream: self.name.clone(),
+            subjects: vec![format!("{}.>", self.prefix)],
+            retry_max_ms: 200,
+            poll_interval_ms: 100,
+            ack_timeout_ms: 1_000,
+            ..RelayConfig::new(url)
+        }
+    }
+
+    fn events(&self, txn: TxnId, n: usize) -> Bytes {
+        let events: Vec<_> = (0..n)
+            .map(|i| OutboxEvent::new(format!("{}.acct{i}", self.prefix), Bytes::from(format!("{txn}/{i}"))))
+            .collect::<Result<_, _>>()
+            .expect("subjects");
+        encode_staged(&events)
+    }
+
+    /// The ids in the stream, once it holds `n` messages.
+    async fn ids(&self, n: u64) -> Vec<String> {
+        let messages = self.nats.messages(&self.name, n, Duration::from_secs(20)).await;
+        messages.into_iter().map(|(id, _, _)| id).collect()
+    }
+}
+
+async fn resource(dir: &tempfile::TempDir, config: EventResourceConfig, wake: RelayWake) -> Arc<EventResource> {
+    Arc::new(EventResource::open(dir.path().join("events.redb"), config, wake).await.expect("open"))
+}
+
+async fn settle(resource: &EventResource) {
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
+    while resource.waiting().await.expect("waiting") > 0 {
+        assert!(tokio::time::Instant::now() < give_up, "the outbox did not drain within 20 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_committed_branch_publishes_each_event_once_and_an_aborted_one_none() {
+    let Some(stream) = Stream::new("a_committed_branch_publishes_each_event_once_and_an_aborted_one_none").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wake = RelayWake::new();
+    let events = resource(&dir, EventResourceConfig::default(), wake.clone()).await;
+    let relay = Relay::spawn(Arc::clone(&events), wake, stream.relay_config(&stream.nats.url)).expect("relay");
+    let (committed, aborted) = (TxnId::new(), TxnId::new());
+    assert_eq!(events.prepare(committed, stream.events(committed, 2)).await.expect("prepare"), Vote::Yes);
+    assert_eq!(events.prepare(aborted, stream.events(aborted, 1)).await.expect("prepare"), Vote::Yes);
+    events.abort(aborted).await.expect("abort");
+    events.commit(committed).await.expect("commit");
+    events.commit(committed).await.expect("a repeated commit");
+    settle(&events).await;
+    let ids = stream.ids(2).await;
+    assert_eq!(ids, vec![format!("{committed}:0"), format!("{committed}:1")]);
+    assert_eq!(relay.stats().published.load(std::sync::atomic::Ordering::Relaxed), 2);
+    stream.nats.delete_stream(&stream.name).await;
+}
+
+#[tokio::test]
+async fn events_committed_while_the_relay_was_down_go_out_once_after_a_restart() {
+    let Some(stream) = Stream::new("events_committed_while_the_relay_was_down_go_out_once_after_a_restart").await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let txns: Vec<TxnId> = (0..5).map(|_| TxnId::new()).collect();
+    {
+        // No relay: committed, not published, then the process goes away.
+        let events = resource(&dir, EventResourceConfig::default(), RelayWake::new()).await;
+        for txn in &txns {
+            assert_eq!(events.prepare(*txn, stream.events(*txn, 1)).await.expect("prepare"), Vote::Yes);
+            events.commit(*txn).await.expect("commit");
+        }
+        assert_eq!(events.waiting().await.expect("waiting"), 5);
+    }
+    let wake = RelayWake::new();
+    let events = resource(&dir, EventResourceConfig::default(), wake.clone()).await;
+    let _relay = Relay::spawn(Arc::clone(&events), wake, stream.relay_config(&stream.nats.url)).expect("relay");
+    settle(&events).await;
+    let ids = stream.ids(5).await;
+    let expected: Vec<String> = txns.iter().map(|t| format!("{t}:0")).collect();
+    assert_eq!(ids, expected);
+    stream.nats.delete_stream(&stream.name).await;
+}
+
+#[tokio::test]
+async fn nats_away_delays_events_and_past_the_bound_prepare_votes_no() {
+    let Some(stream) = Stream::new("nats_away_delays_events_and_past_the_bound_prepare_votes_no").await else {
+        return;
+    };
+    let proxy = NatsProxy::start(&stream.nats.url).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wake = RelayWake::new();
+    let config = EventResourceConfig { outbox_max: 10, ..EventResourceConfig::default() };
+    let events = resource(&dir, config, wake.clone()).await;
+    let relay = Relay::spawn(Arc::clone(&events), wake, stream.relay_config(&proxy.url)).expect("relay");
+    // One event through while the server is there, so the stream exists.
+    let first = TxnId::new();
+    events.prepare(first, stream.events(first, 1)).await.expect("prepare");
+    events.commit(first).await.expect("commit");
+    settle(&events).await;
+
+    proxy.cut();
+    let mut committed = vec![first];
+    let mut refused = None;
+    for _ in 0..15 {
+        let txn = TxnId::new();
+        match events.prepare(txn, stream.events(txn, 1)).await.expect("prepare") {
+            Vote::Yes => {
+                events.commit(txn).await.expect("commit");
+                committed.push(txn);
+            }
+            Vote::No { reason } => {
+                refused = Some(reason);
+                break;
+            }
+        }
+    }
+    let reason = refused.expect("past outbox_max a Prepare votes NO");
+    assert!(reason.contains("event outbox full") && reason.contains("outbox_max 10"), "{reason}");
+    assert_eq!(committed.len(), 11, "10 entries wait, then the bound");
+    // The server stays away until the relay has failed at least once.
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
+    while relay.stats().failures.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(tokio::time::Instant::now() < give_up, "the relay never noticed the server was gone");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(events.waiting().await.expect("waiting"), 10, "the events wait");
+
+    proxy.restore();
+    settle(&events).await;
+    let ids = stream.ids(11).await;
+    let expected: Vec<String> = committed.iter().map(|t| format!("{t}:0")).collect();
+    assert_eq!(ids, expected, "every event once, in commit order");
+    // Room again: a new branch is taken.
+    let after = TxnId::new();
+    assert_eq!(events.prepare(after, stream.events(after, 1)).await.expect("prepare"), Vote::Yes);
+    stream.nats.delete_stream(&stream.name).await;
+}
