@@ -33,6 +33,10 @@ pub struct BankConfig {
     ///
     /// Default: [`StoreConfig::default`].
     pub store: StoreConfig,
+    /// Events to NATS JetStream (docs/PROTOCOL.md §14), or None for none.
+    ///
+    /// Default: None.
+    pub events: Option<crate::events::EventsConfig>,
 }
 
 impl BankConfig {
@@ -43,6 +47,7 @@ impl BankConfig {
             participant: ParticipantConfig::new(id, coordinators),
             data_dir: data_dir.into(),
             store: StoreConfig::default(),
+            events: None,
         }
     }
 
@@ -66,6 +71,9 @@ impl BankConfig {
             return Err(Error::Config("data_dir is empty; give the directory for the bank's store file".into()));
         }
         self.store.validate()?;
+        if let Some(events) = &self.events {
+            events.validate()?;
+        }
         // I4: the store's tombstones must outlive the library's memory of
         // them, or a restarted bank would forget an abort the library still
         // vouches for.
@@ -135,6 +143,20 @@ pub struct StoreConfig {
     ///
     /// Default: 5000.
     pub reopen_backoff_max_ms: u64,
+    /// Events (docs/PROTOCOL.md §14): when set, each Prepare that votes YES
+    /// stages one event per operation in its own write, each Commit readies
+    /// them, each account opened enqueues one; `None` stages nothing.
+    /// [`crate::server::run`] sets it from [`BankConfig::events`].
+    ///
+    /// Default: None.
+    pub events: Option<crate::events::EventSubjects>,
+    /// With events on, the most entries that may wait (branches staged plus
+    /// events the stream has not acknowledged, as when NATS is down); a
+    /// Prepare past it votes NO "event outbox full". A committed branch's
+    /// events are never dropped.
+    ///
+    /// Default: 100 000.
+    pub outbox_max: u64,
 }
 
 impl Default for StoreConfig {
@@ -148,6 +170,8 @@ impl Default for StoreConfig {
             cache_max_bytes: 64 * 1024 * 1024,
             reopen_backoff_min_ms: 100,
             reopen_backoff_max_ms: 5_000,
+            events: None,
+            outbox_max: 100_000,
         }
     }
 }
@@ -168,6 +192,7 @@ impl StoreConfig {
             ("store.cache_max_bytes", self.cache_max_bytes as u64),
             ("store.reopen_backoff_min_ms", self.reopen_backoff_min_ms),
             ("store.reopen_backoff_max_ms", self.reopen_backoff_max_ms),
+            ("store.outbox_max", self.outbox_max),
         ];
         for (name, value) in positive {
             if value == 0 {

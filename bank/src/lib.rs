@@ -39,6 +39,8 @@
 //! - [`pg_store`]: [`PgStore`], the store on PostgreSQL: branches are prepared transactions, holds as in redb.
 //! - [`resource`]: [`BankResource`], the participant library's `Resource` over any store.
 //! - [`service`]: [`BankService`], the gRPC `twopc.v1.Bank` API (create, balance, list, total; Debit and Credit inside interactive txns).
+//! - [`events`]: the bank's events (debited, credited, opened), staged with each branch and published through the
+//!   participant library's outbox to NATS JetStream ([`events::EventsConfig`]).
 //! - [`server`]: [`server::run`], one port serving the Participant and Bank APIs.
 //! - [`config`]: [`BankConfig`] and [`StoreConfig`], every setting with its default.
 //! - [`error`]: the crate's [`Error`] and [`Result`], and the one mapping to gRPC statuses.
@@ -66,6 +68,7 @@
 pub mod address;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod money;
 pub mod payload;
 pub mod pg_store;

@@ -31,6 +31,12 @@
 //! - `prepared`: txn id -> (), the branches voted YES and not yet decided.
 //! - `finished`: (finished at, txn id) -> (), the retention index the garbage
 //!   collector walks oldest first.
+//! - the participant library's outbox tables (`outbox_staged`,
+//!   `outbox_ready`): with events on (`StoreConfig::events`), a Prepare
+//!   stages its branch's events in its own write, a Commit readies them, an
+//!   Abort drops them, an account's creation enqueues its opening; the
+//!   relay reads them and removes what the stream acknowledged
+//!   ([`OutboxSource`]).
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -47,6 +53,8 @@ use redb::{
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, error, info, trace, warn};
+use twopc_participant::ResourceError;
+use twopc_participant::outbox::{self, OutboxSource, OutboxTables, ReadyEvent, RelayWake};
 use twopc_proto::txn_id::unix_now_ms;
 use twopc_proto::{Decision, TxnId, Vote};
 
@@ -56,8 +64,8 @@ use crate::error::{Error, Result};
 use crate::money::format_minor;
 use crate::payload::{BranchPayload, Operation};
 use crate::store::{
-    ABORTED_BEFORE_PREPARE, ALREADY_ABORTED, AccountBalance, AccountStore, BranchState, INSUFFICIENT_FUNDS, Totals,
-    UNKNOWN_ACCOUNT,
+    ABORTED_BEFORE_PREPARE, ALREADY_ABORTED, AccountBalance, AccountStore, BranchState, INSUFFICIENT_FUNDS,
+    OUTBOX_FULL, Totals, UNKNOWN_ACCOUNT,
 };
 
 /// (balance, held, incoming) in minor units.
@@ -79,6 +87,7 @@ pub struct RedbStore {
     counters: Arc<Counters>,
     queue_max: usize,
     path: PathBuf,
+    wake: RelayWake,
 }
 
 /// What the writer has done since the store was opened.
@@ -190,11 +199,14 @@ impl RedbStore {
         init.open_table(BRANCHES)?;
         init.open_table(PREPARED)?;
         init.open_table(FINISHED)?;
+        outbox::tables::create(&init)?;
         init.commit()?;
         let db = Arc::new(DbSlot(RwLock::new(Some(Arc::new(db)))));
         let (jobs, queue) = mpsc::channel(config.queue_max);
         let counters = Arc::new(Counters::default());
+        let wake = RelayWake::new();
         let writer = Writer {
+            wake: wake.clone(),
             db: Arc::clone(&db),
             queue,
             counters: Arc::clone(&counters),
@@ -221,7 +233,22 @@ impl RedbStore {
             Some(thread)
         };
         info!(path = %path.display(), "bank store open");
-        Ok(Self { db, jobs: Some(jobs), writer, counters, queue_max: config.queue_max, path: path.to_owned() })
+        Ok(Self { db, jobs: Some(jobs), writer, counters, queue_max: config.queue_max, path: path.to_owned(), wake })
+    }
+
+    /// What the writer tells after a commit that readied events: give it to
+    /// the [`twopc_participant::outbox::Relay`] publishing this store's outbox.
+    pub fn relay_wake(&self) -> RelayWake {
+        self.wake.clone()
+    }
+
+    /// Entries waiting in the outbox: branches with staged events plus
+    /// events the stream has not acknowledged.
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub async fn outbox_waiting(&self) -> Result<u64> {
+        self.read(|txn| Ok(outbox::tables::read_waiting(txn)?)).await
     }
 
     /// The store file.
@@ -400,6 +427,22 @@ impl AccountStore for RedbStore {
     }
 }
 
+impl OutboxSource for RedbStore {
+    async fn ready(&self, max: usize) -> std::result::Result<Vec<ReadyEvent>, ResourceError> {
+        self.read(move |txn| Ok(outbox::tables::read_ready(txn, max)?)).await.map_err(ResourceError::from)
+    }
+
+    async fn published(&self, seqs: Vec<u64>) -> std::result::Result<(), ResourceError> {
+        // Through the writer, sharing a batch's fsync; a removal lost in a
+        // crash only republishes events the stream drops as duplicates.
+        match self.submit(Op::Published { seqs }).await {
+            Ok(Done::Decided) => Ok(()),
+            Ok(other) => Err(ResourceError::from(unexpected(&other))),
+            Err(e) => Err(ResourceError::from(e)),
+        }
+    }
+}
+
 fn balance_of(name: AccountName, (balance_minor, held_minor, incoming_minor): AccountRow) -> AccountBalance {
     AccountBalance { name, balance_minor, held_minor, incoming_minor }
 }
@@ -431,6 +474,7 @@ enum Op {
     Commit { txn: TxnId },
     Abort { txn: TxnId },
     CollectGarbage { before_unix_ms: u64 },
+    Published { seqs: Vec<u64> },
 }
 
 #[derive(Debug)]
@@ -457,6 +501,8 @@ struct Writer {
     reopen: Option<Reopen>,
     /// Set while the file is closed after an I/O failure.
     healing: Option<Healing>,
+    /// Told after a batch that readied events.
+    wake: RelayWake,
 }
 
 /// The writer's state between an I/O failure and a successful reopen.
@@ -568,7 +614,10 @@ impl Writer {
         }
         let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|j| (j.op, j.reply)).unzip();
         match self.commit_batch(&ops, now_unix_ms, collect_before) {
-            Ok((answers, collected)) => {
+            Ok((answers, collected, readied)) => {
+                if readied {
+                    self.wake.wake();
+                }
                 if collect_before.is_some() && collected >= self.config.gc_batch_max as u64 {
                     // A full pass: more may have expired than one pass takes
                     // (records finish faster than gc_batch_max per interval
@@ -594,12 +643,20 @@ impl Writer {
         }
     }
 
-    fn commit_batch(&self, ops: &[Op], now_unix_ms: u64, collect_before: Option<u64>) -> Result<(Vec<Answer>, u64)> {
+    /// Applies `ops` in one durable write; returns each one's answer, the
+    /// records collected, and whether events became ready to publish.
+    fn commit_batch(
+        &self,
+        ops: &[Op],
+        now_unix_ms: u64,
+        collect_before: Option<u64>,
+    ) -> Result<(Vec<Answer>, u64, bool)> {
         let mut txn: WriteTransaction = self.db.get()?.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
         let mut collected = 0;
+        let readied;
         let answers = {
-            let mut tables = Tables::open(&txn, now_unix_ms)?;
+            let mut tables = Tables::open(&txn, now_unix_ms, &self.config)?;
             if let Some(before) = collect_before {
                 collected += tables.collect_garbage(before, self.config.gc_batch_max)?;
             }
@@ -615,12 +672,13 @@ impl Writer {
                 };
                 answers.push(answer);
             }
+            readied = tables.readied;
             answers
         };
         // I3: one fsync for the whole batch, before any caller hears a vote
         // or an acknowledgement (Durability::Immediate).
         txn.commit()?;
-        Ok((answers, collected))
+        Ok((answers, collected, readied))
     }
 }
 
@@ -645,6 +703,11 @@ struct Tables<'t> {
     branches: Table<'t, u128, &'static [u8]>,
     prepared: Table<'t, u128, ()>,
     finished: Table<'t, (u64, u128), ()>,
+    outbox: OutboxTables<'t>,
+    /// Events on: how to build them, and how many may wait.
+    events: Option<(&'t crate::events::EventSubjects, u64)>,
+    /// Whether this batch readied events for the relay.
+    readied: bool,
     now_unix_ms: u64,
 }
 
@@ -667,12 +730,15 @@ enum Effect {
 }
 
 impl<'t> Tables<'t> {
-    fn open(txn: &'t WriteTransaction, now_unix_ms: u64) -> Result<Self> {
+    fn open(txn: &'t WriteTransaction, now_unix_ms: u64, config: &'t StoreConfig) -> Result<Self> {
         Ok(Self {
             accounts: txn.open_table(ACCOUNTS)?,
             branches: txn.open_table(BRANCHES)?,
             prepared: txn.open_table(PREPARED)?,
             finished: txn.open_table(FINISHED)?,
+            outbox: OutboxTables::open(txn)?,
+            events: config.events.as_ref().map(|events| (events, config.outbox_max)),
+            readied: false,
             now_unix_ms,
         })
     }
@@ -687,6 +753,10 @@ impl<'t> Tables<'t> {
             Op::Commit { txn } => self.commit(*txn),
             Op::Abort { txn } => self.abort(*txn),
             Op::CollectGarbage { .. } => Err(Error::Fatal("garbage collection is not a branch operation".into())),
+            Op::Published { seqs } => {
+                self.outbox.remove_published(seqs)?;
+                Ok(Ok(Done::Decided))
+            }
         }
     }
 
@@ -696,6 +766,13 @@ impl<'t> Tables<'t> {
         }
         let row = (initial_minor, 0, 0);
         self.accounts.insert(name.as_str(), row)?;
+        if let Some((events, _)) = self.events {
+            // The opening is published like a branch's events, so a
+            // consumer can rebuild balances from the stream alone.
+            let (id, event) = events.opened(name, initial_minor);
+            self.outbox.enqueue(&id, &event)?;
+            self.readied = true;
+        }
         Ok(Ok(Done::Account(balance_of(name.clone(), row))))
     }
 
@@ -704,9 +781,24 @@ impl<'t> Tables<'t> {
         if let Some(record) = self.record(txn)? {
             return Ok(Ok(Done::Vote(record.vote())));
         }
+        if let Some((_, outbox_max)) = self.events {
+            let waiting = self.outbox.waiting()?;
+            if waiting >= outbox_max {
+                // Past the bound the bank refuses new work rather than drop
+                // or block events of branches it has committed.
+                let why = format!(
+                    "{OUTBOX_FULL}: {waiting} entries wait for NATS (store.outbox_max {outbox_max}); \
+                     the bank takes transfers again once the relay catches up"
+                );
+                return Ok(Ok(Done::Vote(self.record_refusal(txn, why)?)));
+            }
+        }
         let vote = match self.effect(payload, stage)? {
             Effect::Rows(rows) => {
                 self.write_rows(rows)?;
+                if let Some((events, _)) = self.events {
+                    self.outbox.stage(txn, events.bank.as_str(), &events.for_branch(txn, payload))?;
+                }
                 let record = Record::new(BranchState::Prepared, Some(payload), "", self.now_unix_ms);
                 self.branches.insert(key_of(txn), record.encode().as_slice())?;
                 self.prepared.insert(key_of(txn), ())?;
@@ -784,6 +876,12 @@ impl<'t> Tables<'t> {
             }
         };
         self.write_rows(rows)?;
+        // The branch's events go with its decision, in the same write.
+        if outcome == BranchState::Committed {
+            self.readied |= self.outbox.commit(txn)? > 0;
+        } else {
+            self.outbox.abort(txn)?;
+        }
         let decided = Record::new(outcome, Some(&payload), "", self.now_unix_ms);
         self.finish(txn, &decided)?;
         Ok(Ok(Done::Decided))
@@ -1027,6 +1125,7 @@ mod tests {
             counters: Arc::default(),
             queue_max,
             path: dir.join("stalled.redb"),
+            wake: RelayWake::new(),
         };
         (store, queue)
     }

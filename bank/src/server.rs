@@ -13,6 +13,7 @@ use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 use tracing::{info, warn};
 use twopc_participant::context::read_txn_context;
+use twopc_participant::outbox::Relay;
 use twopc_participant::{Participant, ParticipantConfig};
 use twopc_proto::MAX_MESSAGE_BYTES;
 use twopc_proto::net::Listener;
@@ -20,6 +21,7 @@ use twopc_proto::pb::bank_server::BankServer;
 
 use crate::config::BankConfig;
 use crate::error::{Error, Result};
+use crate::events::EventSubjects;
 use crate::redb_store::RedbStore;
 use crate::resource::BankResource;
 use crate::service::BankService;
@@ -48,8 +50,24 @@ pub async fn run(
     tokio::fs::create_dir_all(&config.data_dir)
         .await
         .map_err(|e| Error::Unavailable(format!("creating data dir {}: {e}", config.data_dir.display())))?;
-    let store = Arc::new(RedbStore::open(config.store_path(), config.store.clone()).await?);
+    let mut store_config = config.store.clone();
+    if let Some(events) = &config.events {
+        store_config.events = Some(EventSubjects { bank: config.id().clone(), prefix: events.subject_prefix.clone() });
+    }
+    let store = Arc::new(RedbStore::open(config.store_path(), store_config).await?);
+    // Events committed before a crash and not yet acknowledged go out now.
+    let relay = match &config.events {
+        Some(events) => {
+            let relay =
+                Relay::spawn(Arc::clone(&store), store.relay_wake(), events.relay.clone()).map_err(Error::Config)?;
+            info!(bank = %config.id(), nats = %events.relay.nats_url, stream = %events.relay.stream, "bank events on");
+            Some(relay)
+        }
+        None => None,
+    };
     let served = serve(listener, Arc::clone(&store), config.participant, shutdown).await;
+    // The relay holds the store too; what it has not published waits on disk.
+    drop(relay);
     close(store).await;
     served
 }

@@ -16,6 +16,9 @@ use crate::payload::BranchPayload;
 pub const INSUFFICIENT_FUNDS: &str = "insufficient funds";
 /// The NO reason prefix when a branch names an account the bank does not have.
 pub const UNKNOWN_ACCOUNT: &str = "unknown account";
+/// The NO reason prefix when events are on and the outbox holds
+/// `outbox_max` entries already (NATS down for long).
+pub const OUTBOX_FULL: &str = twopc_participant::outbox::event_resource::OUTBOX_FULL;
 /// The NO reason for a Prepare after the txn was aborted here (I4).
 pub const ALREADY_ABORTED: &str = "txn already aborted";
 /// The NO reason for a Prepare after an Abort arrived first (I4).

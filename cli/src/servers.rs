@@ -160,6 +160,51 @@ pub struct BankArgs {
     #[arg(long, default_value_t = twopc_bank::StoreConfig::default().finished_retention_ms,
           value_parser = clap::value_parser!(u64).range(BANK_RETENTION_MIN_MS..=twopc_bank::config::FINISHED_RETENTION_MAX_MS))]
     pub finished_retention_ms: u64,
+    #[command(flatten)]
+    pub events: EventsArgs,
+}
+
+/// A bank's events to NATS JetStream (docs/PROTOCOL.md §14).
+#[derive(Debug, Clone, clap::Args)]
+pub struct EventsArgs {
+    /// Publish an event per committed debit and credit (and per account opened) to the NATS server at this URL,
+    /// such as nats://127.0.0.1:4222. Off unless given. NATS being down only delays events.
+    #[arg(long, value_name = "URL")]
+    pub events_nats: Option<String>,
+    /// The JetStream stream for events, created (with subjects PREFIX.>) if missing.
+    #[arg(long, default_value = "TWOPC", requires = "events_nats")]
+    pub events_stream: String,
+    /// The first token of every event subject (PREFIX.BANK.ACCOUNT): one per cluster sharing a NATS server.
+    #[arg(long, default_value = twopc_bank::events::DEFAULT_SUBJECT_PREFIX, requires = "events_nats")]
+    pub events_prefix: String,
+    /// The most events that may wait for NATS (plus branches with staged events); past it the bank votes NO
+    /// ("event outbox full") until they go out. Committed events are never dropped.
+    #[arg(long, default_value_t = twopc_bank::StoreConfig::default().outbox_max, requires = "events_nats")]
+    pub outbox_max: u64,
+}
+
+impl EventsArgs {
+    /// The bank's events config, if events are on.
+    pub fn config(&self) -> Option<twopc_bank::events::EventsConfig> {
+        let url = self.events_nats.as_ref()?;
+        let mut events = twopc_bank::events::EventsConfig::new(url.clone()).with_prefix(self.events_prefix.clone());
+        events.relay.stream = self.events_stream.clone();
+        Some(events)
+    }
+
+    /// These flags as arguments of `twopc bank`, for a child process.
+    pub fn to_args(&self) -> Vec<String> {
+        let Some(url) = &self.events_nats else { return Vec::new() };
+        [
+            ("--events-nats", url.clone()),
+            ("--events-stream", self.events_stream.clone()),
+            ("--events-prefix", self.events_prefix.clone()),
+            ("--outbox-max", self.outbox_max.to_string()),
+        ]
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_owned(), value])
+        .collect()
+    }
 }
 
 /// The shortest `twopc bank --finished-retention-ms`: twice the coordinators'
@@ -199,6 +244,11 @@ pub async fn bank(args: BankArgs) -> anyhow::Result<u8> {
     config.store.finished_retention_ms = args.finished_retention_ms;
     config.participant.tombstone_retention_ms = args.finished_retention_ms;
     config.participant.tls = certs::server_tls(&Identity::participant(name.as_str()))?;
+    config.events = args.events.config();
+    config.store.outbox_max = args.events.outbox_max;
+    if config.events.is_some() && store != Store::Redb {
+        anyhow::bail!("--events-nats works with the redb store only for now; the PostgreSQL bank has no outbox yet");
+    }
     config.validate()?;
     certs::check_plaintext_listen(&args.listen, config.participant.tls.is_some(), "the bank")?;
     certs::reload_on_sighup(config.participant.tls.clone());

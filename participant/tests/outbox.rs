@@ -130,7 +130,7 @@ async fn a_committed_branch_publishes_each_event_once_and_an_aborted_one_none() 
     events.commit(committed).await.expect("a repeated commit");
     settle(&events).await;
     let ids = stream.ids(2).await;
-    assert_eq!(ids, vec![format!("{committed}:0"), format!("{committed}:1")]);
+    assert_eq!(ids, vec![format!("{committed}:events:0"), format!("{committed}:events:1")]);
     assert_eq!(relay.stats().published.load(std::sync::atomic::Ordering::Relaxed), 2);
     stream.nats.delete_stream(&stream.name).await;
 }
@@ -157,7 +157,7 @@ async fn events_committed_while_the_relay_was_down_go_out_once_after_a_restart()
     let _relay = Relay::spawn(Arc::clone(&events), wake, stream.relay_config(&stream.nats.url)).expect("relay");
     settle(&events).await;
     let ids = stream.ids(5).await;
-    let expected: Vec<String> = txns.iter().map(|t| format!("{t}:0")).collect();
+    let expected: Vec<String> = txns.iter().map(|t| format!("{t}:events:0")).collect();
     assert_eq!(ids, expected);
     stream.nats.delete_stream(&stream.name).await;
 }
@@ -209,7 +209,7 @@ async fn nats_away_delays_events_and_past_the_bound_prepare_votes_no() {
     proxy.restore();
     settle(&events).await;
     let ids = stream.ids(11).await;
-    let expected: Vec<String> = committed.iter().map(|t| format!("{t}:0")).collect();
+    let expected: Vec<String> = committed.iter().map(|t| format!("{t}:events:0")).collect();
     assert_eq!(ids, expected, "every event once, in commit order");
     // Room again: a new branch is taken.
     let after = TxnId::new();

@@ -81,16 +81,22 @@ impl Processes {
     /// As [`Processes::start`], with `bank_b_args` added to bank-b's command
     /// line (such as `--store postgres://...`).
     pub async fn start_with(bank_b_args: Vec<String>) -> Self {
-        Self::start_opts(bank_b_args, false).await
+        Self::start_opts(Vec::new(), bank_b_args, false).await
+    }
+
+    /// As [`Processes::start`], with `bank_args` added to both banks'
+    /// command lines (such as `--events-nats URL`).
+    pub async fn start_with_banks(bank_args: Vec<String>) -> Self {
+        Self::start_opts(bank_args, Vec::new(), false).await
     }
 
     /// As [`Processes::start`], every process and command over mutual TLS
     /// with certificates from `twopc certs init`.
     pub async fn start_tls() -> Self {
-        Self::start_opts(Vec::new(), true).await
+        Self::start_opts(Vec::new(), Vec::new(), true).await
     }
 
-    async fn start_opts(bank_b_args: Vec<String>, tls: bool) -> Self {
+    async fn start_opts(bank_args: Vec<String>, bank_b_args: Vec<String>, tls: bool) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let tls_dir = tls.then(|| dir.path().join("tls"));
         if let Some(tls_dir) = &tls_dir {
@@ -142,6 +148,9 @@ impl Processes {
                 child: None,
             })
             .collect();
+        for bank in &mut banks {
+            bank.args.extend(bank_args.iter().cloned());
+        }
         banks[1].args.extend(bank_b_args);
         for proc in coordinators.iter_mut().chain(banks.iter_mut()) {
             if let Some(tls_dir) = &tls_dir {

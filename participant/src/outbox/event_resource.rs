@@ -47,6 +47,10 @@ pub const OUTBOX_FULL: &str = "event outbox full";
 /// Limits of an [`EventResource`], each with its default.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventResourceConfig {
+    /// The participant's id (its name in the cluster), part of every event
+    /// id; two event participants publishing to one stream must differ.
+    /// Default `events`.
+    pub source: String,
     /// The most entries waiting (branches staged plus events not yet
     /// acknowledged by the stream) before Prepare votes NO ("event outbox
     /// full"); default 100 000.
@@ -60,7 +64,7 @@ pub struct EventResourceConfig {
 
 impl Default for EventResourceConfig {
     fn default() -> Self {
-        Self { outbox_max: 100_000, events_per_branch_max: 64, finished_retention_ms: 600_000 }
+        Self { source: "events".into(), outbox_max: 100_000, events_per_branch_max: 64, finished_retention_ms: 600_000 }
     }
 }
 
@@ -259,6 +263,7 @@ impl Resource for EventResource {
     async fn prepare(&self, txn: TxnId, payload: Bytes) -> Result<Vote, ResourceError> {
         let events = decode_staged(&payload, self.config.events_per_branch_max);
         let outbox_max = self.config.outbox_max;
+        let source = self.config.source.clone();
         let outcome = self
             .write(txn, move |existing, outbox, now| {
                 // I5: a txn with a record keeps its vote.
@@ -279,7 +284,7 @@ impl Resource for EventResource {
                     );
                     return Ok((Some(record(State::Refused, now, why.clone())), Outcome::Vote(Vote::no(why))));
                 }
-                outbox.stage(txn, &events).map_err(storage)?;
+                outbox.stage(txn, &source, &events).map_err(storage)?;
                 Ok((Some(record(State::Prepared, now, "")), Outcome::Vote(Vote::Yes)))
             })
             .await?;

@@ -78,9 +78,10 @@ pub fn check_subject(subject: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The id of the `index`-th event of `txn`'s branch: its `Nats-Msg-Id`.
-pub fn event_id(txn: TxnId, index: usize) -> String {
-    format!("{txn}:{index}")
+/// The id of the `index`-th event of the branch of `txn` at participant
+/// `source`: its `Nats-Msg-Id`, unique across the participants of a txn.
+pub fn event_id(txn: TxnId, source: &str, index: usize) -> String {
+    format!("{txn}:{source}:{index}")
 }
 
 /// An event that is ready to publish: its branch committed (or it was

@@ -2,7 +2,7 @@
 //! transaction a store already commits durably for a Prepare, a Commit or an
 //! Abort, so events and branch change together or not at all.
 //!
-//! - `outbox_staged`: txn id (big-endian u128) -> its events (`StagedEvents`),
+//! - `outbox_staged`: txn id (big-endian u128) -> its events with their ids,
 //!   written by Prepare, removed by Commit or Abort.
 //! - `outbox_ready`: sequence number -> one event with its id, in commit
 //!   order, removed once the stream has acknowledged it.
@@ -16,7 +16,14 @@ use super::{OutboxEvent, ReadyEvent, event_id};
 const STAGED: TableDefinition<u128, &[u8]> = TableDefinition::new("outbox_staged");
 const READY: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox_ready");
 
-/// One ready event as stored.
+/// A branch's staged events, their ids fixed at Prepare.
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredBatch {
+    #[prost(message, repeated, tag = "1")]
+    events: Vec<StoredEvent>,
+}
+
+/// One event as stored, with its id.
 #[derive(Clone, PartialEq, prost::Message)]
 struct StoredEvent {
     #[prost(string, tag = "1")]
@@ -60,17 +67,28 @@ impl<'t> OutboxTables<'t> {
         Ok(self.staged.len()? + self.ready.len()?)
     }
 
-    /// Stages `events` for `txn`'s branch (nothing if there are none). Call
-    /// it in the write that records the branch as prepared.
+    /// Stages `events` for the branch of `txn` at participant `source`
+    /// (nothing if there are none); their ids are [`event_id`]s. Call it in
+    /// the write that records the branch as prepared.
     ///
     /// # Errors
     /// redb's.
-    pub fn stage(&mut self, txn: TxnId, events: &[OutboxEvent]) -> Result<(), redb::Error> {
+    pub fn stage(&mut self, txn: TxnId, source: &str, events: &[OutboxEvent]) -> Result<(), redb::Error> {
         if events.is_empty() {
             return Ok(());
         }
-        let encoded = super::encode_staged(events);
-        self.staged.insert(key_of(txn), encoded.as_ref())?;
+        let batch = StoredBatch {
+            events: events
+                .iter()
+                .enumerate()
+                .map(|(index, e)| StoredEvent {
+                    id: event_id(txn, source, index),
+                    subject: e.subject.clone(),
+                    payload: e.payload.clone(),
+                })
+                .collect(),
+        };
+        self.staged.insert(key_of(txn), batch.encode_to_vec().as_slice())?;
         Ok(())
     }
 
@@ -82,12 +100,12 @@ impl<'t> OutboxTables<'t> {
     /// redb's, or a corrupt staged entry.
     pub fn commit(&mut self, txn: TxnId) -> Result<usize, redb::Error> {
         let Some(staged) = self.staged.remove(key_of(txn))? else { return Ok(0) };
-        let events = super::decode_staged(staged.value(), usize::MAX).map_err(|e| corrupt("staged events", e))?;
+        let batch = StoredBatch::decode(staged.value()).map_err(|e| corrupt("staged events", e))?;
         drop(staged);
-        for (index, event) in events.iter().enumerate() {
-            self.enqueue(&event_id(txn, index), event)?;
+        for event in &batch.events {
+            self.push_ready(event)?;
         }
-        Ok(events.len())
+        Ok(batch.events.len())
     }
 
     /// Drops `txn`'s staged events. Call it in the write that aborts the branch.
@@ -105,12 +123,19 @@ impl<'t> OutboxTables<'t> {
     /// # Errors
     /// redb's.
     pub fn enqueue(&mut self, id: &str, event: &OutboxEvent) -> Result<(), redb::Error> {
+        self.push_ready(&StoredEvent {
+            id: id.to_owned(),
+            subject: event.subject.clone(),
+            payload: event.payload.clone(),
+        })
+    }
+
+    fn push_ready(&mut self, event: &StoredEvent) -> Result<(), redb::Error> {
         let seq = match self.ready.last()? {
             Some((last, _)) => last.value() + 1,
             None => 1,
         };
-        let stored = StoredEvent { id: id.to_owned(), subject: event.subject.clone(), payload: event.payload.clone() };
-        self.ready.insert(seq, stored.encode_to_vec().as_slice())?;
+        self.ready.insert(seq, event.encode_to_vec().as_slice())?;
         Ok(())
     }
 

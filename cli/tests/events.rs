@@ -1,0 +1,204 @@
+//! Events that commit with the transaction (docs/PROTOCOL.md §14), end to
+//! end: real `twopc` processes (3 coordinators, 2 banks with events on)
+//! and the real NATS server (`TWOPC_NATS_URL`, default
+//! nats://127.0.0.1:4222), reached through a proxy the test can cut.
+//!
+//! Each test checks the stream exactly: one event per branch of every
+//! committed transfer (and per account opened), none of an aborted one,
+//! whatever was killed or unreachable on the way. "Nothing more arrives" is
+//! shown with a fence: a transfer committed last, whose events the relay
+//! publishes after everything committed before it at that bank.
+
+// Amounts are written as units_cents (150_00 is 150.00).
+#![allow(clippy::inconsistent_digit_grouping)]
+
+mod processes;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use processes::{Processes, stderr, stdout};
+use prost::Message as _;
+use twopc_participant::nats_testing::{self, NatsProxy, TestNats};
+use twopc_proto::pb::{self, bank_event};
+
+struct EventCluster {
+    p: Processes,
+    nats: TestNats,
+    proxy: NatsProxy,
+    stream: String,
+}
+
+impl EventCluster {
+    /// The cluster with events on, the banks' NATS through a proxy, and
+    /// accounts alice@bank-a (100.00) and bob@bank-b (50.00) whose opening
+    /// events are in the stream.
+    async fn start(test: &str, outbox_max: u64) -> Option<Self> {
+        let nats = nats_testing::server(test).await?;
+        let proxy = NatsProxy::start(&nats.url).await;
+        let stream = nats_testing::unique_name("TEST");
+        let prefix = nats_testing::unique_name("t");
+        let args = [
+            "--events-nats",
+            &proxy.url,
+            "--events-stream",
+            &stream,
+            "--events-prefix",
+            &prefix,
+            "--outbox-max",
+            &outbox_max.to_string(),
+        ];
+        let p = Processes::start_with_banks(args.iter().map(|a| (*a).to_owned()).collect()).await;
+        for (bank, account, balance) in [("bank-a", "alice", "100.00"), ("bank-b", "bob", "50.00")] {
+            let out = p.twopc(&["accounts", bank, "--create", account, "--balance", balance]).await;
+            assert!(out.status.success(), "creating {account}@{bank}: {}", stderr(&out));
+        }
+        let cluster = Self { p, nats, proxy, stream };
+        cluster.events(2).await;
+        Some(cluster)
+    }
+
+    /// Transfers `amount` and returns (exit code, txn id).
+    async fn transfer(&self, from: &str, to: &str, amount: &str) -> (Option<i32>, String) {
+        let out = self.p.twopc(&["transfer", "--from", from, "--to", to, "--amount", amount]).await;
+        let text = format!("{}{}", stdout(&out), stderr(&out));
+        let txn = text.split("(txn ").nth(1).and_then(|rest| rest.split([')', ';']).next()).unwrap_or_default();
+        (out.status.code(), txn.trim().to_owned())
+    }
+
+    /// Every event in the stream, once it holds at least `n`, keyed by id,
+    /// checking that no id appears twice.
+    async fn events(&self, n: u64) -> BTreeMap<String, pb::BankEvent> {
+        let messages = self.nats.messages(&self.stream, n, Duration::from_secs(30)).await;
+        let mut events = BTreeMap::new();
+        for (msg_id, _, payload) in messages {
+            let event = pb::BankEvent::decode(payload).expect("a BankEvent");
+            assert_eq!(event.id, msg_id, "the Nats-Msg-Id is the event's id");
+            assert!(events.insert(msg_id.clone(), event).is_none(), "event {msg_id} is in the stream twice");
+        }
+        events
+    }
+
+    /// Commits a fence transfer, waits for its events (so everything committed
+    /// before it has been published), and returns every event.
+    async fn fenced_events(&self, expected_before: u64) -> BTreeMap<String, pb::BankEvent> {
+        let (code, fence) = self.transfer("alice@bank-a", "bob@bank-b", "0.01").await;
+        assert_eq!(code, Some(0), "the fence transfer commits");
+        let events = self.events(expected_before + 2).await;
+        assert!(events.contains_key(&format!("{fence}:bank-a:0")), "the fence's events arrived");
+        events
+    }
+}
+
+/// The txn ids with events, and how many each has.
+fn per_txn(events: &BTreeMap<String, pb::BankEvent>) -> BTreeMap<String, usize> {
+    let mut txns = BTreeMap::new();
+    for event in events.values() {
+        let txn = match &event.event {
+            Some(bank_event::Event::Debited(d)) => d.txn_id.clone(),
+            Some(bank_event::Event::Credited(c)) => c.txn_id.clone(),
+            _ => continue,
+        };
+        *txns.entry(txn).or_insert(0) += 1;
+    }
+    txns
+}
+
+fn assert_each_committed_has_both_branches(events: &BTreeMap<String, pb::BankEvent>, committed: &[String]) {
+    let txns = per_txn(events);
+    for txn in committed {
+        assert_eq!(txns.get(txn), Some(&2), "committed txn {txn}: one event per branch");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_transfer_publishes_one_event_per_branch_and_an_aborted_one_none() {
+    let Some(c) =
+        EventCluster::start("a_committed_transfer_publishes_one_event_per_branch_and_an_aborted_one_none", 1000).await
+    else {
+        return;
+    };
+    let mut committed = Vec::new();
+    for _ in 0..3 {
+        let (code, txn) = c.transfer("alice@bank-a", "bob@bank-b", "10.00").await;
+        assert_eq!(code, Some(0));
+        committed.push(txn);
+    }
+    let (code, aborted) = c.transfer("bob@bank-b", "alice@bank-a", "1000").await;
+    assert_eq!(code, Some(3), "an overdraft aborts");
+    let events = c.fenced_events(2 + 6).await;
+    assert_eq!(events.len(), 2 + 6 + 2, "two openings, three transfers, the fence: {events:?}");
+    assert_each_committed_has_both_branches(&events, &committed);
+    assert!(!per_txn(&events).contains_key(&aborted), "the aborted transfer published nothing");
+    let debit = events.get(&format!("{}:bank-a:0", committed[0])).expect("the first debit");
+    match &debit.event {
+        Some(bank_event::Event::Debited(d)) => {
+            assert_eq!((d.bank.as_str(), d.account.as_str(), d.amount_minor), ("bank-a", "alice", 10_00));
+        }
+        other => panic!("expected TransferDebited, got {other:?}"),
+    }
+    c.nats.delete_stream(&c.stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bank_killed_after_commit_before_publishing_publishes_once_after_restart() {
+    let Some(mut c) =
+        EventCluster::start("a_bank_killed_after_commit_before_publishing_publishes_once_after_restart", 1000).await
+    else {
+        return;
+    };
+    c.proxy.cut();
+    let (code, txn) = c.transfer("alice@bank-a", "bob@bank-b", "10.00").await;
+    assert_eq!(code, Some(0));
+    // Both banks have applied the Commit (so its events are ready, not sent).
+    c.p.wait("both branches applied", |p| async move {
+        (p.balance(0, "alice").await == Some(90_00) && p.balance(1, "bob").await == Some(60_00)).then_some(())
+    })
+    .await;
+    for bank in &mut c.p.banks {
+        bank.kill().await;
+    }
+    c.proxy.restore();
+    for bank in &mut c.p.banks {
+        bank.restart();
+    }
+    let events = c.fenced_events(2 + 2).await;
+    assert_eq!(events.len(), 2 + 2 + 2, "{events:?}");
+    assert_each_committed_has_both_branches(&events, &[txn]);
+    c.nats.delete_stream(&c.stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_unreachable_delays_events_and_past_the_bound_the_banks_refuse() {
+    let outbox_max = 5;
+    let Some(c) =
+        EventCluster::start("nats_unreachable_delays_events_and_past_the_bound_the_banks_refuse", outbox_max).await
+    else {
+        return;
+    };
+    c.proxy.cut();
+    let mut committed = Vec::new();
+    let refused = loop {
+        let out = c.p.twopc(&["transfer", "--from", "alice@bank-a", "--to", "bob@bank-b", "--amount", "1.00"]).await;
+        match out.status.code() {
+            Some(0) => {
+                let text = stdout(&out);
+                committed.push(text.split("(txn ").nth(1).and_then(|r| r.split(')').next()).unwrap_or("").to_owned());
+            }
+            Some(3) => break stderr(&out),
+            other => panic!("transfer exited {other:?}: {}", stderr(&out)),
+        }
+        assert!(committed.len() <= outbox_max as usize, "the outbox bound was never reached");
+    };
+    // Each bank holds one waiting event per committed transfer: the bound
+    // is reached after outbox_max of them, and never before.
+    assert_eq!(committed.len(), outbox_max as usize, "transfers stay available up to the bound");
+    assert!(refused.contains("event outbox full"), "the reason names the outbox: {refused}");
+    c.proxy.restore();
+    // Everything waiting goes out before the fence can be taken.
+    c.events(2 + 2 * outbox_max).await;
+    let events = c.fenced_events(2 + 2 * outbox_max).await;
+    assert_eq!(events.len() as u64, 2 + 2 * outbox_max + 2, "{events:?}");
+    assert_each_committed_has_both_branches(&events, &committed);
+    c.nats.delete_stream(&c.stream).await;
+}
