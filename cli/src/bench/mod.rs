@@ -91,6 +91,13 @@ pub struct BenchArgs {
     pub mode: Mode,
     /// With --local: how the coordinators commit one-shot txns, parallel (one durable round) or sequential
     /// (two, one after the other); the report names it. Against a running cluster, its own setting applies.
+    /// With --local: the banks publish an event per committed branch to NATS JetStream (docs/PROTOCOL.md §14),
+    /// on a stream of this run's own (TWOPC_BENCH_<pid>, subjects bench<pid>.>), deleted at the end.
+    #[arg(long, requires = "local")]
+    pub events: bool,
+    /// The NATS server for --events.
+    #[arg(long, env = "TWOPC_NATS_URL", default_value = "nats://127.0.0.1:4222", requires = "events")]
+    pub nats: String,
     #[arg(long, requires = "local", value_parser = crate::servers::parse_commit_protocol)]
     pub commit_protocol: Option<twopc_coordinator::config::CommitProtocol>,
     /// Each account's opening balance; large, so that no transfer aborts for lack of funds unless asked.
@@ -197,7 +204,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
         bank_args: args
             .bank_retention_ms
             .map(|ms| vec!["--finished-retention-ms".to_owned(), ms.to_string()])
-            .unwrap_or_default(),
+            .into_iter()
+            .flatten()
+            .chain(bench_events(&args).to_args())
+            .collect(),
         tls: args.tls,
     };
     let cluster = LocalCluster::build(&dir, &spec)?;
@@ -220,11 +230,40 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
         }
     };
     cluster.stop_all().await;
+    if args.events {
+        delete_bench_stream(&args).await;
+    }
     if args.dir.is_some() && !args.cluster.json {
         println!("data and logs kept in {}", dir.display());
     }
     drop(temp);
     result
+}
+
+/// The banks' events flags for `--events`: a stream and subject prefix of
+/// this run's own, so runs never share (or grow) one stream.
+fn bench_events(args: &BenchArgs) -> crate::servers::EventsArgs {
+    let pid = std::process::id();
+    crate::servers::EventsArgs {
+        events_nats: args.events.then(|| args.nats.clone()),
+        events_stream: format!("TWOPC_BENCH_{pid}"),
+        events_prefix: format!("bench{pid}"),
+        outbox_max: twopc_bank::StoreConfig::default().outbox_max,
+    }
+}
+
+/// Removes this run's stream (what the banks had not published is gone
+/// with their data directories).
+async fn delete_bench_stream(args: &BenchArgs) {
+    let stream = bench_events(args).events_stream;
+    let deleted = async {
+        let client = async_nats::connect(&args.nats).await?;
+        async_nats::jetstream::new(client).delete_stream(&stream).await?;
+        Ok::<_, async_nats::Error>(())
+    };
+    if let Err(e) = deleted.await {
+        eprintln!("warning: could not delete the bench's stream {stream} at {}: {e}", args.nats);
+    }
 }
 
 /// bank-a, bank-b, ..., bank-z, bank-27, ...

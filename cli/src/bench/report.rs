@@ -135,8 +135,9 @@ impl Report {
             None if args.local => twopc_coordinator::config::CommitProtocol::default().to_string(),
             None => "the cluster's".to_owned(),
         };
+        let with_events = if args.events { ", events to NATS" } else { "" };
         let title = format!(
-            "{} transfers ({commit_protocol} commit), {} banks, {} branches per transfer, {} clients, {}, {} accounts per bank, {contention}",
+            "{} transfers ({commit_protocol} commit{with_events}), {} banks, {} branches per transfer, {} clients, {}, {} accounts per bank, {contention}",
             args.mode.name(),
             banks.len(),
             args.branches,
@@ -148,7 +149,7 @@ impl Report {
             args.accounts,
         );
         let config = json!({
-            "mode": args.mode.name(), "local": args.local, "commit_protocol": commit_protocol,
+            "mode": args.mode.name(), "local": args.local, "commit_protocol": commit_protocol, "events": args.events,
             "coordinators": if args.local { json!(args.coordinators_count) } else { json!(args.cluster.coordinators) },
             "banks": banks.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
             "branches": args.branches, "concurrency": args.concurrency, "duration_s": args.duration,

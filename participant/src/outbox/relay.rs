@@ -76,6 +76,10 @@ pub struct RelayConfig {
     /// (default 120 000 ms, JetStream's own default): a republish of an id
     /// within it is dropped.
     pub duplicate_window_ms: u64,
+    /// How long the stream keeps a message when the relay creates it
+    /// (default 7 days); older messages are discarded, so the stream stays
+    /// bounded. Consumers must read within it.
+    pub stream_max_age_ms: u64,
     /// The most events published before waiting for their PubAcks (default 256).
     pub batch_max: usize,
     /// How long to wait for a batch's PubAcks (default 5 000 ms).
@@ -96,6 +100,7 @@ impl RelayConfig {
             stream: "TWOPC".into(),
             subjects: vec!["twopc.>".into()],
             duplicate_window_ms: 120_000,
+            stream_max_age_ms: 7 * 24 * 3_600_000,
             batch_max: 256,
             ack_timeout_ms: 5_000,
             poll_interval_ms: 1_000,
@@ -115,12 +120,16 @@ impl RelayConfig {
             ("poll_interval_ms", self.poll_interval_ms),
             ("retry_min_ms", self.retry_min_ms),
             ("duplicate_window_ms", self.duplicate_window_ms),
+            ("stream_max_age_ms", self.stream_max_age_ms),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("events.{name} must be above 0"));
         }
         if self.batch_max > 10_000 {
             return Err(format!("events.batch_max is {}; at most 10000", self.batch_max));
+        }
+        if self.duplicate_window_ms > self.stream_max_age_ms {
+            return Err("events.duplicate_window_ms must not exceed events.stream_max_age_ms".into());
         }
         if self.retry_max_ms < self.retry_min_ms {
             return Err("events.retry_max_ms must be at least events.retry_min_ms".into());
@@ -203,6 +212,7 @@ async fn run<S: OutboxSource>(source: Arc<S>, wake: RelayWake, config: RelayConf
             name: config.stream.clone(),
             subjects: config.subjects.clone(),
             duplicate_window: Duration::from_millis(config.duplicate_window_ms),
+            max_age: Duration::from_millis(config.stream_max_age_ms),
             storage: jetstream::stream::StorageType::File,
             ..Default::default()
         };
