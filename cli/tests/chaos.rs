@@ -7,6 +7,10 @@
 //! I8 (conservation, every balance explained by the committed transfers,
 //! acknowledged ones applied, aborted ones never), I4 (no hold left), I2
 //! (clients were told what the log holds) and I7 (settled within the bound).
+//! With NATS there (required under `TWOPC_REQUIRE_NATS=1`), the banks publish
+//! events (docs/PROTOCOL.md §14) and the stream is checked too: exactly one
+//! event per branch of every txn the log holds as committed, none of any
+//! other, whatever was killed when.
 //!
 //! Replay a schedule: `TWOPC_CHAOS_SEED=... cargo test -p twopc-cli --test chaos -- --nocapture`
 //! (process timing still varies). `TWOPC_CHAOS_SECONDS` lengthens the chaos;
@@ -227,7 +231,20 @@ async fn money_survives_sigkill_and_sigstop_of_any_process() {
     println!("chaos seed {seed}; replay: TWOPC_CHAOS_SEED={seed} cargo test -p twopc-cli --test chaos -- --nocapture");
     // TWOPC_CHAOS_TLS=1: every process and client over mutual TLS.
     let tls = std::env::var_os("TWOPC_CHAOS_TLS").is_some();
-    let mut p = if tls { Processes::start_tls().await } else { Processes::start().await };
+    let nats = twopc_participant::nats_testing::server("money_survives_sigkill_and_sigstop_of_any_process").await;
+    let stream = twopc_participant::nats_testing::unique_name("TEST_CHAOS");
+    let events_args = match &nats {
+        Some(nats) => vec![
+            "--events-nats".to_owned(),
+            nats.url.clone(),
+            "--events-stream".to_owned(),
+            stream.clone(),
+            "--events-prefix".to_owned(),
+            twopc_participant::nats_testing::unique_name("chaos"),
+        ],
+        None => Vec::new(),
+    };
+    let mut p = Processes::start_opts(events_args, Vec::new(), tls).await;
     let mut openings = BTreeMap::new();
     for (index, bank) in BANKS.iter().enumerate() {
         let mut client = p.bank(index).await.expect("the bank is up");
@@ -329,6 +346,66 @@ async fn money_survives_sigkill_and_sigstop_of_any_process() {
         p.dir.path().display()
     );
     assert!(count_committed(&observation) > 0, "no transfer committed at all: the chaos left no progress");
+    if let Some(nats) = nats {
+        check_events(&nats, &stream, &observation, &clients).await;
+        nats.delete_stream(&stream).await;
+    }
+}
+
+/// The event stream against the log: one event per branch of every
+/// committed txn, none of any other, each id once. A fence transfer,
+/// committed last, shows that nothing committed earlier is still to come.
+async fn check_events(
+    nats: &twopc_participant::nats_testing::TestNats,
+    stream: &str,
+    observation: &Observation,
+    clients: &Clients,
+) {
+    use prost::Message as _;
+    let fence = loop {
+        let (from, to) = (clients.accounts[0].clone(), clients.accounts[ACCOUNTS_PER_BANK].clone());
+        clients.transfer(from, to, 1).await;
+        let last = clients.history.lock().last().cloned().expect("the fence transfer");
+        if last.outcome == ClientOutcome::Committed {
+            break last.txn_id;
+        }
+    };
+    let committed: Vec<TxnId> =
+        observation.reported.iter().filter(|(_, d)| **d == Decision::Commit).map(|(t, _)| *t).collect();
+    let expected = observation.openings.len() + 2 * (committed.len() + 1);
+    let messages = nats.messages(stream, expected as u64, Duration::from_secs(60)).await;
+    let mut seen = std::collections::BTreeSet::new();
+    for (id, _, payload) in &messages {
+        let event = pb::BankEvent::decode(payload.clone()).expect("a BankEvent");
+        assert_eq!(&event.id, id, "the Nats-Msg-Id is the event's id");
+        assert!(seen.insert(id.clone()), "event {id} is in the stream twice");
+    }
+    // Each transfer has a debit and a credit: two events, from the banks of
+    // its branches (one bank holds both when the accounts share it).
+    let mut per_txn: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for id in &seen {
+        if let Some((txn, rest)) = id.split_once(':') {
+            per_txn.entry(txn.to_owned()).or_default().push(rest.to_owned());
+        }
+    }
+    let history = clients.history.lock().clone();
+    for txn in committed.iter().chain([&fence]) {
+        let events = per_txn.get(&txn.to_string()).cloned().unwrap_or_default();
+        assert_eq!(events.len(), 2, "committed txn {txn}: one event per operation, got {events:?}");
+        let participants = &history.iter().find(|t| t.txn_id == *txn).expect("in the history").participants;
+        for event in &events {
+            let bank = event.split(':').next().unwrap_or_default();
+            assert!(participants.iter().any(|p| p == bank), "txn {txn}: an event from {bank}, not a participant");
+        }
+    }
+    assert_eq!(
+        messages.len(),
+        expected,
+        "the stream holds events of txns the log does not hold as committed: {} openings, {} committed",
+        observation.openings.len(),
+        committed.len() + 1
+    );
+    println!("events: {} in the stream, one per committed branch and opening", messages.len());
 }
 
 fn count_committed(obs: &Observation) -> usize {

@@ -96,7 +96,9 @@ impl Processes {
         Self::start_opts(Vec::new(), Vec::new(), true).await
     }
 
-    async fn start_opts(bank_args: Vec<String>, bank_b_args: Vec<String>, tls: bool) -> Self {
+    /// Starts everything: `bank_args` added to both banks' command lines,
+    /// `bank_b_args` to bank-b's, and over mutual TLS if `tls`.
+    pub async fn start_opts(bank_args: Vec<String>, bank_b_args: Vec<String>, tls: bool) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let tls_dir = tls.then(|| dir.path().join("tls"));
         if let Some(tls_dir) = &tls_dir {
