@@ -29,15 +29,28 @@
 //! Available funds are `balance - held`, so no combination of decisions can
 //! take a balance below zero; table constraints check the same (I8).
 //!
+//! # Events
+//!
+//! With events on ([`PgStore::open_with_events`]), **stage** also inserts
+//! the branch's events into `outbox` in the branch transaction, so they are
+//! prepared with it: `COMMIT PREPARED` makes them visible (ready) and
+//! `ROLLBACK PREPARED` drops them (docs/PROTOCOL.md §14). An account's
+//! opening inserts its event in the same transaction as the account. The
+//! relay ([`OutboxSource`]) reads `outbox` oldest first and deletes what the
+//! stream acknowledged. **reserve** votes NO once `outbox_max` rows wait
+//! (counted up to the bound, so the check costs at most that many index
+//! entries, and only while NATS is away).
+//!
 //! Tables, in the bank's own schema (one per bank, so two banks can share a
 //! database): `accounts (name, balance_minor, held_minor, incoming_minor)`,
-//! `holds (txn, account, debit_minor, credit_minor, applied)`, and the
-//! library's `twopc_branches`.
+//! `holds (txn, account, debit_minor, credit_minor, applied)`,
+//! `outbox (seq, id, subject, payload)`, and the library's `twopc_branches`.
 
 use std::collections::BTreeMap;
 
 use twopc_participant::Resource as _;
 use twopc_participant::ResourceError;
+use twopc_participant::outbox::{OutboxSource, ReadyEvent, RelayWake};
 use twopc_participant::postgres::deadpool_postgres::Object;
 use twopc_participant::postgres::tokio_postgres::Row;
 use twopc_participant::postgres::{BranchStatus, BranchTx, PostgresBranch, PostgresConfig, PostgresResource};
@@ -45,9 +58,12 @@ use twopc_proto::{Decision, ParticipantId, TxnId, Vote};
 
 use crate::address::AccountName;
 use crate::error::{Error, Result};
+use crate::events::EventSubjects;
 use crate::money::format_minor;
 use crate::payload::{BranchPayload, Operation};
-use crate::store::{AccountBalance, AccountStore, BranchState, INSUFFICIENT_FUNDS, Totals, UNKNOWN_ACCOUNT};
+use crate::store::{
+    AccountBalance, AccountStore, BranchState, INSUFFICIENT_FUNDS, OUTBOX_FULL, Totals, UNKNOWN_ACCOUNT,
+};
 
 /// The schema a bank named `bank` uses unless told otherwise:
 /// `twopc_<bank>` with `-` and `.` as `_`.
@@ -66,11 +82,47 @@ pub fn default_schema(bank: &ParticipantId) -> Result<String> {
 pub struct BankBranch {
     accounts: String,
     holds: String,
+    outbox: String,
+    /// Events on: how to build them, and how many may wait.
+    events: Option<(EventSubjects, u64)>,
 }
 
 impl BankBranch {
-    fn new(schema: &str) -> Self {
-        Self { accounts: format!("\"{schema}\".accounts"), holds: format!("\"{schema}\".holds") }
+    fn new(schema: &str, events: Option<(EventSubjects, u64)>) -> Self {
+        Self {
+            accounts: format!("\"{schema}\".accounts"),
+            holds: format!("\"{schema}\".holds"),
+            outbox: format!("\"{schema}\".outbox"),
+            events,
+        }
+    }
+
+    /// The outbox table; created with the schema, or by [`PgStore::open`]
+    /// in a schema made before events existed.
+    fn outbox_ddl(&self) -> String {
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} (
+                 seq bigserial PRIMARY KEY,
+                 id text NOT NULL,
+                 subject text NOT NULL,
+                 payload bytea NOT NULL)",
+            self.outbox
+        )
+    }
+
+    /// Inserts `events` with their ids into the outbox, in `tx`.
+    async fn insert_events(
+        &self,
+        tx: &BranchTx<'_>,
+        events: &[(String, twopc_participant::outbox::OutboxEvent)],
+    ) -> std::result::Result<(), ResourceError> {
+        let insert = tx
+            .prepare_cached(&format!("INSERT INTO {} (id, subject, payload) VALUES ($1, $2, $3)", self.outbox))
+            .await?;
+        for (id, event) in events {
+            tx.execute(&insert, &[id, &event.subject, &event.payload.as_ref()]).await?;
+        }
+        Ok(())
     }
 }
 
@@ -113,6 +165,7 @@ impl PostgresBranch for BankBranch {
             holds = self.holds
         );
         tx.batch_execute(&ddl).await?;
+        tx.batch_execute(&self.outbox_ddl()).await?;
         Ok(())
     }
 
@@ -125,6 +178,18 @@ impl PostgresBranch for BankBranch {
             Ok(takes) => takes,
             Err(why) => return Ok(Vote::no(why)),
         };
+        if let Some((_, outbox_max)) = &self.events {
+            // Counted up to the bound only: cheap while NATS keeps up.
+            let sql = format!("SELECT count(*) FROM (SELECT 1 FROM {} LIMIT $1) AS waiting", self.outbox);
+            let limit = i64::try_from(*outbox_max).unwrap_or(i64::MAX);
+            let waiting: i64 = tx.query_one(&sql, &[&limit]).await?.get(0);
+            if waiting >= limit {
+                return Ok(Vote::no(format!(
+                    "{OUTBOX_FULL}: {waiting} events wait for NATS (store.outbox_max {outbox_max}); \
+                     the bank takes transfers again once the relay catches up"
+                )));
+            }
+        }
         let hold = tx
             .prepare_cached(&format!(
                 "UPDATE {} SET held_minor = held_minor + $2::bigint, incoming_minor = incoming_minor + $3::bigint \
@@ -157,10 +222,22 @@ impl PostgresBranch for BankBranch {
         Ok(Vote::Yes)
     }
 
-    async fn stage(&self, tx: &BranchTx<'_>, txn: TxnId, _payload: &[u8]) -> std::result::Result<Vote, ResourceError> {
+    async fn stage(&self, tx: &BranchTx<'_>, txn: TxnId, payload: &[u8]) -> std::result::Result<Vote, ResourceError> {
         let mark = tx.prepare_cached(&format!("UPDATE {} SET applied = true WHERE txn = $1", self.holds)).await?;
         if tx.execute(&mark, &[&txn.to_string()]).await? == 0 {
             return Err(ResourceError::Fatal(format!("txn {txn} staged with no holds reserved")));
+        }
+        if let Some((subjects, _)) = &self.events {
+            // Prepared with the branch: visible only once it commits.
+            let payload = BranchPayload::decode(payload)
+                .map_err(|e| ResourceError::Fatal(format!("txn {txn}: a reserved payload no longer decodes: {e}")))?;
+            let events: Vec<_> = subjects
+                .for_branch(txn, &payload)
+                .into_iter()
+                .enumerate()
+                .map(|(index, event)| (twopc_participant::outbox::event_id(txn, subjects.bank.as_str(), index), event))
+                .collect();
+            self.insert_events(tx, &events).await?;
         }
         Ok(Vote::Yes)
     }
@@ -244,6 +321,7 @@ impl BankBranch {
 /// The bank's accounts in a PostgreSQL schema; see the module docs.
 pub struct PgStore {
     resource: PostgresResource<BankBranch>,
+    wake: RelayWake,
 }
 
 impl PgStore {
@@ -256,12 +334,37 @@ impl PgStore {
     /// allow prepared transactions; [`Error::Unavailable`] if the server
     /// cannot be reached.
     pub async fn open(participant: &ParticipantId, config: PostgresConfig) -> Result<Self> {
-        let branch = BankBranch::new(&config.schema);
+        Self::open_with_events(participant, config, None, 0).await
+    }
+
+    /// As [`PgStore::open`], with events on when `events` is given: each
+    /// committed branch's events and each account's opening go to the
+    /// outbox, and past `outbox_max` waiting a Prepare votes NO (see the
+    /// module docs). Give [`PgStore::relay_wake`] and the store to a relay.
+    ///
+    /// # Errors
+    /// As [`PgStore::open`].
+    pub async fn open_with_events(
+        participant: &ParticipantId,
+        config: PostgresConfig,
+        events: Option<EventSubjects>,
+        outbox_max: u64,
+    ) -> Result<Self> {
+        let branch = BankBranch::new(&config.schema, events.map(|e| (e, outbox_max)));
         let resource = PostgresResource::open(participant, config, branch).await.map_err(|e| match e {
             ResourceError::Fatal(why) => Error::Config(why),
             other => Error::from_resource(other),
         })?;
-        Ok(Self { resource })
+        let store = Self { resource, wake: RelayWake::new() };
+        // A schema made before events existed has no outbox yet.
+        let ddl = store.resource.branch().outbox_ddl();
+        store.client().await?.batch_execute(&ddl).await.map_err(pg)?;
+        Ok(store)
+    }
+
+    /// What to tell the relay after a commit that readied events.
+    pub fn relay_wake(&self) -> RelayWake {
+        self.wake.clone()
     }
 
     /// The participant library's resource under the store.
@@ -285,6 +388,36 @@ impl PgStore {
 
     fn accounts(&self) -> &str {
         &self.resource.branch().accounts
+    }
+}
+
+impl OutboxSource for PgStore {
+    async fn ready(&self, max: usize) -> std::result::Result<Vec<ReadyEvent>, ResourceError> {
+        let sql =
+            format!("SELECT seq, id, subject, payload FROM {} ORDER BY seq LIMIT $1", self.resource.branch().outbox);
+        let client = self.client().await.map_err(ResourceError::from)?;
+        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let rows = client.query(&sql, &[&limit]).await?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                let seq: i64 = row.get(0);
+                let payload: Vec<u8> = row.get(3);
+                ReadyEvent {
+                    seq: u64::try_from(seq).unwrap_or(0),
+                    id: row.get(1),
+                    subject: row.get(2),
+                    payload: payload.into(),
+                }
+            })
+            .collect())
+    }
+
+    async fn published(&self, seqs: Vec<u64>) -> std::result::Result<(), ResourceError> {
+        let sql = format!("DELETE FROM {} WHERE seq = ANY($1)", self.resource.branch().outbox);
+        let seqs: Vec<i64> = seqs.into_iter().filter_map(|s| i64::try_from(s).ok()).collect();
+        self.client().await.map_err(ResourceError::from)?.execute(&sql, &[&seqs]).await?;
+        Ok(())
     }
 }
 
@@ -334,9 +467,22 @@ impl AccountStore for PgStore {
             "INSERT INTO {} (name, balance_minor) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
             self.accounts()
         );
-        let inserted = self.client().await?.execute(&sql, &[&name.as_str(), &initial_minor]).await.map_err(pg)?;
+        let mut client = self.client().await?;
+        // The opening's event, if events are on, commits with the account.
+        let tx = client.transaction().await.map_err(pg)?;
+        let inserted = tx.execute(&sql, &[&name.as_str(), &initial_minor]).await.map_err(pg)?;
         if inserted == 0 {
             return Err(Error::AccountExists(name));
+        }
+        let branch = self.resource.branch();
+        if let Some((subjects, _)) = &branch.events {
+            let (id, event) = subjects.opened(&name, initial_minor);
+            let insert = format!("INSERT INTO {} (id, subject, payload) VALUES ($1, $2, $3)", branch.outbox);
+            tx.execute(&insert, &[&id, &event.subject, &event.payload.as_ref()]).await.map_err(pg)?;
+        }
+        tx.commit().await.map_err(pg)?;
+        if branch.events.is_some() {
+            self.wake.wake();
         }
         Ok(AccountBalance { name, balance_minor: initial_minor, held_minor: 0, incoming_minor: 0 })
     }
@@ -386,7 +532,11 @@ impl AccountStore for PgStore {
     }
 
     async fn commit(&self, txn: TxnId) -> Result<()> {
-        self.resource.commit(txn).await.map_err(|e| Error::on_branch(txn, e))
+        self.resource.commit(txn).await.map_err(|e| Error::on_branch(txn, e))?;
+        if self.resource.branch().events.is_some() {
+            self.wake.wake();
+        }
+        Ok(())
     }
 
     async fn abort(&self, txn: TxnId) -> Result<()> {

@@ -246,9 +246,6 @@ pub async fn bank(args: BankArgs) -> anyhow::Result<u8> {
     config.participant.tls = certs::server_tls(&Identity::participant(name.as_str()))?;
     config.events = args.events.config();
     config.store.outbox_max = args.events.outbox_max;
-    if config.events.is_some() && store != Store::Redb {
-        anyhow::bail!("--events-nats works with the redb store only for now; the PostgreSQL bank has no outbox yet");
-    }
     config.validate()?;
     certs::check_plaintext_listen(&args.listen, config.participant.tls.is_some(), "the bank")?;
     certs::reload_on_sighup(config.participant.tls.clone());
@@ -264,7 +261,11 @@ pub async fn bank(args: BankArgs) -> anyhow::Result<u8> {
             pg.prepare_concurrency_max = (args.pg_pool_max / 2).max(1);
             pg.finished_retention_ms = config.store.finished_retention_ms;
             let schema = pg.schema.clone();
-            let store = twopc_bank::PgStore::open(&name, pg).await?;
+            let events = config.events.as_ref().map(|events| twopc_bank::events::EventSubjects {
+                bank: name.clone(),
+                prefix: events.subject_prefix.clone(),
+            });
+            let store = twopc_bank::PgStore::open_with_events(&name, pg, events, config.store.outbox_max).await?;
             tracing::info!(bank = %name, %schema, "accounts on PostgreSQL");
             Some(std::sync::Arc::new(store))
         }
@@ -294,7 +295,17 @@ pub async fn bank(args: BankArgs) -> anyhow::Result<u8> {
     }
     match postgres {
         None => twopc_bank::server::run(listener, config, stop_signal()).await?,
-        Some(store) => twopc_bank::server::serve(listener, store, config.participant, stop_signal()).await?,
+        Some(store) => {
+            // Events committed before a crash and not yet acknowledged go out now.
+            let _relay = match &config.events {
+                Some(events) => Some(
+                    twopc_participant::outbox::Relay::spawn(store.clone(), store.relay_wake(), events.relay.clone())
+                        .map_err(anyhow::Error::msg)?,
+                ),
+                None => None,
+            };
+            twopc_bank::server::serve(listener, store, config.participant, stop_signal()).await?
+        }
     }
     Ok(EXIT_OK)
 }

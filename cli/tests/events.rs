@@ -34,6 +34,11 @@ impl EventCluster {
     /// accounts alice@bank-a (100.00) and bob@bank-b (50.00) whose opening
     /// events are in the stream.
     async fn start(test: &str, outbox_max: u64) -> Option<Self> {
+        Self::start_with(test, outbox_max, Vec::new()).await
+    }
+
+    /// As [`EventCluster::start`], with `bank_b_args` added to bank-b.
+    async fn start_with(test: &str, outbox_max: u64, bank_b_args: Vec<String>) -> Option<Self> {
         let nats = nats_testing::server(test).await?;
         let proxy = NatsProxy::start(&nats.url).await;
         let stream = nats_testing::unique_name("TEST");
@@ -48,7 +53,7 @@ impl EventCluster {
             "--outbox-max",
             &outbox_max.to_string(),
         ];
-        let p = Processes::start_with_banks(args.iter().map(|a| (*a).to_owned()).collect()).await;
+        let p = Processes::start_opts(args.iter().map(|a| (*a).to_owned()).collect(), bank_b_args, false).await;
         for (bank, account, balance) in [("bank-a", "alice", "100.00"), ("bank-b", "bob", "50.00")] {
             let out = p.twopc(&["accounts", bank, "--create", account, "--balance", balance]).await;
             assert!(out.status.success(), "creating {account}@{bank}: {}", stderr(&out));
@@ -82,8 +87,17 @@ impl EventCluster {
     /// Commits a fence transfer, waits for its events (so everything committed
     /// before it has been published), and returns every event.
     async fn fenced_events(&self, expected_before: u64) -> BTreeMap<String, pb::BankEvent> {
-        let (code, fence) = self.transfer("alice@bank-a", "bob@bank-b", "0.01").await;
-        assert_eq!(code, Some(0), "the fence transfer commits");
+        // A bank just restarted may refuse the first tries (an aborted fence
+        // publishes nothing), so try until one commits.
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+        let fence = loop {
+            let (code, fence) = self.transfer("alice@bank-a", "bob@bank-b", "0.01").await;
+            if code == Some(0) {
+                break fence;
+            }
+            assert!(tokio::time::Instant::now() < give_up, "no fence transfer committed in 30 s (last: {code:?})");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         let events = self.events(expected_before + 2).await;
         assert!(events.contains_key(&format!("{fence}:bank-a:0")), "the fence's events arrived");
         events
@@ -201,4 +215,42 @@ async fn nats_unreachable_delays_events_and_past_the_bound_the_banks_refuse() {
     assert_eq!(events.len() as u64, 2 + 2 * outbox_max + 2, "{events:?}");
     assert_each_committed_has_both_branches(&events, &committed);
     c.nats.delete_stream(&c.stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_bank_publishes_what_its_prepared_transactions_committed() {
+    let test = "the_postgres_bank_publishes_what_its_prepared_transactions_committed";
+    let Some(db) = twopc_participant::postgres_testing::database(test).await else { return };
+    let schema = twopc_participant::postgres_testing::unique_name("twopc_ev");
+    let cleanup = twopc_participant::postgres_testing::Cleanup::new(&db.url);
+    cleanup.schema(&schema, "twopc:bank-b:");
+    let pg = vec!["--store".to_owned(), db.url.clone(), "--pg-schema".to_owned(), schema];
+    let Some(mut c) = EventCluster::start_with(test, 1000, pg).await else { return };
+    c.proxy.cut();
+    let mut committed = Vec::new();
+    for _ in 0..2 {
+        let (code, txn) = c.transfer("alice@bank-a", "bob@bank-b", "10.00").await;
+        assert_eq!(code, Some(0));
+        committed.push(txn);
+    }
+    let (code, aborted) = c.transfer("bob@bank-b", "alice@bank-a", "1000").await;
+    assert_eq!(code, Some(3), "an overdraft at the PostgreSQL bank aborts");
+    let (code, aborted_here) = c.transfer("alice@bank-a", "bob@bank-b", "1000").await;
+    assert_eq!(code, Some(3), "an overdraft at bank-a aborts; bank-b's credit was prepared, then rolled back");
+    c.p.wait("both banks applied the commits", |p| async move {
+        (p.balance(0, "alice").await == Some(80_00) && p.balance(1, "bob").await == Some(70_00)).then_some(())
+    })
+    .await;
+    // Committed in PostgreSQL, not published: killed, then back with NATS.
+    c.p.banks[1].kill().await;
+    c.proxy.restore();
+    c.p.banks[1].restart();
+    let events = c.fenced_events(2 + 4).await;
+    assert_eq!(events.len(), 2 + 4 + 2, "{events:?}");
+    assert_each_committed_has_both_branches(&events, &committed);
+    for txn in [&aborted, &aborted_here] {
+        assert!(!per_txn(&events).contains_key(txn), "aborted txn {txn} published nothing");
+    }
+    c.nats.delete_stream(&c.stream).await;
+    drop(cleanup);
 }
