@@ -18,6 +18,7 @@
 //! - [`bench`]: `twopc bench`: a load generator; throughput, latency percentiles, a per-second timeline.
 //! - [`resources`]: the local cluster's processes' memory and data directories, sampled during a bench.
 //! - [`certs`]: `twopc certs init` and `show`; and the process's TLS settings (`--tls-dir`, `--insecure`).
+//! - [`view`]: `twopc view`: a materialized view of the banks' event stream, each event applied once.
 
 mod admin;
 mod bench;
@@ -29,6 +30,7 @@ mod money;
 mod output;
 mod resources;
 mod servers;
+mod view;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -121,6 +123,9 @@ pub enum Command {
     /// Make and inspect the certificates of a mutual-TLS cluster (docs/SECURITY.md).
     #[command(subcommand)]
     Certs(certs::CertsCommand),
+    /// A materialized view of the banks' event stream (NATS JetStream): sync it, read balances and history.
+    #[command(subcommand)]
+    View(view::ViewCommand),
 }
 
 /// Sets up logging to stderr: warnings by default, `-v` info, `-vv` debug;
@@ -155,6 +160,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Certs(cmd) => certs::run(cmd),
+        Command::View(cmd) => view::run(cmd).await,
     }
 }
 
