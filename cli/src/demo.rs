@@ -3,7 +3,10 @@
 //! and the conservation check (I8). `--chaos` SIGKILLs the coordinator leader
 //! and a bank mid-run, restarts them, and prints a timeline. `--interactive`
 //! runs each transfer as an interactive txn (docs/PROTOCOL.md §12): Begin,
-//! Debit and Credit at the banks with the txn's context, Commit.
+//! Debit and Credit at the banks with the txn's context, Commit. `--events`
+//! has the banks publish their events to NATS JetStream (docs/PROTOCOL.md
+//! §14) and builds `twopc view`'s read model from the stream, printed beside
+//! the banks' balances with the moment the two agree.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -58,6 +61,54 @@ pub struct DemoArgs {
     /// the embedded store, in a schema of its own: dropped at the end, or kept with --dir.
     #[arg(long, value_name = "URL", alias = "pg-bank")]
     pub store: Option<String>,
+    /// The banks publish an event per committed debit and credit (and per account opened) to NATS JetStream,
+    /// on a stream of this run's own (kept with --dir); at the end `twopc view`'s read model, built from the
+    /// stream alone, is printed beside the banks' balances, with how long after the last transfer they agreed.
+    #[arg(long)]
+    pub events: bool,
+    /// The NATS server for --events.
+    #[arg(long, env = "TWOPC_NATS_URL", default_value = "nats://127.0.0.1:4222", requires = "events")]
+    pub nats: String,
+}
+
+/// How long the view may take to agree with the banks after the last transfer.
+const VIEW_CONVERGE_MAX: Duration = Duration::from_secs(60);
+
+/// --events: the stream and subject prefix of this run (one derived from
+/// the directory with --dir, so a rerun's view finds its stream again).
+struct DemoEvents {
+    nats: String,
+    stream: String,
+    prefix: String,
+    view_dir: PathBuf,
+}
+
+impl DemoEvents {
+    fn new(args: &DemoArgs, dir: &Path) -> Self {
+        let tag = run_tag(args.dir.as_deref());
+        Self {
+            nats: args.nats.clone(),
+            stream: format!("TWOPC_DEMO_{tag}"),
+            prefix: format!("demo{tag}"),
+            view_dir: dir.join("view"),
+        }
+    }
+
+    fn bank_args(&self) -> Vec<String> {
+        crate::servers::EventsArgs {
+            events_nats: Some(self.nats.clone()),
+            events_stream: self.stream.clone(),
+            events_prefix: self.prefix.clone(),
+            outbox_max: twopc_bank::StoreConfig::default().outbox_max,
+        }
+        .to_args()
+    }
+
+    async fn delete_stream(&self) -> anyhow::Result<()> {
+        let client = async_nats::connect(&self.nats).await?;
+        async_nats::jetstream::new(client).delete_stream(&self.stream).await?;
+        Ok(())
+    }
 }
 
 const BANKS: [&str; 2] = ["bank-a", "bank-b"];
@@ -102,7 +153,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
     let dir = args.dir.clone().unwrap_or_else(|| temp.path().to_owned());
     std::fs::create_dir_all(dir.join("logs")).with_context(|| format!("creating {}", dir.display()))?;
     let postgres = args.store.as_ref().map(|url| pg_bank(url, args.dir.as_deref()));
-    let demo = build(&dir, postgres.as_ref(), args.tls)?;
+    let events = args.events.then(|| DemoEvents::new(&args, &dir));
+    let demo = build(&dir, postgres.as_ref(), events.as_ref(), args.tls)?;
     println!("twopc demo: {COORDINATORS} coordinators and {} banks in {}", BANKS.len(), dir.display());
     if let Some(pg) = &postgres {
         println!("{} keeps its accounts on PostgreSQL, schema {}", BANKS[PG_BANK], pg.schema);
@@ -113,8 +165,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
     if args.tls {
         println!("every conversation on mutual TLS; certificates in {}", dir.join("tls").display());
     }
+    if let Some(events) = &events {
+        println!(
+            "the banks publish events to {}, stream {}; the view is in {}",
+            events.nats,
+            events.stream,
+            events.view_dir.display()
+        );
+    }
     let result = tokio::select! {
-        result = run_demo(&demo, &args, opening) => result,
+        result = run_demo(&demo, &args, opening, events.as_ref()) => result,
         _ = tokio::signal::ctrl_c() => {
             eprintln!("interrupted; stopping the cluster");
             Ok(EXIT_ERROR)
@@ -123,6 +183,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
     demo.cluster.stop_all().await;
     if args.dir.is_none() {
         drop(temp);
+        if let Some(events) = &events
+            && let Err(e) = events.delete_stream().await
+        {
+            eprintln!("could not delete stream {}: {e:#}", events.stream);
+        }
         if let Some(pg) = &postgres
             && let Err(e) = drop_pg_schema(pg).await
         {
@@ -147,19 +212,25 @@ struct PgBank {
 /// A schema of this run's own; with --dir, one derived from the directory,
 /// so a rerun finds its accounts again.
 fn pg_bank(url: &str, kept: Option<&Path>) -> PgBank {
+    PgBank { url: url.to_owned(), schema: format!("twopc_demo_{}", run_tag(kept)) }
+}
+
+/// A name part of this run's own: derived from the kept directory, so a
+/// rerun with the same --dir finds its schema and stream again, or from the
+/// process and the time.
+fn run_tag(kept: Option<&Path>) -> String {
     use std::hash::{Hash as _, Hasher as _};
-    let schema = match kept {
+    match kept {
         Some(dir) => {
             let mut hasher = std::collections::hash_map::DefaultHasher::new();
             std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned()).hash(&mut hasher);
-            format!("twopc_demo_{:016x}", hasher.finish())
+            format!("{:016x}", hasher.finish())
         }
         None => {
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-            format!("twopc_demo_{}_{}", std::process::id(), now.as_millis())
+            format!("{}_{}", std::process::id(), now.as_millis())
         }
-    };
-    PgBank { url: url.to_owned(), schema }
+    }
 }
 
 /// Rolls back what the PostgreSQL bank left prepared (only if the demo
@@ -183,12 +254,14 @@ async fn drop_pg_schema(pg: &PgBank) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build(dir: &Path, postgres: Option<&PgBank>, tls: bool) -> anyhow::Result<Demo> {
+fn build(dir: &Path, postgres: Option<&PgBank>, events: Option<&DemoEvents>, tls: bool) -> anyhow::Result<Demo> {
+    let mut bank_args = vec!["--in-doubt-timeout-ms".into(), "1000".into()];
+    bank_args.extend(events.map(DemoEvents::bank_args).unwrap_or_default());
     let spec = Spec {
         coordinators: COORDINATORS,
         banks: BANKS.iter().map(|b| (*b).to_owned()).collect(),
         coordinator_args: Vec::new(),
-        bank_args: vec!["--in-doubt-timeout-ms".into(), "1000".into()],
+        bank_args,
         tls,
     };
     let mut cluster = LocalCluster::build(dir, &spec)?;
@@ -199,7 +272,7 @@ fn build(dir: &Path, postgres: Option<&PgBank>, tls: bool) -> anyhow::Result<Dem
     Ok(Demo { cluster, started: Instant::now(), timeline: Mutex::default() })
 }
 
-async fn run_demo(demo: &Demo, args: &DemoArgs, opening: i64) -> anyhow::Result<u8> {
+async fn run_demo(demo: &Demo, args: &DemoArgs, opening: i64, events: Option<&DemoEvents>) -> anyhow::Result<u8> {
     demo.cluster.start_all().await?;
     let client = Arc::new(ClusterClient::new(
         demo.cluster.coordinator_addrs.clone(),
@@ -224,7 +297,7 @@ async fn run_demo(demo: &Demo, args: &DemoArgs, opening: i64) -> anyhow::Result<
     bar.finish_with_message(counters.line());
     chaos?;
     let undecided = transfers?;
-    report(demo, &accounts, before, undecided, &counters, args).await
+    report(demo, &accounts, before, undecided, &counters, args, events).await
 }
 
 async fn seed(demo: &Demo, per_bank: u32, opening: i64) -> anyhow::Result<Vec<AccountAddress>> {
@@ -436,24 +509,44 @@ async fn report(
     unknown: u64,
     counters: &Counters,
     args: &DemoArgs,
+    events: Option<&DemoEvents>,
 ) -> anyhow::Result<u8> {
+    let transfers_done = Instant::now();
     // Decisions reach banks asynchronously (phase 2); wait until none is in doubt.
     let settled = wait_until("every prepared branch to be decided", || async {
         let totals = totals(demo).await.ok()?;
         totals.iter().all(|t| t.held_total_minor == 0 && t.incoming_total_minor == 0).then_some(totals)
     })
     .await?;
-    let mut rows = Vec::new();
+    let mut balances = std::collections::BTreeMap::new();
     for (bank, addr) in BANKS.iter().zip(&demo.cluster.bank_addrs) {
         let mut client = bank_client(bank, addr).await?;
         let list = client.list_accounts(pb::ListAccountsRequest { page_size: 1000, page_token: String::new() }).await?;
         for account in list.into_inner().accounts {
-            rows.push(vec![format!("{}@{bank}", account.name), format_minor(account.balance_minor)]);
+            balances.insert(format!("{}@{bank}", account.name), account.balance_minor);
         }
     }
+    let view = match events {
+        Some(events) => Some(converge_view(events, &balances, transfers_done).await?),
+        None => None,
+    };
+    let rows: Vec<Vec<String>> = balances
+        .iter()
+        .map(|(account, balance)| {
+            let mut row = vec![account.clone(), format_minor(*balance)];
+            if let Some(view) = &view {
+                row.push(view.balances.get(account).map_or_else(|| "-".to_owned(), |b| format_minor(*b)));
+            }
+            row
+        })
+        .collect();
     let after: i64 = settled.iter().map(|t| t.balance_total_minor).sum();
     println!();
-    table(&["ACCOUNT", " BALANCE"], &rows);
+    if view.is_some() {
+        table(&["ACCOUNT", " BALANCE", " VIEW"], &rows);
+    } else {
+        table(&["ACCOUNT", " BALANCE"], &rows);
+    }
     println!();
     println!("{}", counters.line());
     if args.interactive {
@@ -478,10 +571,64 @@ async fn report(
         format_minor(after),
         if conserved { "yes" } else { "NO" }
     );
+    if let Some(view) = &view {
+        let total: i64 = view.balances.values().sum();
+        match view.converged_after {
+            Some(after) => println!(
+                "view total {}  from {} events  view matches the banks: yes ({:.1}s after the last transfer)",
+                format_minor(total),
+                view.applied,
+                after.as_secs_f64()
+            ),
+            None => println!(
+                "view total {}  from {} events  view matches the banks: NO (not within {}s)",
+                format_minor(total),
+                view.applied,
+                VIEW_CONVERGE_MAX.as_secs()
+            ),
+        }
+    }
     anyhow::ensure!(accounts.len() == rows.len(), "expected {} accounts, found {}", accounts.len(), rows.len());
-    if !conserved || unknown > 0 {
-        eprintln!("error: {unknown} transfers undecided, money conserved: {conserved}");
+    let view_agrees = view.as_ref().is_none_or(|v| v.converged_after.is_some());
+    if !conserved || unknown > 0 || !view_agrees {
+        eprintln!("error: {unknown} transfers undecided, money conserved: {conserved}, view agrees: {view_agrees}");
         return Ok(EXIT_ERROR);
     }
     Ok(EXIT_OK)
+}
+
+/// The view's read model once it agrees with the banks, or as it stands
+/// after [`VIEW_CONVERGE_MAX`].
+struct ViewResult {
+    balances: std::collections::BTreeMap<String, i64>,
+    applied: u64,
+    converged_after: Option<Duration>,
+}
+
+/// Syncs the view from the stream until its balances equal the banks' (the
+/// banks publish what they committed as soon as NATS acknowledges; a bank
+/// killed by --chaos publishes the rest after its restart).
+async fn converge_view(
+    events: &DemoEvents,
+    banks: &std::collections::BTreeMap<String, i64>,
+    since: Instant,
+) -> anyhow::Result<ViewResult> {
+    let config = super::view::SyncConfig {
+        nats_url: events.nats.clone(),
+        stream: events.stream.clone(),
+        ..super::view::SyncConfig::new(&events.view_dir)
+    };
+    let mut applied = 0;
+    loop {
+        let report = super::view::sync(&config, false, std::future::pending()).await?;
+        applied += report.applied;
+        let balances: std::collections::BTreeMap<String, i64> =
+            super::view::ViewStore::open_existing(&events.view_dir)?.balances()?.into_iter().collect();
+        let converged = balances == *banks;
+        if converged || since.elapsed() > VIEW_CONVERGE_MAX {
+            let converged_after = converged.then(|| since.elapsed());
+            return Ok(ViewResult { balances, applied, converged_after });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -461,7 +461,6 @@ impl ViewStore {
     ///
     /// # Errors
     /// The store fails.
-    #[allow(dead_code, reason = "for in-process callers such as the demo's check")]
     pub fn balances(&self) -> anyhow::Result<Vec<(String, i64)>> {
         Ok(self.accounts()?.into_iter().map(|a| (a.account, a.balance_minor)).collect())
     }
