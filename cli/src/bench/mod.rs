@@ -96,7 +96,7 @@ pub struct BenchArgs {
     #[arg(long, requires = "local")]
     pub events: bool,
     /// The NATS server for --events.
-    #[arg(long, env = "TWOPC_NATS_URL", default_value = "nats://127.0.0.1:4222", requires = "events")]
+    #[arg(long, env = "TWOPC_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats: String,
     #[arg(long, requires = "local", value_parser = crate::servers::parse_commit_protocol)]
     pub commit_protocol: Option<twopc_coordinator::config::CommitProtocol>,
