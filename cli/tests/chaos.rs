@@ -362,6 +362,7 @@ async fn check_events(
     clients: &Clients,
 ) {
     use prost::Message as _;
+    let give_up = Instant::now() + Duration::from_secs(30);
     let fence = loop {
         let (from, to) = (clients.accounts[0].clone(), clients.accounts[ACCOUNTS_PER_BANK].clone());
         clients.transfer(from, to, 1).await;
@@ -369,6 +370,7 @@ async fn check_events(
         if last.outcome == ClientOutcome::Committed {
             break last.txn_id;
         }
+        assert!(Instant::now() < give_up, "no fence transfer committed within 30 s");
     };
     let committed: Vec<TxnId> =
         observation.reported.iter().filter(|(_, d)| **d == Decision::Commit).map(|(t, _)| *t).collect();

@@ -17,6 +17,11 @@ use twopc_participant::outbox::{
 };
 use twopc_participant::{Resource, TxnId, Vote};
 
+/// The event participant's limits, as participant `events`.
+fn limits() -> EventResourceConfig {
+    EventResourceConfig::new(&"events".parse().expect("a participant id"))
+}
+
 struct EventHarness {
     dirs: Mutex<Vec<tempfile::TempDir>>,
 }
@@ -33,13 +38,13 @@ impl Harness for EventHarness {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("events.redb");
         self.dirs.lock().push(dir);
-        EventResource::open(path, EventResourceConfig::default(), RelayWake::new()).await.expect("open")
+        EventResource::open(path, limits(), RelayWake::new()).await.expect("open")
     }
 
     async fn restart(&self, resource: EventResource) -> EventResource {
         let path = resource.path().to_owned();
         drop(resource);
-        EventResource::open(path, EventResourceConfig::default(), RelayWake::new()).await.expect("reopen")
+        EventResource::open(path, limits(), RelayWake::new()).await.expect("reopen")
     }
 
     fn yes_payload(&self, txn: TxnId) -> Bytes {
@@ -120,7 +125,7 @@ async fn a_committed_branch_publishes_each_event_once_and_an_aborted_one_none() 
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let wake = RelayWake::new();
-    let events = resource(&dir, EventResourceConfig::default(), wake.clone()).await;
+    let events = resource(&dir, limits(), wake.clone()).await;
     let relay = Relay::spawn(Arc::clone(&events), wake, stream.relay_config(&stream.nats.url)).expect("relay");
     let (committed, aborted) = (TxnId::new(), TxnId::new());
     assert_eq!(events.prepare(committed, stream.events(committed, 2)).await.expect("prepare"), Vote::Yes);
@@ -132,6 +137,7 @@ async fn a_committed_branch_publishes_each_event_once_and_an_aborted_one_none() 
     let ids = stream.ids(2).await;
     assert_eq!(ids, vec![format!("{committed}:events:0"), format!("{committed}:events:1")]);
     assert_eq!(relay.stats().published.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert_eq!(relay.stats().duplicates.load(std::sync::atomic::Ordering::Relaxed), 0, "nothing published twice");
     stream.nats.delete_stream(&stream.name).await;
 }
 
@@ -145,7 +151,7 @@ async fn events_committed_while_the_relay_was_down_go_out_once_after_a_restart()
     let txns: Vec<TxnId> = (0..5).map(|_| TxnId::new()).collect();
     {
         // No relay: committed, not published, then the process goes away.
-        let events = resource(&dir, EventResourceConfig::default(), RelayWake::new()).await;
+        let events = resource(&dir, limits(), RelayWake::new()).await;
         for txn in &txns {
             assert_eq!(events.prepare(*txn, stream.events(*txn, 1)).await.expect("prepare"), Vote::Yes);
             events.commit(*txn).await.expect("commit");
@@ -153,7 +159,7 @@ async fn events_committed_while_the_relay_was_down_go_out_once_after_a_restart()
         assert_eq!(events.waiting().await.expect("waiting"), 5);
     }
     let wake = RelayWake::new();
-    let events = resource(&dir, EventResourceConfig::default(), wake.clone()).await;
+    let events = resource(&dir, limits(), wake.clone()).await;
     let _relay = Relay::spawn(Arc::clone(&events), wake, stream.relay_config(&stream.nats.url)).expect("relay");
     settle(&events).await;
     let ids = stream.ids(5).await;
@@ -170,7 +176,7 @@ async fn nats_away_delays_events_and_past_the_bound_prepare_votes_no() {
     let proxy = NatsProxy::start(&stream.nats.url).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let wake = RelayWake::new();
-    let config = EventResourceConfig { outbox_max: 10, ..EventResourceConfig::default() };
+    let config = EventResourceConfig { outbox_max: 10, ..limits() };
     let events = resource(&dir, config, wake.clone()).await;
     let relay = Relay::spawn(Arc::clone(&events), wake, stream.relay_config(&proxy.url)).expect("relay");
     // One event through while the server is there, so the stream exists.
@@ -214,5 +220,37 @@ async fn nats_away_delays_events_and_past_the_bound_prepare_votes_no() {
     // Room again: a new branch is taken.
     let after = TxnId::new();
     assert_eq!(events.prepare(after, stream.events(after, 1)).await.expect("prepare"), Vote::Yes);
+    stream.nats.delete_stream(&stream.name).await;
+}
+
+#[tokio::test]
+async fn a_stream_that_does_not_take_the_subjects_is_named_and_events_wait() {
+    let Some(stream) = Stream::new("a_stream_that_does_not_take_the_subjects_is_named_and_events_wait").await else {
+        return;
+    };
+    // An operator's stream under the same name, for other subjects.
+    let other = async_nats::jetstream::stream::Config {
+        name: stream.name.clone(),
+        subjects: vec![format!("{}_other.>", stream.prefix)],
+        ..Default::default()
+    };
+    stream.nats.jetstream.create_stream(other).await.expect("create the operator's stream");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wake = RelayWake::new();
+    let events = resource(&dir, limits(), wake.clone()).await;
+    let relay = Relay::spawn(Arc::clone(&events), wake, stream.relay_config(&stream.nats.url)).expect("relay");
+    let txn = TxnId::new();
+    events.prepare(txn, stream.events(txn, 1)).await.expect("prepare");
+    events.commit(txn).await.expect("commit");
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
+    let why = loop {
+        if let Some(why) = relay.stats().last_error.lock().clone() {
+            break why;
+        }
+        assert!(tokio::time::Instant::now() < give_up, "the relay never said why it does not publish");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(why.contains("do not take"), "{why}");
+    assert_eq!(events.waiting().await.expect("waiting"), 1, "the event waits");
     stream.nats.delete_stream(&stream.name).await;
 }

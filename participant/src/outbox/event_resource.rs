@@ -12,9 +12,11 @@
 //!
 //! # async fn serve() -> Result<(), Box<dyn std::error::Error>> {
 //! let wake = RelayWake::new();
-//! let events = Arc::new(EventResource::open("data/events.redb", EventResourceConfig::default(), wake.clone()).await?);
+//! let id = "order-events".parse()?;
+//! let limits = EventResourceConfig::new(&id);
+//! let events = Arc::new(EventResource::open("data/events.redb", limits, wake.clone()).await?);
 //! let _relay = Relay::spawn(Arc::clone(&events), wake, RelayConfig::new("nats://127.0.0.1:4222"))?;
-//! let config = ParticipantConfig::new("events".parse()?, vec!["10.0.0.1:7000".into()]);
+//! let config = ParticipantConfig::new(id, vec!["10.0.0.1:7000".into()]);
 //! let participant = Participant::new(events, config)?;
 //! # Ok(())
 //! # }
@@ -48,8 +50,8 @@ pub const OUTBOX_FULL: &str = "event outbox full";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventResourceConfig {
     /// The participant's id (its name in the cluster), part of every event
-    /// id; two event participants publishing to one stream must differ.
-    /// Default `events`.
+    /// id, so two event participants of one txn never publish the same id
+    /// (the stream would drop the second). Always given.
     pub source: String,
     /// The most entries waiting (branches staged plus events not yet
     /// acknowledged by the stream) before Prepare votes NO ("event outbox
@@ -62,9 +64,10 @@ pub struct EventResourceConfig {
     pub finished_retention_ms: u64,
 }
 
-impl Default for EventResourceConfig {
-    fn default() -> Self {
-        Self { source: "events".into(), outbox_max: 100_000, events_per_branch_max: 64, finished_retention_ms: 600_000 }
+impl EventResourceConfig {
+    /// The defaults, for participant `id`.
+    pub fn new(id: &twopc_proto::ParticipantId) -> Self {
+        Self { source: id.to_string(), outbox_max: 100_000, events_per_branch_max: 64, finished_retention_ms: 600_000 }
     }
 }
 
@@ -161,6 +164,9 @@ impl EventResource {
             return Err(ResourceError::Fatal(
                 "outbox_max, events_per_branch_max and finished_retention_ms must be above 0".into(),
             ));
+        }
+        if config.source.is_empty() {
+            return Err(ResourceError::Fatal("source is empty; give the participant's id".into()));
         }
         let path = path.into();
         let opened = path.clone();

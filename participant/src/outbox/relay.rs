@@ -125,8 +125,9 @@ impl RelayConfig {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("events.{name} must be above 0"));
         }
-        if self.batch_max > 10_000 {
-            return Err(format!("events.batch_max is {}; at most 10000", self.batch_max));
+        // The client allows 5 000 publishes awaiting their PubAcks.
+        if self.batch_max > 4_096 {
+            return Err(format!("events.batch_max is {}; at most 4096", self.batch_max));
         }
         if self.duplicate_window_ms > self.stream_max_age_ms {
             return Err("events.duplicate_window_ms must not exceed events.stream_max_age_ms".into());
@@ -216,12 +217,34 @@ async fn run<S: OutboxSource>(source: Arc<S>, wake: RelayWake, config: RelayConf
             storage: jetstream::stream::StorageType::File,
             ..Default::default()
         };
-        match jetstream.get_or_create_stream(stream).await {
-            Ok(_) => break,
-            Err(e) => {
-                backoff.failed(&stats, format!("creating stream {} at {}: {e}", config.stream, config.nats_url)).await
-            }
-        }
+        let why = match jetstream.get_or_create_stream(stream).await {
+            Ok(mut stream) => match stream.info().await {
+                // An existing stream keeps its own config: one that does not
+                // take every subject this relay publishes to would refuse
+                // each event, so events wait and the operator is told why.
+                Ok(info) => match uncovered(&config.subjects, &info.config.subjects) {
+                    None => {
+                        if info.config.duplicate_window != Duration::from_millis(config.duplicate_window_ms) {
+                            warn!(
+                                stream = %config.stream,
+                                window_ms = info.config.duplicate_window.as_millis(),
+                                configured_ms = config.duplicate_window_ms,
+                                "outbox relay: the existing stream's de-duplication window differs; it applies"
+                            );
+                        }
+                        break;
+                    }
+                    Some(subject) => format!(
+                        "stream {} exists with subjects {:?}, which do not take {subject}; events wait until the \
+                         stream's subjects or the bank's --events-prefix / --events-stream are fixed",
+                        config.stream, info.config.subjects
+                    ),
+                },
+                Err(e) => format!("reading stream {} at {}: {e}", config.stream, config.nats_url),
+            },
+            Err(e) => format!("creating stream {} at {}: {e}", config.stream, config.nats_url),
+        };
+        backoff.failed(&stats, why).await;
     }
     info!(stream = %config.stream, url = %config.nats_url, "outbox relay: publishing");
     loop {
@@ -258,6 +281,16 @@ async fn run<S: OutboxSource>(source: Arc<S>, wake: RelayWake, config: RelayConf
     }
 }
 
+/// The first of `wanted` that none of the stream's `subjects` takes, if any
+/// (a stream subject takes a wanted one when they are equal, or when it ends
+/// in `>` and the wanted one starts with what precedes it).
+fn uncovered<'a>(wanted: &'a [String], subjects: &[String]) -> Option<&'a str> {
+    let takes = |have: &str, want: &str| {
+        have == want || have == ">" || have.strip_suffix('>').is_some_and(|prefix| want.starts_with(prefix))
+    };
+    wanted.iter().map(String::as_str).find(|want| !subjects.iter().any(|have| takes(have, want)))
+}
+
 /// Publishes `batch` and waits for the PubAcks; returns the acknowledged
 /// events' numbers and, if any was not acknowledged, why.
 async fn publish(
@@ -271,12 +304,11 @@ async fn publish(
     let mut failure = None;
     for event in batch {
         let message = PublishMessage::build().payload(event.payload).message_id(&event.id);
+        // One event the client refuses does not hold back the rest of the
+        // batch; it stays ready and is retried, and the failure is reported.
         match tokio::time::timeout(deadline, jetstream.send_publish(event.subject, message)).await {
             Ok(Ok(ack)) => pending.push((event.seq, ack)),
-            Ok(Err(e)) => {
-                failure = Some(format!("publishing event {}: {e}", event.id));
-                break;
-            }
+            Ok(Err(e)) => failure = failure.or(Some(format!("publishing event {}: {e}", event.id))),
             Err(_) => {
                 failure = Some(format!("publishing event {}: no room to send within {deadline:?}", event.id));
                 break;
@@ -329,5 +361,21 @@ impl Backoff {
         *stats.last_error.lock() = Some(why);
         tokio::time::sleep(self.next).await;
         self.next = (self.next * 2).min(self.max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A stream that does not take the relay's subjects is named, not used.
+    #[test]
+    fn a_stream_must_take_every_subject_published_to() {
+        let wanted = vec!["twopc.>".to_owned()];
+        assert_eq!(uncovered(&wanted, &["twopc.>".to_owned()]), None);
+        assert_eq!(uncovered(&wanted, &[">".to_owned()]), None);
+        assert_eq!(uncovered(&wanted, &["acme.>".to_owned()]), Some("twopc.>"));
+        assert_eq!(uncovered(&["twopc.a.>".to_owned()], &["twopc.>".to_owned()]), None);
+        assert_eq!(uncovered(&wanted, &["twopc.a.>".to_owned()]), Some("twopc.>"));
     }
 }
