@@ -459,7 +459,14 @@ async fn listing_filters_unacknowledged_and_undecided_txns() -> anyhow::Result<(
     s.cluster.gate.fail_decides(true);
     let stuck = TxnId::new();
     submit(&s.client, request(stuck, &[("bank-a", "x"), ("bank-b", "y")])).await?;
-    assert_eq!(list(pb::TxnFilter::Unacknowledged).await?, vec![stuck.to_string()]);
+    // Under parallel commit the client hears Commit before the explicit
+    // decision is logged (§13); the txn is unacknowledged once it is.
+    let unacknowledged = wait::until("the txn to show as unacknowledged", SETTLE, || async {
+        let listed = list(pb::TxnFilter::Unacknowledged).await.ok()?;
+        (!listed.is_empty()).then_some(listed)
+    })
+    .await?;
+    assert_eq!(unacknowledged, vec![stuck.to_string()]);
     let all = list(pb::TxnFilter::All).await?;
     assert!(all.contains(&finished.to_string()) && all.contains(&stuck.to_string()));
     // A txn held in its prepare phase is listed as undecided by the leader.
