@@ -1,0 +1,340 @@
+//! [`sync()`]: reads the stream with a durable pull consumer, applies each
+//! fetched batch through [`ViewStore::apply`], and acknowledges only after it.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::pin;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use async_nats::jetstream::{self, consumer::PullConsumer};
+use futures::StreamExt as _;
+use tracing::warn;
+
+use super::store::{Delivered, ViewStore};
+
+/// The largest `batch_max`.
+pub const BATCH_MAX_LIMIT: usize = 10_000;
+/// How long one pull waits for the next message before asking again.
+const PULL_WAIT: Duration = Duration::from_secs(1);
+/// The longest pause between attempts to reach NATS while following.
+const RETRY_DELAY_MAX: Duration = Duration::from_secs(5);
+/// How often a long sync prints a progress line.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(3);
+
+/// How [`sync`] reads the stream.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    /// The view's directory; its store is `DIR/view.redb`.
+    pub data_dir: PathBuf,
+    /// The NATS server. Default: `nats://127.0.0.1:4222`.
+    pub nats_url: String,
+    /// The JetStream stream the banks publish to. Default: `TWOPC`.
+    pub stream: String,
+    /// The durable consumer's name; one per view store. Default: `twopc-view`.
+    pub consumer: String,
+    /// The most messages fetched and applied at once. Default: 256.
+    pub batch_max: usize,
+    /// How long the server waits for an ack before delivering a message
+    /// again; must exceed the time to apply a batch. Default: 30000.
+    pub ack_wait_ms: u64,
+    /// The most events kept in each account's history. Default: 1000.
+    pub history_max: u64,
+    /// Print a progress line to stderr every few seconds. Default: false.
+    pub progress: bool,
+    /// Test hook: exit the process with code 9 once this run has applied at
+    /// least this many events, after the apply and before the acks.
+    /// Default: None.
+    pub exit_after_applied: Option<u64>,
+}
+
+impl SyncConfig {
+    /// The defaults, with the view in `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            nats_url: "nats://127.0.0.1:4222".into(),
+            stream: "TWOPC".into(),
+            consumer: "twopc-view".into(),
+            batch_max: 256,
+            ack_wait_ms: 30_000,
+            history_max: 1000,
+            progress: false,
+            exit_after_applied: None,
+        }
+    }
+
+    /// Checks the limits.
+    ///
+    /// # Errors
+    /// A limit is out of range, or a name is empty.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !(1..=BATCH_MAX_LIMIT).contains(&self.batch_max) {
+            bail!("--batch-max must be 1 to {BATCH_MAX_LIMIT}");
+        }
+        if self.ack_wait_ms < 100 {
+            bail!("--ack-wait-ms must be at least 100");
+        }
+        if self.history_max == 0 {
+            bail!("--history-max must be at least 1");
+        }
+        if self.stream.is_empty() || self.consumer.is_empty() {
+            bail!("--stream and --consumer must not be empty");
+        }
+        Ok(())
+    }
+
+    /// The consumer's bound on delivered, unacknowledged messages: room for
+    /// this run's batch while a crashed run's batch still waits to be
+    /// delivered again.
+    fn ack_pending_max(&self) -> i64 {
+        i64::try_from(2 * self.batch_max).unwrap_or(i64::MAX)
+    }
+}
+
+/// What one [`sync`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Events applied.
+    pub applied: u64,
+    /// Deliveries skipped because they were already applied (or recorded as malformed).
+    pub duplicates: u64,
+    /// Malformed messages skipped.
+    pub skipped: u64,
+}
+
+/// Applies the stream's events to the view in `config.data_dir`: until
+/// nothing is pending (or `shutdown` resolves), or with `follow` until
+/// `shutdown` resolves.
+///
+/// # Errors
+/// The store is in use or fails; the stream is missing; NATS is unreachable
+/// (only without `follow`; with it, retried).
+pub async fn sync(config: &SyncConfig, follow: bool, shutdown: impl Future<Output = ()>) -> anyhow::Result<SyncReport> {
+    config.validate()?;
+    let store = ViewStore::open(&config.data_dir)?;
+    let mut shutdown = pin!(shutdown);
+    let mut report = SyncReport::default();
+    let consumer = tokio::select! {
+        () = &mut shutdown => return Ok(report),
+        consumer = connect(config, &store, follow) => consumer?,
+    };
+    store.bind(&config.stream)?;
+    let mut progress = Progress { enabled: config.progress, last: Instant::now() };
+    let mut retry = RetryDelay::default();
+    loop {
+        let messages = tokio::select! {
+            () = &mut shutdown => break,
+            messages = next_batch(&consumer, config.batch_max, follow) => messages,
+        };
+        let messages = match messages {
+            Ok(Some(messages)) => messages,
+            Ok(None) => break,
+            Err(e) if follow => {
+                warn!(error = %format!("{e:#}"), "view: reading the stream failed; retrying");
+                tokio::select! {
+                    () = &mut shutdown => break,
+                    () = retry.wait() => continue,
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        retry = RetryDelay::default();
+        let mut batch = Vec::with_capacity(messages.len());
+        let mut pending = 0;
+        for message in &messages {
+            let info = message.info().map_err(|e| anyhow::anyhow!("a message without JetStream metadata: {e}"))?;
+            pending = info.pending;
+            let published_ms = info.published.unix_timestamp_nanos() / 1_000_000;
+            batch.push(Delivered {
+                stream_seq: info.stream_sequence,
+                published_unix_ms: u64::try_from(published_ms).unwrap_or(0),
+                payload: message.payload.clone(),
+            });
+        }
+        let applier = store.clone();
+        let history_max = config.history_max;
+        let outcome = twopc_proto::host::run_blocking(move || applier.apply(&batch, history_max))
+            .await
+            .context("the view's apply task failed")??;
+        report.applied += outcome.applied;
+        report.duplicates += outcome.duplicates;
+        report.skipped += outcome.skipped;
+        // The crash point the tests use: applied durably, not yet acked, so
+        // the next run gets this batch again and must skip all of it.
+        if config.exit_after_applied.is_some_and(|n| report.applied >= n) {
+            std::process::exit(9);
+        }
+        // Only now, with the batch durable, ack it (docs/PROTOCOL.md §14). A
+        // failed ack only means the message comes again and is skipped.
+        let acks = futures::future::join_all(messages.iter().map(|m| m.double_ack())).await;
+        if let Some(Err(e)) = acks.into_iter().find(Result::is_err) {
+            warn!(error = %e, "view: an ack failed; the message will be delivered again and skipped");
+        }
+        progress.tick(&report, pending);
+    }
+    Ok(report)
+}
+
+/// Why [`try_connect`] failed: an outage, retried while following, or not.
+enum ConnectError {
+    Unreachable(anyhow::Error),
+    Fatal(anyhow::Error),
+}
+
+/// Connects to NATS and opens the durable consumer; while following,
+/// retries until NATS answers.
+async fn connect(config: &SyncConfig, store: &ViewStore, follow: bool) -> anyhow::Result<PullConsumer> {
+    let mut retry = RetryDelay::default();
+    loop {
+        match try_connect(config, store).await {
+            Ok(consumer) => return Ok(consumer),
+            Err(ConnectError::Unreachable(e)) if follow => {
+                warn!(error = %format!("{e:#}"), "view: NATS is unreachable; retrying");
+                retry.wait().await;
+            }
+            Err(ConnectError::Unreachable(e) | ConnectError::Fatal(e)) => return Err(e),
+        }
+    }
+}
+
+fn unreachable(what: String, e: impl std::fmt::Display) -> ConnectError {
+    ConnectError::Unreachable(anyhow::anyhow!("{what}: {e}"))
+}
+
+async fn try_connect(config: &SyncConfig, store: &ViewStore) -> Result<PullConsumer, ConnectError> {
+    let url = &config.nats_url;
+    let client = async_nats::ConnectOptions::new()
+        .name("twopc-view")
+        .connection_timeout(Duration::from_secs(3))
+        .connect(url.as_str())
+        .await
+        .map_err(|e| unreachable(format!("cannot reach NATS at {url} (--nats / TWOPC_NATS_URL)"), e))?;
+    let jetstream = jetstream::new(client);
+    let stream = match jetstream.get_stream(&config.stream).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            if let jetstream::context::GetStreamErrorKind::JetStream(js) = e.kind()
+                && js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            {
+                // Not retried, even when following: a setting, not an outage.
+                return Err(ConnectError::Fatal(anyhow::anyhow!(
+                    "there is no stream {0} at {url}; banks started with events on create it \
+                     (`twopc bank --events-nats {url} --events-stream {0} ...`), or give --stream",
+                    config.stream
+                )));
+            }
+            return Err(unreachable(format!("cannot read stream {} at {url}", config.stream), e));
+        }
+    };
+    // The consumer acks only what the store holds, so one that has acked
+    // past the store's last sequence belongs to a store since deleted or
+    // restored: replay the stream from the start; the ids make that safe.
+    let applied_through = store.last_stream_seq().map_err(ConnectError::Fatal)?;
+    match stream.consumer_info(&config.consumer).await {
+        Ok(info) if info.ack_floor.stream_sequence > applied_through => {
+            warn!(
+                consumer = %config.consumer,
+                acked_through = info.ack_floor.stream_sequence,
+                applied_through,
+                "view: the consumer is ahead of this store; replaying the stream from the start"
+            );
+            stream
+                .delete_consumer(&config.consumer)
+                .await
+                .map_err(|e| unreachable(format!("cannot delete consumer {}", config.consumer), e))?;
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {}
+        Err(e) => return Err(unreachable(format!("cannot read consumer {}", config.consumer), e)),
+    }
+    stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some(config.consumer.clone()),
+            description: Some("twopc view: a materialized view of the bank events".into()),
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_millis(config.ack_wait_ms),
+            max_ack_pending: config.ack_pending_max(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| unreachable(format!("cannot create consumer {} on stream {}", config.consumer, config.stream), e))
+}
+
+/// The next batch, waiting for one while following; None once caught up
+/// (nothing pending and nothing delivered but unacknowledged) without
+/// `follow`.
+async fn next_batch(
+    consumer: &PullConsumer,
+    batch_max: usize,
+    follow: bool,
+) -> anyhow::Result<Option<Vec<jetstream::Message>>> {
+    loop {
+        let ready = collect(consumer.fetch().max_messages(batch_max).messages().await).await?;
+        if !ready.is_empty() {
+            return Ok(Some(ready));
+        }
+        if !follow {
+            let info = consumer.get_info().await.context("reading the consumer's state")?;
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                return Ok(None);
+            }
+        }
+        // Wait for the next message (a new one, or one a crashed run left
+        // unacknowledged, delivered again after ack_wait), then take what
+        // is behind it.
+        let mut first = collect(consumer.batch().max_messages(1).expires(PULL_WAIT).messages().await).await?;
+        if first.is_empty() {
+            continue;
+        }
+        if batch_max > 1 {
+            first.extend(collect(consumer.fetch().max_messages(batch_max - 1).messages().await).await?);
+        }
+        return Ok(Some(first));
+    }
+}
+
+async fn collect(
+    batch: Result<jetstream::consumer::pull::Batch, jetstream::consumer::pull::BatchError>,
+) -> anyhow::Result<Vec<jetstream::Message>> {
+    let mut batch = batch.context("pulling from the stream")?;
+    let mut messages = Vec::new();
+    while let Some(message) = batch.next().await {
+        messages.push(message.map_err(|e| anyhow::anyhow!("pulling from the stream: {e}"))?);
+    }
+    Ok(messages)
+}
+
+/// A doubling pause between attempts, up to [`RETRY_DELAY_MAX`].
+#[derive(Default)]
+struct RetryDelay {
+    next: Duration,
+}
+
+impl RetryDelay {
+    async fn wait(&mut self) {
+        let delay = self.next.max(Duration::from_millis(100));
+        tokio::time::sleep(delay).await;
+        self.next = (delay * 2).min(RETRY_DELAY_MAX);
+    }
+}
+
+/// A progress line every [`PROGRESS_INTERVAL`] on long syncs.
+struct Progress {
+    enabled: bool,
+    last: Instant,
+}
+
+impl Progress {
+    fn tick(&mut self, report: &SyncReport, pending: u64) {
+        if !self.enabled || self.last.elapsed() < PROGRESS_INTERVAL {
+            return;
+        }
+        self.last = Instant::now();
+        eprintln!(
+            "view: applied {} events ({} duplicates, {} malformed skipped), {pending} pending",
+            report.applied, report.duplicates, report.skipped
+        );
+    }
+}
