@@ -321,6 +321,52 @@ async fn a_staged_txn_a_bank_never_prepared_is_aborted_and_its_late_prepare_refu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_of_a_staged_txn_never_prepares_payloads_of_its_own() -> anyhow::Result<()> {
+    // §13: txn T is staged, bank-a has prepared T's debit of 100 and voted
+    // YES, and T's credit never reached bank-b (its leader died). A Submit of
+    // T naming the same banks with other payloads (a transfer of 250) must
+    // not prepare them: bank-b would stage a credit of 250 beside bank-a's
+    // debit of 100, and the Commit their YES votes make would mint 150 (I8).
+    // It settles T by T's own votes instead: bank-b never saw T, so it keeps
+    // a tombstone and votes NO, and T aborts.
+    let _scenario = FailScenario::setup();
+    twopc_tests::init_tracing();
+    // The scan would settle T on its own first; this Submit must meet it staged.
+    let config =
+        WorldConfig { in_doubt_timeout_ms: 120_000, begun_scan_interval_ms: 120_000, ..WorldConfig::default() };
+    let mut world = World::start(config).await?;
+    let leader = world.leader().ok_or_else(|| anyhow::anyhow!("no leader"))?;
+    let txn = TxnId::new();
+    let deadline_unix_ms = twopc_proto::txn_id::unix_now_ms() + 10_000;
+    let staged = Command::Staged(vec![StagedCmd {
+        txn_id: txn,
+        participants: vec!["bank-a".parse()?, "bank-b".parse()?],
+        deadline_unix_ms,
+    }]);
+    let proposal = Proposal { command: staged, proposed_unix_ms: twopc_proto::txn_id::unix_now_ms() };
+    world.cluster.node(leader).propose(&proposal).await?;
+    let address = |bank: &str| format!("{}@{bank}", account(bank).account).parse().expect("an account address");
+    let original = twopc_bank::Transfer::new(address("bank-a"), address("bank-b"), 100)?;
+    let debit = original.submit_branches().into_iter().find(|b| b.participant == "bank-a").expect("a debit");
+    let mut bank_a = world.teller.bank_participant("bank-a").expect("bank-a");
+    let request = twopc_proto::pb::PrepareRequest {
+        txn_id: txn.to_string(),
+        participant: "bank-a".into(),
+        payload: debit.payload,
+        deadline_unix_ms,
+    };
+    let vote = bank_a.prepare(request).await?.into_inner();
+    assert_eq!(vote.vote, twopc_proto::pb::VoteKind::Yes as i32, "{vote:?}");
+    let outcome = world.teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 250).await;
+    assert_eq!(outcome, ClientOutcome::Aborted, "T is decided by its own votes, and bank-b has none");
+    assert_eq!(branch(&world, 1, txn).await, Some(BranchState::Tombstone), "bank-b staged nothing of the Submit's");
+    wait_branch(&world, 0, txn, BranchState::Aborted).await?;
+    assert_invariants_hold(&mut world).await?;
+    world.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checker_catches_a_parallel_commit_answered_before_its_staged_entry() {
     // The checker bites (I8): a leader that answers Commit once the votes are
     // in, before its Staged entry is applied, tells clients Commit for txns a

@@ -438,7 +438,7 @@ impl<P: ParticipantClient> Engine<P> {
         self.require_leader()?;
         // A decided txn answers from the applied log (I5).
         let (record, forgotten, begun, staged) = self.inner.node.local_read(|sm| {
-            let staged = sm.staged(&txn_id).map(|s| s.participants.clone());
+            let staged = sm.staged(&txn_id).cloned();
             (sm.txn(&txn_id).cloned(), sm.may_have_forgotten(&txn_id), sm.is_begun(&txn_id), staged)
         });
         let asked: Vec<ParticipantId> = request.branches.iter().map(|(p, _)| p.clone()).collect();
@@ -464,17 +464,20 @@ impl<P: ParticipantClient> Engine<P> {
         if begun {
             return Err(begun_not_submit(txn_id));
         }
-        // A staged txn's retry runs it again (its Prepares are answered from
-        // the participants' memory); other work under its id is refused.
-        if let Some(known) = &staged {
-            if let Some(err) = other_branches(txn_id, known, &asked) {
+        // A staged txn is settled by its own votes (§13.3): joined if its
+        // driver runs here, else by status recovery. It is never prepared
+        // again with this call's payloads, which nothing ties to the staged
+        // ones: a participant that had not yet seen the txn would stage them,
+        // one that had would answer its recorded YES, and a Commit would apply
+        // a mix of two transfers (I1, I8). Other participants are refused.
+        // A staged txn is live whatever its id's age, so no id-age check.
+        if let Some(staged) = &staged {
+            if let Some(err) = other_branches(txn_id, &staged.participants, &asked) {
                 return Err(err);
             }
-        } else {
-            // A staged txn is live whatever its id's age: its retry must not
-            // be told to use a new id, which could run the transfer twice.
-            self.check_new_txn_id(txn_id, forgotten)?;
+            return self.recover_staged(staged).await;
         }
+        self.check_new_txn_id(txn_id, forgotten)?;
         let targets = self.targets(&request.branches)?;
         let participants = targets.iter().map(|(t, _)| t.participant.clone()).collect();
         let outcome = match self.join_or_register(txn_id, participants, Driver::Submit)? {

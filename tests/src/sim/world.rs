@@ -66,6 +66,10 @@ pub struct WorldConfig {
     /// How the coordinators commit one-shot txns (docs/PROTOCOL.md §5, §13).
     /// Default: the engine's default, parallel.
     pub commit_protocol: CommitProtocol,
+    /// How often a leader scans begun and staged txns (the engine's
+    /// `begun_scan_interval_ms`). Default: the engine's, 100 ms; a test
+    /// that must act on a staged txn before status recovery does slows it.
+    pub begun_scan_interval_ms: u64,
 }
 
 impl Default for WorldConfig {
@@ -84,6 +88,7 @@ impl Default for WorldConfig {
             retention_ms: EngineConfig::default().retention_ms,
             banks_skip_fsync: false,
             commit_protocol: CommitProtocol::default(),
+            begun_scan_interval_ms: twopc_coordinator::config::EngineConfig::default().begun_scan_interval_ms,
         }
     }
 }
@@ -380,6 +385,7 @@ impl World {
         let election_seed = config.election_seed;
         let retention_ms = config.retention_ms;
         let commit_protocol = config.commit_protocol;
+        let begun_scan_interval_ms = config.begun_scan_interval_ms;
         let deadline_max_ms = deadline_max_ms(retention_ms);
         let clocks: BTreeMap<u64, Clock> = (1..=config.coordinators).map(|id| (id, Clock::system())).collect();
         let node_clocks = clocks.clone();
@@ -402,6 +408,7 @@ impl World {
                 c.engine.deadline_max_ms = deadline_max_ms;
                 c.engine.gc_interval_ms = c.engine.gc_interval_ms.min(retention_ms / 10).max(1);
                 c.engine.commit_protocol = commit_protocol;
+                c.engine.begun_scan_interval_ms = begun_scan_interval_ms;
             }),
         )
         .await?;
