@@ -89,8 +89,6 @@ pub struct BenchArgs {
     /// Debit and the Credits at their banks at once with the txn's context, then Commit.
     #[arg(long, value_enum, default_value_t = Mode::OneShot)]
     pub mode: Mode,
-    /// With --local: how the coordinators commit one-shot txns, parallel (one durable round) or sequential
-    /// (two, one after the other); the report names it. Against a running cluster, its own setting applies.
     /// With --local: the banks publish an event per committed branch to NATS JetStream (docs/PROTOCOL.md §14),
     /// on a stream of this run's own (TWOPC_BENCH_<pid>, subjects bench<pid>.>), deleted at the end.
     #[arg(long, requires = "local")]
@@ -98,6 +96,8 @@ pub struct BenchArgs {
     /// The NATS server for --events.
     #[arg(long, env = "TWOPC_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats: String,
+    /// With --local: how the coordinators commit one-shot txns, parallel (one durable round) or sequential
+    /// (two, one after the other); the report names it. Against a running cluster, its own setting applies.
     #[arg(long, requires = "local", value_parser = crate::servers::parse_commit_protocol)]
     pub commit_protocol: Option<twopc_coordinator::config::CommitProtocol>,
     /// Each account's opening balance; large, so that no transfer aborts for lack of funds unless asked.
