@@ -7,8 +7,11 @@
 //! [`EventsConfig`] turns them on for [`crate::server::run`];
 //! [`EventSubjects`] is what the store needs to build them.
 
+use std::sync::Arc;
+
 use prost::Message as _;
-use twopc_participant::outbox::{OutboxEvent, RelayConfig, check_subject, event_id};
+use tracing::info;
+use twopc_participant::outbox::{OutboxEvent, OutboxSource, Relay, RelayConfig, RelayWake, check_subject, event_id};
 use twopc_proto::pb::{self, bank_event};
 use twopc_proto::{ParticipantId, TxnId};
 
@@ -50,6 +53,23 @@ impl EventsConfig {
     pub fn validate(&self) -> Result<()> {
         check_subject(&self.subject_prefix).map_err(|why| Error::Config(format!("events.subject_prefix: {why}")))?;
         self.relay.validate().map_err(Error::Config)
+    }
+
+    /// What bank `bank`'s store needs to build its events.
+    pub fn subjects(&self, bank: &ParticipantId) -> EventSubjects {
+        EventSubjects { bank: bank.clone(), prefix: self.subject_prefix.clone() }
+    }
+
+    /// Starts publishing `store`'s outbox (woken by `wake`, the store's own):
+    /// what a crash left unpublished goes out first. Publishing stops when
+    /// the relay is dropped.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for invalid relay settings.
+    pub fn start_relay<S: OutboxSource>(&self, bank: &ParticipantId, store: Arc<S>, wake: RelayWake) -> Result<Relay> {
+        let relay = Relay::spawn(store, wake, self.relay.clone()).map_err(Error::Config)?;
+        info!(bank = %bank, nats = %self.relay.nats_url, stream = %self.relay.stream, "bank events on");
+        Ok(relay)
     }
 }
 

@@ -110,15 +110,18 @@ impl BankBranch {
         )
     }
 
+    /// One event into the outbox: `$1` its id, `$2` its subject, `$3` its payload.
+    fn insert_event_sql(&self) -> String {
+        format!("INSERT INTO {} (id, subject, payload) VALUES ($1, $2, $3)", self.outbox)
+    }
+
     /// Inserts `events` with their ids into the outbox, in `tx`.
     async fn insert_events(
         &self,
         tx: &BranchTx<'_>,
         events: &[(String, twopc_participant::outbox::OutboxEvent)],
     ) -> std::result::Result<(), ResourceError> {
-        let insert = tx
-            .prepare_cached(&format!("INSERT INTO {} (id, subject, payload) VALUES ($1, $2, $3)", self.outbox))
-            .await?;
+        let insert = tx.prepare_cached(&self.insert_event_sql()).await?;
         for (id, event) in events {
             tx.execute(&insert, &[id, &event.subject, &event.payload.as_ref()]).await?;
         }
@@ -477,8 +480,9 @@ impl AccountStore for PgStore {
         let branch = self.resource.branch();
         if let Some((subjects, _)) = &branch.events {
             let (id, event) = subjects.opened(&name, initial_minor);
-            let insert = format!("INSERT INTO {} (id, subject, payload) VALUES ($1, $2, $3)", branch.outbox);
-            tx.execute(&insert, &[&id, &event.subject, &event.payload.as_ref()]).await.map_err(pg)?;
+            tx.execute(&branch.insert_event_sql(), &[&id, &event.subject, &event.payload.as_ref()])
+                .await
+                .map_err(pg)?;
         }
         tx.commit().await.map_err(pg)?;
         if branch.events.is_some() {

@@ -13,7 +13,6 @@ use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 use tracing::{info, warn};
 use twopc_participant::context::read_txn_context;
-use twopc_participant::outbox::Relay;
 use twopc_participant::{Participant, ParticipantConfig};
 use twopc_proto::MAX_MESSAGE_BYTES;
 use twopc_proto::net::Listener;
@@ -21,7 +20,6 @@ use twopc_proto::pb::bank_server::BankServer;
 
 use crate::config::BankConfig;
 use crate::error::{Error, Result};
-use crate::events::EventSubjects;
 use crate::redb_store::RedbStore;
 use crate::resource::BankResource;
 use crate::service::BankService;
@@ -51,18 +49,10 @@ pub async fn run(
         .await
         .map_err(|e| Error::Unavailable(format!("creating data dir {}: {e}", config.data_dir.display())))?;
     let mut store_config = config.store.clone();
-    if let Some(events) = &config.events {
-        store_config.events = Some(EventSubjects { bank: config.id().clone(), prefix: events.subject_prefix.clone() });
-    }
+    store_config.events = config.events.as_ref().map(|events| events.subjects(config.id()));
     let store = Arc::new(RedbStore::open(config.store_path(), store_config).await?);
-    // Events committed before a crash and not yet acknowledged go out now.
     let relay = match &config.events {
-        Some(events) => {
-            let relay =
-                Relay::spawn(Arc::clone(&store), store.relay_wake(), events.relay.clone()).map_err(Error::Config)?;
-            info!(bank = %config.id(), nats = %events.relay.nats_url, stream = %events.relay.stream, "bank events on");
-            Some(relay)
-        }
+        Some(events) => Some(events.start_relay(config.id(), Arc::clone(&store), store.relay_wake())?),
         None => None,
     };
     let served = serve(listener, Arc::clone(&store), config.participant, shutdown).await;

@@ -95,19 +95,7 @@ impl DemoEvents {
     }
 
     fn bank_args(&self) -> Vec<String> {
-        crate::servers::EventsArgs {
-            events_nats: Some(self.nats.clone()),
-            events_stream: self.stream.clone(),
-            events_prefix: self.prefix.clone(),
-            outbox_max: twopc_bank::StoreConfig::default().outbox_max,
-        }
-        .to_args()
-    }
-
-    async fn delete_stream(&self) -> anyhow::Result<()> {
-        let client = async_nats::connect(&self.nats).await?;
-        async_nats::jetstream::new(client).delete_stream(&self.stream).await?;
-        Ok(())
+        crate::servers::EventsArgs::for_local_run(&self.nats, self.stream.clone(), self.prefix.clone()).to_args()
     }
 }
 
@@ -184,7 +172,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
     if args.dir.is_none() {
         drop(temp);
         if let Some(events) = &events
-            && let Err(e) = events.delete_stream().await
+            && let Err(e) = crate::servers::delete_event_stream(&events.nats, &events.stream).await
         {
             eprintln!("could not delete stream {}: {e:#}", events.stream);
         }

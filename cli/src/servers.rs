@@ -184,6 +184,17 @@ pub struct EventsArgs {
 }
 
 impl EventsArgs {
+    /// Events on, for the banks of a local run (`demo`, `bench --local`) on
+    /// a stream and subject prefix of that run's own; limits at their defaults.
+    pub fn for_local_run(nats: &str, stream: String, prefix: String) -> Self {
+        Self {
+            events_nats: Some(nats.to_owned()),
+            events_stream: stream,
+            events_prefix: prefix,
+            outbox_max: twopc_bank::StoreConfig::default().outbox_max,
+        }
+    }
+
     /// The bank's events config, if events are on.
     pub fn config(&self) -> Option<twopc_bank::events::EventsConfig> {
         let url = self.events_nats.as_ref()?;
@@ -205,6 +216,16 @@ impl EventsArgs {
         .flat_map(|(flag, value)| [flag.to_owned(), value])
         .collect()
     }
+}
+
+/// Deletes a local run's own event stream at its end.
+///
+/// # Errors
+/// NATS unreachable, or the stream not deleted.
+pub async fn delete_event_stream(nats: &str, stream: &str) -> anyhow::Result<()> {
+    let client = async_nats::connect(nats).await?;
+    async_nats::jetstream::new(client).delete_stream(stream).await?;
+    Ok(())
 }
 
 /// The shortest `twopc bank --finished-retention-ms`: twice the coordinators'
@@ -261,10 +282,7 @@ pub async fn bank(args: BankArgs) -> anyhow::Result<u8> {
             pg.prepare_concurrency_max = (args.pg_pool_max / 2).max(1);
             pg.finished_retention_ms = config.store.finished_retention_ms;
             let schema = pg.schema.clone();
-            let events = config.events.as_ref().map(|events| twopc_bank::events::EventSubjects {
-                bank: name.clone(),
-                prefix: events.subject_prefix.clone(),
-            });
+            let events = config.events.as_ref().map(|events| events.subjects(&name));
             let store = twopc_bank::PgStore::open_with_events(&name, pg, events, config.store.outbox_max).await?;
             tracing::info!(bank = %name, %schema, "accounts on PostgreSQL");
             Some(std::sync::Arc::new(store))
@@ -296,12 +314,8 @@ pub async fn bank(args: BankArgs) -> anyhow::Result<u8> {
     match postgres {
         None => twopc_bank::server::run(listener, config, stop_signal()).await?,
         Some(store) => {
-            // Events committed before a crash and not yet acknowledged go out now.
             let _relay = match &config.events {
-                Some(events) => Some(
-                    twopc_participant::outbox::Relay::spawn(store.clone(), store.relay_wake(), events.relay.clone())
-                        .map_err(anyhow::Error::msg)?,
-                ),
+                Some(events) => Some(events.start_relay(config.id(), store.clone(), store.relay_wake())?),
                 None => None,
             };
             twopc_bank::server::serve(listener, store, config.participant, stop_signal()).await?

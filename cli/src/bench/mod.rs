@@ -206,7 +206,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
             .map(|ms| vec!["--finished-retention-ms".to_owned(), ms.to_string()])
             .into_iter()
             .flatten()
-            .chain(bench_events(&args).to_args())
+            .chain(bench_events(&args))
             .collect(),
         tls: args.tls,
     };
@@ -242,26 +242,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
 
 /// The banks' events flags for `--events`: a stream and subject prefix of
 /// this run's own, so runs never share (or grow) one stream.
-fn bench_events(args: &BenchArgs) -> crate::servers::EventsArgs {
+fn bench_events(args: &BenchArgs) -> Vec<String> {
     let pid = std::process::id();
-    crate::servers::EventsArgs {
-        events_nats: args.events.then(|| args.nats.clone()),
-        events_stream: format!("TWOPC_BENCH_{pid}"),
-        events_prefix: format!("bench{pid}"),
-        outbox_max: twopc_bank::StoreConfig::default().outbox_max,
-    }
+    let events = crate::servers::EventsArgs::for_local_run(&args.nats, bench_stream(), format!("bench{pid}"));
+    if args.events { events.to_args() } else { Vec::new() }
+}
+
+/// This run's stream for `--events`.
+fn bench_stream() -> String {
+    format!("TWOPC_BENCH_{}", std::process::id())
 }
 
 /// Removes this run's stream (what the banks had not published is gone
 /// with their data directories).
 async fn delete_bench_stream(args: &BenchArgs) {
-    let stream = bench_events(args).events_stream;
-    let deleted = async {
-        let client = async_nats::connect(&args.nats).await?;
-        async_nats::jetstream::new(client).delete_stream(&stream).await?;
-        Ok::<_, async_nats::Error>(())
-    };
-    if let Err(e) = deleted.await {
+    let stream = bench_stream();
+    if let Err(e) = crate::servers::delete_event_stream(&args.nats, &stream).await {
         eprintln!("warning: could not delete the bench's stream {stream} at {}: {e}", args.nats);
     }
 }

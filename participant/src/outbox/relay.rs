@@ -9,7 +9,7 @@
 //! again at once while there is more. When nothing is ready it waits for a
 //! [`RelayWake`] (the store wakes it after each commit that readied events)
 //! or `poll_interval_ms`. Failures back off from `retry_min_ms`, doubling to
-//! `retry_max_ms`; nothing is dropped. The store bounds what waits
+//! `retry_max_ms` (the library's jittered backoff); nothing is dropped. The store bounds what waits
 //! (`outbox_max`), which is the backpressure: a store past its bound votes
 //! NO rather than stage more.
 
@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use super::ReadyEvent;
+use crate::cluster::Backoff;
 use crate::resource::ResourceError;
 
 /// Where a [`Relay`] reads ready events and records published ones: the
@@ -191,7 +192,7 @@ impl Drop for Relay {
 }
 
 async fn run<S: OutboxSource>(source: Arc<S>, wake: RelayWake, config: RelayConfig, stats: Arc<RelayStats>) {
-    let mut backoff = Backoff::new(&config);
+    let mut retry = Retry { backoff: Backoff::new(config.retry_min_ms, config.retry_max_ms), stats: &stats };
     // Connects in the background and reconnects forever: a server that is
     // down only delays events.
     let client = loop {
@@ -203,55 +204,20 @@ async fn run<S: OutboxSource>(source: Arc<S>, wake: RelayWake, config: RelayConf
             .await
         {
             Ok(client) => break client,
-            Err(e) => backoff.failed(&stats, format!("connecting to NATS at {}: {e}", config.nats_url)).await,
+            Err(e) => retry.failed(format!("connecting to NATS at {}: {e}", config.nats_url)).await,
         }
     };
     let mut jetstream = jetstream::new(client);
     jetstream.set_timeout(Duration::from_millis(config.ack_timeout_ms));
-    loop {
-        let stream = jetstream::stream::Config {
-            name: config.stream.clone(),
-            subjects: config.subjects.clone(),
-            duplicate_window: Duration::from_millis(config.duplicate_window_ms),
-            max_age: Duration::from_millis(config.stream_max_age_ms),
-            storage: jetstream::stream::StorageType::File,
-            ..Default::default()
-        };
-        let why = match jetstream.get_or_create_stream(stream).await {
-            Ok(mut stream) => match stream.info().await {
-                // An existing stream keeps its own config: one that does not
-                // take every subject this relay publishes to would refuse
-                // each event, so events wait and the operator is told why.
-                Ok(info) => match uncovered(&config.subjects, &info.config.subjects) {
-                    None => {
-                        if info.config.duplicate_window != Duration::from_millis(config.duplicate_window_ms) {
-                            warn!(
-                                stream = %config.stream,
-                                window_ms = info.config.duplicate_window.as_millis(),
-                                configured_ms = config.duplicate_window_ms,
-                                "outbox relay: the existing stream's de-duplication window differs; it applies"
-                            );
-                        }
-                        break;
-                    }
-                    Some(subject) => format!(
-                        "stream {} exists with subjects {:?}, which do not take {subject}; events wait until the \
-                         stream's subjects or the bank's --events-prefix / --events-stream are fixed",
-                        config.stream, info.config.subjects
-                    ),
-                },
-                Err(e) => format!("reading stream {} at {}: {e}", config.stream, config.nats_url),
-            },
-            Err(e) => format!("creating stream {} at {}: {e}", config.stream, config.nats_url),
-        };
-        backoff.failed(&stats, why).await;
+    while let Err(why) = ensure_stream(&jetstream, &config).await {
+        retry.failed(why).await;
     }
     info!(stream = %config.stream, url = %config.nats_url, "outbox relay: publishing");
     loop {
         let batch = match source.ready(config.batch_max).await {
             Ok(batch) => batch,
             Err(e) => {
-                backoff.failed(&stats, format!("reading ready events: {e}")).await;
+                retry.failed(format!("reading ready events: {e}")).await;
                 continue;
             }
         };
@@ -266,19 +232,51 @@ async fn run<S: OutboxSource>(source: Arc<S>, wake: RelayWake, config: RelayConf
         if !acked.is_empty()
             && let Err(e) = source.published(acked).await
         {
-            backoff.failed(&stats, format!("recording published events: {e}")).await;
+            retry.failed(format!("recording published events: {e}")).await;
             continue;
         }
         match failure {
-            Some(why) => backoff.failed(&stats, why).await,
-            None => {
-                // Look again at once: a full batch may have more behind it,
-                // and an empty read waits for the next wake.
-                backoff.reset();
-                stats.healthy.store(true, Ordering::Relaxed);
-            }
+            Some(why) => retry.failed(why).await,
+            // Look again at once: a full batch may have more behind it, and
+            // an empty read waits for the next wake.
+            None => retry.succeeded(),
         }
     }
+}
+
+/// Creates the stream if it is missing, and checks that one already there
+/// (which keeps its own config) takes every subject this relay publishes to:
+/// otherwise each event would be refused, so events wait and the operator is
+/// told why.
+async fn ensure_stream(jetstream: &jetstream::Context, config: &RelayConfig) -> Result<(), String> {
+    let wanted = jetstream::stream::Config {
+        name: config.stream.clone(),
+        subjects: config.subjects.clone(),
+        duplicate_window: Duration::from_millis(config.duplicate_window_ms),
+        max_age: Duration::from_millis(config.stream_max_age_ms),
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    };
+    let (stream, url) = (&config.stream, &config.nats_url);
+    let mut found =
+        jetstream.get_or_create_stream(wanted).await.map_err(|e| format!("creating stream {stream} at {url}: {e}"))?;
+    let info = found.info().await.map_err(|e| format!("reading stream {stream} at {url}: {e}"))?;
+    if let Some(subject) = uncovered(&config.subjects, &info.config.subjects) {
+        return Err(format!(
+            "stream {stream} exists with subjects {:?}, which do not take {subject}; events wait until the \
+             stream's subjects or the bank's --events-prefix / --events-stream are fixed",
+            info.config.subjects
+        ));
+    }
+    if info.config.duplicate_window != Duration::from_millis(config.duplicate_window_ms) {
+        warn!(
+            stream = %stream,
+            window_ms = info.config.duplicate_window.as_millis(),
+            configured_ms = config.duplicate_window_ms,
+            "outbox relay: the existing stream's de-duplication window differs; it applies"
+        );
+    }
+    Ok(())
 }
 
 /// The first of `wanted` that none of the stream's `subjects` takes, if any
@@ -337,30 +335,26 @@ async fn publish(
     (acked, failure)
 }
 
-/// The pause after a failure: doubling, capped, reset by a success.
-struct Backoff {
-    next: Duration,
-    min: Duration,
-    max: Duration,
+/// What the relay does after a failure (counts it, keeps the reason for an
+/// operator, logs it, pauses with the library's backoff) and after a success.
+struct Retry<'a> {
+    backoff: Backoff,
+    stats: &'a RelayStats,
 }
 
-impl Backoff {
-    fn new(config: &RelayConfig) -> Self {
-        let min = Duration::from_millis(config.retry_min_ms);
-        Self { next: min, min, max: Duration::from_millis(config.retry_max_ms) }
+impl Retry<'_> {
+    async fn failed(&mut self, why: String) {
+        let pause = self.backoff.next();
+        self.stats.failures.fetch_add(1, Ordering::Relaxed);
+        self.stats.healthy.store(false, Ordering::Relaxed);
+        warn!(error = %why, retry_in_ms = pause.as_millis(), "outbox relay: events wait");
+        *self.stats.last_error.lock() = Some(why);
+        tokio::time::sleep(pause).await;
     }
 
-    fn reset(&mut self) {
-        self.next = self.min;
-    }
-
-    async fn failed(&mut self, stats: &RelayStats, why: String) {
-        stats.failures.fetch_add(1, Ordering::Relaxed);
-        stats.healthy.store(false, Ordering::Relaxed);
-        warn!(error = %why, retry_in_ms = self.next.as_millis(), "outbox relay: events wait");
-        *stats.last_error.lock() = Some(why);
-        tokio::time::sleep(self.next).await;
-        self.next = (self.next * 2).min(self.max);
+    fn succeeded(&mut self) {
+        self.backoff.reset();
+        self.stats.healthy.store(true, Ordering::Relaxed);
     }
 }
 
