@@ -14,9 +14,11 @@
 //! delivered and not yet acknowledged (the consumer's max_ack_pending); each
 //! account keeps its newest `history_max` events (older ones are dropped, its
 //! balance and counts still include them); the most recent
-//! [`SKIPPED_KEPT_MAX`] malformed messages are kept. The set of applied
-//! event ids grows by one key per event applied: it is what makes
-//! re-delivery harmless.
+//! [`SKIPPED_KEPT_MAX`] malformed messages are kept; the ids of the newest
+//! `applied_ids_max` events applied (by stream sequence) are kept, which is
+//! what makes re-delivery harmless: a message delivered again, or an event
+//! republished past the stream's de-duplication window, is skipped if its
+//! id is among them.
 //!
 //! # Layout
 //! - this file: the `twopc view` commands (`sync`, `accounts`, `history`) and their output.
@@ -50,8 +52,9 @@ pub enum ViewCommand {
         Each fetched batch is applied in one durable write that records the events' ids, and acked only \
         after it: an event is applied once however often it is delivered. Limits: --batch-max messages \
         per fetch, twice that delivered and unacked (the consumer's max_ack_pending), --history-max events \
-        kept per account, the last 10000 malformed messages remembered; the set of applied ids grows by one \
-        key per event. One consumer (--consumer) per view directory.")]
+        kept per account, the last 10000 malformed messages remembered, the ids of the newest \
+        --applied-ids-max events applied (an event delivered again after that many newer ones would be \
+        applied again). One consumer (--consumer) per view directory.")]
     Sync(SyncArgs),
     /// Every account in the view: balance, debits, credits and last event; and the totals.
     #[command(after_help = "Example:\n  twopc view accounts --data data/view")]
@@ -88,6 +91,10 @@ pub struct SyncArgs {
     /// The most events kept in each account's history; older ones are dropped (balances still count them).
     #[arg(long, default_value_t = 1000)]
     pub history_max: u64,
+    /// The most applied event ids remembered (newest kept): an event delivered or republished again after this
+    /// many newer ones would be applied again.
+    #[arg(long, default_value_t = sync::APPLIED_IDS_MAX_DEFAULT)]
+    pub applied_ids_max: u64,
     /// Print JSON instead of a sentence.
     #[arg(long)]
     pub json: bool,
@@ -134,6 +141,7 @@ async fn sync_command(args: SyncArgs) -> anyhow::Result<u8> {
         batch_max: args.batch_max,
         ack_wait_ms: args.ack_wait_ms,
         history_max: args.history_max,
+        applied_ids_max: args.applied_ids_max,
         progress: !args.json,
         exit_after_applied: args.exit_after_applied,
         ..SyncConfig::new(&args.data)

@@ -21,6 +21,12 @@ const EVENT_ID_LEN_MAX: usize = 512;
 
 /// Event id -> the stream sequence it was applied from.
 const APPLIED: TableDefinition<&str, u64> = TableDefinition::new("view_applied");
+/// The same ids by stream sequence, oldest first: the order in which ids are
+/// forgotten past `applied_ids_max`.
+const APPLIED_BY_SEQ: TableDefinition<u64, &str> = TableDefinition::new("view_applied_by_seq");
+/// Ids forgotten per batch beyond the ones the batch adds, so a lowered
+/// `applied_ids_max` is reached over a few batches rather than in one write.
+const FORGET_EXTRA_PER_BATCH: u64 = 4096;
 /// ACCOUNT@BANK -> [`StoredAccount`].
 const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("view_accounts");
 /// (ACCOUNT@BANK, n) -> [`StoredEntry`], n counting up from 0 per account.
@@ -260,7 +266,7 @@ impl ViewStore {
             Err(e) => return Err(e).with_context(|| format!("cannot open the view store {}", dir.display())),
         };
         let init = db.begin_write()?;
-        init.open_table(APPLIED)?;
+        index_applied_ids(&init)?;
         init.open_table(ACCOUNTS)?;
         init.open_table(HISTORY)?;
         init.open_table(SKIPPED)?;
@@ -308,15 +314,17 @@ impl ViewStore {
     /// Applies `batch` in one durable write transaction: each event whose id
     /// is not yet recorded changes its account and is recorded; the rest are
     /// counted as duplicates; malformed messages are recorded as skipped.
-    /// Keeps each account's newest `history_max` events.
+    /// Keeps each account's newest `history_max` events, and the ids of the
+    /// newest `applied_ids_max` events applied (by stream sequence): an event
+    /// delivered again after that many newer ones is applied again.
     ///
     /// To ensure correctness, acknowledge the batch only after this returns
     /// Ok: then a message is never lost, and one delivered again is skipped.
     ///
     /// # Errors
     /// The store fails; nothing of the batch is then applied.
-    pub fn apply(&self, batch: &[Delivered], history_max: u64) -> anyhow::Result<BatchOutcome> {
-        assert!(history_max > 0, "history_max is validated above 0");
+    pub fn apply(&self, batch: &[Delivered], history_max: u64, applied_ids_max: u64) -> anyhow::Result<BatchOutcome> {
+        assert!(history_max > 0 && applied_ids_max > 0, "history_max and applied_ids_max are validated above 0");
         let mut outcome = BatchOutcome::default();
         let mut write = self.db.begin_write()?;
         // Persist before acknowledging (docs/PROTOCOL.md §14): this commit is
@@ -324,6 +332,7 @@ impl ViewStore {
         write.set_durability(Durability::Immediate)?;
         {
             let mut applied = write.open_table(APPLIED)?;
+            let mut applied_by_seq = write.open_table(APPLIED_BY_SEQ)?;
             let mut accounts = write.open_table(ACCOUNTS)?;
             let mut history = write.open_table(HISTORY)?;
             let mut skipped = write.open_table(SKIPPED)?;
@@ -379,7 +388,14 @@ impl ViewStore {
                 }
                 accounts.insert(event.account.as_str(), account.encode_to_vec().as_slice())?;
                 applied.insert(event.id.as_str(), message.stream_seq)?;
+                applied_by_seq.insert(message.stream_seq, event.id.as_str())?;
                 outcome.applied += 1;
+            }
+            let mut forget = outcome.applied + FORGET_EXTRA_PER_BATCH;
+            while forget > 0 && applied_by_seq.len()? > applied_ids_max {
+                let Some((_, id)) = applied_by_seq.pop_first()? else { break };
+                applied.remove(id.value())?;
+                forget -= 1;
             }
             add(&mut counters, APPLIED_TOTAL, outcome.applied)?;
             add(&mut counters, DUPLICATES_TOTAL, outcome.duplicates)?;
@@ -490,6 +506,20 @@ fn change(account: &mut StoredAccount, event: &Event, entry: StoredEntry) -> Res
     Ok(())
 }
 
+/// Opens the applied-id tables, indexing by stream sequence any id applied
+/// by a store made before the index existed, so every id can be forgotten.
+fn index_applied_ids(write: &redb::WriteTransaction) -> anyhow::Result<()> {
+    let applied = write.open_table(APPLIED)?;
+    let mut applied_by_seq = write.open_table(APPLIED_BY_SEQ)?;
+    if applied_by_seq.len()? != applied.len()? {
+        for entry in applied.iter()? {
+            let (id, seq) = entry?;
+            applied_by_seq.insert(seq.value(), id.value())?;
+        }
+    }
+    Ok(())
+}
+
 fn add(counters: &mut redb::Table<'_, &'static str, u64>, name: &str, n: u64) -> Result<(), redb::StorageError> {
     let total = counters.get(name)?.map_or(0, |v| v.value()) + n;
     counters.insert(name, total)?;
@@ -522,8 +552,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = ViewStore::open(dir.path()).unwrap();
         let batch = [credit("e1", "alice", 500, 1), credit("e2", "alice", 250, 2), credit("e1", "alice", 500, 3)];
-        assert_eq!(store.apply(&batch, 10).unwrap(), BatchOutcome { applied: 2, duplicates: 1, skipped: 0 });
-        assert_eq!(store.apply(&batch[..2], 10).unwrap(), BatchOutcome { applied: 0, duplicates: 2, skipped: 0 });
+        assert_eq!(store.apply(&batch, 10, 100).unwrap(), BatchOutcome { applied: 2, duplicates: 1, skipped: 0 });
+        assert_eq!(store.apply(&batch[..2], 10, 100).unwrap(), BatchOutcome { applied: 0, duplicates: 2, skipped: 0 });
         assert_eq!(store.balances().unwrap(), vec![("alice@bank-a".to_owned(), 750)]);
         let totals = store.totals().unwrap();
         assert_eq!((totals.applied, totals.duplicates, totals.balance_minor), (2, 3, 750));
@@ -535,10 +565,37 @@ mod tests {
         let store = ViewStore::open(dir.path()).unwrap();
         let junk = Delivered { stream_seq: 7, published_unix_ms: 0, payload: bytes::Bytes::from_static(b"\xff\xff") };
         let batch = [junk.clone(), credit("e1", "alice", 100, 8)];
-        assert_eq!(store.apply(&batch, 10).unwrap(), BatchOutcome { applied: 1, duplicates: 0, skipped: 1 });
-        assert_eq!(store.apply(&[junk], 10).unwrap(), BatchOutcome { applied: 0, duplicates: 1, skipped: 0 });
+        assert_eq!(store.apply(&batch, 10, 100).unwrap(), BatchOutcome { applied: 1, duplicates: 0, skipped: 1 });
+        assert_eq!(store.apply(&[junk], 10, 100).unwrap(), BatchOutcome { applied: 0, duplicates: 1, skipped: 0 });
         assert_eq!(store.balances().unwrap(), vec![("alice@bank-a".to_owned(), 100)]);
         assert_eq!(store.last_stream_seq().unwrap(), 8);
+    }
+
+    // I6: the applied-id set keeps the newest applied_ids_max ids, oldest forgotten first, and ids
+    // a store applied before the index existed are indexed on open and forgotten in turn.
+    #[test]
+    fn applied_ids_are_bounded_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ViewStore::open(dir.path()).unwrap();
+        // As a store made before the index: an applied id with no index entry.
+        let write = store.db.begin_write().unwrap();
+        write.open_table(APPLIED).unwrap().insert("e0", 0).unwrap();
+        write.delete_table(APPLIED_BY_SEQ).unwrap();
+        write.commit().unwrap();
+        drop(store);
+        let store = ViewStore::open(dir.path()).unwrap();
+
+        let batch: Vec<Delivered> = (1..=4).map(|n| credit(&format!("e{n}"), "alice", 1, n)).collect();
+        assert_eq!(store.apply(&batch, 10, 3).unwrap().applied, 4);
+        let read = store.db.begin_read().unwrap();
+        let kept: Vec<String> =
+            read.open_table(APPLIED_BY_SEQ).unwrap().iter().unwrap().map(|e| e.unwrap().1.value().to_owned()).collect();
+        assert_eq!(kept, ["e2", "e3", "e4"]);
+        assert_eq!(read.open_table(APPLIED).unwrap().len().unwrap(), 3);
+        drop(read);
+        // A forgotten id is applied again; a kept one is still a duplicate.
+        let again = [credit("e1", "alice", 1, 5), credit("e4", "alice", 1, 6)];
+        assert_eq!(store.apply(&again, 10, 3).unwrap(), BatchOutcome { applied: 1, duplicates: 1, skipped: 0 });
     }
 
     #[test]
@@ -546,7 +603,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = ViewStore::open(dir.path()).unwrap();
         let batch: Vec<Delivered> = (1..=5).map(|n| credit(&format!("e{n}"), "alice", 100, n)).collect();
-        store.apply(&batch, 3).unwrap();
+        store.apply(&batch, 3, 100).unwrap();
         let alice: AccountAddress = "alice@bank-a".parse().unwrap();
         let ids: Vec<String> = store.history(&alice, 10).unwrap().into_iter().map(|e| e.id).collect();
         assert_eq!(ids, ["e5", "e4", "e3"]);

@@ -15,6 +15,9 @@ use super::store::{Delivered, ViewStore};
 
 /// The largest `batch_max`.
 pub const BATCH_MAX_LIMIT: usize = 10_000;
+/// The default `applied_ids_max`: some 200 MB of ids (two keys of about 60
+/// bytes each per event) in the view's file.
+pub const APPLIED_IDS_MAX_DEFAULT: u64 = 1_000_000;
 /// How long one pull waits for the next message before asking again.
 const PULL_WAIT: Duration = Duration::from_secs(1);
 /// The longest pause between attempts to reach NATS while following.
@@ -40,6 +43,10 @@ pub struct SyncConfig {
     pub ack_wait_ms: u64,
     /// The most events kept in each account's history. Default: 1000.
     pub history_max: u64,
+    /// The most applied event ids remembered, newest by stream sequence
+    /// kept: an event delivered again after this many newer ones is applied
+    /// again. Default: [`APPLIED_IDS_MAX_DEFAULT`].
+    pub applied_ids_max: u64,
     /// Print a progress line to stderr every few seconds. Default: false.
     pub progress: bool,
     /// Test hook: exit the process with code 9 once this run has applied at
@@ -59,6 +66,7 @@ impl SyncConfig {
             batch_max: 256,
             ack_wait_ms: 30_000,
             history_max: 1000,
+            applied_ids_max: APPLIED_IDS_MAX_DEFAULT,
             progress: false,
             exit_after_applied: None,
         }
@@ -77,6 +85,9 @@ impl SyncConfig {
         }
         if self.history_max == 0 {
             bail!("--history-max must be at least 1");
+        }
+        if self.applied_ids_max == 0 {
+            bail!("--applied-ids-max must be at least 1");
         }
         if self.stream.is_empty() || self.consumer.is_empty() {
             bail!("--stream and --consumer must not be empty");
@@ -153,8 +164,8 @@ pub async fn sync(config: &SyncConfig, follow: bool, shutdown: impl Future<Outpu
             });
         }
         let applier = store.clone();
-        let history_max = config.history_max;
-        let outcome = twopc_proto::host::run_blocking(move || applier.apply(&batch, history_max))
+        let (history_max, applied_ids_max) = (config.history_max, config.applied_ids_max);
+        let outcome = twopc_proto::host::run_blocking(move || applier.apply(&batch, history_max, applied_ids_max))
             .await
             .context("the view's apply task failed")??;
         report.applied += outcome.applied;
