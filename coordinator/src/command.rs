@@ -5,7 +5,7 @@
 //! field keeps its tag forever and decoding never panics on bad bytes.
 
 use prost::Message;
-use twopc_proto::{Decision, ParticipantId, TxnId, Vote};
+use twopc_proto::{Decision, ParticipantId, PayloadDigest, TxnId, Vote};
 
 use crate::error::{Error, Result};
 
@@ -85,6 +85,10 @@ pub struct StagedCmd {
     pub txn_id: TxnId,
     /// Every branch's participant: status recovery asks each for its vote.
     pub participants: Vec<ParticipantId>,
+    /// Each branch's payload digest, in `participants`' order: status
+    /// recovery asks each participant for its vote on exactly that payload
+    /// (docs/PROTOCOL.md §13.3). Empty in entries logged before digests were.
+    pub payload_digests: Vec<PayloadDigest>,
     /// The txn's deadline, Unix milliseconds.
     pub deadline_unix_ms: u64,
 }
@@ -156,6 +160,20 @@ pub(crate) fn txn_id_from_wire(bytes: &[u8]) -> Result<TxnId> {
     let array: [u8; 16] =
         bytes.try_into().map_err(|_| Error::Corrupt(format!("txn id has {} bytes, not 16", bytes.len())))?;
     TxnId::from_bytes(array).map_err(|e| Error::Corrupt(e.to_string()))
+}
+
+/// A Staged txn's payload digests as logged: none (an entry from before
+/// digests), or one of 32 bytes per participant.
+pub(crate) fn digests_from_wire(digests: &[Vec<u8>], participants: usize) -> Result<Vec<PayloadDigest>> {
+    if !digests.is_empty() && digests.len() != participants {
+        return Err(Error::Corrupt(format!("{} payload digests for {participants} participants", digests.len())));
+    }
+    digests
+        .iter()
+        .map(|d| {
+            PayloadDigest::from_slice(d).ok_or_else(|| Error::Corrupt(format!("a {}-byte payload digest", d.len())))
+        })
+        .collect()
 }
 
 /// Decodes a participant name stored in the log.
@@ -239,6 +257,8 @@ pub(crate) mod wire {
         pub participants: Vec<String>,
         #[prost(uint64, tag = "3")]
         pub deadline_unix_ms: u64,
+        #[prost(bytes = "vec", repeated, tag = "4")]
+        pub payload_digests: Vec<Vec<u8>>,
     }
 
     #[derive(Clone, PartialEq, Message)]
@@ -367,6 +387,7 @@ impl From<&Proposal> for wire::Entry {
                         txn_id: st.txn_id.to_bytes().to_vec(),
                         participants: st.participants.iter().map(ToString::to_string).collect(),
                         deadline_unix_ms: st.deadline_unix_ms,
+                        payload_digests: st.payload_digests.iter().map(|d| d.as_bytes().to_vec()).collect(),
                     })
                     .collect(),
             }),
@@ -422,6 +443,7 @@ impl TryFrom<wire::Entry> for Proposal {
                                 .iter()
                                 .map(|p| participant_from_wire(p))
                                 .collect::<Result<_>>()?,
+                            payload_digests: digests_from_wire(&st.payload_digests, st.participants.len())?,
                             deadline_unix_ms: st.deadline_unix_ms,
                         })
                     })
@@ -481,6 +503,7 @@ mod tests {
             Command::Staged(vec![StagedCmd {
                 txn_id: txn,
                 participants: vec![pid("bank-a"), pid("bank-b")],
+                payload_digests: vec![PayloadDigest::of(b"debit"), PayloadDigest::of(b"credit")],
                 deadline_unix_ms: 9,
             }]),
             Command::AbortStaged {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tonic::transport::{Channel, Endpoint};
 use twopc_proto::pb::participant_client::ParticipantClient as PbClient;
-use twopc_proto::{Decision, MAX_MESSAGE_BYTES, ParticipantId, TxnId, Vote, pb};
+use twopc_proto::{Decision, MAX_MESSAGE_BYTES, ParticipantId, PayloadDigest, TxnId, Vote, pb};
 
 use crate::prepare_batch::{PrepareBatching, PrepareQueue};
 
@@ -63,6 +63,7 @@ pub trait ParticipantClient: Send + Sync + 'static {
         &self,
         target: &Target,
         txn_id: TxnId,
+        staged: Option<PayloadDigest>,
         timeout: Duration,
     ) -> impl Future<Output = Result<Vote, CallError>> + Send;
 
@@ -208,11 +209,18 @@ impl ParticipantClient for GrpcParticipants {
         Vote::from_pb(result.vote, &result.reason).map_err(|e| CallError::new(target, e.to_string()))
     }
 
-    async fn recover_vote(&self, target: &Target, txn_id: TxnId, timeout: Duration) -> Result<Vote, CallError> {
+    async fn recover_vote(
+        &self,
+        target: &Target,
+        txn_id: TxnId,
+        staged: Option<PayloadDigest>,
+        timeout: Duration,
+    ) -> Result<Vote, CallError> {
         let mut client = self.client(target)?;
         let mut request = tonic::Request::new(pb::RecoverVoteRequest {
             txn_id: txn_id.to_string(),
             participant: target.participant.to_string(),
+            payload_digest: staged.map(|d| d.as_bytes().to_vec()).unwrap_or_default().into(),
         });
         request.set_timeout(timeout);
         let answer = bounded(target, timeout, client.recover_vote(request)).await?.into_inner();

@@ -7,11 +7,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 
 use prost::Message;
-use twopc_proto::{Decision, ParticipantId, TxnId, Vote};
+use twopc_proto::{Decision, ParticipantId, PayloadDigest, TxnId, Vote};
 
 use crate::command::{
-    Command, DecideCmd, Proposal, decision_from_wire, participant_from_wire, txn_id_from_wire, vote_from_wire,
-    vote_to_wire,
+    Command, DecideCmd, Proposal, StagedCmd, decision_from_wire, digests_from_wire, participant_from_wire,
+    txn_id_from_wire, vote_from_wire, vote_to_wire,
 };
 use crate::error::{Error, Result};
 
@@ -109,6 +109,10 @@ pub struct StagedTxn {
     pub txn_id: TxnId,
     /// Every branch's participant.
     pub participants: Vec<ParticipantId>,
+    /// Each branch's payload digest, in `participants`' order (empty if
+    /// staged by an entry from before digests): what status recovery asks
+    /// each participant's vote on (§13.3).
+    pub payload_digests: Vec<PayloadDigest>,
     /// The txn's deadline, Unix milliseconds.
     pub deadline_unix_ms: u64,
     /// The proposer's clock when the Staged entry was proposed.
@@ -161,6 +165,21 @@ fn page<V>(table: &BTreeMap<TxnId, V>, created_before_unix_ms: u64, after: Optio
 fn same_participants(a: &[ParticipantId], b: &[ParticipantId]) -> bool {
     let (a, b): (BTreeSet<&ParticipantId>, BTreeSet<&ParticipantId>) = (a.iter().collect(), b.iter().collect());
     a == b
+}
+
+/// Whether a Staged entry repeats the staged txn: the same participants,
+/// any order, and, where both carry them, the same payload for each.
+fn same_branches(staged: &StagedTxn, cmd: &StagedCmd) -> bool {
+    if !same_participants(&staged.participants, &cmd.participants) {
+        return false;
+    }
+    if staged.payload_digests.is_empty() || cmd.payload_digests.is_empty() {
+        return true;
+    }
+    let pairs = |participants: &[ParticipantId], digests: &[PayloadDigest]| -> BTreeSet<(ParticipantId, [u8; 32])> {
+        participants.iter().cloned().zip(digests.iter().map(|d| *d.as_bytes())).collect()
+    };
+    pairs(&staged.participants, &staged.payload_digests) == pairs(&cmd.participants, &cmd.payload_digests)
 }
 
 /// The result of applying one entry, handed back to its proposer.
@@ -456,9 +475,7 @@ impl StateMachine {
             Command::AbortStaged { decide, .. } => {
                 Applied::DecideRefused { txn_id: decide.txn_id, refusal: DecideRefusal::Staged }
             }
-            Command::Staged(cmds) => Applied::Many(
-                cmds.iter().map(|c| self.stage(index, now, c.txn_id, &c.participants, c.deadline_unix_ms)).collect(),
-            ),
+            Command::Staged(cmds) => Applied::Many(cmds.iter().map(|c| self.stage(index, now, c)).collect()),
             Command::Acknowledge(acks) => self.acknowledge(now, acks),
             Command::Forget { horizon_unix_ms } => self.forget(*horizon_unix_ms),
             Command::RegisterParticipant { name, addr } => {
@@ -473,14 +490,8 @@ impl StateMachine {
         }
     }
 
-    fn stage(
-        &mut self,
-        index: u64,
-        now: u64,
-        txn_id: TxnId,
-        participants: &[ParticipantId],
-        deadline_unix_ms: u64,
-    ) -> Applied {
+    fn stage(&mut self, index: u64, now: u64, cmd: &StagedCmd) -> Applied {
+        let txn_id = cmd.txn_id;
         let refused = |refusal| Applied::StagedRefused { txn_id, refusal };
         if let Some(record) = self.txns.get(&txn_id) {
             return refused(StagedRefusal::Decided(record.decision));
@@ -490,7 +501,9 @@ impl StateMachine {
         }
         // First writer wins: a repeat (a retried Submit) stages nothing new.
         if let Some(staged) = self.staged.get(&txn_id) {
-            if !same_participants(&staged.participants, participants) {
+            // Another Submit of the id, with other branches or other payloads
+            // (§13.1): its Prepares are not the staged txn's.
+            if !same_branches(staged, cmd) {
                 return refused(StagedRefusal::OtherBranches);
             }
             return Applied::Staged { staged: staged.clone(), first: false };
@@ -504,8 +517,9 @@ impl StateMachine {
         }
         let staged = StagedTxn {
             txn_id,
-            participants: participants.to_vec(),
-            deadline_unix_ms,
+            participants: cmd.participants.clone(),
+            payload_digests: cmd.payload_digests.clone(),
+            deadline_unix_ms: cmd.deadline_unix_ms,
             staged_unix_ms: now,
             staged_log_index: index,
         };
@@ -983,6 +997,8 @@ mod wire {
         pub staged_unix_ms: u64,
         #[prost(uint64, tag = "5")]
         pub staged_log_index: u64,
+        #[prost(bytes = "vec", repeated, tag = "6")]
+        pub payload_digests: Vec<Vec<u8>>,
     }
 
     #[derive(Clone, PartialEq, Message)]
@@ -1090,6 +1106,7 @@ impl From<&StagedTxn> for wire::Staged {
             deadline_unix_ms: s.deadline_unix_ms,
             staged_unix_ms: s.staged_unix_ms,
             staged_log_index: s.staged_log_index,
+            payload_digests: s.payload_digests.iter().map(|d| d.as_bytes().to_vec()).collect(),
         }
     }
 }
@@ -1101,6 +1118,7 @@ impl TryFrom<wire::Staged> for StagedTxn {
         Ok(Self {
             txn_id: txn_id_from_wire(&s.txn_id)?,
             participants: s.participants.iter().map(|p| participant_from_wire(p)).collect::<Result<_>>()?,
+            payload_digests: digests_from_wire(&s.payload_digests, s.participants.len())?,
             deadline_unix_ms: s.deadline_unix_ms,
             staged_unix_ms: s.staged_unix_ms,
             staged_log_index: s.staged_log_index,
@@ -1593,6 +1611,7 @@ mod tests {
             command: Command::Staged(vec![crate::command::StagedCmd {
                 txn_id,
                 participants: vec![pid("a"), pid("b")],
+                payload_digests: vec![PayloadDigest::of(b"a's payload"), PayloadDigest::of(b"b's payload")],
                 deadline_unix_ms: u64::MAX,
             }]),
             proposed_unix_ms: unix_now_ms(),
@@ -1619,6 +1638,39 @@ mod tests {
     // operator's decision, an Abort for a vote that never came, a Commit
     // without every YES and a decision naming other branches are refused and
     // change nothing; an Abort with a NO, or a Commit with every YES, decides it.
+    // §13.1: a Staged entry for a staged txn id with other payloads (another
+    // Submit of the id) is refused; one without digests (logged before them)
+    // or with the same payloads in another order repeats it; the staged
+    // digests survive a snapshot.
+    #[test]
+    fn a_staged_entry_with_other_payloads_is_refused() {
+        let mut sm = StateMachine::default();
+        let txn = TxnId::new();
+        assert!(matches!(stage(&mut sm, 1, txn), Applied::Staged { first: true, .. }));
+        let entry = |participants: Vec<&str>, payloads: Vec<&[u8]>| Proposal {
+            command: Command::Staged(vec![StagedCmd {
+                txn_id: txn,
+                participants: participants.into_iter().map(pid).collect(),
+                payload_digests: payloads.into_iter().map(PayloadDigest::of).collect(),
+                deadline_unix_ms: 9,
+            }]),
+            proposed_unix_ms: 1,
+        };
+        let one = |applied: Applied| match applied {
+            Applied::Many(mut applied) if applied.len() == 1 => applied.remove(0),
+            other => panic!("a one-txn Staged entry was applied as {other:?}"),
+        };
+        let other = entry(vec!["a", "b"], vec![b"a's payload", b"b's other payload"]);
+        let refusal = Applied::StagedRefused { txn_id: txn, refusal: StagedRefusal::OtherBranches };
+        assert_eq!(one(sm.apply(2, &other)), refusal);
+        let reordered = entry(vec!["b", "a"], vec![b"b's payload", b"a's payload"]);
+        assert!(matches!(one(sm.apply(3, &reordered)), Applied::Staged { first: false, .. }));
+        let undigested = entry(vec!["a", "b"], vec![]);
+        assert!(matches!(one(sm.apply(4, &undigested)), Applied::Staged { first: false, .. }));
+        let restored = StateMachine::from_snapshot(&sm.to_snapshot()).expect("decodes");
+        assert_eq!(restored.staged(&txn).map(|s| s.payload_digests.len()), Some(2));
+    }
+
     #[test]
     fn a_staged_txn_is_decided_only_by_its_votes() {
         let mut sm = StateMachine::default();

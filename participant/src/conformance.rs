@@ -337,7 +337,7 @@ where
     engine.recover().await.unwrap_or_else(|e| panic!("{CASE}: loading prepared branches failed: {e}"));
     let recovered = |engine: &Arc<crate::engine::Engine<H::Resource>>, txn| {
         let engine = Arc::clone(engine);
-        async move { engine.recover_vote(txn).await.unwrap_or_else(|e| panic!("{CASE}: RecoverVote failed: {e}")) }
+        async move { engine.recover_vote(txn, None).await.unwrap_or_else(|e| panic!("{CASE}: RecoverVote failed: {e}")) }
     };
     assert_eq!(recovered(&engine, yes).await, Vote::Yes, "{CASE}: the prepared branch's YES was not recovered");
     assert!(!recovered(&engine, no).await.is_yes(), "{CASE}: a NO vote was recovered as YES");

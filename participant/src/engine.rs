@@ -20,7 +20,7 @@ use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, error, info, instrument, warn};
-use twopc_proto::{Decision, TxnId, Vote};
+use twopc_proto::{Decision, PayloadDigest, TxnId, Vote};
 
 use crate::config::ParticipantConfig;
 use crate::error::{Error, Result};
@@ -45,6 +45,11 @@ pub(crate) const NEVER_PREPARED: &str = "never prepared here; a tombstone now re
 /// The NO reason a vote recovery gives for a branch whose prepare failed and
 /// may or may not have staged it (§3.1 step 5): it never voted YES.
 pub(crate) const PREPARE_FAILED: &str = "its prepare failed before voting";
+/// The NO reason a vote recovery gives for a branch prepared here with
+/// another payload than the staged txn's (docs/PROTOCOL.md §13.3): this
+/// participant never voted YES on the staged txn's payload.
+pub(crate) const PREPARED_WITH_ANOTHER_PAYLOAD: &str =
+    "prepared here with another payload than the staged txn's; it never voted YES on that one";
 /// The NO reason given for a Prepare repeated after the txn was aborted.
 pub(crate) const ALREADY_ABORTED: &str = "txn already aborted";
 
@@ -153,7 +158,7 @@ impl<R: Resource> Engine<R> {
         for txn in &txns {
             // After a restart nobody knows which branch was staged for a join:
             // the coordinator's record settles it (§12.3).
-            outcomes.set_unbounded(*txn, Outcome::Prepared { due: now, for_join: false }, now);
+            outcomes.set_unbounded(*txn, Outcome::Prepared { due: now, for_join: false, digest: None }, now);
         }
         if outcomes.len() > self.config.outcome_memory_max {
             warn!(
@@ -252,22 +257,28 @@ impl<R: Resource> Engine<R> {
     /// # Errors
     /// The resource's failure to record the tombstone or abort: the
     /// coordinator asks again, and decides nothing without an answer.
-    pub(crate) async fn recover_vote(self: &Arc<Self>, txn: TxnId) -> Result<Vote> {
+    pub(crate) async fn recover_vote(self: &Arc<Self>, txn: TxnId, staged: Option<PayloadDigest>) -> Result<Vote> {
         let engine = Arc::clone(self);
         let task = tokio::spawn(async move {
             let _txn_lock = engine.stripe(txn).lock().await;
-            engine.recover_vote_locked(txn).await
+            engine.recover_vote_locked(txn, staged).await
         });
         task.await.map_err(|e| Error::Internal(format!("vote recovery task for txn {txn}: {e}")))?
     }
 
     #[instrument(skip_all, fields(txn_id = %txn))]
-    async fn recover_vote_locked(&self, txn: TxnId) -> Result<Vote> {
+    async fn recover_vote_locked(&self, txn: TxnId, staged: Option<PayloadDigest>) -> Result<Vote> {
         let known = self.outcomes.lock().get(txn).cloned();
         let vote = match &known {
             // A branch staged for a join is not the one-shot branch the
             // staged txn names (its Prepare was refused, §12.3).
             Some(Outcome::Prepared { for_join: true, .. }) => Vote::no(PREPARED_FOR_JOIN),
+            // Another Submit's branch under the same id (§13.3): its YES is
+            // not a vote on the staged txn's payload, and that payload can
+            // never be prepared here while this branch holds the id.
+            Some(Outcome::Prepared { digest: Some(held), .. }) if staged.is_some_and(|s| s != *held) => {
+                Vote::no(PREPARED_WITH_ANOTHER_PAYLOAD)
+            }
             Some(
                 known @ (Outcome::Prepared { .. }
                 | Outcome::Committed
@@ -358,6 +369,21 @@ impl<R: Resource> Engine<R> {
             self.metrics.vote(false);
             return Ok(Vote::no(PREPARED_FOR_JOIN));
         }
+        // §3.1: one txn id carries one set of payloads. A repeat with another
+        // payload is refused, not voted on: a NO would let its sender abort a
+        // txn another Submit's Commit may stand on; a YES would join two
+        // Submits' branches in one Commit.
+        let digest = match &staging {
+            Staging::Payload(payload) => Some(PayloadDigest::of(payload)),
+            Staging::Service(_) => None,
+        };
+        if let Some(Outcome::Prepared { digest: Some(held), .. } | Outcome::MaybePrepared { digest: Some(held), .. }) =
+            &known
+            && digest.is_some_and(|d| d != *held)
+        {
+            info!("repeated prepare with another payload refused");
+            return Err(Error::PayloadMismatch { txn });
+        }
         if let Some(vote) = known.as_ref().and_then(recorded_vote) {
             debug!(yes = vote.is_yes(), "repeated prepare answered from memory");
             return Ok(vote);
@@ -402,7 +428,8 @@ impl<R: Resource> Engine<R> {
                 // Forgetting it would leave them until a restart; instead it
                 // stays in doubt and the resolver settles it (docs/PROTOCOL.md §3.3).
                 let now = Instant::now();
-                self.record_prepare_outcome(txn, Outcome::MaybePrepared { due: self.in_doubt_from(now) }, now);
+                let maybe = Outcome::MaybePrepared { due: self.in_doubt_from(now), digest };
+                self.record_prepare_outcome(txn, maybe, now);
                 warn!(error = %e, "resource failed to prepare; the branch may be staged and stays in doubt");
                 return Err(prepare_error(e));
             }
@@ -418,7 +445,7 @@ impl<R: Resource> Engine<R> {
         // vote may be recorded and sent now.
         let now = Instant::now();
         let outcome = match &vote {
-            Vote::Yes => Outcome::Prepared { due: self.in_doubt_from(now), for_join: asker == Asker::Joiner },
+            Vote::Yes => Outcome::Prepared { due: self.in_doubt_from(now), for_join: asker == Asker::Joiner, digest },
             Vote::No { reason } => Outcome::Refused { reason: reason.clone() },
         };
         self.record_prepare_outcome(txn, outcome, now);

@@ -85,6 +85,17 @@ pub enum Error {
         /// What this participant knows of it.
         state: &'static str,
     },
+    /// A repeated Prepare of a txn prepared here with another payload: one
+    /// txn id carries one set of payloads (docs/PROTOCOL.md §3.1). Not a
+    /// vote: the branch staged first stays prepared, and its YES stands.
+    #[error(
+        "txn {txn} is prepared here with another payload; a txn id carries one set of payloads, so submit \
+         other payloads under a new txn id"
+    )]
+    PayloadMismatch {
+        /// The txn.
+        txn: TxnId,
+    },
     /// The coordinator refused the join (`FAILED_PRECONDITION`): the txn is
     /// decided, past its deadline, unknown or forgotten (docs/PROTOCOL.md
     /// §12.3). The status carries `state` in `twopc-txn-state`.
@@ -194,6 +205,7 @@ impl From<Error> for Status {
             | Error::NoTxnContext { .. }
             | Error::VotedNo { .. }
             | Error::BranchExists { .. }
+            | Error::PayloadMismatch { .. }
             | Error::JoinFailed { .. } => Status::failed_precondition(message),
             Error::JoinRefused { state, .. } => {
                 let mut status = Status::failed_precondition(message);
@@ -229,6 +241,7 @@ mod tests {
             (Error::Fatal("corrupt".into()), Code::Internal),
             (Error::VotedNo { txn, reason: "insufficient funds".into() }, Code::FailedPrecondition),
             (Error::BranchExists { txn, state: "prepared" }, Code::FailedPrecondition),
+            (Error::PayloadMismatch { txn }, Code::FailedPrecondition),
             (
                 Error::JoinRefused { txn, state: "TIMED OUT".into(), message: "late".into(), aborted: true },
                 Code::FailedPrecondition,

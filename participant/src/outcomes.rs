@@ -19,7 +19,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use twopc_proto::TxnId;
+use twopc_proto::{PayloadDigest, TxnId};
 
 /// What is known about one txn.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +34,9 @@ pub(crate) enum Outcome {
         /// Staged for a join (§12.3), not for the coordinator's Prepare: a
         /// one-shot Prepare of the same txn must not be answered with its YES.
         for_join: bool,
+        /// The digest of the payload that voted YES; None for a join or
+        /// after a restart (the resource's record does not say).
+        digest: Option<PayloadDigest>,
     },
     /// The resource's `prepare` failed after it may have staged the branch
     /// (a lost reply to `PREPARE TRANSACTION`, a write whose fsync failed):
@@ -43,6 +46,8 @@ pub(crate) enum Outcome {
     MaybePrepared {
         /// When the branch counts as in doubt.
         due: Instant,
+        /// The digest of the payload whose Prepare failed.
+        digest: Option<PayloadDigest>,
     },
     /// Voted NO, with the reason given.
     Refused {
@@ -157,10 +162,12 @@ impl Outcomes {
     /// anything else is left alone.
     pub(crate) fn hasten(&mut self, txn: TxnId, now: Instant) {
         let hastened = match self.get(txn) {
-            Some(Outcome::Prepared { due, for_join }) if *due > now => {
-                Outcome::Prepared { due: now, for_join: *for_join }
+            Some(Outcome::Prepared { due, for_join, digest }) if *due > now => {
+                Outcome::Prepared { due: now, for_join: *for_join, digest: *digest }
             }
-            Some(Outcome::MaybePrepared { due }) if *due > now => Outcome::MaybePrepared { due: now },
+            Some(Outcome::MaybePrepared { due, digest }) if *due > now => {
+                Outcome::MaybePrepared { due: now, digest: *digest }
+            }
             _ => return,
         };
         self.put(txn, hastened, now);
@@ -193,7 +200,7 @@ impl Outcomes {
         let seq = self.next_seq;
         self.next_seq += 1;
         match &outcome {
-            Outcome::Prepared { due, .. } | Outcome::MaybePrepared { due } => {
+            Outcome::Prepared { due, .. } | Outcome::MaybePrepared { due, .. } => {
                 self.in_doubt.insert((*due, txn));
             }
             _ => self.expiry.push_back((now, seq, txn)),
@@ -203,7 +210,7 @@ impl Outcomes {
     }
 
     fn unindex(&mut self, txn: TxnId, outcome: &Outcome) {
-        if let Outcome::Prepared { due, .. } | Outcome::MaybePrepared { due } = outcome {
+        if let Outcome::Prepared { due, .. } | Outcome::MaybePrepared { due, .. } = outcome {
             let removed = self.in_doubt.remove(&(*due, txn));
             assert!(removed, "every prepared entry is indexed by its due time");
         }
@@ -262,7 +269,7 @@ mod tests {
     const RETENTION: Duration = Duration::from_secs(10);
 
     fn prepared(now: Instant) -> Outcome {
-        Outcome::Prepared { due: now, for_join: false }
+        Outcome::Prepared { due: now, for_join: false, digest: None }
     }
 
     // I7: a hastened branch is due at once; a decided one is left alone.
@@ -271,7 +278,10 @@ mod tests {
         let mut memory = Outcomes::new(8, RETENTION);
         let now = Instant::now();
         let (waiting, done) = (TxnId::new(), TxnId::new());
-        assert_eq!(memory.set(waiting, Outcome::Prepared { due: now + RETENTION, for_join: false }, now), Ok(()));
+        assert_eq!(
+            memory.set(waiting, Outcome::Prepared { due: now + RETENTION, for_join: false, digest: None }, now),
+            Ok(())
+        );
         assert_eq!(memory.set(done, Outcome::Committed, now), Ok(()));
         assert!(memory.in_doubt(now, 8, |_| false).is_empty());
         memory.hasten(waiting, now);
@@ -350,7 +360,7 @@ mod tests {
         let start = Instant::now();
         let mut memory = Outcomes::new(10, RETENTION);
         let (first, second, later, done) = (TxnId::new(), TxnId::new(), TxnId::new(), TxnId::new());
-        let due = |ms| Outcome::Prepared { due: start + Duration::from_millis(ms), for_join: false };
+        let due = |ms| Outcome::Prepared { due: start + Duration::from_millis(ms), for_join: false, digest: None };
         assert_eq!(memory.set(second, due(20), start), Ok(()));
         assert_eq!(memory.set(first, due(10), start), Ok(()));
         assert_eq!(memory.set(later, due(1_000), start), Ok(()));
@@ -385,7 +395,7 @@ mod tests {
         let mut memory = Outcomes::new(1, RETENTION);
         let txn = TxnId::new();
         assert_eq!(memory.set(txn, Outcome::Preparing, now), Ok(()));
-        assert_eq!(memory.set(txn, Outcome::MaybePrepared { due: now }, now), Ok(()));
+        assert_eq!(memory.set(txn, Outcome::MaybePrepared { due: now, digest: None }, now), Ok(()));
         assert!(memory.is_in_doubt(txn));
         assert_eq!(memory.in_doubt(now, 10, |_| false), vec![txn]);
         assert_eq!(memory.set(TxnId::new(), Outcome::Tombstone, now + RETENTION * 10), Err(Full));

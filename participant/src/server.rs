@@ -329,7 +329,14 @@ impl<R: Resource> participant_server::Participant for Service<R> {
         self.check_participant(&request.participant)?;
         let txn = Self::txn_id(&request.txn_id)?;
         Span::current().record("txn_id", field::display(txn));
-        let pb = self.engine.recover_vote(txn).await?.to_pb();
+        let staged = match &request.payload_digest[..] {
+            [] => None,
+            bytes => Some(twopc_proto::PayloadDigest::from_slice(bytes).ok_or(Error::Invalid {
+                field: "payload_digest",
+                why: format!("{} bytes; a SHA-256 digest is 32, or empty for none", bytes.len()),
+            })?),
+        };
+        let pb = self.engine.recover_vote(txn, staged).await?.to_pb();
         Ok(Response::new(RecoverVoteResponse { vote: pb.vote, reason: pb.reason }))
     }
 }

@@ -59,13 +59,39 @@ async fn repeated_prepare_returns_the_recorded_vote_without_calling_the_resource
         assert_eq!(vote(&p.prepare(yes, b"ok").await?)?, Vote::Yes);
         assert_eq!(vote(&p.prepare(no, b"no:insufficient funds").await?)?, Vote::no("insufficient funds"));
     }
-    // A repeat with another payload still gets the recorded vote.
-    assert_eq!(vote(&p.prepare(yes, b"no:changed my mind").await?)?, Vote::Yes);
+    // A repeat of a refused branch with another payload gets the recorded NO.
+    assert_eq!(vote(&p.prepare(no, b"ok").await?)?, Vote::no("insufficient funds"));
     assert_eq!(resource.prepare_calls(yes), 1);
     assert_eq!(resource.prepare_calls(no), 1);
     let m = p.metrics.snapshot();
     assert_eq!((m.prepares, m.votes_yes, m.votes_no), (7, 1, 1));
     assert_eq!(m.in_doubt_now, 1);
+    p.stop().await
+}
+
+// §3.1: one txn id carries one set of payloads. A repeated Prepare of a prepared branch with
+// another payload is refused (FAILED_PRECONDITION, not a vote) and changes nothing: the branch
+// stays prepared and its YES stands, for its own payload. Status recovery (§13.3) asking about
+// another payload gets NO, about its own or any payload YES. Before this, the repeat got the
+// recorded YES, which joined two Submits' branches in one Commit.
+#[tokio::test]
+async fn a_repeated_prepare_with_another_payload_is_refused_and_changes_nothing() -> anyhow::Result<()> {
+    let resource = Arc::new(MemoryResource::new());
+    let p = start(Arc::clone(&resource), config(vec![dead_addr().await?])).await?;
+    let txn = TxnId::new();
+    assert_eq!(vote(&p.prepare(txn, b"ok").await?)?, Vote::Yes);
+    let refused =
+        p.prepare(txn, b"ok, but another amount").await.map(|_| ()).map_err(|s| (s.code(), s.message().to_owned()));
+    let Err((code, message)) = refused else { anyhow::bail!("a repeat with another payload got a vote") };
+    assert_eq!(code, tonic::Code::FailedPrecondition);
+    assert!(message.contains("another payload") && message.contains("new txn id"), "{message}");
+    assert_eq!(resource.prepare_calls(txn), 1);
+    assert!(resource.is_prepared(txn));
+    assert_eq!(vote(&p.prepare(txn, b"ok").await?)?, Vote::Yes, "the branch's own payload still gets its YES");
+    assert!(!p.recover_vote(txn, Some(b"ok, but another amount")).await?.is_yes());
+    assert!(resource.is_prepared(txn), "a vote recovery for another payload changed nothing");
+    assert_eq!(p.recover_vote(txn, Some(b"ok")).await?, Vote::Yes);
+    assert_eq!(p.recover_vote(txn, None).await?, Vote::Yes);
     p.stop().await
 }
 

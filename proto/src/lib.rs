@@ -9,6 +9,7 @@
 //! - [`txn_id`]: [`TxnId`], a time-ordered UUIDv7 whose creation time can be read back.
 //! - [`participant_id`]: [`ParticipantId`], a validated participant name.
 //! - [`vote`]: [`Vote`] and [`Decision`], the two answers of the protocol.
+//! - [`payload_digest`]: [`PayloadDigest`], the SHA-256 tying a branch's Prepare to its txn's Submit.
 //! - [`context`]: [`TxnContext`], an interactive txn's id and deadline in the `twopc-txn` metadata entry.
 //! - [`status`]: building and reading gRPC statuses: invalid arguments, leader hints.
 //! - [`clock`]: [`Clock`], the wall clock a node reads (tests step one node's clock).
@@ -27,6 +28,7 @@ pub mod context;
 pub mod host;
 pub mod net;
 pub mod participant_id;
+pub mod payload_digest;
 pub mod status;
 pub mod tls;
 pub mod txn_id;
@@ -35,6 +37,7 @@ pub mod vote;
 pub use clock::Clock;
 pub use context::TxnContext;
 pub use participant_id::ParticipantId;
+pub use payload_digest::PayloadDigest;
 pub use txn_id::TxnId;
 pub use vote::{Decision, Vote};
 

@@ -143,7 +143,13 @@ impl ParticipantClient for GatedParticipants {
         vote
     }
 
-    async fn recover_vote(&self, target: &Target, txn_id: TxnId, timeout: Duration) -> Result<Vote, CallError> {
+    async fn recover_vote(
+        &self,
+        target: &Target,
+        txn_id: TxnId,
+        staged: Option<twopc_proto::PayloadDigest>,
+        timeout: Duration,
+    ) -> Result<Vote, CallError> {
         let (delay, fate) = self.gate.roll();
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -151,7 +157,7 @@ impl ParticipantClient for GatedParticipants {
         if fate == Fate::LoseRequest {
             return Err(lost(target, "vote recovery request"));
         }
-        let vote = self.grpc.recover_vote(target, txn_id, timeout).await;
+        let vote = self.grpc.recover_vote(target, txn_id, staged, timeout).await;
         if fate == Fate::LoseAnswer {
             return Err(lost(target, "vote recovery answer"));
         }

@@ -302,6 +302,8 @@ async fn a_staged_txn_a_bank_never_prepared_is_aborted_and_its_late_prepare_refu
     let staged = Command::Staged(vec![StagedCmd {
         txn_id: txn,
         participants: vec!["bank-a".parse()?, "bank-b".parse()?],
+        // As an entry logged before digests: recovery asks for any payload.
+        payload_digests: Vec::new(),
         deadline_unix_ms: twopc_proto::txn_id::unix_now_ms() + 10_000,
     }]);
     let proposal = Proposal { command: staged, proposed_unix_ms: twopc_proto::txn_id::unix_now_ms() };
@@ -338,16 +340,18 @@ async fn a_submit_of_a_staged_txn_never_prepares_payloads_of_its_own() -> anyhow
     let leader = world.leader().ok_or_else(|| anyhow::anyhow!("no leader"))?;
     let txn = TxnId::new();
     let deadline_unix_ms = twopc_proto::txn_id::unix_now_ms() + 10_000;
+    let address = |bank: &str| format!("{}@{bank}", account(bank).account).parse().expect("an account address");
+    let original = twopc_bank::Transfer::new(address("bank-a"), address("bank-b"), 100)?;
+    let branches = original.submit_branches();
     let staged = Command::Staged(vec![StagedCmd {
         txn_id: txn,
-        participants: vec!["bank-a".parse()?, "bank-b".parse()?],
+        participants: branches.iter().map(|b| b.participant.parse()).collect::<Result<_, _>>()?,
+        payload_digests: branches.iter().map(|b| twopc_proto::PayloadDigest::of(&b.payload)).collect(),
         deadline_unix_ms,
     }]);
     let proposal = Proposal { command: staged, proposed_unix_ms: twopc_proto::txn_id::unix_now_ms() };
     world.cluster.node(leader).propose(&proposal).await?;
-    let address = |bank: &str| format!("{}@{bank}", account(bank).account).parse().expect("an account address");
-    let original = twopc_bank::Transfer::new(address("bank-a"), address("bank-b"), 100)?;
-    let debit = original.submit_branches().into_iter().find(|b| b.participant == "bank-a").expect("a debit");
+    let debit = branches.into_iter().find(|b| b.participant == "bank-a").expect("a debit");
     let mut bank_a = world.teller.bank_participant("bank-a").expect("bank-a");
     let request = twopc_proto::pb::PrepareRequest {
         txn_id: txn.to_string(),
@@ -361,6 +365,101 @@ async fn a_submit_of_a_staged_txn_never_prepares_payloads_of_its_own() -> anyhow
     assert_eq!(outcome, ClientOutcome::Aborted, "T is decided by its own votes, and bank-b has none");
     assert_eq!(branch(&world, 1, txn).await, Some(BranchState::Tombstone), "bank-b staged nothing of the Submit's");
     wait_branch(&world, 0, txn, BranchState::Aborted).await?;
+    assert_invariants_hold(&mut world).await?;
+    world.stop().await;
+    Ok(())
+}
+
+/// §3.1: a Prepare of txn T from a leader that was then deposed reached
+/// bank-a only (a debit of 100), and nothing of T is in the log. The client
+/// retries T on the new leader with other payloads (a transfer of 250).
+/// bank-a must not answer its recorded YES for the debit of 100: with
+/// bank-b staging the credit of 250, the Commit those votes made would mint
+/// 150 (I8; seen before bank-a refused the repeat). It refuses the repeat
+/// instead, so T aborts, and its debit of 100 is released.
+async fn a_retry_with_other_payloads_after_a_lost_leader(protocol: CommitProtocol) -> anyhow::Result<()> {
+    let _scenario = FailScenario::setup();
+    twopc_tests::init_tracing();
+    let config = WorldConfig { commit_protocol: protocol, in_doubt_timeout_ms: 120_000, ..WorldConfig::default() };
+    let mut world = World::start(config).await?;
+    let txn = TxnId::new();
+    let deadline_unix_ms = twopc_proto::txn_id::unix_now_ms() + 10_000;
+    let address = |bank: &str| format!("{}@{bank}", account(bank).account).parse().expect("an account address");
+    let first = twopc_bank::Transfer::new(address("bank-a"), address("bank-b"), 100)?;
+    let debit = first.submit_branches().into_iter().find(|b| b.participant == "bank-a").expect("a debit");
+    let mut bank_a = world.teller.bank_participant("bank-a").expect("bank-a");
+    let request = twopc_proto::pb::PrepareRequest {
+        txn_id: txn.to_string(),
+        participant: "bank-a".into(),
+        payload: debit.payload,
+        deadline_unix_ms,
+    };
+    let vote = bank_a.prepare(request).await?.into_inner();
+    assert_eq!(vote.vote, twopc_proto::pb::VoteKind::Yes as i32, "{vote:?}");
+    let outcome = world.teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 250).await;
+    assert_eq!(outcome, ClientOutcome::Aborted, "bank-a refused the other payload, so T cannot commit");
+    wait_branch(&world, 0, txn, BranchState::Aborted).await?;
+    assert_invariants_hold(&mut world).await?;
+    world.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequential_retry_with_other_payloads_never_mixes_two_transfers() -> anyhow::Result<()> {
+    a_retry_with_other_payloads_after_a_lost_leader(CommitProtocol::Sequential).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parallel_retry_with_other_payloads_never_mixes_two_transfers() -> anyhow::Result<()> {
+    a_retry_with_other_payloads_after_a_lost_leader(CommitProtocol::Parallel).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_recovery_asks_for_the_staged_payloads_and_never_commits_another_submits() -> anyhow::Result<()> {
+    // §13.3: T is staged with the payloads of a transfer of 100, but the
+    // branches the banks hold are another Submit's of the same id: bank-a a
+    // debit of 250, bank-b a credit of 250 (that Submit's Staged entry lost
+    // the race, and its leader died before learning it). Each bank voted YES
+    // on its branch. Recovery must not read those YES votes as votes on the
+    // staged payloads (a Commit would apply a transfer no Staged entry
+    // names): each bank answers NO for the staged digest, and T aborts. A
+    // NO voter is sent no Abort (§11), so each bank's resolver learns it.
+    let _scenario = FailScenario::setup();
+    twopc_tests::init_tracing();
+    let config = WorldConfig { in_doubt_timeout_ms: 1_000, ..WorldConfig::default() };
+    let mut world = World::start(config).await?;
+    let leader = world.leader().ok_or_else(|| anyhow::anyhow!("no leader"))?;
+    let txn = TxnId::new();
+    let deadline_unix_ms = twopc_proto::txn_id::unix_now_ms() + 10_000;
+    let address = |bank: &str| format!("{}@{bank}", account(bank).account).parse().expect("an account address");
+    let staged_transfer = twopc_bank::Transfer::new(address("bank-a"), address("bank-b"), 100)?.submit_branches();
+    for branch in twopc_bank::Transfer::new(address("bank-a"), address("bank-b"), 250)?.submit_branches() {
+        let mut bank = world.teller.bank_participant(&branch.participant).expect("a bank");
+        let request = twopc_proto::pb::PrepareRequest {
+            txn_id: txn.to_string(),
+            participant: branch.participant.clone(),
+            payload: branch.payload,
+            deadline_unix_ms,
+        };
+        let vote = bank.prepare(request).await?.into_inner();
+        assert_eq!(vote.vote, twopc_proto::pb::VoteKind::Yes as i32, "{vote:?}");
+    }
+    let staged = Command::Staged(vec![StagedCmd {
+        txn_id: txn,
+        participants: staged_transfer.iter().map(|b| b.participant.parse()).collect::<Result<_, _>>()?,
+        payload_digests: staged_transfer.iter().map(|b| twopc_proto::PayloadDigest::of(&b.payload)).collect(),
+        deadline_unix_ms,
+    }]);
+    let proposal = Proposal { command: staged, proposed_unix_ms: twopc_proto::txn_id::unix_now_ms() };
+    world.cluster.node(leader).propose(&proposal).await?;
+    let record = wait::until("status recovery to decide the txn", SETTLE, || async {
+        world.cluster.node(leader).local_read(|sm| sm.txn(&txn).cloned())
+    })
+    .await?;
+    assert_eq!(record.decision, Decision::Abort, "{record:?}");
+    wait_branch(&world, 0, txn, BranchState::Aborted).await?;
+    wait_branch(&world, 1, txn, BranchState::Aborted).await?;
+    // The history never had T: any money it moved is minted (I8).
     assert_invariants_hold(&mut world).await?;
     world.stop().await;
     Ok(())

@@ -19,7 +19,7 @@ use futures::stream::FuturesUnordered;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use twopc_proto::{Decision, ParticipantId, TxnId, Vote};
+use twopc_proto::{Decision, ParticipantId, PayloadDigest, TxnId, Vote};
 
 use super::{
     Driver, Engine, InflightGuard, Joined, begun_not_submit, decided, forgotten, other_branches,
@@ -46,8 +46,12 @@ impl<P: ParticipantClient> Engine<P> {
     ) -> Result<TxnRecord> {
         let txn_id = request.txn_id;
         let participants: Vec<ParticipantId> = targets.iter().map(|(t, _)| t.participant.clone()).collect();
-        let staged =
-            StagedCmd { txn_id, participants: participants.clone(), deadline_unix_ms: request.deadline_unix_ms };
+        let staged = StagedCmd {
+            txn_id,
+            participants: participants.clone(),
+            payload_digests: targets.iter().map(|(_, payload)| PayloadDigest::of(payload)).collect(),
+            deadline_unix_ms: request.deadline_unix_ms,
+        };
         // Proposed at once, in a task of its own: the Staged entry's durable
         // round runs while the participants' do.
         let engine = self.clone();
@@ -151,7 +155,10 @@ impl<P: ParticipantClient> Engine<P> {
             StagedRefusal::OtherBranches => {
                 let known = self.inner.node.local_read(|sm| sm.staged(&txn_id).map(|s| s.participants.clone()));
                 Err(other_branches(txn_id, &known.unwrap_or_default(), participants).unwrap_or_else(|| {
-                    Error::FailedPrecondition(format!("txn {txn_id} is staged with other branches"))
+                    Error::FailedPrecondition(format!(
+                        "txn {txn_id} is staged with other payloads; a txn id carries one set of payloads, \
+                         so submit these under a new txn id"
+                    ))
                 }))
             }
             StagedRefusal::Begun => Err(begun_not_submit(txn_id)),
@@ -200,10 +207,12 @@ impl<P: ParticipantClient> Engine<P> {
             return Err(Error::Retryable(format!("txn {txn_id} is neither staged nor decided here; ask again")));
         };
         let timeout = Duration::from_millis(self.inner.config.prepare_timeout_ms);
+        let digests = staged.payload_digests.iter().copied().map(Some).chain(std::iter::repeat(None));
         let mut asks: FuturesUnordered<_> = staged
             .participants
             .iter()
-            .map(|participant| {
+            .zip(digests)
+            .map(|(participant, digest)| {
                 let client = self.inner.client.clone();
                 let addr = self.inner.node.local_read(|sm| sm.participant_addr(participant).map(str::to_owned));
                 let participant = participant.clone();
@@ -214,7 +223,7 @@ impl<P: ParticipantClient> Engine<P> {
                         return (participant, Err(why));
                     };
                     let target = Target { participant: participant.clone(), addr };
-                    let vote = client.recover_vote(&target, txn_id, timeout).await.map_err(|e| e.to_string());
+                    let vote = client.recover_vote(&target, txn_id, digest, timeout).await.map_err(|e| e.to_string());
                     (participant, vote)
                 }
             })

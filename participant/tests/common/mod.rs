@@ -101,6 +101,20 @@ impl Running {
         self.client.clone().decide(request).await.map(|_| ())
     }
 
+    /// One RecoverVote call: the vote on the payload with `digest` (None: any).
+    pub async fn recover_vote(&self, txn: TxnId, digest: Option<&[u8]>) -> anyhow::Result<Vote> {
+        let request = twopc_proto::pb::RecoverVoteRequest {
+            txn_id: txn.to_string(),
+            participant: ID.into(),
+            payload_digest: digest
+                .map(|d| twopc_proto::PayloadDigest::of(d).as_bytes().to_vec())
+                .unwrap_or_default()
+                .into(),
+        };
+        let answer = self.client.clone().recover_vote(request).await?.into_inner();
+        Ok(Vote::from_pb(answer.vote, &answer.reason)?)
+    }
+
     /// One DecideBatch call addressed to this participant: the per-decision results.
     pub async fn decide_batch(&self, decisions: &[(String, i32)]) -> Result<Vec<DecisionResult>, tonic::Status> {
         let decisions = decisions

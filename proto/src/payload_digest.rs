@@ -1,0 +1,56 @@
+//! [`PayloadDigest`]: what ties a branch's Prepare to the txn's Submit.
+//!
+//! One txn id carries one set of payloads (docs/PROTOCOL.md §3.1, §13.1). A
+//! participant keeps the digest of the payload it voted YES on and refuses
+//! a repeated Prepare of the txn with another payload; a Staged entry logs
+//! each branch's digest, and status recovery asks each participant for its
+//! vote on exactly that payload. So a Commit never joins branches of two
+//! Submits that reused one id with different payloads.
+
+use sha2::{Digest as _, Sha256};
+
+/// SHA-256 of one branch's Prepare payload.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PayloadDigest([u8; 32]);
+
+impl PayloadDigest {
+    /// The digest of `payload`.
+    pub fn of(payload: &[u8]) -> Self {
+        Self(Sha256::digest(payload).into())
+    }
+
+    /// The digest's 32 bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// From its bytes on the wire or in the log: `None` for anything but 32
+    /// bytes (an empty field means "no digest").
+    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+        <[u8; 32]>::try_from(bytes).ok().map(Self)
+    }
+}
+
+impl std::fmt::Debug for PayloadDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for byte in &self.0[..8] {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn equal_payloads_have_equal_digests_and_only_32_bytes_decode() {
+        assert_eq!(PayloadDigest::of(b"debit 100"), PayloadDigest::of(b"debit 100"));
+        assert_ne!(PayloadDigest::of(b"debit 100"), PayloadDigest::of(b"debit 250"));
+        let digest = PayloadDigest::of(b"x");
+        assert_eq!(PayloadDigest::from_slice(digest.as_bytes()), Some(digest));
+        assert_eq!(PayloadDigest::from_slice(&[]), None);
+        assert_eq!(PayloadDigest::from_slice(&[0; 31]), None);
+    }
+}
