@@ -197,10 +197,8 @@ async fn operator_step(teller: &Teller, client: &ClusterClient, rng: &mut StdRng
 /// txns running now, and fresh ones; Resolve and Submit for ids from the far
 /// future and for malformed ids (both must be refused with
 /// `INVALID_ARGUMENT`); Submits of finished txns again with another
-/// branch set (refused, or answered with the logged decision); Submits of
-/// running txns again with the same banks and another amount (one id, two
-/// sets of payloads: refused, or answered with the txn's own outcome, never
-/// a Commit joining branches of both, §3.1); and RecoverVote at banks.
+/// branch set (refused, or answered with the logged decision); and
+/// RecoverVote at banks, some with a digest no branch has.
 async fn stray_step(
     teller: &Teller,
     client: &ClusterClient,
@@ -210,9 +208,8 @@ async fn stray_step(
     tally: &mut Tally,
 ) {
     let history = teller.history();
-    match rng.random_range(0..14) {
+    match rng.random_range(0..13) {
         12 => recover_vote(teller, tally, rng).await,
-        13 => resubmit_running_with_other_payloads(teller, client, tally, rng).await,
         0..=2 => {
             if let Some(old) = history.choose(rng) {
                 resolve(teller, client, tally, "resolve old", old.txn_id).await;
@@ -264,33 +261,6 @@ async fn stray_step(
                 teller.heard(txn.txn_id, Hearer::Retrier, told);
             }
         }
-    }
-}
-
-/// A Submit of a running txn's id with the same banks and another amount:
-/// a client that retries with other payloads (docs/PROTOCOL.md §3.1). Sent
-/// to whichever node leads, which may not be the txn's own leader. Nothing
-/// is added to the history: if its payloads were ever committed, or
-/// committed beside the txn's own, the checker finds money moved that no
-/// transfer accounts for (I8).
-async fn resubmit_running_with_other_payloads(
-    teller: &Teller,
-    client: &ClusterClient,
-    tally: &mut Tally,
-    rng: &mut StdRng,
-) {
-    let Some((txn_id, movement)) = teller.running().choose(rng).cloned() else { return };
-    let amount_minor = movement.amount_minor + rng.random_range(1..=50);
-    let Ok(transfer) = Transfer::new(address(&movement.from), address(&movement.to), amount_minor) else { return };
-    let request = pb::SubmitRequest {
-        txn_id: txn_id.to_string(),
-        branches: transfer.submit_branches(),
-        deadline_unix_ms: unix_now_ms() + teller.deadline_ms(),
-    };
-    let answer = submit_call(client, request).await;
-    tally.note("submit a running txn again with other payloads", &answer);
-    if let Some(told) = answer.ok().and_then(|r| decision_of(r.decision)) {
-        teller.heard(txn_id, Hearer::Retrier, told);
     }
 }
 
