@@ -277,6 +277,9 @@ impl<R: Resource> Engine<R> {
             // not a vote on the staged txn's payload, and that payload can
             // never be prepared here while this branch holds the id.
             Some(Outcome::Prepared { digest: Some(held), .. }) if staged.is_some_and(|s| s != *held) => {
+                // A NO voter is sent no Abort (§11): its resolver asks now
+                // rather than after the in-doubt timeout.
+                self.outcomes.lock().hasten(txn, Instant::now());
                 Vote::no(PREPARED_WITH_ANOTHER_PAYLOAD)
             }
             Some(

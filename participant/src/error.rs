@@ -89,8 +89,8 @@ pub enum Error {
     /// txn id carries one set of payloads (docs/PROTOCOL.md §3.1). Not a
     /// vote: the branch staged first stays prepared, and its YES stands.
     #[error(
-        "txn {txn} is prepared here with another payload; a txn id carries one set of payloads, so submit \
-         other payloads under a new txn id"
+        "txn {txn} {}; a txn id carries one set of payloads, so submit other payloads under a new txn id",
+        twopc_proto::payload_digest::PREPARED_WITH_ANOTHER_PAYLOAD
     )]
     PayloadMismatch {
         /// The txn.

@@ -9,8 +9,13 @@
 
 use sha2::{Digest as _, Sha256};
 
+/// Words in the `FAILED_PRECONDITION` a participant answers to a repeated
+/// Prepare with another payload, by which the coordinator knows a Submit met
+/// another Submit's branch of the same id (docs/PROTOCOL.md §3.1).
+pub const PREPARED_WITH_ANOTHER_PAYLOAD: &str = "is prepared here with another payload";
+
 /// SHA-256 of one branch's Prepare payload.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PayloadDigest([u8; 32]);
 
 impl PayloadDigest {

@@ -343,10 +343,12 @@ async fn a_submit_of_a_staged_txn_never_prepares_payloads_of_its_own() -> anyhow
     let address = |bank: &str| format!("{}@{bank}", account(bank).account).parse().expect("an account address");
     let original = twopc_bank::Transfer::new(address("bank-a"), address("bank-b"), 100)?;
     let branches = original.submit_branches();
+    // As an entry logged before digests (with them, the Submit is refused
+    // outright: `a_submit_with_other_payloads_than_the_staged_ones_is_refused`).
     let staged = Command::Staged(vec![StagedCmd {
         txn_id: txn,
         participants: branches.iter().map(|b| b.participant.parse()).collect::<Result<_, _>>()?,
-        payload_digests: branches.iter().map(|b| twopc_proto::PayloadDigest::of(&b.payload)).collect(),
+        payload_digests: Vec::new(),
         deadline_unix_ms,
     }]);
     let proposal = Proposal { command: staged, proposed_unix_ms: twopc_proto::txn_id::unix_now_ms() };
@@ -412,6 +414,36 @@ async fn a_sequential_retry_with_other_payloads_never_mixes_two_transfers() -> a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parallel_retry_with_other_payloads_never_mixes_two_transfers() -> anyhow::Result<()> {
     a_retry_with_other_payloads_after_a_lost_leader(CommitProtocol::Parallel).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_with_other_payloads_than_the_staged_ones_is_refused() -> anyhow::Result<()> {
+    // §13.1: T is staged with the payloads of a transfer of 100. A Submit of
+    // T with a transfer of 250 is refused before it prepares anything (its
+    // outcome would be the staged txn's, not its own), and T is left to
+    // status recovery.
+    let _scenario = FailScenario::setup();
+    twopc_tests::init_tracing();
+    let config = WorldConfig { begun_scan_interval_ms: 120_000, ..WorldConfig::default() };
+    let mut world = World::start(config).await?;
+    let leader = world.leader().ok_or_else(|| anyhow::anyhow!("no leader"))?;
+    let txn = TxnId::new();
+    let address = |bank: &str| format!("{}@{bank}", account(bank).account).parse().expect("an account address");
+    let branches = twopc_bank::Transfer::new(address("bank-a"), address("bank-b"), 100)?.submit_branches();
+    let staged = Command::Staged(vec![StagedCmd {
+        txn_id: txn,
+        participants: branches.iter().map(|b| b.participant.parse()).collect::<Result<_, _>>()?,
+        payload_digests: branches.iter().map(|b| twopc_proto::PayloadDigest::of(&b.payload)).collect(),
+        deadline_unix_ms: twopc_proto::txn_id::unix_now_ms() + 10_000,
+    }]);
+    let proposal = Proposal { command: staged, proposed_unix_ms: twopc_proto::txn_id::unix_now_ms() };
+    world.cluster.node(leader).propose(&proposal).await?;
+    let outcome = world.teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 250).await;
+    assert_eq!(outcome, ClientOutcome::Unknown, "refused (FAILED_PRECONDITION), never told T's outcome");
+    assert_eq!(branch(&world, 0, txn).await, None, "bank-a was sent nothing");
+    assert_eq!(branch(&world, 1, txn).await, None, "bank-b was sent nothing");
+    world.stop().await;
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

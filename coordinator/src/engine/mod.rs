@@ -18,8 +18,8 @@ mod interactive;
 mod parallel;
 mod request;
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -30,7 +30,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument as _;
-use twopc_proto::{Decision, ParticipantId, TxnId, Vote};
+use twopc_proto::{Decision, ParticipantId, PayloadDigest, TxnId, Vote};
 
 use crate::command::{Command, DecideCmd, Proposal};
 use crate::config::{CommitProtocol, EngineConfig};
@@ -326,6 +326,31 @@ fn other_branches(txn_id: TxnId, known: &[ParticipantId], asked: &[ParticipantId
     })
 }
 
+/// The refusal of a Submit whose payloads are not the staged txn's (§3.1,
+/// §13.1): another Submit of the id staged it, and the staged txn's outcome
+/// is not this call's. None for the same payloads, or a Staged entry logged
+/// before digests.
+fn other_payloads(staged: &crate::state_machine::StagedTxn, asked: &[(ParticipantId, bytes::Bytes)]) -> Option<Error> {
+    if staged.payload_digests.is_empty() {
+        return None;
+    }
+    let staged_pairs: BTreeSet<(&ParticipantId, &PayloadDigest)> =
+        staged.participants.iter().zip(&staged.payload_digests).collect();
+    let asked_digests: Vec<(ParticipantId, PayloadDigest)> =
+        asked.iter().map(|(p, payload)| (p.clone(), PayloadDigest::of(payload))).collect();
+    let asked_pairs: BTreeSet<(&ParticipantId, &PayloadDigest)> = asked_digests.iter().map(|(p, d)| (p, d)).collect();
+    (staged_pairs != asked_pairs).then(|| other_submit(staged.txn_id))
+}
+
+/// The answer to a Submit whose payloads cannot be the ones its txn id
+/// commits: another Submit of the id holds it (§3.1).
+pub(super) fn other_submit(txn_id: TxnId) -> Error {
+    Error::FailedPrecondition(format!(
+        "txn {txn_id} belongs to another Submit of the same id with other payloads; its outcome is not this \
+         call's: retry with the same payloads, or submit these under a new txn id"
+    ))
+}
+
 /// The 2PC driver of one coordinator node. Cheap to clone.
 pub struct Engine<P> {
     inner: Arc<Inner<P>>,
@@ -475,6 +500,9 @@ impl<P: ParticipantClient> Engine<P> {
             if let Some(err) = other_branches(txn_id, &staged.participants, &asked) {
                 return Err(err);
             }
+            if let Some(err) = other_payloads(staged, &request.branches) {
+                return Err(err);
+            }
             return self.recover_staged(staged).await;
         }
         self.check_new_txn_id(txn_id, forgotten)?;
@@ -589,7 +617,7 @@ impl<P: ParticipantClient> Engine<P> {
     ) -> Result<TxnRecord> {
         let txn_id = request.txn_id;
         let started = Instant::now();
-        let (votes, abort_reason) = self.prepare_all(request, &targets).await;
+        let (votes, abort_reason, met_other_submit) = self.prepare_all(request, &targets).await;
         self.inner.phases.prepare.record(started.elapsed());
         let mut decision = if abort_reason.is_none() { Decision::Commit } else { Decision::Abort };
         if failpoint::fired(failpoint::PREPARE_IGNORE_VOTES, || txn_id.to_string()) {
@@ -610,21 +638,28 @@ impl<P: ParticipantClient> Engine<P> {
             self.inner.metrics.committed.fetch_add(1, Ordering::Relaxed);
         }
         self.deliver(&record);
+        // A participant holds another Submit's branch: a Commit in the log
+        // is that Submit's, never this one's payloads (§3.1).
+        if met_other_submit && record.decision == Decision::Commit {
+            return Err(other_submit(txn_id));
+        }
         Ok(record)
     }
 
     /// Sends Prepare to every branch in parallel; stops at the first refusal.
-    /// Returns the votes received and, if the txn must abort, why.
+    /// Returns the votes received, if the txn must abort why, and whether a
+    /// participant refused the Prepare for holding another Submit's branch of
+    /// the id (then no Commit of the id is this Submit's, §3.1).
     async fn prepare_all(
         &self,
         request: &SubmitRequest,
         targets: &[(Target, bytes::Bytes)],
-    ) -> (HashMap<ParticipantId, Vote>, Option<String>) {
+    ) -> (HashMap<ParticipantId, Vote>, Option<String>, bool) {
         let mut votes = HashMap::new();
         let remaining_ms = request.deadline_unix_ms.saturating_sub(self.now_ms());
         if remaining_ms == 0 {
             self.inner.metrics.aborted_deadline.fetch_add(1, Ordering::Relaxed);
-            return (votes, Some("the deadline passed before prepare".into()));
+            return (votes, Some("the deadline passed before prepare".into()), false);
         }
         let timeout = Duration::from_millis(remaining_ms.min(self.inner.config.prepare_timeout_ms));
         let mut pending: FuturesUnordered<_> = targets
@@ -639,7 +674,7 @@ impl<P: ParticipantClient> Engine<P> {
                 }
             })
             .collect();
-        let mut abort_reason = None;
+        let (mut abort_reason, mut met_other_submit) = (None, false);
         while let Some((participant, answer)) = pending.next().await {
             match answer {
                 Ok(Vote::Yes) => {
@@ -659,6 +694,7 @@ impl<P: ParticipantClient> Engine<P> {
                         &self.inner.metrics.aborted_no_answer
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
+                    met_other_submit = err.message.contains(twopc_proto::payload_digest::PREPARED_WITH_ANOTHER_PAYLOAD);
                     abort_reason = Some(format!("{participant} did not vote: {}", err.message));
                     break;
                 }
@@ -670,7 +706,7 @@ impl<P: ParticipantClient> Engine<P> {
             // server close the whole connection (rapid-reset protection).
             tokio::spawn(async move { while pending.next().await.is_some() {} });
         }
-        (votes, abort_reason)
+        (votes, abort_reason, met_other_submit)
     }
 
     /// Proposes a decision and returns the record the log holds afterwards.

@@ -62,7 +62,7 @@ impl<P: ParticipantClient> Engine<P> {
             applied
         });
         let started = Instant::now();
-        let (votes, abort_reason) = self.prepare_all(request, &targets).await;
+        let (votes, abort_reason, met_other_submit) = self.prepare_all(request, &targets).await;
         self.inner.phases.prepare.record(started.elapsed());
         let branches: Vec<(ParticipantId, Option<Vote>)> =
             participants.iter().map(|p| (p.clone(), votes.get(p).cloned())).collect();
@@ -86,6 +86,11 @@ impl<P: ParticipantClient> Engine<P> {
             };
             let record = self.or_recover(txn_id, aborted).await?;
             self.deliver(&record);
+            // A participant holds another Submit's branch: a Commit in the
+            // log is that Submit's, never this one's payloads (§3.1).
+            if met_other_submit && record.decision == Decision::Commit {
+                return Err(super::other_submit(txn_id));
+            }
             return Ok(record);
         }
         let commit = DecideCmd { txn_id, decision: Decision::Commit, reason: String::new(), branches };
