@@ -425,7 +425,7 @@ async fn a_submit_with_other_payloads_than_the_staged_ones_is_refused() -> anyho
     let _scenario = FailScenario::setup();
     twopc_tests::init_tracing();
     let config = WorldConfig { begun_scan_interval_ms: 120_000, ..WorldConfig::default() };
-    let mut world = World::start(config).await?;
+    let world = World::start(config).await?;
     let leader = world.leader().ok_or_else(|| anyhow::anyhow!("no leader"))?;
     let txn = TxnId::new();
     let address = |bank: &str| format!("{}@{bank}", account(bank).account).parse().expect("an account address");
