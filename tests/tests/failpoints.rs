@@ -289,6 +289,54 @@ async fn a_status_recovery_that_stops_before_deciding_is_redone_with_the_same_ou
     Ok(())
 }
 
+/// The branches of a transfer of `amount_minor` from bank-a's to bank-b's account.
+fn transfer_branches(amount_minor: i64) -> anyhow::Result<Vec<twopc_proto::pb::Branch>> {
+    let address = |bank: &str| format!("{}@{bank}", account(bank).account).parse().expect("an account address");
+    Ok(twopc_bank::Transfer::new(address("bank-a"), address("bank-b"), amount_minor)?.submit_branches())
+}
+
+/// Logs a Staged entry for `txn` on node `leader` naming `branches`, with
+/// their payload digests or, as an entry logged before digests, none.
+async fn stage(
+    world: &World,
+    leader: u64,
+    txn: TxnId,
+    branches: &[twopc_proto::pb::Branch],
+    digests: bool,
+    deadline_unix_ms: u64,
+) -> anyhow::Result<()> {
+    let payload_digests = branches.iter().map(|b| twopc_proto::PayloadDigest::of(&b.payload));
+    let staged = Command::Staged(vec![StagedCmd {
+        txn_id: txn,
+        participants: branches.iter().map(|b| b.participant.parse()).collect::<Result<_, _>>()?,
+        payload_digests: if digests { payload_digests.collect() } else { Vec::new() },
+        deadline_unix_ms,
+    }]);
+    let proposal = Proposal { command: staged, proposed_unix_ms: twopc_proto::txn_id::unix_now_ms() };
+    world.cluster.node(leader).propose(&proposal).await?;
+    Ok(())
+}
+
+/// Prepares `branch` of `txn` at its bank, as a leader that is then lost
+/// would have, and checks it voted YES.
+async fn prepare_directly(
+    world: &World,
+    txn: TxnId,
+    branch: twopc_proto::pb::Branch,
+    deadline_unix_ms: u64,
+) -> anyhow::Result<()> {
+    let mut bank = world.teller.bank_participant(&branch.participant).expect("a bank");
+    let request = twopc_proto::pb::PrepareRequest {
+        txn_id: txn.to_string(),
+        participant: branch.participant,
+        payload: branch.payload,
+        deadline_unix_ms,
+    };
+    let vote = bank.prepare(request).await?.into_inner();
+    anyhow::ensure!(vote.vote == twopc_proto::pb::VoteKind::Yes as i32, "{vote:?}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_staged_txn_a_bank_never_prepared_is_aborted_and_its_late_prepare_refused() -> anyhow::Result<()> {
     // §13.3: a Staged entry whose Prepares never arrived (its leader died at
@@ -299,15 +347,9 @@ async fn a_staged_txn_a_bank_never_prepared_is_aborted_and_its_late_prepare_refu
     let mut world = world(120_000).await?;
     let leader = world.leader().ok_or_else(|| anyhow::anyhow!("no leader"))?;
     let txn = TxnId::new();
-    let staged = Command::Staged(vec![StagedCmd {
-        txn_id: txn,
-        participants: vec!["bank-a".parse()?, "bank-b".parse()?],
-        // As an entry logged before digests: recovery asks for any payload.
-        payload_digests: Vec::new(),
-        deadline_unix_ms: twopc_proto::txn_id::unix_now_ms() + 10_000,
-    }]);
-    let proposal = Proposal { command: staged, proposed_unix_ms: twopc_proto::txn_id::unix_now_ms() };
-    world.cluster.node(leader).propose(&proposal).await?;
+    // As an entry logged before digests: recovery asks for any payload.
+    let deadline_unix_ms = twopc_proto::txn_id::unix_now_ms() + 10_000;
+    stage(&world, leader, txn, &transfer_branches(100)?, false, deadline_unix_ms).await?;
     let record = wait::until("status recovery to decide the txn", SETTLE, || async {
         world.cluster.node(leader).local_read(|sm| sm.txn(&txn).cloned())
     })
@@ -340,29 +382,12 @@ async fn a_submit_of_a_staged_txn_never_prepares_payloads_of_its_own() -> anyhow
     let leader = world.leader().ok_or_else(|| anyhow::anyhow!("no leader"))?;
     let txn = TxnId::new();
     let deadline_unix_ms = twopc_proto::txn_id::unix_now_ms() + 10_000;
-    let address = |bank: &str| format!("{}@{bank}", account(bank).account).parse().expect("an account address");
-    let original = twopc_bank::Transfer::new(address("bank-a"), address("bank-b"), 100)?;
-    let branches = original.submit_branches();
+    let branches = transfer_branches(100)?;
     // As an entry logged before digests (with them, the Submit is refused
     // outright: `a_submit_with_other_payloads_than_the_staged_ones_is_refused`).
-    let staged = Command::Staged(vec![StagedCmd {
-        txn_id: txn,
-        participants: branches.iter().map(|b| b.participant.parse()).collect::<Result<_, _>>()?,
-        payload_digests: Vec::new(),
-        deadline_unix_ms,
-    }]);
-    let proposal = Proposal { command: staged, proposed_unix_ms: twopc_proto::txn_id::unix_now_ms() };
-    world.cluster.node(leader).propose(&proposal).await?;
+    stage(&world, leader, txn, &branches, false, deadline_unix_ms).await?;
     let debit = branches.into_iter().find(|b| b.participant == "bank-a").expect("a debit");
-    let mut bank_a = world.teller.bank_participant("bank-a").expect("bank-a");
-    let request = twopc_proto::pb::PrepareRequest {
-        txn_id: txn.to_string(),
-        participant: "bank-a".into(),
-        payload: debit.payload,
-        deadline_unix_ms,
-    };
-    let vote = bank_a.prepare(request).await?.into_inner();
-    assert_eq!(vote.vote, twopc_proto::pb::VoteKind::Yes as i32, "{vote:?}");
+    prepare_directly(&world, txn, debit, deadline_unix_ms).await?;
     let outcome = world.teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 250).await;
     assert_eq!(outcome, ClientOutcome::Aborted, "T is decided by its own votes, and bank-b has none");
     assert_eq!(branch(&world, 1, txn).await, Some(BranchState::Tombstone), "bank-b staged nothing of the Submit's");
@@ -386,18 +411,8 @@ async fn a_retry_with_other_payloads_after_a_lost_leader(protocol: CommitProtoco
     let mut world = World::start(config).await?;
     let txn = TxnId::new();
     let deadline_unix_ms = twopc_proto::txn_id::unix_now_ms() + 10_000;
-    let address = |bank: &str| format!("{}@{bank}", account(bank).account).parse().expect("an account address");
-    let first = twopc_bank::Transfer::new(address("bank-a"), address("bank-b"), 100)?;
-    let debit = first.submit_branches().into_iter().find(|b| b.participant == "bank-a").expect("a debit");
-    let mut bank_a = world.teller.bank_participant("bank-a").expect("bank-a");
-    let request = twopc_proto::pb::PrepareRequest {
-        txn_id: txn.to_string(),
-        participant: "bank-a".into(),
-        payload: debit.payload,
-        deadline_unix_ms,
-    };
-    let vote = bank_a.prepare(request).await?.into_inner();
-    assert_eq!(vote.vote, twopc_proto::pb::VoteKind::Yes as i32, "{vote:?}");
+    let debit = transfer_branches(100)?.into_iter().find(|b| b.participant == "bank-a").expect("a debit");
+    prepare_directly(&world, txn, debit, deadline_unix_ms).await?;
     let outcome = world.teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 250).await;
     assert_eq!(outcome, ClientOutcome::Aborted, "bank-a refused the other payload, so T cannot commit");
     wait_branch(&world, 0, txn, BranchState::Aborted).await?;
@@ -428,16 +443,8 @@ async fn a_submit_with_other_payloads_than_the_staged_ones_is_refused() -> anyho
     let world = World::start(config).await?;
     let leader = world.leader().ok_or_else(|| anyhow::anyhow!("no leader"))?;
     let txn = TxnId::new();
-    let address = |bank: &str| format!("{}@{bank}", account(bank).account).parse().expect("an account address");
-    let branches = twopc_bank::Transfer::new(address("bank-a"), address("bank-b"), 100)?.submit_branches();
-    let staged = Command::Staged(vec![StagedCmd {
-        txn_id: txn,
-        participants: branches.iter().map(|b| b.participant.parse()).collect::<Result<_, _>>()?,
-        payload_digests: branches.iter().map(|b| twopc_proto::PayloadDigest::of(&b.payload)).collect(),
-        deadline_unix_ms: twopc_proto::txn_id::unix_now_ms() + 10_000,
-    }]);
-    let proposal = Proposal { command: staged, proposed_unix_ms: twopc_proto::txn_id::unix_now_ms() };
-    world.cluster.node(leader).propose(&proposal).await?;
+    let deadline_unix_ms = twopc_proto::txn_id::unix_now_ms() + 10_000;
+    stage(&world, leader, txn, &transfer_branches(100)?, true, deadline_unix_ms).await?;
     let outcome = world.teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 250).await;
     assert_eq!(outcome, ClientOutcome::Unknown, "refused (FAILED_PRECONDITION), never told T's outcome");
     assert_eq!(branch(&world, 0, txn).await, None, "bank-a was sent nothing");
@@ -463,27 +470,10 @@ async fn status_recovery_asks_for_the_staged_payloads_and_never_commits_another_
     let leader = world.leader().ok_or_else(|| anyhow::anyhow!("no leader"))?;
     let txn = TxnId::new();
     let deadline_unix_ms = twopc_proto::txn_id::unix_now_ms() + 10_000;
-    let address = |bank: &str| format!("{}@{bank}", account(bank).account).parse().expect("an account address");
-    let staged_transfer = twopc_bank::Transfer::new(address("bank-a"), address("bank-b"), 100)?.submit_branches();
-    for branch in twopc_bank::Transfer::new(address("bank-a"), address("bank-b"), 250)?.submit_branches() {
-        let mut bank = world.teller.bank_participant(&branch.participant).expect("a bank");
-        let request = twopc_proto::pb::PrepareRequest {
-            txn_id: txn.to_string(),
-            participant: branch.participant.clone(),
-            payload: branch.payload,
-            deadline_unix_ms,
-        };
-        let vote = bank.prepare(request).await?.into_inner();
-        assert_eq!(vote.vote, twopc_proto::pb::VoteKind::Yes as i32, "{vote:?}");
+    for branch in transfer_branches(250)? {
+        prepare_directly(&world, txn, branch, deadline_unix_ms).await?;
     }
-    let staged = Command::Staged(vec![StagedCmd {
-        txn_id: txn,
-        participants: staged_transfer.iter().map(|b| b.participant.parse()).collect::<Result<_, _>>()?,
-        payload_digests: staged_transfer.iter().map(|b| twopc_proto::PayloadDigest::of(&b.payload)).collect(),
-        deadline_unix_ms,
-    }]);
-    let proposal = Proposal { command: staged, proposed_unix_ms: twopc_proto::txn_id::unix_now_ms() };
-    world.cluster.node(leader).propose(&proposal).await?;
+    stage(&world, leader, txn, &transfer_branches(100)?, true, deadline_unix_ms).await?;
     let record = wait::until("status recovery to decide the txn", SETTLE, || async {
         world.cluster.node(leader).local_read(|sm| sm.txn(&txn).cloned())
     })
