@@ -520,15 +520,18 @@ async fn the_checker_catches_a_coordinator_that_commits_despite_a_no_vote() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checker_catches_a_bank_that_releases_holds_on_a_timer() {
-    // The checker bites (I4 broken, seen as I1): banks that abort in-doubt
-    // branches on their own instead of asking the cluster disagree with the
-    // logged Commit as soon as phase 2 is slow.
+    // The checker bites (I4 broken, seen as I1 or I2): banks that abort
+    // in-doubt branches on their own instead of asking the cluster disagree
+    // with the logged Commit as soon as phase 2 is slow (I1); or, when status
+    // recovery asks such a bank about a staged txn whose Commit was already
+    // answered, its self-made abort reads as a NO and the log ends with Abort
+    // (I2). Which comes first depends on timing (a real-time run).
     let _scenario = FailScenario::setup();
     twopc_tests::init_tracing();
     fail::cfg(participant_fp::RESOLVE_RELEASE_ON_TIMER, "return").expect("a valid action");
     let found = sim::first_violation(FaultMix::Participants, 30, |_| {}).await;
     let (seed, invariants) = found.expect("the simulation reports the broken protocol within 30 seeds");
-    assert!(invariants.contains(&Invariant::I1), "seed {seed} named {invariants:?}");
+    assert!(invariants.contains(&Invariant::I1) || invariants.contains(&Invariant::I2), "seed {seed}: {invariants:?}");
 }
 
 fn decide(txn_id: TxnId) -> Proposal {
