@@ -375,6 +375,7 @@ mod tests {
                     vote: Some(Vote::no("n".repeat(REASON_MAX_BYTES))),
                     acknowledged: true,
                     joined: false,
+                    payload_digest: None,
                 };
                 16
             ],

@@ -75,6 +75,10 @@ pub struct BranchRecord {
     /// Whether it joined a begun txn (docs/PROTOCOL.md §12.3) rather than
     /// being prepared by the coordinator as a one-shot branch.
     pub joined: bool,
+    /// The digest of the payload it was prepared with, for a txn decided
+    /// after a Staged entry that named it (§13.1); None otherwise. A Submit
+    /// of the id with other payloads is never answered this record's Commit.
+    pub payload_digest: Option<PayloadDigest>,
 }
 
 /// An interactive txn that is begun and not decided (docs/PROTOCOL.md §12).
@@ -135,6 +139,7 @@ pub(crate) fn one_shot_record(cmd: &DecideCmd, index: u64, now: u64) -> TxnRecor
             // outcome: there is nothing to deliver to it.
             acknowledged: matches!(vote, Some(Vote::No { .. })),
             joined: false,
+            payload_digest: None,
         })
         .collect();
     TxnRecord {
@@ -613,7 +618,7 @@ impl StateMachine {
         if let Some(staged) = self.staged.get(&cmd.txn_id) {
             // No horizon or future check: the Staged entry passed them.
             let owned = owner == Some(staged.staged_log_index);
-            return self.decide_staged(index, now, cmd, staged.participants.clone(), owned);
+            return self.decide_staged(index, now, cmd, staged.clone(), owned);
         }
         // Decided here, from the entry and the applied state alone, so no
         // proposer (a leader whose clock is behind, a Resolve, an operator)
@@ -649,12 +654,19 @@ impl StateMachine {
                 // its one-shot vote says: it must be told the decision.
                 acknowledged: !joined && matches!(vote, Some(Vote::No { .. })),
                 joined,
+                payload_digest: None,
             });
         }
         let expired = begun.is_expired(now);
         for participant in begun.joined {
             if !branches.iter().any(|b| b.participant == participant) {
-                branches.push(BranchRecord { participant, vote: Some(Vote::Yes), acknowledged: false, joined: true });
+                branches.push(BranchRecord {
+                    participant,
+                    vote: Some(Vote::Yes),
+                    acknowledged: false,
+                    joined: true,
+                    payload_digest: None,
+                });
             }
         }
         // The deadline binds by the log: a Commit proposed at or after it
@@ -686,16 +698,9 @@ impl StateMachine {
     /// vote that never came) is refused: the owner may have answered Commit
     /// on every participant's YES, and only a NO, which no participant ever
     /// turns into a YES, rules that out.
-    fn decide_staged(
-        &mut self,
-        index: u64,
-        now: u64,
-        cmd: &DecideCmd,
-        participants: Vec<ParticipantId>,
-        owned: bool,
-    ) -> Applied {
+    fn decide_staged(&mut self, index: u64, now: u64, cmd: &DecideCmd, staged: StagedTxn, owned: bool) -> Applied {
         let named: Vec<ParticipantId> = cmd.branches.iter().map(|(p, _)| p.clone()).collect();
-        if !cmd.branches.is_empty() && !same_participants(&named, &participants) {
+        if !cmd.branches.is_empty() && !same_participants(&named, &staged.participants) {
             return Applied::DecideRefused { txn_id: cmd.txn_id, refusal: DecideRefusal::OtherBranches };
         }
         let votes = cmd.branches.iter().map(|(_, vote)| vote);
@@ -707,7 +712,13 @@ impl StateMachine {
             return Applied::DecideRefused { txn_id: cmd.txn_id, refusal: DecideRefusal::Staged };
         }
         self.staged.remove(&cmd.txn_id);
-        self.record_first(one_shot_record(cmd, index, now))
+        let mut record = one_shot_record(cmd, index, now);
+        // The record says whose payloads it decided (§13.1).
+        for branch in &mut record.branches {
+            let position = staged.participants.iter().position(|p| *p == branch.participant);
+            branch.payload_digest = position.and_then(|i| staged.payload_digests.get(i).copied());
+        }
+        self.record_first(record)
     }
 
     /// Stores a txn's first decision (I2).
@@ -1047,6 +1058,8 @@ mod wire {
         pub acknowledged: bool,
         #[prost(bool, tag = "5")]
         pub joined: bool,
+        #[prost(bytes = "vec", tag = "6")]
+        pub payload_digest: Vec<u8>,
     }
 
     #[derive(Clone, PartialEq, Message)]
@@ -1075,6 +1088,7 @@ impl From<&TxnRecord> for wire::Txn {
                         reason,
                         acknowledged: b.acknowledged,
                         joined: b.joined,
+                        payload_digest: b.payload_digest.map(|d| d.as_bytes().to_vec()).unwrap_or_default(),
                     }
                 })
                 .collect(),
@@ -1164,6 +1178,12 @@ impl TryFrom<wire::Txn> for TxnRecord {
                         vote: vote_from_wire(b.vote, &b.reason)?,
                         acknowledged: b.acknowledged,
                         joined: b.joined,
+                        payload_digest: match b.payload_digest.as_slice() {
+                            [] => None,
+                            bytes => Some(PayloadDigest::from_slice(bytes).ok_or_else(|| {
+                                Error::Corrupt(format!("snapshot: a {}-byte payload digest", bytes.len()))
+                            })?),
+                        },
                     })
                 })
                 .collect::<Result<_>>()?,

@@ -454,6 +454,36 @@ async fn a_submit_with_other_payloads_than_the_staged_ones_is_refused() -> anyho
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_txn_committed_with_other_payloads_is_never_answered_commit_to_a_retry() -> anyhow::Result<()> {
+    // §3.1, §13.1: T was staged and prepared with a transfer of 100, and
+    // status recovery committed it. A Submit of T with a transfer of 250
+    // finds it decided: it must not be told Commit, for its 250 never moved
+    // (before the record kept the staged digests, it was). A retry with the
+    // same payloads is told Commit.
+    let _scenario = FailScenario::setup();
+    twopc_tests::init_tracing();
+    let world = World::start(WorldConfig::default()).await?;
+    let leader = world.leader().ok_or_else(|| anyhow::anyhow!("no leader"))?;
+    let txn = TxnId::new();
+    let deadline_unix_ms = twopc_proto::txn_id::unix_now_ms() + 10_000;
+    for branch in transfer_branches(100)? {
+        prepare_directly(&world, txn, branch, deadline_unix_ms).await?;
+    }
+    stage(&world, leader, txn, &transfer_branches(100)?, true, deadline_unix_ms).await?;
+    let record = wait::until("status recovery to decide the txn", SETTLE, || async {
+        world.cluster.node(leader).local_read(|sm| sm.txn(&txn).cloned())
+    })
+    .await?;
+    assert_eq!(record.decision, Decision::Commit, "{record:?}");
+    let other = world.teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 250).await;
+    assert_eq!(other, ClientOutcome::Unknown, "refused (FAILED_PRECONDITION), never told Commit for 250");
+    let same = world.teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 100).await;
+    assert_eq!(same, ClientOutcome::Committed, "a retry with the same payloads is told the Commit");
+    world.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_recovery_asks_for_the_staged_payloads_and_never_commits_another_submits() -> anyhow::Result<()> {
     // §13.3: T is staged with the payloads of a transfer of 100, but the
     // branches the banks hold are another Submit's of the same id: bank-a a

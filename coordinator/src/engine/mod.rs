@@ -334,12 +334,14 @@ fn other_payloads(staged: &crate::state_machine::StagedTxn, asked: &[(Participan
     if staged.payload_digests.is_empty() {
         return None;
     }
-    let staged_pairs: BTreeSet<(&ParticipantId, &PayloadDigest)> =
-        staged.participants.iter().zip(&staged.payload_digests).collect();
-    let asked_digests: Vec<(ParticipantId, PayloadDigest)> =
-        asked.iter().map(|(p, payload)| (p.clone(), PayloadDigest::of(payload))).collect();
-    let asked_pairs: BTreeSet<(&ParticipantId, &PayloadDigest)> = asked_digests.iter().map(|(p, d)| (p, d)).collect();
-    (staged_pairs != asked_pairs).then(|| other_submit(staged.txn_id))
+    let staged_pairs: BTreeSet<(ParticipantId, PayloadDigest)> =
+        staged.participants.iter().cloned().zip(staged.payload_digests.iter().copied()).collect();
+    (staged_pairs != digests_of(asked)).then(|| other_submit(staged.txn_id))
+}
+
+/// Each branch's participant and payload digest.
+fn digests_of(branches: &[(ParticipantId, bytes::Bytes)]) -> BTreeSet<(ParticipantId, PayloadDigest)> {
+    branches.iter().map(|(p, payload)| (p.clone(), PayloadDigest::of(payload))).collect()
 }
 
 /// The answer to a Submit whose payloads cannot be the ones its txn id
@@ -459,6 +461,20 @@ impl<P: ParticipantClient> Engine<P> {
     /// participant; [`Error::Overloaded`] past a bound; [`Error::Retryable`]
     /// when leadership changed mid-way (retry with the same txn id).
     pub async fn submit(&self, request: SubmitRequest) -> Result<TxnRecord> {
+        let (txn_id, asked) = (request.txn_id, digests_of(&request.branches));
+        let record = self.submit_unchecked(request).await?;
+        // Whatever path answered (the log, a recovery, another Submit's
+        // driver), a Commit that names payloads is this Submit's only if
+        // they are its own (§3.1): another Submit of the id may have won.
+        let committed: BTreeSet<(ParticipantId, PayloadDigest)> =
+            record.branches.iter().filter_map(|b| b.payload_digest.map(|d| (b.participant.clone(), d))).collect();
+        if record.decision == Decision::Commit && !committed.is_empty() && committed != asked {
+            return Err(other_submit(txn_id));
+        }
+        Ok(record)
+    }
+
+    async fn submit_unchecked(&self, request: SubmitRequest) -> Result<TxnRecord> {
         let txn_id = request.txn_id;
         self.require_leader()?;
         // A decided txn answers from the applied log (I5).
