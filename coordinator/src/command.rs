@@ -168,12 +168,12 @@ pub(crate) fn digests_from_wire(digests: &[Vec<u8>], participants: usize) -> Res
     if !digests.is_empty() && digests.len() != participants {
         return Err(Error::Corrupt(format!("{} payload digests for {participants} participants", digests.len())));
     }
-    digests
-        .iter()
-        .map(|d| {
-            PayloadDigest::from_slice(d).ok_or_else(|| Error::Corrupt(format!("a {}-byte payload digest", d.len())))
-        })
-        .collect()
+    digests.iter().map(|d| digest_from_wire(d)).collect()
+}
+
+/// Decodes one payload digest stored in the log or a snapshot.
+pub(crate) fn digest_from_wire(bytes: &[u8]) -> Result<PayloadDigest> {
+    PayloadDigest::from_slice(bytes).ok_or_else(|| Error::Corrupt(format!("a {}-byte payload digest", bytes.len())))
 }
 
 /// Decodes a participant name stored in the log.

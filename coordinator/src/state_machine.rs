@@ -10,8 +10,8 @@ use prost::Message;
 use twopc_proto::{Decision, ParticipantId, PayloadDigest, TxnId, Vote};
 
 use crate::command::{
-    Command, DecideCmd, Proposal, StagedCmd, decision_from_wire, digests_from_wire, participant_from_wire,
-    txn_id_from_wire, vote_from_wire, vote_to_wire,
+    Command, DecideCmd, Proposal, StagedCmd, decision_from_wire, digest_from_wire, digests_from_wire,
+    participant_from_wire, txn_id_from_wire, vote_from_wire, vote_to_wire,
 };
 use crate::error::{Error, Result};
 
@@ -181,10 +181,16 @@ fn same_branches(staged: &StagedTxn, cmd: &StagedCmd) -> bool {
     if staged.payload_digests.is_empty() || cmd.payload_digests.is_empty() {
         return true;
     }
-    let pairs = |participants: &[ParticipantId], digests: &[PayloadDigest]| -> BTreeSet<(ParticipantId, [u8; 32])> {
-        participants.iter().cloned().zip(digests.iter().map(|d| *d.as_bytes())).collect()
-    };
-    pairs(&staged.participants, &staged.payload_digests) == pairs(&cmd.participants, &cmd.payload_digests)
+    branch_digests(&staged.participants, &staged.payload_digests)
+        == branch_digests(&cmd.participants, &cmd.payload_digests)
+}
+
+/// Each branch's participant with its payload digest, in no order.
+pub(crate) fn branch_digests(
+    participants: &[ParticipantId],
+    digests: &[PayloadDigest],
+) -> BTreeSet<(ParticipantId, PayloadDigest)> {
+    participants.iter().cloned().zip(digests.iter().copied()).collect()
 }
 
 /// The result of applying one entry, handed back to its proposer.
@@ -1178,12 +1184,9 @@ impl TryFrom<wire::Txn> for TxnRecord {
                         vote: vote_from_wire(b.vote, &b.reason)?,
                         acknowledged: b.acknowledged,
                         joined: b.joined,
-                        payload_digest: match b.payload_digest.as_slice() {
-                            [] => None,
-                            bytes => Some(PayloadDigest::from_slice(bytes).ok_or_else(|| {
-                                Error::Corrupt(format!("snapshot: a {}-byte payload digest", bytes.len()))
-                            })?),
-                        },
+                        payload_digest: (!b.payload_digest.is_empty())
+                            .then(|| digest_from_wire(&b.payload_digest))
+                            .transpose()?,
                     })
                 })
                 .collect::<Result<_>>()?,

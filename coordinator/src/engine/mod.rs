@@ -334,8 +334,7 @@ fn other_payloads(staged: &crate::state_machine::StagedTxn, asked: &[(Participan
     if staged.payload_digests.is_empty() {
         return None;
     }
-    let staged_pairs: BTreeSet<(ParticipantId, PayloadDigest)> =
-        staged.participants.iter().cloned().zip(staged.payload_digests.iter().copied()).collect();
+    let staged_pairs = crate::state_machine::branch_digests(&staged.participants, &staged.payload_digests);
     (staged_pairs != digests_of(asked)).then(|| other_submit(staged.txn_id))
 }
 
