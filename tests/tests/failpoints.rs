@@ -317,6 +317,18 @@ async fn stage(
     Ok(())
 }
 
+/// `txn`'s record on node `leader` once status recovery has decided it.
+async fn decided(
+    world: &World,
+    leader: u64,
+    txn: TxnId,
+) -> anyhow::Result<twopc_coordinator::state_machine::TxnRecord> {
+    wait::until("status recovery to decide the txn", SETTLE, || async {
+        world.cluster.node(leader).local_read(|sm| sm.txn(&txn).cloned())
+    })
+    .await
+}
+
 /// Prepares `branch` of `txn` at its bank, as a leader that is then lost
 /// would have, and checks it voted YES.
 async fn prepare_directly(
@@ -350,10 +362,7 @@ async fn a_staged_txn_a_bank_never_prepared_is_aborted_and_its_late_prepare_refu
     // As an entry logged before digests: recovery asks for any payload.
     let deadline_unix_ms = twopc_proto::txn_id::unix_now_ms() + 10_000;
     stage(&world, leader, txn, &transfer_branches(100)?, false, deadline_unix_ms).await?;
-    let record = wait::until("status recovery to decide the txn", SETTLE, || async {
-        world.cluster.node(leader).local_read(|sm| sm.txn(&txn).cloned())
-    })
-    .await?;
+    let record = decided(&world, leader, txn).await?;
     assert_eq!(record.decision, Decision::Abort, "{record:?}");
     assert!(record.reason.starts_with("status recovery"), "{record:?}");
     let outcome = world.teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 100).await;
@@ -470,10 +479,7 @@ async fn a_txn_committed_with_other_payloads_is_never_answered_commit_to_a_retry
         prepare_directly(&world, txn, branch, deadline_unix_ms).await?;
     }
     stage(&world, leader, txn, &transfer_branches(100)?, true, deadline_unix_ms).await?;
-    let record = wait::until("status recovery to decide the txn", SETTLE, || async {
-        world.cluster.node(leader).local_read(|sm| sm.txn(&txn).cloned())
-    })
-    .await?;
+    let record = decided(&world, leader, txn).await?;
     assert_eq!(record.decision, Decision::Commit, "{record:?}");
     let other = world.teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 250).await;
     assert_eq!(other, ClientOutcome::Unknown, "refused (FAILED_PRECONDITION), never told Commit for 250");
@@ -504,10 +510,7 @@ async fn status_recovery_asks_for_the_staged_payloads_and_never_commits_another_
         prepare_directly(&world, txn, branch, deadline_unix_ms).await?;
     }
     stage(&world, leader, txn, &transfer_branches(100)?, true, deadline_unix_ms).await?;
-    let record = wait::until("status recovery to decide the txn", SETTLE, || async {
-        world.cluster.node(leader).local_read(|sm| sm.txn(&txn).cloned())
-    })
-    .await?;
+    let record = decided(&world, leader, txn).await?;
     assert_eq!(record.decision, Decision::Abort, "{record:?}");
     wait_branch(&world, 0, txn, BranchState::Aborted).await?;
     wait_branch(&world, 1, txn, BranchState::Aborted).await?;
