@@ -48,7 +48,7 @@ pub(crate) const PREPARE_FAILED: &str = "its prepare failed before voting";
 /// The NO reason a vote recovery gives for a branch prepared here with
 /// another payload than the staged txn's (docs/PROTOCOL.md §13.3): this
 /// participant never voted YES on the staged txn's payload.
-pub(crate) const PREPARED_WITH_ANOTHER_PAYLOAD: &str =
+pub(crate) const STAGED_PAYLOAD_NOT_HELD: &str =
     "prepared here with another payload than the staged txn's; it never voted YES on that one";
 /// The NO reason given for a Prepare repeated after the txn was aborted.
 pub(crate) const ALREADY_ABORTED: &str = "txn already aborted";
@@ -280,7 +280,7 @@ impl<R: Resource> Engine<R> {
                 // A NO voter is sent no Abort (§11): its resolver asks now
                 // rather than after the in-doubt timeout.
                 self.outcomes.lock().hasten(txn, Instant::now());
-                Vote::no(PREPARED_WITH_ANOTHER_PAYLOAD)
+                Vote::no(STAGED_PAYLOAD_NOT_HELD)
             }
             Some(
                 known @ (Outcome::Prepared { .. }
