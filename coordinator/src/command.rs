@@ -104,6 +104,12 @@ pub struct DecideCmd {
     pub reason: String,
     /// Each branch and the vote it gave, if it answered.
     pub branches: Vec<(ParticipantId, Option<Vote>)>,
+    /// The digest of each branch's payload, in the order of `branches`, when
+    /// a one-shot Submit decides: the record keeps them, so a Commit is
+    /// answered only to a Submit of these payloads (docs/PROTOCOL.md §3.1).
+    /// Empty when the proposer does not know them (a Resolve's presumed
+    /// abort, an operator, an interactive txn, status recovery).
+    pub payload_digests: Vec<PayloadDigest>,
 }
 
 /// The longest reason a Decide entry keeps, in bytes: its own reason and each
@@ -118,6 +124,12 @@ fn cap(text: &mut String) {
 }
 
 impl DecideCmd {
+    /// A decision naming no branches: a presumed abort, a timeout, an
+    /// operator's; the state machine fills in what it knows (§6, §12).
+    pub fn without_branches(txn_id: TxnId, decision: Decision, reason: String) -> Self {
+        Self { txn_id, decision, reason, branches: Vec::new(), payload_digests: Vec::new() }
+    }
+
     /// Cuts the reason and every NO vote's reason to [`REASON_MAX_BYTES`].
     pub fn cap_reasons(&mut self) {
         cap(&mut self.reason);
@@ -299,6 +311,8 @@ pub(crate) mod wire {
         pub reason: String,
         #[prost(message, repeated, tag = "4")]
         pub branches: Vec<Branch>,
+        #[prost(bytes = "vec", repeated, tag = "5")]
+        pub payload_digests: Vec<Vec<u8>>,
     }
 
     #[derive(Clone, PartialEq, Message)]
@@ -348,6 +362,7 @@ impl From<&DecideCmd> for wire::Decide {
                     wire::Branch { participant: participant.to_string(), vote, reason }
                 })
                 .collect(),
+            payload_digests: d.payload_digests.iter().map(|d| d.as_bytes().to_vec()).collect(),
         }
     }
 }
@@ -356,6 +371,7 @@ impl TryFrom<wire::Decide> for DecideCmd {
     type Error = Error;
 
     fn try_from(d: wire::Decide) -> Result<Self> {
+        let payload_digests = digests_from_wire(&d.payload_digests, d.branches.len())?;
         Ok(Self {
             txn_id: txn_id_from_wire(&d.txn_id)?,
             decision: decision_from_wire(d.decision)?,
@@ -365,6 +381,7 @@ impl TryFrom<wire::Decide> for DecideCmd {
                 .into_iter()
                 .map(|b| Ok((participant_from_wire(&b.participant)?, vote_from_wire(b.vote, &b.reason)?)))
                 .collect::<Result<_>>()?,
+            payload_digests,
         })
     }
 }
@@ -493,6 +510,7 @@ mod tests {
                     (pid("bank-b"), Some(Vote::no("x"))),
                     (pid("c"), None),
                 ],
+                payload_digests: [b"a".as_slice(), b"b", b"c"].into_iter().map(PayloadDigest::of).collect(),
             }),
             Command::Acknowledge(vec![(txn, pid("bank-a"))]),
             Command::Forget { horizon_unix_ms: 42 },
@@ -513,15 +531,23 @@ mod tests {
                     decision: Decision::Abort,
                     reason: "b did not vote".into(),
                     branches: vec![(pid("a"), Some(Vote::Yes)), (pid("b"), None)],
+                    payload_digests: Vec::new(),
                 },
             },
             Command::Decisions(vec![
-                DecideCmd { txn_id: txn, decision: Decision::Commit, reason: String::new(), branches: vec![] },
+                DecideCmd {
+                    txn_id: txn,
+                    decision: Decision::Commit,
+                    reason: String::new(),
+                    branches: vec![],
+                    payload_digests: Vec::new(),
+                },
                 DecideCmd {
                     txn_id: TxnId::new(),
                     decision: Decision::Abort,
                     reason: "r".into(),
                     branches: vec![(pid("a"), Some(Vote::Yes))],
+                    payload_digests: Vec::new(),
                 },
             ]),
         ];
@@ -562,6 +588,7 @@ mod tests {
             decision: Decision::Abort,
             reason: "é".repeat(REASON_MAX_BYTES),
             branches: vec![(pid("a"), Some(Vote::no("x".repeat(REASON_MAX_BYTES + 1)))), (pid("b"), Some(Vote::Yes))],
+            payload_digests: Vec::new(),
         };
         cmd.cap_reasons();
         assert_eq!(cmd.reason, "é".repeat(REASON_MAX_BYTES / 2));

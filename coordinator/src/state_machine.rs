@@ -129,17 +129,19 @@ pub struct StagedTxn {
 /// The record a Decide entry makes for a one-shot txn (never begun): its
 /// branches and votes as the entry gives them, applied at `index`, `now`.
 pub(crate) fn one_shot_record(cmd: &DecideCmd, index: u64, now: u64) -> TxnRecord {
+    let digests = cmd.payload_digests.iter().copied().map(Some).chain(std::iter::repeat(None));
     let branches = cmd
         .branches
         .iter()
-        .map(|(participant, vote)| BranchRecord {
+        .zip(digests)
+        .map(|((participant, vote), payload_digest)| BranchRecord {
             participant: participant.clone(),
             vote: vote.clone(),
             // A branch that voted NO holds nothing and already knows the
             // outcome: there is nothing to deliver to it.
             acknowledged: matches!(vote, Some(Vote::No { .. })),
             joined: false,
-            payload_digest: None,
+            payload_digest,
         })
         .collect();
     TxnRecord {
@@ -1215,6 +1217,7 @@ mod tests {
                 decision,
                 reason: String::new(),
                 branches: branches.iter().map(|b| (pid(b), Some(Vote::Yes))).collect(),
+                payload_digests: Vec::new(),
             }),
             proposed_unix_ms: unix_now_ms(),
         }
@@ -1359,7 +1362,16 @@ mod tests {
 
     fn decide_with(txn_id: TxnId, decision: Decision, one_shot: &[(&str, Option<Vote>)], now: u64) -> Proposal {
         let branches = one_shot.iter().map(|(p, v)| (pid(p), v.clone())).collect();
-        at(Command::Decide(DecideCmd { txn_id, decision, reason: String::new(), branches }), now)
+        at(
+            Command::Decide(DecideCmd {
+                txn_id,
+                decision,
+                reason: String::new(),
+                branches,
+                payload_digests: Vec::new(),
+            }),
+            now,
+        )
     }
 
     fn record(applied: Applied) -> TxnRecord {
@@ -1652,7 +1664,13 @@ mod tests {
     fn decide_votes(txn_id: TxnId, decision: Decision, votes: Vec<(&str, Option<Vote>)>) -> Proposal {
         let branches = votes.into_iter().map(|(p, v)| (pid(p), v)).collect();
         Proposal {
-            command: Command::Decide(DecideCmd { txn_id, decision, reason: "r".into(), branches }),
+            command: Command::Decide(DecideCmd {
+                txn_id,
+                decision,
+                reason: "r".into(),
+                branches,
+                payload_digests: Vec::new(),
+            }),
             proposed_unix_ms: unix_now_ms(),
         }
     }
@@ -1692,6 +1710,32 @@ mod tests {
         assert!(matches!(one(sm.apply(4, &undigested)), Applied::Staged { first: false, .. }));
         let restored = StateMachine::from_snapshot(&sm.to_snapshot()).expect("decodes");
         assert_eq!(restored.staged(&txn).map(|s| s.payload_digests.len()), Some(2));
+    }
+
+    // §3.1, §5: a one-shot Decide entry's payload digests stay in the record,
+    // by branch, and survive a snapshot; an entry without them records none.
+    #[test]
+    fn a_one_shot_decision_records_each_branch_payload_digest() {
+        let mut sm = StateMachine::default();
+        let (txn, bare) = (TxnId::new(), TxnId::new());
+        let digests = vec![PayloadDigest::of(b"debit"), PayloadDigest::of(b"credit")];
+        let mut cmd = DecideCmd {
+            txn_id: txn,
+            decision: Decision::Commit,
+            reason: String::new(),
+            branches: vec![(pid("a"), Some(Vote::Yes)), (pid("b"), Some(Vote::Yes))],
+            payload_digests: digests.clone(),
+        };
+        sm.apply(1, &Proposal { command: Command::Decide(cmd.clone()), proposed_unix_ms: unix_now_ms() });
+        cmd.txn_id = bare;
+        cmd.payload_digests.clear();
+        sm.apply(2, &Proposal { command: Command::Decide(cmd), proposed_unix_ms: unix_now_ms() });
+        let restored = StateMachine::from_snapshot(&sm.to_snapshot()).expect("decodes");
+        for sm in [&sm, &restored] {
+            let recorded = |id| sm.txn(id).map(|r| r.branches.iter().map(|b| b.payload_digest).collect::<Vec<_>>());
+            assert_eq!(recorded(&txn), Some(digests.iter().copied().map(Some).collect()));
+            assert_eq!(recorded(&bare), Some(vec![None, None]));
+        }
     }
 
     #[test]
@@ -1739,6 +1783,7 @@ mod tests {
             decision: Decision::Abort,
             reason: "b did not vote".into(),
             branches: vec![(pid("a"), Some(Vote::Yes)), (pid("b"), None)],
+            payload_digests: Vec::new(),
         };
         let abort = |staged_log_index| Proposal {
             command: Command::AbortStaged { staged_log_index, decide: missing.clone() },

@@ -39,7 +39,9 @@ fn decision() -> impl Strategy<Value = Decision> {
 
 fn command() -> impl Strategy<Value = Command> {
     let decide = (txn_id(), decision(), ".{0,40}", proptest::collection::vec((participant(), vote()), 0..4)).prop_map(
-        |(txn_id, decision, reason, branches)| Command::Decide(DecideCmd { txn_id, decision, reason, branches }),
+        |(txn_id, decision, reason, branches)| {
+            Command::Decide(DecideCmd { txn_id, decision, reason, branches, payload_digests: Vec::new() })
+        },
     );
     prop_oneof![
         4 => decide,

@@ -16,8 +16,13 @@ use twopc_proto::{Decision, TxnId};
 use twopc_tests::cluster::Cluster;
 
 fn proposal() -> Proposal {
-    let cmd =
-        DecideCmd { txn_id: TxnId::new(), decision: Decision::Commit, reason: String::new(), branches: Vec::new() };
+    let cmd = DecideCmd {
+        txn_id: TxnId::new(),
+        decision: Decision::Commit,
+        reason: String::new(),
+        branches: Vec::new(),
+        payload_digests: Vec::new(),
+    };
     Proposal { command: Command::Decide(cmd), proposed_unix_ms: unix_now_ms() }
 }
 

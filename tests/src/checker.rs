@@ -905,7 +905,13 @@ mod tests {
         let mut sm = StateMachine::new(BTreeMap::new());
         for (index, txn) in (1..).zip(history) {
             let branches = txn.participants.iter().map(|p| (p.parse().expect("name"), Some(Vote::Yes))).collect();
-            let cmd = DecideCmd { txn_id: txn.txn_id, decision, reason: String::new(), branches };
+            let cmd = DecideCmd {
+                txn_id: txn.txn_id,
+                decision,
+                reason: String::new(),
+                branches,
+                payload_digests: Vec::new(),
+            };
             // The proposer's time must be near the ids' creation: the log refuses ids from its future.
             let proposed_unix_ms = twopc_proto::txn_id::unix_now_ms();
             sm.apply(index, &Proposal { command: Command::Decide(cmd), proposed_unix_ms });

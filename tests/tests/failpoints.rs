@@ -490,6 +490,26 @@ async fn a_txn_committed_with_other_payloads_is_never_answered_commit_to_a_retry
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequential_commit_with_other_payloads_is_never_answered_commit_to_a_retry() -> anyhow::Result<()> {
+    // §3.1, §5: under sequential commit T commits a transfer of 100. A
+    // Submit of T with a transfer of 250 finds it decided in the log, asks
+    // no participant, and must not be told Commit: its 250 never moved
+    // (before Decide entries kept the payload digests, it was). A retry
+    // with the same payloads is told Commit.
+    let _scenario = FailScenario::setup();
+    let world = world_with(10_000, CommitProtocol::Sequential).await?;
+    let txn = TxnId::new();
+    let first = world.teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 100).await;
+    assert_eq!(first, ClientOutcome::Committed);
+    let other = world.teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 250).await;
+    assert_eq!(other, ClientOutcome::Unknown, "refused (FAILED_PRECONDITION), never told Commit for 250");
+    let same = world.teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 100).await;
+    assert_eq!(same, ClientOutcome::Committed, "a retry with the same payloads is told the Commit");
+    world.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_recovery_asks_for_the_staged_payloads_and_never_commits_another_submits() -> anyhow::Result<()> {
     // §13.3: T is staged with the payloads of a transfer of 100, but the
     // branches the banks hold are another Submit's of the same id: bank-a a
@@ -568,8 +588,13 @@ async fn the_checker_catches_a_bank_that_releases_holds_on_a_timer() {
 }
 
 fn decide(txn_id: TxnId) -> Proposal {
-    let command =
-        Command::Decide(DecideCmd { txn_id, decision: Decision::Abort, reason: String::new(), branches: Vec::new() });
+    let command = Command::Decide(DecideCmd {
+        txn_id,
+        decision: Decision::Abort,
+        reason: String::new(),
+        branches: Vec::new(),
+        payload_digests: Vec::new(),
+    });
     Proposal { command, proposed_unix_ms: twopc_proto::txn_id::unix_now_ms() }
 }
 

@@ -17,7 +17,13 @@ use twopc_tests::wait;
 
 fn decide(txn_id: TxnId, decision: Decision) -> Proposal {
     Proposal {
-        command: Command::Decide(DecideCmd { txn_id, decision, reason: String::new(), branches: Vec::new() }),
+        command: Command::Decide(DecideCmd {
+            txn_id,
+            decision,
+            reason: String::new(),
+            branches: Vec::new(),
+            payload_digests: Vec::new(),
+        }),
         proposed_unix_ms: unix_now_ms(),
     }
 }

@@ -249,12 +249,7 @@ impl<P: ParticipantClient> Engine<P> {
         if self.now_ms() >= request.deadline_unix_ms {
             // No Prepare is sent past the deadline (§7.1); the log would
             // apply a Commit as Abort anyway.
-            let cmd = DecideCmd {
-                txn_id,
-                decision: Decision::Abort,
-                reason: TIMED_OUT_REASON.to_owned(),
-                branches: Vec::new(),
-            };
+            let cmd = DecideCmd::without_branches(txn_id, Decision::Abort, TIMED_OUT_REASON.to_owned());
             let (record, _) = self.decide_first(cmd).await?;
             self.deliver(&record);
             return Ok(record);
@@ -290,7 +285,7 @@ impl<P: ParticipantClient> Engine<P> {
             Joined::New(outcome) => outcome,
         };
         let guard = InflightGuard { inner: self.inner.clone(), txn_id, outcome: Some(outcome) };
-        let cmd = DecideCmd { txn_id, decision: Decision::Abort, reason, branches: Vec::new() };
+        let cmd = DecideCmd::without_branches(txn_id, Decision::Abort, reason);
         let result = self.decide_and_deliver(cmd).await;
         guard.finish(result.as_ref().map(|(record, _)| record));
         rollback_answer(txn_id, result?.0)
@@ -322,12 +317,7 @@ impl<P: ParticipantClient> Engine<P> {
                 continue;
             };
             let guard = InflightGuard { inner: self.inner.clone(), txn_id, outcome: Some(outcome) };
-            let cmd = DecideCmd {
-                txn_id,
-                decision: Decision::Abort,
-                reason: TIMED_OUT_REASON.to_owned(),
-                branches: Vec::new(),
-            };
+            let cmd = DecideCmd::without_branches(txn_id, Decision::Abort, TIMED_OUT_REASON.to_owned());
             decisions.push(async move {
                 let result = self.decide_first(cmd).await;
                 guard.finish(result.as_ref().map(|(record, _)| record));

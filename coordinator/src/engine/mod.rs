@@ -343,6 +343,12 @@ fn digests_of(branches: &[(ParticipantId, bytes::Bytes)]) -> BTreeSet<(Participa
     branches.iter().map(|(p, payload)| (p.clone(), PayloadDigest::of(payload))).collect()
 }
 
+/// The digest of each target's payload, in order: what a one-shot txn's
+/// Staged and Decide entries log (§3.1).
+fn payload_digests(targets: &[(Target, bytes::Bytes)]) -> Vec<PayloadDigest> {
+    targets.iter().map(|(_, payload)| PayloadDigest::of(payload)).collect()
+}
+
 /// The answer to a Submit whose payloads cannot be the ones its txn id
 /// commits: another Submit of the id holds it (§3.1).
 pub(super) fn other_submit(txn_id: TxnId) -> Error {
@@ -640,7 +646,8 @@ impl<P: ParticipantClient> Engine<P> {
         }
         let branches =
             targets.iter().map(|(t, _)| (t.participant.clone(), votes.get(&t.participant).cloned())).collect();
-        let cmd = DecideCmd { txn_id, decision, reason: abort_reason.unwrap_or_default(), branches };
+        let reason = abort_reason.unwrap_or_default();
+        let cmd = DecideCmd { txn_id, decision, reason, branches, payload_digests: payload_digests(&targets) };
         // I3: nothing is sent to participants before the decision is applied.
         let record = self.or_recover(txn_id, self.decide(cmd).await).await?;
         if failpoint::fired(failpoint::DECIDE_AFTER_APPLIED, || txn_id.to_string()) {
@@ -859,12 +866,7 @@ impl<P: ParticipantClient> Engine<P> {
         }
         if begun_deadline.is_some() {
             // Past its deadline: the timeout the leader's scan would log (§12.5).
-            let cmd = DecideCmd {
-                txn_id,
-                decision: Decision::Abort,
-                reason: TIMED_OUT_REASON.to_owned(),
-                branches: Vec::new(),
-            };
+            let cmd = DecideCmd::without_branches(txn_id, Decision::Abort, TIMED_OUT_REASON.to_owned());
             let (record, _) = self.decide_and_deliver(cmd).await?;
             return Ok(Resolution::Decided(decision_for(&record, asker)));
         }
@@ -874,7 +876,7 @@ impl<P: ParticipantClient> Engine<P> {
         };
         // A txn staged since the read above is not presumed aborted (§13.1).
         let presumed = self
-            .decide_and_deliver(DecideCmd { txn_id, decision: Decision::Abort, reason, branches: Vec::new() })
+            .decide_and_deliver(DecideCmd::without_branches(txn_id, Decision::Abort, reason))
             .await
             .map(|(record, _)| record);
         let record = self.or_recover(txn_id, presumed).await?;
@@ -897,7 +899,7 @@ impl<P: ParticipantClient> Engine<P> {
         self.require_leader()?;
         if failpoint::fired(failpoint::OPERATOR_DECIDE_UNCHECKED, || txn_id.to_string()) {
             let reason = format!("{OPERATOR_REASON_PREFIX}{reason}");
-            return self.decide(DecideCmd { txn_id, decision, reason, branches: Vec::new() }).await;
+            return self.decide(DecideCmd::without_branches(txn_id, decision, reason)).await;
         }
         // I1: while this leader collects votes, a branch may yet vote NO;
         // an operator's Commit now would be applied there by nobody.
@@ -917,7 +919,7 @@ impl<P: ParticipantClient> Engine<P> {
         // Delivered: a begun txn's record names the branches that joined it.
         // A staged txn is decided by its votes (§13.1): the operator's
         // decision stands only if they make the same one.
-        let decided = self.decide_and_deliver(DecideCmd { txn_id, decision, reason, branches: Vec::new() }).await;
+        let decided = self.decide_and_deliver(DecideCmd::without_branches(txn_id, decision, reason)).await;
         let result = self.or_recover(txn_id, decided.map(|(record, _)| record)).await;
         guard.finish(result.as_ref());
         let record = result?;
@@ -1200,6 +1202,7 @@ mod tests {
             decision: Decision::Commit,
             reason: String::new(),
             branches: vec![("a".parse().expect("a name"), Some(Vote::Yes))],
+            payload_digests: Vec::new(),
         };
         let asker: ParticipantId = "a".parse().expect("a name");
         let implicit = crate::state_machine::one_shot_record(&cmd, 0, 1);

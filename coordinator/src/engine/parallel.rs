@@ -19,7 +19,7 @@ use futures::stream::FuturesUnordered;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use twopc_proto::{Decision, ParticipantId, PayloadDigest, TxnId, Vote};
+use twopc_proto::{Decision, ParticipantId, TxnId, Vote};
 
 use super::{
     Driver, Engine, InflightGuard, Joined, begun_not_submit, decided, forgotten, other_branches,
@@ -46,10 +46,11 @@ impl<P: ParticipantClient> Engine<P> {
     ) -> Result<TxnRecord> {
         let txn_id = request.txn_id;
         let participants: Vec<ParticipantId> = targets.iter().map(|(t, _)| t.participant.clone()).collect();
+        let payload_digests = super::payload_digests(&targets);
         let staged = StagedCmd {
             txn_id,
             participants: participants.clone(),
-            payload_digests: targets.iter().map(|(_, payload)| PayloadDigest::of(payload)).collect(),
+            payload_digests: payload_digests.clone(),
             deadline_unix_ms: request.deadline_unix_ms,
         };
         // Proposed at once, in a task of its own: the Staged entry's durable
@@ -72,7 +73,7 @@ impl<P: ParticipantClient> Engine<P> {
         let staged =
             async { staging.await.unwrap_or_else(|e| Err(Error::Retryable(format!("the Staged entry's task: {e}")))) };
         if let Some(reason) = abort_reason {
-            let abort = DecideCmd { txn_id, decision: Decision::Abort, reason, branches };
+            let abort = DecideCmd { txn_id, decision: Decision::Abort, reason, branches, payload_digests };
             // §13.1: the owner of the txn (whose Staged entry staged it)
             // aborts it on any missing vote; anyone else needs a NO, or
             // status recovery decides. Without a Staged entry, as §5: one
@@ -93,7 +94,7 @@ impl<P: ParticipantClient> Engine<P> {
             }
             return Ok(record);
         }
-        let commit = DecideCmd { txn_id, decision: Decision::Commit, reason: String::new(), branches };
+        let commit = DecideCmd { txn_id, decision: Decision::Commit, reason: String::new(), branches, payload_digests };
         let implicit = implicit_commit(&commit, self.now_ms());
         if failpoint::fired(failpoint::PARALLEL_ANSWER_BEFORE_STAGED, || txn_id.to_string()) {
             // A broken protocol, for the checker's bite: Commit told before
@@ -265,7 +266,9 @@ impl<P: ParticipantClient> Engine<P> {
             Decision::Commit => &self.inner.metrics.recovered_commits,
             Decision::Abort => &self.inner.metrics.recovered_aborts,
         };
-        let (record, first) = self.decide_and_deliver(DecideCmd { txn_id, decision, reason, branches: votes }).await?;
+        // The staged entry's digests stay in the record (decide_staged).
+        let cmd = DecideCmd { txn_id, decision, reason, branches: votes, payload_digests: Vec::new() };
+        let (record, first) = self.decide_and_deliver(cmd).await?;
         if first {
             counter.fetch_add(1, Ordering::Relaxed);
         }
