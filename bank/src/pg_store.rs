@@ -54,7 +54,7 @@ use twopc_participant::outbox::{OutboxSource, ReadyEvent, RelayWake};
 use twopc_participant::postgres::deadpool_postgres::Object;
 use twopc_participant::postgres::tokio_postgres::Row;
 use twopc_participant::postgres::{BranchStatus, BranchTx, PostgresBranch, PostgresConfig, PostgresResource};
-use twopc_proto::{Decision, ParticipantId, TxnId, Vote};
+use twopc_proto::{Decision, ParticipantId, PayloadDigest, TxnId, Vote};
 
 use crate::address::AccountName;
 use crate::error::{Error, Result};
@@ -527,8 +527,9 @@ impl AccountStore for PgStore {
         })
     }
 
-    async fn prepare(&self, txn: TxnId, payload: BranchPayload) -> Result<Vote> {
-        self.resource.prepare(txn, payload.encode()).await.map_err(|e| Error::on_branch(txn, e))
+    async fn prepare_with_digest(&self, txn: TxnId, payload: BranchPayload, digest: PayloadDigest) -> Result<Vote> {
+        let prepared = self.resource.prepare_with_digest(txn, &payload.encode(), digest).await;
+        prepared.map_err(|e| Error::on_branch(txn, e))
     }
 
     async fn refuse(&self, txn: TxnId, reason: String) -> Result<Vote> {
@@ -547,8 +548,8 @@ impl AccountStore for PgStore {
         self.resource.abort(txn).await.map_err(|e| Error::on_branch(txn, e))
     }
 
-    async fn prepared(&self) -> Result<Vec<TxnId>> {
-        self.resource.prepared().await.map_err(Error::from_resource)
+    async fn prepared_with_digests(&self) -> Result<Vec<(TxnId, Option<PayloadDigest>)>> {
+        self.resource.prepared_with_digests().await.map_err(Error::from_resource)
     }
 
     async fn branch_state(&self, txn: TxnId) -> Result<Option<BranchState>> {

@@ -27,7 +27,8 @@
 //!
 //! Tables:
 //! - `accounts`: name -> (balance, held, incoming), in minor units.
-//! - `branches`: txn id -> branch record (state, payload, NO reason, time).
+//! - `branches`: txn id -> branch record (state, payload, NO reason, time,
+//!   and while prepared the digest of the Prepare's payload, docs/PROTOCOL.md §3.1).
 //! - `prepared`: txn id -> (), the branches voted YES and not yet decided.
 //! - `finished`: (finished at, txn id) -> (), the retention index the garbage
 //!   collector walks oldest first.
@@ -56,7 +57,7 @@ use tracing::{debug, error, info, trace, warn};
 use twopc_participant::ResourceError;
 use twopc_participant::outbox::{self, OutboxSource, OutboxTables, ReadyEvent, RelayWake};
 use twopc_proto::txn_id::unix_now_ms;
-use twopc_proto::{Decision, TxnId, Vote};
+use twopc_proto::{Decision, PayloadDigest, TxnId, Vote};
 
 use crate::address::AccountName;
 use crate::config::StoreConfig;
@@ -242,6 +243,21 @@ impl RedbStore {
         self.wake.clone()
     }
 
+    /// The payload `txn`'s branch was prepared with, while the store keeps
+    /// its record (prepared or committed; none for a NO vote or a
+    /// tombstone): what a test reads to tell whose payloads a txn applied.
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub async fn branch_payload(&self, txn: TxnId) -> Result<Option<BranchPayload>> {
+        self.read(move |read| {
+            let branches = read.open_table(BRANCHES)?;
+            let record = branches.get(key_of(txn))?;
+            Ok(record.map(|bytes| Record::decode(txn, bytes.value())).transpose()?.and_then(|r| r.payload))
+        })
+        .await
+    }
+
     /// Entries waiting in the outbox: branches with staged events plus
     /// events the stream has not acknowledged.
     ///
@@ -377,8 +393,8 @@ impl AccountStore for RedbStore {
         .await
     }
 
-    async fn prepare(&self, txn: TxnId, payload: BranchPayload) -> Result<Vote> {
-        match self.submit(Op::Prepare { txn, payload }).await? {
+    async fn prepare_with_digest(&self, txn: TxnId, payload: BranchPayload, digest: PayloadDigest) -> Result<Vote> {
+        match self.submit(Op::Prepare { txn, payload, digest }).await? {
             Done::Vote(vote) => Ok(vote),
             other => Err(unexpected(&other)),
         }
@@ -405,12 +421,16 @@ impl AccountStore for RedbStore {
         }
     }
 
-    async fn prepared(&self) -> Result<Vec<TxnId>> {
-        self.read(|txn| {
-            let prepared = txn.open_table(PREPARED)?;
+    async fn prepared_with_digests(&self) -> Result<Vec<(TxnId, Option<PayloadDigest>)>> {
+        self.read(|read| {
+            let prepared = read.open_table(PREPARED)?;
+            let branches = read.open_table(BRANCHES)?;
             let mut txns = Vec::new();
             for entry in prepared.iter()? {
-                txns.push(txn_of_key(entry?.0.value())?);
+                let key = entry?.0.value();
+                let txn = txn_of_key(key)?;
+                let record = branches.get(key)?.map(|b| Record::decode(txn, b.value())).transpose()?;
+                txns.push((txn, record.and_then(|r| r.payload_digest)));
             }
             Ok(txns)
         })
@@ -469,7 +489,7 @@ struct Job {
 #[derive(Debug)]
 enum Op {
     CreateAccount { name: AccountName, initial_minor: i64 },
-    Prepare { txn: TxnId, payload: BranchPayload },
+    Prepare { txn: TxnId, payload: BranchPayload, digest: PayloadDigest },
     Refuse { txn: TxnId, reason: String },
     Commit { txn: TxnId },
     Abort { txn: TxnId },
@@ -748,7 +768,7 @@ impl<'t> Tables<'t> {
     fn apply(&mut self, op: &Op) -> Result<Answer> {
         match op {
             Op::CreateAccount { name, initial_minor } => self.create_account(name, *initial_minor),
-            Op::Prepare { txn, payload } => self.prepare(*txn, payload),
+            Op::Prepare { txn, payload, digest } => self.prepare(*txn, payload, *digest),
             Op::Refuse { txn, reason } => self.refuse(*txn, reason),
             Op::Commit { txn } => self.commit(*txn),
             Op::Abort { txn } => self.abort(*txn),
@@ -776,7 +796,7 @@ impl<'t> Tables<'t> {
         Ok(Ok(Done::Account(balance_of(name.clone(), row))))
     }
 
-    fn prepare(&mut self, txn: TxnId, payload: &BranchPayload) -> Result<Answer> {
+    fn prepare(&mut self, txn: TxnId, payload: &BranchPayload, digest: PayloadDigest) -> Result<Answer> {
         // I5: a txn with a record keeps its vote, whatever this payload says.
         if let Some(record) = self.record(txn)? {
             return Ok(Ok(Done::Vote(record.vote())));
@@ -799,7 +819,10 @@ impl<'t> Tables<'t> {
                 if let Some((events, _)) = self.events {
                     self.outbox.stage(txn, events.bank.as_str(), &events.for_branch(txn, payload))?;
                 }
-                let record = Record::new(BranchState::Prepared, Some(payload), "", self.now_unix_ms);
+                let record = Record {
+                    payload_digest: Some(digest),
+                    ..Record::new(BranchState::Prepared, Some(payload), "", self.now_unix_ms)
+                };
                 self.branches.insert(key_of(txn), record.encode().as_slice())?;
                 self.prepared.insert(key_of(txn), ())?;
                 Vote::Yes
@@ -1029,11 +1052,14 @@ struct Record {
     payload: Option<BranchPayload>,
     reason: String,
     updated_unix_ms: u64,
+    /// While prepared: the digest of the Prepare's payload as sent (none in
+    /// a record written before digests were kept).
+    payload_digest: Option<PayloadDigest>,
 }
 
 impl Record {
     fn new(state: BranchState, payload: Option<&BranchPayload>, reason: &str, updated_unix_ms: u64) -> Self {
-        Self { state, payload: payload.cloned(), reason: reason.to_owned(), updated_unix_ms }
+        Self { state, payload: payload.cloned(), reason: reason.to_owned(), updated_unix_ms, payload_digest: None }
     }
 
     /// The vote a repeated Prepare gets (I5).
@@ -1059,6 +1085,7 @@ impl Record {
             payload: self.payload.as_ref().map_or_else(Bytes::new, BranchPayload::encode),
             reason: self.reason.clone(),
             updated_unix_ms: self.updated_unix_ms,
+            payload_digest: self.payload_digest.map(|d| d.as_bytes().to_vec()).unwrap_or_default(),
         }
         .encode_to_vec()
     }
@@ -1081,7 +1108,11 @@ impl Record {
         } else {
             Some(BranchPayload::decode(&wire.payload).map_err(|e| corrupt(e.to_string()))?)
         };
-        Ok(Self { state, payload, reason: wire.reason, updated_unix_ms: wire.updated_unix_ms })
+        let payload_digest = match wire.payload_digest.as_slice() {
+            [] => None,
+            bytes => Some(PayloadDigest::from_slice(bytes).ok_or_else(|| corrupt("a bad payload digest".into()))?),
+        };
+        Ok(Self { state, payload, reason: wire.reason, updated_unix_ms: wire.updated_unix_ms, payload_digest })
     }
 }
 
@@ -1097,6 +1128,9 @@ struct RecordPb {
     reason: String,
     #[prost(uint64, tag = "4")]
     updated_unix_ms: u64,
+    /// The digest of the Prepare's payload while prepared; empty otherwise.
+    #[prost(bytes = "vec", tag = "5")]
+    payload_digest: Vec<u8>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]

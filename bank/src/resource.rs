@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tracing::warn;
 use twopc_participant::{Resource, ResourceError};
-use twopc_proto::{TxnId, Vote};
+use twopc_proto::{PayloadDigest, TxnId, Vote};
 
 use crate::error::Result;
 use crate::payload::BranchPayload;
@@ -64,7 +64,9 @@ impl<S: AccountStore> BankResource<S> {
 impl<S: AccountStore> Resource for BankResource<S> {
     async fn prepare(&self, txn: TxnId, payload: Bytes) -> Result<Vote, ResourceError> {
         let vote = match BranchPayload::decode(&payload) {
-            Ok(payload) => self.store.prepare(txn, payload).await?,
+            // The digest of the bytes as sent, which the coordinator and the
+            // library compare (docs/PROTOCOL.md §3.1).
+            Ok(decoded) => self.store.prepare_with_digest(txn, decoded, PayloadDigest::of(&payload)).await?,
             Err(e) => {
                 warn!(%txn, error = %e, "unreadable branch payload; voting NO");
                 let reason = format!("malformed bank payload: {e}");
@@ -86,5 +88,9 @@ impl<S: AccountStore> Resource for BankResource<S> {
 
     async fn prepared(&self) -> Result<Vec<TxnId>, ResourceError> {
         Ok(self.store.prepared().await?)
+    }
+
+    async fn prepared_with_digests(&self) -> Result<Vec<(TxnId, Option<PayloadDigest>)>, ResourceError> {
+        Ok(self.store.prepared_with_digests().await?)
     }
 }

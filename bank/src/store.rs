@@ -6,7 +6,7 @@
 
 use std::future::Future;
 
-use twopc_proto::{TxnId, Vote};
+use twopc_proto::{PayloadDigest, TxnId, Vote};
 
 use crate::address::AccountName;
 use crate::error::Result;
@@ -141,8 +141,22 @@ pub trait AccountStore: Send + Sync + 'static {
     /// Stages `payload` for `txn` and votes: NO "unknown account NAME" or
     /// "insufficient funds in NAME ..." (see [`UNKNOWN_ACCOUNT`],
     /// [`INSUFFICIENT_FUNDS`]), recorded; otherwise holds the debits, stages
-    /// the credits, and votes YES once durable.
-    fn prepare(&self, txn: TxnId, payload: BranchPayload) -> impl Future<Output = Result<Vote>> + Send;
+    /// the credits, and votes YES once durable. The branch keeps the digest
+    /// of the payload's encoding, as this crate's clients send it.
+    fn prepare(&self, txn: TxnId, payload: BranchPayload) -> impl Future<Output = Result<Vote>> + Send {
+        let digest = PayloadDigest::of(&payload.encode());
+        self.prepare_with_digest(txn, payload, digest)
+    }
+
+    /// [`AccountStore::prepare`] of a payload whose bytes as sent have
+    /// `digest`, which the store keeps with the prepared branch
+    /// ([`AccountStore::prepared_with_digests`], docs/PROTOCOL.md §3.1).
+    fn prepare_with_digest(
+        &self,
+        txn: TxnId,
+        payload: BranchPayload,
+        digest: PayloadDigest,
+    ) -> impl Future<Output = Result<Vote>> + Send;
 
     /// Records a NO vote with `reason` for a txn whose payload could not be
     /// read, unless the txn has a record already, whose vote is returned.
@@ -162,7 +176,13 @@ pub trait AccountStore: Send + Sync + 'static {
     fn abort(&self, txn: TxnId) -> impl Future<Output = Result<()>> + Send;
 
     /// Every txn prepared and not yet decided, oldest first.
-    fn prepared(&self) -> impl Future<Output = Result<Vec<TxnId>>> + Send;
+    fn prepared(&self) -> impl Future<Output = Result<Vec<TxnId>>> + Send {
+        async { Ok(self.prepared_with_digests().await?.into_iter().map(|(txn, _)| txn).collect()) }
+    }
+
+    /// [`AccountStore::prepared`], each with the digest its Prepare's payload
+    /// had (none for a branch prepared before digests were kept).
+    fn prepared_with_digests(&self) -> impl Future<Output = Result<Vec<(TxnId, Option<PayloadDigest>)>>> + Send;
 
     /// Where `txn` stands, if the store has a record of it.
     fn branch_state(&self, txn: TxnId) -> impl Future<Output = Result<Option<BranchState>>> + Send;

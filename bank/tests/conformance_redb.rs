@@ -76,6 +76,10 @@ impl Harness for RedbHarness {
         assert_eq!(balance % CREDIT_MINOR, 0, "a partial credit was applied");
         u64::try_from(balance / CREDIT_MINOR).expect("balance is never negative")
     }
+
+    fn keeps_payload_digests(&self) -> bool {
+        true
+    }
 }
 
 // I1, I3, I4, I5: every case of the suite passes against the redb store, across reopen.

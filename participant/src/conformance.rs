@@ -42,7 +42,7 @@
 use std::future::Future;
 
 use bytes::Bytes;
-use twopc_proto::{Decision, TxnId, Vote};
+use twopc_proto::{Decision, PayloadDigest, TxnId, Vote};
 
 use crate::resource::{Resource, ResourceError};
 
@@ -68,6 +68,14 @@ pub trait Harness: Send + Sync {
     /// How many times the effect of the YES payload of `txn` has been applied
     /// (0 before commit, 1 after, never more).
     fn applied_count(&self, resource: &Self::Resource, txn: TxnId) -> impl Future<Output = u64> + Send;
+
+    /// Whether the resource keeps each prepared branch's payload digest
+    /// ([`Resource::prepared_with_digests`]); if so the suite requires it
+    /// after a restart. Default: false, when the suite only requires that a
+    /// digest reported is the right one.
+    fn keeps_payload_digests(&self) -> bool {
+        false
+    }
 }
 
 /// Runs every case, each on a fresh resource.
@@ -87,6 +95,7 @@ pub async fn run_all<H: Harness>(h: &H) {
     commit_of_unprepared_txn_is_not_prepared(h).await;
     conflicting_decision_is_refused(h).await;
     recovered_votes_survive_restart(h).await;
+    payload_digests_survive_restart(h).await;
 }
 
 async fn prepare<H: Harness>(r: &H::Resource, txn: TxnId, payload: Bytes, case: &str) -> Vote {
@@ -126,6 +135,30 @@ pub async fn yes_vote_survives_restart<H: Harness>(h: &H) {
     let r = h.restart(r).await;
     assert!(!listed::<H>(&r, txn, CASE).await, "{CASE}: listed again after restart");
     expect_applied(h, &r, txn, 1, CASE).await;
+}
+
+/// §3.1: after a restart, `prepared_with_digests()` lists each prepared
+/// branch with the digest of the payload it was prepared with (or none, for
+/// a resource that does not keep it), and a decided branch no more.
+pub async fn payload_digests_survive_restart<H: Harness>(h: &H) {
+    const CASE: &str = "payload_digests_survive_restart";
+    let r = h.create().await;
+    let (held, decided) = (TxnId::new(), TxnId::new());
+    for txn in [held, decided] {
+        assert_eq!(prepare::<H>(&r, txn, h.yes_payload(txn), CASE).await, Vote::Yes, "{CASE}");
+    }
+    decide::<H>(&r, decided, Decision::Commit, CASE).await;
+    let r = h.restart(r).await;
+    let listed = r.prepared_with_digests().await.unwrap_or_else(|e| panic!("{CASE}: prepared_with_digests(): {e}"));
+    let digest = |txn| listed.iter().find(|(t, _)| *t == txn).map(|(_, d)| *d);
+    let expected = PayloadDigest::of(&h.yes_payload(held));
+    match digest(held) {
+        Some(Some(d)) => assert_eq!(d, expected, "{CASE}: another payload's digest"),
+        Some(None) => assert!(!h.keeps_payload_digests(), "{CASE}: the digest was lost in the restart"),
+        None => panic!("{CASE}: prepared_with_digests() lost the branch"),
+    }
+    assert_eq!(digest(decided), None, "{CASE}: a committed branch is listed");
+    decide::<H>(&r, held, Decision::Abort, CASE).await;
 }
 
 /// I5: a repeated prepare returns the recorded vote and stages nothing again,

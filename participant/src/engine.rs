@@ -150,15 +150,17 @@ impl<R: Resource> Engine<R> {
     pub(crate) async fn recover(&self) -> Result<usize> {
         let txns = self
             .resource
-            .prepared()
+            .prepared_with_digests()
             .await
             .map_err(|e| Error::Fatal(format!("listing prepared branches at start-up: {e}")))?;
         let now = Instant::now();
         let mut outcomes = self.outcomes.lock();
-        for txn in &txns {
+        for (txn, digest) in &txns {
             // After a restart nobody knows which branch was staged for a join:
-            // the coordinator's record settles it (§12.3).
-            outcomes.set_unbounded(*txn, Outcome::Prepared { due: now, for_join: false, digest: None }, now);
+            // the coordinator's record settles it (§12.3). The payload's
+            // digest, where the resource kept it, still refuses another
+            // payload under this id (§3.1).
+            outcomes.set_unbounded(*txn, Outcome::Prepared { due: now, for_join: false, digest: *digest }, now);
         }
         if outcomes.len() > self.config.outcome_memory_max {
             warn!(

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use twopc_proto::{Decision, TxnId, Vote};
+use twopc_proto::{Decision, PayloadDigest, TxnId, Vote};
 
 use crate::resource::{Resource, ResourceError};
 
@@ -57,6 +57,8 @@ struct Record {
     commits: u32,
     /// Which state change wrote `state`.
     seq: u64,
+    /// The digest of the payload a YES was given on.
+    digest: Option<PayloadDigest>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,7 +177,8 @@ impl Durable {
         let seq = self.next_seq;
         self.next_seq += 1;
         let finished = state != State::Prepared;
-        let record = self.records.entry(txn).or_insert(Record { state: State::Prepared, commits: 0, seq });
+        let record =
+            self.records.entry(txn).or_insert(Record { state: State::Prepared, commits: 0, seq, digest: None });
         record.state = state;
         record.seq = seq;
         if finished {
@@ -222,6 +225,11 @@ impl Resource for MemoryResource {
             Vote::No { reason } => State::Refused(reason.clone()),
         };
         durable.set(txn, state);
+        if vote.is_yes()
+            && let Some(record) = durable.records.get_mut(&txn)
+        {
+            record.digest = Some(PayloadDigest::of(&payload));
+        }
         Ok(vote)
     }
 
@@ -264,9 +272,17 @@ impl Resource for MemoryResource {
     }
 
     async fn prepared(&self) -> Result<Vec<TxnId>, ResourceError> {
+        Ok(self.prepared_with_digests().await?.into_iter().map(|(txn, _)| txn).collect())
+    }
+
+    async fn prepared_with_digests(&self) -> Result<Vec<(TxnId, Option<PayloadDigest>)>, ResourceError> {
         let durable = self.durable.lock();
-        let mut txns: Vec<TxnId> =
-            durable.records.iter().filter(|(_, r)| r.state == State::Prepared).map(|(txn, _)| *txn).collect();
+        let mut txns: Vec<(TxnId, Option<PayloadDigest>)> = durable
+            .records
+            .iter()
+            .filter(|(_, r)| r.state == State::Prepared)
+            .map(|(txn, r)| (*txn, r.digest))
+            .collect();
         txns.sort_unstable();
         Ok(txns)
     }

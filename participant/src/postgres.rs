@@ -38,7 +38,12 @@
 //! # The table
 //!
 //! `<schema>.twopc_branches (gid, state, settled, reason, updated_at_ms)`,
-//! one row per txn:
+//! one row per txn. `reason` is the NO reason of a refused branch; while a
+//! branch is `reserved` it holds the hex SHA-256 of its Prepare's payload
+//! (docs/PROTOCOL.md §3.1), so a restart keeps which payload the prepared
+//! branch is ([`Resource::prepared_with_digests`]) without a new column,
+//! which an existing table could not take while prepared transactions hold
+//! it:
 //!
 //! | state | meaning |
 //! |---|---|
@@ -80,7 +85,7 @@ use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 use tracing::{debug, info, warn};
 use twopc_proto::txn_id::unix_now_ms;
-use twopc_proto::{Decision, ParticipantId, TxnId, Vote};
+use twopc_proto::{Decision, ParticipantId, PayloadDigest, TxnId, Vote};
 
 use crate::resource::{Resource, ResourceError};
 
@@ -338,8 +343,9 @@ pub type StageWith<'a> =
 
 /// How a branch transaction is filled.
 enum Staging<'a> {
-    /// [`PostgresBranch::reserve`] and [`PostgresBranch::stage`] with the payload.
-    Payload(&'a [u8]),
+    /// [`PostgresBranch::reserve`] and [`PostgresBranch::stage`] with the
+    /// payload; its digest (of the bytes as sent) is kept with the branch.
+    Payload(&'a [u8], PayloadDigest),
     /// The service's own SQL, with no reserve step.
     Service(StageWith<'a>),
 }
@@ -484,7 +490,7 @@ impl Sql {
             ),
             claim: format!(
                 "INSERT INTO {t} (gid, state, settled, reason, updated_at_ms) \
-                 VALUES ($1, 'reserved', false, '', $2) ON CONFLICT (gid) DO NOTHING"
+                 VALUES ($1, 'reserved', false, $3, $2) ON CONFLICT (gid) DO NOTHING"
             ),
             mark_committed: format!(
                 "UPDATE {t} SET state = 'committed', updated_at_ms = $2 WHERE gid = $1 AND state = 'reserved'"
@@ -503,7 +509,7 @@ impl Sql {
                  VALUES ($1, $3, true, $4, $2) ON CONFLICT (gid) DO NOTHING"
             ),
             prepared: format!(
-                "SELECT p.gid FROM pg_prepared_xacts p JOIN {t} b ON b.gid = p.gid \
+                "SELECT p.gid, b.reason FROM pg_prepared_xacts p JOIN {t} b ON b.gid = p.gid \
                  WHERE p.database = current_database() AND starts_with(p.gid, $1) ORDER BY p.prepared, p.gid"
             ),
             unsettled: format!(
@@ -666,6 +672,23 @@ impl<B: PostgresBranch> PostgresResource<B> {
         F: for<'t> FnOnce(&'t BranchTx<'t>) -> BoxFuture<'t, Result<Vote, ResourceError>> + Send,
     {
         self.inner.prepare(txn, Staging::Service(Box::new(stage))).await
+    }
+
+    /// [`Resource::prepare`] of a payload whose bytes as its client sent them
+    /// have `digest`, for a service that re-encodes what it was sent before
+    /// staging it: the branch keeps `digest`, which a repeated Prepare's and
+    /// a status recovery's are compared with after a restart
+    /// ([`Resource::prepared_with_digests`], docs/PROTOCOL.md §3.1).
+    ///
+    /// # Errors
+    /// As [`Resource::prepare`].
+    pub async fn prepare_with_digest(
+        &self,
+        txn: TxnId,
+        payload: &[u8],
+        digest: PayloadDigest,
+    ) -> Result<Vote, ResourceError> {
+        self.inner.prepare(txn, Staging::Payload(payload, digest)).await
     }
 
     /// Records a NO vote with `reason` for `txn` without asking the service
@@ -947,14 +970,19 @@ impl<B: PostgresBranch> Inner<B> {
     ) -> Result<Vote, ResourceError> {
         let now = now_ms();
         let tx = session.begin(false).await?;
-        let claimed = tx.execute(&tx.prepare_cached(&self.sql.claim).await?, &[&gid, &now]).await?;
+        // A reserved row's reason holds the payload's digest (see the table).
+        let digest = match &staging {
+            Staging::Payload(_, digest) => digest.to_hex(),
+            Staging::Service(_) => String::new(),
+        };
+        let claimed = tx.execute(&tx.prepare_cached(&self.sql.claim).await?, &[&gid, &now, &digest]).await?;
         if claimed == 0 {
             session.rollback().await?;
             return self.repeat_vote(session, txn, gid).await?.ok_or_else(|| {
                 ResourceError::Unavailable(format!("{gid}: its row vanished while claiming it; retry"))
             });
         }
-        if let Staging::Payload(payload) = &staging {
+        if let Staging::Payload(payload, _) = &staging {
             match self.branch.reserve(&tx, txn, payload).await? {
                 Vote::No { reason } => {
                     session.rollback().await?;
@@ -974,7 +1002,7 @@ impl<B: PostgresBranch> Inner<B> {
             return Err(ResourceError::Fatal(format!("{gid}: its reserved row is gone")));
         }
         let vote = match staging {
-            Staging::Payload(payload) => self.branch.stage(&tx, txn, payload).await?,
+            Staging::Payload(payload, _) => self.branch.stage(&tx, txn, payload).await?,
             Staging::Service(stage) => stage(&tx).await?,
         };
         match vote {
@@ -1083,7 +1111,7 @@ fn now_ms() -> i64 {
 
 impl<B: PostgresBranch> Resource for PostgresResource<B> {
     async fn prepare(&self, txn: TxnId, payload: Bytes) -> Result<Vote, ResourceError> {
-        self.inner.prepare(txn, Staging::Payload(&payload)).await
+        self.inner.prepare(txn, Staging::Payload(&payload, PayloadDigest::of(&payload))).await
     }
 
     async fn commit(&self, txn: TxnId) -> Result<(), ResourceError> {
@@ -1153,10 +1181,18 @@ impl<B: PostgresBranch> Resource for PostgresResource<B> {
     }
 
     async fn prepared(&self) -> Result<Vec<TxnId>, ResourceError> {
+        Ok(self.prepared_with_digests().await?.into_iter().map(|(txn, _)| txn).collect())
+    }
+
+    async fn prepared_with_digests(&self) -> Result<Vec<(TxnId, Option<PayloadDigest>)>, ResourceError> {
         let inner = &self.inner;
         let session = inner.session().await?;
         let rows = session.client()?.query(&inner.sql.prepared, &[&inner.gid_prefix]).await?;
-        rows.iter().map(|row| inner.txn_of(row.get::<_, &str>(0))).collect()
+        // A row reserved before digests were kept, or by a service's own
+        // staging, has none.
+        rows.iter()
+            .map(|row| Ok((inner.txn_of(row.get::<_, &str>(0))?, PayloadDigest::from_hex(row.get::<_, &str>(1)))))
+            .collect()
     }
 }
 

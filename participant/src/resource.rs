@@ -4,7 +4,7 @@
 use std::future::Future;
 
 use bytes::Bytes;
-use twopc_proto::{Decision, TxnId, Vote};
+use twopc_proto::{Decision, PayloadDigest, TxnId, Vote};
 
 /// Why a [`Resource`] call did not succeed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -56,7 +56,10 @@ pub enum ResourceError {
 ///   are not recorded), and a later `abort` succeeds.
 /// - **Prepare is idempotent** (I5). A repeated `prepare` for a txn returns the
 ///   vote already recorded (YES stays YES, even if the payload differs) and
-///   stages nothing again.
+///   stages nothing again. (The library refuses a repeat with another
+///   payload before it gets here, knowing the payload's digest from memory,
+///   or after a restart from [`Resource::prepared_with_digests`], which a
+///   resource should implement by keeping the digest with the branch.)
 /// - **Abort leaves a tombstone** (I4). `abort` of a txn the resource has never
 ///   seen records a durable tombstone, so that a later `prepare` of that txn
 ///   votes NO. Tombstones may be forgotten once they are older than every
@@ -137,4 +140,27 @@ pub trait Resource: Send + Sync + 'static {
     /// [`ResourceError::Unavailable`] or [`ResourceError::Fatal`] when storage
     /// cannot be read; the library then refuses to start.
     fn prepared(&self) -> impl Future<Output = Result<Vec<TxnId>, ResourceError>> + Send;
+
+    /// [`Resource::prepared`], each txn with the digest of the payload its
+    /// branch was prepared with (`PayloadDigest::of(payload)`, of the bytes
+    /// `prepare` was given), for a resource that keeps it with the branch,
+    /// in the write that made the branch durable.
+    ///
+    /// The library holds one payload per txn id (docs/PROTOCOL.md §3.1): a
+    /// repeated Prepare with another payload is refused, and a status
+    /// recovery asking for another payload's vote gets NO. It keeps the
+    /// digest in memory; after a restart it knows it only from here. The
+    /// default knows none, and a branch recovered without one answers such a
+    /// repeat with its recorded YES, as the contract's idempotence says,
+    /// which lets a client that reuses one txn id with other payloads on a
+    /// new leader commit parts of two transfers (§13.4). Every resource this
+    /// project ships keeps the digest.
+    ///
+    /// # Errors
+    /// As [`Resource::prepared`].
+    fn prepared_with_digests(
+        &self,
+    ) -> impl Future<Output = Result<Vec<(TxnId, Option<PayloadDigest>)>, ResourceError>> + Send {
+        async { Ok(self.prepared().await?.into_iter().map(|txn| (txn, None)).collect()) }
+    }
 }

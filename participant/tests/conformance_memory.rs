@@ -31,6 +31,10 @@ impl Harness for MemoryHarness {
     async fn applied_count(&self, resource: &MemoryResource, txn: TxnId) -> u64 {
         u64::from(resource.commit_count(txn))
     }
+
+    fn keeps_payload_digests(&self) -> bool {
+        true
+    }
 }
 
 // I1, I3, I4, I5: every case of the suite passes against the in-memory resource.

@@ -95,6 +95,30 @@ async fn a_repeated_prepare_with_another_payload_is_refused_and_changes_nothing(
     p.stop().await
 }
 
+// §3.1 across a restart: the payload's digest comes back from the resource with the prepared
+// branch (Resource::prepared_with_digests), so another payload is still refused and a status
+// recovery about it still gets NO. Before, a restarted participant answered both with the
+// recorded YES (§13.4's open limit).
+#[tokio::test]
+async fn another_payload_is_refused_after_a_participant_restart() -> anyhow::Result<()> {
+    let resource = Arc::new(MemoryResource::new());
+    let p = start(Arc::clone(&resource), config(vec![dead_addr().await?])).await?;
+    let txn = TxnId::new();
+    assert_eq!(vote(&p.prepare(txn, b"ok").await?)?, Vote::Yes);
+    p.stop().await?;
+
+    let restarted = Arc::new(resource.restarted());
+    drop(resource);
+    let p = start(Arc::clone(&restarted), config(vec![dead_addr().await?])).await?;
+    let refused = p.prepare(txn, b"ok, but another amount").await.map(|_| ()).map_err(|s| s.code());
+    assert_eq!(refused, Err(tonic::Code::FailedPrecondition), "a restart forgot which payload was prepared");
+    assert!(!p.recover_vote(txn, Some(b"ok, but another amount")).await?.is_yes());
+    assert!(restarted.is_prepared(txn), "nothing changed");
+    assert_eq!(vote(&p.prepare(txn, b"ok").await?)?, Vote::Yes);
+    assert_eq!(p.recover_vote(txn, Some(b"ok")).await?, Vote::Yes);
+    p.stop().await
+}
+
 // I5: a repeated Decide is a no-op success: the decision reaches the resource once, and its
 // effect is applied once, for Commit and for Abort.
 #[tokio::test]

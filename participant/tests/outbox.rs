@@ -60,6 +60,10 @@ impl Harness for EventHarness {
         let ready = resource.ready(usize::MAX).await.expect("ready events");
         ready.iter().filter(|e| e.id.starts_with(&prefix)).count() as u64
     }
+
+    fn keeps_payload_digests(&self) -> bool {
+        true
+    }
 }
 
 #[tokio::test]

@@ -50,6 +50,10 @@ impl Harness for PgHarness {
     async fn applied_count(&self, resource: &Counting, txn: TxnId) -> u64 {
         postgres_common::effects(resource, txn).await
     }
+
+    fn keeps_payload_digests(&self) -> bool {
+        true
+    }
 }
 
 // I1, I3, I4, I5: every case of the suite passes against PostgreSQL, across

@@ -34,6 +34,23 @@ impl PayloadDigest {
     pub fn from_slice(bytes: &[u8]) -> Option<Self> {
         <[u8; 32]>::try_from(bytes).ok().map(Self)
     }
+
+    /// Its 64 lowercase hex digits, for a store that keeps text.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|byte| format!("{byte:02x}")).collect()
+    }
+
+    /// From [`PayloadDigest::to_hex`]'s form: `None` for anything but 64 hex digits.
+    pub fn from_hex(text: &str) -> Option<Self> {
+        if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let mut bytes = [0u8; 32];
+        for (byte, pair) in bytes.iter_mut().zip(text.as_bytes().chunks_exact(2)) {
+            *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+        }
+        Some(Self(bytes))
+    }
 }
 
 impl std::fmt::Debug for PayloadDigest {
@@ -57,5 +74,9 @@ mod tests {
         assert_eq!(PayloadDigest::from_slice(digest.as_bytes()), Some(digest));
         assert_eq!(PayloadDigest::from_slice(&[]), None);
         assert_eq!(PayloadDigest::from_slice(&[0; 31]), None);
+        assert_eq!(PayloadDigest::from_hex(&digest.to_hex()), Some(digest));
+        for bad in ["", "insufficient funds", &"g".repeat(64), &"a".repeat(63), &"é".repeat(32)] {
+            assert_eq!(PayloadDigest::from_hex(bad), None, "{bad}");
+        }
     }
 }

@@ -23,7 +23,8 @@
 //! ```
 //!
 //! Tables, beside the outbox's own ([`super::tables`]):
-//! - `event_branches`: txn id -> state, time of the last change, NO reason.
+//! - `event_branches`: txn id -> state, time of the last change, and the NO
+//!   reason or, while prepared, the payload's digest (docs/PROTOCOL.md §3.1).
 //! - `event_finished`: (finished at, txn id) -> (), the retention index.
 //!
 //! [`Relay`]: super::Relay
@@ -34,7 +35,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use twopc_proto::txn_id::unix_now_ms;
-use twopc_proto::{Decision, TxnId, Vote};
+use twopc_proto::{Decision, PayloadDigest, TxnId, Vote};
 
 use super::tables::{self, OutboxTables};
 use super::{OutboxSource, ReadyEvent, RelayWake, decode_staged};
@@ -85,15 +86,24 @@ enum State {
 struct Record {
     state: State,
     updated_unix_ms: u64,
+    /// Why it voted NO (Refused only).
     reason: String,
+    /// The digest of the payload it voted YES on (Prepared only; none in a
+    /// record written before digests were kept).
+    digest: Option<PayloadDigest>,
 }
 
 impl Record {
+    /// The state byte, the time, then the reason, or for a prepared branch
+    /// its payload's digest.
     fn encode(&self) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(9 + self.reason.len());
+        let mut bytes = Vec::with_capacity(9 + self.reason.len().max(32));
         bytes.push(self.state as u8);
         bytes.extend_from_slice(&self.updated_unix_ms.to_be_bytes());
-        bytes.extend_from_slice(self.reason.as_bytes());
+        match (self.state, &self.digest) {
+            (State::Prepared, Some(digest)) => bytes.extend_from_slice(digest.as_bytes()),
+            _ => bytes.extend_from_slice(self.reason.as_bytes()),
+        }
         bytes
     }
 
@@ -108,10 +118,14 @@ impl Record {
             5 => State::Tombstone,
             _ => return Err(corrupt()),
         };
-        let (time, reason) = rest.split_at_checked(8).ok_or_else(corrupt)?;
+        let (time, tail) = rest.split_at_checked(8).ok_or_else(corrupt)?;
         let updated_unix_ms = u64::from_be_bytes(time.try_into().map_err(|_| corrupt())?);
-        let reason = String::from_utf8(reason.to_vec()).map_err(|_| corrupt())?;
-        Ok(Self { state, updated_unix_ms, reason })
+        let (reason, digest) = match state {
+            State::Prepared if tail.is_empty() => (String::new(), None),
+            State::Prepared => (String::new(), Some(PayloadDigest::from_slice(tail).ok_or_else(corrupt)?)),
+            _ => (String::from_utf8(tail.to_vec()).map_err(|_| corrupt())?, None),
+        };
+        Ok(Self { state, updated_unix_ms, reason, digest })
     }
 
     fn vote(&self) -> Vote {
@@ -262,12 +276,13 @@ async fn run<T: Send + 'static>(
 }
 
 fn record(state: State, now: u64, reason: impl Into<String>) -> Record {
-    Record { state, updated_unix_ms: now, reason: reason.into() }
+    Record { state, updated_unix_ms: now, reason: reason.into(), digest: None }
 }
 
 impl Resource for EventResource {
     async fn prepare(&self, txn: TxnId, payload: Bytes) -> Result<Vote, ResourceError> {
         let events = decode_staged(&payload, self.config.events_per_branch_max);
+        let digest = PayloadDigest::of(&payload);
         let outbox_max = self.config.outbox_max;
         let source = self.config.source.clone();
         let outcome = self
@@ -291,7 +306,8 @@ impl Resource for EventResource {
                     return Ok((Some(record(State::Refused, now, why.clone())), Outcome::Vote(Vote::no(why))));
                 }
                 outbox.stage(txn, &source, &events).map_err(storage)?;
-                Ok((Some(record(State::Prepared, now, "")), Outcome::Vote(Vote::Yes)))
+                let prepared = Record { digest: Some(digest), ..record(State::Prepared, now, "") };
+                Ok((Some(prepared), Outcome::Vote(Vote::Yes)))
             })
             .await?;
         match outcome {
@@ -338,6 +354,10 @@ impl Resource for EventResource {
     }
 
     async fn prepared(&self) -> Result<Vec<TxnId>, ResourceError> {
+        Ok(self.prepared_with_digests().await?.into_iter().map(|(txn, _)| txn).collect())
+    }
+
+    async fn prepared_with_digests(&self) -> Result<Vec<(TxnId, Option<PayloadDigest>)>, ResourceError> {
         let db = Arc::clone(&self.db);
         run(move || {
             let read = db.begin_read().map_err(storage)?;
@@ -345,10 +365,11 @@ impl Resource for EventResource {
             let mut txns = Vec::new();
             for entry in branches.iter().map_err(storage)? {
                 let (key, value) = entry.map_err(storage)?;
-                if Record::decode(value.value())?.state == State::Prepared {
+                let record = Record::decode(value.value())?;
+                if record.state == State::Prepared {
                     let txn = TxnId::from_bytes(key.value().to_be_bytes())
                         .map_err(|e| ResourceError::Fatal(format!("corrupt event branch key: {e}")))?;
-                    txns.push(txn);
+                    txns.push((txn, record.digest));
                 }
             }
             Ok(txns)
