@@ -81,6 +81,11 @@ pub const RECOVERY_BEFORE_DECIDE: &str = "engine::recovery::before_decide";
 /// and the term confirmed. Subject: the txn id.
 pub const PARALLEL_ANSWER_BEFORE_STAGED: &str = "engine::parallel::answer_before_staged";
 
+/// Makes Commit's and Rollback's local read of an interactive txn find
+/// nothing, as on a new leader whose applied state lags its log (§4.4):
+/// the answer must then come from a read through the log. Subject: the txn id.
+pub const INTERACTIVE_LOCAL_STATE_LAGS: &str = "engine::interactive::local_state_lags";
+
 /// Whether failpoint `name` fires for `subject` (computed only when the
 /// failpoint is armed).
 #[cfg(feature = "failpoints")]

@@ -192,6 +192,34 @@ async fn a_leader_that_dies_between_phase_two_sends_has_the_rest_sent_by_the_nex
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_and_rollback_confirm_never_begun_through_the_log() -> anyhow::Result<()> {
+    // §4.4, §12.4: a new leader's applied state may lag its log, so a Begin
+    // the old leader answered is not yet applied there. Commit and Rollback
+    // must not answer "never begun" (NOT_FOUND) from that state: they read
+    // again through the log. The failpoint makes the local read find nothing
+    // (a simulation seed met the real lag: a Rollback answered NOT_FOUND).
+    let scenario = FailScenario::setup();
+    let world = world(10_000).await?;
+    let client = world.teller.client();
+    let (rolled, committed) = (
+        twopc_tests::calls::begin(client, None, 10_000).await?.txn_id,
+        twopc_tests::calls::begin(client, None, 10_000).await?.txn_id,
+    );
+    let lags = |txn: TxnId| format!("return({txn})");
+    fail::cfg(coordinator_fp::INTERACTIVE_LOCAL_STATE_LAGS, &lags(rolled)).map_err(anyhow::Error::msg)?;
+    let rollback = twopc_tests::calls::rollback(client, rolled, "the customer cancelled").await;
+    assert!(rollback.is_ok(), "a begun txn was answered {rollback:?}");
+    fail::cfg(coordinator_fp::INTERACTIVE_LOCAL_STATE_LAGS, &lags(committed)).map_err(anyhow::Error::msg)?;
+    let commit = twopc_tests::calls::commit(client, committed, Vec::new()).await?;
+    assert_eq!(commit.decision, twopc_proto::pb::Decision::Commit as i32, "{commit:?}");
+    let never = twopc_tests::calls::rollback(client, TxnId::new(), "nothing").await.map(|_| ()).map_err(|s| s.code());
+    assert_eq!(never, Err(tonic::Code::NotFound), "a txn never begun is still answered NOT_FOUND");
+    scenario.teardown();
+    world.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acknowledgement_batch_whose_proposal_failed_is_proposed_again() -> anyhow::Result<()> {
     // §5 step 5: the leader's proposal of a batch of acknowledgements fails
     // (as an overloaded node's would). The batch is proposed again, so within

@@ -21,8 +21,11 @@ use super::{
 };
 use crate::command::{Command, DecideCmd};
 use crate::error::{Error, Result};
+use crate::failpoint;
 use crate::participant_client::ParticipantClient;
-use crate::state_machine::{Applied, BeginRefusal, JoinRefusal, JoinVerdict, TIMED_OUT_REASON, TxnRecord};
+use crate::state_machine::{
+    Applied, BeginRefusal, BegunTxn, JoinRefusal, JoinVerdict, StateMachine, TIMED_OUT_REASON, TxnRecord,
+};
 
 /// Begun txns past their deadline that one scan logs the Abort of, at most;
 /// the rest wait for the next scan (I6). Their entries are proposed at once,
@@ -185,10 +188,7 @@ impl<P: ParticipantClient> Engine<P> {
         let txn_id = request.txn_id;
         self.require_leader()?;
         let asked: Vec<ParticipantId> = request.branches.iter().map(|(p, _)| p.clone()).collect();
-        let (record, begun, was_forgotten) = self
-            .inner
-            .node
-            .local_read(|sm| (sm.txn(&txn_id).cloned(), sm.begun(&txn_id).cloned(), sm.may_have_forgotten(&txn_id)));
+        let (record, begun, was_forgotten) = self.interactive_state(txn_id).await?;
         if let Some(record) = record {
             return commit_answer(txn_id, record, &asked);
         }
@@ -269,14 +269,11 @@ impl<P: ParticipantClient> Engine<P> {
     pub async fn rollback(&self, request: RollbackRequest) -> Result<TxnRecord> {
         let RollbackRequest { txn_id, reason } = request;
         self.require_leader()?;
-        let (record, begun, was_forgotten) = self
-            .inner
-            .node
-            .local_read(|sm| (sm.txn(&txn_id).cloned(), sm.is_begun(&txn_id), sm.may_have_forgotten(&txn_id)));
+        let (record, begun, was_forgotten) = self.interactive_state(txn_id).await?;
         if let Some(record) = record {
             return rollback_answer(txn_id, record);
         }
-        if !begun {
+        if begun.is_none() {
             return Err(if was_forgotten { forgotten(txn_id) } else { never_begun(txn_id) });
         }
         let outcome = match self.join_or_register(txn_id, Vec::new(), Driver::Rollback)? {
@@ -289,6 +286,25 @@ impl<P: ParticipantClient> Engine<P> {
         let result = self.decide_and_deliver(cmd).await;
         guard.finish(result.as_ref().map(|(record, _)| record));
         rollback_answer(txn_id, result?.0)
+    }
+
+    /// A txn's record, its begun state, and whether the log may have
+    /// forgotten it, for Commit and Rollback. Read locally, and again through
+    /// the log before the local state's "neither a record nor a Begin" is
+    /// answered `NOT_FOUND`: the local state may lag a Begin another leader
+    /// answered (this node cut off and still believing it leads; a new
+    /// leader not yet ready, §4.4). A simulation seed met it as a Rollback of
+    /// a begun txn answered "never begun" (failpoints.rs
+    /// `commit_and_rollback_confirm_never_begun_through_the_log`).
+    async fn interactive_state(&self, txn_id: TxnId) -> Result<(Option<TxnRecord>, Option<BegunTxn>, bool)> {
+        let read =
+            |sm: &StateMachine| (sm.txn(&txn_id).cloned(), sm.begun(&txn_id).cloned(), sm.may_have_forgotten(&txn_id));
+        let lags = failpoint::fired(failpoint::INTERACTIVE_LOCAL_STATE_LAGS, || txn_id.to_string());
+        let local = if lags { (None, None, false) } else { self.inner.node.local_read(read) };
+        if local.0.is_some() || local.1.is_some() {
+            return Ok(local);
+        }
+        self.inner.node.linearizable_read(read).await
     }
 
     /// Starts a scan for begun txns past their deadline, unless one is running.

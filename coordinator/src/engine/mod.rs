@@ -449,10 +449,21 @@ impl<P: ParticipantClient> Engine<P> {
         self.inner.config.clock.unix_now_ms()
     }
 
+    /// This node leads and is ready (docs/PROTOCOL.md §4.4): its applied
+    /// state holds every entry committed before its term, which the calls
+    /// that read it to decide what to do (a Submit finding its txn begun,
+    /// staged or decided) rely on. A leader elected a moment ago answers
+    /// `UNAVAILABLE` until the empty entry of its term is applied.
     fn require_leader(&self) -> Result<()> {
         self.inner.node.with_status(|status| {
             if status.role != crate::node::Role::Leader {
                 return Err(Error::NotLeader { leader_addr: status.leader_addr.clone() });
+            }
+            if !status.leader_ready {
+                return Err(Error::Retryable(format!(
+                    "node {} was elected leader of term {} and is still applying its log",
+                    status.id, status.term
+                )));
             }
             Ok(())
         })
