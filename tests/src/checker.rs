@@ -140,6 +140,11 @@ pub struct ParticipantView {
     pub commit_counts: BTreeMap<TxnId, u32>,
     /// Its accounts by name (banks only).
     pub accounts: BTreeMap<String, AccountView>,
+    /// For each committed txn that was also submitted with other amounts
+    /// ([`Observation::resubmits`]): the amounts of its committed branch's
+    /// operations here (banks only), by which the checker tells whose
+    /// payloads were applied.
+    pub committed_amounts: BTreeMap<TxnId, BTreeSet<i64>>,
     /// What its `Bank.Total` RPC answered once the system settled (banks
     /// only; None when not asked, as mid-run), or why it did not answer.
     pub totals: Option<Result<BankTotals, String>>,
@@ -232,6 +237,18 @@ pub enum Hearer {
     Rollback,
 }
 
+/// A Submit of a txn's id by another client, with the txn's movement at
+/// another amount: one id, two sets of payloads (docs/PROTOCOL.md §3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resubmit {
+    /// The txn whose id was reused.
+    pub txn_id: TxnId,
+    /// The amount this Submit asked for.
+    pub amount_minor: i64,
+    /// What it was told, if anything.
+    pub told: Option<Decision>,
+}
+
 /// One decision someone other than the txn's own client was told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Told {
@@ -279,6 +296,9 @@ pub struct Observation {
     pub membership_accepted: Vec<String>,
     /// The interactive txns among the history's, by id.
     pub interactive: BTreeMap<TxnId, InteractiveTxn>,
+    /// Submits of history txns' ids with other amounts (I8 then takes the
+    /// amount the banks applied, which must be one Submit's whole).
+    pub resubmits: Vec<Resubmit>,
     /// Calls answered otherwise than documented, each with what was asked
     /// and answered.
     pub misanswered: Vec<String>,
@@ -787,11 +807,12 @@ fn check_i8(obs: &Observation, log: &BTreeMap<TxnId, (Decision, u64)>, out: &mut
     for txn in &obs.history {
         let Some(m) = &txn.movement else { continue };
         let (debited, credited) = (committed_at(&m.from.bank, &txn.txn_id), committed_at(&m.to.bank, &txn.txn_id));
+        let amount_minor = applied_amount(obs, txn, m, out);
         if debited {
-            *expected.entry(m.from.clone()).or_default() -= m.amount_minor;
+            *expected.entry(m.from.clone()).or_default() -= amount_minor;
         }
         if credited {
-            *expected.entry(m.to.clone()).or_default() += m.amount_minor;
+            *expected.entry(m.to.clone()).or_default() += amount_minor;
         }
         if debited != credited && obs.interactive.get(&txn.txn_id).is_some_and(|i| i.eager) {
             made_by_eager_clients += i128::from(if credited { m.amount_minor } else { -m.amount_minor });
@@ -847,6 +868,39 @@ fn check_i8(obs: &Observation, log: &BTreeMap<TxnId, (Decision, u64)>, out: &mut
     }
 }
 
+/// The amount `txn`'s movement `m` applied with: its own, unless another
+/// Submit of its id asked for another ([`Observation::resubmits`]). Then the
+/// banks' committed branches say which, and it must be one Submit's whole
+/// (never a debit of one and a credit of another), and no Submit may have
+/// been told Commit for an amount that did not move.
+fn applied_amount(obs: &Observation, txn: &ClientTxn, m: &Movement, out: &mut Vec<Violation>) -> i64 {
+    let resubmits: Vec<&Resubmit> = obs.resubmits.iter().filter(|r| r.txn_id == txn.txn_id).collect();
+    if resubmits.is_empty() {
+        return m.amount_minor;
+    }
+    let applied: BTreeSet<i64> = [&m.from.bank, &m.to.bank]
+        .into_iter()
+        .filter_map(|bank| obs.participants.get(bank.as_str())?.committed_amounts.get(&txn.txn_id))
+        .flatten()
+        .copied()
+        .collect();
+    let asked: BTreeSet<i64> = resubmits.iter().map(|r| r.amount_minor).chain([m.amount_minor]).collect();
+    let id = Some(txn.txn_id);
+    if applied.len() > 1 || !applied.is_subset(&asked) {
+        let why = format!("its Submits asked for {asked:?}, and the banks applied {applied:?}: parts of two transfers");
+        violation(out, Invariant::I8, id, why);
+    }
+    let Some(&amount_minor) = applied.first() else { return m.amount_minor };
+    let told_commit = |asked: i64| format!("a Submit was told Commit for {asked}, but {amount_minor} moved");
+    if txn.outcome == ClientOutcome::Committed && amount_minor != m.amount_minor {
+        violation(out, Invariant::I8, id, told_commit(m.amount_minor));
+    }
+    for r in resubmits.iter().filter(|r| r.told == Some(Decision::Commit) && r.amount_minor != amount_minor) {
+        violation(out, Invariant::I8, id, told_commit(r.amount_minor));
+    }
+    amount_minor
+}
+
 /// I8 for a txn its client never committed (rolled back unanswered, or
 /// vanished): nobody asked for Commit, so the log never holds it and no
 /// branch applies it.
@@ -887,6 +941,7 @@ mod tests {
                 .iter()
                 .map(|(n, b)| ((*n).to_owned(), AccountView { balance_minor: *b, ..AccountView::default() }))
                 .collect(),
+            committed_amounts: BTreeMap::new(),
             totals: None,
         }
     }
@@ -937,7 +992,37 @@ mod tests {
             interactive: BTreeMap::new(),
             misanswered: Vec::new(),
             begun_overdue_before_unix_ms: u64::MAX,
+            resubmits: Vec::new(),
         }
+    }
+
+    // I8 with one id submitted twice, for 30 and for 50 (§3.1): the banks may
+    // apply either Submit's transfer whole, and only its Submit may be told
+    // Commit; a debit of one and a credit of the other is caught even when
+    // the balances happen to match the books.
+    #[test]
+    fn a_resubmitted_txn_applies_one_submits_payloads_whole() {
+        let t = TxnId::new();
+        let run = |debit: i64, credit: i64, client: ClientOutcome, resubmit_told: Option<Decision>| {
+            let mut a = bank(&[(t, BranchView::Committed)], &[("alice", 100 - debit)]);
+            let mut b = bank(&[(t, BranchView::Committed)], &[("bob", 100 + credit)]);
+            a.committed_amounts.insert(t, [debit].into());
+            b.committed_amounts.insert(t, [credit].into());
+            let mut obs = observation(a, b, vec![transfer(t, 30, client)]);
+            obs.resubmits.push(Resubmit { txn_id: t, amount_minor: 50, told: resubmit_told });
+            invariants(&check(&obs))
+        };
+        let none = BTreeSet::new();
+        assert_eq!(run(50, 50, ClientOutcome::Unknown, Some(Decision::Commit)), none, "the retry's payloads won");
+        assert_eq!(run(30, 30, ClientOutcome::Committed, None), none, "the first Submit's payloads won");
+        let i8: BTreeSet<Invariant> = [Invariant::I8].into();
+        assert_eq!(run(30, 50, ClientOutcome::Unknown, None), i8, "a debit of one, a credit of the other");
+        assert_eq!(run(50, 50, ClientOutcome::Committed, None), i8, "told Commit for 30 while 50 moved");
+        assert_eq!(
+            run(30, 30, ClientOutcome::Unknown, Some(Decision::Commit)),
+            i8,
+            "told Commit for 50 while 30 moved"
+        );
     }
 
     // The checker passes a run whose committed transfer explains every balance.

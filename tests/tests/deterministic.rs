@@ -168,7 +168,7 @@ fn the_checker_catches_a_parallel_commit_answered_before_its_staged_entry_determ
         twopc_coordinator::failpoint::PARALLEL_ANSWER_BEFORE_STAGED,
         FaultMix::Partitions,
         40,
-        |_| {},
+        |c| c.world.commit_protocol = twopc_coordinator::config::CommitProtocol::Parallel,
     );
     assert!(invariants.contains(&Invariant::I2) || invariants.contains(&Invariant::I8), "seed {seed}: {invariants:?}");
 }

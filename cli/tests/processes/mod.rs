@@ -294,8 +294,36 @@ pub fn stdout(out: &Output) -> String {
 /// Runs `twopc demo ARGS` to the end (at most `limit`) and returns its
 /// stdout, after checking it exited 0 and conserved money (I8).
 pub async fn demo(args: &[&str], limit: Duration) -> String {
-    let run = Command::new(TWOPC).arg("demo").args(args).kill_on_drop(true).output();
-    let out = tokio::time::timeout(limit, run).await.expect("the demo finished in time").expect("ran");
+    // Its output goes to files, so a demo that overruns `limit` shows how far
+    // it got.
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let (out_path, err_path) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let file = |path: &PathBuf| std::fs::File::create(path).expect("an output file");
+    let mut child = Command::new(TWOPC)
+        .arg("demo")
+        .args(args)
+        .stdout(file(&out_path))
+        .stderr(file(&err_path))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the demo starts");
+    let read = |path: &PathBuf| std::fs::read_to_string(path).unwrap_or_default();
+    let Ok(status) = tokio::time::timeout(limit, child.wait()).await else {
+        let _ = child.kill().await;
+        let tail = |text: String| {
+            text.lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+        };
+        panic!(
+            "demo {args:?} did not finish within {limit:?}; its stdout:\n{}\nthe end of its stderr:\n{}",
+            read(&out_path),
+            tail(read(&err_path))
+        );
+    };
+    let out = Output {
+        status: status.expect("the demo ran"),
+        stdout: read(&out_path).into(),
+        stderr: read(&err_path).into(),
+    };
     let (stdout, stderr) = (stdout(&out), stderr(&out));
     assert!(out.status.success(), "demo {args:?} failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("money conserved: yes"), "{stdout}");

@@ -37,7 +37,7 @@ use twopc_proto::txn_id::unix_now_ms;
 use twopc_proto::{Decision, TxnContext, TxnId, pb};
 
 use crate::calls;
-use crate::checker::{AccountRef, ClientOutcome, ClientTxn, Hearer, InteractiveTxn, Movement};
+use crate::checker::{AccountRef, ClientOutcome, ClientTxn, Hearer, InteractiveTxn, Movement, Resubmit};
 use crate::sim::interactive::{self, Header, Joining, Move};
 use crate::sim::world::Teller;
 
@@ -197,8 +197,10 @@ async fn operator_step(teller: &Teller, client: &ClusterClient, rng: &mut StdRng
 /// txns running now, and fresh ones; Resolve and Submit for ids from the far
 /// future and for malformed ids (both must be refused with
 /// `INVALID_ARGUMENT`); Submits of finished txns again with another
-/// branch set (refused, or answered with the logged decision); and
-/// RecoverVote at banks, some with a digest no branch has.
+/// branch set (refused, or answered with the logged decision); Submits of
+/// running txns again with the same banks and another amount (one id, two
+/// sets of payloads, §3.1: either may win, whole, and only the winner may be
+/// told Commit); and RecoverVote at banks, some with a digest no branch has.
 async fn stray_step(
     teller: &Teller,
     client: &ClusterClient,
@@ -208,8 +210,9 @@ async fn stray_step(
     tally: &mut Tally,
 ) {
     let history = teller.history();
-    match rng.random_range(0..13) {
+    match rng.random_range(0..14) {
         12 => recover_vote(teller, tally, rng).await,
+        13 => resubmit_running_with_another_amount(teller, client, tally, rng).await,
         0..=2 => {
             if let Some(old) = history.choose(rng) {
                 resolve(teller, client, tally, "resolve old", old.txn_id).await;
@@ -243,7 +246,13 @@ async fn stray_step(
         }
         8..=9 => malformed(client, tally, rng, teller.deadline_ms()).await,
         _ => {
-            let finished: Vec<_> = history.iter().filter(|t| t.outcome != ClientOutcome::Unknown).collect();
+            // Told a decision: an abandoned interactive txn's id may never
+            // have been begun, and a Submit of it is then a new txn of this
+            // client's, which the checker would book as the abandoned one's.
+            let finished: Vec<_> = history
+                .iter()
+                .filter(|t| matches!(t.outcome, ClientOutcome::Committed | ClientOutcome::Aborted))
+                .collect();
             let Some(txn) = finished.choose(rng) else { return };
             let Some(movement) = &txn.movement else { return };
             let Some(other) = other_branches(movement, accounts, rng) else { return };
@@ -262,6 +271,34 @@ async fn stray_step(
             }
         }
     }
+}
+
+/// A Submit of a running one-shot txn's id with the same banks and another amount:
+/// a client that retries with other payloads (docs/PROTOCOL.md §3.1), sent
+/// to whichever node leads, which may not be the txn's own leader. The
+/// checker takes the amount the banks applied, which must be one Submit's
+/// whole, and holds every Submit told Commit to it (I8).
+async fn resubmit_running_with_another_amount(
+    teller: &Teller,
+    client: &ClusterClient,
+    tally: &mut Tally,
+    rng: &mut StdRng,
+) {
+    // One-shot txns only: an interactive txn's id submitted before its Begin
+    // is applied is a one-shot txn of this client's, whose Commit the
+    // interactive client (its Begin then refused) never asked for.
+    let Some((txn_id, movement)) = teller.submitting().choose(rng).cloned() else { return };
+    let amount_minor = movement.amount_minor + rng.random_range(1..=50);
+    let Ok(transfer) = Transfer::new(address(&movement.from), address(&movement.to), amount_minor) else { return };
+    let request = pb::SubmitRequest {
+        txn_id: txn_id.to_string(),
+        branches: transfer.submit_branches(),
+        deadline_unix_ms: unix_now_ms() + teller.deadline_ms(),
+    };
+    let answer = submit_call(client, request).await;
+    tally.note("submit a running txn again with another amount", &answer);
+    let told = answer.ok().and_then(|r| decision_of(r.decision));
+    teller.resubmitted(Resubmit { txn_id, amount_minor, told });
 }
 
 /// A `RecoverVote` at a bank (docs/PROTOCOL.md §13.3) from a caller that is

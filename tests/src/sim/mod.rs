@@ -44,6 +44,7 @@ use rand::rngs::StdRng;
 use rand::seq::IndexedRandom as _;
 use rand::{Rng as _, SeedableRng as _};
 use tokio::time::Instant;
+use twopc_coordinator::config::CommitProtocol;
 use twopc_proto::TxnId;
 
 use crate::checker::{self, AccountRef, ClientOutcome, Violation};
@@ -93,14 +94,22 @@ pub struct SimConfig {
 /// The least and the most of a run's transfers made interactively.
 pub const INTERACTIVE_SHARE: std::ops::RangeInclusive<f64> = 0.2..=0.6;
 
+/// The share of seeds whose coordinators commit one-shot txns sequentially
+/// (docs/PROTOCOL.md §5) rather than by parallel commit (§13, the default).
+pub const SEQUENTIAL_COMMIT_SHARE: f64 = 0.25;
+
 impl SimConfig {
     /// The config seed `seed` runs with: its mix cycles through
     /// [`FaultMix::ALL`]; every fifth seed runs 5 coordinators; the share
-    /// of interactive transfers is drawn from [`INTERACTIVE_SHARE`].
+    /// of interactive transfers is drawn from [`INTERACTIVE_SHARE`]; a
+    /// quarter of the seeds, drawn apart from the mix, commit sequentially
+    /// ([`SEQUENTIAL_COMMIT_SHARE`]).
     pub fn for_seed(seed: u64) -> Self {
+        let sequential = StdRng::seed_from_u64(seed ^ 0x5e9_c0de).random_bool(SEQUENTIAL_COMMIT_SHARE);
         let world = WorldConfig {
             coordinators: if seed % 5 == 4 { 5 } else { 3 },
             election_seed: seed,
+            commit_protocol: if sequential { CommitProtocol::Sequential } else { CommitProtocol::Parallel },
             ..WorldConfig::default()
         };
         Self {
@@ -208,10 +217,10 @@ impl fmt::Display for SeedReport {
         let Outcomes { committed, aborted, unknown, abandoned, interactive, interactive_committed } = self.outcomes;
         writeln!(
             f,
-            "seed {} ({:?}, {} coordinators): {committed} committed, {aborted} aborted, {unknown} unknown, \
-             {abandoned} abandoned ({interactive} interactive, {interactive_committed} of them committed); \
-             settled after {:?}; {:?}",
-            c.seed, c.mix, c.world.coordinators, self.settled_after, self.elapsed
+            "seed {} ({:?}, {} coordinators, {:?} commit): {committed} committed, {aborted} aborted, \
+             {unknown} unknown, {abandoned} abandoned ({interactive} interactive, {interactive_committed} of \
+             them committed); settled after {:?}; {:?}",
+            c.seed, c.mix, c.world.coordinators, c.world.commit_protocol, self.settled_after, self.elapsed
         )?;
         for (step, applied) in self.schedule.iter().zip(self.applied.iter().map(Some).chain(std::iter::repeat(None))) {
             writeln!(f, "  {step} -> {}", applied.map_or("not reached", String::as_str))?;

@@ -25,7 +25,7 @@ use twopc_proto::pb::bank_client::BankClient;
 
 use crate::checker::{
     self, AccountRef, BankTotals, ClientOutcome, ClientTxn, Hearer, InteractiveTxn, Liveness, Movement, Observation,
-    ParticipantView, Told,
+    ParticipantView, Resubmit, Told,
 };
 use crate::cluster::Cluster;
 use crate::sim::bank::{BankDisk, SimBank};
@@ -137,8 +137,12 @@ pub struct Teller {
     /// Txns whose Submit is under way, or begun and not yet committed or
     /// rolled back by their client, with the movement each asks for.
     running: Mutex<BTreeMap<TxnId, Movement>>,
+    /// The one-shot txns among `running`: their Submit is under way.
+    submitting: Mutex<BTreeSet<TxnId>>,
     /// Decisions told to others than a txn's client (operator, Resolves, retries).
     told: Mutex<Vec<Told>>,
+    /// Submits of running txns' ids with other amounts.
+    resubmits: Mutex<Vec<Resubmit>>,
     /// The interactive txns of the history, with the branches seen to join.
     interactive: Mutex<BTreeMap<TxnId, InteractiveTxn>>,
     /// Calls answered otherwise than documented, for the checker.
@@ -208,6 +212,7 @@ impl Teller {
             deadline_unix_ms: unix_now_ms() + self.deadline_ms,
         };
         self.running.lock().insert(txn_id, Movement { from: from.clone(), to: to.clone(), amount_minor });
+        self.submitting.lock().insert(txn_id);
         let answer = self
             .client
             .coordinator(|mut c| {
@@ -216,6 +221,7 @@ impl Teller {
             })
             .await;
         self.running.lock().remove(&txn_id);
+        self.submitting.lock().remove(&txn_id);
         let outcome = match answer {
             Ok(r) if r.decision == pb::Decision::Commit as i32 => ClientOutcome::Committed,
             Ok(r) if r.decision == pb::Decision::Abort as i32 => ClientOutcome::Aborted,
@@ -242,6 +248,12 @@ impl Teller {
         self.running.lock().iter().map(|(id, m)| (*id, m.clone())).collect()
     }
 
+    /// The one-shot txns among [`Teller::running`]: their Submit is under way.
+    pub fn submitting(&self) -> Vec<(TxnId, Movement)> {
+        let submitting = self.submitting.lock().clone();
+        self.running().into_iter().filter(|(id, _)| submitting.contains(id)).collect()
+    }
+
     /// Notes that `hearer` was told `decision` for `txn_id`.
     pub fn heard(&self, txn_id: TxnId, hearer: Hearer, decision: Decision) {
         self.told.lock().push(Told { txn_id, hearer, decision });
@@ -250,6 +262,15 @@ impl Teller {
     /// What others than the txns' clients were told so far.
     pub fn told(&self) -> Vec<Told> {
         self.told.lock().clone()
+    }
+
+    /// Notes a Submit of `resubmit.txn_id` with another amount, and what it
+    /// was told; a Commit is also a decision told ([`Teller::heard`]).
+    pub fn resubmitted(&self, resubmit: Resubmit) {
+        if let Some(decision) = resubmit.told {
+            self.heard(resubmit.txn_id, Hearer::Retrier, decision);
+        }
+        self.resubmits.lock().push(resubmit);
     }
 
     /// How far ahead of now a Submit's deadline is set.
@@ -461,7 +482,9 @@ impl World {
                 deadline_max_ms,
                 history: Mutex::default(),
                 running: Mutex::default(),
+                submitting: Mutex::default(),
                 told: Mutex::default(),
+                resubmits: Mutex::default(),
                 interactive: Mutex::default(),
                 misanswered: Mutex::default(),
                 banks: bank_channels,
@@ -674,6 +697,7 @@ impl World {
         let coordinators = self.cluster.states();
         let history = self.teller.history();
         let told = self.teller.told();
+        let resubmits = self.teller.resubmits.lock().clone();
         let mut txns: BTreeSet<TxnId> = history.iter().map(|t| t.txn_id).collect();
         txns.extend(told.iter().map(|t| t.txn_id));
         for sm in coordinators.values() {
@@ -688,6 +712,13 @@ impl World {
             for txn in bank_txns {
                 if let Some(state) = bank.store.branch_state(txn).await? {
                     view.branches.insert(txn, state.into());
+                }
+            }
+            for txn in resubmits.iter().map(|r| r.txn_id).collect::<BTreeSet<_>>() {
+                if view.branches.get(&txn) == Some(&checker::BranchView::Committed)
+                    && let Some(payload) = bank.store.branch_payload(txn).await?
+                {
+                    view.committed_amounts.insert(txn, payload.ops().iter().map(|op| op.amount_minor()).collect());
                 }
             }
             view.accounts = bank.accounts().await?.into_iter().collect();
@@ -710,6 +741,7 @@ impl World {
             told,
             membership_accepted: self.membership_accepted.clone(),
             interactive: self.teller.interactive(),
+            resubmits,
             misanswered: self.teller.misanswers(),
             begun_overdue_before_unix_ms: self.begun_overdue_before_unix_ms(),
         })
