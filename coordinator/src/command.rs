@@ -105,10 +105,12 @@ pub struct DecideCmd {
     /// Each branch and the vote it gave, if it answered.
     pub branches: Vec<(ParticipantId, Option<Vote>)>,
     /// The digest of each branch's payload, in the order of `branches`, when
-    /// a one-shot Submit decides: the record keeps them, so a Commit is
-    /// answered only to a Submit of these payloads (docs/PROTOCOL.md §3.1).
-    /// Empty when the proposer does not know them (a Resolve's presumed
-    /// abort, an operator, an interactive txn, status recovery).
+    /// the proposer prepared them (a Submit's or an interactive Commit's
+    /// driver): a one-shot txn's record keeps them, so a Commit is answered
+    /// only to a Submit of these payloads (docs/PROTOCOL.md §3.1); a staged
+    /// txn's record keeps its Staged entry's, and a begun txn's none. Empty
+    /// when the proposer does not know them (a presumed abort, a timeout, an
+    /// operator, status recovery).
     pub payload_digests: Vec<PayloadDigest>,
 }
 

@@ -38,12 +38,13 @@
 //! # The table
 //!
 //! `<schema>.twopc_branches (gid, state, settled, reason, updated_at_ms)`,
-//! one row per txn. `reason` is the NO reason of a refused branch; while a
-//! branch is `reserved` it holds the hex SHA-256 of its Prepare's payload
-//! (docs/PROTOCOL.md §3.1), so a restart keeps which payload the prepared
+//! one row per txn. `reason` is the NO reason of a refused branch. A
+//! branch's claim writes the hex SHA-256 of its Prepare's payload there
+//! (docs/PROTOCOL.md §3.1), so a restart keeps which payload a prepared
 //! branch is ([`Resource::prepared_with_digests`]) without a new column,
 //! which an existing table could not take while prepared transactions hold
-//! it:
+//! it. A committed row keeps it until collected; a refused or aborted one
+//! has its reason written over it; nothing but recovery reads it:
 //!
 //! | state | meaning |
 //! |---|---|

@@ -490,6 +490,18 @@ async fn a_submit_with_other_payloads_than_the_staged_ones_is_refused() -> anyho
     Ok(())
 }
 
+/// After `txn` committed a transfer of 100 from bank-a to bank-b: a Submit
+/// of it for 250 is refused (FAILED_PRECONDITION, seen as Unknown), never
+/// told Commit, and one for the same 100 is told Commit (§3.1). Stops the world.
+async fn retries_are_told_commit_only_for_their_own_payloads(world: World, txn: TxnId) -> anyhow::Result<()> {
+    let other = world.teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 250).await;
+    assert_eq!(other, ClientOutcome::Unknown, "refused (FAILED_PRECONDITION), never told Commit for 250");
+    let same = world.teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 100).await;
+    assert_eq!(same, ClientOutcome::Committed, "a retry with the same payloads is told the Commit");
+    world.stop().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_txn_committed_with_other_payloads_is_never_answered_commit_to_a_retry() -> anyhow::Result<()> {
     // §3.1, §13.1: T was staged and prepared with a transfer of 100, and
@@ -509,12 +521,7 @@ async fn a_txn_committed_with_other_payloads_is_never_answered_commit_to_a_retry
     stage(&world, leader, txn, &transfer_branches(100)?, true, deadline_unix_ms).await?;
     let record = decided(&world, leader, txn).await?;
     assert_eq!(record.decision, Decision::Commit, "{record:?}");
-    let other = world.teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 250).await;
-    assert_eq!(other, ClientOutcome::Unknown, "refused (FAILED_PRECONDITION), never told Commit for 250");
-    let same = world.teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 100).await;
-    assert_eq!(same, ClientOutcome::Committed, "a retry with the same payloads is told the Commit");
-    world.stop().await;
-    Ok(())
+    retries_are_told_commit_only_for_their_own_payloads(world, txn).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -529,12 +536,7 @@ async fn a_sequential_commit_with_other_payloads_is_never_answered_commit_to_a_r
     let txn = TxnId::new();
     let first = world.teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 100).await;
     assert_eq!(first, ClientOutcome::Committed);
-    let other = world.teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 250).await;
-    assert_eq!(other, ClientOutcome::Unknown, "refused (FAILED_PRECONDITION), never told Commit for 250");
-    let same = world.teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 100).await;
-    assert_eq!(same, ClientOutcome::Committed, "a retry with the same payloads is told the Commit");
-    world.stop().await;
-    Ok(())
+    retries_are_told_commit_only_for_their_own_payloads(world, txn).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

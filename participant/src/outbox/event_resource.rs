@@ -95,15 +95,17 @@ struct Record {
 
 impl Record {
     /// The state byte, the time, then the reason, or for a prepared branch
-    /// its payload's digest.
+    /// its payload's digest in hex: text, so a binary from before digests
+    /// reads it as an (unused) reason rather than as corrupt.
     fn encode(&self) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(9 + self.reason.len().max(32));
+        let tail = match (self.state, &self.digest) {
+            (State::Prepared, Some(digest)) => digest.to_hex(),
+            _ => self.reason.clone(),
+        };
+        let mut bytes = Vec::with_capacity(9 + tail.len());
         bytes.push(self.state as u8);
         bytes.extend_from_slice(&self.updated_unix_ms.to_be_bytes());
-        match (self.state, &self.digest) {
-            (State::Prepared, Some(digest)) => bytes.extend_from_slice(digest.as_bytes()),
-            _ => bytes.extend_from_slice(self.reason.as_bytes()),
-        }
+        bytes.extend_from_slice(tail.as_bytes());
         bytes
     }
 
@@ -120,10 +122,11 @@ impl Record {
         };
         let (time, tail) = rest.split_at_checked(8).ok_or_else(corrupt)?;
         let updated_unix_ms = u64::from_be_bytes(time.try_into().map_err(|_| corrupt())?);
+        let tail = String::from_utf8(tail.to_vec()).map_err(|_| corrupt())?;
         let (reason, digest) = match state {
             State::Prepared if tail.is_empty() => (String::new(), None),
-            State::Prepared => (String::new(), Some(PayloadDigest::from_slice(tail).ok_or_else(corrupt)?)),
-            _ => (String::from_utf8(tail.to_vec()).map_err(|_| corrupt())?, None),
+            State::Prepared => (String::new(), Some(PayloadDigest::from_hex(&tail).ok_or_else(corrupt)?)),
+            _ => (tail, None),
         };
         Ok(Self { state, updated_unix_ms, reason, digest })
     }
@@ -396,5 +399,25 @@ impl OutboxSource for EventResource {
             Ok(())
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A prepared record's digest is stored as text, so a refused record's
+    // reason is never read as one, and a prepared record from before digests
+    // (empty tail) reads as having none.
+    #[test]
+    fn records_keep_a_prepared_digest_and_a_refusal_reason_apart() {
+        let digest = PayloadDigest::of(b"events");
+        let prepared = Record { digest: Some(digest), ..record(State::Prepared, 7, "") };
+        assert_eq!(Record::decode(&prepared.encode()), Ok(prepared.clone()));
+        assert!(prepared.encode()[9..].is_ascii(), "the digest is text an older binary reads as a reason");
+        let refused = record(State::Refused, 7, digest.to_hex());
+        assert_eq!(Record::decode(&refused.encode()).map(|r| (r.reason, r.digest)), Ok((digest.to_hex(), None)));
+        let before_digests = record(State::Prepared, 7, "");
+        assert_eq!(Record::decode(&before_digests.encode()).map(|r| r.digest), Ok(None));
     }
 }
