@@ -176,6 +176,12 @@ pub(crate) fn txn_id_from_wire(bytes: &[u8]) -> Result<TxnId> {
     TxnId::from_bytes(array).map_err(|e| Error::Corrupt(e.to_string()))
 }
 
+/// Payload digests as the log and snapshots store them: 32 bytes each
+/// (read back by [`digests_from_wire`]).
+pub(crate) fn digests_to_wire(digests: &[PayloadDigest]) -> Vec<Vec<u8>> {
+    digests.iter().map(|d| d.as_bytes().to_vec()).collect()
+}
+
 /// A Staged txn's payload digests as logged: none (an entry from before
 /// digests), or one of 32 bytes per participant.
 pub(crate) fn digests_from_wire(digests: &[Vec<u8>], participants: usize) -> Result<Vec<PayloadDigest>> {
@@ -364,7 +370,7 @@ impl From<&DecideCmd> for wire::Decide {
                     wire::Branch { participant: participant.to_string(), vote, reason }
                 })
                 .collect(),
-            payload_digests: d.payload_digests.iter().map(|d| d.as_bytes().to_vec()).collect(),
+            payload_digests: digests_to_wire(&d.payload_digests),
         }
     }
 }
@@ -406,7 +412,7 @@ impl From<&Proposal> for wire::Entry {
                         txn_id: st.txn_id.to_bytes().to_vec(),
                         participants: st.participants.iter().map(ToString::to_string).collect(),
                         deadline_unix_ms: st.deadline_unix_ms,
-                        payload_digests: st.payload_digests.iter().map(|d| d.as_bytes().to_vec()).collect(),
+                        payload_digests: digests_to_wire(&st.payload_digests),
                     })
                     .collect(),
             }),

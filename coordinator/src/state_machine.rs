@@ -10,7 +10,7 @@ use prost::Message;
 use twopc_proto::{Decision, ParticipantId, PayloadDigest, TxnId, Vote};
 
 use crate::command::{
-    Command, DecideCmd, Proposal, StagedCmd, decision_from_wire, digest_from_wire, digests_from_wire,
+    Command, DecideCmd, Proposal, StagedCmd, decision_from_wire, digest_from_wire, digests_from_wire, digests_to_wire,
     participant_from_wire, txn_id_from_wire, vote_from_wire, vote_to_wire,
 };
 use crate::error::{Error, Result};
@@ -1128,7 +1128,7 @@ impl From<&StagedTxn> for wire::Staged {
             deadline_unix_ms: s.deadline_unix_ms,
             staged_unix_ms: s.staged_unix_ms,
             staged_log_index: s.staged_log_index,
-            payload_digests: s.payload_digests.iter().map(|d| d.as_bytes().to_vec()).collect(),
+            payload_digests: digests_to_wire(&s.payload_digests),
         }
     }
 }

@@ -34,9 +34,9 @@ pub(crate) enum Outcome {
         /// Staged for a join (§12.3), not for the coordinator's Prepare: a
         /// one-shot Prepare of the same txn must not be answered with its YES.
         for_join: bool,
-        /// The digest of the payload that voted YES; None after a restart
-        /// (the resource's record does not say) or for a branch the service
-        /// staged with its own code.
+        /// The digest of the payload that voted YES; after a restart, what
+        /// the resource kept (`Resource::prepared_with_digests`). None when
+        /// it keeps none, or for a branch the service staged with its own code.
         digest: Option<PayloadDigest>,
     },
     /// The resource's `prepare` failed after it may have staged the branch
