@@ -15,6 +15,14 @@ pub enum Command {
     /// Record the 2PC decision of a txn. The first one applied for a txn id
     /// wins; later ones change nothing and report the winner (I2).
     Decide(DecideCmd),
+    /// The decision of a one-shot Submit under sequential commit
+    /// (docs/PROTOCOL.md §5 step 7): applied as a [`Command::Decide`], except
+    /// that it never decides a begun txn. A Begin of the same id may be
+    /// applied after the Submit looked and before this entry: that txn is
+    /// its own client's, decided only by its Commit, Rollback or timeout
+    /// (§12.4), and this entry is refused. A binary from before this entry
+    /// cannot decode it and stops, rather than apply it as a plain Decide.
+    DecideOneShot(DecideCmd),
     /// Participants acknowledged having carried out decisions (logged lazily, in batches).
     Acknowledge(Vec<(TxnId, ParticipantId)>),
     /// Forget finished txns created before `horizon_unix_ms` (retention GC).
@@ -233,7 +241,7 @@ pub(crate) mod wire {
     pub struct Entry {
         #[prost(uint64, tag = "1")]
         pub proposed_unix_ms: u64,
-        #[prost(oneof = "Kind", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11")]
+        #[prost(oneof = "Kind", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12")]
         pub kind: Option<Kind>,
     }
 
@@ -259,6 +267,8 @@ pub(crate) mod wire {
         Decisions(Decisions),
         #[prost(message, tag = "11")]
         AbortStaged(AbortStaged),
+        #[prost(message, tag = "12")]
+        DecideOneShot(Decide),
     }
 
     #[derive(Clone, PartialEq, Message)]
@@ -398,6 +408,7 @@ impl From<&Proposal> for wire::Entry {
     fn from(p: &Proposal) -> Self {
         let kind = match &p.command {
             Command::Decide(d) => wire::Kind::Decide(d.into()),
+            Command::DecideOneShot(d) => wire::Kind::DecideOneShot(d.into()),
             Command::Decisions(ds) => {
                 wire::Kind::Decisions(wire::Decisions { decisions: ds.iter().map(Into::into).collect() })
             }
@@ -446,6 +457,7 @@ impl TryFrom<wire::Entry> for Proposal {
     fn try_from(entry: wire::Entry) -> Result<Self> {
         let command = match entry.kind.ok_or_else(|| Error::Corrupt("log entry without a command".into()))? {
             wire::Kind::Decide(d) => Command::Decide(d.try_into()?),
+            wire::Kind::DecideOneShot(d) => Command::DecideOneShot(d.try_into()?),
             wire::Kind::AbortStaged(a) => Command::AbortStaged {
                 staged_log_index: a.staged_log_index,
                 decide: a
@@ -542,6 +554,13 @@ mod tests {
                     payload_digests: Vec::new(),
                 },
             },
+            Command::DecideOneShot(DecideCmd {
+                txn_id: txn,
+                decision: Decision::Commit,
+                reason: String::new(),
+                branches: vec![(pid("a"), Some(Vote::Yes))],
+                payload_digests: vec![PayloadDigest::of(b"debit")],
+            }),
             Command::Decisions(vec![
                 DecideCmd {
                     txn_id: txn,
@@ -608,5 +627,15 @@ mod tests {
     fn garbage_is_reported_as_corruption_not_a_panic() {
         assert!(matches!(Proposal::decode(&[0xff, 0xff, 0xff]), Err(Error::Corrupt(_))));
         assert!(matches!(Proposal::decode(&[]), Err(Error::Corrupt(_))));
+    }
+
+    // An entry of a kind this binary does not know (field 13, from a later
+    // version) stops the node rather than being skipped: applying the rest of
+    // the log without it would let replicas diverge. A binary from before
+    // DecideOneShot (field 12) meets that entry the same way.
+    #[test]
+    fn an_entry_of_an_unknown_kind_is_refused_not_skipped() {
+        let later_kind = [0x08, 3, 0x6a, 0];
+        assert!(matches!(Proposal::decode(&later_kind), Err(Error::Corrupt(m)) if m.contains("without a command")));
     }
 }

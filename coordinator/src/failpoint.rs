@@ -86,6 +86,12 @@ pub const PARALLEL_ANSWER_BEFORE_STAGED: &str = "engine::parallel::answer_before
 /// the answer must then come from a read through the log. Subject: the txn id.
 pub const INTERACTIVE_LOCAL_STATE_LAGS: &str = "engine::interactive::local_state_lags";
 
+/// Makes a Submit's check find the txn not begun, as when it looked just
+/// before a Begin of the id was applied: the Submit runs on a begun txn, and
+/// the log must refuse its decision or Staged entry (§5 step 7). Subject:
+/// the txn id.
+pub const SUBMIT_RACES_BEGIN: &str = "engine::submit::races_begin";
+
 /// Whether failpoint `name` fires for `subject` (computed only when the
 /// failpoint is armed).
 #[cfg(feature = "failpoints")]

@@ -404,6 +404,10 @@ pub enum DecideRefusal {
     /// abort, an operator's decision, an Abort for a missing vote). Status
     /// recovery decides it instead.
     Staged,
+    /// A one-shot Submit's decision ([`Command::DecideOneShot`]) for a txn
+    /// begun interactively since the Submit looked: only the begun txn's own
+    /// Commit, Rollback or timeout decides it (§12.4).
+    Begun,
 }
 
 /// How far a txn id's creation time may lie ahead of a Decide entry's
@@ -480,6 +484,11 @@ impl StateMachine {
         let now = proposal.proposed_unix_ms;
         match &proposal.command {
             Command::Decide(cmd) => self.decide(index, now, cmd, None),
+            // A begun txn is its own client's to decide (§5 step 7, §12.4).
+            Command::DecideOneShot(cmd) if self.begun.contains_key(&cmd.txn_id) => {
+                Applied::DecideRefused { txn_id: cmd.txn_id, refusal: DecideRefusal::Begun }
+            }
+            Command::DecideOneShot(cmd) => self.decide(index, now, cmd, None),
             Command::Decisions(cmds) => Applied::Many(cmds.iter().map(|c| self.decide(index, now, c, None)).collect()),
             Command::AbortStaged { staged_log_index, decide } if decide.decision == Decision::Abort => {
                 self.decide(index, now, decide, Some(*staged_log_index))
@@ -1416,6 +1425,37 @@ mod tests {
             assert_eq!(sm.apply(index, &begin(txn_id, now + 1000, now)), Applied::BeginRefused { txn_id, refusal });
         }
         assert_eq!(StateMachine { applied_index: 2, ..sm.clone() }, before, "refused entries change nothing");
+    }
+
+    // §5 step 7, §12.4: a one-shot Submit's decision never decides a txn begun after the Submit
+    // looked (the Begin applied between its check and its entry), Commit or Abort: the entry is
+    // refused and changes nothing, and the begun txn is left to its own client's Commit. For a
+    // txn the log holds nothing of, the entry decides as a Decide does.
+    #[test]
+    fn a_one_shot_decision_never_decides_a_begun_txn() {
+        let mut sm = StateMachine::default();
+        let now = unix_now_ms();
+        let (begun, fresh) = (TxnId::created_at(now), TxnId::created_at(now));
+        sm.apply(1, &begin(begun, now + 1000, now));
+        sm.apply(2, &join(begun, "c", now));
+        let before = sm.clone();
+        let one_shot = |txn_id, decision| {
+            let Command::Decide(cmd) = decide_with(txn_id, decision, &[("a", Some(Vote::Yes))], now).command else {
+                unreachable!("decide_with makes a Decide");
+            };
+            at(Command::DecideOneShot(cmd), now)
+        };
+        for (index, decision) in (3..).zip([Decision::Commit, Decision::Abort]) {
+            let refused = sm.apply(index, &one_shot(begun, decision));
+            assert_eq!(refused, Applied::DecideRefused { txn_id: begun, refusal: DecideRefusal::Begun });
+        }
+        assert_eq!(StateMachine { applied_index: 2, ..sm.clone() }, before, "refused entries change nothing");
+        let committed = record(sm.apply(5, &decide_with(begun, Decision::Commit, &[], now)));
+        assert_eq!(committed.branches.iter().map(|b| b.participant.as_str()).collect::<Vec<_>>(), ["c"]);
+        let decided = record(sm.apply(6, &one_shot(fresh, Decision::Commit)));
+        assert_eq!((decided.decision, decided.deadline_unix_ms, decided.branches.len()), (Decision::Commit, None, 1));
+        let repeat = sm.apply(7, &one_shot(begun, Decision::Abort));
+        assert!(matches!(repeat, Applied::Decided { first: false, ref record } if record.decision == Decision::Commit));
     }
 
     // §12.3, I5: a Join joins a begun txn once, in log order; a repeat succeeds and changes nothing.

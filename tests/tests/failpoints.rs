@@ -219,6 +219,55 @@ async fn commit_and_rollback_confirm_never_begun_through_the_log() -> anyhow::Re
     Ok(())
 }
 
+/// §5 step 7, §12.4: a one-shot Submit of T found T not begun, but a Begin
+/// of T was applied before the Submit's decision (the failpoint makes the
+/// Submit's check miss the Begin). The log must not let the Submit decide
+/// the begun txn, Commit or Abort: it refuses the Submit's entry, the
+/// Submit is told no decision, and T stays its own client's. T's Commit
+/// names no branch, so the Submit's branches end without committing: bank-a
+/// `at_a`, bank-b aborted. Before the log refused it, a Submit committed T
+/// (sequential) or aborted it (a NO under either protocol), T's client unasked.
+async fn a_submit_never_decides_a_txn_begun_while_it_ran(
+    protocol: CommitProtocol,
+    amount_minor: i64,
+    at_a: BranchState,
+) -> anyhow::Result<()> {
+    let _scenario = FailScenario::setup();
+    let mut world = world_with(300, protocol).await?;
+    let client = world.teller.client();
+    let txn = twopc_tests::calls::begin(client, None, 10_000).await?.txn_id;
+    fail::cfg(coordinator_fp::SUBMIT_RACES_BEGIN, &format!("return({txn})")).map_err(anyhow::Error::msg)?;
+    let submitted = world.teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), amount_minor).await;
+    assert_eq!(submitted, ClientOutcome::Unknown, "refused (FAILED_PRECONDITION), never told a decision");
+    let commit = twopc_tests::calls::commit(client, txn, Vec::new()).await?;
+    assert_eq!(commit.decision, twopc_proto::pb::Decision::Commit as i32, "T is still its own client's");
+    wait_branch(&world, 0, txn, at_a).await?;
+    wait_branch(&world, 1, txn, BranchState::Aborted).await?;
+    assert_invariants_hold(&mut world).await?;
+    world.stop().await;
+    Ok(())
+}
+
+/// More than any account holds: bank-a votes NO.
+const OVERDRAWN_MINOR: i64 = 1_000_000_000_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequential_submit_never_commits_a_txn_begun_while_it_ran() -> anyhow::Result<()> {
+    a_submit_never_decides_a_txn_begun_while_it_ran(CommitProtocol::Sequential, 100, BranchState::Aborted).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequential_submit_never_aborts_a_txn_begun_while_it_ran() -> anyhow::Result<()> {
+    let (protocol, refused) = (CommitProtocol::Sequential, BranchState::Refused);
+    a_submit_never_decides_a_txn_begun_while_it_ran(protocol, OVERDRAWN_MINOR, refused).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parallel_submit_never_aborts_a_txn_begun_while_it_ran() -> anyhow::Result<()> {
+    let (protocol, refused) = (CommitProtocol::Parallel, BranchState::Refused);
+    a_submit_never_decides_a_txn_begun_while_it_ran(protocol, OVERDRAWN_MINOR, refused).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acknowledgement_batch_whose_proposal_failed_is_proposed_again() -> anyhow::Result<()> {
     // §5 step 5: the leader's proposal of a batch of acknowledgements fails

@@ -60,6 +60,8 @@ impl<P: ParticipantClient> Engine<P> {
             return Err(decided_before_begin(txn_id, decision, &reason));
         }
         self.check_new_txn_id(txn_id, forgotten)?;
+        // The check narrows the race with a Submit; the log closes it, refusing
+        // the Submit's decision of a txn begun meanwhile (§5 step 7).
         if self.inner.inflight.lock().contains_key(&txn_id) {
             return Err(Error::FailedPrecondition(format!(
                 "txn {txn_id} is being run by a one-shot Submit; use a new txn id for an interactive txn"
@@ -256,7 +258,7 @@ impl<P: ParticipantClient> Engine<P> {
         }
         // With no one-shot branch this logs Commit at once: every joined
         // branch voted YES by joining, and the log adds them (§12.4).
-        self.prepare_and_decide(request, targets).await
+        self.prepare_and_decide(request, targets, Command::Decide).await
     }
 
     /// Rolls back a begun txn (docs/PROTOCOL.md §12.4): logs Abort, which

@@ -282,6 +282,7 @@ fn decided(applied: Applied) -> Result<(TxnRecord, bool)> {
                  it, and status recovery asks its participants for them"
             ),
         }),
+        Applied::DecideRefused { txn_id, refusal: DecideRefusal::Begun } => Err(begun_during_submit(txn_id)),
         Applied::DecideRefused { txn_id, refusal: DecideRefusal::OtherBranches } => {
             Err(Error::FailedPrecondition(format!(
                 "txn {txn_id} is staged (docs/PROTOCOL.md §13) with other branches than this decision names; \
@@ -296,6 +297,17 @@ fn decided(applied: Applied) -> Result<(TxnRecord, bool)> {
 fn begun_not_submit(txn_id: TxnId) -> Error {
     Error::FailedPrecondition(format!(
         "txn {txn_id} is begun (interactive, docs/PROTOCOL.md §12): finish it with Commit or Rollback, not Submit"
+    ))
+}
+
+/// A Submit whose decision (or Staged entry) the log refused because a Begin
+/// of the id was applied while it ran: the begun txn is its own client's
+/// (§12.4). No decision names this Submit's branches, so each is settled by
+/// that txn's: Abort for every participant it does not name (§6).
+pub(super) fn begun_during_submit(txn_id: TxnId) -> Error {
+    Error::FailedPrecondition(format!(
+        "txn {txn_id} was begun (interactive, docs/PROTOCOL.md §12) while this Submit ran, so the log did not \
+         decide the Submit; its prepared branches are settled when that txn is decided. Submit under a new txn id"
     ))
 }
 
@@ -518,7 +530,7 @@ impl<P: ParticipantClient> Engine<P> {
             }
             return Ok(record);
         }
-        if begun {
+        if begun && !failpoint::fired(failpoint::SUBMIT_RACES_BEGIN, || txn_id.to_string()) {
             return Err(begun_not_submit(txn_id));
         }
         // A staged txn is settled by its own votes (§13.3): joined if its
@@ -562,7 +574,9 @@ impl<P: ParticipantClient> Engine<P> {
             async move {
                 let started = Instant::now();
                 let result = match engine.inner.config.commit_protocol {
-                    CommitProtocol::Sequential => engine.prepare_and_decide(&request, targets).await,
+                    CommitProtocol::Sequential => {
+                        engine.prepare_and_decide(&request, targets, Command::DecideOneShot).await
+                    }
                     CommitProtocol::Parallel => engine.prepare_and_commit_parallel(&request, targets, &mut guard).await,
                 };
                 engine.inner.phases.submit.record(started.elapsed());
@@ -642,10 +656,15 @@ impl<P: ParticipantClient> Engine<P> {
         }
     }
 
+    /// Prepares every branch, then logs the decision in the entry `entry`
+    /// makes of it: a one-shot Submit's [`Command::DecideOneShot`], which the
+    /// log refuses for a txn begun meanwhile, or an interactive Commit's
+    /// [`Command::Decide`].
     async fn prepare_and_decide(
         &self,
         request: &SubmitRequest,
         targets: Vec<(Target, bytes::Bytes)>,
+        entry: fn(DecideCmd) -> Command,
     ) -> Result<TxnRecord> {
         let txn_id = request.txn_id;
         let started = Instant::now();
@@ -660,7 +679,8 @@ impl<P: ParticipantClient> Engine<P> {
         let reason = abort_reason.unwrap_or_default();
         let cmd = DecideCmd { txn_id, decision, reason, branches, payload_digests: payload_digests(&targets) };
         // I3: nothing is sent to participants before the decision is applied.
-        let record = self.or_recover(txn_id, self.decide(cmd).await).await?;
+        let decided = self.decide_entry(entry(cmd)).await.map(|(record, _)| record);
+        let record = self.or_recover(txn_id, decided).await?;
         if failpoint::fired(failpoint::DECIDE_AFTER_APPLIED, || txn_id.to_string()) {
             return Err(Error::Retryable(format!(
                 "failpoint {}: stopped before phase 2",
@@ -757,10 +777,12 @@ impl<P: ParticipantClient> Engine<P> {
         self.decide_entry(Command::Decide(cmd)).await
     }
 
-    /// [`Engine::decide_first`] for a Decide or AbortStaged entry.
+    /// [`Engine::decide_first`] for a Decide, DecideOneShot or AbortStaged entry.
     async fn decide_entry(&self, mut command: Command) -> Result<(TxnRecord, bool)> {
         // I6: reasons come from participants and operators; the log keeps them in every snapshot.
-        if let Command::Decide(cmd) | Command::AbortStaged { decide: cmd, .. } = &mut command {
+        if let Command::Decide(cmd) | Command::DecideOneShot(cmd) | Command::AbortStaged { decide: cmd, .. } =
+            &mut command
+        {
             cmd.cap_reasons();
         }
         let proposal = Proposal { command, proposed_unix_ms: self.now_ms() };

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use twopc_proto::{Decision, ParticipantId, TxnId, Vote};
 
 use super::{
-    Driver, Engine, InflightGuard, Joined, begun_not_submit, decided, forgotten, other_branches,
+    Driver, Engine, InflightGuard, Joined, begun_during_submit, decided, forgotten, other_branches,
     refused_from_the_future, wait_outcome,
 };
 use crate::command::{Command, DecideCmd, Proposal, StagedCmd};
@@ -77,14 +77,15 @@ impl<P: ParticipantClient> Engine<P> {
             // §13.1: the owner of the txn (whose Staged entry staged it)
             // aborts it on any missing vote; anyone else needs a NO, or
             // status recovery decides. Without a Staged entry, as §5: one
-            // applied after this Abort is refused as decided.
-            let aborted = match staged.await {
+            // applied after this Abort is refused as decided; and, a
+            // one-shot entry, it never aborts a txn begun meanwhile (§5 step 7).
+            let command = match staged.await {
                 Ok(Applied::Staged { first: true, staged }) => {
-                    let command = Command::AbortStaged { staged_log_index: staged.staged_log_index, decide: abort };
-                    self.decide_entry(command).await.map(|(record, _)| record)
+                    Command::AbortStaged { staged_log_index: staged.staged_log_index, decide: abort }
                 }
-                _ => self.decide(abort).await,
+                _ => Command::DecideOneShot(abort),
             };
+            let aborted = self.decide_entry(command).await.map(|(record, _)| record);
             let record = self.or_recover(txn_id, aborted).await?;
             self.deliver(&record);
             // A participant holds another Submit's branch: a Commit in the
@@ -167,15 +168,17 @@ impl<P: ParticipantClient> Engine<P> {
                     ))
                 }))
             }
-            StagedRefusal::Begun => Err(begun_not_submit(txn_id)),
+            StagedRefusal::Begun => Err(begun_during_submit(txn_id)),
             StagedRefusal::Forgotten => Err(forgotten(txn_id)),
             StagedRefusal::FromTheFuture => Err(refused_from_the_future(txn_id)),
         }
     }
 
-    /// Logs `commit` as §5 does, and answers with the record.
+    /// Logs `commit` as §5 does, and answers with the record. A one-shot
+    /// entry: were the Staged entry refused unseen for a txn begun meanwhile,
+    /// a plain Decide would commit that txn without its client (§5 step 7).
     async fn commit_sequentially(&self, commit: DecideCmd) -> Result<TxnRecord> {
-        let record = self.decide(commit).await?;
+        let (record, _) = self.decide_entry(Command::DecideOneShot(commit)).await?;
         if record.decision == Decision::Commit {
             self.inner.metrics.committed.fetch_add(1, Ordering::Relaxed);
         }

@@ -13,9 +13,9 @@
 //! - [`misuse`]: interactive txns (docs/PROTOCOL.md §12) used out of order:
 //!   Joins of decided, unknown and future ids and after a Rollback, Commit
 //!   and Rollback of unknown ids, a Commit racing a Rollback or a Join,
-//!   Begins with bad timeouts, a Submit reusing a begun id, a Resolve before
-//!   the deadline, malformed `twopc-txn` headers and a second call at one
-//!   bank in one txn. Each call must get its documented status; one that
+//!   Begins with bad timeouts, a Submit reusing a begun id, a Begin racing
+//!   a Submit of one id, a Resolve before the deadline, malformed
+//!   `twopc-txn` headers and a second call at one bank in one txn. Each call must get its documented status; one that
 //!   does not is noted for the checker ([`Teller::misanswered`]).
 //!
 //! Membership churn needs the world itself (a restart), so it is a fault of
@@ -514,7 +514,7 @@ async fn misuse_step(
         .collect();
     let future = || TxnId::created_at(unix_now_ms().saturating_add(FUTURE_MS.start().saturating_mul(2)));
     let fp = [Code::FailedPrecondition];
-    match rng.random_range(0..15) {
+    match rng.random_range(0..16) {
         0 => {
             let Some((txn, banks)) = decided.choose(rng) else { return };
             let answer = calls::join(client, &txn.to_string(), &bank).await;
@@ -564,6 +564,7 @@ async fn misuse_step(
         10 => malformed_header(teller, &bank, accounts, rng, tally).await,
         11 => second_call_at_one_bank(teller, client, accounts, rng, tally).await,
         12 => commit_racing_a_join(teller, client, accounts, rng, tally).await,
+        14 => begin_racing_a_submit(teller, client, accounts, rng, tally).await,
         13 => {
             let Some((txn, banks)) = decided.choose(rng) else { return };
             let answer = move_under(teller, *txn, &bank, accounts, rng).await;
@@ -820,6 +821,50 @@ async fn submit_reusing_a_begun_id(
         ClientOutcome::Abandoned
     };
     record(teller, txn_id, Some(movement), outcome, InteractiveTxn::default());
+}
+
+/// A one-shot Submit and a Begin of one fresh id at once (docs/PROTOCOL.md
+/// §5 step 7): one of them gets the id. A Begin answered OK while the Submit
+/// was told a decision means the Submit decided a txn begun for another
+/// client: noted for the checker. The Submit goes into the history as a
+/// client's does; a begun txn is then committed with no branch of its own,
+/// rolled back, or left to time out, and the checker holds the Submit's
+/// prepared branches to that txn's record, which names none (I1).
+async fn begin_racing_a_submit(
+    teller: &Teller,
+    client: &ClusterClient,
+    accounts: &[AccountRef],
+    rng: &mut StdRng,
+    tally: &mut Tally,
+) {
+    let Some((from, to)) = two_accounts(accounts, rng) else { return };
+    let (txn_id, amount_minor) = (TxnId::new(), rng.random_range(1..=MISUSE_AMOUNT_MAX_MINOR));
+    let timeout_ms = rng.random_range(MISUSE_TIMEOUT_MS).min(teller.deadline_max_ms());
+    let (submitted, begun) = tokio::join!(
+        teller.transfer_as(txn_id, &from, &to, amount_minor),
+        calls::begin(client, Some(txn_id), timeout_ms),
+    );
+    let call = "begin racing a submit";
+    expect(teller, tally, &format!("{call}: begin"), &begun, true, &[Code::FailedPrecondition], false);
+    if begun.is_err() {
+        return;
+    }
+    if matches!(submitted, ClientOutcome::Committed | ClientOutcome::Aborted) {
+        teller.misanswered(format!(
+            "{call}: {txn_id} was begun (OK) and its Submit was told {submitted:?}: a one-shot decision decided a \
+             begun txn"
+        ));
+    }
+    match rng.random_range(0..3) {
+        0 => {
+            let answer = calls::commit(client, txn_id, Vec::new()).await;
+            commit_outcome(teller, tally, &format!("{call}: commit"), &answer);
+        }
+        1 => {
+            roll_back_own(teller, client, tally, &format!("{call}: rollback"), txn_id).await;
+        }
+        _ => {}
+    }
 }
 
 /// Begin, then Resolve before the deadline: `undecided` with a retry hint
