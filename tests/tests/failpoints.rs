@@ -248,6 +248,34 @@ async fn a_submit_never_decides_a_txn_begun_while_it_ran(
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_is_never_told_the_outcome_of_a_txn_begun_while_it_ran() -> anyhow::Result<()> {
+    // §5 step 7: T is begun and its client's Commit is preparing T's
+    // one-shot transfer of 100 (held at the banks' answers). A Submit of T
+    // for 250, whose check missed the Begin, finds that Commit running and
+    // would wait for its outcome: it must not be told Commit, for its 250
+    // never moved (the interactive record names no payloads to compare).
+    let _scenario = FailScenario::setup();
+    let world = world_with(120_000, CommitProtocol::Sequential).await?;
+    let client = world.teller.client().clone();
+    let txn = twopc_tests::calls::begin(&client, None, 10_000).await?.txn_id;
+    world.cluster.gate.hold_after_prepare(true);
+    let branches = transfer_branches(100)?;
+    let commit = tokio::spawn(async move { twopc_tests::calls::commit(&client, txn, branches).await });
+    let gate = world.cluster.gate.clone();
+    wait::until("both branches prepared", SETTLE, || async { (gate.prepares_answered() >= 2).then_some(()) }).await?;
+    fail::cfg(coordinator_fp::SUBMIT_RACES_BEGIN, &format!("return({txn})")).map_err(anyhow::Error::msg)?;
+    let teller = world.teller.clone();
+    let submit =
+        tokio::spawn(async move { teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 250).await });
+    world.cluster.gate.hold_after_prepare(false);
+    let committed = commit.await??;
+    assert_eq!(committed.decision, twopc_proto::pb::Decision::Commit as i32, "T's own Commit");
+    assert_eq!(submit.await?, ClientOutcome::Unknown, "refused (FAILED_PRECONDITION), never told T's Commit");
+    world.stop().await;
+    Ok(())
+}
+
 /// More than any account holds: bank-a votes NO.
 const OVERDRAWN_MINOR: i64 = 1_000_000_000_000;
 

@@ -491,6 +491,18 @@ impl<P: ParticipantClient> Engine<P> {
     pub async fn submit(&self, request: SubmitRequest) -> Result<TxnRecord> {
         let (txn_id, asked) = (request.txn_id, digests_of(&request.branches));
         let record = self.submit_unchecked(request).await?;
+        // An interactive txn's record answers its own Commit, never a Submit:
+        // one naming no branches (nothing joined) would tell this client
+        // Commit for payloads no participant ever saw (I8). Whatever path
+        // answered: the log, or the txn's Commit, Rollback or timeout this
+        // Submit joined, a Begin of the id applied after it looked (§5 step 7).
+        if record.deadline_unix_ms.is_some() {
+            return Err(Error::FailedPrecondition(format!(
+                "txn {txn_id} is an interactive txn (docs/PROTOCOL.md §12), decided {}; a Submit cannot reuse its \
+                 id: submit under a new txn id",
+                record.decision
+            )));
+        }
         // Whatever path answered (the log, a recovery, another Submit's
         // driver), a Commit that names payloads is this Submit's only if
         // they are its own (§3.1): another Submit of the id may have won.
@@ -512,15 +524,9 @@ impl<P: ParticipantClient> Engine<P> {
         });
         let asked: Vec<ParticipantId> = request.branches.iter().map(|(p, _)| p.clone()).collect();
         if let Some(record) = record {
-            // An interactive txn's record answers its own Commit, never a
-            // Submit: one naming no branches (nothing joined) would tell this
-            // client Commit for payloads no participant ever saw (I8).
+            // An interactive txn's record is refused by `submit`.
             if record.deadline_unix_ms.is_some() {
-                return Err(Error::FailedPrecondition(format!(
-                    "txn {txn_id} is an interactive txn (docs/PROTOCOL.md §12), already decided {}; a Submit \
-                     cannot reuse its id: submit under a new txn id",
-                    record.decision
-                )));
+                return Ok(record);
             }
             // A presumed abort or an operator's decision logs no branches:
             // any retry of such a txn gets its outcome.
