@@ -606,7 +606,7 @@ async fn converge_view(
     since: Instant,
 ) -> anyhow::Result<ViewResult> {
     let config = super::view::SyncConfig {
-        nats_url: events.nats.clone(),
+        nats: twopc_participant::outbox::NatsConnect::new(events.nats.clone()),
         stream: events.stream.clone(),
         ..super::view::SyncConfig::new(&events.view_dir)
     };

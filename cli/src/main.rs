@@ -19,6 +19,7 @@
 //! - [`resources`]: the local cluster's processes' memory and data directories, sampled during a bench.
 //! - [`certs`]: `twopc certs init` and `show`; and the process's TLS settings (`--tls-dir`, `--insecure`).
 //! - [`view`]: `twopc view`: a materialized view of the banks' event stream, each event applied once.
+//! - [`nats`]: the NATS connection flags (TLS, credentials) of `bank --events-nats` and `view sync`.
 
 mod admin;
 mod bench;
@@ -27,6 +28,7 @@ mod demo;
 mod interactive;
 mod local_cluster;
 mod money;
+mod nats;
 mod output;
 mod resources;
 mod servers;

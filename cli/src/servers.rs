@@ -181,6 +181,8 @@ pub struct EventsArgs {
     /// ("event outbox full") until they go out. Committed events are never dropped.
     #[arg(long, default_value_t = twopc_bank::StoreConfig::default().outbox_max, requires = "events_nats")]
     pub outbox_max: u64,
+    #[command(flatten)]
+    pub nats: crate::nats::NatsArgs,
 }
 
 impl EventsArgs {
@@ -192,15 +194,20 @@ impl EventsArgs {
             events_stream: stream,
             events_prefix: prefix,
             outbox_max: twopc_bank::StoreConfig::default().outbox_max,
+            nats: crate::nats::NatsArgs::default(),
         }
     }
 
     /// The bank's events config, if events are on.
-    pub fn config(&self) -> Option<twopc_bank::events::EventsConfig> {
-        let url = self.events_nats.as_ref()?;
+    ///
+    /// # Errors
+    /// The NATS connection flags are unusable (see [`crate::nats::NatsArgs::connect`]).
+    pub fn config(&self) -> anyhow::Result<Option<twopc_bank::events::EventsConfig>> {
+        let Some(url) = self.events_nats.as_ref() else { return Ok(None) };
         let mut events = twopc_bank::events::EventsConfig::new(url.clone()).with_prefix(self.events_prefix.clone());
         events.relay.stream = self.events_stream.clone();
-        Some(events)
+        events.relay.nats = self.nats.connect(url)?;
+        Ok(Some(events))
     }
 
     /// These flags as arguments of `twopc bank`, for a child process.
@@ -265,7 +272,7 @@ pub async fn bank(args: BankArgs) -> anyhow::Result<u8> {
     config.store.finished_retention_ms = args.finished_retention_ms;
     config.participant.tombstone_retention_ms = args.finished_retention_ms;
     config.participant.tls = certs::server_tls(&Identity::participant(name.as_str()))?;
-    config.events = args.events.config();
+    config.events = args.events.config()?;
     config.store.outbox_max = args.events.outbox_max;
     config.validate()?;
     certs::check_plaintext_listen(&args.listen, config.participant.tls.is_some(), "the bank")?;

@@ -175,6 +175,27 @@ async fn a_server_refuses_plaintext_on_an_address_other_than_loopback() {
 }
 
 #[test]
+fn a_bank_refuses_to_send_events_in_plaintext_off_this_machine_or_with_a_missing_tls_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("bank").display().to_string();
+    let run = |extra: &[&str]| {
+        let mut command = std::process::Command::new(processes::TWOPC);
+        let bank = ["bank", "--name", "bank-a", "--listen", "127.0.0.1:0", "--coordinators", "127.0.0.1:1"];
+        command.args(bank).args(["--data-dir", &data]).args(extra);
+        command.env_remove("TWOPC_TLS_DIR").env_remove("TWOPC_NATS_CA").output().expect("run twopc")
+    };
+    let out = run(&["--events-nats", "nats://10.1.2.3:4222"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("refusing to send events in plaintext to NATS"), "{}", stderr(&out));
+    assert_eq!(stderr(&out).trim().lines().count(), 1, "one line: {}", stderr(&out));
+    let missing = dir.path().join("no-such-ca.pem").display().to_string();
+    let out = run(&["--events-nats", "tls://nats.internal:4222", "--nats-ca", &missing]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no-such-ca.pem"), "{}", stderr(&out));
+    assert_eq!(stderr(&out).trim().lines().count(), 1, "one line: {}", stderr(&out));
+}
+
+#[test]
 fn certs_init_refuses_an_empty_request_and_a_bad_name_with_one_line() {
     let dir = tempfile::tempdir().expect("temp dir");
     let certs = dir.path().join("tls").display().to_string();

@@ -1,6 +1,8 @@
 //! Helpers for tests against a real NATS server with JetStream (features
 //! `events` and `testing`): find the server or say why the test is skipped,
-//! name throwaway streams and subject prefixes uniquely, and clean up.
+//! name throwaway streams and subject prefixes uniquely, and clean up; and
+//! start a server of a test's own that requires TLS and a token
+//! ([`SecureNats`]).
 //!
 //! The server is `TWOPC_NATS_URL` (default `nats://127.0.0.1:4222`) and must
 //! have JetStream enabled. Where it is unreachable or has no JetStream,
@@ -171,5 +173,86 @@ impl Drop for NatsProxy {
     fn drop(&mut self) {
         self.accept.abort();
         self.cut();
+    }
+}
+
+/// The files of a TLS setup for [`SecureNats`]: the CA, and the server's
+/// certificate and key, all PEM.
+#[derive(Debug, Clone)]
+pub struct ServerTlsFiles {
+    /// The CA certificate that signs the server's and the clients' certificates.
+    pub ca: std::path::PathBuf,
+    /// The server's certificate (for `localhost` / 127.0.0.1).
+    pub cert: std::path::PathBuf,
+    /// Its private key.
+    pub key: std::path::PathBuf,
+}
+
+/// A nats-server of a test's own, with JetStream, that requires TLS,
+/// verifies client certificates against the CA, and requires a token.
+/// Started from the `nats-server` binary (`TWOPC_NATS_SERVER`, else found
+/// on PATH or in /usr/sbin); killed when dropped.
+pub struct SecureNats {
+    /// Its URL, `tls://localhost:PORT`.
+    pub url: String,
+    child: std::process::Child,
+}
+
+impl SecureNats {
+    /// Starts the server with its files under `dir`, or None (after
+    /// printing why `test` is skipped) when there is no nats-server binary
+    /// and `TWOPC_REQUIRE_NATS` is not `1`.
+    ///
+    /// # Panics
+    /// When the binary is required and missing, or the server does not
+    /// accept connections within 10 s.
+    pub async fn start(test: &str, dir: &std::path::Path, tls: &ServerTlsFiles, token: &str) -> Option<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+        let config = dir.join("nats-server.conf");
+        let text = format!(
+            "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {store:?} }}\n\
+             tls {{ cert_file: {cert:?}, key_file: {key:?}, ca_file: {ca:?}, verify: true, timeout: 2 }}\n\
+             authorization {{ token: {token:?} }}\n",
+            store = dir.join("jetstream"),
+            cert = tls.cert,
+            key = tls.key,
+            ca = tls.ca,
+        );
+        std::fs::write(&config, text).expect("write the server's config");
+        let binaries = std::env::var("TWOPC_NATS_SERVER")
+            .map_or_else(|_| vec!["nats-server".to_owned(), "/usr/sbin/nats-server".to_owned()], |bin| vec![bin]);
+        let log = std::fs::File::create(dir.join("nats-server.log")).expect("the server's log");
+        let spawned = binaries.iter().find_map(|bin| {
+            std::process::Command::new(bin)
+                .arg("-c")
+                .arg(&config)
+                .stdout(std::process::Stdio::null())
+                .stderr(log.try_clone().expect("the server's log"))
+                .spawn()
+                .ok()
+        });
+        let Some(child) = spawned else {
+            let why = format!("no nats-server binary (tried {binaries:?}; set TWOPC_NATS_SERVER)");
+            if std::env::var("TWOPC_REQUIRE_NATS").is_ok_and(|v| v == "1") {
+                panic!("{test}: a nats-server binary is required (TWOPC_REQUIRE_NATS=1) but {why}");
+            }
+            eprintln!("SKIPPED {test}: {why}");
+            return None;
+        };
+        let server = Self { url: format!("tls://localhost:{port}"), child };
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            let log = std::fs::read_to_string(dir.join("nats-server.log")).unwrap_or_default();
+            assert!(tokio::time::Instant::now() < give_up, "{test}: nats-server did not start within 10 s:\n{log}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Some(server)
+    }
+}
+
+impl Drop for SecureNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

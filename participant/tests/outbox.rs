@@ -3,7 +3,8 @@
 //! `nats_testing`) a committed branch's events reach the stream exactly
 //! once, an aborted branch's never, events committed while the relay was
 //! away go out after a restart, and a server that goes away only delays
-//! them, within the outbox's bound.
+//! them, within the outbox's bound. A server that requires TLS, client
+//! certificates and a token gets events only from a relay that has all three.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,9 +12,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use twopc_participant::conformance::{self, Harness};
-use twopc_participant::nats_testing::{self, NatsProxy, TestNats};
+use twopc_participant::nats_testing::{self, NatsProxy, SecureNats, ServerTlsFiles, TestNats};
 use twopc_participant::outbox::{
-    EventResource, EventResourceConfig, OutboxEvent, OutboxSource, Relay, RelayConfig, RelayWake, encode_staged,
+    EventResource, EventResourceConfig, NatsAuth, NatsConnect, OutboxEvent, OutboxSource, Relay, RelayConfig,
+    RelayWake, encode_staged,
 };
 use twopc_participant::{Resource, TxnId, Vote};
 
@@ -257,4 +259,103 @@ async fn a_stream_that_does_not_take_the_subjects_is_named_and_events_wait() {
     assert!(why.contains("do not take"), "{why}");
     assert_eq!(events.waiting().await.expect("waiting"), 1, "the event waits");
     stream.nats.delete_stream(&stream.name).await;
+}
+
+/// A CA, a server certificate for localhost and a client certificate, as
+/// PEM files in `dir`: the server's files, and the client's (cert, key).
+fn write_tls_files(dir: &std::path::Path) -> (ServerTlsFiles, (std::path::PathBuf, std::path::PathBuf)) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let mut ca = CertificateParams::new(Vec::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "outbox test CA");
+    let ca_key = KeyPair::generate().expect("CA key");
+    let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
+    let issuer = Issuer::new(ca, ca_key);
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write a PEM file");
+        path
+    };
+    let leaf = |name: &str, hosts: Vec<String>| {
+        let key = KeyPair::generate().expect("key");
+        let cert = CertificateParams::new(hosts).expect("params").signed_by(&key, &issuer).expect("certificate");
+        (write(&format!("{name}.pem"), cert.pem()), write(&format!("{name}.key"), key.serialize_pem()))
+    };
+    let (cert, key) = leaf("server", vec!["localhost".into(), "127.0.0.1".into()]);
+    let client = leaf("client", vec!["outbox-relay".into()]);
+    (ServerTlsFiles { ca: write("ca.pem", ca_cert.pem()), cert, key }, client)
+}
+
+/// Why connecting with `nats` fails (it must).
+async fn refused(nats: &NatsConnect) -> String {
+    let attempt =
+        nats.options("outbox-test").connection_timeout(Duration::from_secs(3)).connect(nats.url.as_str()).await;
+    match attempt {
+        Ok(_) => panic!("connected with {nats:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn a_server_that_requires_tls_a_client_certificate_and_a_token_gets_events_only_with_all_three() {
+    const TEST: &str = "a_server_that_requires_tls_a_client_certificate_and_a_token_gets_events_only_with_all_three";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server_files, client_cert) = write_tls_files(dir.path());
+    let Some(server) = SecureNats::start(TEST, dir.path(), &server_files, "s3cret").await else { return };
+    let full = NatsConnect {
+        url: server.url.clone(),
+        ca_file: Some(server_files.ca.clone()),
+        client_cert: Some(client_cert.clone()),
+        auth: NatsAuth::Token("s3cret".into()),
+    };
+    full.validate().expect("the files are there");
+
+    // Each part missing is refused, never served in plaintext.
+    let plaintext = NatsConnect { url: server.url.replace("tls://", "nats://"), ..NatsConnect::default() };
+    assert!(!refused(&plaintext).await.is_empty());
+    let no_client_cert = NatsConnect { client_cert: None, ..full.clone() };
+    assert!(!refused(&no_client_cert).await.is_empty());
+    let wrong_token = NatsConnect { auth: NatsAuth::Token("guess".into()), ..full.clone() };
+    let why = refused(&wrong_token).await;
+    assert!(why.to_lowercase().contains("authorization"), "{why}");
+
+    // A relay without the client certificate says why its events wait.
+    let stream_name = nats_testing::unique_name("TLS");
+    let prefix = nats_testing::unique_name("tls");
+    let config = |nats: NatsConnect| RelayConfig {
+        nats,
+        stream: stream_name.clone(),
+        subjects: vec![format!("{prefix}.>")],
+        retry_max_ms: 200,
+        poll_interval_ms: 100,
+        ack_timeout_ms: 1_000,
+        ..RelayConfig::new("unused")
+    };
+    let store = tempfile::tempdir().expect("tempdir");
+    let wake = RelayWake::new();
+    let events = resource(&store, limits(), wake.clone()).await;
+    let txn = TxnId::new();
+    let staged = encode_staged(&[OutboxEvent::new(format!("{prefix}.acct"), Bytes::from("x")).expect("subject")]);
+    assert_eq!(events.prepare(txn, staged).await.expect("prepare"), Vote::Yes);
+    events.commit(txn).await.expect("commit");
+    let relay = Relay::spawn(Arc::clone(&events), wake.clone(), config(no_client_cert)).expect("relay");
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
+    let why = loop {
+        if let Some(why) = relay.stats().last_error.lock().clone() {
+            break why;
+        }
+        assert!(tokio::time::Instant::now() < give_up, "the relay never said why it does not publish");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(why.contains("connecting to NATS at tls://localhost"), "{why}");
+    assert_eq!(events.waiting().await.expect("waiting"), 1, "the event waits");
+    drop(relay);
+
+    // With all three, it goes out once.
+    let relay = Relay::spawn(Arc::clone(&events), wake, config(full.clone())).expect("relay");
+    settle(&events).await;
+    assert_eq!(relay.stats().published.load(std::sync::atomic::Ordering::Relaxed), 1);
+    let client = full.options("outbox-test").connect(full.url.as_str()).await.expect("connect with all three");
+    let mut stream = async_nats::jetstream::new(client).get_stream(&stream_name).await.expect("the relay's stream");
+    assert_eq!(stream.info().await.expect("stream info").state.messages, 1);
 }

@@ -55,7 +55,7 @@ pub enum ViewCommand {
         kept per account, the last 10000 malformed messages remembered, the ids of the newest \
         --applied-ids-max events applied (an event delivered again after that many newer ones would be \
         applied again). One consumer (--consumer) per view directory.")]
-    Sync(SyncArgs),
+    Sync(Box<SyncArgs>),
     /// Every account in the view: balance, debits, credits and last event; and the totals.
     #[command(after_help = "Example:\n  twopc view accounts --data data/view")]
     Accounts(ReadArgs),
@@ -72,6 +72,8 @@ pub struct SyncArgs {
     /// The NATS server.
     #[arg(long, env = "TWOPC_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats: String,
+    #[command(flatten)]
+    pub nats_connect: crate::nats::NatsArgs,
     /// The JetStream stream the banks publish to (`twopc bank --events-stream`).
     #[arg(long, default_value = "TWOPC")]
     pub stream: String,
@@ -127,7 +129,7 @@ pub struct HistoryArgs {
 
 pub async fn run(cmd: ViewCommand) -> anyhow::Result<u8> {
     match cmd {
-        ViewCommand::Sync(args) => sync_command(args).await,
+        ViewCommand::Sync(args) => sync_command(*args).await,
         ViewCommand::Accounts(args) => accounts(&args),
         ViewCommand::History(args) => history(&args),
     }
@@ -135,7 +137,7 @@ pub async fn run(cmd: ViewCommand) -> anyhow::Result<u8> {
 
 async fn sync_command(args: SyncArgs) -> anyhow::Result<u8> {
     let config = SyncConfig {
-        nats_url: args.nats,
+        nats: args.nats_connect.connect(&args.nats)?,
         stream: args.stream,
         consumer: args.consumer,
         batch_max: args.batch_max,

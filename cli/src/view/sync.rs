@@ -10,6 +10,7 @@ use anyhow::{Context as _, bail};
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures::StreamExt as _;
 use tracing::warn;
+use twopc_participant::outbox::NatsConnect;
 
 use super::store::{Delivered, ViewStore};
 
@@ -30,8 +31,9 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(3);
 pub struct SyncConfig {
     /// The view's directory; its store is `DIR/view.redb`.
     pub data_dir: PathBuf,
-    /// The NATS server. Default: `nats://127.0.0.1:4222`.
-    pub nats_url: String,
+    /// The NATS server and how to connect to it. Default:
+    /// `nats://127.0.0.1:4222`, plaintext, no credentials.
+    pub nats: NatsConnect,
     /// The JetStream stream the banks publish to. Default: `TWOPC`.
     pub stream: String,
     /// The durable consumer's name; one per view store. Default: `twopc-view`.
@@ -60,7 +62,7 @@ impl SyncConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
-            nats_url: "nats://127.0.0.1:4222".into(),
+            nats: NatsConnect::new("nats://127.0.0.1:4222"),
             stream: "TWOPC".into(),
             consumer: "twopc-view".into(),
             batch_max: 256,
@@ -214,9 +216,10 @@ fn unreachable(what: String, e: impl std::fmt::Display) -> ConnectError {
 }
 
 async fn try_connect(config: &SyncConfig, store: &ViewStore) -> Result<PullConsumer, ConnectError> {
-    let url = &config.nats_url;
-    let client = async_nats::ConnectOptions::new()
-        .name("twopc-view")
+    let url = &config.nats.url;
+    let client = config
+        .nats
+        .options("twopc-view")
         .connection_timeout(Duration::from_secs(3))
         .connect(url.as_str())
         .await

@@ -21,10 +21,12 @@
 //!
 //! # Layout
 //! - [`tables`]: [`OutboxTables`], the staged and ready tables inside a redb store's own write transactions.
+//! - [`nats`]: [`NatsConnect`], the NATS server's URL, TLS and credentials.
 //! - [`relay`]: [`Relay`] and [`OutboxSource`]: publishing what is ready, bounded and retried.
 //! - [`event_resource`]: [`EventResource`], a participant whose branches only publish events.
 
 pub mod event_resource;
+pub mod nats;
 pub mod relay;
 pub mod tables;
 
@@ -32,6 +34,7 @@ use bytes::Bytes;
 use twopc_proto::TxnId;
 
 pub use event_resource::{EventResource, EventResourceConfig};
+pub use nats::{NatsAuth, NatsConnect};
 pub use relay::{OutboxSource, Relay, RelayConfig, RelayStats, RelayWake};
 pub use tables::OutboxTables;
 

@@ -24,7 +24,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use super::ReadyEvent;
+use super::{NatsConnect, ReadyEvent};
 use crate::cluster::Backoff;
 use crate::resource::ResourceError;
 
@@ -66,8 +66,8 @@ impl RelayWake {
 /// Where and how a [`Relay`] publishes. Every limit has a default.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayConfig {
-    /// The NATS server, such as `nats://127.0.0.1:4222`.
-    pub nats_url: String,
+    /// The NATS server and how to connect to it (TLS, credentials).
+    pub nats: NatsConnect,
     /// The JetStream stream, created if missing (default `TWOPC`).
     pub stream: String,
     /// The stream's subjects when the relay creates it (default `twopc.>`);
@@ -94,10 +94,10 @@ pub struct RelayConfig {
 }
 
 impl RelayConfig {
-    /// The defaults, publishing to the server at `nats_url`.
+    /// The defaults, publishing to the server at `nats_url` in plaintext.
     pub fn new(nats_url: impl Into<String>) -> Self {
         Self {
-            nats_url: nats_url.into(),
+            nats: NatsConnect::new(nats_url),
             stream: "TWOPC".into(),
             subjects: vec!["twopc.>".into()],
             duplicate_window_ms: 120_000,
@@ -115,6 +115,7 @@ impl RelayConfig {
     /// # Errors
     /// A one-line reason naming the setting.
     pub fn validate(&self) -> Result<(), String> {
+        self.nats.validate().map_err(|e| format!("events: {e}"))?;
         let positive = [
             ("batch_max", self.batch_max as u64),
             ("ack_timeout_ms", self.ack_timeout_ms),
@@ -193,18 +194,14 @@ impl Drop for Relay {
 
 async fn run<S: OutboxSource>(source: Arc<S>, wake: RelayWake, config: RelayConfig, stats: Arc<RelayStats>) {
     let mut retry = Retry { backoff: Backoff::new(config.retry_min_ms, config.retry_max_ms), stats: &stats };
-    // Connects in the background and reconnects forever: a server that is
-    // down only delays events.
+    // Connects, retrying here so that why it fails (unreachable, TLS, a
+    // credential refused) reaches `last_error`; once connected, the client
+    // reconnects forever. A server that is down only delays events.
     let client = loop {
-        match async_nats::ConnectOptions::new()
-            .name("twopc-outbox-relay")
-            .retry_on_initial_connect()
-            .max_reconnects(None)
-            .connect(&config.nats_url)
-            .await
-        {
+        let options = config.nats.options("twopc-outbox-relay").max_reconnects(None);
+        match options.connect(config.nats.url.as_str()).await {
             Ok(client) => break client,
-            Err(e) => retry.failed(format!("connecting to NATS at {}: {e}", config.nats_url)).await,
+            Err(e) => retry.failed(format!("connecting to NATS at {}: {e}", config.nats.url)).await,
         }
     };
     let mut jetstream = jetstream::new(client);
@@ -212,7 +209,7 @@ async fn run<S: OutboxSource>(source: Arc<S>, wake: RelayWake, config: RelayConf
     while let Err(why) = ensure_stream(&jetstream, &config).await {
         retry.failed(why).await;
     }
-    info!(stream = %config.stream, url = %config.nats_url, "outbox relay: publishing");
+    info!(stream = %config.stream, url = %config.nats.url, "outbox relay: publishing");
     loop {
         let batch = match source.ready(config.batch_max).await {
             Ok(batch) => batch,
@@ -257,7 +254,7 @@ async fn ensure_stream(jetstream: &jetstream::Context, config: &RelayConfig) -> 
         storage: jetstream::stream::StorageType::File,
         ..Default::default()
     };
-    let (stream, url) = (&config.stream, &config.nats_url);
+    let (stream, url) = (&config.stream, &config.nats.url);
     let mut found =
         jetstream.get_or_create_stream(wanted).await.map_err(|e| format!("creating stream {stream} at {url}: {e}"))?;
     let info = found.info().await.map_err(|e| format!("reading stream {stream} at {url}: {e}"))?;

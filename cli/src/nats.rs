@@ -1,0 +1,64 @@
+//! The NATS connection flags of `twopc bank --events-nats` and `twopc view
+//! sync`: TLS (`--nats-ca`, `--nats-cert`, `--nats-key`) and credentials
+//! (`--nats-token`, or `--nats-user` with `TWOPC_NATS_PASSWORD`). A
+//! plaintext connection to a host other than this machine is refused unless
+//! `--insecure` (docs/SECURITY.md).
+
+use std::path::PathBuf;
+
+use clap::Args;
+use twopc_participant::outbox::{NatsAuth, NatsConnect};
+
+/// How to connect to the NATS server.
+#[derive(Debug, Clone, Default, Args)]
+pub struct NatsArgs {
+    /// TLS to NATS, trusting the CA certificates in this PEM file (the server's certificate must chain to one).
+    #[arg(long, env = "TWOPC_NATS_CA", value_name = "FILE")]
+    pub nats_ca: Option<PathBuf>,
+    /// The PEM certificate presented to a NATS server that verifies clients (mutual TLS); needs --nats-key.
+    #[arg(long, env = "TWOPC_NATS_CERT", value_name = "FILE", requires = "nats_key")]
+    pub nats_cert: Option<PathBuf>,
+    /// The PEM private key of --nats-cert.
+    #[arg(long, env = "TWOPC_NATS_KEY", value_name = "FILE", requires = "nats_cert")]
+    pub nats_key: Option<PathBuf>,
+    /// A token for the NATS server's authorization; better given through the environment.
+    #[arg(long, env = "TWOPC_NATS_TOKEN", hide_env_values = true, conflicts_with = "nats_user")]
+    pub nats_token: Option<String>,
+    /// A NATS user; its password comes from TWOPC_NATS_PASSWORD.
+    #[arg(long, env = "TWOPC_NATS_USER", requires = "nats_password")]
+    pub nats_user: Option<String>,
+    /// The password of --nats-user; better given through the environment.
+    #[arg(long, env = "TWOPC_NATS_PASSWORD", hide_env_values = true, requires = "nats_user")]
+    pub nats_password: Option<String>,
+}
+
+impl NatsArgs {
+    /// The connection to `url` these flags describe, checked: the files
+    /// readable, and no plaintext off this machine unless `--insecure`.
+    ///
+    /// # Errors
+    /// A one-line reason naming the flag.
+    pub fn connect(&self, url: &str) -> anyhow::Result<NatsConnect> {
+        let auth = match (&self.nats_token, &self.nats_user, &self.nats_password) {
+            (Some(token), _, _) => NatsAuth::Token(token.clone()),
+            (None, Some(user), Some(password)) => {
+                NatsAuth::UserPassword { user: user.clone(), password: password.clone() }
+            }
+            _ => NatsAuth::None,
+        };
+        let nats = NatsConnect {
+            url: url.to_owned(),
+            ca_file: self.nats_ca.clone(),
+            client_cert: self.nats_cert.clone().zip(self.nats_key.clone()),
+            auth,
+        };
+        nats.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        if nats.plaintext_off_host() && !super::certs::tls_args().insecure {
+            anyhow::bail!(
+                "refusing to send events in plaintext to NATS at {url}, which is not this machine: give --nats-ca \
+                 FILE (and --nats-cert/--nats-key for mutual TLS) or a tls:// URL, or --insecure to accept it"
+            );
+        }
+        Ok(nats)
+    }
+}

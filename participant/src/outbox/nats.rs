@@ -1,0 +1,167 @@
+//! [`NatsConnect`]: how a relay or a consumer reaches the NATS server: its
+//! URL, TLS (the CA to trust, and a client certificate for mutual TLS) and
+//! credentials (a token, or a user and password). Secrets never appear in
+//! `Debug` output or logs.
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// How to authenticate to the NATS server, beyond a client certificate.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub enum NatsAuth {
+    /// No credentials (or only the client certificate).
+    #[default]
+    None,
+    /// The server's `authorization { token }`.
+    Token(String),
+    /// A user of the server's `authorization { users }`.
+    UserPassword {
+        /// The user name.
+        user: String,
+        /// Its password.
+        password: String,
+    },
+}
+
+impl fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::None => f.write_str("None"),
+            Self::Token(_) => f.write_str("Token(<redacted>)"),
+            Self::UserPassword { user, .. } => write!(f, "UserPassword {{ user: {user:?}, password: <redacted> }}"),
+        }
+    }
+}
+
+/// The NATS server and how to connect to it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NatsConnect {
+    /// The server, such as `nats://127.0.0.1:4222` or `tls://nats.internal:4222`.
+    pub url: String,
+    /// PEM certificates of the CAs that sign the server's certificate.
+    /// Setting it, a client certificate or a `tls://` URL requires TLS: the
+    /// connection fails rather than fall back to plaintext.
+    pub ca_file: Option<PathBuf>,
+    /// A PEM certificate and its PEM private key this client presents, for
+    /// a server that verifies clients (mutual TLS).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// Credentials for the server's authorization.
+    pub auth: NatsAuth,
+}
+
+impl NatsConnect {
+    /// Plaintext, no credentials, to the server at `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self { url: url.into(), ..Self::default() }
+    }
+
+    /// Whether the connection must be TLS.
+    pub fn requires_tls(&self) -> bool {
+        self.url.starts_with("tls://") || self.ca_file.is_some() || self.client_cert.is_some()
+    }
+
+    /// Whether the connection would carry events in plaintext to a host that
+    /// is not this machine: a front end refuses it unless told otherwise.
+    pub fn plaintext_off_host(&self) -> bool {
+        !self.requires_tls() && !self.url.split(',').all(|url| is_loopback(host_of(url)))
+    }
+
+    /// Checks the URL and that every file given can be read, so that a
+    /// typo is reported at start-up rather than as a connection that keeps
+    /// failing.
+    ///
+    /// # Errors
+    /// A one-line reason naming the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.url.trim().is_empty() {
+            return Err("the NATS URL is empty".into());
+        }
+        let files = self.ca_file.iter().chain(self.client_cert.iter().flat_map(|(cert, key)| [cert, key]));
+        for file in files {
+            std::fs::metadata(file)
+                .and_then(|m| if m.is_file() { Ok(()) } else { Err(std::io::Error::other("not a file")) })
+                .map_err(|e| format!("NATS TLS file {}: {e}", file.display()))?;
+        }
+        match &self.auth {
+            NatsAuth::Token(token) if token.is_empty() => Err("the NATS token is empty".into()),
+            NatsAuth::UserPassword { user, .. } if user.is_empty() => Err("the NATS user is empty".into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// The client's connect options for these settings, named `name` (the
+    /// server's connection list shows it).
+    pub fn options(&self, name: &str) -> async_nats::ConnectOptions {
+        let mut options = async_nats::ConnectOptions::new().name(name).require_tls(self.requires_tls());
+        if let Some(ca) = &self.ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let Some((cert, key)) = &self.client_cert {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        match &self.auth {
+            NatsAuth::None => options,
+            NatsAuth::Token(token) => options.token(token.clone()),
+            NatsAuth::UserPassword { user, password } => options.user_and_password(user.clone(), password.clone()),
+        }
+    }
+}
+
+/// The host of a NATS URL (`nats://host:port`, `host:port`, `host`).
+fn host_of(url: &str) -> &str {
+    let rest = url.trim().split_once("://").map_or(url.trim(), |(_, rest)| rest);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    if let Some(bracketed) = rest.strip_prefix('[') {
+        return bracketed.split_once(']').map_or(bracketed, |(host, _)| host);
+    }
+    rest.split([':', '/']).next().unwrap_or(rest)
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Secrets never reach a log line through Debug.
+    #[test]
+    fn debug_output_never_shows_a_secret() {
+        let mut nats = NatsConnect::new("tls://nats:4222");
+        nats.auth = NatsAuth::Token("s3cret-token".into());
+        assert!(!format!("{nats:?}").contains("s3cret"), "{nats:?}");
+        nats.auth = NatsAuth::UserPassword { user: "bank".into(), password: "s3cret-pw".into() };
+        let shown = format!("{nats:?}");
+        assert!(!shown.contains("s3cret") && shown.contains("bank"), "{shown}");
+    }
+
+    // Plaintext is refused off this machine, allowed on loopback, and any TLS setting makes it TLS.
+    #[test]
+    fn plaintext_is_flagged_only_off_this_machine() {
+        let off_host = |url: &str| NatsConnect::new(url).plaintext_off_host();
+        for local in ["nats://127.0.0.1:4222", "localhost:4222", "nats://[::1]:4222", "nats://u:p@localhost"] {
+            assert!(!off_host(local), "{local}");
+        }
+        for remote in ["nats://10.0.0.5:4222", "nats.internal:4222", "nats://127.0.0.1:4222,nats://10.0.0.5:4222"] {
+            assert!(off_host(remote), "{remote}");
+        }
+        assert!(!off_host("tls://nats.internal:4222"));
+        let mut with_ca = NatsConnect::new("nats://nats.internal:4222");
+        with_ca.ca_file = Some("ca.pem".into());
+        assert!(with_ca.requires_tls() && !with_ca.plaintext_off_host());
+    }
+
+    // A missing file, an empty URL or an empty credential is named at start-up.
+    #[test]
+    fn validate_names_what_is_wrong() {
+        assert!(NatsConnect::new(" ").validate().is_err_and(|e| e.contains("URL")));
+        let mut nats = NatsConnect::new("tls://nats:4222");
+        nats.ca_file = Some("/nonexistent/ca.pem".into());
+        assert!(nats.validate().is_err_and(|e| e.contains("/nonexistent/ca.pem")));
+        let mut nats = NatsConnect::new("nats://127.0.0.1:4222");
+        nats.auth = NatsAuth::Token(String::new());
+        assert!(nats.validate().is_err_and(|e| e.contains("token")));
+        assert_eq!(NatsConnect::new("nats://127.0.0.1:4222").validate(), Ok(()));
+    }
+}
