@@ -68,7 +68,7 @@ impl EventsConfig {
     /// [`Error::Config`] for invalid relay settings.
     pub fn start_relay<S: OutboxSource>(&self, bank: &ParticipantId, store: Arc<S>, wake: RelayWake) -> Result<Relay> {
         let relay = Relay::spawn(store, wake, self.relay.clone()).map_err(Error::Config)?;
-        info!(bank = %bank, nats = %self.relay.nats.url, stream = %self.relay.stream, "bank events on");
+        info!(bank = %bank, nats = %self.relay.nats.shown_url(), stream = %self.relay.stream, "bank events on");
         Ok(relay)
     }
 }

@@ -42,6 +42,7 @@
 //! - [`events`]: the bank's events (debited, credited, opened), staged with each branch and published through the
 //!   participant library's outbox to NATS JetStream ([`events::EventsConfig`]).
 //! - [`server`]: [`server::run`], one port serving the Participant and Bank APIs.
+//! - [`metrics`]: [`metrics::BankMetrics`], the participant's and the outbox relay's counters for `GET /metrics`.
 //! - [`config`]: [`BankConfig`] and [`StoreConfig`], every setting with its default.
 //! - [`error`]: the crate's [`Error`] and [`Result`], and the one mapping to gRPC statuses.
 //!
@@ -69,6 +70,7 @@ pub mod address;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod metrics;
 pub mod money;
 pub mod payload;
 pub mod pg_store;

@@ -18,8 +18,12 @@ use twopc_proto::MAX_MESSAGE_BYTES;
 use twopc_proto::net::Listener;
 use twopc_proto::pb::bank_server::BankServer;
 
+use twopc_participant::outbox::RelayStats;
+use twopc_proto::metrics_http;
+
 use crate::config::BankConfig;
 use crate::error::{Error, Result};
+use crate::metrics::BankMetrics;
 use crate::redb_store::RedbStore;
 use crate::resource::BankResource;
 use crate::service::BankService;
@@ -44,6 +48,21 @@ pub async fn run(
     config: BankConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
+    run_with_metrics(listener, None, config, shutdown).await
+}
+
+/// [`run`], also serving `GET /metrics` on `metrics` when given
+/// ([`BankMetrics`]: the participant's counters and, with events on, the
+/// relay's).
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with_metrics(
+    listener: impl Into<Listener>,
+    metrics: Option<tokio::net::TcpListener>,
+    config: BankConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
     config.validate()?;
     tokio::fs::create_dir_all(&config.data_dir)
         .await
@@ -55,7 +74,9 @@ pub async fn run(
         Some(events) => Some(events.start_relay(config.id(), Arc::clone(&store), store.relay_wake())?),
         None => None,
     };
-    let served = serve(listener, Arc::clone(&store), config.participant, shutdown).await;
+    let metrics =
+        metrics.map(|listener| MetricsEndpoint { listener, relay: relay.as_ref().map(|r| r.stats().clone()) });
+    let served = serve_with_metrics(listener, Arc::clone(&store), config.participant, metrics, shutdown).await;
     // The relay holds the store too; what it has not published waits on disk.
     drop(relay);
     close(store).await;
@@ -74,10 +95,40 @@ pub async fn serve<S: AccountStore>(
     participant: ParticipantConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
+    serve_with_metrics(listener, store, participant, None, shutdown).await
+}
+
+/// Where a bank serves `GET /metrics` (plaintext: bind it to loopback or a
+/// trusted network), and the relay whose counters it shows.
+#[derive(Debug)]
+pub struct MetricsEndpoint {
+    /// The listener for `GET /metrics`.
+    pub listener: tokio::net::TcpListener,
+    /// The store's outbox relay, when events are on.
+    pub relay: Option<Arc<RelayStats>>,
+}
+
+/// [`serve`], also serving `GET /metrics` on `metrics` when given.
+///
+/// # Errors
+/// As [`serve`].
+pub async fn serve_with_metrics<S: AccountStore>(
+    listener: impl Into<Listener>,
+    store: Arc<S>,
+    participant: ParticipantConfig,
+    metrics: Option<MetricsEndpoint>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
     let listener = listener.into();
     let id = participant.id.clone();
     let resource = Arc::new(BankResource::new(Arc::clone(&store)));
     let participant = Participant::new(resource, participant)?;
+    let metrics = metrics.map(|endpoint| {
+        let source = BankMetrics { participant: participant.metrics(), relay: endpoint.relay };
+        info!(bank = %id, addr = ?endpoint.listener.local_addr().ok(), "bank metrics at /metrics");
+        let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || source.render());
+        AbortOnDrop(tokio::spawn(metrics_http::serve(endpoint.listener, render, std::future::pending())))
+    });
     // Debit and Credit join txns through the participant serving beside them.
     let bank = BankServer::new(BankService::new(store, participant.joiner()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -86,8 +137,18 @@ pub async fn serve<S: AccountStore>(
     let bank = InterceptedService::new(bank, read_txn_context);
     info!(bank = %id, addr = ?listener.local_addr().ok(), "bank serving");
     participant.serve_with(listener, Routes::new(bank), shutdown).await?;
+    drop(metrics);
     info!(bank = %id, "bank stopped");
     Ok(())
+}
+
+/// Stops the metrics endpoint's task with the bank, on every way out.
+struct AbortOnDrop(tokio::task::JoinHandle<std::io::Result<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Waits for calls still in flight to drop their handles, then closes the

@@ -20,7 +20,8 @@ pub struct TlsArgs {
     /// (`twopc certs init` makes them). Without it, connections are plaintext.
     #[arg(long, global = true, env = "TWOPC_TLS_DIR", value_name = "DIR")]
     pub tls_dir: Option<PathBuf>,
-    /// Allow a server to listen in plaintext on an address other than loopback.
+    /// Allow a server to listen in plaintext on an address other than loopback, and a bank or view to reach
+    /// NATS in plaintext off this machine.
     #[arg(long, global = true)]
     pub insecure: bool,
 }

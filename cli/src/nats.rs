@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use clap::Args;
 use twopc_participant::outbox::{NatsAuth, NatsConnect};
 
-/// How to connect to the NATS server.
-#[derive(Debug, Clone, Default, Args)]
+/// How to connect to the NATS server. `Debug` shows no secret.
+#[derive(Clone, Default, Args)]
 pub struct NatsArgs {
     /// TLS to NATS, trusting the CA certificates in this PEM file (the server's certificate must chain to one).
     #[arg(long, env = "TWOPC_NATS_CA", value_name = "FILE")]
@@ -30,6 +30,20 @@ pub struct NatsArgs {
     /// The password of --nats-user; better given through the environment.
     #[arg(long, env = "TWOPC_NATS_PASSWORD", hide_env_values = true, requires = "nats_user")]
     pub nats_password: Option<String>,
+}
+
+impl std::fmt::Debug for NatsArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |secret: &Option<String>| secret.as_ref().map(|_| "<redacted>");
+        f.debug_struct("NatsArgs")
+            .field("nats_ca", &self.nats_ca)
+            .field("nats_cert", &self.nats_cert)
+            .field("nats_key", &self.nats_key)
+            .field("nats_token", &redacted(&self.nats_token))
+            .field("nats_user", &self.nats_user)
+            .field("nats_password", &redacted(&self.nats_password))
+            .finish()
+    }
 }
 
 impl NatsArgs {
@@ -55,8 +69,9 @@ impl NatsArgs {
         nats.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         if nats.plaintext_off_host() && !super::certs::tls_args().insecure {
             anyhow::bail!(
-                "refusing to send events in plaintext to NATS at {url}, which is not this machine: give --nats-ca \
-                 FILE (and --nats-cert/--nats-key for mutual TLS) or a tls:// URL, or --insecure to accept it"
+                "refusing to send events in plaintext to NATS at {}, which is not this machine: give --nats-ca \
+                 FILE (and --nats-cert/--nats-key for mutual TLS) or a tls:// URL, or --insecure to accept it",
+                nats.shown_url()
             );
         }
         Ok(nats)

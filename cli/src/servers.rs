@@ -151,6 +151,10 @@ pub struct BankArgs {
     /// The address coordinators reach this bank at. Default: --listen.
     #[arg(long)]
     pub advertise: Option<String>,
+    /// Serve Prometheus metrics (votes, decisions, in-doubt branches, the event relay) at http://ADDR/metrics;
+    /// a bare PORT binds loopback (127.0.0.1:PORT).
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
     /// How long a prepared branch waits for its decision before asking the cluster (ms).
     #[arg(long, default_value_t = 5_000)]
     pub in_doubt_timeout_ms: u64,
@@ -210,18 +214,30 @@ impl EventsArgs {
         Ok(Some(events))
     }
 
-    /// These flags as arguments of `twopc bank`, for a child process.
+    /// These flags as arguments of `twopc bank`, for a child process, with
+    /// this process's `--insecure` (a local run against a NATS server
+    /// elsewhere). Secrets are not passed as arguments, which other users of
+    /// the host can read: the child inherits `TWOPC_NATS_TOKEN` and
+    /// `TWOPC_NATS_PASSWORD` from the environment.
     pub fn to_args(&self) -> Vec<String> {
         let Some(url) = &self.events_nats else { return Vec::new() };
-        [
-            ("--events-nats", url.clone()),
-            ("--events-stream", self.events_stream.clone()),
-            ("--events-prefix", self.events_prefix.clone()),
-            ("--outbox-max", self.outbox_max.to_string()),
-        ]
-        .into_iter()
-        .flat_map(|(flag, value)| [flag.to_owned(), value])
-        .collect()
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        let flags = [
+            ("--events-nats", Some(url.clone())),
+            ("--events-stream", Some(self.events_stream.clone())),
+            ("--events-prefix", Some(self.events_prefix.clone())),
+            ("--outbox-max", Some(self.outbox_max.to_string())),
+            ("--nats-ca", path(&self.nats.nats_ca)),
+            ("--nats-cert", path(&self.nats.nats_cert)),
+            ("--nats-key", path(&self.nats.nats_key)),
+            ("--nats-user", self.nats.nats_user.clone()),
+        ];
+        let mut args: Vec<String> =
+            flags.into_iter().filter_map(|(flag, value)| Some([flag.to_owned(), value?])).flatten().collect();
+        if certs::tls_args().insecure {
+            args.push("--insecure".to_owned());
+        }
+        args
     }
 }
 
@@ -296,6 +312,10 @@ pub async fn bank(args: BankArgs) -> anyhow::Result<u8> {
         }
     };
     let listener = bind(&args.listen, "the bank").await?;
+    let metrics = match &args.metrics_listen {
+        Some(addr) => Some(bind(&metrics_addr(addr), "metrics").await?),
+        None => None,
+    };
     if args.register {
         let addr = args.advertise.clone().unwrap_or_else(|| args.listen.clone());
         // Over TLS the bank registers as itself (participant:<name> may register only its own name).
@@ -319,13 +339,17 @@ pub async fn bank(args: BankArgs) -> anyhow::Result<u8> {
         });
     }
     match postgres {
-        None => twopc_bank::server::run(listener, config, stop_signal()).await?,
+        None => twopc_bank::server::run_with_metrics(listener, metrics, config, stop_signal()).await?,
         Some(store) => {
-            let _relay = match &config.events {
+            let relay = match &config.events {
                 Some(events) => Some(events.start_relay(config.id(), store.clone(), store.relay_wake())?),
                 None => None,
             };
-            twopc_bank::server::serve(listener, store, config.participant, stop_signal()).await?
+            let metrics = metrics.map(|listener| twopc_bank::server::MetricsEndpoint {
+                listener,
+                relay: relay.as_ref().map(|r| r.stats().clone()),
+            });
+            twopc_bank::server::serve_with_metrics(listener, store, config.participant, metrics, stop_signal()).await?
         }
     }
     Ok(EXIT_OK)

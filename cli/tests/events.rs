@@ -104,6 +104,27 @@ impl EventCluster {
     }
 }
 
+/// A loopback address no one listens on, for a bank's `--metrics-listen`.
+fn free_loopback_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().expect("its address").to_string()
+}
+
+/// The body of `GET /metrics` at `addr`; None while it does not answer.
+async fn scrape(addr: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut socket = tokio::net::TcpStream::connect(addr).await.ok()?;
+    socket.write_all(b"GET /metrics HTTP/1.1\r\nhost: bank\r\n\r\n").await.ok()?;
+    let mut response = String::new();
+    socket.read_to_string(&mut response).await.ok()?;
+    response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
+}
+
+/// The value of metric `name` (unlabelled) in a Prometheus text body.
+fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// The txn ids with events, and how many each has.
 fn per_txn(events: &BTreeMap<String, pb::BankEvent>) -> BTreeMap<String, usize> {
     let mut txns = BTreeMap::new();
@@ -185,9 +206,10 @@ async fn a_bank_killed_after_commit_before_publishing_publishes_once_after_resta
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_unreachable_delays_events_and_past_the_bound_the_banks_refuse() {
     let outbox_max = 5;
-    let Some(c) =
-        EventCluster::start("nats_unreachable_delays_events_and_past_the_bound_the_banks_refuse", outbox_max).await
-    else {
+    let metrics = free_loopback_addr();
+    let bank_b_args = vec!["--metrics-listen".to_owned(), metrics.clone()];
+    let test = "nats_unreachable_delays_events_and_past_the_bound_the_banks_refuse";
+    let Some(c) = EventCluster::start_with(test, outbox_max, bank_b_args).await else {
         return;
     };
     c.proxy.cut();
@@ -208,12 +230,35 @@ async fn nats_unreachable_delays_events_and_past_the_bound_the_banks_refuse() {
     // is reached after outbox_max of them, and never before.
     assert_eq!(committed.len(), outbox_max as usize, "transfers stay available up to the bound");
     assert!(refused.contains("event outbox full"), "the reason names the outbox: {refused}");
+    // bank-b's /metrics says its relay is failing.
+    c.p.wait("bank-b's metrics to show the relay failing", |_| async {
+        let text = scrape(&metrics).await?;
+        (metric(&text, "twopc_outbox_healthy") == Some(0) && metric(&text, "twopc_outbox_failures_total")? > 0)
+            .then_some(())
+    })
+    .await;
     c.proxy.restore();
     // Everything waiting goes out before the fence can be taken.
     c.events(2 + 2 * outbox_max).await;
     let events = c.fenced_events(2 + 2 * outbox_max).await;
     assert_eq!(events.len() as u64, 2 + 2 * outbox_max + 2, "{events:?}");
     assert_each_committed_has_both_branches(&events, &committed);
+    // Then healthy again, bob's opening, each credit and the fence's each
+    // acknowledged: as new, or as a repeat when the cut lost its first PubAck.
+    let events_at_b = outbox_max + 2;
+    let acked = |text: &str| {
+        Some(metric(text, "twopc_outbox_published_total")? + metric(text, "twopc_outbox_duplicates_total")?)
+    };
+    let text =
+        c.p.wait("bank-b's metrics to show every event published", |_| async {
+            let text = scrape(&metrics).await?;
+            (acked(&text)? >= events_at_b).then_some(text)
+        })
+        .await;
+    assert!(metric(&text, "twopc_outbox_published_total") <= Some(events_at_b), "{text}");
+    assert_eq!(metric(&text, "twopc_outbox_healthy"), Some(1), "{text}");
+    assert_eq!(metric(&text, "twopc_bank_commits_total"), Some(outbox_max + 1), "{text}");
+    assert_eq!(metric(&text, "twopc_bank_in_doubt"), Some(0), "{text}");
     c.nats.delete_stream(&c.stream).await;
 }
 

@@ -150,7 +150,7 @@ pub async fn run(
         let stopped = async move {
             let _ = metrics_stopped.await;
         };
-        tokio::spawn(crate::metrics::serve(metrics_listener, node.metrics.clone(), stopped));
+        tokio::spawn(twopc_proto::metrics_http::serve(metrics_listener, node.metrics.clone(), stopped));
     }
     let raft_ended = tokio::select! {
         () = shutdown => None,

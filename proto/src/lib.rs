@@ -19,6 +19,7 @@
 //! - [`tls`]: identities, the CA/certificate/key files, and rustls configs from them.
 //! - [`auth`]: which role may call which method, checked per call from the peer certificate.
 //! - [`certs`]: making a CA and certificates (`twopc certs init`, tests).
+//! - [`metrics_http`]: the `GET /metrics` endpoint and the Prometheus text lines.
 #![deny(missing_docs)]
 
 pub mod auth;
@@ -26,6 +27,7 @@ pub mod certs;
 pub mod clock;
 pub mod context;
 pub mod host;
+pub mod metrics_http;
 pub mod net;
 pub mod participant_id;
 pub mod payload_digest;

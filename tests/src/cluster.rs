@@ -117,6 +117,11 @@ impl Cluster {
         &self.running.get(&id).unwrap_or_else(|| panic!("node {id} is not running")).handle
     }
 
+    /// Node `id`'s metrics in the Prometheus text format, if it is running.
+    pub fn metrics(&self, id: u64) -> Option<String> {
+        self.running.get(&id).map(|node| (node.metrics)())
+    }
+
     /// Ids of the running nodes.
     pub fn running(&self) -> Vec<u64> {
         self.running.keys().copied().collect()

@@ -265,13 +265,65 @@ async fn a_submit_is_never_told_the_outcome_of_a_txn_begun_while_it_ran() -> any
     let gate = world.cluster.gate.clone();
     wait::until("both branches prepared", SETTLE, || async { (gate.prepares_answered() >= 2).then_some(()) }).await?;
     fail::cfg(coordinator_fp::SUBMIT_RACES_BEGIN, &format!("return({txn})")).map_err(anyhow::Error::msg)?;
+    let leader = world.leader().ok_or_else(|| anyhow::anyhow!("no leader"))?;
+    let before = waited_on_running(&world, leader)?;
     let teller = world.teller.clone();
     let submit =
         tokio::spawn(async move { teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 250).await });
+    wait_for_waiters(&world, leader, before + 1).await?;
     world.cluster.gate.hold_after_prepare(false);
     let committed = commit.await??;
     assert_eq!(committed.decision, twopc_proto::pb::Decision::Commit as i32, "T's own Commit");
     assert_eq!(submit.await?, ClientOutcome::Unknown, "refused (FAILED_PRECONDITION), never told T's Commit");
+    world.stop().await;
+    Ok(())
+}
+
+/// How many calls node `id` has had wait on a txn it was driving.
+fn waited_on_running(world: &World, id: u64) -> anyhow::Result<u64> {
+    let text = world.cluster.metrics(id).ok_or_else(|| anyhow::anyhow!("node {id} is not running"))?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("twopc_calls_waited_on_running_total ")?.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no twopc_calls_waited_on_running_total in node {id}'s metrics"))
+}
+
+/// Waits until node `id` has had `n` calls wait on a txn it was driving.
+async fn wait_for_waiters(world: &World, id: u64, n: u64) -> anyhow::Result<()> {
+    let what = format!("{n} calls waiting on a running txn at node {id}");
+    wait::until(&what, SETTLE, || async { (waited_on_running(world, id).ok()? >= n).then_some(()) }).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_waited_on_a_racing_submit_is_told_to_retry_and_then_commits() -> anyhow::Result<()> {
+    // §5 step 7, §12.4: T is begun; a Submit of T whose check missed the
+    // Begin is preparing (held at the banks' answers) when T's client
+    // commits. The Commit waits for that Submit, whose decision the log
+    // refuses; it must then be told to retry (UNAVAILABLE, which the client
+    // does), not the Submit's "submit under a new txn id", since T is still
+    // its client's. Its retry commits T.
+    let _scenario = FailScenario::setup();
+    let mut world = world_with(300, CommitProtocol::Sequential).await?;
+    let client = world.teller.client().clone();
+    let txn = twopc_tests::calls::begin(&client, None, 10_000).await?.txn_id;
+    fail::cfg(coordinator_fp::SUBMIT_RACES_BEGIN, &format!("return({txn})")).map_err(anyhow::Error::msg)?;
+    world.cluster.gate.hold_after_prepare(true);
+    let teller = world.teller.clone();
+    let submit =
+        tokio::spawn(async move { teller.transfer_as(txn, &account("bank-a"), &account("bank-b"), 100).await });
+    let gate = world.cluster.gate.clone();
+    wait::until("both branches prepared", SETTLE, || async { (gate.prepares_answered() >= 2).then_some(()) }).await?;
+    let leader = world.leader().ok_or_else(|| anyhow::anyhow!("no leader"))?;
+    let before = waited_on_running(&world, leader)?;
+    let commit = tokio::spawn(async move { twopc_tests::calls::commit(&client, txn, Vec::new()).await });
+    wait_for_waiters(&world, leader, before + 1).await?;
+    world.cluster.gate.hold_after_prepare(false);
+    assert_eq!(submit.await?, ClientOutcome::Unknown, "refused (FAILED_PRECONDITION), never told a decision");
+    let committed = commit.await?;
+    let committed = committed.map_err(|s| anyhow::anyhow!("T's Commit was answered {:?} {}", s.code(), s.message()))?;
+    assert_eq!(committed.decision, twopc_proto::pb::Decision::Commit as i32, "T's own Commit");
+    wait_branch(&world, 0, txn, BranchState::Aborted).await?;
+    wait_branch(&world, 1, txn, BranchState::Aborted).await?;
+    assert_invariants_hold(&mut world).await?;
     world.stop().await;
     Ok(())
 }

@@ -216,12 +216,12 @@ fn unreachable(what: String, e: impl std::fmt::Display) -> ConnectError {
 }
 
 async fn try_connect(config: &SyncConfig, store: &ViewStore) -> Result<PullConsumer, ConnectError> {
-    let url = &config.nats.url;
+    let url = &config.nats.shown_url();
     let client = config
         .nats
         .options("twopc-view")
         .connection_timeout(Duration::from_secs(3))
-        .connect(url.as_str())
+        .connect(config.nats.url.as_str())
         .await
         .map_err(|e| unreachable(format!("cannot reach NATS at {url} (--nats / TWOPC_NATS_URL)"), e))?;
     let jetstream = jetstream::new(client);

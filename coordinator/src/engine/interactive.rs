@@ -206,6 +206,9 @@ impl<P: ParticipantClient> Engine<P> {
         let targets = self.targets(&request.branches)?;
         let outcome = match self.join_or_register(txn_id, asked.clone(), Driver::Commit)? {
             Joined::Existing(running) => {
+                if running.driver == Driver::Submit {
+                    return Err(after_a_racing_submit(txn_id, running.outcome, "Commit").await);
+                }
                 if running.driver == Driver::Commit
                     && let Some(err) = other_branches(txn_id, &running.participants, &asked)
                 {
@@ -280,6 +283,9 @@ impl<P: ParticipantClient> Engine<P> {
         }
         let outcome = match self.join_or_register(txn_id, Vec::new(), Driver::Rollback)? {
             // A Commit preparing the txn's one-shot branches: its outcome is the answer (§12.4).
+            Joined::Existing(running) if running.driver == Driver::Submit => {
+                return Err(after_a_racing_submit(txn_id, running.outcome, "Rollback").await);
+            }
             Joined::Existing(running) => return rollback_answer(txn_id, wait_outcome(running.outcome).await?),
             Joined::New(outcome) => outcome,
         };
@@ -356,6 +362,22 @@ fn never_begun(txn_id: TxnId) -> Error {
     Error::NotFound(format!(
         "txn {txn_id} was never begun: Commit and Rollback finish a txn started with Begin (one-shot txns use \
          Submit)"
+    ))
+}
+
+/// What a Commit or Rollback of a begun txn is answered when it found a
+/// one-shot Submit of the id running on this leader, one whose check passed
+/// before the Begin was applied (§5 step 7): once the Submit is over (the
+/// log refuses its decision of the begun txn), "retry", as the txn is still
+/// its client's to decide and the next try finds the leader free.
+async fn after_a_racing_submit(
+    txn_id: TxnId,
+    submit: tokio::sync::watch::Receiver<super::SharedOutcome>,
+    call: &str,
+) -> Error {
+    let submit = wait_outcome(submit).await.map(|record| record.decision);
+    Error::Retryable(format!(
+        "a one-shot Submit of txn {txn_id} was running on this leader (it ended: {submit:?}); retry the {call}"
     ))
 }
 

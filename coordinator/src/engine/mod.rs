@@ -138,6 +138,10 @@ pub struct EngineMetrics {
     pub recovered_commits: AtomicU64,
     /// Staged txns status recovery logged Abort for (§13.3).
     pub recovered_aborts: AtomicU64,
+    /// Calls (Submit, Commit, Rollback, Resolve, an operator's Decide) that
+    /// found their txn being driven on this leader and waited for that
+    /// outcome instead of driving it again.
+    pub waited_on_running: AtomicU64,
 }
 
 /// The outcome a running Submit shares with Submits and Resolves that joined it.
@@ -642,6 +646,7 @@ impl<P: ParticipantClient> Engine<P> {
         let len = inflight.len();
         match inflight.entry(txn_id) {
             Entry::Occupied(running) => {
+                self.inner.metrics.waited_on_running.fetch_add(1, Ordering::Relaxed);
                 let running = running.get();
                 Ok(Joined::Existing(Inflight {
                     outcome: running.outcome.clone(),

@@ -33,8 +33,9 @@ impl fmt::Debug for NatsAuth {
     }
 }
 
-/// The NATS server and how to connect to it.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// The NATS server and how to connect to it. `Debug` shows the URL without
+/// its user and password ([`NatsConnect::shown_url`]) and no credential.
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct NatsConnect {
     /// The server, such as `nats://127.0.0.1:4222` or `tls://nats.internal:4222`.
     pub url: String,
@@ -49,15 +50,46 @@ pub struct NatsConnect {
     pub auth: NatsAuth,
 }
 
+impl fmt::Debug for NatsConnect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsConnect")
+            .field("url", &self.shown_url())
+            .field("ca_file", &self.ca_file)
+            .field("client_cert", &self.client_cert)
+            .field("auth", &self.auth)
+            .finish()
+    }
+}
+
+/// The URL schemes a connection may use: `nats` (TLS if the server or these
+/// settings ask for it) and `tls` (always TLS). Others are refused, since
+/// the client would not apply TLS to them (websockets).
+const SCHEMES: [&str; 2] = ["nats", "tls"];
+
 impl NatsConnect {
     /// Plaintext, no credentials, to the server at `url`.
     pub fn new(url: impl Into<String>) -> Self {
         Self { url: url.into(), ..Self::default() }
     }
 
+    /// The URL as logs and errors show it: a user and password in it are
+    /// replaced by `***`.
+    pub fn shown_url(&self) -> String {
+        let url = self.url.trim();
+        let (scheme, rest) = url.split_once("://").map_or(("", url), |(scheme, rest)| (scheme, rest));
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        match rest[..authority_end].rfind('@') {
+            Some(at) => {
+                let separator = if scheme.is_empty() { "" } else { "://" };
+                format!("{scheme}{separator}***@{}", &rest[at + 1..])
+            }
+            None => url.to_owned(),
+        }
+    }
+
     /// Whether the connection must be TLS.
     pub fn requires_tls(&self) -> bool {
-        self.url.starts_with("tls://") || self.ca_file.is_some() || self.client_cert.is_some()
+        scheme_of(&self.url).eq_ignore_ascii_case("tls") || self.ca_file.is_some() || self.client_cert.is_some()
     }
 
     /// Whether the connection would carry events in plaintext to a host that
@@ -76,6 +108,13 @@ impl NatsConnect {
         if self.url.trim().is_empty() {
             return Err("the NATS URL is empty".into());
         }
+        let scheme = scheme_of(&self.url);
+        if !scheme.is_empty() && !SCHEMES.iter().any(|s| s.eq_ignore_ascii_case(scheme)) {
+            return Err(format!(
+                "NATS URL {}: scheme {scheme}:// is not supported; use nats:// or tls://",
+                self.shown_url()
+            ));
+        }
         let files = self.ca_file.iter().chain(self.client_cert.iter().flat_map(|(cert, key)| [cert, key]));
         for file in files {
             std::fs::metadata(file)
@@ -93,6 +132,11 @@ impl NatsConnect {
     /// server's connection list shows it).
     pub fn options(&self, name: &str) -> async_nats::ConnectOptions {
         let mut options = async_nats::ConnectOptions::new().name(name).require_tls(self.requires_tls());
+        if !self.requires_tls() {
+            // Plaintext was allowed for the hosts named; servers the cluster
+            // announces may be elsewhere.
+            options = options.ignore_discovered_servers();
+        }
         if let Some(ca) = &self.ca_file {
             options = options.add_root_certificates(ca.clone());
         }
@@ -107,9 +151,15 @@ impl NatsConnect {
     }
 }
 
-/// The host of a NATS URL (`nats://host:port`, `host:port`, `host`).
+/// The scheme of a NATS URL, empty for `host:port`.
+fn scheme_of(url: &str) -> &str {
+    url.trim().split_once("://").map_or("", |(scheme, _)| scheme)
+}
+
+/// The host of a NATS URL (`nats://user:pass@host:port/path`, `host:port`, `host`).
 fn host_of(url: &str) -> &str {
     let rest = url.trim().split_once("://").map_or(url.trim(), |(_, rest)| rest);
+    let rest = rest.split('/').next().unwrap_or(rest);
     let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
     if let Some(bracketed) = rest.strip_prefix('[') {
         return bracketed.split_once(']').map_or(bracketed, |(host, _)| host);
@@ -134,6 +184,9 @@ mod tests {
         nats.auth = NatsAuth::UserPassword { user: "bank".into(), password: "s3cret-pw".into() };
         let shown = format!("{nats:?}");
         assert!(!shown.contains("s3cret") && shown.contains("bank"), "{shown}");
+        let in_url = NatsConnect::new("nats://bank:s3cret@10.0.0.5:4222");
+        assert_eq!(in_url.shown_url(), "nats://***@10.0.0.5:4222");
+        assert!(!format!("{in_url:?}").contains("s3cret"), "{in_url:?}");
     }
 
     // Plaintext is refused off this machine, allowed on loopback, and any TLS setting makes it TLS.
@@ -146,7 +199,8 @@ mod tests {
         for remote in ["nats://10.0.0.5:4222", "nats.internal:4222", "nats://127.0.0.1:4222,nats://10.0.0.5:4222"] {
             assert!(off_host(remote), "{remote}");
         }
-        assert!(!off_host("tls://nats.internal:4222"));
+        assert!(off_host("nats://10.0.0.5:4222/x@localhost"), "a path is not the host");
+        assert!(!off_host("tls://nats.internal:4222") && !off_host("TLS://nats.internal:4222"));
         let mut with_ca = NatsConnect::new("nats://nats.internal:4222");
         with_ca.ca_file = Some("ca.pem".into());
         assert!(with_ca.requires_tls() && !with_ca.plaintext_off_host());
@@ -163,5 +217,9 @@ mod tests {
         nats.auth = NatsAuth::Token(String::new());
         assert!(nats.validate().is_err_and(|e| e.contains("token")));
         assert_eq!(NatsConnect::new("nats://127.0.0.1:4222").validate(), Ok(()));
+        for websocket in ["ws://127.0.0.1:8080", "wss://nats.internal:443"] {
+            let why = NatsConnect::new(websocket).validate().expect_err(websocket);
+            assert!(why.contains("not supported"), "{why}");
+        }
     }
 }

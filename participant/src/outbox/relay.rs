@@ -201,7 +201,7 @@ async fn run<S: OutboxSource>(source: Arc<S>, wake: RelayWake, config: RelayConf
         let options = config.nats.options("twopc-outbox-relay").max_reconnects(None);
         match options.connect(config.nats.url.as_str()).await {
             Ok(client) => break client,
-            Err(e) => retry.failed(format!("connecting to NATS at {}: {e}", config.nats.url)).await,
+            Err(e) => retry.failed(format!("connecting to NATS at {}: {e}", config.nats.shown_url())).await,
         }
     };
     let mut jetstream = jetstream::new(client);
@@ -209,7 +209,7 @@ async fn run<S: OutboxSource>(source: Arc<S>, wake: RelayWake, config: RelayConf
     while let Err(why) = ensure_stream(&jetstream, &config).await {
         retry.failed(why).await;
     }
-    info!(stream = %config.stream, url = %config.nats.url, "outbox relay: publishing");
+    info!(stream = %config.stream, url = %config.nats.shown_url(), "outbox relay: publishing");
     loop {
         let batch = match source.ready(config.batch_max).await {
             Ok(batch) => batch,
@@ -254,7 +254,7 @@ async fn ensure_stream(jetstream: &jetstream::Context, config: &RelayConfig) -> 
         storage: jetstream::stream::StorageType::File,
         ..Default::default()
     };
-    let (stream, url) = (&config.stream, &config.nats.url);
+    let (stream, url) = (&config.stream, config.nats.shown_url());
     let mut found =
         jetstream.get_or_create_stream(wanted).await.map_err(|e| format!("creating stream {stream} at {url}: {e}"))?;
     let info = found.info().await.map_err(|e| format!("reading stream {stream} at {url}: {e}"))?;
