@@ -4,7 +4,8 @@
 //! the events published; a sync killed after its durable apply and before
 //! its acks gets that batch again and skips all of it; the same event id in
 //! two stream messages counts once; a malformed message is skipped and
-//! acknowledged without stopping the sync.
+//! acknowledged without stopping the sync; a stream that lost messages the
+//! view never applied is refused.
 //!
 //! Each test publishes to its own stream (unique name, unique subject
 //! prefix) and deletes it at the end.
@@ -343,6 +344,31 @@ async fn a_missing_stream_is_one_clear_error() {
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
     assert!(stderr.contains(&format!("there is no stream {missing}")), "{stderr}");
     assert!(stderr.contains("--events-stream"), "says how banks create it: {stderr}");
+    f.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_lost_messages_the_view_never_applied_is_refused() {
+    let Some(f) = Fixture::start("a_stream_that_lost_messages_the_view_never_applied_is_refused").await else {
+        return;
+    };
+    f.publish(&opened("bank-a", "alice", 100_00)).await;
+    assert_eq!(f.sync(&[]).await.applied, 1);
+    for event in transfer("t1", ("alice", "bank-a"), ("bob", "bank-b"), 10_00) {
+        f.publish(&event).await;
+    }
+    // Messages age out oldest first: the opening (applied) and the debit
+    // (message 2, not yet seen by this view) are gone.
+    let stream = f.nats.jetstream.get_stream(&f.stream).await.expect("the stream");
+    for seq in [1, 2] {
+        stream.delete_message(seq).await.expect("delete a message");
+    }
+    let out = f.view(&["sync"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("no longer holds messages 2 to 2"), "{stderr}");
+    assert_eq!(number(&f.accounts().await, "events_applied"), 1, "nothing more was applied");
     f.finish().await;
 }
 

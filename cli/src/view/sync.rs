@@ -225,7 +225,7 @@ async fn try_connect(config: &SyncConfig, store: &ViewStore) -> Result<PullConsu
         .await
         .map_err(|e| unreachable(format!("cannot reach NATS at {url} (--nats / TWOPC_NATS_URL)"), e))?;
     let jetstream = jetstream::new(client);
-    let stream = match jetstream.get_stream(&config.stream).await {
+    let mut stream = match jetstream.get_stream(&config.stream).await {
         Ok(stream) => stream,
         Err(e) => {
             if let jetstream::context::GetStreamErrorKind::JetStream(js) = e.kind()
@@ -245,6 +245,8 @@ async fn try_connect(config: &SyncConfig, store: &ViewStore) -> Result<PullConsu
     // past the store's last sequence belongs to a store since deleted or
     // restored: replay the stream from the start; the ids make that safe.
     let applied_through = store.last_stream_seq().map_err(ConnectError::Fatal)?;
+    let info = stream.info().await.map_err(|e| unreachable(format!("cannot read stream {}", config.stream), e))?;
+    check_no_gap(&config.stream, applied_through, info.state.first_sequence).map_err(ConnectError::Fatal)?;
     match stream.consumer_info(&config.consumer).await {
         Ok(info) if info.ack_floor.stream_sequence > applied_through => {
             warn!(
@@ -274,6 +276,23 @@ async fn try_connect(config: &SyncConfig, store: &ViewStore) -> Result<PullConsu
         })
         .await
         .map_err(|e| unreachable(format!("cannot create consumer {} on stream {}", config.consumer, config.stream), e))
+}
+
+/// Refuses to go on when the stream no longer holds messages this view
+/// never applied: messages older than the stream's max_age (7 days in the
+/// streams banks create) are discarded, and a view that missed them would
+/// show balances the banks never had, with nothing to say so.
+fn check_no_gap(stream: &str, applied_through: u64, first_sequence: u64) -> anyhow::Result<()> {
+    if first_sequence <= applied_through.saturating_add(1) {
+        return Ok(());
+    }
+    bail!(
+        "stream {stream} no longer holds messages {} to {} (past its max_age, or deleted), which this view never \
+         applied: it would miss their events. Sync a view more often than the stream's max_age, or raise it; a \
+         view that missed events cannot be repaired from this stream",
+        applied_through + 1,
+        first_sequence - 1
+    )
 }
 
 /// The next batch, waiting for one while following; None once caught up
@@ -350,5 +369,24 @@ impl Progress {
             "view: applied {} events ({} duplicates, {} malformed skipped), {pending} pending",
             report.applied, report.duplicates, report.skipped
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A stream that still holds the message after the last one applied (or
+    // everything, for a new view) is fine; one whose oldest message is
+    // further on has lost events this view never saw.
+    #[test]
+    fn a_stream_missing_messages_the_view_never_applied_is_refused() {
+        assert!(check_no_gap("S", 0, 0).is_ok(), "an empty new stream");
+        assert!(check_no_gap("S", 0, 1).is_ok(), "a new view of a whole stream");
+        assert!(check_no_gap("S", 40, 41).is_ok(), "the oldest kept message is the next one");
+        assert!(check_no_gap("S", 40, 12).is_ok(), "messages this view applied already aged out");
+        let why = check_no_gap("S", 40, 45).expect_err("44 lost").to_string();
+        assert!(why.contains("no longer holds messages 41 to 44"), "{why}");
+        assert!(check_no_gap("S", 0, 3).is_err(), "a new view of a stream that lost its start");
     }
 }
