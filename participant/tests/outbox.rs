@@ -124,6 +124,18 @@ async fn settle(resource: &EventResource) {
     }
 }
 
+/// Why `relay` does not publish, once it has said (within 20 s).
+async fn last_error(relay: &Relay) -> String {
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(why) = relay.stats().last_error.lock().clone() {
+            return why;
+        }
+        assert!(tokio::time::Instant::now() < give_up, "the relay never said why it does not publish");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_committed_branch_publishes_each_event_once_and_an_aborted_one_none() {
     let Some(stream) = Stream::new("a_committed_branch_publishes_each_event_once_and_an_aborted_one_none").await else {
@@ -248,14 +260,7 @@ async fn a_stream_that_does_not_take_the_subjects_is_named_and_events_wait() {
     let txn = TxnId::new();
     events.prepare(txn, stream.events(txn, 1)).await.expect("prepare");
     events.commit(txn).await.expect("commit");
-    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
-    let why = loop {
-        if let Some(why) = relay.stats().last_error.lock().clone() {
-            break why;
-        }
-        assert!(tokio::time::Instant::now() < give_up, "the relay never said why it does not publish");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let why = last_error(&relay).await;
     assert!(why.contains("do not take"), "{why}");
     assert_eq!(events.waiting().await.expect("waiting"), 1, "the event waits");
     stream.nats.delete_stream(&stream.name).await;
@@ -339,14 +344,7 @@ async fn a_server_that_requires_tls_a_client_certificate_and_a_token_gets_events
     assert_eq!(events.prepare(txn, staged).await.expect("prepare"), Vote::Yes);
     events.commit(txn).await.expect("commit");
     let relay = Relay::spawn(Arc::clone(&events), wake.clone(), config(no_client_cert)).expect("relay");
-    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
-    let why = loop {
-        if let Some(why) = relay.stats().last_error.lock().clone() {
-            break why;
-        }
-        assert!(tokio::time::Instant::now() < give_up, "the relay never said why it does not publish");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let why = last_error(&relay).await;
     assert!(why.contains("connecting to NATS at tls://localhost"), "{why}");
     assert_eq!(events.waiting().await.expect("waiting"), 1, "the event waits");
     drop(relay);
