@@ -1,7 +1,8 @@
 //! [`BankMetrics`]: what a bank's `GET /metrics` shows (`twopc bank
 //! --metrics-listen`): its participant's counters (prepares, votes,
 //! decisions, in-doubt branches) and, with events on, its outbox relay's
-//! (events published, failures, whether the last attempt succeeded).
+//! (events published and waiting, failures, whether the last attempt
+//! succeeded).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -63,6 +64,13 @@ impl BankMetrics {
                 "Relay attempts that failed (NATS unreachable, no PubAck, the store) and were retried.",
                 c(&relay.failures),
             );
+            gauge(
+                &mut out,
+                "twopc_outbox_waiting",
+                "Outbox entries waiting for NATS (events not yet acknowledged, branches with staged events); \
+                 past outbox_max the bank votes NO.",
+                c(&relay.waiting),
+            );
             let healthy = u64::from(relay.healthy.load(Ordering::Relaxed));
             gauge(&mut out, "twopc_outbox_healthy", "1 when the relay's last attempt succeeded, else 0.", healthy);
         }
@@ -80,11 +88,13 @@ mod tests {
         let relay = Arc::new(RelayStats::default());
         relay.published.fetch_add(7, Ordering::Relaxed);
         relay.healthy.store(true, Ordering::Relaxed);
+        relay.waiting.store(3, Ordering::Relaxed);
         let metrics = BankMetrics { participant: Metrics::default(), relay: Some(relay) };
         let text = metrics.render();
         assert!(text.contains("twopc_bank_prepares_total 0"), "{text}");
         assert!(text.contains("twopc_outbox_published_total 7"), "{text}");
         assert!(text.contains("twopc_outbox_healthy 1"), "{text}");
+        assert!(text.contains("twopc_outbox_waiting 3"), "{text}");
         let without = BankMetrics { relay: None, ..metrics }.render();
         assert!(without.contains("twopc_bank_in_doubt 0") && !without.contains("twopc_outbox"), "{without}");
     }

@@ -422,6 +422,15 @@ impl OutboxSource for PgStore {
         self.client().await.map_err(ResourceError::from)?.execute(&sql, &[&seqs]).await?;
         Ok(())
     }
+
+    /// Events committed and not yet acknowledged; a branch's staged events
+    /// are inside its prepared transaction, which no count sees.
+    async fn waiting(&self) -> std::result::Result<u64, ResourceError> {
+        let sql = format!("SELECT count(*) FROM {}", self.resource.branch().outbox);
+        let client = self.client().await.map_err(ResourceError::from)?;
+        let count: i64 = client.query_one(&sql, &[]).await?.get(0);
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
 }
 
 fn pg(e: twopc_participant::postgres::tokio_postgres::Error) -> Error {

@@ -461,6 +461,10 @@ impl OutboxSource for RedbStore {
             Err(e) => Err(ResourceError::from(e)),
         }
     }
+
+    async fn waiting(&self) -> std::result::Result<u64, ResourceError> {
+        self.outbox_waiting().await.map_err(ResourceError::from)
+    }
 }
 
 fn balance_of(name: AccountName, (balance_minor, held_minor, incoming_minor): AccountRow) -> AccountBalance {

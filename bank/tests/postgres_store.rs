@@ -263,3 +263,22 @@ async fn a_debit_joins_a_txn_on_postgres() {
     assert_eq!(store.holds().await.expect("holds"), 0);
     serving.stop().await;
 }
+
+// The relay's count of what waits (twopc_outbox_waiting): an opened account's
+// event waits until the stream has acknowledged it, then nothing does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_counts_the_events_that_wait() {
+    use twopc_participant::outbox::OutboxSource as _;
+    let Some(db) = postgres_testing::database("the_outbox_counts_the_events_that_wait").await else { return };
+    let bank = Bank::new(&db);
+    let events = twopc_bank::events::EventSubjects { bank: bank.participant.clone(), prefix: "twopc".into() };
+    let store = PgStore::open_with_events(&bank.participant, bank.config.clone(), Some(events), 100)
+        .await
+        .expect("open the postgres bank with events");
+    assert_eq!(store.waiting().await.expect("waiting"), 0);
+    store.create_account(name("alice"), 100).await.expect("create alice");
+    assert_eq!(store.waiting().await.expect("waiting"), 1, "AccountOpened waits");
+    let ready = store.ready(10).await.expect("ready");
+    store.published(ready.iter().map(|e| e.seq).collect()).await.expect("published");
+    assert_eq!(store.waiting().await.expect("waiting"), 0);
+}

@@ -230,11 +230,15 @@ async fn nats_unreachable_delays_events_and_past_the_bound_the_banks_refuse() {
     // is reached after outbox_max of them, and never before.
     assert_eq!(committed.len(), outbox_max as usize, "transfers stay available up to the bound");
     assert!(refused.contains("event outbox full"), "the reason names the outbox: {refused}");
-    // bank-b's /metrics says its relay is failing.
+    // bank-b's /metrics says its relay is failing, with the bound's worth waiting.
     c.p.wait("bank-b's metrics to show the relay failing", |_| async {
         let text = scrape(&metrics).await?;
-        (metric(&text, "twopc_outbox_healthy") == Some(0) && metric(&text, "twopc_outbox_failures_total")? > 0)
-            .then_some(())
+        let failing = metric(&text, "twopc_outbox_healthy") == Some(0);
+        (failing && metric(&text, "twopc_outbox_failures_total")? > 0).then_some(())
+    })
+    .await;
+    c.p.wait("bank-b's metrics to show the waiting events", |_| async {
+        (metric(&scrape(&metrics).await?, "twopc_outbox_waiting")? == outbox_max).then_some(())
     })
     .await;
     c.proxy.restore();
@@ -259,6 +263,10 @@ async fn nats_unreachable_delays_events_and_past_the_bound_the_banks_refuse() {
     assert_eq!(metric(&text, "twopc_outbox_healthy"), Some(1), "{text}");
     assert_eq!(metric(&text, "twopc_bank_commits_total"), Some(outbox_max + 1), "{text}");
     assert_eq!(metric(&text, "twopc_bank_in_doubt"), Some(0), "{text}");
+    c.p.wait("bank-b's metrics to show nothing waiting", |_| async {
+        (metric(&scrape(&metrics).await?, "twopc_outbox_waiting")? == 0).then_some(())
+    })
+    .await;
     c.nats.delete_stream(&c.stream).await;
 }
 

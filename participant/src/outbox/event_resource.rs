@@ -400,6 +400,10 @@ impl OutboxSource for EventResource {
         })
         .await
     }
+
+    async fn waiting(&self) -> Result<u64, ResourceError> {
+        EventResource::waiting(self).await
+    }
 }
 
 #[cfg(test)]

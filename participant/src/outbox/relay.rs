@@ -43,6 +43,14 @@ pub trait OutboxSource: Send + Sync + 'static {
     /// When the store cannot be written; the relay publishes them again (the
     /// stream drops the repeats) and retries.
     fn published(&self, seqs: Vec<u64>) -> impl Future<Output = Result<(), ResourceError>> + Send;
+
+    /// How many entries wait: events not yet acknowledged by the stream
+    /// (and, where the store can count them, branches with staged events).
+    /// Read about once a second for [`RelayStats::waiting`].
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    fn waiting(&self) -> impl Future<Output = Result<u64, ResourceError>> + Send;
 }
 
 /// Wakes a relay when events become ready, so they go out at once rather
@@ -160,12 +168,20 @@ pub struct RelayStats {
     pub healthy: AtomicBool,
     /// The last failure, for an operator.
     pub last_error: Mutex<Option<String>>,
+    /// Entries waiting in the store ([`OutboxSource::waiting`]), read
+    /// every [`WAITING_REFRESH`] whether or not NATS is reachable.
+    pub waiting: AtomicU64,
 }
 
-/// The publishing task of one store; stopped when dropped.
+/// How often a relay reads how many entries wait.
+pub const WAITING_REFRESH: Duration = Duration::from_secs(1);
+
+/// The publishing task of one store, and the task that counts what waits;
+/// both stopped when dropped.
 pub struct Relay {
     stats: Arc<RelayStats>,
     task: JoinHandle<()>,
+    counting: JoinHandle<()>,
 }
 
 impl Relay {
@@ -176,8 +192,9 @@ impl Relay {
     pub fn spawn<S: OutboxSource>(source: Arc<S>, wake: RelayWake, config: RelayConfig) -> Result<Self, String> {
         config.validate()?;
         let stats = Arc::new(RelayStats::default());
+        let counting = tokio::spawn(count_waiting(Arc::clone(&source), Arc::clone(&stats)));
         let task = tokio::spawn(run(source, wake, config, Arc::clone(&stats)));
-        Ok(Self { stats, task })
+        Ok(Self { stats, task, counting })
     }
 
     /// Its counters.
@@ -189,6 +206,18 @@ impl Relay {
 impl Drop for Relay {
     fn drop(&mut self) {
         self.task.abort();
+        self.counting.abort();
+    }
+}
+
+/// Keeps [`RelayStats::waiting`] current; a failed read keeps the last value.
+async fn count_waiting<S: OutboxSource>(source: Arc<S>, stats: Arc<RelayStats>) {
+    loop {
+        match source.waiting().await {
+            Ok(waiting) => stats.waiting.store(waiting, Ordering::Relaxed),
+            Err(e) => debug!(error = %e, "outbox relay: cannot count waiting entries"),
+        }
+        tokio::time::sleep(WAITING_REFRESH).await;
     }
 }
 
