@@ -143,7 +143,7 @@ pub async fn serve_with_metrics<S: AccountStore>(
 }
 
 /// Stops the metrics endpoint's task with the bank, on every way out.
-struct AbortOnDrop(tokio::task::JoinHandle<std::io::Result<()>>);
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

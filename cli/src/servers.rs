@@ -214,26 +214,22 @@ impl EventsArgs {
         Ok(Some(events))
     }
 
-    /// These flags as arguments of `twopc bank`, for a child process, with
-    /// this process's `--insecure` (a local run against a NATS server
-    /// elsewhere). Secrets are not passed as arguments, which other users of
-    /// the host can read: the child inherits `TWOPC_NATS_TOKEN` and
-    /// `TWOPC_NATS_PASSWORD` from the environment.
+    /// These flags as arguments of `twopc bank`, for a child bank of a local
+    /// run, with this process's `--insecure` (a run against a NATS server
+    /// elsewhere). NATS TLS files and credentials are not passed: a child
+    /// inherits them from the environment (`TWOPC_NATS_CA`, ...), where
+    /// secrets belong rather than on a command line.
     pub fn to_args(&self) -> Vec<String> {
         let Some(url) = &self.events_nats else { return Vec::new() };
-        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
-        let flags = [
-            ("--events-nats", Some(url.clone())),
-            ("--events-stream", Some(self.events_stream.clone())),
-            ("--events-prefix", Some(self.events_prefix.clone())),
-            ("--outbox-max", Some(self.outbox_max.to_string())),
-            ("--nats-ca", path(&self.nats.nats_ca)),
-            ("--nats-cert", path(&self.nats.nats_cert)),
-            ("--nats-key", path(&self.nats.nats_key)),
-            ("--nats-user", self.nats.nats_user.clone()),
-        ];
-        let mut args: Vec<String> =
-            flags.into_iter().filter_map(|(flag, value)| Some([flag.to_owned(), value?])).flatten().collect();
+        let mut args: Vec<String> = [
+            ("--events-nats", url.clone()),
+            ("--events-stream", self.events_stream.clone()),
+            ("--events-prefix", self.events_prefix.clone()),
+            ("--outbox-max", self.outbox_max.to_string()),
+        ]
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_owned(), value])
+        .collect();
         if certs::tls_args().insecure {
             args.push("--insecure".to_owned());
         }

@@ -129,7 +129,7 @@ pub fn render(status: &NodeStatus, engine: &EngineMetrics, phases: &PhaseLatenci
     counter(
         &mut out,
         "twopc_calls_waited_on_running_total",
-        "Calls that found their txn being driven on this node and waited for its outcome.",
+        "Calls (Submit, Commit, Rollback, Resolve, recovery) that found their txn being driven on this node and waited.",
         c(&engine.waited_on_running),
     );
     counter(&mut out, "twopc_resolves_total", "Resolve calls answered.", c(&engine.resolved));

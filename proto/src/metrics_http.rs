@@ -25,24 +25,41 @@ pub fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
 const REQUEST_MAX_BYTES: usize = 8 * 1024;
 /// How long a metrics client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once; more are closed unanswered.
+const CONNECTIONS_MAX: usize = 64;
+/// The pause after a failed accept.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
-/// Serves `GET /metrics` on `listener` until `shutdown`, one request per connection.
-///
-/// # Errors
-/// Accepting on the listener failed.
+/// Serves `GET /metrics` on `listener` until `shutdown`, one request per
+/// connection, at most [`CONNECTIONS_MAX`] at once; a failed accept is
+/// logged and retried.
 pub async fn serve(
     listener: TcpListener,
     render: Arc<dyn Fn() -> String + Send + Sync>,
     shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
+) {
     tokio::pin!(shutdown);
+    let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
     loop {
-        let (mut socket, _) = tokio::select! {
-            () = &mut shutdown => return Ok(()),
-            accepted = listener.accept() => accepted?,
+        let accepted = tokio::select! {
+            () = &mut shutdown => return,
+            accepted = listener.accept() => accepted,
         };
+        let mut socket = match accepted {
+            Ok((socket, _)) => socket,
+            Err(e) => {
+                // Out of file descriptors, say: the endpoint lives on, and
+                // the pause keeps a persistent error from spinning.
+                tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
+            }
+        };
+        // Past the bound a scraper's connection is closed unanswered.
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else { continue };
         let render = render.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let Ok(Some(path)) = tokio::time::timeout(REQUEST_TIMEOUT, read_request_path(&mut socket)).await else {
                 return;
             };
@@ -96,6 +113,6 @@ mod tests {
             assert!(response.contains(expect), "{response}");
         }
         let _ = stop.send(());
-        server.await.map_err(std::io::Error::other)?
+        server.await.map_err(std::io::Error::other)
     }
 }

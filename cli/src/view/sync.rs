@@ -126,13 +126,15 @@ pub struct SyncReport {
 pub async fn sync(config: &SyncConfig, follow: bool, shutdown: impl Future<Output = ()>) -> anyhow::Result<SyncReport> {
     config.validate()?;
     let store = ViewStore::open(&config.data_dir)?;
+    // First: a view of another stream is that error, not a gap in this one.
+    store.bind(&config.stream)?;
     let mut shutdown = pin!(shutdown);
     let mut report = SyncReport::default();
     let consumer = tokio::select! {
         () = &mut shutdown => return Ok(report),
         consumer = connect(config, &store, follow) => consumer?,
     };
-    store.bind(&config.stream)?;
+    let mut applied_through = store.last_stream_seq()?;
     let mut progress = Progress { enabled: config.progress, last: Instant::now() };
     let mut retry = RetryDelay::default();
     loop {
@@ -165,6 +167,11 @@ pub async fn sync(config: &SyncConfig, follow: bool, shutdown: impl Future<Outpu
                 payload: message.payload.clone(),
             });
         }
+        // Checked at every batch, so a follower cut off for longer than the
+        // stream keeps messages stops here rather than skip what aged out.
+        let first = batch.iter().map(|d| d.stream_seq).min().unwrap_or(applied_through);
+        check_no_gap(&config.stream, applied_through, first)?;
+        applied_through = batch.iter().map(|d| d.stream_seq).fold(applied_through, u64::max);
         let applier = store.clone();
         let (history_max, applied_ids_max) = (config.history_max, config.applied_ids_max);
         let outcome = twopc_proto::host::run_blocking(move || applier.apply(&batch, history_max, applied_ids_max))

@@ -207,14 +207,14 @@ impl<P: ParticipantClient> Engine<P> {
         let outcome = match self.join_or_register(txn_id, asked.clone(), Driver::Commit)? {
             Joined::Existing(running) => {
                 if running.driver == Driver::Submit {
-                    return Err(after_a_racing_submit(txn_id, running.outcome, "Commit").await);
+                    return Err(after_a_racing_submit(txn_id, self.wait_running(running.outcome).await, "Commit"));
                 }
                 if running.driver == Driver::Commit
                     && let Some(err) = other_branches(txn_id, &running.participants, &asked)
                 {
                     return Err(err);
                 }
-                let record = wait_outcome(running.outcome).await?;
+                let record = self.wait_running(running.outcome).await?;
                 return commit_answer(txn_id, record, &asked);
             }
             Joined::New(outcome) => outcome,
@@ -282,11 +282,11 @@ impl<P: ParticipantClient> Engine<P> {
             return Err(if was_forgotten { forgotten(txn_id) } else { never_begun(txn_id) });
         }
         let outcome = match self.join_or_register(txn_id, Vec::new(), Driver::Rollback)? {
-            // A Commit preparing the txn's one-shot branches: its outcome is the answer (§12.4).
             Joined::Existing(running) if running.driver == Driver::Submit => {
-                return Err(after_a_racing_submit(txn_id, running.outcome, "Rollback").await);
+                return Err(after_a_racing_submit(txn_id, self.wait_running(running.outcome).await, "Rollback"));
             }
-            Joined::Existing(running) => return rollback_answer(txn_id, wait_outcome(running.outcome).await?),
+            // A Commit preparing the txn's one-shot branches: its outcome is the answer (§12.4).
+            Joined::Existing(running) => return rollback_answer(txn_id, self.wait_running(running.outcome).await?),
             Joined::New(outcome) => outcome,
         };
         let guard = InflightGuard { inner: self.inner.clone(), txn_id, outcome: Some(outcome) };
@@ -367,17 +367,17 @@ fn never_begun(txn_id: TxnId) -> Error {
 
 /// What a Commit or Rollback of a begun txn is answered when it found a
 /// one-shot Submit of the id running on this leader, one whose check passed
-/// before the Begin was applied (§5 step 7): once the Submit is over (the
-/// log refuses its decision of the begun txn), "retry", as the txn is still
-/// its client's to decide and the next try finds the leader free.
-async fn after_a_racing_submit(
-    txn_id: TxnId,
-    submit: tokio::sync::watch::Receiver<super::SharedOutcome>,
-    call: &str,
-) -> Error {
-    let submit = wait_outcome(submit).await.map(|record| record.decision);
+/// before the Begin was applied (§5 step 7), given how that Submit ended
+/// (the log refuses its decision of the begun txn): "retry", as the txn is
+/// still its client's to decide and the next try finds the leader free.
+fn after_a_racing_submit(txn_id: TxnId, submit: Result<TxnRecord>, call: &str) -> Error {
+    let ended = match submit {
+        Ok(record) => format!("with {}", record.decision),
+        Err(_) => "refused".to_owned(),
+    };
     Error::Retryable(format!(
-        "a one-shot Submit of txn {txn_id} was running on this leader (it ended: {submit:?}); retry the {call}"
+        "a one-shot Submit of txn {txn_id} was running on this leader (it ended {ended}); retry the {call} with the \
+         same txn id"
     ))
 }
 

@@ -138,7 +138,7 @@ pub struct EngineMetrics {
     pub recovered_commits: AtomicU64,
     /// Staged txns status recovery logged Abort for (§13.3).
     pub recovered_aborts: AtomicU64,
-    /// Calls (Submit, Commit, Rollback, Resolve, an operator's Decide) that
+    /// Calls (Submit, Commit, Rollback, Resolve, a status recovery) that
     /// found their txn being driven on this leader and waited for that
     /// outcome instead of driving it again.
     pub waited_on_running: AtomicU64,
@@ -569,7 +569,7 @@ impl<P: ParticipantClient> Engine<P> {
                 {
                     return Err(err);
                 }
-                return wait_outcome(running.outcome).await;
+                return self.wait_running(running.outcome).await;
             }
             Joined::New(outcome) => outcome,
         };
@@ -641,12 +641,18 @@ impl<P: ParticipantClient> Engine<P> {
         })
     }
 
+    /// Waits for the outcome of a txn another call drives on this leader,
+    /// counting the wait (`twopc_calls_waited_on_running_total`).
+    async fn wait_running(&self, outcome: watch::Receiver<SharedOutcome>) -> Result<TxnRecord> {
+        self.inner.metrics.waited_on_running.fetch_add(1, Ordering::Relaxed);
+        wait_outcome(outcome).await
+    }
+
     fn join_or_register(&self, txn_id: TxnId, participants: Vec<ParticipantId>, driver: Driver) -> Result<Joined> {
         let mut inflight = self.inner.inflight.lock();
         let len = inflight.len();
         match inflight.entry(txn_id) {
             Entry::Occupied(running) => {
-                self.inner.metrics.waited_on_running.fetch_add(1, Ordering::Relaxed);
                 let running = running.get();
                 Ok(Joined::Existing(Inflight {
                     outcome: running.outcome.clone(),
@@ -906,7 +912,7 @@ impl<P: ParticipantClient> Engine<P> {
         let running = self.inner.inflight.lock().get(&txn_id).map(|i| i.outcome.clone());
         if let Some(outcome) = running {
             // A txn this leader is still preparing is not aborted by a Resolve.
-            return wait_outcome(outcome).await.map(|record| logged_resolution(&record, asker));
+            return self.wait_running(outcome).await.map(|record| logged_resolution(&record, asker));
         }
         if begun_deadline.is_some() {
             // Past its deadline: the timeout the leader's scan would log (§12.5).

@@ -23,7 +23,7 @@ use twopc_proto::{Decision, ParticipantId, TxnId, Vote};
 
 use super::{
     Driver, Engine, InflightGuard, Joined, begun_during_submit, decided, forgotten, other_branches,
-    refused_from_the_future, wait_outcome,
+    refused_from_the_future,
 };
 use crate::command::{Command, DecideCmd, Proposal, StagedCmd};
 use crate::error::{Error, Result};
@@ -196,7 +196,7 @@ impl<P: ParticipantClient> Engine<P> {
         self.require_leader()?;
         let txn_id = staged.txn_id;
         let outcome = match self.join_or_register(txn_id, staged.participants.clone(), Driver::Recovery)? {
-            Joined::Existing(running) => return wait_outcome(running.outcome).await,
+            Joined::Existing(running) => return self.wait_running(running.outcome).await,
             Joined::New(outcome) => outcome,
         };
         let guard = InflightGuard { inner: self.inner.clone(), txn_id, outcome: Some(outcome) };

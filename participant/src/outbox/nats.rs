@@ -72,13 +72,15 @@ impl NatsConnect {
         Self { url: url.into(), ..Self::default() }
     }
 
-    /// The URL as logs and errors show it: a user and password in it are
-    /// replaced by `***`.
+    /// The URL as logs and errors show it: anything up to its last `@` (a
+    /// user and password, or a token) is replaced by `***`. [`validate`]
+    /// refuses such a URL, so this only guards a config that skipped it.
+    ///
+    /// [`validate`]: NatsConnect::validate
     pub fn shown_url(&self) -> String {
         let url = self.url.trim();
         let (scheme, rest) = url.split_once("://").map_or(("", url), |(scheme, rest)| (scheme, rest));
-        let authority_end = rest.find('/').unwrap_or(rest.len());
-        match rest[..authority_end].rfind('@') {
+        match rest.rfind('@') {
             Some(at) => {
                 let separator = if scheme.is_empty() { "" } else { "://" };
                 format!("{scheme}{separator}***@{}", &rest[at + 1..])
@@ -95,7 +97,7 @@ impl NatsConnect {
     /// Whether the connection would carry events in plaintext to a host that
     /// is not this machine: a front end refuses it unless told otherwise.
     pub fn plaintext_off_host(&self) -> bool {
-        !self.requires_tls() && !self.url.split(',').all(|url| is_loopback(host_of(url)))
+        !self.requires_tls() && !is_loopback(host_of(&self.url))
     }
 
     /// Checks the URL and that every file given can be read, so that a
@@ -107,6 +109,20 @@ impl NatsConnect {
     pub fn validate(&self) -> Result<(), String> {
         if self.url.trim().is_empty() {
             return Err("the NATS URL is empty".into());
+        }
+        if self.url.contains(',') {
+            return Err(format!(
+                "NATS URL {}: give one server; the client learns the cluster's others from it",
+                self.shown_url()
+            ));
+        }
+        if self.url.contains('@') {
+            return Err(format!(
+                "NATS URL {}: credentials do not go in the URL, which logs and process lists show; give them \
+                 with a token or a user and password (twopc: --nats-token, or --nats-user with \
+                 TWOPC_NATS_PASSWORD)",
+                self.shown_url()
+            ));
         }
         let scheme = scheme_of(&self.url);
         if !scheme.is_empty() && !SCHEMES.iter().any(|s| s.eq_ignore_ascii_case(scheme)) {
@@ -187,6 +203,8 @@ mod tests {
         let in_url = NatsConnect::new("nats://bank:s3cret@10.0.0.5:4222");
         assert_eq!(in_url.shown_url(), "nats://***@10.0.0.5:4222");
         assert!(!format!("{in_url:?}").contains("s3cret"), "{in_url:?}");
+        let with_slash = NatsConnect::new("nats://bank:s3/cret@10.0.0.5:4222");
+        assert!(!with_slash.shown_url().contains("cret"), "{}", with_slash.shown_url());
     }
 
     // Plaintext is refused off this machine, allowed on loopback, and any TLS setting makes it TLS.
@@ -196,7 +214,7 @@ mod tests {
         for local in ["nats://127.0.0.1:4222", "localhost:4222", "nats://[::1]:4222", "nats://u:p@localhost"] {
             assert!(!off_host(local), "{local}");
         }
-        for remote in ["nats://10.0.0.5:4222", "nats.internal:4222", "nats://127.0.0.1:4222,nats://10.0.0.5:4222"] {
+        for remote in ["nats://10.0.0.5:4222", "nats.internal:4222"] {
             assert!(off_host(remote), "{remote}");
         }
         assert!(off_host("nats://10.0.0.5:4222/x@localhost"), "a path is not the host");
@@ -217,6 +235,10 @@ mod tests {
         nats.auth = NatsAuth::Token(String::new());
         assert!(nats.validate().is_err_and(|e| e.contains("token")));
         assert_eq!(NatsConnect::new("nats://127.0.0.1:4222").validate(), Ok(()));
+        let in_url = NatsConnect::new("nats://bank:s3cret@127.0.0.1:4222").validate().expect_err("a password");
+        assert!(in_url.contains("credentials do not go in the URL") && !in_url.contains("s3cret"), "{in_url}");
+        let list = NatsConnect::new("nats://127.0.0.1:4222,nats://10.0.0.5:4222").validate().expect_err("a list");
+        assert!(list.contains("one server"), "{list}");
         for websocket in ["ws://127.0.0.1:8080", "wss://nats.internal:443"] {
             let why = NatsConnect::new(websocket).validate().expect_err(websocket);
             assert!(why.contains("not supported"), "{why}");

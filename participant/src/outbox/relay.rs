@@ -164,7 +164,8 @@ pub struct RelayStats {
     pub duplicates: AtomicU64,
     /// Batches that failed (no connection, a timeout, the store) and were retried.
     pub failures: AtomicU64,
-    /// Whether the last attempt succeeded.
+    /// Whether the last attempt succeeded (connected and the stream checked,
+    /// a batch published); while idle, whether the client is connected.
     pub healthy: AtomicBool,
     /// The last failure, for an operator.
     pub last_error: Mutex<Option<String>>,
@@ -233,11 +234,12 @@ async fn run<S: OutboxSource>(source: Arc<S>, wake: RelayWake, config: RelayConf
             Err(e) => retry.failed(format!("connecting to NATS at {}: {e}", config.nats.shown_url())).await,
         }
     };
-    let mut jetstream = jetstream::new(client);
+    let mut jetstream = jetstream::new(client.clone());
     jetstream.set_timeout(Duration::from_millis(config.ack_timeout_ms));
     while let Err(why) = ensure_stream(&jetstream, &config).await {
         retry.failed(why).await;
     }
+    retry.succeeded();
     info!(stream = %config.stream, url = %config.nats.shown_url(), "outbox relay: publishing");
     loop {
         let batch = match source.ready(config.batch_max).await {
@@ -252,6 +254,9 @@ async fn run<S: OutboxSource>(source: Arc<S>, wake: RelayWake, config: RelayConf
                 () = wake.0.notified() => {}
                 () = tokio::time::sleep(Duration::from_millis(config.poll_interval_ms)) => {}
             }
+            // Idle, the relay learns of a lost server only from its client.
+            let connected = client.connection_state() == async_nats::connection::State::Connected;
+            stats.healthy.store(connected, Ordering::Relaxed);
             continue;
         }
         let (acked, failure) = publish(&jetstream, batch, &config, &stats).await;
