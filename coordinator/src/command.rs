@@ -15,8 +15,9 @@ pub enum Command {
     /// Record the 2PC decision of a txn. The first one applied for a txn id
     /// wins; later ones change nothing and report the winner (I2).
     Decide(DecideCmd),
-    /// The decision of a one-shot Submit under sequential commit
-    /// (docs/PROTOCOL.md §5 step 7): applied as a [`Command::Decide`], except
+    /// The decision of a one-shot Submit that owns no Staged entry (sequential
+    /// commit, and parallel commit's fallbacks; docs/PROTOCOL.md §5 step 7):
+    /// applied as a [`Command::Decide`], except
     /// that it never decides a begun txn. A Begin of the same id may be
     /// applied after the Submit looked and before this entry: that txn is
     /// its own client's, decided only by its Commit, Rollback or timeout
