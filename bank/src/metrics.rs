@@ -25,45 +25,38 @@ impl BankMetrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(2048);
         let p = self.participant.snapshot();
-        counter(&mut out, "twopc_bank_prepares_total", "Prepare requests handled, repeats included.", p.prepares);
-        counter(&mut out, "twopc_bank_votes_yes_total", "YES votes cast.", p.votes_yes);
-        counter(
-            &mut out,
-            "twopc_bank_votes_no_total",
-            "NO votes cast (insufficient funds, outbox full, ...).",
-            p.votes_no,
-        );
-        counter(&mut out, "twopc_bank_commits_total", "Commit decisions applied.", p.commits);
-        counter(&mut out, "twopc_bank_aborts_total", "Abort decisions applied, tombstones included.", p.aborts);
-        counter(
-            &mut out,
-            "twopc_bank_resolves_total",
-            "In-doubt branches settled by asking the coordinators.",
-            p.resolves,
-        );
-        counter(&mut out, "twopc_bank_joins_total", "Branches joined to interactive txns.", p.joins);
-        counter(&mut out, "twopc_bank_join_refusals_total", "Joins the coordinators refused.", p.join_refusals);
+        let counters = [
+            ("twopc_bank_prepares_total", "Prepare requests handled, repeats included.", p.prepares),
+            ("twopc_bank_votes_yes_total", "YES votes cast.", p.votes_yes),
+            ("twopc_bank_votes_no_total", "NO votes cast (insufficient funds, outbox full, ...).", p.votes_no),
+            ("twopc_bank_commits_total", "Commit decisions applied.", p.commits),
+            ("twopc_bank_aborts_total", "Abort decisions applied, tombstones included.", p.aborts),
+            ("twopc_bank_resolves_total", "In-doubt branches settled by asking the coordinators.", p.resolves),
+            ("twopc_bank_joins_total", "Branches joined to interactive txns.", p.joins),
+            ("twopc_bank_join_refusals_total", "Joins the coordinators refused.", p.join_refusals),
+        ];
+        for (name, help, value) in counters {
+            counter(&mut out, name, help, value);
+        }
         gauge(&mut out, "twopc_bank_in_doubt", "Branches that voted YES and await their decision.", p.in_doubt_now);
         if let Some(relay) = &self.relay {
             let c = |m: &std::sync::atomic::AtomicU64| m.load(Ordering::Relaxed);
-            counter(
-                &mut out,
-                "twopc_outbox_published_total",
-                "Events the stream acknowledged as new.",
-                c(&relay.published),
-            );
-            counter(
-                &mut out,
-                "twopc_outbox_duplicates_total",
-                "Events the stream acknowledged as repeats (dropped by de-duplication).",
-                c(&relay.duplicates),
-            );
-            counter(
-                &mut out,
-                "twopc_outbox_failures_total",
-                "Relay attempts that failed (NATS unreachable, no PubAck, the store) and were retried.",
-                c(&relay.failures),
-            );
+            let counters = [
+                ("twopc_outbox_published_total", "Events the stream acknowledged as new.", c(&relay.published)),
+                (
+                    "twopc_outbox_duplicates_total",
+                    "Events the stream acknowledged as repeats (dropped by de-duplication).",
+                    c(&relay.duplicates),
+                ),
+                (
+                    "twopc_outbox_failures_total",
+                    "Relay attempts that failed (NATS unreachable, no PubAck, the store) and were retried.",
+                    c(&relay.failures),
+                ),
+            ];
+            for (name, help, value) in counters {
+                counter(&mut out, name, help, value);
+            }
             gauge(
                 &mut out,
                 "twopc_outbox_waiting",
