@@ -374,6 +374,33 @@ async fn a_stream_that_lost_messages_the_view_never_applied_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_created_again_under_the_same_name_is_refused() {
+    let Some(f) = Fixture::start("a_stream_created_again_under_the_same_name_is_refused").await else { return };
+    f.publish(&opened("bank-a", "alice", 100_00)).await;
+    assert_eq!(f.sync(&[]).await.applied, 1);
+    // The stream is deleted and made again: its sequences start over.
+    f.nats.delete_stream(&f.stream).await;
+    f.nats
+        .jetstream
+        .create_stream(jetstream::stream::Config {
+            name: f.stream.clone(),
+            subjects: vec![format!("{}.>", f.prefix)],
+            ..Default::default()
+        })
+        .await
+        .expect("create the stream again");
+    f.publish(&opened("bank-b", "bob", 50_00)).await;
+    f.publish(&opened("bank-b", "carol", 5_00)).await;
+    let out = f.view(&["sync"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("was deleted and created again"), "{stderr}");
+    assert_eq!(number(&f.accounts().await, "events_applied"), 1, "nothing of the new stream was applied");
+    f.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follow_applies_new_events_holds_the_store_and_stops_on_sigterm() {
     let Some(f) = Fixture::start("follow_applies_new_events_holds_the_store_and_stops_on_sigterm").await else {
         return;

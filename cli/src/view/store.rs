@@ -44,6 +44,9 @@ const SKIPPED_TOTAL: &str = "skipped";
 /// The highest stream sequence applied, skipped or found a duplicate.
 const LAST_STREAM_SEQ: &str = "last_stream_seq";
 const BOUND_STREAM: &str = "stream";
+/// [`BINDING`] key: when that stream was created (Unix nanoseconds), so a
+/// stream deleted and created again under its name is told apart.
+const BOUND_CREATED: &str = "stream_created";
 
 // ---------------------------------------------------------------- the store
 
@@ -304,6 +307,35 @@ impl ViewStore {
                 Some(_) => {}
                 None => {
                     binding.insert(BOUND_STREAM, stream)?;
+                }
+            }
+        }
+        write.commit()?;
+        Ok(())
+    }
+
+    /// Records when the bound stream was created (`created`, Unix
+    /// nanoseconds, from the server), or checks it against the record: a
+    /// stream deleted and created again under the same name starts its
+    /// sequences over, and the events this view applied are no longer in it.
+    ///
+    /// # Errors
+    /// The stream is another incarnation than the one this view was built
+    /// from, or the store fails.
+    pub fn bind_incarnation(&self, stream: &str, created: i128) -> anyhow::Result<()> {
+        let write = self.db.begin_write()?;
+        {
+            let mut binding = write.open_table(BINDING)?;
+            let recorded = binding.get(BOUND_CREATED)?.map(|v| v.value().to_owned());
+            match recorded {
+                Some(recorded) if recorded != created.to_string() => bail!(
+                    "stream {stream} was deleted and created again since the view in {} was built from it; the \
+                     events it applied are not in the new one: build a new view (another --data and --consumer)",
+                    self.dir.display()
+                ),
+                Some(_) => {}
+                None => {
+                    binding.insert(BOUND_CREATED, created.to_string().as_str())?;
                 }
             }
         }

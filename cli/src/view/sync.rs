@@ -253,6 +253,7 @@ async fn try_connect(config: &SyncConfig, store: &ViewStore) -> Result<PullConsu
     // restored: replay the stream from the start; the ids make that safe.
     let applied_through = store.last_stream_seq().map_err(ConnectError::Fatal)?;
     let info = stream.info().await.map_err(|e| unreachable(format!("cannot read stream {}", config.stream), e))?;
+    store.bind_incarnation(&config.stream, info.created.unix_timestamp_nanos()).map_err(ConnectError::Fatal)?;
     check_no_gap(&config.stream, applied_through, info.state.first_sequence).map_err(ConnectError::Fatal)?;
     match stream.consumer_info(&config.consumer).await {
         Ok(info) if info.ack_floor.stream_sequence > applied_through => {
