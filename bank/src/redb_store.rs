@@ -49,7 +49,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use prost::Message as _;
 use redb::{
-    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction,
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata as _, Table,
+    TableDefinition, WriteTransaction,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -76,6 +77,19 @@ const ACCOUNTS: TableDefinition<&str, AccountRow> = TableDefinition::new("accoun
 const BRANCHES: TableDefinition<u128, &[u8]> = TableDefinition::new("branches");
 const PREPARED: TableDefinition<u128, ()> = TableDefinition::new("prepared");
 const FINISHED: TableDefinition<(u64, u128), ()> = TableDefinition::new("finished");
+/// Facts about the store's event history, by [`EVENTS_ON`] and friends.
+const EVENT_HISTORY: TableDefinition<&str, u64> = TableDefinition::new("event_history");
+/// Set the first time the store opens with events on.
+const EVENTS_ON: &str = "events_on";
+/// Set when the store opens with events off before they were ever on.
+const OFF_BEFORE_EVENTS: &str = "off_before_events";
+/// Accounts and prepared branches the store held when events were first
+/// turned on after it had run without them: none of them has its
+/// AccountOpened, or its branch's events.
+const HELD_BEFORE_EVENTS: &str = "held_before_events";
+/// Set when the store opens with events off after they were on: what it
+/// commits then publishes nothing.
+const RAN_WITHOUT_EVENTS: &str = "ran_without_events";
 
 /// The embedded store: a redb file written by one group-committing thread.
 ///
@@ -89,6 +103,8 @@ pub struct RedbStore {
     queue_max: usize,
     path: PathBuf,
     wake: RelayWake,
+    /// With events on: what the event stream misses of this bank's history.
+    events_missed: Option<String>,
 }
 
 /// What the writer has done since the store was opened.
@@ -201,7 +217,11 @@ impl RedbStore {
         init.open_table(PREPARED)?;
         init.open_table(FINISHED)?;
         outbox::tables::create(&init)?;
+        let events_missed = record_event_history(&init, config.events.is_some())?;
         init.commit()?;
+        if let Some(missed) = &events_missed {
+            warn!(path = %path.display(), "{missed}");
+        }
         let db = Arc::new(DbSlot(RwLock::new(Some(Arc::new(db)))));
         let (jobs, queue) = mpsc::channel(config.queue_max);
         let counters = Arc::new(Counters::default());
@@ -234,7 +254,16 @@ impl RedbStore {
             Some(thread)
         };
         info!(path = %path.display(), "bank store open");
-        Ok(Self { db, jobs: Some(jobs), writer, counters, queue_max: config.queue_max, path: path.to_owned(), wake })
+        Ok(Self {
+            db,
+            jobs: Some(jobs),
+            writer,
+            counters,
+            queue_max: config.queue_max,
+            path: path.to_owned(),
+            wake,
+            events_missed,
+        })
     }
 
     /// What the writer tells after a commit that readied events: give it to
@@ -256,6 +285,14 @@ impl RedbStore {
             Ok(record.map(|bytes| Record::decode(txn, bytes.value())).transpose()?.and_then(|r| r.payload))
         })
         .await
+    }
+
+    /// With events on, what the event stream is missing of this bank's
+    /// history, if anything: accounts and branches from before events were
+    /// turned on, or a run with them off since (docs/PROTOCOL.md §14.3).
+    /// Logged as a warning at every open.
+    pub fn events_missed(&self) -> Option<&str> {
+        self.events_missed.as_deref()
     }
 
     /// Entries waiting in the outbox: branches with staged events plus
@@ -473,6 +510,53 @@ fn balance_of(name: AccountName, (balance_minor, held_minor, incoming_minor): Ac
 
 fn stored_name(name: &str) -> Result<AccountName> {
     name.parse().map_err(|e| Error::Fatal(format!("corrupt account table: {e}")))
+}
+
+/// Notes in the store when events were turned on or off, and says what the
+/// event stream is missing, if anything (docs/PROTOCOL.md §14.3): a view
+/// built from it will not match this bank's balances. A store from before
+/// this record, opened with events on, is taken as having had them on.
+fn record_event_history(init: &WriteTransaction, events_on: bool) -> Result<Option<String>> {
+    let mut history = init.open_table(EVENT_HISTORY)?;
+    let was_on = history.get(EVENTS_ON)?.is_some();
+    match (events_on, was_on) {
+        (true, false) => {
+            if history.get(OFF_BEFORE_EVENTS)?.is_some() {
+                let held = init.open_table(ACCOUNTS)?.len()? + init.open_table(PREPARED)?.len()?;
+                history.insert(HELD_BEFORE_EVENTS, held)?;
+            }
+            history.insert(EVENTS_ON, 1)?;
+        }
+        (false, false) => {
+            history.insert(OFF_BEFORE_EVENTS, 1)?;
+        }
+        (false, true) => {
+            history.insert(RAN_WITHOUT_EVENTS, 1)?;
+        }
+        (true, true) => {}
+    }
+    if !events_on {
+        return Ok(None);
+    }
+    let held = history.get(HELD_BEFORE_EVENTS)?.map_or(0, |v| v.value());
+    let ran_without = history.get(RAN_WITHOUT_EVENTS)?.is_some();
+    let mut missed = Vec::new();
+    if held > 0 {
+        missed.push(format!(
+            "{held} accounts and prepared branches were there before events were turned on (no AccountOpened, no \
+             events of those branches)"
+        ));
+    }
+    if ran_without {
+        missed.push("the bank ran with events off after they were on (what it committed then published nothing)".into());
+    }
+    Ok((!missed.is_empty()).then(|| {
+        format!(
+            "the event stream does not hold this bank's whole history: {}; a view built from it will not match \
+             this bank's balances (docs/PROTOCOL.md §14.3)",
+            missed.join("; ")
+        )
+    }))
 }
 
 /// Txn ids are stored big-endian, so keys sort by creation time.
@@ -1164,6 +1248,7 @@ mod tests {
             queue_max,
             path: dir.join("stalled.redb"),
             wake: RelayWake::new(),
+            events_missed: None,
         };
         (store, queue)
     }

@@ -320,3 +320,37 @@ async fn a_full_collection_pass_is_followed_by_another_at_the_next_write() {
         assert_eq!(store.stats().records_collected, collected_after, "after write {i}");
     }
 }
+
+// docs/PROTOCOL.md §14.3: a store says (and logs at every open) when its event
+// stream misses part of its history: accounts opened before events were turned
+// on, or a run with them off since. A store with events on from the start misses
+// nothing.
+#[tokio::test]
+async fn a_store_says_when_its_event_stream_misses_part_of_its_history() {
+    let events = || {
+        Some(twopc_bank::events::EventSubjects { bank: "bank-a".parse().expect("a name"), prefix: "twopc".into() })
+    };
+    let open_with = |path: std::path::PathBuf, events| async move {
+        let config = twopc_bank::StoreConfig { events, ..twopc_bank::StoreConfig::default() };
+        RedbStore::open(path, config).await.expect("open")
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (late, early) = (dir.path().join("late.redb"), dir.path().join("early.redb"));
+
+    let store = open_with(late.clone(), None).await;
+    create(&store, "alice", 100).await;
+    drop(store);
+    let store = open_with(late.clone(), events()).await;
+    let missed = store.events_missed().expect("alice opened before events").to_owned();
+    assert!(missed.contains("1 accounts and prepared branches were there before events"), "{missed}");
+    drop(store);
+
+    let store = open_with(early.clone(), events()).await;
+    create(&store, "bob", 100).await;
+    assert_eq!(store.events_missed(), None, "events on from the start");
+    drop(store);
+    drop(open_with(early.clone(), None).await);
+    let store = open_with(early, events()).await;
+    let missed = store.events_missed().expect("a run without events").to_owned();
+    assert!(missed.contains("ran with events off after they were on"), "{missed}");
+}
