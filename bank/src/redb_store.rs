@@ -548,7 +548,8 @@ fn record_event_history(init: &WriteTransaction, events_on: bool) -> Result<Opti
         ));
     }
     if ran_without {
-        missed.push("the bank ran with events off after they were on (what it committed then published nothing)".into());
+        missed
+            .push("the bank ran with events off after they were on (what it committed then published nothing)".into());
     }
     Ok((!missed.is_empty()).then(|| {
         format!(

@@ -327,9 +327,8 @@ async fn a_full_collection_pass_is_followed_by_another_at_the_next_write() {
 // nothing.
 #[tokio::test]
 async fn a_store_says_when_its_event_stream_misses_part_of_its_history() {
-    let events = || {
-        Some(twopc_bank::events::EventSubjects { bank: "bank-a".parse().expect("a name"), prefix: "twopc".into() })
-    };
+    let events =
+        || Some(twopc_bank::events::EventSubjects { bank: "bank-a".parse().expect("a name"), prefix: "twopc".into() });
     let open_with = |path: std::path::PathBuf, events| async move {
         let config = twopc_bank::StoreConfig { events, ..twopc_bank::StoreConfig::default() };
         RedbStore::open(path, config).await.expect("open")

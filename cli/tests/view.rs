@@ -357,27 +357,56 @@ async fn a_stream_that_lost_messages_the_view_never_applied_is_refused() {
     for event in transfer("t1", ("alice", "bank-a"), ("bob", "bank-b"), 10_00) {
         f.publish(&event).await;
     }
-    // The debit (message 2, not yet seen by this view) is deleted, then the
-    // opening too, as messages age out: the first is seen in the delivered
-    // sequence, the second in the stream's oldest message.
+    // Messages age out oldest first: the opening (applied) and the debit
+    // (message 2, not yet seen by this view) are gone.
     let stream = f.nats.jetstream.get_stream(&f.stream).await.expect("the stream");
-    for seq in [2, 1] {
+    for seq in [1, 2] {
         stream.delete_message(seq).await.expect("delete a message");
-        let out = f.view(&["sync"]).await;
-        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
-        assert!(stderr.contains("no longer holds messages 2 to 2"), "{stderr}");
-        assert_eq!(number(&f.accounts().await, "events_applied"), 1, "nothing more was applied");
     }
+    let out = f.view(&["sync"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("no longer holds messages 2 to 2"), "{stderr}");
+    assert_eq!(number(&f.accounts().await, "events_applied"), 1, "nothing more was applied");
+    f.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_killed_before_applying_leaves_no_gap_for_the_next_run() {
+    // A run fetches messages 1-2 and dies before applying them: the server
+    // delivers them again only after ack_wait, and messages 3-4 first. The
+    // next run must take that for what it is, not for events lost from the
+    // stream, and end with all four applied.
+    let Some(f) = Fixture::start("a_sync_killed_before_applying_leaves_no_gap_for_the_next_run").await else {
+        return;
+    };
+    let mut events = vec![opened("bank-a", "alice", 100_00), opened("bank-b", "bob", 50_00)];
+    events.extend(transfer("t1", ("alice", "bank-a"), ("bob", "bank-b"), 10_00));
+    for event in &events {
+        f.publish(event).await;
+    }
+    let common = ["--batch-max", "2", "--ack-wait-ms", "1000"];
+    let mut crash = vec!["sync", "--exit-after-fetched"];
+    crash.extend_from_slice(&common);
+    let out = f.view(&crash).await;
+    assert_eq!(out.status.code(), Some(9), "the crash hook exits 9: {}", text(&out));
+    assert_eq!(f.consumer_pending().await, (2, 2), "messages 1-2 delivered and unacked, 3-4 pending");
+    assert_eq!(f.sync(&common).await, Report { applied: 4, duplicates: 0, skipped: 0 });
+    let accounts = f.accounts().await;
+    assert_eq!(number(&accounts, "events_applied"), 4);
+    assert_eq!(accounts["total"], "150.00");
     f.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_created_again_under_the_same_name_is_refused() {
     let Some(f) = Fixture::start("a_stream_created_again_under_the_same_name_is_refused").await else { return };
+    for event in transfer("t1", ("alice", "bank-a"), ("bob", "bank-b"), 10_00) {
+        f.publish(&event).await;
+    }
     f.publish(&opened("bank-a", "alice", 100_00)).await;
-    assert_eq!(f.sync(&[]).await.applied, 1);
+    assert_eq!(f.sync(&[]).await.applied, 3);
     // The stream is deleted and made again: its sequences start over.
     f.nats.delete_stream(&f.stream).await;
     f.nats
@@ -389,14 +418,13 @@ async fn a_stream_created_again_under_the_same_name_is_refused() {
         })
         .await
         .expect("create the stream again");
-    f.publish(&opened("bank-b", "bob", 50_00)).await;
     f.publish(&opened("bank-b", "carol", 5_00)).await;
     let out = f.view(&["sync"]).await;
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
     assert!(stderr.contains("was deleted and created again"), "{stderr}");
-    assert_eq!(number(&f.accounts().await, "events_applied"), 1, "nothing of the new stream was applied");
+    assert_eq!(number(&f.accounts().await, "events_applied"), 3, "nothing of the new stream was applied");
     f.finish().await;
 }
 

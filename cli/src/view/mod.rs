@@ -104,6 +104,9 @@ pub struct SyncArgs {
     /// count to at least N, before acking it (the crash point of cli/tests/view.rs).
     #[arg(long, hide = true)]
     pub exit_after_applied: Option<u64>,
+    /// Test hook: exit with code 9 right after the first batch is fetched, before it is applied or acked.
+    #[arg(long, hide = true)]
+    pub exit_after_fetched: bool,
 }
 
 #[derive(Debug, Args)]
@@ -146,6 +149,7 @@ async fn sync_command(args: SyncArgs) -> anyhow::Result<u8> {
         applied_ids_max: args.applied_ids_max,
         progress: !args.json,
         exit_after_applied: args.exit_after_applied,
+        exit_after_fetched: args.exit_after_fetched,
         ..SyncConfig::new(&args.data)
     };
     let report = sync(&config, args.follow, super::servers::stop_signal()).await?;

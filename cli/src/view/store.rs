@@ -315,32 +315,24 @@ impl ViewStore {
     }
 
     /// Records when the bound stream was created (`created`, Unix
-    /// nanoseconds, from the server), or checks it against the record: a
-    /// stream deleted and created again under the same name starts its
-    /// sequences over, and the events this view applied are no longer in it.
+    /// nanoseconds, from the server) and says whether a different time was
+    /// recorded before (the record is then replaced).
     ///
     /// # Errors
-    /// The stream is another incarnation than the one this view was built
-    /// from, or the store fails.
-    pub fn bind_incarnation(&self, stream: &str, created: i128) -> anyhow::Result<()> {
+    /// The store fails.
+    pub fn record_stream_created(&self, created: i128) -> anyhow::Result<bool> {
         let write = self.db.begin_write()?;
-        {
+        let changed = {
             let mut binding = write.open_table(BINDING)?;
             let recorded = binding.get(BOUND_CREATED)?.map(|v| v.value().to_owned());
-            match recorded {
-                Some(recorded) if recorded != created.to_string() => bail!(
-                    "stream {stream} was deleted and created again since the view in {} was built from it; the \
-                     events it applied are not in the new one: build a new view (another --data and --consumer)",
-                    self.dir.display()
-                ),
-                Some(_) => {}
-                None => {
-                    binding.insert(BOUND_CREATED, created.to_string().as_str())?;
-                }
+            let created = created.to_string();
+            if recorded.as_deref() != Some(created.as_str()) {
+                binding.insert(BOUND_CREATED, created.as_str())?;
             }
-        }
+            recorded.is_some_and(|recorded| recorded != created)
+        };
         write.commit()?;
-        Ok(())
+        Ok(changed)
     }
 
     /// Applies `batch` in one durable write transaction: each event whose id

@@ -55,6 +55,9 @@ pub struct SyncConfig {
     /// least this many events, after the apply and before the acks.
     /// Default: None.
     pub exit_after_applied: Option<u64>,
+    /// Test hook: exit the process with code 9 once the first batch is
+    /// fetched, before it is applied or acked. Default: false.
+    pub exit_after_fetched: bool,
 }
 
 impl SyncConfig {
@@ -71,6 +74,7 @@ impl SyncConfig {
             applied_ids_max: APPLIED_IDS_MAX_DEFAULT,
             progress: false,
             exit_after_applied: None,
+            exit_after_fetched: false,
         }
     }
 
@@ -126,13 +130,11 @@ pub struct SyncReport {
 pub async fn sync(config: &SyncConfig, follow: bool, shutdown: impl Future<Output = ()>) -> anyhow::Result<SyncReport> {
     config.validate()?;
     let store = ViewStore::open(&config.data_dir)?;
-    // First: a view of another stream is that error, not a gap in this one.
-    store.bind(&config.stream)?;
     let mut shutdown = pin!(shutdown);
     let mut report = SyncReport::default();
-    let consumer = tokio::select! {
+    let (consumer, mut stream) = tokio::select! {
         () = &mut shutdown => return Ok(report),
-        consumer = connect(config, &store, follow) => consumer?,
+        connected = connect(config, &store, follow) => connected?,
     };
     let mut applied_through = store.last_stream_seq()?;
     let mut progress = Progress { enabled: config.progress, last: Instant::now() };
@@ -155,6 +157,11 @@ pub async fn sync(config: &SyncConfig, follow: bool, shutdown: impl Future<Outpu
             Err(e) => return Err(e),
         };
         retry = RetryDelay::default();
+        // The crash point before the apply: the server delivers these again
+        // only after ack_wait, and newer messages first.
+        if config.exit_after_fetched {
+            std::process::exit(9);
+        }
         let mut batch = Vec::with_capacity(messages.len());
         let mut pending = 0;
         for message in &messages {
@@ -167,10 +174,15 @@ pub async fn sync(config: &SyncConfig, follow: bool, shutdown: impl Future<Outpu
                 payload: message.payload.clone(),
             });
         }
-        // Checked at every batch, so a follower cut off for longer than the
-        // stream keeps messages stops here rather than skip what aged out.
+        // A batch that starts past the next sequence: those messages were
+        // delivered to a run that died before applying them (the server
+        // sends them again after ack_wait), or they aged out while this
+        // follower was cut off. The stream's oldest message tells which.
         let first = batch.iter().map(|d| d.stream_seq).min().unwrap_or(applied_through);
-        check_no_gap(&config.stream, applied_through, first)?;
+        if first > applied_through.saturating_add(1) {
+            let info = stream.info().await.context("reading the stream's state")?;
+            check_no_gap(&config.stream, applied_through, info.state.first_sequence)?;
+        }
         applied_through = batch.iter().map(|d| d.stream_seq).fold(applied_through, u64::max);
         let applier = store.clone();
         let (history_max, applied_ids_max) = (config.history_max, config.applied_ids_max);
@@ -204,11 +216,15 @@ enum ConnectError {
 
 /// Connects to NATS and opens the durable consumer; while following,
 /// retries until NATS answers.
-async fn connect(config: &SyncConfig, store: &ViewStore, follow: bool) -> anyhow::Result<PullConsumer> {
+async fn connect(
+    config: &SyncConfig,
+    store: &ViewStore,
+    follow: bool,
+) -> anyhow::Result<(PullConsumer, jetstream::stream::Stream)> {
     let mut retry = RetryDelay::default();
     loop {
         match try_connect(config, store).await {
-            Ok(consumer) => return Ok(consumer),
+            Ok(connected) => return Ok(connected),
             Err(ConnectError::Unreachable(e)) if follow => {
                 warn!(error = %format!("{e:#}"), "view: NATS is unreachable; retrying");
                 retry.wait().await;
@@ -222,7 +238,10 @@ fn unreachable(what: String, e: impl std::fmt::Display) -> ConnectError {
     ConnectError::Unreachable(anyhow::anyhow!("{what}: {e}"))
 }
 
-async fn try_connect(config: &SyncConfig, store: &ViewStore) -> Result<PullConsumer, ConnectError> {
+async fn try_connect(
+    config: &SyncConfig,
+    store: &ViewStore,
+) -> Result<(PullConsumer, jetstream::stream::Stream), ConnectError> {
     let url = &config.nats.shown_url();
     let client = config
         .nats
@@ -251,9 +270,12 @@ async fn try_connect(config: &SyncConfig, store: &ViewStore) -> Result<PullConsu
     // The consumer acks only what the store holds, so one that has acked
     // past the store's last sequence belongs to a store since deleted or
     // restored: replay the stream from the start; the ids make that safe.
+    // Bound only to a stream that exists, so a mistyped --stream is not
+    // remembered; a view of another stream is that error, not a gap.
+    store.bind(&config.stream).map_err(ConnectError::Fatal)?;
     let applied_through = store.last_stream_seq().map_err(ConnectError::Fatal)?;
     let info = stream.info().await.map_err(|e| unreachable(format!("cannot read stream {}", config.stream), e))?;
-    store.bind_incarnation(&config.stream, info.created.unix_timestamp_nanos()).map_err(ConnectError::Fatal)?;
+    check_incarnation(store, &config.stream, &info, applied_through).map_err(ConnectError::Fatal)?;
     check_no_gap(&config.stream, applied_through, info.state.first_sequence).map_err(ConnectError::Fatal)?;
     match stream.consumer_info(&config.consumer).await {
         Ok(info) if info.ack_floor.stream_sequence > applied_through => {
@@ -272,7 +294,7 @@ async fn try_connect(config: &SyncConfig, store: &ViewStore) -> Result<PullConsu
         Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {}
         Err(e) => return Err(unreachable(format!("cannot read consumer {}", config.consumer), e)),
     }
-    stream
+    let consumer = stream
         .create_consumer(jetstream::consumer::pull::Config {
             durable_name: Some(config.consumer.clone()),
             description: Some("twopc view: a materialized view of the bank events".into()),
@@ -283,7 +305,39 @@ async fn try_connect(config: &SyncConfig, store: &ViewStore) -> Result<PullConsu
             ..Default::default()
         })
         .await
-        .map_err(|e| unreachable(format!("cannot create consumer {} on stream {}", config.consumer, config.stream), e))
+        .map_err(|e| {
+            unreachable(format!("cannot create consumer {} on stream {}", config.consumer, config.stream), e)
+        })?;
+    Ok((consumer, stream))
+}
+
+/// Refuses a stream whose sequences went back below what this view applied
+/// (deleted and created again: the events the view applied are not in it).
+/// A stream whose creation time changed without that is only warned about:
+/// nats-server has been seen to report a new creation time after a config
+/// update across a restart, and refusing would strand a sound view.
+fn check_incarnation(
+    store: &ViewStore,
+    stream: &str,
+    info: &jetstream::stream::Info,
+    applied_through: u64,
+) -> anyhow::Result<()> {
+    if info.state.last_sequence < applied_through {
+        bail!(
+            "stream {stream} ends at message {} but this view applied up to {applied_through}: it was deleted and \
+             created again, and the events this view applied are not in it; build a new view (another --data and \
+             --consumer)",
+            info.state.last_sequence
+        );
+    }
+    if store.record_stream_created(info.created.unix_timestamp_nanos())? {
+        warn!(
+            stream,
+            "view: the stream's creation time changed since this view last read it: if it was deleted and created \
+             again, this view's balances are wrong and a new view must be built"
+        );
+    }
+    Ok(())
 }
 
 /// Refuses to go on when the stream no longer holds messages this view
