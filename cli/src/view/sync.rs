@@ -267,16 +267,16 @@ async fn try_connect(
             return Err(unreachable(format!("cannot read stream {} at {url}", config.stream), e));
         }
     };
-    // The consumer acks only what the store holds, so one that has acked
-    // past the store's last sequence belongs to a store since deleted or
-    // restored: replay the stream from the start; the ids make that safe.
     // Bound only to a stream that exists, so a mistyped --stream is not
     // remembered; a view of another stream is that error, not a gap.
     store.bind(&config.stream).map_err(ConnectError::Fatal)?;
     let applied_through = store.last_stream_seq().map_err(ConnectError::Fatal)?;
     let info = stream.info().await.map_err(|e| unreachable(format!("cannot read stream {}", config.stream), e))?;
-    check_incarnation(store, &config.stream, &info, applied_through).map_err(ConnectError::Fatal)?;
+    check_incarnation(store, &config.stream, info, applied_through).map_err(ConnectError::Fatal)?;
     check_no_gap(&config.stream, applied_through, info.state.first_sequence).map_err(ConnectError::Fatal)?;
+    // The consumer acks only what the store holds, so one that has acked
+    // past the store's last sequence belongs to a store since deleted or
+    // restored: replay the stream from the start; the ids make that safe.
     match stream.consumer_info(&config.consumer).await {
         Ok(info) if info.ack_floor.stream_sequence > applied_through => {
             warn!(
