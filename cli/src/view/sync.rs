@@ -132,7 +132,7 @@ pub async fn sync(config: &SyncConfig, follow: bool, shutdown: impl Future<Outpu
     let store = ViewStore::open(&config.data_dir)?;
     let mut shutdown = pin!(shutdown);
     let mut report = SyncReport::default();
-    let (consumer, mut stream) = tokio::select! {
+    let (consumer, stream) = tokio::select! {
         () = &mut shutdown => return Ok(report),
         connected = connect(config, &store, follow) => connected?,
     };
@@ -180,8 +180,10 @@ pub async fn sync(config: &SyncConfig, follow: bool, shutdown: impl Future<Outpu
         // follower was cut off. The stream's oldest message tells which.
         let first = batch.iter().map(|d| d.stream_seq).min().unwrap_or(applied_through);
         if first > applied_through.saturating_add(1) {
-            let info = stream.info().await.context("reading the stream's state")?;
-            check_no_gap(&config.stream, applied_through, info.state.first_sequence)?;
+            let details = stream.info_builder().with_deleted(true).fetch().await;
+            let state = details.context("reading the stream's state")?.info.state;
+            check_no_gap(&config.stream, applied_through, state.first_sequence)?;
+            check_none_deleted(&config.stream, applied_through, first, state.deleted.as_deref().unwrap_or_default())?;
         }
         applied_through = batch.iter().map(|d| d.stream_seq).fold(applied_through, u64::max);
         let applier = store.clone();
@@ -357,6 +359,18 @@ fn check_no_gap(stream: &str, applied_through: u64, first_sequence: u64) -> anyh
     )
 }
 
+/// Refuses to go on when a message between the last applied and the
+/// batch's first (`batch_first`) was deleted from the stream: its event
+/// would be missing from the view for good.
+fn check_none_deleted(stream: &str, applied_through: u64, batch_first: u64, deleted: &[u64]) -> anyhow::Result<()> {
+    let lost = || deleted.iter().copied().filter(|seq| *seq > applied_through && *seq < batch_first);
+    let (Some(first_lost), Some(last_lost)) = (lost().min(), lost().max()) else { return Ok(()) };
+    bail!(
+        "stream {stream} no longer holds messages {first_lost} to {last_lost} (deleted), which this view never \
+         applied: it would miss their events. A view that missed events cannot be repaired from this stream"
+    )
+}
+
 /// The next batch, waiting for one while following; None once caught up
 /// (nothing pending and nothing delivered but unacknowledged) without
 /// `follow`.
@@ -450,5 +464,15 @@ mod tests {
         let why = check_no_gap("S", 40, 45).expect_err("44 lost").to_string();
         assert!(why.contains("no longer holds messages 41 to 44"), "{why}");
         assert!(check_no_gap("S", 0, 3).is_err(), "a new view of a stream that lost its start");
+    }
+
+    // Messages deleted between the last applied and a batch's first are lost;
+    // deleted ones elsewhere, or none, are not this view's concern.
+    #[test]
+    fn messages_deleted_before_a_batch_are_refused() {
+        assert!(check_none_deleted("S", 10, 14, &[]).is_ok(), "11-13 only wait to be delivered again");
+        assert!(check_none_deleted("S", 10, 14, &[3, 10, 14, 20]).is_ok(), "none of 11-13 deleted");
+        let why = check_none_deleted("S", 10, 14, &[13, 3, 11]).expect_err("11 and 13 lost").to_string();
+        assert!(why.contains("no longer holds messages 11 to 13"), "{why}");
     }
 }
