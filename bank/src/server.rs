@@ -13,13 +13,12 @@ use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 use tracing::{info, warn};
 use twopc_participant::context::read_txn_context;
+use twopc_participant::outbox::{Relay, RelayStats};
 use twopc_participant::{Participant, ParticipantConfig};
 use twopc_proto::MAX_MESSAGE_BYTES;
+use twopc_proto::metrics_http;
 use twopc_proto::net::Listener;
 use twopc_proto::pb::bank_server::BankServer;
-
-use twopc_participant::outbox::RelayStats;
-use twopc_proto::metrics_http;
 
 use crate::config::BankConfig;
 use crate::error::{Error, Result};
@@ -74,8 +73,7 @@ pub async fn run_with_metrics(
         Some(events) => Some(events.start_relay(config.id(), Arc::clone(&store), store.relay_wake())?),
         None => None,
     };
-    let metrics =
-        metrics.map(|listener| MetricsEndpoint { listener, relay: relay.as_ref().map(|r| r.stats().clone()) });
+    let metrics = metrics.map(|listener| MetricsEndpoint::new(listener, relay.as_ref()));
     let served = serve_with_metrics(listener, Arc::clone(&store), config.participant, metrics, shutdown).await;
     // The relay holds the store too; what it has not published waits on disk.
     drop(relay);
@@ -106,6 +104,13 @@ pub struct MetricsEndpoint {
     pub listener: tokio::net::TcpListener,
     /// The store's outbox relay, when events are on.
     pub relay: Option<Arc<RelayStats>>,
+}
+
+impl MetricsEndpoint {
+    /// The endpoint on `listener`, showing `relay`'s counters when events are on.
+    pub fn new(listener: tokio::net::TcpListener, relay: Option<&Relay>) -> Self {
+        Self { listener, relay: relay.map(|r| Arc::clone(r.stats())) }
+    }
 }
 
 /// [`serve`], also serving `GET /metrics` on `metrics` when given.

@@ -341,10 +341,7 @@ pub async fn bank(args: BankArgs) -> anyhow::Result<u8> {
                 Some(events) => Some(events.start_relay(config.id(), store.clone(), store.relay_wake())?),
                 None => None,
             };
-            let metrics = metrics.map(|listener| twopc_bank::server::MetricsEndpoint {
-                listener,
-                relay: relay.as_ref().map(|r| r.stats().clone()),
-            });
+            let metrics = metrics.map(|listener| twopc_bank::server::MetricsEndpoint::new(listener, relay.as_ref()));
             twopc_bank::server::serve_with_metrics(listener, store, config.participant, metrics, stop_signal()).await?
         }
     }

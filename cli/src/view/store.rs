@@ -321,18 +321,19 @@ impl ViewStore {
     /// # Errors
     /// The store fails.
     pub fn record_stream_created(&self, created: i128) -> anyhow::Result<bool> {
-        let write = self.db.begin_write()?;
-        let changed = {
-            let mut binding = write.open_table(BINDING)?;
-            let recorded = binding.get(BOUND_CREATED)?.map(|v| v.value().to_owned());
-            let created = created.to_string();
-            if recorded.as_deref() != Some(created.as_str()) {
-                binding.insert(BOUND_CREATED, created.as_str())?;
-            }
-            recorded.is_some_and(|recorded| recorded != created)
+        let created = created.to_string();
+        // Read first: the usual answer is "unchanged", which needs no write.
+        let recorded = {
+            let read = self.db.begin_read()?;
+            read.open_table(BINDING)?.get(BOUND_CREATED)?.map(|v| v.value().to_owned())
         };
+        if recorded.as_deref() == Some(created.as_str()) {
+            return Ok(false);
+        }
+        let write = self.db.begin_write()?;
+        write.open_table(BINDING)?.insert(BOUND_CREATED, created.as_str())?;
         write.commit()?;
-        Ok(changed)
+        Ok(recorded.is_some())
     }
 
     /// Applies `batch` in one durable write transaction: each event whose id
