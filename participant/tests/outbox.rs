@@ -7,6 +7,7 @@
 //! certificates and a token gets events only from a relay that has all three.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -154,8 +155,38 @@ async fn a_committed_branch_publishes_each_event_once_and_an_aborted_one_none() 
     settle(&events).await;
     let ids = stream.ids(2).await;
     assert_eq!(ids, vec![format!("{committed}:events:0"), format!("{committed}:events:1")]);
-    assert_eq!(relay.stats().published.load(std::sync::atomic::Ordering::Relaxed), 2);
-    assert_eq!(relay.stats().duplicates.load(std::sync::atomic::Ordering::Relaxed), 0, "nothing published twice");
+    assert_eq!(relay.stats().published.load(Ordering::Relaxed), 2);
+    assert_eq!(relay.stats().duplicates.load(Ordering::Relaxed), 0, "nothing published twice");
+    stream.nats.delete_stream(&stream.name).await;
+}
+
+// The relay lets events gather for `linger_ms` after a wake, so the broker
+// takes one batch for several store commits rather than one per commit.
+#[tokio::test]
+async fn events_committed_while_the_relay_lingers_go_out_in_one_batch() {
+    let Some(stream) = Stream::new("events_committed_while_the_relay_lingers_go_out_in_one_batch").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wake = RelayWake::new();
+    let events = resource(&dir, limits(), wake.clone()).await;
+    let config = RelayConfig { linger_ms: 1_000, ..stream.relay_config(&stream.nats.url) };
+    let relay = Relay::spawn(Arc::clone(&events), wake, config).expect("relay");
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !relay.stats().healthy.load(Ordering::Relaxed) {
+        assert!(tokio::time::Instant::now() < give_up, "the relay did not connect within 20 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Five commits, each waking the relay, well within one linger.
+    let txns: Vec<TxnId> = (0..5).map(|_| TxnId::new()).collect();
+    for txn in &txns {
+        assert_eq!(events.prepare(*txn, stream.events(*txn, 1)).await.expect("prepare"), Vote::Yes);
+        events.commit(*txn).await.expect("commit");
+    }
+    settle(&events).await;
+    assert_eq!(stream.ids(5).await.len(), 5);
+    assert_eq!(relay.stats().published.load(Ordering::Relaxed), 5);
+    assert_eq!(relay.stats().batches.load(Ordering::Relaxed), 1, "five commits, one batch");
     stream.nats.delete_stream(&stream.name).await;
 }
 
@@ -224,7 +255,7 @@ async fn nats_away_delays_events_and_past_the_bound_prepare_votes_no() {
     assert_eq!(committed.len(), 11, "10 entries wait, then the bound");
     // The server stays away until the relay has failed at least once.
     let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
-    while relay.stats().failures.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+    while relay.stats().failures.load(Ordering::Relaxed) == 0 {
         assert!(tokio::time::Instant::now() < give_up, "the relay never noticed the server was gone");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -352,7 +383,7 @@ async fn a_server_that_requires_tls_a_client_certificate_and_a_token_gets_events
     // With all three, it goes out once.
     let relay = Relay::spawn(Arc::clone(&events), wake, config(full.clone())).expect("relay");
     settle(&events).await;
-    assert_eq!(relay.stats().published.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(relay.stats().published.load(Ordering::Relaxed), 1);
     let client = full.options("outbox-test").connect(full.url.as_str()).await.expect("connect with all three");
     let mut stream = async_nats::jetstream::new(client).get_stream(&stream_name).await.expect("the relay's stream");
     assert_eq!(stream.info().await.expect("stream info").state.messages, 1);
