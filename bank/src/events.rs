@@ -125,6 +125,110 @@ impl EventSubjects {
     }
 }
 
+/// What a bank's store remembers of when its events were on, so it can say
+/// what its event stream misses (docs/PROTOCOL.md §14.3). Each store keeps
+/// the facts under [`EventHistory::FACTS`]' names, one number each (a flag
+/// is 1 when set, absent otherwise).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct EventHistory {
+    /// Set the first time the store opens with events on.
+    events_on: bool,
+    /// Set when the store opens with events off before they were ever on.
+    off_before_events: bool,
+    /// Accounts and prepared branches the store held when events were first
+    /// turned on after it had run without them: none of them has its
+    /// AccountOpened, or its branch's events.
+    held_before_events: u64,
+    /// Set when the store opens with events off after they were on: what it
+    /// commits then publishes nothing.
+    ran_without_events: bool,
+}
+
+impl EventHistory {
+    /// The facts' names, as stored.
+    pub(crate) const FACTS: [&'static str; 4] =
+        ["events_on", "off_before_events", "held_before_events", "ran_without_events"];
+
+    /// The history from the stored `(name, value)` facts; unknown names are
+    /// ignored. A store from before this record has none, and is taken as
+    /// having had events on whenever it opens with them on.
+    pub(crate) fn from_facts<'a>(facts: impl IntoIterator<Item = (&'a str, u64)>) -> Self {
+        let mut history = Self::default();
+        for (name, value) in facts {
+            match name {
+                "events_on" => history.events_on = true,
+                "off_before_events" => history.off_before_events = true,
+                "held_before_events" => history.held_before_events = value,
+                "ran_without_events" => history.ran_without_events = true,
+                _ => {}
+            }
+        }
+        history
+    }
+
+    /// The facts to store, every one that is set.
+    pub(crate) fn facts(&self) -> Vec<(&'static str, u64)> {
+        let [on, off_before, held, ran_without] = Self::FACTS;
+        let mut facts = Vec::with_capacity(4);
+        facts.extend(self.events_on.then_some((on, 1)));
+        facts.extend(self.off_before_events.then_some((off_before, 1)));
+        facts.extend((self.held_before_events > 0).then_some((held, self.held_before_events)));
+        facts.extend(self.ran_without_events.then_some((ran_without, 1)));
+        facts
+    }
+
+    /// Whether this opening turns events on for the first time after the
+    /// store ran without them: the store then counts what it holds
+    /// (accounts and prepared branches) for [`EventHistory::record_opening`].
+    pub(crate) fn turns_on_late(&self, events_on: bool) -> bool {
+        events_on && !self.events_on && self.off_before_events
+    }
+
+    /// Records an opening with events `events_on`; `held_now` is what the
+    /// store holds, counted only when [`EventHistory::turns_on_late`].
+    pub(crate) fn record_opening(&mut self, events_on: bool, held_now: u64) {
+        match (events_on, self.events_on) {
+            (true, false) => {
+                if self.off_before_events {
+                    self.held_before_events = held_now;
+                }
+                self.events_on = true;
+            }
+            (false, false) => self.off_before_events = true,
+            (false, true) => self.ran_without_events = true,
+            (true, true) => {}
+        }
+    }
+
+    /// With events on, what the event stream misses of the bank's history,
+    /// if anything, as the warning a store logs at every open.
+    pub(crate) fn missed(&self) -> Option<String> {
+        if !self.events_on {
+            return None;
+        }
+        let mut missed = Vec::new();
+        if self.held_before_events > 0 {
+            missed.push(format!(
+                "{} accounts and prepared branches were there before events were turned on (no AccountOpened, \
+                 no events of those branches)",
+                self.held_before_events
+            ));
+        }
+        if self.ran_without_events {
+            missed.push(
+                "the bank ran with events off after they were on (what it committed then published nothing)".into(),
+            );
+        }
+        (!missed.is_empty()).then(|| {
+            format!(
+                "the event stream does not hold this bank's whole history: {}; a view built from it will not \
+                 match this bank's balances (docs/PROTOCOL.md §14.3)",
+                missed.join("; ")
+            )
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +243,24 @@ mod tests {
             assert_eq!(check_subject(&subject), Ok(()), "{name} -> {subject}");
             assert_eq!(subject.split('.').count(), 3, "{name} -> {subject}");
         }
+    }
+
+    // The facts a store keeps give back the same history, so every later
+    // opening still warns.
+    #[test]
+    fn an_event_history_survives_its_stored_facts() {
+        let mut late = EventHistory::default();
+        late.record_opening(false, 0);
+        assert!(late.turns_on_late(true));
+        late.record_opening(true, 3);
+        late.record_opening(false, 0);
+        let stored = EventHistory::from_facts(late.facts());
+        assert_eq!(stored, late);
+        let missed = stored.missed().expect("something missed");
+        assert!(missed.contains("3 accounts") && missed.contains("ran with events off"), "{missed}");
+        let mut early = EventHistory::default();
+        early.record_opening(true, 0);
+        assert!(!early.turns_on_late(true));
+        assert_eq!(EventHistory::from_facts(early.facts()).missed(), None);
     }
 }

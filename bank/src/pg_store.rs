@@ -44,9 +44,13 @@
 //! Tables, in the bank's own schema (one per bank, so two banks can share a
 //! database): `accounts (name, balance_minor, held_minor, incoming_minor)`,
 //! `holds (txn, account, debit_minor, credit_minor, applied)`,
-//! `outbox (seq, id, subject, payload)`, and the library's `twopc_branches`.
+//! `outbox (seq, id, subject, payload)`, `event_history (fact, value)` (when
+//! events were on and off: [`PgStore::events_missed`]), and the library's
+//! `twopc_branches`.
 
 use std::collections::BTreeMap;
+
+use tracing::warn;
 
 use twopc_participant::Resource as _;
 use twopc_participant::ResourceError;
@@ -58,7 +62,7 @@ use twopc_proto::{Decision, ParticipantId, PayloadDigest, TxnId, Vote};
 
 use crate::address::AccountName;
 use crate::error::{Error, Result};
-use crate::events::EventSubjects;
+use crate::events::{EventHistory, EventSubjects};
 use crate::money::format_minor;
 use crate::payload::{BranchPayload, Operation};
 use crate::store::{
@@ -83,6 +87,7 @@ pub struct BankBranch {
     accounts: String,
     holds: String,
     outbox: String,
+    event_history: String,
     /// Events on: how to build them, and how many may wait.
     events: Option<(EventSubjects, u64)>,
 }
@@ -93,6 +98,7 @@ impl BankBranch {
             accounts: format!("\"{schema}\".accounts"),
             holds: format!("\"{schema}\".holds"),
             outbox: format!("\"{schema}\".outbox"),
+            event_history: format!("\"{schema}\".event_history"),
             events,
         }
     }
@@ -325,6 +331,8 @@ impl BankBranch {
 pub struct PgStore {
     resource: PostgresResource<BankBranch>,
     wake: RelayWake,
+    /// With events on: what the event stream misses of this bank's history.
+    events_missed: Option<String>,
 }
 
 impl PgStore {
@@ -358,11 +366,68 @@ impl PgStore {
             ResourceError::Fatal(why) => Error::Config(why),
             other => Error::from_resource(other),
         })?;
-        let store = Self { resource, wake: RelayWake::new() };
+        let events_on = resource.branch().events.is_some();
+        let mut store = Self { resource, wake: RelayWake::new(), events_missed: None };
         // A schema made before events existed has no outbox yet.
         let ddl = store.resource.branch().outbox_ddl();
         store.client().await?.batch_execute(&ddl).await.map_err(pg)?;
+        store.events_missed = store.record_event_history(events_on).await?;
+        if let Some(missed) = &store.events_missed {
+            warn!(bank = %participant, "{missed}");
+        }
         Ok(store)
+    }
+
+    /// With events on, what the event stream is missing of this bank's
+    /// history, if anything: accounts and branches from before events were
+    /// turned on, or a run with them off since (docs/PROTOCOL.md §14.3).
+    /// Logged as a warning at every open.
+    pub fn events_missed(&self) -> Option<&str> {
+        self.events_missed.as_deref()
+    }
+
+    /// Notes in the schema when events were turned on or off, and says what
+    /// the event stream is missing, if anything ([`EventHistory`]). A schema
+    /// from before this record, opened with events on, is taken as having
+    /// had them on.
+    async fn record_event_history(&self, events_on: bool) -> Result<Option<String>> {
+        let table = &self.resource.branch().event_history;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        // The lock orders two banks opening the same schema at once.
+        tx.batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {table} (fact text PRIMARY KEY, value bigint NOT NULL);
+             LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE"
+        ))
+        .await
+        .map_err(pg)?;
+        let stored: Vec<(String, i64)> = tx
+            .query(&format!("SELECT fact, value FROM {table}"), &[])
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        let mut history = EventHistory::from_facts(
+            stored.iter().map(|(name, value)| (name.as_str(), u64::try_from(*value).unwrap_or(0))),
+        );
+        let held_now = if history.turns_on_late(events_on) {
+            let accounts: i64 =
+                tx.query_one(&format!("SELECT count(*) FROM {}", self.accounts()), &[]).await.map_err(pg)?.get(0);
+            let prepared = self.resource.prepared_with_digests().await.map_err(Error::from_resource)?.len();
+            u64::try_from(accounts).unwrap_or(0) + prepared as u64
+        } else {
+            0
+        };
+        history.record_opening(events_on, held_now);
+        let upsert = format!(
+            "INSERT INTO {table} (fact, value) VALUES ($1, $2) ON CONFLICT (fact) DO UPDATE SET value = EXCLUDED.value"
+        );
+        for (name, value) in history.facts() {
+            tx.execute(&upsert, &[&name, &i64::try_from(value).unwrap_or(i64::MAX)]).await.map_err(pg)?;
+        }
+        tx.commit().await.map_err(pg)?;
+        Ok(if events_on { history.missed() } else { None })
     }
 
     /// What to tell the relay after a commit that readied events.

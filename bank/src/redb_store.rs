@@ -63,6 +63,7 @@ use twopc_proto::{Decision, PayloadDigest, TxnId, Vote};
 use crate::address::AccountName;
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
+use crate::events::EventHistory;
 use crate::money::format_minor;
 use crate::payload::{BranchPayload, Operation};
 use crate::store::{
@@ -77,19 +78,8 @@ const ACCOUNTS: TableDefinition<&str, AccountRow> = TableDefinition::new("accoun
 const BRANCHES: TableDefinition<u128, &[u8]> = TableDefinition::new("branches");
 const PREPARED: TableDefinition<u128, ()> = TableDefinition::new("prepared");
 const FINISHED: TableDefinition<(u64, u128), ()> = TableDefinition::new("finished");
-/// Facts about the store's event history, by [`EVENTS_ON`] and friends.
+/// The store's event history ([`EventHistory`]'s facts by name).
 const EVENT_HISTORY: TableDefinition<&str, u64> = TableDefinition::new("event_history");
-/// Set the first time the store opens with events on.
-const EVENTS_ON: &str = "events_on";
-/// Set when the store opens with events off before they were ever on.
-const OFF_BEFORE_EVENTS: &str = "off_before_events";
-/// Accounts and prepared branches the store held when events were first
-/// turned on after it had run without them: none of them has its
-/// AccountOpened, or its branch's events.
-const HELD_BEFORE_EVENTS: &str = "held_before_events";
-/// Set when the store opens with events off after they were on: what it
-/// commits then publishes nothing.
-const RAN_WITHOUT_EVENTS: &str = "ran_without_events";
 
 /// The embedded store: a redb file written by one group-committing thread.
 ///
@@ -513,51 +503,26 @@ fn stored_name(name: &str) -> Result<AccountName> {
 }
 
 /// Notes in the store when events were turned on or off, and says what the
-/// event stream is missing, if anything (docs/PROTOCOL.md §14.3): a view
-/// built from it will not match this bank's balances. A store from before
-/// this record, opened with events on, is taken as having had them on.
+/// event stream is missing, if anything ([`EventHistory`]).
 fn record_event_history(init: &WriteTransaction, events_on: bool) -> Result<Option<String>> {
-    let mut history = init.open_table(EVENT_HISTORY)?;
-    let was_on = history.get(EVENTS_ON)?.is_some();
-    match (events_on, was_on) {
-        (true, false) => {
-            if history.get(OFF_BEFORE_EVENTS)?.is_some() {
-                let held = init.open_table(ACCOUNTS)?.len()? + init.open_table(PREPARED)?.len()?;
-                history.insert(HELD_BEFORE_EVENTS, held)?;
-            }
-            history.insert(EVENTS_ON, 1)?;
+    let mut table = init.open_table(EVENT_HISTORY)?;
+    let mut stored = Vec::new();
+    for name in EventHistory::FACTS {
+        if let Some(value) = table.get(name)? {
+            stored.push((name, value.value()));
         }
-        (false, false) => {
-            history.insert(OFF_BEFORE_EVENTS, 1)?;
-        }
-        (false, true) => {
-            history.insert(RAN_WITHOUT_EVENTS, 1)?;
-        }
-        (true, true) => {}
     }
-    if !events_on {
-        return Ok(None);
+    let mut history = EventHistory::from_facts(stored);
+    let held_now = if history.turns_on_late(events_on) {
+        init.open_table(ACCOUNTS)?.len()? + init.open_table(PREPARED)?.len()?
+    } else {
+        0
+    };
+    history.record_opening(events_on, held_now);
+    for (name, value) in history.facts() {
+        table.insert(name, value)?;
     }
-    let held = history.get(HELD_BEFORE_EVENTS)?.map_or(0, |v| v.value());
-    let ran_without = history.get(RAN_WITHOUT_EVENTS)?.is_some();
-    let mut missed = Vec::new();
-    if held > 0 {
-        missed.push(format!(
-            "{held} accounts and prepared branches were there before events were turned on (no AccountOpened, no \
-             events of those branches)"
-        ));
-    }
-    if ran_without {
-        missed
-            .push("the bank ran with events off after they were on (what it committed then published nothing)".into());
-    }
-    Ok((!missed.is_empty()).then(|| {
-        format!(
-            "the event stream does not hold this bank's whole history: {}; a view built from it will not match \
-             this bank's balances (docs/PROTOCOL.md §14.3)",
-            missed.join("; ")
-        )
-    }))
+    Ok(if events_on { history.missed() } else { None })
 }
 
 /// Txn ids are stored big-endian, so keys sort by creation time.

@@ -282,3 +282,43 @@ async fn the_outbox_counts_the_events_that_wait() {
     store.published(ready.iter().map(|e| e.seq).collect()).await.expect("published");
     assert_eq!(store.waiting().await.expect("waiting"), 0);
 }
+
+// As the embedded store: a bank on PostgreSQL says when its event stream
+// misses part of its history (an account opened before events were turned
+// on, a run with them off since), and a bank with events on from the start
+// misses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_bank_says_when_its_event_stream_misses_part_of_its_history() {
+    let Some(db) =
+        postgres_testing::database("a_postgres_bank_says_when_its_event_stream_misses_part_of_its_history").await
+    else {
+        return;
+    };
+    let open_with = |bank: &Bank, events_on: bool| {
+        let events = events_on
+            .then(|| twopc_bank::events::EventSubjects { bank: bank.participant.clone(), prefix: "twopc".into() });
+        let (participant, config) = (bank.participant.clone(), bank.config.clone());
+        async move { PgStore::open_with_events(&participant, config, events, 100).await.expect("open") }
+    };
+    let late = Bank::new(&db);
+    let store = open_with(&late, false).await;
+    store.create_account(name("alice"), 100).await.expect("create alice");
+    drop(store);
+    let store = open_with(&late, true).await;
+    let missed = store.events_missed().expect("alice opened before events").to_owned();
+    assert!(missed.contains("1 accounts and prepared branches were there before events"), "{missed}");
+    drop(store);
+    let store = open_with(&late, true).await;
+    assert_eq!(store.events_missed(), Some(missed.as_str()), "said at every open");
+    drop(store);
+
+    let early = Bank::new(&db);
+    let store = open_with(&early, true).await;
+    store.create_account(name("bob"), 100).await.expect("create bob");
+    assert_eq!(store.events_missed(), None, "events on from the start");
+    drop(store);
+    drop(open_with(&early, false).await);
+    let store = open_with(&early, true).await;
+    let missed = store.events_missed().expect("a run without events").to_owned();
+    assert!(missed.contains("ran with events off after they were on"), "{missed}");
+}
