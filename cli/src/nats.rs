@@ -1,6 +1,7 @@
 //! The NATS connection flags of `twopc bank --events-nats` and `twopc view
 //! sync`: TLS (`--nats-ca`, `--nats-cert`, `--nats-key`) and credentials
-//! (`--nats-token`, or `--nats-user` with `TWOPC_NATS_PASSWORD`). A
+//! (`--nats-token`, `--nats-user` with `TWOPC_NATS_PASSWORD`, or
+//! `--nats-nkey` with a file holding an NKey user seed). A
 //! plaintext connection to a host other than this machine is refused unless
 //! `--insecure` (docs/SECURITY.md).
 
@@ -22,11 +23,14 @@ pub struct NatsArgs {
     #[arg(long, env = "TWOPC_NATS_KEY", value_name = "FILE", requires = "nats_cert")]
     pub nats_key: Option<PathBuf>,
     /// A token for the NATS server's authorization; better given through the environment.
-    #[arg(long, env = "TWOPC_NATS_TOKEN", hide_env_values = true, conflicts_with = "nats_user")]
+    #[arg(long, env = "TWOPC_NATS_TOKEN", hide_env_values = true, conflicts_with_all = ["nats_user", "nats_nkey"])]
     pub nats_token: Option<String>,
     /// A NATS user; its password comes from TWOPC_NATS_PASSWORD.
-    #[arg(long, env = "TWOPC_NATS_USER", requires = "nats_password")]
+    #[arg(long, env = "TWOPC_NATS_USER", requires = "nats_password", conflicts_with = "nats_nkey")]
     pub nats_user: Option<String>,
+    /// Authenticate as the NKey user whose seed (SU..., as `nk -gen user` writes it) is in this file; read at each connection.
+    #[arg(long, env = "TWOPC_NATS_NKEY", value_name = "FILE")]
+    pub nats_nkey: Option<PathBuf>,
     /// The password of --nats-user; better given through the environment.
     #[arg(long, env = "TWOPC_NATS_PASSWORD", hide_env_values = true, requires = "nats_user")]
     pub nats_password: Option<String>,
@@ -42,6 +46,7 @@ impl std::fmt::Debug for NatsArgs {
             .field("nats_token", &redacted(&self.nats_token))
             .field("nats_user", &self.nats_user)
             .field("nats_password", &redacted(&self.nats_password))
+            .field("nats_nkey", &self.nats_nkey)
             .finish()
     }
 }
@@ -53,11 +58,12 @@ impl NatsArgs {
     /// # Errors
     /// A one-line reason naming the flag.
     pub fn connect(&self, url: &str) -> anyhow::Result<NatsConnect> {
-        let auth = match (&self.nats_token, &self.nats_user, &self.nats_password) {
-            (Some(token), _, _) => NatsAuth::Token(token.clone()),
-            (None, Some(user), Some(password)) => {
+        let auth = match (&self.nats_token, &self.nats_user, &self.nats_password, &self.nats_nkey) {
+            (Some(token), _, _, _) => NatsAuth::Token(token.clone()),
+            (None, Some(user), Some(password), _) => {
                 NatsAuth::UserPassword { user: user.clone(), password: password.clone() }
             }
+            (None, _, _, Some(seed_file)) => NatsAuth::NkeySeedFile(seed_file.clone()),
             _ => NatsAuth::None,
         };
         let nats = NatsConnect {

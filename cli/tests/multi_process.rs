@@ -175,7 +175,7 @@ async fn a_server_refuses_plaintext_on_an_address_other_than_loopback() {
 }
 
 #[test]
-fn a_bank_refuses_to_send_events_in_plaintext_off_this_machine_or_with_a_missing_tls_file() {
+fn a_bank_refuses_to_send_events_in_plaintext_off_this_machine_or_with_a_missing_tls_file_or_seed() {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("bank").display().to_string();
     let run = |extra: &[&str]| {
@@ -192,6 +192,13 @@ fn a_bank_refuses_to_send_events_in_plaintext_off_this_machine_or_with_a_missing
     let out = run(&["--events-nats", "tls://nats.internal:4222", "--nats-ca", &missing]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("no-such-ca.pem"), "{}", stderr(&out));
+    assert_eq!(stderr(&out).trim().lines().count(), 1, "one line: {}", stderr(&out));
+    let not_a_seed = dir.path().join("bank.nk");
+    std::fs::write(&not_a_seed, "s3cret-password\n").expect("write");
+    let out = run(&["--events-nats", "nats://127.0.0.1:4222", "--nats-nkey", &not_a_seed.display().to_string()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("bank.nk: it does not hold a user seed"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("s3cret"), "the file's content is never shown: {}", stderr(&out));
     assert_eq!(stderr(&out).trim().lines().count(), 1, "one line: {}", stderr(&out));
 }
 

@@ -1,7 +1,7 @@
 //! Helpers for tests against a real NATS server with JetStream (features
 //! `events` and `testing`): find the server or say why the test is skipped,
 //! name throwaway streams and subject prefixes uniquely, and clean up; and
-//! start a server of a test's own that requires TLS and a token
+//! start a server of a test's own that requires TLS and credentials
 //! ([`SecureNats`]).
 //!
 //! The server is `TWOPC_NATS_URL` (default `nats://127.0.0.1:4222`) and must
@@ -188,8 +188,18 @@ pub struct ServerTlsFiles {
     pub key: std::path::PathBuf,
 }
 
+/// The credentials a [`SecureNats`] requires.
+#[derive(Debug, Clone, Copy)]
+pub enum ServerAuth<'a> {
+    /// This token.
+    Token(&'a str),
+    /// The NKey user with this public key (`U...`).
+    NkeyUser(&'a str),
+}
+
 /// A nats-server of a test's own, with JetStream, that requires TLS,
-/// verifies client certificates against the CA, and requires a token.
+/// verifies client certificates against the CA, and requires the
+/// credentials its [`ServerAuth`] names.
 /// Started from the `nats-server` binary (`TWOPC_NATS_SERVER`, else found
 /// on PATH or in /usr/sbin); killed when dropped.
 pub struct SecureNats {
@@ -206,13 +216,17 @@ impl SecureNats {
     /// # Panics
     /// When the binary is required and missing, or the server does not
     /// accept connections within 10 s.
-    pub async fn start(test: &str, dir: &std::path::Path, tls: &ServerTlsFiles, token: &str) -> Option<Self> {
+    pub async fn start(test: &str, dir: &std::path::Path, tls: &ServerTlsFiles, auth: ServerAuth<'_>) -> Option<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
         let config = dir.join("nats-server.conf");
+        let authorization = match auth {
+            ServerAuth::Token(token) => format!("authorization {{ token: {token:?} }}"),
+            ServerAuth::NkeyUser(public) => format!("authorization {{ users = [ {{ nkey: {public:?} }} ] }}"),
+        };
         let text = format!(
             "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {store:?} }}\n\
              tls {{ cert_file: {cert:?}, key_file: {key:?}, ca_file: {ca:?}, verify: true, timeout: 2 }}\n\
-             authorization {{ token: {token:?} }}\n",
+             {authorization}\n",
             store = dir.join("jetstream"),
             cert = tls.cert,
             key = tls.key,

@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use twopc_participant::conformance::{self, Harness};
-use twopc_participant::nats_testing::{self, NatsProxy, SecureNats, ServerTlsFiles, TestNats};
+use twopc_participant::nats_testing::{self, NatsProxy, SecureNats, ServerAuth, ServerTlsFiles, TestNats};
 use twopc_participant::outbox::{
     EventResource, EventResourceConfig, NatsAuth, NatsConnect, OutboxEvent, OutboxSource, Relay, RelayConfig,
     RelayWake, encode_staged,
@@ -324,8 +324,12 @@ fn write_tls_files(dir: &std::path::Path) -> (ServerTlsFiles, (std::path::PathBu
 
 /// Why connecting with `nats` fails (it must).
 async fn refused(nats: &NatsConnect) -> String {
-    let attempt =
-        nats.options("outbox-test").connection_timeout(Duration::from_secs(3)).connect(nats.url.as_str()).await;
+    let attempt = nats
+        .options("outbox-test")
+        .expect("options")
+        .connection_timeout(Duration::from_secs(3))
+        .connect(nats.url.as_str())
+        .await;
     match attempt {
         Ok(_) => panic!("connected with {nats:?}"),
         Err(e) => e.to_string(),
@@ -337,7 +341,9 @@ async fn a_server_that_requires_tls_a_client_certificate_and_a_token_gets_events
     const TEST: &str = "a_server_that_requires_tls_a_client_certificate_and_a_token_gets_events_only_with_all_three";
     let dir = tempfile::tempdir().expect("tempdir");
     let (server_files, client_cert) = write_tls_files(dir.path());
-    let Some(server) = SecureNats::start(TEST, dir.path(), &server_files, "s3cret").await else { return };
+    let Some(server) = SecureNats::start(TEST, dir.path(), &server_files, ServerAuth::Token("s3cret")).await else {
+        return;
+    };
     let full = NatsConnect {
         url: server.url.clone(),
         ca_file: Some(server_files.ca.clone()),
@@ -384,7 +390,70 @@ async fn a_server_that_requires_tls_a_client_certificate_and_a_token_gets_events
     let relay = Relay::spawn(Arc::clone(&events), wake, config(full.clone())).expect("relay");
     settle(&events).await;
     assert_eq!(relay.stats().published.load(Ordering::Relaxed), 1);
-    let client = full.options("outbox-test").connect(full.url.as_str()).await.expect("connect with all three");
+    let client =
+        full.options("outbox-test").expect("options").connect(full.url.as_str()).await.expect("connect with all three");
     let mut stream = async_nats::jetstream::new(client).get_stream(&stream_name).await.expect("the relay's stream");
     assert_eq!(stream.info().await.expect("stream info").state.messages, 1);
+}
+
+// An NKey user: the seed comes from a file, is checked at start-up (a file
+// that holds no user seed is named, its content never shown), signs the
+// server's challenge, and only the right one gets events through.
+#[tokio::test]
+async fn a_server_that_requires_an_nkey_gets_events_only_with_its_seed() {
+    const TEST: &str = "a_server_that_requires_an_nkey_gets_events_only_with_its_seed";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server_files, client_cert) = write_tls_files(dir.path());
+    let user = nkeys::KeyPair::new_user();
+    let Some(server) =
+        SecureNats::start(TEST, dir.path(), &server_files, ServerAuth::NkeyUser(&user.public_key())).await
+    else {
+        return;
+    };
+    let seed_file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write the seed file");
+        path
+    };
+    let with = |auth: NatsAuth| NatsConnect {
+        url: server.url.clone(),
+        ca_file: Some(server_files.ca.clone()),
+        client_cert: Some(client_cert.clone()),
+        auth,
+    };
+    let right = with(NatsAuth::NkeySeedFile(seed_file("user.nk", &format!("{}\n", user.seed().expect("seed")))));
+    right.validate().expect("a user seed");
+
+    let not_a_seed = with(NatsAuth::NkeySeedFile(seed_file("token.nk", "s3cret-not-a-seed")));
+    let why = not_a_seed.validate().expect_err("not a seed");
+    assert!(why.contains("token.nk") && why.contains("does not hold a user seed") && !why.contains("s3cret"), "{why}");
+    let missing = with(NatsAuth::NkeySeedFile(dir.path().join("missing.nk")));
+    assert!(missing.validate().is_err_and(|why| why.contains("missing.nk")));
+    let other = nkeys::KeyPair::new_user().seed().expect("seed");
+    let wrong = with(NatsAuth::NkeySeedFile(seed_file("other.nk", &other)));
+    let why = refused(&wrong).await;
+    assert!(why.to_lowercase().contains("authorization"), "{why}");
+    assert!(!refused(&with(NatsAuth::None)).await.is_empty(), "no credentials, refused");
+
+    let stream_name = nats_testing::unique_name("NKEY");
+    let prefix = nats_testing::unique_name("nkey");
+    let store = tempfile::tempdir().expect("tempdir");
+    let wake = RelayWake::new();
+    let events = resource(&store, limits(), wake.clone()).await;
+    let txn = TxnId::new();
+    let staged = encode_staged(&[OutboxEvent::new(format!("{prefix}.acct"), Bytes::from("x")).expect("subject")]);
+    assert_eq!(events.prepare(txn, staged).await.expect("prepare"), Vote::Yes);
+    events.commit(txn).await.expect("commit");
+    let config = RelayConfig {
+        nats: right,
+        stream: stream_name,
+        subjects: vec![format!("{prefix}.>")],
+        retry_max_ms: 200,
+        poll_interval_ms: 100,
+        ack_timeout_ms: 1_000,
+        ..RelayConfig::new("unused")
+    };
+    let relay = Relay::spawn(Arc::clone(&events), wake, config).expect("relay");
+    settle(&events).await;
+    assert_eq!(relay.stats().published.load(Ordering::Relaxed), 1);
 }

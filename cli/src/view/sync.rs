@@ -245,9 +245,8 @@ async fn try_connect(
     store: &ViewStore,
 ) -> Result<(PullConsumer, jetstream::stream::Stream), ConnectError> {
     let url = &config.nats.shown_url();
-    let client = config
-        .nats
-        .options("twopc-view")
+    let options = config.nats.options("twopc-view").map_err(|why| ConnectError::Fatal(anyhow::anyhow!(why)))?;
+    let client = options
         .connection_timeout(Duration::from_secs(3))
         .connect(config.nats.url.as_str())
         .await

@@ -1,7 +1,7 @@
 //! [`NatsConnect`]: how a relay or a consumer reaches the NATS server: its
 //! URL, TLS (the CA to trust, and a client certificate for mutual TLS) and
-//! credentials (a token, or a user and password). Secrets never appear in
-//! `Debug` output or logs.
+//! credentials (a token, a user and password, or an NKey whose seed is in
+//! a file). Secrets never appear in `Debug` output or logs.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -21,6 +21,11 @@ pub enum NatsAuth {
         /// Its password.
         password: String,
     },
+    /// A user of the server's `authorization { users = [{ nkey }] }`: the
+    /// file holds the user's NKey seed (`SU...`, as `nk -gen user` writes
+    /// it), read at each connection so a rotated seed is picked up; the
+    /// seed signs the server's challenge and never leaves this process.
+    NkeySeedFile(PathBuf),
 }
 
 impl fmt::Debug for NatsAuth {
@@ -29,6 +34,7 @@ impl fmt::Debug for NatsAuth {
             Self::None => f.write_str("None"),
             Self::Token(_) => f.write_str("Token(<redacted>)"),
             Self::UserPassword { user, .. } => write!(f, "UserPassword {{ user: {user:?}, password: <redacted> }}"),
+            Self::NkeySeedFile(path) => write!(f, "NkeySeedFile({path:?})"),
         }
     }
 }
@@ -140,13 +146,18 @@ impl NatsConnect {
         match &self.auth {
             NatsAuth::Token(token) if token.is_empty() => Err("the NATS token is empty".into()),
             NatsAuth::UserPassword { user, .. } if user.is_empty() => Err("the NATS user is empty".into()),
+            NatsAuth::NkeySeedFile(path) => read_user_seed(path).map(drop),
             _ => Ok(()),
         }
     }
 
     /// The client's connect options for these settings, named `name` (the
     /// server's connection list shows it).
-    pub fn options(&self, name: &str) -> async_nats::ConnectOptions {
+    ///
+    /// # Errors
+    /// An NKey seed file that cannot be read or holds no user seed (it is
+    /// read here, at each connection).
+    pub fn options(&self, name: &str) -> Result<async_nats::ConnectOptions, String> {
         let mut options = async_nats::ConnectOptions::new().name(name).require_tls(self.requires_tls());
         if !self.requires_tls() {
             // Plaintext was allowed for the hosts named; servers the cluster
@@ -159,12 +170,28 @@ impl NatsConnect {
         if let Some((cert, key)) = &self.client_cert {
             options = options.add_client_certificate(cert.clone(), key.clone());
         }
-        match &self.auth {
+        Ok(match &self.auth {
             NatsAuth::None => options,
             NatsAuth::Token(token) => options.token(token.clone()),
             NatsAuth::UserPassword { user, password } => options.user_and_password(user.clone(), password.clone()),
-        }
+            NatsAuth::NkeySeedFile(path) => options.nkey(read_user_seed(path)?),
+        })
     }
+}
+
+/// The NKey user seed in the file at `path`, checked; errors name the file,
+/// never its content.
+fn read_user_seed(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("NATS NKey seed file {}: {e}", path.display()))?;
+    let seed = text.trim();
+    let user = seed.starts_with("SU") && nkeys::KeyPair::from_seed(seed).is_ok();
+    if !user {
+        return Err(format!(
+            "NATS NKey seed file {}: it does not hold a user seed (one line starting SU, as `nk -gen user` writes)",
+            path.display()
+        ));
+    }
+    Ok(seed.to_owned())
 }
 
 /// The scheme of a NATS URL, empty for `host:port`.

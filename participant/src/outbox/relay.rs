@@ -244,7 +244,13 @@ async fn run<S: OutboxSource>(source: Arc<S>, wake: RelayWake, config: RelayConf
     // credential refused) reaches `last_error`; once connected, the client
     // reconnects forever. A server that is down only delays events.
     let client = loop {
-        let options = config.nats.options("twopc-outbox-relay").max_reconnects(None);
+        let options = match config.nats.options("twopc-outbox-relay") {
+            Ok(options) => options.max_reconnects(None),
+            Err(why) => {
+                retry.failed(why).await;
+                continue;
+            }
+        };
         match options.connect(config.nats.url.as_str()).await {
             Ok(client) => break client,
             Err(e) => retry.failed(format!("connecting to NATS at {}: {e}", config.nats.shown_url())).await,
