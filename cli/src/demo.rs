@@ -69,6 +69,9 @@ pub struct DemoArgs {
     /// The NATS server for --events.
     #[arg(long, env = "TWOPC_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats: String,
+    /// TLS and credentials for --events, for the banks and for this process's view.
+    #[command(flatten)]
+    pub nats_connect: crate::nats::NatsArgs,
 }
 
 /// How long the view may take to agree with the banks after the last transfer.
@@ -77,25 +80,28 @@ const VIEW_CONVERGE_MAX: Duration = Duration::from_secs(60);
 /// --events: the stream and subject prefix of this run (one derived from
 /// the directory with --dir, so a rerun's view finds its stream again).
 struct DemoEvents {
-    nats: String,
+    nats: twopc_participant::outbox::NatsConnect,
+    /// The banks' environment: NATS's TLS files and credentials.
+    bank_env: Vec<(&'static str, std::ffi::OsString)>,
     stream: String,
     prefix: String,
     view_dir: PathBuf,
 }
 
 impl DemoEvents {
-    fn new(args: &DemoArgs, dir: &Path) -> Self {
+    fn new(args: &DemoArgs, dir: &Path) -> anyhow::Result<Self> {
         let tag = run_tag(args.dir.as_deref());
-        Self {
-            nats: args.nats.clone(),
+        Ok(Self {
+            nats: args.nats_connect.connect(&args.nats)?,
+            bank_env: args.nats_connect.child_env(),
             stream: format!("TWOPC_DEMO_{tag}"),
             prefix: format!("demo{tag}"),
             view_dir: dir.join("view"),
-        }
+        })
     }
 
     fn bank_args(&self) -> Vec<String> {
-        crate::servers::EventsArgs::for_local_run(&self.nats, self.stream.clone(), self.prefix.clone()).to_args()
+        crate::servers::EventsArgs::for_local_run(&self.nats.url, self.stream.clone(), self.prefix.clone()).to_args()
     }
 }
 
@@ -141,7 +147,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
     let dir = args.dir.clone().unwrap_or_else(|| temp.path().to_owned());
     std::fs::create_dir_all(dir.join("logs")).with_context(|| format!("creating {}", dir.display()))?;
     let postgres = args.store.as_ref().map(|url| pg_bank(url, args.dir.as_deref()));
-    let events = args.events.then(|| DemoEvents::new(&args, &dir));
+    let events = args.events.then(|| DemoEvents::new(&args, &dir)).transpose()?;
     let demo = build(&dir, postgres.as_ref(), events.as_ref(), args.tls)?;
     println!("twopc demo: {COORDINATORS} coordinators and {} banks in {}", BANKS.len(), dir.display());
     if let Some(pg) = &postgres {
@@ -156,7 +162,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
     if let Some(events) = &events {
         println!(
             "the banks publish events to {}, stream {}; the view is in {}",
-            events.nats,
+            events.nats.shown_url(),
             events.stream,
             events.view_dir.display()
         );
@@ -250,6 +256,7 @@ fn build(dir: &Path, postgres: Option<&PgBank>, events: Option<&DemoEvents>, tls
         banks: BANKS.iter().map(|b| (*b).to_owned()).collect(),
         coordinator_args: Vec::new(),
         bank_args,
+        bank_env: events.map(|e| e.bank_env.clone()).unwrap_or_default(),
         tls,
     };
     let mut cluster = LocalCluster::build(dir, &spec)?;
@@ -606,7 +613,7 @@ async fn converge_view(
     since: Instant,
 ) -> anyhow::Result<ViewResult> {
     let config = super::view::SyncConfig {
-        nats: twopc_participant::outbox::NatsConnect::new(events.nats.clone()),
+        nats: events.nats.clone(),
         stream: events.stream.clone(),
         ..super::view::SyncConfig::new(&events.view_dir)
     };

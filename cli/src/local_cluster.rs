@@ -20,6 +20,8 @@ pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Proc {
     pub name: String,
     pub args: Vec<String>,
+    /// Set in its environment (beside what it inherits).
+    pub env: Vec<(&'static str, std::ffi::OsString)>,
     pub log: PathBuf,
     pub child: Option<Child>,
 }
@@ -29,6 +31,7 @@ impl Proc {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let child = Command::new(exe)
             .args(&self.args)
+            .envs(self.env.iter().map(|(name, value)| (name, value)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -78,6 +81,8 @@ pub struct Spec {
     pub coordinator_args: Vec<String>,
     /// Extra arguments for every `twopc bank`.
     pub bank_args: Vec<String>,
+    /// Set in every `twopc bank`'s environment (NATS credentials).
+    pub bank_env: Vec<(&'static str, std::ffi::OsString)>,
     /// Mutual TLS: certificates for every process are made in `dir/tls` and
     /// this process uses them too (as `admin:cli`).
     pub tls: bool,
@@ -123,6 +128,7 @@ impl LocalCluster {
                     name: format!("coordinator {id}"),
                     args,
                     log: dir.join("logs").join(format!("coordinator-{id}.log")),
+                    env: Vec::new(),
                     child: None,
                 }
             })
@@ -146,7 +152,8 @@ impl LocalCluster {
                 ];
                 args.extend(spec.bank_args.iter().cloned());
                 args.extend(tls_args.iter().cloned());
-                Proc { name: name.clone(), args, log: dir.join("logs").join(format!("{name}.log")), child: None }
+                let log = dir.join("logs").join(format!("{name}.log"));
+                Proc { name: name.clone(), args, log, env: spec.bank_env.clone(), child: None }
             })
             .map(tokio::sync::Mutex::new)
             .collect();

@@ -52,6 +52,26 @@ impl std::fmt::Debug for NatsArgs {
 }
 
 impl NatsArgs {
+    /// These settings as the environment of a child `twopc bank` of a
+    /// local run (`demo`, `bench --local`): secrets go through the
+    /// environment, never a command line other users can read.
+    pub fn child_env(&self) -> Vec<(&'static str, std::ffi::OsString)> {
+        let paths = [
+            ("TWOPC_NATS_CA", &self.nats_ca),
+            ("TWOPC_NATS_CERT", &self.nats_cert),
+            ("TWOPC_NATS_KEY", &self.nats_key),
+            ("TWOPC_NATS_NKEY", &self.nats_nkey),
+        ];
+        let secrets = [
+            ("TWOPC_NATS_TOKEN", &self.nats_token),
+            ("TWOPC_NATS_USER", &self.nats_user),
+            ("TWOPC_NATS_PASSWORD", &self.nats_password),
+        ];
+        let paths = paths.into_iter().filter_map(|(name, path)| Some((name, path.as_ref()?.clone().into_os_string())));
+        let secrets = secrets.into_iter().filter_map(|(name, value)| Some((name, value.as_ref()?.into())));
+        paths.chain(secrets).collect()
+    }
+
     /// The connection to `url` these flags describe, checked: the files
     /// readable, and no plaintext off this machine unless `--insecure`.
     ///

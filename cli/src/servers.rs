@@ -217,8 +217,9 @@ impl EventsArgs {
     /// These flags as arguments of `twopc bank`, for a child bank of a local
     /// run, with this process's `--insecure` (a run against a NATS server
     /// elsewhere). NATS TLS files and credentials are not passed: a child
-    /// inherits them from the environment (`TWOPC_NATS_CA`, ...), where
-    /// secrets belong rather than on a command line.
+    /// gets them in its environment (`TWOPC_NATS_CA`, ...,
+    /// [`crate::nats::NatsArgs::child_env`]), where secrets belong rather
+    /// than on a command line.
     pub fn to_args(&self) -> Vec<String> {
         let Some(url) = &self.events_nats else { return Vec::new() };
         let mut args: Vec<String> = [
@@ -241,8 +242,9 @@ impl EventsArgs {
 ///
 /// # Errors
 /// NATS unreachable, or the stream not deleted.
-pub async fn delete_event_stream(nats: &str, stream: &str) -> anyhow::Result<()> {
-    let client = async_nats::connect(nats).await?;
+pub async fn delete_event_stream(nats: &twopc_participant::outbox::NatsConnect, stream: &str) -> anyhow::Result<()> {
+    let options = nats.options("twopc-cleanup").map_err(|e| anyhow::anyhow!(e))?;
+    let client = options.connect(nats.url.as_str()).await?;
     async_nats::jetstream::new(client).delete_stream(stream).await?;
     Ok(())
 }

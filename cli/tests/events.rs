@@ -307,3 +307,34 @@ async fn the_postgres_bank_publishes_what_its_prepared_transactions_committed() 
     c.nats.delete_stream(&c.stream).await;
     drop(cleanup);
 }
+
+// `bench --local --events` against a NATS server of the test's own that
+// requires TLS, a client certificate and a token, all given to the bench:
+// its banks get them through their environment (their relays create the
+// run's stream), and the bench's own connection deletes that stream at the
+// end. Had either gone without them, the stream would be missing at the
+// end and the bench would warn that it could not delete it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_bench_passes_nats_tls_and_credentials_to_its_banks() {
+    const TEST: &str = "a_local_bench_passes_nats_tls_and_credentials_to_its_banks";
+    use twopc_participant::nats_testing::{SecureNats, ServerAuth, ServerTlsFiles};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (files, (cert, key)) = ServerTlsFiles::write_with_client(dir.path());
+    let Some(server) = SecureNats::start(TEST, dir.path(), &files, ServerAuth::Token("s3cret")).await else { return };
+    let path = |p: &std::path::Path| p.display().to_string();
+    let mut command = tokio::process::Command::new(processes::TWOPC);
+    command
+        .args(["bench", "--local", "--events", "-c", "2", "-d", "2", "--warmup", "0", "--nats", &server.url])
+        .args(["--nats-ca", &path(&files.ca), "--nats-cert", &path(&cert), "--nats-key", &path(&key)])
+        .args(["--nats-token", "s3cret"]);
+    for name in ["TWOPC_NATS_URL", "TWOPC_NATS_CA", "TWOPC_NATS_CERT", "TWOPC_NATS_KEY", "TWOPC_NATS_TOKEN"] {
+        command.env_remove(name);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .expect("the bench ends within 120 s")
+        .expect("run twopc bench");
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("events to NATS"), "{}", stdout(&out));
+    assert!(!stderr(&out).contains("could not delete"), "{}", stderr(&out));
+}

@@ -188,6 +188,36 @@ pub struct ServerTlsFiles {
     pub key: std::path::PathBuf,
 }
 
+impl ServerTlsFiles {
+    /// A CA, a server certificate for localhost and a client certificate,
+    /// as PEM files in `dir`: the server's files, and the client's (cert, key).
+    ///
+    /// # Panics
+    /// When a certificate cannot be made or a file written.
+    pub fn write_with_client(dir: &std::path::Path) -> (Self, (std::path::PathBuf, std::path::PathBuf)) {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let mut ca = CertificateParams::new(Vec::new()).expect("CA params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(DnType::CommonName, "twopc test NATS CA");
+        let ca_key = KeyPair::generate().expect("CA key");
+        let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
+        let issuer = Issuer::new(ca, ca_key);
+        let write = |name: &str, text: String| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).expect("write a PEM file");
+            path
+        };
+        let leaf = |name: &str, hosts: Vec<String>| {
+            let key = KeyPair::generate().expect("key");
+            let cert = CertificateParams::new(hosts).expect("params").signed_by(&key, &issuer).expect("certificate");
+            (write(&format!("{name}.pem"), cert.pem()), write(&format!("{name}.key"), key.serialize_pem()))
+        };
+        let (cert, key) = leaf("server", vec!["localhost".into(), "127.0.0.1".into()]);
+        let client = leaf("client", vec!["nats-client".into()]);
+        (Self { ca: write("ca.pem", ca_cert.pem()), cert, key }, client)
+    }
+}
+
 /// The credentials a [`SecureNats`] requires.
 #[derive(Debug, Clone, Copy)]
 pub enum ServerAuth<'a> {

@@ -297,31 +297,6 @@ async fn a_stream_that_does_not_take_the_subjects_is_named_and_events_wait() {
     stream.nats.delete_stream(&stream.name).await;
 }
 
-/// A CA, a server certificate for localhost and a client certificate, as
-/// PEM files in `dir`: the server's files, and the client's (cert, key).
-fn write_tls_files(dir: &std::path::Path) -> (ServerTlsFiles, (std::path::PathBuf, std::path::PathBuf)) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-    let mut ca = CertificateParams::new(Vec::new()).expect("CA params");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "outbox test CA");
-    let ca_key = KeyPair::generate().expect("CA key");
-    let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
-    let issuer = Issuer::new(ca, ca_key);
-    let write = |name: &str, text: String| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).expect("write a PEM file");
-        path
-    };
-    let leaf = |name: &str, hosts: Vec<String>| {
-        let key = KeyPair::generate().expect("key");
-        let cert = CertificateParams::new(hosts).expect("params").signed_by(&key, &issuer).expect("certificate");
-        (write(&format!("{name}.pem"), cert.pem()), write(&format!("{name}.key"), key.serialize_pem()))
-    };
-    let (cert, key) = leaf("server", vec!["localhost".into(), "127.0.0.1".into()]);
-    let client = leaf("client", vec!["outbox-relay".into()]);
-    (ServerTlsFiles { ca: write("ca.pem", ca_cert.pem()), cert, key }, client)
-}
-
 /// Why connecting with `nats` fails (it must).
 async fn refused(nats: &NatsConnect) -> String {
     let attempt = nats
@@ -340,7 +315,7 @@ async fn refused(nats: &NatsConnect) -> String {
 async fn a_server_that_requires_tls_a_client_certificate_and_a_token_gets_events_only_with_all_three() {
     const TEST: &str = "a_server_that_requires_tls_a_client_certificate_and_a_token_gets_events_only_with_all_three";
     let dir = tempfile::tempdir().expect("tempdir");
-    let (server_files, client_cert) = write_tls_files(dir.path());
+    let (server_files, client_cert) = ServerTlsFiles::write_with_client(dir.path());
     let Some(server) = SecureNats::start(TEST, dir.path(), &server_files, ServerAuth::Token("s3cret")).await else {
         return;
     };
@@ -403,7 +378,7 @@ async fn a_server_that_requires_tls_a_client_certificate_and_a_token_gets_events
 async fn a_server_that_requires_an_nkey_gets_events_only_with_its_seed() {
     const TEST: &str = "a_server_that_requires_an_nkey_gets_events_only_with_its_seed";
     let dir = tempfile::tempdir().expect("tempdir");
-    let (server_files, client_cert) = write_tls_files(dir.path());
+    let (server_files, client_cert) = ServerTlsFiles::write_with_client(dir.path());
     let user = nkeys::KeyPair::new_user();
     let Some(server) =
         SecureNats::start(TEST, dir.path(), &server_files, ServerAuth::NkeyUser(&user.public_key())).await

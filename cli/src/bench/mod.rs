@@ -96,6 +96,9 @@ pub struct BenchArgs {
     /// The NATS server for --events.
     #[arg(long, env = "TWOPC_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats: String,
+    /// TLS and credentials for --events, for the banks and for deleting the run's stream.
+    #[command(flatten)]
+    pub nats_connect: crate::nats::NatsArgs,
     /// With --local: how the coordinators commit one-shot txns, parallel (one durable round) or sequential
     /// (two, one after the other); the report names it. Against a running cluster, its own setting applies.
     #[arg(long, requires = "local", value_parser = crate::servers::parse_commit_protocol)]
@@ -191,6 +194,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
     let banks = args.banks.unwrap_or(args.branches).max(2);
     anyhow::ensure!(banks >= args.branches, "--banks ({banks}) must be at least --branches ({})", args.branches);
     anyhow::ensure!(args.coordinators_count >= 1, "--coordinators-count must be at least 1");
+    // Checked before anything starts: the banks would refuse these settings too.
+    let events_nats = args.events.then(|| args.nats_connect.connect(&args.nats)).transpose()?;
     let temp = tempfile::tempdir()?;
     let dir = args.dir.clone().unwrap_or_else(|| temp.path().to_owned());
     let spec = Spec {
@@ -208,6 +213,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
             .flatten()
             .chain(bench_events(&args))
             .collect(),
+        bank_env: if args.events { args.nats_connect.child_env() } else { Vec::new() },
         tls: args.tls,
     };
     let cluster = LocalCluster::build(&dir, &spec)?;
@@ -230,8 +236,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
         }
     };
     cluster.stop_all().await;
-    if args.events {
-        delete_bench_stream(&args).await;
+    if let Some(nats) = &events_nats {
+        delete_bench_stream(nats).await;
     }
     if args.dir.is_some() && !args.cluster.json {
         println!("data and logs kept in {}", dir.display());
@@ -255,10 +261,10 @@ fn bench_stream() -> String {
 
 /// Removes this run's stream (what the banks had not published is gone
 /// with their data directories).
-async fn delete_bench_stream(args: &BenchArgs) {
+async fn delete_bench_stream(nats: &twopc_participant::outbox::NatsConnect) {
     let stream = bench_stream();
-    if let Err(e) = crate::servers::delete_event_stream(&args.nats, &stream).await {
-        eprintln!("warning: could not delete the bench's stream {stream} at {}: {e}", args.nats);
+    if let Err(e) = crate::servers::delete_event_stream(nats, &stream).await {
+        eprintln!("warning: could not delete the bench's stream {stream} at {}: {e}", nats.shown_url());
     }
 }
 
