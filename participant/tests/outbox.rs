@@ -297,6 +297,43 @@ async fn a_stream_that_does_not_take_the_subjects_is_named_and_events_wait() {
     stream.nats.delete_stream(&stream.name).await;
 }
 
+/// An event participant with one committed event waiting, on a stream and
+/// subject prefix of its own, for a server of a test's own.
+struct OneCommittedEvent {
+    _store: tempfile::TempDir,
+    events: Arc<EventResource>,
+    wake: RelayWake,
+    stream: String,
+    prefix: String,
+}
+
+impl OneCommittedEvent {
+    async fn new(tag: &str) -> Self {
+        let (stream, prefix) = (nats_testing::unique_name(&tag.to_uppercase()), nats_testing::unique_name(tag));
+        let store = tempfile::tempdir().expect("tempdir");
+        let wake = RelayWake::new();
+        let events = resource(&store, limits(), wake.clone()).await;
+        let txn = TxnId::new();
+        let staged = encode_staged(&[OutboxEvent::new(format!("{prefix}.acct"), Bytes::from("x")).expect("subject")]);
+        assert_eq!(events.prepare(txn, staged).await.expect("prepare"), Vote::Yes);
+        events.commit(txn).await.expect("commit");
+        Self { _store: store, events, wake, stream, prefix }
+    }
+
+    /// A relay of this stream, connecting with `nats`, retrying quickly.
+    fn config(&self, nats: NatsConnect) -> RelayConfig {
+        RelayConfig {
+            nats,
+            stream: self.stream.clone(),
+            subjects: vec![format!("{}.>", self.prefix)],
+            retry_max_ms: 200,
+            poll_interval_ms: 100,
+            ack_timeout_ms: 1_000,
+            ..RelayConfig::new("unused")
+        }
+    }
+}
+
 /// Why connecting with `nats` fails (it must).
 async fn refused(nats: &NatsConnect) -> String {
     let attempt = nats
@@ -337,37 +374,21 @@ async fn a_server_that_requires_tls_a_client_certificate_and_a_token_gets_events
     assert!(why.to_lowercase().contains("authorization"), "{why}");
 
     // A relay without the client certificate says why its events wait.
-    let stream_name = nats_testing::unique_name("TLS");
-    let prefix = nats_testing::unique_name("tls");
-    let config = |nats: NatsConnect| RelayConfig {
-        nats,
-        stream: stream_name.clone(),
-        subjects: vec![format!("{prefix}.>")],
-        retry_max_ms: 200,
-        poll_interval_ms: 100,
-        ack_timeout_ms: 1_000,
-        ..RelayConfig::new("unused")
-    };
-    let store = tempfile::tempdir().expect("tempdir");
-    let wake = RelayWake::new();
-    let events = resource(&store, limits(), wake.clone()).await;
-    let txn = TxnId::new();
-    let staged = encode_staged(&[OutboxEvent::new(format!("{prefix}.acct"), Bytes::from("x")).expect("subject")]);
-    assert_eq!(events.prepare(txn, staged).await.expect("prepare"), Vote::Yes);
-    events.commit(txn).await.expect("commit");
-    let relay = Relay::spawn(Arc::clone(&events), wake.clone(), config(no_client_cert)).expect("relay");
+    let one = OneCommittedEvent::new("tls").await;
+    let (events, wake) = (&one.events, &one.wake);
+    let relay = Relay::spawn(Arc::clone(events), wake.clone(), one.config(no_client_cert)).expect("relay");
     let why = last_error(&relay).await;
     assert!(why.contains("connecting to NATS at tls://localhost"), "{why}");
     assert_eq!(events.waiting().await.expect("waiting"), 1, "the event waits");
     drop(relay);
 
     // With all three, it goes out once.
-    let relay = Relay::spawn(Arc::clone(&events), wake, config(full.clone())).expect("relay");
-    settle(&events).await;
+    let relay = Relay::spawn(Arc::clone(events), wake.clone(), one.config(full.clone())).expect("relay");
+    settle(events).await;
     assert_eq!(relay.stats().published.load(Ordering::Relaxed), 1);
     let client =
         full.options("outbox-test").expect("options").connect(full.url.as_str()).await.expect("connect with all three");
-    let mut stream = async_nats::jetstream::new(client).get_stream(&stream_name).await.expect("the relay's stream");
+    let mut stream = async_nats::jetstream::new(client).get_stream(&one.stream).await.expect("the relay's stream");
     assert_eq!(stream.info().await.expect("stream info").state.messages, 1);
 }
 
@@ -410,25 +431,8 @@ async fn a_server_that_requires_an_nkey_gets_events_only_with_its_seed() {
     assert!(why.to_lowercase().contains("authorization"), "{why}");
     assert!(!refused(&with(NatsAuth::None)).await.is_empty(), "no credentials, refused");
 
-    let stream_name = nats_testing::unique_name("NKEY");
-    let prefix = nats_testing::unique_name("nkey");
-    let store = tempfile::tempdir().expect("tempdir");
-    let wake = RelayWake::new();
-    let events = resource(&store, limits(), wake.clone()).await;
-    let txn = TxnId::new();
-    let staged = encode_staged(&[OutboxEvent::new(format!("{prefix}.acct"), Bytes::from("x")).expect("subject")]);
-    assert_eq!(events.prepare(txn, staged).await.expect("prepare"), Vote::Yes);
-    events.commit(txn).await.expect("commit");
-    let config = RelayConfig {
-        nats: right,
-        stream: stream_name,
-        subjects: vec![format!("{prefix}.>")],
-        retry_max_ms: 200,
-        poll_interval_ms: 100,
-        ack_timeout_ms: 1_000,
-        ..RelayConfig::new("unused")
-    };
-    let relay = Relay::spawn(Arc::clone(&events), wake, config).expect("relay");
-    settle(&events).await;
+    let one = OneCommittedEvent::new("nkey").await;
+    let relay = Relay::spawn(Arc::clone(&one.events), one.wake.clone(), one.config(right)).expect("relay");
+    settle(&one.events).await;
     assert_eq!(relay.stats().published.load(Ordering::Relaxed), 1);
 }
