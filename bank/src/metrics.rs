@@ -48,7 +48,11 @@ impl BankMetrics {
                     "Events the stream acknowledged as repeats (dropped by de-duplication).",
                     c(&relay.duplicates),
                 ),
-                ("twopc_outbox_batches_total", "Batches of events published.", c(&relay.batches)),
+                (
+                    "twopc_outbox_batches_total",
+                    "Batches of events published (at least one acknowledged).",
+                    c(&relay.batches),
+                ),
                 (
                     "twopc_outbox_failures_total",
                     "Relay attempts that failed (NATS unreachable, no PubAck, the store) and were retried.",

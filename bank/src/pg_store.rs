@@ -394,7 +394,9 @@ impl PgStore {
         let table = &self.resource.branch().event_history;
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg)?;
-        // The lock orders two banks opening the same schema at once.
+        // Once the table exists, the lock orders two banks opening the same
+        // schema at once (creating it concurrently can still fail, as any
+        // CREATE TABLE IF NOT EXISTS can; the next start succeeds).
         tx.batch_execute(&format!(
             "CREATE TABLE IF NOT EXISTS {table} (fact text PRIMARY KEY, value bigint NOT NULL);
              LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE"

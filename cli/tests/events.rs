@@ -327,7 +327,7 @@ async fn a_local_bench_passes_nats_tls_and_credentials_to_its_banks() {
         .args(["bench", "--local", "--events", "-c", "2", "-d", "2", "--warmup", "0", "--nats", &server.url])
         .args(["--nats-ca", &path(&files.ca), "--nats-cert", &path(&cert), "--nats-key", &path(&key)])
         .args(["--nats-token", "s3cret"]);
-    for name in ["TWOPC_NATS_URL", "TWOPC_NATS_CA", "TWOPC_NATS_CERT", "TWOPC_NATS_KEY", "TWOPC_NATS_TOKEN"] {
+    for name in processes::NATS_ENV {
         command.env_remove(name);
     }
     let out = tokio::time::timeout(Duration::from_secs(120), command.output())

@@ -182,7 +182,11 @@ fn a_bank_refuses_to_send_events_in_plaintext_off_this_machine_or_with_a_missing
         let mut command = std::process::Command::new(processes::TWOPC);
         let bank = ["bank", "--name", "bank-a", "--listen", "127.0.0.1:0", "--coordinators", "127.0.0.1:1"];
         command.args(bank).args(["--data-dir", &data]).args(extra);
-        command.env_remove("TWOPC_TLS_DIR").env_remove("TWOPC_NATS_CA").output().expect("run twopc")
+        command.env_remove("TWOPC_TLS_DIR");
+        for name in processes::NATS_ENV.iter().filter(|name| **name != "TWOPC_NATS_URL") {
+            command.env_remove(name);
+        }
+        command.output().expect("run twopc")
     };
     let out = run(&["--events-nats", "nats://10.1.2.3:4222"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));

@@ -236,6 +236,9 @@ pub struct SecureNats {
     /// Its URL, `tls://localhost:PORT`.
     pub url: String,
     child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+    tls: ServerTlsFiles,
 }
 
 impl SecureNats {
@@ -249,20 +252,7 @@ impl SecureNats {
     pub async fn start(test: &str, dir: &std::path::Path, tls: &ServerTlsFiles, auth: ServerAuth<'_>) -> Option<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
         let config = dir.join("nats-server.conf");
-        let authorization = match auth {
-            ServerAuth::Token(token) => format!("authorization {{ token: {token:?} }}"),
-            ServerAuth::NkeyUser(public) => format!("authorization {{ users = [ {{ nkey: {public:?} }} ] }}"),
-        };
-        let text = format!(
-            "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {store:?} }}\n\
-             tls {{ cert_file: {cert:?}, key_file: {key:?}, ca_file: {ca:?}, verify: true, timeout: 2 }}\n\
-             {authorization}\n",
-            store = dir.join("jetstream"),
-            cert = tls.cert,
-            key = tls.key,
-            ca = tls.ca,
-        );
-        std::fs::write(&config, text).expect("write the server's config");
+        write_config(&config, port, dir, tls, auth);
         let binaries = std::env::var("TWOPC_NATS_SERVER")
             .map_or_else(|_| vec!["nats-server".to_owned(), "/usr/sbin/nats-server".to_owned()], |bin| vec![bin]);
         let log = std::fs::File::create(dir.join("nats-server.log")).expect("the server's log");
@@ -283,7 +273,8 @@ impl SecureNats {
             eprintln!("SKIPPED {test}: {why}");
             return None;
         };
-        let server = Self { url: format!("tls://localhost:{port}"), child };
+        let server =
+            Self { url: format!("tls://localhost:{port}"), child, port, dir: dir.to_owned(), tls: tls.clone() };
         let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
         while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
             let log = std::fs::read_to_string(dir.join("nats-server.log")).unwrap_or_default();
@@ -292,6 +283,48 @@ impl SecureNats {
         }
         Some(server)
     }
+}
+
+impl SecureNats {
+    /// Makes the server require `auth` from now on: rewrites its config and
+    /// has it reload (SIGHUP), which closes connections `auth` no longer
+    /// admits.
+    ///
+    /// # Panics
+    /// When the config cannot be written or the signal sent.
+    pub fn reload(&self, auth: ServerAuth<'_>) {
+        write_config(&self.dir.join("nats-server.conf"), self.port, &self.dir, &self.tls, auth);
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .expect("run kill -HUP");
+        assert!(status.success(), "kill -HUP {} failed", self.child.id());
+    }
+}
+
+/// Writes a [`SecureNats`] config: JetStream under `dir`, TLS verifying
+/// clients, and `auth`.
+fn write_config(
+    config: &std::path::Path,
+    port: u16,
+    dir: &std::path::Path,
+    tls: &ServerTlsFiles,
+    auth: ServerAuth<'_>,
+) {
+    let authorization = match auth {
+        ServerAuth::Token(token) => format!("authorization {{ token: {token:?} }}"),
+        ServerAuth::NkeyUser(public) => format!("authorization {{ users = [ {{ nkey: {public:?} }} ] }}"),
+    };
+    let text = format!(
+        "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {store:?} }}\n\
+         tls {{ cert_file: {cert:?}, key_file: {key:?}, ca_file: {ca:?}, verify: true, timeout: 2 }}\n\
+         {authorization}\n",
+        store = dir.join("jetstream"),
+        cert = tls.cert,
+        key = tls.key,
+        ca = tls.ca,
+    );
+    std::fs::write(config, text).expect("write the server's config");
 }
 
 impl Drop for SecureNats {

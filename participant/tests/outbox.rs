@@ -4,7 +4,10 @@
 //! once, an aborted branch's never, events committed while the relay was
 //! away go out after a restart, and a server that goes away only delays
 //! them, within the outbox's bound. A server that requires TLS, client
-//! certificates and a token gets events only from a relay that has all three.
+//! certificates and a token gets events only from a relay that has all three;
+//! one that requires an NKey, only with its seed, rotated without a restart.
+//! The relay gathers events for `linger_ms` after a wake, and not after a
+//! full batch.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -172,21 +175,50 @@ async fn events_committed_while_the_relay_lingers_go_out_in_one_batch() {
     let events = resource(&dir, limits(), wake.clone()).await;
     let config = RelayConfig { linger_ms: 1_000, ..stream.relay_config(&stream.nats.url) };
     let relay = Relay::spawn(Arc::clone(&events), wake, config).expect("relay");
-    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !relay.stats().healthy.load(Ordering::Relaxed) {
-        assert!(tokio::time::Instant::now() < give_up, "the relay did not connect within 20 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let commit = |txn: TxnId| {
+        let (events, staged) = (Arc::clone(&events), stream.events(txn, 1));
+        async move {
+            assert_eq!(events.prepare(txn, staged).await.expect("prepare"), Vote::Yes);
+            events.commit(txn).await.expect("commit");
+        }
+    };
+    // One event out first, so the relay is connected and back to waiting.
+    commit(TxnId::new()).await;
+    settle(&events).await;
+    assert_eq!(relay.stats().batches.load(Ordering::Relaxed), 1);
     // Five commits, each waking the relay, well within one linger.
-    let txns: Vec<TxnId> = (0..5).map(|_| TxnId::new()).collect();
-    for txn in &txns {
-        assert_eq!(events.prepare(*txn, stream.events(*txn, 1)).await.expect("prepare"), Vote::Yes);
-        events.commit(*txn).await.expect("commit");
+    for _ in 0..5 {
+        commit(TxnId::new()).await;
     }
     settle(&events).await;
-    assert_eq!(stream.ids(5).await.len(), 5);
-    assert_eq!(relay.stats().published.load(Ordering::Relaxed), 5);
-    assert_eq!(relay.stats().batches.load(Ordering::Relaxed), 1, "five commits, one batch");
+    assert_eq!(stream.ids(6).await.len(), 6);
+    assert_eq!(relay.stats().published.load(Ordering::Relaxed), 6);
+    assert_eq!(relay.stats().batches.load(Ordering::Relaxed), 2, "five commits, one batch");
+    stream.nats.delete_stream(&stream.name).await;
+}
+
+// A full batch has more behind it: the relay reads the next at once rather
+// than linger, so a backlog drains at full speed. Five events, batches of
+// two and a linger of a second: three batches, one linger (before the
+// first); lingering before each would take three seconds.
+#[tokio::test]
+async fn after_a_full_batch_the_relay_reads_the_next_at_once() {
+    let Some(stream) = Stream::new("after_a_full_batch_the_relay_reads_the_next_at_once").await else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wake = RelayWake::new();
+    let events = resource(&dir, limits(), wake.clone()).await;
+    for _ in 0..5 {
+        let txn = TxnId::new();
+        assert_eq!(events.prepare(txn, stream.events(txn, 1)).await.expect("prepare"), Vote::Yes);
+        events.commit(txn).await.expect("commit");
+    }
+    let config = RelayConfig { linger_ms: 1_000, batch_max: 2, ..stream.relay_config(&stream.nats.url) };
+    let started = tokio::time::Instant::now();
+    let relay = Relay::spawn(Arc::clone(&events), wake, config).expect("relay");
+    settle(&events).await;
+    let took = started.elapsed();
+    assert_eq!(relay.stats().batches.load(Ordering::Relaxed), 3);
+    assert!(took < Duration::from_millis(2_500), "five events in batches of two took {took:?}: a linger per batch");
     stream.nats.delete_stream(&stream.name).await;
 }
 
@@ -313,11 +345,17 @@ impl OneCommittedEvent {
         let store = tempfile::tempdir().expect("tempdir");
         let wake = RelayWake::new();
         let events = resource(&store, limits(), wake.clone()).await;
+        let one = Self { _store: store, events, wake, stream, prefix };
+        one.commit_another().await;
+        one
+    }
+
+    /// Commits one more event.
+    async fn commit_another(&self) {
         let txn = TxnId::new();
-        let staged = encode_staged(&[OutboxEvent::new(format!("{prefix}.acct"), Bytes::from("x")).expect("subject")]);
-        assert_eq!(events.prepare(txn, staged).await.expect("prepare"), Vote::Yes);
-        events.commit(txn).await.expect("commit");
-        Self { _store: store, events, wake, stream, prefix }
+        let event = OutboxEvent::new(format!("{}.acct", self.prefix), Bytes::from("x")).expect("subject");
+        assert_eq!(self.events.prepare(txn, encode_staged(&[event])).await.expect("prepare"), Vote::Yes);
+        self.events.commit(txn).await.expect("commit");
     }
 
     /// A relay of this stream, connecting with `nats`, retrying quickly.
@@ -435,4 +473,14 @@ async fn a_server_that_requires_an_nkey_gets_events_only_with_its_seed() {
     let relay = Relay::spawn(Arc::clone(&one.events), one.wake.clone(), one.config(right)).expect("relay");
     settle(&one.events).await;
     assert_eq!(relay.stats().published.load(Ordering::Relaxed), 1);
+
+    // The seed rotated: the file first, then the server, which drops the
+    // connection signed by the old one. The relay's reconnection reads the
+    // file again, so the next event goes out without a restart.
+    let rotated = nkeys::KeyPair::new_user();
+    seed_file("user.nk", &rotated.seed().expect("seed"));
+    server.reload(ServerAuth::NkeyUser(&rotated.public_key()));
+    one.commit_another().await;
+    settle(&one.events).await;
+    assert_eq!(relay.stats().published.load(Ordering::Relaxed), 2);
 }

@@ -13,6 +13,19 @@ use twopc_proto::pb::bank_client::BankClient;
 
 /// The binary under test.
 pub const TWOPC: &str = env!("CARGO_BIN_EXE_twopc");
+
+/// Every environment variable `twopc` reads NATS settings from: a test that
+/// gives its own removes them, so a developer's shell cannot change it.
+pub const NATS_ENV: [&str; 8] = [
+    "TWOPC_NATS_URL",
+    "TWOPC_NATS_CA",
+    "TWOPC_NATS_CERT",
+    "TWOPC_NATS_KEY",
+    "TWOPC_NATS_TOKEN",
+    "TWOPC_NATS_USER",
+    "TWOPC_NATS_PASSWORD",
+    "TWOPC_NATS_NKEY",
+];
 /// How long the tests wait for processes to come up or settle: a bound,
 /// polled. Eight clusters of five processes start at once in one test
 /// binary on two cores, and one took longer than 30 s to register.

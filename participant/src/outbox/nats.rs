@@ -125,8 +125,8 @@ impl NatsConnect {
         if self.url.contains('@') {
             return Err(format!(
                 "NATS URL {}: credentials do not go in the URL, which logs and process lists show; give them \
-                 with a token or a user and password (twopc: --nats-token, or --nats-user with \
-                 TWOPC_NATS_PASSWORD)",
+                 as a token, a user and password, or an NKey seed file (twopc: --nats-token, --nats-user \
+                 with TWOPC_NATS_PASSWORD, or --nats-nkey)",
                 self.shown_url()
             ));
         }
@@ -155,10 +155,22 @@ impl NatsConnect {
     /// server's connection list shows it).
     ///
     /// # Errors
-    /// An NKey seed file that cannot be read or holds no user seed (it is
-    /// read here, at each connection).
+    /// An NKey seed file that cannot be read or holds no user seed. It is
+    /// read here, and again at each reconnection, so a seed rotated in the
+    /// file is used from the next one on.
     pub fn options(&self, name: &str) -> Result<async_nats::ConnectOptions, String> {
-        let mut options = async_nats::ConnectOptions::new().name(name).require_tls(self.requires_tls());
+        let mut options = match &self.auth {
+            NatsAuth::NkeySeedFile(path) => {
+                read_user_seed(path)?;
+                let path = path.clone();
+                async_nats::ConnectOptions::with_auth_callback(move |nonce| {
+                    let signed = sign_with_seed_file(&path, &nonce);
+                    async move { signed }
+                })
+            }
+            _ => async_nats::ConnectOptions::new(),
+        };
+        options = options.name(name).require_tls(self.requires_tls());
         if !self.requires_tls() {
             // Plaintext was allowed for the hosts named; servers the cluster
             // announces may be elsewhere.
@@ -171,12 +183,22 @@ impl NatsConnect {
             options = options.add_client_certificate(cert.clone(), key.clone());
         }
         Ok(match &self.auth {
-            NatsAuth::None => options,
+            NatsAuth::None | NatsAuth::NkeySeedFile(_) => options,
             NatsAuth::Token(token) => options.token(token.clone()),
             NatsAuth::UserPassword { user, password } => options.user_and_password(user.clone(), password.clone()),
-            NatsAuth::NkeySeedFile(path) => options.nkey(read_user_seed(path)?),
         })
     }
+}
+
+/// The NKey answer to a server's challenge `nonce`: the public key of the
+/// seed in the file at `path` (read now) and the nonce signed with it.
+fn sign_with_seed_file(path: &std::path::Path, nonce: &[u8]) -> Result<async_nats::Auth, async_nats::AuthError> {
+    let seed = read_user_seed(path).map_err(async_nats::AuthError::new)?;
+    let pair = nkeys::KeyPair::from_seed(&seed).map_err(|e| async_nats::AuthError::new(format!("NKey seed: {e}")))?;
+    let mut auth = async_nats::Auth::new();
+    auth.signature = Some(pair.sign(nonce).map_err(|e| async_nats::AuthError::new(format!("NKey signature: {e}")))?);
+    auth.nkey = Some(pair.public_key());
+    Ok(auth)
 }
 
 /// The NKey user seed in the file at `path`, checked; errors name the file,

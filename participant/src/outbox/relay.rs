@@ -175,8 +175,8 @@ pub struct RelayStats {
     pub published: AtomicU64,
     /// Events the stream acknowledged as repeats (dropped by de-duplication).
     pub duplicates: AtomicU64,
-    /// Batches published (events acknowledged per batch is
-    /// `(published + duplicates) / batches`; see `linger_ms`).
+    /// Batches published with at least one event acknowledged (events per
+    /// batch is `(published + duplicates) / batches`; see `linger_ms`).
     pub batches: AtomicU64,
     /// Batches that failed (no connection, a timeout, the store) and were retried.
     pub failures: AtomicU64,
@@ -298,8 +298,9 @@ async fn run<S: OutboxSource>(source: Arc<S>, wake: RelayWake, config: RelayConf
         }
         match failure {
             Some(why) => retry.failed(why).await,
-            // Look again at once: a full batch may have more behind it, and
-            // an empty read waits for the next wake.
+            // Look again: at once after a full batch (more may be behind
+            // it), after the linger otherwise; an empty read waits for the
+            // next wake.
             None => retry.succeeded(),
         }
     }
@@ -392,7 +393,9 @@ async fn publish(
             Err(_) => failure = failure.or(Some(format!("no PubAck within {deadline:?}"))),
         }
     }
-    stats.batches.fetch_add(1, Ordering::Relaxed);
+    if !acked.is_empty() {
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+    }
     debug!(acked = acked.len(), failed = failure.is_some(), "outbox relay: batch published");
     (acked, failure)
 }
