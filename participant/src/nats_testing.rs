@@ -288,17 +288,27 @@ impl SecureNats {
 impl SecureNats {
     /// Makes the server require `auth` from now on: rewrites its config and
     /// has it reload (SIGHUP), which closes connections `auth` no longer
-    /// admits.
+    /// admits; returns once the server's log says it reloaded.
     ///
     /// # Panics
-    /// When the config cannot be written or the signal sent.
-    pub fn reload(&self, auth: ServerAuth<'_>) {
+    /// When the config cannot be written, the signal sent, or the reload is
+    /// not logged within 10 s.
+    pub async fn reload(&self, auth: ServerAuth<'_>) {
+        const RELOADED: &str = "Reloaded server configuration";
+        let log = self.dir.join("nats-server.log");
+        let reloads = || std::fs::read_to_string(&log).unwrap_or_default().matches(RELOADED).count();
+        let before = reloads();
         write_config(&self.dir.join("nats-server.conf"), self.port, &self.dir, &self.tls, auth);
         let status = std::process::Command::new("kill")
             .args(["-HUP", &self.child.id().to_string()])
             .status()
             .expect("run kill -HUP");
         assert!(status.success(), "kill -HUP {} failed", self.child.id());
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
+        while reloads() == before {
+            assert!(tokio::time::Instant::now() < give_up, "nats-server did not log {RELOADED:?} within 10 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
