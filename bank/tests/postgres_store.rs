@@ -284,8 +284,8 @@ async fn the_outbox_counts_the_events_that_wait() {
 }
 
 // As the embedded store: a bank on PostgreSQL says when its event stream
-// misses part of its history (an account opened before events were turned
-// on, a run with them off since), and a bank with events on from the start
+// misses part of its history (an account opened and a branch prepared
+// before events were turned on, a run with them off since), and a bank with events on from the start
 // misses nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_bank_says_when_its_event_stream_misses_part_of_its_history() {
@@ -303,10 +303,13 @@ async fn a_postgres_bank_says_when_its_event_stream_misses_part_of_its_history()
     let late = Bank::new(&db);
     let store = open_with(&late, false).await;
     store.create_account(name("alice"), 100).await.expect("create alice");
+    let held = TxnId::new();
+    assert_eq!(store.prepare(held, debit("alice", 10)).await.expect("prepare"), Vote::Yes);
     drop(store);
     let store = open_with(&late, true).await;
     let missed = store.events_missed().expect("alice opened before events").to_owned();
-    assert!(missed.contains("1 accounts and prepared branches were there before events"), "{missed}");
+    assert!(missed.contains("2 accounts and prepared branches were there before events"), "{missed}");
+    store.abort(held).await.expect("abort");
     drop(store);
     let store = open_with(&late, true).await;
     assert_eq!(store.events_missed(), Some(missed.as_str()), "said at every open");
