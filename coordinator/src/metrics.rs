@@ -141,6 +141,12 @@ pub fn render(status: &NodeStatus, engine: &EngineMetrics, phases: &PhaseLatenci
     );
     counter(
         &mut out,
+        "twopc_ack_entries_total",
+        "Acknowledge entries logged; decisions delivered per entry is twopc_decisions_delivered_total over this.",
+        c(&engine.ack_entries),
+    );
+    counter(
+        &mut out,
         "twopc_delivery_retries_total",
         "Decide calls that failed and will be retried.",
         c(&engine.delivery_retries),

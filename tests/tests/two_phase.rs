@@ -746,3 +746,37 @@ async fn a_participant_not_named_in_the_decided_record_aborts_its_branch() -> an
     assert_eq!(resolve(&s.client, both).await?.decision, pb::Decision::Commit as i32, "bank-a is named");
     s.cluster.stop().await
 }
+
+/// Counter `name` in node `id`'s metrics.
+fn counter(cluster: &Cluster, id: u64, name: &str) -> anyhow::Result<u64> {
+    let text = cluster.metrics(id).ok_or_else(|| anyhow::anyhow!("node {id} is not running"))?;
+    let prefix = format!("{name} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str())?.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no {name} in node {id}'s metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledgements_that_arrive_while_one_lingers_share_its_entry() -> anyhow::Result<()> {
+    // §5 step 5: an Acknowledge entry gathers for ack_linger_ms after its
+    // first acknowledgement, so five txns committed one after another, two
+    // branches each, log their ten acknowledgements in a few entries, not
+    // one or two per txn.
+    let s = setup(5_000, Box::new(|config| config.engine.ack_linger_ms = 1_000)).await?;
+    let leader = s.cluster.wait_for_leader().await?;
+    for _ in 0..5 {
+        let txn = TxnId::new();
+        let response = submit(&s.client, request(txn, &[("bank-a", "debit"), ("bank-b", "credit")])).await?;
+        assert_eq!(response.decision, pb::Decision::Commit as i32);
+    }
+    let delivered =
+        || async { (counter(&s.cluster, leader, "twopc_decisions_delivered_total").ok()? >= 10).then_some(()) };
+    wait::until("ten acknowledgements counted", SETTLE, delivered).await?;
+    let entries = || async {
+        let entries = counter(&s.cluster, leader, "twopc_ack_entries_total").ok()?;
+        (entries > 0).then_some(entries)
+    };
+    let entries = wait::until("the acknowledgements logged", SETTLE, entries).await?;
+    assert!(entries <= 2, "ten acknowledgements took {entries} entries");
+    s.cluster.stop().await
+}

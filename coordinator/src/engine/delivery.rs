@@ -5,8 +5,10 @@
 //! so a participant that is down backs off alone and never slows the others.
 //! A worker sends what is due in one DecideBatch call and, while it waits,
 //! lets the next batch gather: under load a call carries many decisions.
-//! Acknowledgements are logged in batches by one task; a batch is proposed as
-//! soon as the previous one is applied, so batches grow with load.
+//! Acknowledgements are logged in batches by one task; a batch gathers for
+//! `ack_linger_ms` after its first acknowledgement (so a txn's branches, and
+//! at low load several txns, share one entry), and is proposed once the
+//! previous one is applied, so batches grow with load.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -47,6 +49,7 @@ struct Shared<P> {
     batch_max: usize,
     delivered: AtomicU64,
     retries: AtomicU64,
+    ack_entries: Arc<AtomicU64>,
 }
 
 #[derive(Default)]
@@ -109,9 +112,12 @@ impl<P: ParticipantClient> Delivery<P> {
             batch_max: config.delivery_batch_max,
             delivered: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            ack_entries: Arc::new(AtomicU64::new(0)),
         });
         let ack_config = AckConfig {
             batch_max: config.ack_batch_max,
+            linger: Duration::from_millis(config.ack_linger_ms),
+            entries: Arc::clone(&shared.ack_entries),
             backoff_min_ms: config.delivery_backoff_min_ms,
             backoff_max_ms: config.delivery_backoff_max_ms,
             clock: config.clock.clone(),
@@ -129,9 +135,11 @@ impl<P: ParticipantClient> Delivery<P> {
         self.stop.send_replace(true);
     }
 
-    /// (decisions acknowledged, failed attempts) since the last call.
-    pub(super) fn take_delivered(&self) -> (u64, u64) {
-        (self.shared.delivered.swap(0, Ordering::Relaxed), self.shared.retries.swap(0, Ordering::Relaxed))
+    /// (decisions acknowledged, failed attempts, Acknowledge entries
+    /// logged) since the last call.
+    pub(super) fn take_delivered(&self) -> (u64, u64, u64) {
+        let take = |counter: &AtomicU64| counter.swap(0, Ordering::Relaxed);
+        (take(&self.shared.delivered), take(&self.shared.retries), take(&self.shared.ack_entries))
     }
 
     /// Queues the record's unacknowledged branches for delivery.
@@ -253,9 +261,20 @@ async fn log_acks(
             };
             batch.push(first);
         }
+        // Gather until the batch is full or the first one has lingered.
+        let linger_until = Instant::now() + config.linger;
         while batch.len() < config.batch_max {
-            let Ok(ack) = acks.try_recv() else { break };
-            batch.push(ack);
+            if let Ok(ack) = acks.try_recv() {
+                batch.push(ack);
+                continue;
+            }
+            tokio::select! {
+                ack = tokio::time::timeout_at(linger_until, acks.recv()) => match ack {
+                    Ok(Some(ack)) => batch.push(ack),
+                    Ok(None) | Err(_) => break,
+                },
+                _ = stop.changed() => return,
+            }
         }
         let result = if crate::failpoint::fired(crate::failpoint::ACKS_BEFORE_PROPOSE, || batch[0].0.to_string()) {
             Err(crate::Error::Overloaded("failpoint delivery::acks::before_propose".into()))
@@ -265,6 +284,7 @@ async fn log_acks(
         };
         match result {
             Ok(_) => {
+                config.entries.fetch_add(1, Ordering::Relaxed);
                 batch.clear();
                 failures = 0;
             }
@@ -292,6 +312,10 @@ async fn log_acks(
 /// What the acknowledgement logger needs from the engine's config.
 struct AckConfig {
     batch_max: usize,
+    /// How long a batch gathers after its first acknowledgement.
+    linger: Duration,
+    /// Counts the Acknowledge entries logged.
+    entries: Arc<AtomicU64>,
     backoff_min_ms: u64,
     backoff_max_ms: u64,
     clock: Clock,

@@ -116,6 +116,8 @@ pub struct EngineMetrics {
     pub resolved: AtomicU64,
     /// Txns aborted by Resolve finding no record (presumed abort).
     pub presumed_aborts: AtomicU64,
+    /// Acknowledge entries logged (a batch of acknowledgements each).
+    pub ack_entries: AtomicU64,
     /// Decisions acknowledged by participants.
     pub delivered: AtomicU64,
     /// Failed Decide calls that will be retried.
@@ -1170,6 +1172,7 @@ impl<P: ParticipantClient> Engine<P> {
             let delivered = d.take_delivered();
             self.inner.metrics.delivered.fetch_add(delivered.0, Ordering::Relaxed);
             self.inner.metrics.delivery_retries.fetch_add(delivered.1, Ordering::Relaxed);
+            self.inner.metrics.ack_entries.fetch_add(delivered.2, Ordering::Relaxed);
         }
     }
 
