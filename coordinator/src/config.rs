@@ -205,6 +205,14 @@ pub struct EngineConfig {
     /// one Decisions entry (more wait for the next, proposed as soon as the
     /// previous is applied, §13.2). Default: 1024.
     pub decision_batch_max: usize,
+    /// Under parallel commit, how long the first explicit decision of a
+    /// Decisions entry waits for others before the entry is proposed (at
+    /// most 1 000; 0 proposes at once). Off the critical path (the client
+    /// has its answer): the entries, and the Decide calls and acknowledgements
+    /// that follow them, stop competing with the next txns' Staged entries at
+    /// low load; a txn's participants hear its decision up to this much
+    /// later. Default: 10 ms.
+    pub decision_linger_ms: u64,
     /// Staged txns the leader settles by status recovery at once (§13.3);
     /// more wait for the next scan. Default: 64.
     pub staged_recovery_max: usize,
@@ -239,6 +247,7 @@ impl Default for EngineConfig {
             begun_scan_interval_ms: 100,
             commit_protocol: CommitProtocol::Parallel,
             decision_batch_max: 1024,
+            decision_linger_ms: 10,
             staged_recovery_max: 64,
             clock: Clock::system(),
         }
@@ -323,6 +332,9 @@ impl EngineConfig {
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return bad(format!("{name} must be greater than zero"));
+        }
+        if self.decision_linger_ms > 1_000 {
+            return bad(format!("decision_linger_ms ({}) must be at most 1000", self.decision_linger_ms));
         }
         if self.ack_linger_ms > 1_000 {
             return bad(format!("ack_linger_ms ({}) must be at most 1000", self.ack_linger_ms));

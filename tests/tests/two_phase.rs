@@ -780,3 +780,33 @@ async fn acknowledgements_that_arrive_while_one_lingers_share_its_entry() -> any
     assert!(entries <= 2, "ten acknowledgements took {entries} entries");
     s.cluster.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_commits_at_low_load_share_one_decisions_entry() -> anyhow::Result<()> {
+    // §13.2: an explicit decision that starts a Decisions entry waits
+    // decision_linger_ms for others, so five parallel commits one after
+    // another log five Staged entries, one Decisions entry and one
+    // Acknowledge entry, where without the wait each would log its own
+    // Decisions entry (eleven or more entries).
+    let s = setup(
+        5_000,
+        Box::new(|config| {
+            config.engine.decision_linger_ms = 1_000;
+            config.engine.ack_linger_ms = 1_000;
+        }),
+    )
+    .await?;
+    let leader = s.cluster.wait_for_leader().await?;
+    let before = s.cluster.node(leader).status().applied_index;
+    let txns: Vec<TxnId> = (0..5).map(|_| TxnId::new()).collect();
+    for txn in &txns {
+        let response = submit(&s.client, request(*txn, &[("bank-a", "debit"), ("bank-b", "credit")])).await?;
+        assert_eq!(response.decision, pb::Decision::Commit as i32);
+    }
+    for txn in &txns {
+        wait::finished(&s.client, *txn, SETTLE).await?;
+    }
+    let entries = s.cluster.node(leader).status().applied_index - before;
+    assert!(entries <= 8, "five parallel commits took {entries} entries");
+    s.cluster.stop().await
+}

@@ -419,8 +419,9 @@ impl<P: ParticipantClient> Engine<P> {
     pub fn new(node: NodeHandle, config: EngineConfig, client: P) -> Result<Self> {
         config.validate()?;
         let batch_max = config.decision_batch_max;
-        let staging = EntryBatcher::new(batch_max, config.clock.clone(), Command::Staged);
-        let decisions = EntryBatcher::new(batch_max, config.clock.clone(), Command::Decisions);
+        let staging = EntryBatcher::new(batch_max, config.clock.clone(), Command::Staged, Duration::ZERO);
+        let linger = Duration::from_millis(config.decision_linger_ms);
+        let decisions = EntryBatcher::new(batch_max, config.clock.clone(), Command::Decisions, linger);
         Ok(Self {
             inner: Arc::new(Inner {
                 node,

@@ -315,12 +315,16 @@ fn implicit_commit(commit: &DecideCmd, now_unix_ms: u64) -> TxnRecord {
 /// Gathers many txns' commands into one log entry (docs/PROTOCOL.md §13.2):
 /// one entry is proposed at a time, and what arrives meanwhile goes in the
 /// next, up to `batch_max`, the way acknowledgements are. At one client each
-/// entry carries one txn and waits for nothing; under load the log grows by
-/// an entry per batch, not per txn. Used for Staged entries and for the
-/// explicit decisions (Decisions entries) of parallel commits.
+/// entry carries one txn and, without a linger, waits for nothing; under load
+/// the log grows by an entry per batch, not per txn. Used for Staged entries
+/// (no linger: they are on the critical path) and for the explicit decisions
+/// (Decisions entries) of parallel commits, which linger
+/// (`decision_linger_ms`) so that at low load several txns share one.
 pub(super) struct EntryBatcher<I> {
     batch_max: usize,
     clock: twopc_proto::Clock,
+    /// How long a caller that starts an entry waits for others first.
+    linger: Duration,
     /// The entry for a batch of items.
     entry: fn(Vec<I>) -> Command,
     state: Mutex<BatcherState<I>>,
@@ -332,10 +336,16 @@ struct BatcherState<I> {
 }
 
 impl<I: Send + 'static> EntryBatcher<I> {
-    pub(super) fn new(batch_max: usize, clock: twopc_proto::Clock, entry: fn(Vec<I>) -> Command) -> Arc<Self> {
+    pub(super) fn new(
+        batch_max: usize,
+        clock: twopc_proto::Clock,
+        entry: fn(Vec<I>) -> Command,
+        linger: Duration,
+    ) -> Arc<Self> {
         Arc::new(Self {
             batch_max,
             clock,
+            linger,
             entry,
             state: Mutex::new(BatcherState { waiting: Vec::new(), proposing: false }),
         })
@@ -352,6 +362,9 @@ impl<I: Send + 'static> EntryBatcher<I> {
             state.waiting.push((item, reply));
             !std::mem::replace(&mut state.proposing, true)
         };
+        if start && !self.linger.is_zero() {
+            tokio::time::sleep(self.linger).await;
+        }
         if start && self.propose_batch(node).await {
             tokio::spawn(Arc::clone(self).propose_until_drained(node.clone()));
         }
