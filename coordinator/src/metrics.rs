@@ -171,7 +171,12 @@ pub fn render(status: &NodeStatus, engine: &EngineMetrics, phases: &PhaseLatenci
     gauge(&mut out, "twopc_raft_first_log_index", "First index still in the log.", status.first_log_index);
     summary(&mut out, "twopc_submit_seconds", "Submit latency on the leader.", &phases.submit);
     summary(&mut out, "twopc_prepare_seconds", "Prepare phase latency.", &phases.prepare);
-    summary(&mut out, "twopc_decide_seconds", "Decision log latency (propose to applied).", &phases.decide);
+    summary(
+        &mut out,
+        "twopc_decide_seconds",
+        "Decision log latency (propose to applied; under parallel commit, off the critical path, from the answer, decision_linger_ms included).",
+        &phases.decide,
+    );
     summary(
         &mut out,
         "twopc_staged_seconds",

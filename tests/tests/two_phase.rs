@@ -159,6 +159,10 @@ async fn a_new_leader_delivers_a_decision_the_old_one_logged_but_never_sent() ->
     let txn = TxnId::new();
     let response = submit(&s.client, request(txn, &[("bank-a", "debit"), ("bank-b", "credit")])).await?;
     assert_eq!(response.decision, pb::Decision::Commit as i32);
+    // Logged: under parallel commit the explicit record follows the answer (§13.2).
+    let logged =
+        || async { wait::transaction(&s.client, txn).await.ok().filter(|t| t.decision == pb::Decision::Commit as i32) };
+    wait::until("the decision to be logged", SETTLE, logged).await?;
     assert!(s.a.resource.is_prepared(txn) && s.b.resource.is_prepared(txn), "phase 2 has not happened");
     let leader = s.cluster.wait_for_leader().await?;
     s.cluster.kill(leader).await?;
@@ -742,6 +746,9 @@ async fn a_participant_not_named_in_the_decided_record_aborts_its_branch() -> an
     assert_eq!(committed.decision, pb::Decision::Commit as i32);
     let committed = submit(&s.client, request(both, &[("bank-a", "debit"), ("bank-b", "credit")])).await?;
     assert_eq!(committed.decision, pb::Decision::Commit as i32);
+    // Once logged: until then a Resolve is answered "undecided, ask again" (§13.2).
+    wait::finished(&s.client, only_b, SETTLE).await?;
+    wait::finished(&s.client, both, SETTLE).await?;
     assert_eq!(resolve(&s.client, only_b).await?.decision, pb::Decision::Abort as i32, "bank-a is not named");
     assert_eq!(resolve(&s.client, both).await?.decision, pb::Decision::Commit as i32, "bank-a is named");
     s.cluster.stop().await
