@@ -146,7 +146,7 @@ impl NatsConnect {
         match &self.auth {
             NatsAuth::Token(token) if token.is_empty() => Err("the NATS token is empty".into()),
             NatsAuth::UserPassword { user, .. } if user.is_empty() => Err("the NATS user is empty".into()),
-            NatsAuth::NkeySeedFile(path) => read_user_seed(path).map(drop),
+            NatsAuth::NkeySeedFile(path) => read_user_key(path).map(drop),
             _ => Ok(()),
         }
     }
@@ -161,7 +161,7 @@ impl NatsConnect {
     pub fn options(&self, name: &str) -> Result<async_nats::ConnectOptions, String> {
         let mut options = match &self.auth {
             NatsAuth::NkeySeedFile(path) => {
-                read_user_seed(path)?;
+                read_user_key(path)?;
                 let path = path.clone();
                 async_nats::ConnectOptions::with_auth_callback(move |nonce| {
                     let signed = sign_with_seed_file(&path, &nonce);
@@ -193,27 +193,25 @@ impl NatsConnect {
 /// The NKey answer to a server's challenge `nonce`: the public key of the
 /// seed in the file at `path` (read now) and the nonce signed with it.
 fn sign_with_seed_file(path: &std::path::Path, nonce: &[u8]) -> Result<async_nats::Auth, async_nats::AuthError> {
-    let seed = read_user_seed(path).map_err(async_nats::AuthError::new)?;
-    let pair = nkeys::KeyPair::from_seed(&seed).map_err(|e| async_nats::AuthError::new(format!("NKey seed: {e}")))?;
+    let pair = read_user_key(path).map_err(async_nats::AuthError::new)?;
     let mut auth = async_nats::Auth::new();
     auth.signature = Some(pair.sign(nonce).map_err(|e| async_nats::AuthError::new(format!("NKey signature: {e}")))?);
     auth.nkey = Some(pair.public_key());
     Ok(auth)
 }
 
-/// The NKey user seed in the file at `path`, checked; errors name the file,
-/// never its content.
-fn read_user_seed(path: &std::path::Path) -> Result<String, String> {
+/// The NKey user key whose seed is in the file at `path`; errors name the
+/// file, never its content.
+fn read_user_key(path: &std::path::Path) -> Result<nkeys::KeyPair, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("NATS NKey seed file {}: {e}", path.display()))?;
     let seed = text.trim();
-    let user = seed.starts_with("SU") && nkeys::KeyPair::from_seed(seed).is_ok();
-    if !user {
-        return Err(format!(
+    let pair = if seed.starts_with("SU") { nkeys::KeyPair::from_seed(seed).ok() } else { None };
+    pair.ok_or_else(|| {
+        format!(
             "NATS NKey seed file {}: it does not hold a user seed (one line starting SU, as `nk -gen user` writes)",
             path.display()
-        ));
-    }
-    Ok(seed.to_owned())
+        )
+    })
 }
 
 /// The scheme of a NATS URL, empty for `host:port`.
