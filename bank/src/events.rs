@@ -200,10 +200,11 @@ impl EventHistory {
         }
     }
 
-    /// With events on, what the event stream misses of the bank's history,
-    /// if anything, as the warning a store logs at every open.
-    pub(crate) fn missed(&self) -> Option<String> {
-        if !self.events_on {
+    /// With events on now (`events_on`), what the event stream misses of
+    /// the bank's history, if anything, as the warning a store logs at
+    /// every open; nothing with events off.
+    pub(crate) fn missed(&self, events_on: bool) -> Option<String> {
+        if !events_on || !self.events_on {
             return None;
         }
         let mut missed = Vec::new();
@@ -256,11 +257,12 @@ mod tests {
         late.record_opening(false, 0);
         let stored = EventHistory::from_facts(late.facts());
         assert_eq!(stored, late);
-        let missed = stored.missed().expect("something missed");
+        assert_eq!(stored.missed(false), None, "nothing said with events off");
+        let missed = stored.missed(true).expect("something missed");
         assert!(missed.contains("3 accounts") && missed.contains("ran with events off"), "{missed}");
         let mut early = EventHistory::default();
         early.record_opening(true, 0);
         assert!(!early.turns_on_late(true));
-        assert_eq!(EventHistory::from_facts(early.facts()).missed(), None);
+        assert_eq!(EventHistory::from_facts(early.facts()).missed(true), None);
     }
 }

@@ -429,7 +429,7 @@ impl PgStore {
             tx.execute(&upsert, &[&name, &i64::try_from(value).unwrap_or(i64::MAX)]).await.map_err(pg)?;
         }
         tx.commit().await.map_err(pg)?;
-        Ok(if events_on { history.missed() } else { None })
+        Ok(history.missed(events_on))
     }
 
     /// What to tell the relay after a commit that readied events.

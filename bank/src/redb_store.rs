@@ -522,7 +522,7 @@ fn record_event_history(init: &WriteTransaction, events_on: bool) -> Result<Opti
     for (name, value) in history.facts() {
         table.insert(name, value)?;
     }
-    Ok(if events_on { history.missed() } else { None })
+    Ok(history.missed(events_on))
 }
 
 /// Txn ids are stored big-endian, so keys sort by creation time.
