@@ -333,11 +333,9 @@ impl EngineConfig {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return bad(format!("{name} must be greater than zero"));
         }
-        if self.decision_linger_ms > 1_000 {
-            return bad(format!("decision_linger_ms ({}) must be at most 1000", self.decision_linger_ms));
-        }
-        if self.ack_linger_ms > 1_000 {
-            return bad(format!("ack_linger_ms ({}) must be at most 1000", self.ack_linger_ms));
+        let lingers = [("decision_linger_ms", self.decision_linger_ms), ("ack_linger_ms", self.ack_linger_ms)];
+        if let Some((name, ms)) = lingers.iter().find(|(_, ms)| *ms > 1_000) {
+            return bad(format!("{name} ({ms}) must be at most 1000"));
         }
         if self.delivery_backoff_max_ms < self.delivery_backoff_min_ms {
             return bad("delivery_backoff_max_ms must be at least delivery_backoff_min_ms".into());
@@ -370,5 +368,26 @@ impl EngineConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The lingers hold off-path entries back; past a second they would hold
+    // every participant's decision, or its acknowledgement, that long.
+    #[test]
+    fn lingers_are_bounded() {
+        assert!(EngineConfig::default().validate().is_ok());
+        for set in [|c: &mut EngineConfig| c.decision_linger_ms = 1_001, |c: &mut EngineConfig| c.ack_linger_ms = 1_001]
+        {
+            let mut config = EngineConfig::default();
+            set(&mut config);
+            let why = config.validate().expect_err("a linger past a second").to_string();
+            assert!(why.contains("linger_ms (1001) must be at most 1000"), "{why}");
+        }
+        let zero = EngineConfig { decision_linger_ms: 0, ack_linger_ms: 0, ..EngineConfig::default() };
+        assert!(zero.validate().is_ok(), "0 proposes at once");
     }
 }

@@ -122,6 +122,17 @@ impl Cluster {
         self.running.get(&id).map(|node| (node.metrics)())
     }
 
+    /// Counter (or unlabelled gauge) `name` in node `id`'s metrics.
+    ///
+    /// # Errors
+    /// The node is not running, or does not report `name`.
+    pub fn counter(&self, id: u64, name: &str) -> anyhow::Result<u64> {
+        let text = self.metrics(id).ok_or_else(|| anyhow::anyhow!("node {id} is not running"))?;
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no {name} in node {id}'s metrics"))
+    }
+
     /// Ids of the running nodes.
     pub fn running(&self) -> Vec<u64> {
         self.running.keys().copied().collect()

@@ -281,10 +281,7 @@ async fn a_submit_is_never_told_the_outcome_of_a_txn_begun_while_it_ran() -> any
 
 /// How many calls node `id` has had wait on a txn it was driving.
 fn waited_on_running(world: &World, id: u64) -> anyhow::Result<u64> {
-    let text = world.cluster.metrics(id).ok_or_else(|| anyhow::anyhow!("node {id} is not running"))?;
-    text.lines()
-        .find_map(|line| line.strip_prefix("twopc_calls_waited_on_running_total ")?.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no twopc_calls_waited_on_running_total in node {id}'s metrics"))
+    world.cluster.counter(id, "twopc_calls_waited_on_running_total")
 }
 
 /// Waits until node `id` has had `n` calls wait on a txn it was driving.

@@ -754,15 +754,6 @@ async fn a_participant_not_named_in_the_decided_record_aborts_its_branch() -> an
     s.cluster.stop().await
 }
 
-/// Counter `name` in node `id`'s metrics.
-fn counter(cluster: &Cluster, id: u64, name: &str) -> anyhow::Result<u64> {
-    let text = cluster.metrics(id).ok_or_else(|| anyhow::anyhow!("node {id} is not running"))?;
-    let prefix = format!("{name} ");
-    text.lines()
-        .find_map(|line| line.strip_prefix(prefix.as_str())?.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no {name} in node {id}'s metrics"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledgements_that_arrive_while_one_lingers_share_its_entry() -> anyhow::Result<()> {
     // §5 step 5: an Acknowledge entry gathers for ack_linger_ms after its
@@ -777,10 +768,10 @@ async fn acknowledgements_that_arrive_while_one_lingers_share_its_entry() -> any
         assert_eq!(response.decision, pb::Decision::Commit as i32);
     }
     let delivered =
-        || async { (counter(&s.cluster, leader, "twopc_decisions_delivered_total").ok()? >= 10).then_some(()) };
+        || async { (s.cluster.counter(leader, "twopc_decisions_delivered_total").ok()? >= 10).then_some(()) };
     wait::until("ten acknowledgements counted", SETTLE, delivered).await?;
     let entries = || async {
-        let entries = counter(&s.cluster, leader, "twopc_ack_entries_total").ok()?;
+        let entries = s.cluster.counter(leader, "twopc_ack_entries_total").ok()?;
         (entries > 0).then_some(entries)
     };
     let entries = wait::until("the acknowledgements logged", SETTLE, entries).await?;
