@@ -21,6 +21,7 @@ use processes::{Processes, stderr, stdout};
 use prost::Message as _;
 use twopc_participant::nats_testing::{self, NatsProxy, TestNats};
 use twopc_proto::pb::{self, bank_event};
+use twopc_tests::metric;
 
 struct EventCluster {
     p: Processes,
@@ -118,11 +119,6 @@ async fn scrape(addr: &str) -> Option<String> {
     let mut response = String::new();
     socket.read_to_string(&mut response).await.ok()?;
     response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
-}
-
-/// The value of metric `name` (unlabelled) in a Prometheus text body.
-fn metric(text: &str, name: &str) -> Option<u64> {
-    text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// The txn ids with events, and how many each has.

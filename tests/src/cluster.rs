@@ -128,9 +128,7 @@ impl Cluster {
     /// The node is not running, or does not report `name`.
     pub fn counter(&self, id: u64, name: &str) -> anyhow::Result<u64> {
         let text = self.metrics(id).ok_or_else(|| anyhow::anyhow!("node {id} is not running"))?;
-        text.lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("no {name} in node {id}'s metrics"))
+        crate::metric(&text, name).ok_or_else(|| anyhow::anyhow!("no {name} in node {id}'s metrics"))
     }
 
     /// Ids of the running nodes.

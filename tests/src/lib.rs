@@ -9,6 +9,7 @@
 //! - [`participants`]: participant servers over the in-memory resource, and a black hole.
 //! - [`sim`]: seeded fault-injection runs of a whole system (coordinators, banks, clients).
 //! - [`wait`]: polling a condition with a bounded deadline (never a fixed sleep).
+//! - [`metric`]: one value read from a `/metrics` text body.
 #![deny(missing_docs)]
 
 pub mod calls;
@@ -18,6 +19,12 @@ pub mod gate;
 pub mod participants;
 pub mod sim;
 pub mod wait;
+
+/// The value of unlabelled metric `name` in a Prometheus text body (a
+/// coordinator's or a bank's `/metrics`).
+pub fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
 
 /// Sends test logs to the test's output: errors, or what `RUST_LOG` asks for.
 /// raft-engine's complaint that a crashed node's log cannot be closed is the
