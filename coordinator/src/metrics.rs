@@ -47,7 +47,8 @@ impl Latency {
 /// Latencies of each phase of a txn on the leader.
 #[derive(Debug, Default)]
 pub struct PhaseLatencies {
-    /// Submit received to answer sent.
+    /// Submit (or an interactive Commit) started to answered: under parallel
+    /// commit the explicit decision comes later (docs/PROTOCOL.md §13.2).
     pub submit: Latency,
     /// The prepare fan-out, first Prepare sent to last vote in.
     pub prepare: Latency,
@@ -169,7 +170,12 @@ pub fn render(status: &NodeStatus, engine: &EngineMetrics, phases: &PhaseLatenci
     gauge(&mut out, "twopc_raft_committed_index", "Raft committed index.", status.raft_committed_index);
     gauge(&mut out, "twopc_raft_applied_index", "Applied index of the state machine.", status.applied_index);
     gauge(&mut out, "twopc_raft_first_log_index", "First index still in the log.", status.first_log_index);
-    summary(&mut out, "twopc_submit_seconds", "Submit latency on the leader.", &phases.submit);
+    summary(
+        &mut out,
+        "twopc_submit_seconds",
+        "Submit (and interactive Commit) latency on the leader, call to answer.",
+        &phases.submit,
+    );
     summary(&mut out, "twopc_prepare_seconds", "Prepare phase latency.", &phases.prepare);
     summary(
         &mut out,

@@ -801,6 +801,10 @@ async fn parallel_commits_at_low_load_share_one_decisions_entry() -> anyhow::Res
         let response = submit(&s.client, request(*txn, &[("bank-a", "debit"), ("bank-b", "credit")])).await?;
         assert_eq!(response.decision, pb::Decision::Commit as i32);
     }
+    // The leader's Submit latency is to the answer, not to the explicit
+    // decision a second later: five answers, five recorded.
+    let answered = s.cluster.counter(leader, "twopc_submit_seconds_count")?;
+    assert_eq!(answered, 5, "Submit latencies recorded when the five clients had their answers");
     for txn in &txns {
         wait::finished(&s.client, *txn, SETTLE).await?;
     }

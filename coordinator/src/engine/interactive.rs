@@ -227,17 +227,17 @@ impl<P: ParticipantClient> Engine<P> {
         let submit = SubmitRequest { txn_id, branches: request.branches, deadline_unix_ms: begun.deadline_unix_ms };
         let span =
             tracing::info_span!("commit", txn_id = %txn_id, branches = targets.len(), joined = begun.joined.len());
+        let started = Instant::now();
         tokio::spawn(
             async move {
-                let started = Instant::now();
                 let result = engine.prepare_and_commit(&submit, targets).await;
-                engine.inner.phases.submit.record(started.elapsed());
                 guard.finish(result.as_ref());
             }
             .instrument(span),
         );
-        let record = wait_outcome(waiter).await?;
-        commit_answer(txn_id, record, &asked)
+        let answer = wait_outcome(waiter).await;
+        self.inner.phases.submit.record(started.elapsed());
+        commit_answer(txn_id, answer?, &asked)
     }
 
     async fn prepare_and_commit(
