@@ -170,6 +170,7 @@ pub fn render(status: &NodeStatus, engine: &EngineMetrics, phases: &PhaseLatenci
     gauge(&mut out, "twopc_raft_committed_index", "Raft committed index.", status.raft_committed_index);
     gauge(&mut out, "twopc_raft_applied_index", "Applied index of the state machine.", status.applied_index);
     gauge(&mut out, "twopc_raft_first_log_index", "First index still in the log.", status.first_log_index);
+    counter(&mut out, "twopc_raft_log_syncs_total", "Raft log writes fsync'd by this node.", status.log_syncs);
     summary(
         &mut out,
         "twopc_submit_seconds",

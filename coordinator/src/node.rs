@@ -71,6 +71,8 @@ pub struct NodeStatus {
     pub first_log_index: u64,
     /// Last index in the log.
     pub last_log_index: u64,
+    /// Raft log writes this node has fsync'd since it started.
+    pub log_syncs: u64,
     /// Every member, its address, whether it votes, and (on the leader) its match index.
     pub peers: Vec<PeerInfo>,
 }
@@ -690,9 +692,13 @@ impl RaftTask {
         // 4. Apply what raft committed.
         self.apply_entries(ready.take_committed_entries())?;
         // 5. Persist entries and hard state; fsync before any persisted
-        //    message (a vote, an append ack) leaves this node (I3).
+        //    message (a vote, an append ack) leaves this node (I3). A hard
+        //    state whose commit index alone changed is written unsynced
+        //    (raft-rs's must_sync), as the light ready's below: raft recovers
+        //    the commit index from a quorum, and a later synced write carries
+        //    it. Syncing it cost every node an fdatasync per committed entry.
         if !ready.entries().is_empty() || ready.hs().is_some() {
-            self.storage.append(ready.entries(), ready.hs(), true)?;
+            self.storage.append(ready.entries(), ready.hs(), ready.must_sync())?;
         }
         // 6. Messages that promise persisted state.
         if !ready.persisted_messages().is_empty() {
@@ -915,6 +921,7 @@ impl RaftTask {
             status.applied_index = sm.applied_index();
             status.first_log_index = raft.raft_log.first_index();
             status.last_log_index = raft.raft_log.last_index();
+            status.log_syncs = self.storage.syncs();
             let mut changed = before
                 != (
                     status.role,

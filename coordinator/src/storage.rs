@@ -351,6 +351,8 @@ struct Inner {
     state: RwLock<State>,
     /// Serialises snapshot installs, whose file writes run outside `state`.
     snapshot_install: Mutex<()>,
+    /// Synced log writes since open (`twopc_raft_log_syncs_total`).
+    syncs: std::sync::atomic::AtomicU64,
 }
 
 struct State {
@@ -418,6 +420,7 @@ impl RaftStorage {
                     cache: EntryCache::new(config.entry_cache_max_bytes),
                 }),
                 snapshot_install: Mutex::new(()),
+                syncs: std::sync::atomic::AtomicU64::new(0),
             }),
         };
         storage.check_log_follows_snapshot()?;
@@ -514,6 +517,11 @@ impl RaftStorage {
         }
         st.cache.append(entries);
         Ok(())
+    }
+
+    /// Log writes synced since this storage was opened: each an fdatasync.
+    pub fn syncs(&self) -> u64 {
+        self.inner.syncs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Raises the raft commit index in the persisted hard state (a
@@ -682,6 +690,9 @@ impl Inner {
     /// durable (I3).
     fn write_log(&self, batch: &mut LogBatch, sync: bool) -> Result<(), raft_engine::Error> {
         self.engine.write(batch, sync)?;
+        if sync {
+            self.syncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         // A crash test's disk may have crashed between this write and its
         // sync, which then did nothing (raft-engine panics on a failed sync,
         // so the crashed disk's sync "succeeds"): fail as the crash would have,
@@ -818,6 +829,11 @@ impl Inner {
                         meta.index, meta.term
                     )));
                 }
+                // The commit index may have been written unsynced (§4.2); a
+                // restart restores the state machine at this snapshot and
+                // raft needs a commit index at least as high.
+                hard_state.commit = hard_state.commit.max(meta.index);
+                put_hard_state(&mut batch, &hard_state)?;
                 meta.index + 1
             }
             Install::ReplaceLog => {

@@ -74,6 +74,36 @@ async fn ten_thousand_proposals_are_applied_identically_on_every_node() -> anyho
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_syncs_its_log_for_new_entries_not_again_for_a_new_commit_index() -> anyhow::Result<()> {
+    // I3 needs an fsync before a node acknowledges entries (or a vote); a
+    // commit index alone is recovered from a quorum and is written unsynced
+    // (raft-rs's must_sync). Twenty proposals one at a time are twenty
+    // appends on every node: one that also synced each new commit index
+    // made about twice as many syncs.
+    let cluster = Cluster::start(3).await?;
+    let leader = cluster.wait_for_leader().await?;
+    assert_identical(&cluster).await?;
+    let before: BTreeMap<u64, (u64, u64)> = cluster
+        .running()
+        .into_iter()
+        .map(|id| {
+            let status = cluster.node(id).status();
+            (id, (status.log_syncs, status.last_log_index))
+        })
+        .collect();
+    propose_many(cluster.node(leader), 20, 1).await?;
+    assert_identical(&cluster).await?;
+    for (id, (syncs_before, last_before)) in before {
+        let status = cluster.node(id).status();
+        let entries = status.last_log_index - last_before;
+        let syncs = status.log_syncs - syncs_before;
+        assert!(entries >= 20, "node {id} has {entries} new entries");
+        assert!(syncs <= entries + 1, "node {id} synced its log {syncs} times for {entries} new entries");
+    }
+    cluster.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_elects_another_and_loses_no_applied_entry() -> anyhow::Result<()> {
     // I2 across leader loss: what was applied stays applied, unchanged.
     let mut cluster = Cluster::start(3).await?;
