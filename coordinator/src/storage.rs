@@ -1331,6 +1331,23 @@ mod tests {
     }
 
     #[test]
+    // Proves: a local snapshot records a commit index at least its own, so
+    // a restart (which applies from the snapshot) never finds the commit
+    // index below it, whatever the unsynced commit writes before it left.
+    fn compact_records_a_commit_index_at_least_the_snapshot() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let config = &configs()[0];
+        let s = bootstrapped(dir.path(), config)?;
+        s.append(&entries(2..=100, 2), Some(&hard_state(2, 1, 50)), true)?;
+        s.compact(90, &voters(&[1, 2, 3]), Bytes::from_static(b"state@90"))?;
+        drop(s);
+        let s = RaftStorage::open(dir.path(), config)?;
+        let commit = s.initial_state()?.hard_state.commit;
+        ensure!(commit == 90, "commit index {commit} after a snapshot at 90");
+        Ok(())
+    }
+
+    #[test]
     // Proves: compact moves the first index, keeps term(snapshot index),
     // answers Compacted below it, serves the stored snapshot (and refuses
     // newer requests), keeps one snapshot file, and all of it survives a

@@ -220,14 +220,18 @@ impl<P: ParticipantClient> Engine<P> {
             Joined::New(outcome) => outcome,
         };
         let waiter = outcome.subscribe();
-        let guard = InflightGuard { inner: self.inner.clone(), txn_id, outcome: Some(outcome) };
+        let guard = InflightGuard {
+            inner: self.inner.clone(),
+            txn_id,
+            outcome: Some(outcome),
+            answer_timer: Some(Instant::now()),
+        };
         // Its own task, as a Submit's: a client that goes away must not
         // abandon the txn between prepare and decision.
         let engine = self.clone();
         let submit = SubmitRequest { txn_id, branches: request.branches, deadline_unix_ms: begun.deadline_unix_ms };
         let span =
             tracing::info_span!("commit", txn_id = %txn_id, branches = targets.len(), joined = begun.joined.len());
-        let started = Instant::now();
         tokio::spawn(
             async move {
                 let result = engine.prepare_and_commit(&submit, targets).await;
@@ -235,9 +239,8 @@ impl<P: ParticipantClient> Engine<P> {
             }
             .instrument(span),
         );
-        let answer = wait_outcome(waiter).await;
-        self.inner.phases.submit.record(started.elapsed());
-        commit_answer(txn_id, answer?, &asked)
+        let record = wait_outcome(waiter).await?;
+        commit_answer(txn_id, record, &asked)
     }
 
     async fn prepare_and_commit(
@@ -289,7 +292,7 @@ impl<P: ParticipantClient> Engine<P> {
             Joined::Existing(running) => return rollback_answer(txn_id, self.wait_running(running.outcome).await?),
             Joined::New(outcome) => outcome,
         };
-        let guard = InflightGuard { inner: self.inner.clone(), txn_id, outcome: Some(outcome) };
+        let guard = InflightGuard { inner: self.inner.clone(), txn_id, outcome: Some(outcome), answer_timer: None };
         let cmd = DecideCmd::without_branches(txn_id, Decision::Abort, reason);
         let result = self.decide_and_deliver(cmd).await;
         guard.finish(result.as_ref().map(|(record, _)| record));
@@ -340,7 +343,7 @@ impl<P: ParticipantClient> Engine<P> {
             let Ok(Joined::New(outcome)) = self.join_or_register(txn_id, Vec::new(), Driver::Timeout) else {
                 continue;
             };
-            let guard = InflightGuard { inner: self.inner.clone(), txn_id, outcome: Some(outcome) };
+            let guard = InflightGuard { inner: self.inner.clone(), txn_id, outcome: Some(outcome), answer_timer: None };
             let cmd = DecideCmd::without_branches(txn_id, Decision::Abort, TIMED_OUT_REASON.to_owned());
             decisions.push(async move {
                 let result = self.decide_first(cmd).await;

@@ -577,13 +577,17 @@ impl<P: ParticipantClient> Engine<P> {
             Joined::New(outcome) => outcome,
         };
         let waiter = outcome.subscribe();
-        let mut guard = InflightGuard { inner: self.inner.clone(), txn_id, outcome: Some(outcome) };
+        let mut guard = InflightGuard {
+            inner: self.inner.clone(),
+            txn_id,
+            outcome: Some(outcome),
+            answer_timer: Some(Instant::now()),
+        };
         self.inner.metrics.submitted.fetch_add(1, Ordering::Relaxed);
         // The txn runs in its own task: a client that disconnects mid-way must
         // not abandon it between prepare and decision.
         let engine = self.clone();
         let span = tracing::info_span!("submit", txn_id = %txn_id, branches = targets.len());
-        let started = Instant::now();
         tokio::spawn(
             async move {
                 let result = match engine.inner.config.commit_protocol {
@@ -596,11 +600,7 @@ impl<P: ParticipantClient> Engine<P> {
             }
             .instrument(span),
         );
-        // Timed to the answer, not to the driver's end: a parallel commit
-        // answers before its explicit decision is logged (§13.2).
-        let answer = wait_outcome(waiter).await;
-        self.inner.phases.submit.record(started.elapsed());
-        answer
+        wait_outcome(waiter).await
     }
 
     /// Whether a txn id the log holds nothing for may start a txn (docs/PROTOCOL.md
@@ -970,7 +970,7 @@ impl<P: ParticipantClient> Engine<P> {
         };
         // Registered as the txn's driver, so a Submit arriving meanwhile
         // waits for this decision instead of preparing.
-        let guard = InflightGuard { inner: self.inner.clone(), txn_id, outcome: Some(outcome) };
+        let guard = InflightGuard { inner: self.inner.clone(), txn_id, outcome: Some(outcome), answer_timer: None };
         let reason = format!("{OPERATOR_REASON_PREFIX}{reason}");
         // Delivered: a begun txn's record names the branches that joined it.
         // A staged txn is decided by its votes (§13.1): the operator's
@@ -1215,6 +1215,12 @@ struct InflightGuard<P> {
     inner: Arc<Inner<P>>,
     txn_id: TxnId,
     outcome: Option<watch::Sender<SharedOutcome>>,
+    /// For a Submit or an interactive Commit: when the call came, to record
+    /// its latency (`twopc_submit_seconds`) when the outcome is told, not
+    /// when the driver ends: a parallel commit answers before its explicit
+    /// decision is logged (§13.2). Told even with no one left waiting, so a
+    /// call its client gave up on still counts.
+    answer_timer: Option<Instant>,
 }
 
 impl<P> InflightGuard<P> {
@@ -1226,6 +1232,9 @@ impl<P> InflightGuard<P> {
     /// (a parallel commit answers before logging its decision, §13.2). Only
     /// the first outcome told counts.
     fn tell(&mut self, result: std::result::Result<&TxnRecord, &Error>) {
+        if let Some(started) = self.answer_timer.take() {
+            self.inner.phases.submit.record(started.elapsed());
+        }
         if let Some(tx) = self.outcome.take() {
             let shared = match result {
                 Ok(record) => Ok(record.clone()),

@@ -199,7 +199,7 @@ impl<P: ParticipantClient> Engine<P> {
             Joined::Existing(running) => return self.wait_running(running.outcome).await,
             Joined::New(outcome) => outcome,
         };
-        let guard = InflightGuard { inner: self.inner.clone(), txn_id, outcome: Some(outcome) };
+        let guard = InflightGuard { inner: self.inner.clone(), txn_id, outcome: Some(outcome), answer_timer: None };
         let result = self.recover_registered(txn_id).await;
         guard.finish(result.as_ref());
         result
