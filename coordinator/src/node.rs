@@ -694,9 +694,10 @@ impl RaftTask {
         // 5. Persist entries and hard state; fsync before any persisted
         //    message (a vote, an append ack) leaves this node (I3). A hard
         //    state whose commit index alone changed is written unsynced
-        //    (raft-rs's must_sync), as the light ready's below: raft recovers
-        //    the commit index from a quorum, and a later synced write carries
-        //    it. Syncing it cost every node an fdatasync per committed entry.
+        //    (raft-rs's must_sync), as the light ready's below: its entries
+        //    are durable on a quorum, a node that loses it learns it again
+        //    from the leader, and a later synced write carries it (§4.2).
+        //    Syncing it cost every node an fdatasync per committed entry.
         if !ready.entries().is_empty() || ready.hs().is_some() {
             self.storage.append(ready.entries(), ready.hs(), ready.must_sync())?;
         }

@@ -36,6 +36,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
@@ -352,7 +353,7 @@ struct Inner {
     /// Serialises snapshot installs, whose file writes run outside `state`.
     snapshot_install: Mutex<()>,
     /// Synced log writes since open (`twopc_raft_log_syncs_total`).
-    syncs: std::sync::atomic::AtomicU64,
+    syncs: AtomicU64,
 }
 
 struct State {
@@ -420,7 +421,7 @@ impl RaftStorage {
                     cache: EntryCache::new(config.entry_cache_max_bytes),
                 }),
                 snapshot_install: Mutex::new(()),
-                syncs: std::sync::atomic::AtomicU64::new(0),
+                syncs: AtomicU64::new(0),
             }),
         };
         storage.check_log_follows_snapshot()?;
@@ -521,7 +522,7 @@ impl RaftStorage {
 
     /// Log writes synced since this storage was opened: each an fdatasync.
     pub fn syncs(&self) -> u64 {
-        self.inner.syncs.load(std::sync::atomic::Ordering::Relaxed)
+        self.inner.syncs.load(Ordering::Relaxed)
     }
 
     /// Raises the raft commit index in the persisted hard state (a
@@ -691,7 +692,7 @@ impl Inner {
     fn write_log(&self, batch: &mut LogBatch, sync: bool) -> Result<(), raft_engine::Error> {
         self.engine.write(batch, sync)?;
         if sync {
-            self.syncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.syncs.fetch_add(1, Ordering::Relaxed);
         }
         // A crash test's disk may have crashed between this write and its
         // sync, which then did nothing (raft-engine panics on a failed sync,

@@ -76,8 +76,8 @@ async fn ten_thousand_proposals_are_applied_identically_on_every_node() -> anyho
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_syncs_its_log_for_new_entries_not_again_for_a_new_commit_index() -> anyhow::Result<()> {
     // I3 needs an fsync before a node acknowledges entries (or a vote); a
-    // commit index alone is recovered from a quorum and is written unsynced
-    // (raft-rs's must_sync). Twenty proposals one at a time are twenty
+    // commit index alone is written unsynced (raft-rs's must_sync; a node
+    // that loses it learns it again from the leader, docs/PROTOCOL.md §4.2). Twenty proposals one at a time are twenty
     // appends on every node: one that also synced each new commit index
     // made about twice as many syncs. The bound leaves room for an
     // election on a slow machine (a term, a vote and the leader's entry).
