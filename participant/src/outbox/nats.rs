@@ -159,7 +159,12 @@ impl NatsConnect {
     /// read here, and again at each reconnection, so a seed rotated in the
     /// file is used from the next one on.
     pub fn options(&self, name: &str) -> Result<async_nats::ConnectOptions, String> {
-        let mut options = match &self.auth {
+        let options = match &self.auth {
+            NatsAuth::None => async_nats::ConnectOptions::new(),
+            NatsAuth::Token(token) => async_nats::ConnectOptions::with_token(token.clone()),
+            NatsAuth::UserPassword { user, password } => {
+                async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
+            }
             NatsAuth::NkeySeedFile(path) => {
                 read_user_key(path)?;
                 let path = path.clone();
@@ -168,9 +173,8 @@ impl NatsConnect {
                     async move { signed }
                 })
             }
-            _ => async_nats::ConnectOptions::new(),
         };
-        options = options.name(name).require_tls(self.requires_tls());
+        let mut options = options.name(name).require_tls(self.requires_tls());
         if !self.requires_tls() {
             // Plaintext was allowed for the hosts named; servers the cluster
             // announces may be elsewhere.
@@ -182,11 +186,7 @@ impl NatsConnect {
         if let Some((cert, key)) = &self.client_cert {
             options = options.add_client_certificate(cert.clone(), key.clone());
         }
-        Ok(match &self.auth {
-            NatsAuth::None | NatsAuth::NkeySeedFile(_) => options,
-            NatsAuth::Token(token) => options.token(token.clone()),
-            NatsAuth::UserPassword { user, password } => options.user_and_password(user.clone(), password.clone()),
-        })
+        Ok(options)
     }
 }
 
